@@ -1,0 +1,523 @@
+//! The f32 CPU reference backend: simple, obviously correct, multithreaded where it is cheap.
+//! GEMMs go through the `gemm` crate; convolutions are im2col + GEMM on NHWC activations.
+
+use crate::tensor::Tensor;
+use gemm::Parallelism;
+use rayon::prelude::*;
+
+fn threads() -> Parallelism {
+    match rayon::current_num_threads() {
+        1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// Row-major strided matrix view for `matmul_into`.
+#[derive(Clone, Copy)]
+pub struct Mat {
+    pub ptr: *const f32,
+    pub row_stride: isize,
+    pub col_stride: isize,
+}
+
+/// dst[m×n] (row stride `dst_rs`) = a[m×k] · b[k×n].
+///
+/// # Safety
+/// Every pointer must be valid for the extents implied by the dimensions and strides.
+unsafe fn matmul_raw(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: isize, a: Mat, b: Mat, par: Parallelism) {
+    gemm::gemm(
+        m, n, k, dst, 1, dst_rs, false, a.ptr, a.col_stride, a.row_stride, b.ptr, b.col_stride, b.row_stride, 0.0,
+        1.0, false, false, false, par,
+    );
+}
+
+/// A fully connected layer, weights in PyTorch's [out, in] layout.
+#[derive(Clone, Debug)]
+pub struct LinearW {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl LinearW {
+    pub fn in_features(&self) -> usize {
+        self.weight.shape()[1]
+    }
+    pub fn out_features(&self) -> usize {
+        self.weight.shape()[0]
+    }
+}
+
+/// y = x Wᵀ + b over the last dimension of `x`.
+pub fn linear(x: &Tensor, l: &LinearW) -> Tensor {
+    let k = l.in_features();
+    let n = l.out_features();
+    assert_eq!(x.last_dim(), k, "linear: input {:?} vs weight {:?}", x.shape(), l.weight.shape());
+    let m = x.numel() / k;
+    let mut out = vec![0.0f32; m * n];
+    if m > 0 {
+        // Safety: x is m×k row-major, weight is n×k row-major (read as its transpose), out is m×n.
+        unsafe {
+            matmul_raw(
+                m,
+                n,
+                k,
+                out.as_mut_ptr(),
+                n as isize,
+                Mat { ptr: x.data().as_ptr(), row_stride: k as isize, col_stride: 1 },
+                Mat { ptr: l.weight.data().as_ptr(), row_stride: 1, col_stride: k as isize },
+                threads(),
+            );
+        }
+    }
+    if let Some(b) = &l.bias {
+        add_row_bias(&mut out, b.data());
+    }
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    Tensor::new(shape, out)
+}
+
+fn add_row_bias(out: &mut [f32], bias: &[f32]) {
+    let n = bias.len();
+    out.par_chunks_mut(n * 64.max(1)).for_each(|rows| {
+        for row in rows.chunks_mut(n) {
+            for (o, b) in row.iter_mut().zip(bias) {
+                *o += b;
+            }
+        }
+    });
+}
+
+/// A 2-D convolution. The weight is stored as [kh, kw, in, out] (re-laid out from PyTorch's
+/// [out, in, kh, kw] at load time) so that im2col rows multiply it directly.
+#[derive(Clone, Debug)]
+pub struct Conv2dW {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+    pub kernel: usize,
+    pub stride: usize,
+    /// top, bottom, left, right
+    pub pad: [usize; 4],
+}
+
+impl Conv2dW {
+    /// From PyTorch's [out, in, kh, kw] weight.
+    pub fn from_oihw(w: &Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Conv2dW {
+        let s = w.shape();
+        let (o, i, kh, kw) = (s[0], s[1], s[2], s[3]);
+        assert_eq!(kh, kw, "only square kernels are used by the models");
+        let src = w.data();
+        let mut dst = vec![0.0f32; w.numel()];
+        for oo in 0..o {
+            for ii in 0..i {
+                for y in 0..kh {
+                    for x in 0..kw {
+                        dst[((y * kw + x) * i + ii) * o + oo] = src[((oo * i + ii) * kh + y) * kw + x];
+                    }
+                }
+            }
+        }
+        Conv2dW {
+            weight: Tensor::new(vec![kh, kw, i, o], dst),
+            bias,
+            kernel: kh,
+            stride,
+            pad: [padding; 4],
+        }
+    }
+    pub fn in_channels(&self) -> usize {
+        self.weight.shape()[2]
+    }
+    pub fn out_channels(&self) -> usize {
+        self.weight.shape()[3]
+    }
+}
+
+/// NHWC convolution.
+pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
+    let (n, h, w, cin) = x.dims4();
+    assert_eq!(cin, c.in_channels(), "conv2d: input {:?} vs weight {:?}", x.shape(), c.weight.shape());
+    let k = c.kernel;
+    let [pt, pb, pl, pr] = c.pad;
+    let ho = (h + pt + pb - k) / c.stride + 1;
+    let wo = (w + pl + pr - k) / c.stride + 1;
+    let cout = c.out_channels();
+    let kk = k * k * cin;
+    let mut out = vec![0.0f32; n * ho * wo * cout];
+    let wmat = Mat { ptr: c.weight.data().as_ptr(), row_stride: cout as isize, col_stride: 1 };
+    let direct = k == 1 && c.stride == 1 && c.pad == [0; 4];
+    let rows = ho * wo;
+    for b in 0..n {
+        let img = &x.data()[b * h * w * cin..(b + 1) * h * w * cin];
+        let dst = &mut out[b * rows * cout..(b + 1) * rows * cout];
+        let cols;
+        let a = if direct {
+            img
+        } else {
+            cols = im2col(img, h, w, cin, k, c.stride, [pt, pl], ho, wo);
+            &cols[..]
+        };
+        // Safety: a is rows×kk, the weight kk×cout, dst rows×cout, all row-major.
+        unsafe {
+            matmul_raw(
+                rows,
+                cout,
+                kk,
+                dst.as_mut_ptr(),
+                cout as isize,
+                Mat { ptr: a.as_ptr(), row_stride: kk as isize, col_stride: 1 },
+                wmat,
+                threads(),
+            );
+        }
+    }
+    if let Some(bias) = &c.bias {
+        add_row_bias(&mut out, bias.data());
+    }
+    Tensor::new(vec![n, ho, wo, cout], out)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn im2col(img: &[f32], h: usize, w: usize, c: usize, k: usize, stride: usize, pad: [usize; 2], ho: usize, wo: usize) -> Vec<f32> {
+    let kk = k * k * c;
+    let mut cols = vec![0.0f32; ho * wo * kk];
+    cols.par_chunks_mut(wo * kk).enumerate().for_each(|(oy, line)| {
+        for ox in 0..wo {
+            let row = &mut line[ox * kk..(ox + 1) * kk];
+            for ky in 0..k {
+                let iy = (oy * stride + ky) as isize - pad[0] as isize;
+                if iy < 0 || iy >= h as isize {
+                    continue;
+                }
+                for kx in 0..k {
+                    let ix = (ox * stride + kx) as isize - pad[1] as isize;
+                    if ix < 0 || ix >= w as isize {
+                        continue;
+                    }
+                    let src = ((iy as usize) * w + ix as usize) * c;
+                    row[(ky * k + kx) * c..(ky * k + kx + 1) * c].copy_from_slice(&img[src..src + c]);
+                }
+            }
+        }
+    });
+    cols
+}
+
+/// GroupNorm over NHWC (or [N, L, C] token layouts: the middle dimensions are flattened), optionally
+/// followed by SiLU, as diffusers' resnets do.
+pub fn group_norm(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f32, silu_after: bool) -> Tensor {
+    let c = x.last_dim();
+    assert!(c % groups == 0, "group_norm: {c} channels in {groups} groups");
+    let n = x.shape()[0];
+    let hw = x.numel() / (n * c);
+    let cg = c / groups;
+    let mut out = vec![0.0f32; x.numel()];
+    let (g, bt) = (gamma.data(), beta.data());
+    out.par_chunks_mut(hw * c).zip(x.data().par_chunks(hw * c)).for_each(|(o, xin)| {
+        for grp in 0..groups {
+            // Two-pass statistics in f64: the reference must not drift on large images.
+            let mut sum = 0.0f64;
+            for p in 0..hw {
+                for v in &xin[p * c + grp * cg..p * c + (grp + 1) * cg] {
+                    sum += *v as f64;
+                }
+            }
+            let count = (hw * cg) as f64;
+            let mean = sum / count;
+            let mut var = 0.0f64;
+            for p in 0..hw {
+                for v in &xin[p * c + grp * cg..p * c + (grp + 1) * cg] {
+                    let d = *v as f64 - mean;
+                    var += d * d;
+                }
+            }
+            let inv = 1.0 / (var / count + eps as f64).sqrt();
+            for p in 0..hw {
+                for ch in grp * cg..(grp + 1) * cg {
+                    let v = ((xin[p * c + ch] as f64 - mean) * inv) as f32 * g[ch] + bt[ch];
+                    o[p * c + ch] = if silu_after { silu1(v) } else { v };
+                }
+            }
+        }
+    });
+    Tensor::new(x.shape().to_vec(), out)
+}
+
+/// LayerNorm over the last dimension.
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Tensor {
+    let c = x.last_dim();
+    let mut out = vec![0.0f32; x.numel()];
+    let (g, b) = (gamma.data(), beta.data());
+    out.par_chunks_mut(c).zip(x.data().par_chunks(c)).for_each(|(o, xin)| {
+        let mean = xin.iter().map(|v| *v as f64).sum::<f64>() / c as f64;
+        let var = xin.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+        let inv = 1.0 / (var + eps as f64).sqrt();
+        for i in 0..c {
+            o[i] = ((xin[i] as f64 - mean) * inv) as f32 * g[i] + b[i];
+        }
+    });
+    Tensor::new(x.shape().to_vec(), out)
+}
+
+/// Scaled dot-product attention on packed heads: q [B, Lq, H·D], k and v [B, Lk, H·D] -> [B, Lq, H·D].
+/// `causal` masks keys after the query position (CLIP text encoder).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Tensor {
+    let (b, lq, hd) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let lk = k.shape()[1];
+    assert_eq!(k.shape(), v.shape(), "attention: k and v differ");
+    assert_eq!(k.shape()[2], hd, "attention: q and k widths differ");
+    assert_eq!(hd % heads, 0, "attention: width {hd} not divisible by {heads} heads");
+    let d = hd / heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let mut out = vec![0.0f32; b * lq * hd];
+    let out_ptr = out.as_mut_ptr() as usize;
+    (0..b * heads).into_par_iter().for_each(|bh| {
+        let (bi, h) = (bh / heads, bh % heads);
+        let mut scores = vec![0.0f32; lq * lk];
+        let qp = q.data()[bi * lq * hd + h * d..].as_ptr();
+        let kp = k.data()[bi * lk * hd + h * d..].as_ptr();
+        let vp = v.data()[bi * lk * hd + h * d..].as_ptr();
+        // Safety: strides stay within this (batch, head) slice of q, k, v; each task writes a
+        // disjoint column block of `out`.
+        unsafe {
+            matmul_raw(
+                lq,
+                lk,
+                d,
+                scores.as_mut_ptr(),
+                lk as isize,
+                Mat { ptr: qp, row_stride: hd as isize, col_stride: 1 },
+                Mat { ptr: kp, row_stride: 1, col_stride: hd as isize },
+                Parallelism::None,
+            );
+        }
+        for (i, row) in scores.chunks_mut(lk).enumerate() {
+            let valid = if causal { i + 1 } else { lk };
+            let mut mx = f32::NEG_INFINITY;
+            for s in row[..valid].iter_mut() {
+                *s *= scale;
+                mx = mx.max(*s);
+            }
+            let mut sum = 0.0f32;
+            for s in row[..valid].iter_mut() {
+                *s = (*s - mx).exp();
+                sum += *s;
+            }
+            for s in row[..valid].iter_mut() {
+                *s /= sum;
+            }
+            row[valid..].fill(0.0);
+        }
+        unsafe {
+            let op = (out_ptr as *mut f32).add(bi * lq * hd + h * d);
+            matmul_raw(
+                lq,
+                d,
+                lk,
+                op,
+                hd as isize,
+                Mat { ptr: scores.as_ptr(), row_stride: lk as isize, col_stride: 1 },
+                Mat { ptr: vp, row_stride: hd as isize, col_stride: 1 },
+                Parallelism::None,
+            );
+        }
+    });
+    Tensor::new(vec![b, lq, hd], out)
+}
+
+#[inline]
+pub fn silu1(v: f32) -> f32 {
+    v / (1.0 + (-v).exp())
+}
+
+#[inline]
+fn gelu1(v: f32) -> f32 {
+    (0.5 * v as f64 * (1.0 + libm::erf(v as f64 / std::f64::consts::SQRT_2))) as f32
+}
+
+#[inline]
+fn quick_gelu1(v: f32) -> f32 {
+    v / (1.0 + (-1.702 * v).exp())
+}
+
+fn map(x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Tensor {
+    let mut out = vec![0.0f32; x.numel()];
+    out.par_chunks_mut(4096).zip(x.data().par_chunks(4096)).for_each(|(o, i)| {
+        for (o, i) in o.iter_mut().zip(i) {
+            *o = f(*i);
+        }
+    });
+    Tensor::new(x.shape().to_vec(), out)
+}
+
+pub fn silu(x: &Tensor) -> Tensor {
+    map(x, silu1)
+}
+pub fn gelu(x: &Tensor) -> Tensor {
+    map(x, gelu1)
+}
+pub fn quick_gelu(x: &Tensor) -> Tensor {
+    map(x, quick_gelu1)
+}
+pub fn scale(x: &Tensor, s: f32) -> Tensor {
+    map(x, |v| v * s)
+}
+
+/// The activations configs name; unknown names are rejected when the config is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    Gelu,
+    QuickGelu,
+}
+
+impl Activation {
+    pub fn parse(name: &str) -> Option<Activation> {
+        match name {
+            "silu" | "swish" => Some(Activation::Silu),
+            "gelu" => Some(Activation::Gelu),
+            "quick_gelu" => Some(Activation::QuickGelu),
+            _ => None,
+        }
+    }
+    pub fn apply(self, x: &Tensor) -> Tensor {
+        match self {
+            Activation::Silu => silu(x),
+            Activation::Gelu => gelu(x),
+            Activation::QuickGelu => quick_gelu(x),
+        }
+    }
+}
+
+/// GEGLU: the first half of the last dimension times GELU of the second half.
+pub fn geglu(x: &Tensor) -> Tensor {
+    let c2 = x.last_dim();
+    let c = c2 / 2;
+    let rows = x.numel() / c2;
+    let mut out = vec![0.0f32; rows * c];
+    out.par_chunks_mut(c).zip(x.data().par_chunks(c2)).for_each(|(o, i)| {
+        for j in 0..c {
+            o[j] = i[j] * gelu1(i[c + j]);
+        }
+    });
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = c;
+    Tensor::new(shape, out)
+}
+
+pub fn add(a: &Tensor, b: &Tensor) -> Tensor {
+    assert_eq!(a.shape(), b.shape(), "add: shapes differ");
+    let mut out = a.data().to_vec();
+    out.par_chunks_mut(4096).zip(b.data().par_chunks(4096)).for_each(|(o, i)| {
+        for (o, i) in o.iter_mut().zip(i) {
+            *o += i;
+        }
+    });
+    Tensor::new(a.shape().to_vec(), out)
+}
+
+/// a + s·b
+pub fn add_scaled(a: &Tensor, b: &Tensor, s: f32) -> Tensor {
+    assert_eq!(a.shape(), b.shape(), "add_scaled: shapes differ");
+    let mut out = a.data().to_vec();
+    out.par_chunks_mut(4096).zip(b.data().par_chunks(4096)).for_each(|(o, i)| {
+        for (o, i) in o.iter_mut().zip(i) {
+            *o += s * i;
+        }
+    });
+    Tensor::new(a.shape().to_vec(), out)
+}
+
+/// x [N, ..., C] + v [N, C]: a per-sample channel vector broadcast over the spatial dimensions.
+pub fn add_per_sample_channels(x: &Tensor, v: &Tensor) -> Tensor {
+    let n = x.shape()[0];
+    let c = x.last_dim();
+    assert_eq!(v.shape(), [n, c], "add_per_sample_channels: {:?} vs {:?}", x.shape(), v.shape());
+    let per = x.numel() / n;
+    let mut out = x.data().to_vec();
+    out.par_chunks_mut(per).enumerate().for_each(|(b, img)| {
+        let vv = &v.data()[b * c..(b + 1) * c];
+        for px in img.chunks_mut(c) {
+            for (o, a) in px.iter_mut().zip(vv) {
+                *o += a;
+            }
+        }
+    });
+    Tensor::new(x.shape().to_vec(), out)
+}
+
+/// Concatenation along the last (channel) dimension.
+pub fn concat_channels(parts: &[&Tensor]) -> Tensor {
+    let lead = &parts[0].shape()[..parts[0].rank() - 1];
+    let rows: usize = lead.iter().product();
+    let total: usize = parts.iter().map(|p| p.last_dim()).sum();
+    let mut out = vec![0.0f32; rows * total];
+    for p in parts {
+        assert_eq!(&p.shape()[..p.rank() - 1], lead, "concat_channels: leading dims differ");
+    }
+    out.par_chunks_mut(total).enumerate().for_each(|(r, o)| {
+        let mut off = 0;
+        for p in parts {
+            let c = p.last_dim();
+            o[off..off + c].copy_from_slice(&p.data()[r * c..(r + 1) * c]);
+            off += c;
+        }
+    });
+    let mut shape = lead.to_vec();
+    shape.push(total);
+    Tensor::new(shape, out)
+}
+
+/// Nearest-neighbour resize of NHWC with PyTorch's index rule (src = floor(dst · in / out)).
+pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Tensor {
+    let (n, h, w, c) = x.dims4();
+    let mut out = vec![0.0f32; n * out_h * out_w * c];
+    let sy = h as f32 / out_h as f32;
+    let sx = w as f32 / out_w as f32;
+    out.par_chunks_mut(out_w * c).enumerate().for_each(|(row, o)| {
+        let (b, oy) = (row / out_h, row % out_h);
+        let iy = ((oy as f32 * sy) as usize).min(h - 1);
+        for ox in 0..out_w {
+            let ix = ((ox as f32 * sx) as usize).min(w - 1);
+            let s = ((b * h + iy) * w + ix) * c;
+            o[ox * c..(ox + 1) * c].copy_from_slice(&x.data()[s..s + c]);
+        }
+    });
+    Tensor::new(vec![n, out_h, out_w, c], out)
+}
+
+/// Sinusoidal timestep embedding as diffusers' `get_timestep_embedding` (scale 1, max period 10000).
+pub fn timestep_embedding(t: &[f32], dim: usize, flip_sin_to_cos: bool, freq_shift: f32) -> Tensor {
+    let half = dim / 2;
+    let mut out = vec![0.0f32; t.len() * dim];
+    // Frequencies computed in f32 like torch: exp(-ln(10000) · i / (half - shift)).
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| ((-(10000f64.ln()) as f32) * i as f32 / (half as f32 - freq_shift)).exp())
+        .collect();
+    for (b, &tv) in t.iter().enumerate() {
+        let row = &mut out[b * dim..(b + 1) * dim];
+        for i in 0..half {
+            let a = tv * freqs[i];
+            let (s, c) = (a.sin(), a.cos());
+            if flip_sin_to_cos {
+                row[i] = c;
+                row[half + i] = s;
+            } else {
+                row[i] = s;
+                row[half + i] = c;
+            }
+        }
+    }
+    Tensor::new(vec![t.len(), dim], out)
+}
+
+/// Rows of an embedding table.
+pub fn embedding(table: &Tensor, ids: &[u32]) -> Tensor {
+    let d = table.last_dim();
+    let mut out = Vec::with_capacity(ids.len() * d);
+    for &id in ids {
+        let id = id as usize;
+        out.extend_from_slice(&table.data()[id * d..(id + 1) * d]);
+    }
+    Tensor::new(vec![ids.len(), d], out)
+}

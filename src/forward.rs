@@ -1,0 +1,166 @@
+//! `toffee forward`: one model on named tensors in diffusers' NCHW layout, so users can check a
+//! checkpoint against their own PyTorch outputs.
+
+use crate::models::load;
+use crate::models::unet::Cond;
+use crate::tensor::Tensor;
+use anyhow::{bail, Result};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Component {
+    Unet,
+    Controlnet,
+    VaeEncode,
+    VaeDecode,
+    TextEncoder,
+    /// SDXL's second text encoder (the pipeline's text_encoder_2 folder).
+    TextEncoder2,
+}
+
+pub type Named = BTreeMap<String, Tensor>;
+
+struct Inputs<'a> {
+    map: &'a Named,
+    file: &'a Path,
+}
+
+impl Inputs<'_> {
+    fn require(&self, names: &[&str]) -> Result<()> {
+        let missing: Vec<&str> = names.iter().copied().filter(|n| !self.map.contains_key(*n)).collect();
+        if !missing.is_empty() {
+            bail!("{}: missing input tensor(s): {}", self.file.display(), missing.join(", "));
+        }
+        Ok(())
+    }
+    fn get(&self, name: &str) -> Option<&Tensor> {
+        self.map.get(name)
+    }
+    /// A rank-4 NCHW tensor, converted to NHWC.
+    fn image(&self, name: &str) -> Result<Tensor> {
+        self.require(&[name])?;
+        let t = &self.map[name];
+        if t.rank() != 4 {
+            bail!("{}: tensor `{name}` has shape {:?}; expected rank 4 (N, C, H, W)", self.file.display(), t.shape());
+        }
+        Ok(t.to_nhwc())
+    }
+    fn rank(&self, name: &str, rank: usize, what: &str) -> Result<&Tensor> {
+        self.require(&[name])?;
+        let t = &self.map[name];
+        if t.rank() != rank {
+            bail!("{}: tensor `{name}` has shape {:?}; expected {what}", self.file.display(), t.shape());
+        }
+        Ok(t)
+    }
+    /// One timestep per sample: a scalar or a 1-element tensor is broadcast.
+    fn timesteps(&self, batch: usize) -> Result<Vec<f32>> {
+        self.require(&["timestep"])?;
+        let t = &self.map["timestep"];
+        match t.numel() {
+            1 => Ok(vec![t.data()[0]; batch]),
+            n if n == batch && t.rank() == 1 => Ok(t.data().to_vec()),
+            _ => bail!("{}: tensor `timestep` has shape {:?}; expected a scalar or [{batch}]", self.file.display(), t.shape()),
+        }
+    }
+    fn text_time(&self) -> Result<Option<(Tensor, Tensor)>> {
+        match (self.get("text_embeds"), self.get("time_ids")) {
+            (None, None) => Ok(None),
+            (Some(_), None) | (None, Some(_)) => bail!("{}: `text_embeds` and `time_ids` go together; only one is present", self.file.display()),
+            (Some(_), Some(_)) => {
+                let te = self.rank("text_embeds", 2, "[N, dim]")?.clone();
+                let ti = self.rank("time_ids", 2, "[N, 6]")?.clone();
+                Ok(Some((te, ti)))
+            }
+        }
+    }
+}
+
+/// Runs `component` of the model at `model` on `inputs` (read from `inputs_file`, named in errors).
+/// Returns the outputs in NCHW / token layouts, by name.
+pub fn run(model: &Path, component: Component, inputs: &Named, inputs_file: &Path) -> Result<Vec<(String, Tensor)>> {
+    let inp = Inputs { map: inputs, file: inputs_file };
+    match component {
+        Component::Unet => {
+            inp.require(&["sample", "timestep", "encoder_hidden_states"])?;
+            let sample = inp.image("sample")?;
+            let b = sample.shape()[0];
+            let ts = inp.timesteps(b)?;
+            let ctx = inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?;
+            let tt = inp.text_time()?;
+            let unet = load::load_unet(model)?;
+            let mut down = Vec::new();
+            while let Some(t) = inp.get(&format!("down_res.{}", down.len())) {
+                if t.rank() != 4 {
+                    bail!("{}: tensor `down_res.{}` has shape {:?}; expected rank 4", inputs_file.display(), down.len(), t.shape());
+                }
+                down.push(t.to_nhwc());
+            }
+            let mid = inp.get("mid_res").map(|_| inp.image("mid_res")).transpose()?;
+            let residuals = match (&mid, down.is_empty()) {
+                (None, true) => None,
+                (Some(m), false) => Some((down.as_slice(), m)),
+                _ => bail!("{}: ControlNet residuals need both down_res.0… and mid_res", inputs_file.display()),
+            };
+            let cond = Cond { timesteps: &ts, context: ctx, text_time: tt.as_ref().map(|(a, b)| (a, b)) };
+            let out = unet.forward(&sample, &cond, residuals, None)?;
+            Ok(vec![("out".into(), out.to_nchw())])
+        }
+        Component::Controlnet => {
+            inp.require(&["sample", "timestep", "encoder_hidden_states", "controlnet_cond"])?;
+            let sample = inp.image("sample")?;
+            let b = sample.shape()[0];
+            let ts = inp.timesteps(b)?;
+            let ctx = inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?;
+            let image = inp.image("controlnet_cond")?;
+            let scale = match inp.get("conditioning_scale") {
+                None => 1.0,
+                Some(t) if t.numel() == 1 => t.data()[0],
+                Some(t) => bail!("{}: `conditioning_scale` has shape {:?}; expected a scalar", inputs_file.display(), t.shape()),
+            };
+            let tt = inp.text_time()?;
+            let cn = load::load_controlnet(model)?;
+            let cond = Cond { timesteps: &ts, context: ctx, text_time: tt.as_ref().map(|(a, b)| (a, b)) };
+            let out = cn.forward(&sample, &cond, &image, scale)?;
+            let mut v: Vec<(String, Tensor)> = out.down.iter().enumerate().map(|(i, t)| (format!("down_res.{i}"), t.to_nchw())).collect();
+            v.push(("mid_res".into(), out.mid.to_nchw()));
+            Ok(v)
+        }
+        Component::VaeEncode => {
+            let image = inp.image("image")?;
+            let vae = load::load_vae(model)?;
+            let (mean, logvar) = vae.encode(&image)?;
+            Ok(vec![("latent_mean".into(), mean.to_nchw()), ("latent_logvar".into(), logvar.to_nchw())])
+        }
+        Component::VaeDecode => {
+            let latent = inp.image("latent")?;
+            let vae = load::load_vae(model)?;
+            Ok(vec![("image".into(), vae.decode(&latent)?.to_nchw())])
+        }
+        Component::TextEncoder | Component::TextEncoder2 => {
+            let ids_t = inp.rank("input_ids", 2, "[N, tokens]")?;
+            let (b, l) = (ids_t.shape()[0], ids_t.shape()[1]);
+            let mut ids = Vec::with_capacity(b);
+            for r in 0..b {
+                let row = &ids_t.data()[r * l..(r + 1) * l];
+                if let Some(bad) = row.iter().find(|v| **v < 0.0 || v.fract() != 0.0) {
+                    bail!("{}: `input_ids` holds {bad}, not a token id", inputs_file.display());
+                }
+                ids.push(row.iter().map(|v| *v as u32).collect::<Vec<u32>>());
+            }
+            let sub = if component == Component::TextEncoder { "text_encoder" } else { "text_encoder_2" };
+            let te = load::load_text_encoder(model, sub)?;
+            let o = te.forward(&ids)?;
+            let mut v = vec![
+                ("last_hidden_state".to_string(), o.last_hidden_state),
+                ("penultimate_hidden_state".to_string(), o.penultimate_hidden_state),
+                ("pooler_output".to_string(), o.pooler_output),
+            ];
+            if let Some(t) = o.text_embeds {
+                v.push(("text_embeds".into(), t));
+            }
+            Ok(v)
+        }
+    }
+}

@@ -1,0 +1,217 @@
+//! `toffee inspect`: what a checkpoint folder or file is, as far as the engine understands it.
+
+use crate::config::Config;
+use crate::models::load::{self, normalise_text_encoder};
+use crate::weights::layout::open_weights;
+use crate::weights::WeightStore;
+use anyhow::{bail, Context, Result};
+use std::fmt::Write;
+use std::path::Path;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    Unet,
+    ControlNet,
+    Vae,
+    ClipText,
+}
+
+impl Family {
+    fn name(self) -> &'static str {
+        match self {
+            Family::Unet => "UNet2DConditionModel",
+            Family::ControlNet => "ControlNetModel",
+            Family::Vae => "AutoencoderKL",
+            Family::ClipText => "CLIPTextModel",
+        }
+    }
+}
+
+/// The family from config.json's `_class_name` (diffusers) or `architectures` (transformers).
+pub fn family_of(cfg: &Config) -> Result<Family> {
+    if let Some(c) = cfg.opt_str("_class_name")? {
+        return match c {
+            "UNet2DConditionModel" => Ok(Family::Unet),
+            "ControlNetModel" => Ok(Family::ControlNet),
+            "AutoencoderKL" => Ok(Family::Vae),
+            other => Err(cfg.unsupported("_class_name", other, "UNet2DConditionModel, ControlNetModel, AutoencoderKL")),
+        };
+    }
+    if let Some(a) = cfg.get("architectures").and_then(|a| a.as_array()) {
+        for v in a {
+            if matches!(v.as_str(), Some("CLIPTextModel" | "CLIPTextModelWithProjection")) {
+                return Ok(Family::ClipText);
+            }
+        }
+        return Err(cfg.unsupported("architectures", serde_json::Value::Array(a.clone()), "CLIPTextModel, CLIPTextModelWithProjection"));
+    }
+    if cfg.opt_str("model_type")? == Some("clip_text_model") {
+        return Ok(Family::ClipText);
+    }
+    bail!("{}: cannot recognise the model: no `_class_name` (diffusers) or `architectures` (transformers) field", cfg.path.display())
+}
+
+/// A one-line variant description for the family.
+pub fn variant(family: Family, cfg: &Config) -> Result<String> {
+    Ok(match family {
+        Family::Unet | Family::ControlNet => {
+            let base = if cfg.opt_str("addition_embed_type")? == Some("text_time") {
+                "SDXL-style (text_time added embeddings)"
+            } else if cfg.bool_or("use_linear_projection", false)? {
+                "SD2.x-style (linear projection)"
+            } else {
+                "SD1.x-style"
+            };
+            let inc = cfg.usize_or("in_channels", 4)?;
+            let extra = match inc {
+                4 => String::new(),
+                9 => ", inpainting (9 input channels)".into(),
+                n => format!(", {n} input channels"),
+            };
+            let ctx = cfg.get("cross_attention_dim").map(|v| v.to_string()).unwrap_or_default();
+            format!("{base}{extra}, cross_attention_dim {ctx}")
+        }
+        Family::Vae => format!(
+            "latent_channels {}, scaling_factor {}",
+            cfg.usize_or("latent_channels", 4)?,
+            cfg.f64_or("scaling_factor", 0.18215)?
+        ),
+        Family::ClipText => {
+            let proj = cfg.get("architectures").map(|a| a.to_string().contains("WithProjection")).unwrap_or(false);
+            format!(
+                "{}hidden_size {}, {} layers, {}",
+                if proj { "with projection, " } else { "" },
+                cfg.usize("hidden_size")?,
+                cfg.usize("num_hidden_layers")?,
+                cfg.str_or("hidden_act", "quick_gelu")?
+            )
+        }
+    })
+}
+
+fn human_bytes(n: usize) -> String {
+    let units = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u + 1 < units.len() {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.2} {}", units[u])
+    }
+}
+
+/// Digits in groups of three: 859,520,964.
+pub fn grouped(n: usize) -> String {
+    let s = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
+
+fn weights_summary(w: &WeightStore) -> String {
+    let mut bytes = 0;
+    let dtypes: Vec<String> = w
+        .dtype_summary()
+        .iter()
+        .map(|(d, (b, n))| {
+            bytes += b;
+            format!("{} × {}", grouped(*n), d.name())
+        })
+        .collect();
+    format!("{} parameters ({}), {}", grouped(w.param_count()), dtypes.join(", "), human_bytes(bytes))
+}
+
+/// Describes one model folder; with `load`, also builds the model (every tensor read and checked).
+fn describe_model(dir: &Path, sub: &str, load_model: bool, out: &mut String) -> Result<()> {
+    let cfg = Config::read_dir(dir)?;
+    let fam = family_of(&cfg)?;
+    let mut w = open_weights(dir)?;
+    if fam == Family::ClipText {
+        normalise_text_encoder(&mut w);
+    }
+    writeln!(out, "{sub}: {} — {}", fam.name(), variant(fam, &cfg)?).unwrap();
+    writeln!(out, "  weights: {}", weights_summary(&w)).unwrap();
+    let public: serde_json::Map<String, serde_json::Value> = cfg.json.iter().filter(|(k, _)| !k.starts_with('_')).map(|(k, v)| (k.clone(), v.clone())).collect();
+    writeln!(out, "  config: {}", serde_json::Value::Object(public)).unwrap();
+    if load_model {
+        match fam {
+            Family::Unet => drop(load::load_unet(dir)?),
+            Family::ControlNet => drop(load::load_controlnet(dir)?),
+            Family::Vae => drop(load::load_vae(dir)?),
+            Family::ClipText => drop(load::load_text_encoder(dir, sub)?),
+        }
+        writeln!(out, "  loaded: ok").unwrap();
+    }
+    Ok(())
+}
+
+pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
+    let mut out = String::new();
+    if !path.exists() {
+        bail!("{}: no such file or directory", path.display());
+    }
+    if path.is_file() {
+        let w = WeightStore::open_file(path)?;
+        let kind = guess_from_names(&w);
+        writeln!(out, "{}: safetensors file — {kind}", path.display()).unwrap();
+        writeln!(out, "  weights: {}", weights_summary(&w)).unwrap();
+        return Ok(out);
+    }
+    let index = path.join("model_index.json");
+    if index.is_file() {
+        let cfg = Config::read(&index)?;
+        let class = cfg.str_or("_class_name", "unknown pipeline")?.to_string();
+        writeln!(out, "{}: diffusers pipeline ({class})", path.display()).unwrap();
+        let mut total = 0;
+        for sub in ["unet", "controlnet", "vae", "text_encoder", "text_encoder_2"] {
+            let d = path.join(sub);
+            if d.join("config.json").is_file() {
+                describe_model(&d, sub, load_model, &mut out).with_context(|| format!("{}: component `{sub}`", path.display()))?;
+                let mut w = open_weights(&d)?;
+                if sub.starts_with("text_encoder") {
+                    normalise_text_encoder(&mut w);
+                }
+                total += w.param_count();
+            }
+        }
+        for sub in ["tokenizer", "tokenizer_2", "scheduler"] {
+            if path.join(sub).is_dir() {
+                writeln!(out, "{sub}: present").unwrap();
+            }
+        }
+        writeln!(out, "total: {} parameters", grouped(total)).unwrap();
+        return Ok(out);
+    }
+    if path.join("config.json").is_file() {
+        let sub = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        describe_model(path, &sub, load_model, &mut out)?;
+        return Ok(out);
+    }
+    bail!("{}: cannot recognise: neither a diffusers pipeline (model_index.json), a model folder (config.json), nor a safetensors file", path.display())
+}
+
+fn guess_from_names(w: &WeightStore) -> &'static str {
+    let has = |p: &str| w.names().any(|n| n.starts_with(p));
+    if has("model.diffusion_model.") {
+        "original (LDM) single-file Stable Diffusion checkpoint (not loadable yet: use a diffusers folder)"
+    } else if has("controlnet_cond_embedding.") {
+        "ControlNetModel weights (diffusers names)"
+    } else if has("encoder.conv_in.") && has("decoder.") {
+        "AutoencoderKL weights (diffusers names)"
+    } else if has("down_blocks.") && has("conv_in.") {
+        "UNet2DConditionModel weights (diffusers names)"
+    } else if has("text_model.") || has("encoder.layers.") {
+        "CLIP text encoder weights (transformers names)"
+    } else {
+        "unrecognised tensor names"
+    }
+}

@@ -1,0 +1,11 @@
+//! toffee: an inference engine for the models that build subject-driven image datasets the Toffee
+//! way (Stable-Diffusion-family UNets, ControlNet, VAE, CLIP). See README.md and ../shared/DESIGN.md.
+
+pub mod backend;
+pub mod config;
+pub mod forward;
+pub mod inspect;
+pub mod models;
+pub mod tensor;
+pub mod tokenizer;
+pub mod weights;

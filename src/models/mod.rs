@@ -1,0 +1,9 @@
+//! The model families: each is config + weights -> forward, built on `backend` ops.
+
+pub mod blocks;
+pub mod clip_text;
+pub mod controlnet;
+pub mod nn;
+pub mod unet;
+pub mod vae;
+pub mod load;

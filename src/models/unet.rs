@@ -1,0 +1,538 @@
+//! UNet2DConditionModel (SD1.x, SD2.x, SDXL; any in_channels; ControlNet residual inputs).
+
+use super::blocks::{load_downsample, upsample, ResnetBlock, SpatialTransformer, TimestepEmbedding};
+use super::nn::GroupNorm;
+use crate::backend::{self as ops, Conv2dW};
+use crate::config::Config;
+use crate::tensor::Tensor;
+use crate::weights::{Vb, WeightStore};
+use anyhow::{bail, Result};
+
+/// The parts of a UNet config that the UNet and ControlNet share (the encoder half and embeddings).
+#[derive(Clone, Debug)]
+pub struct UnetConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: Vec<usize>,
+    /// true = the block has cross-attention transformers (CrossAttn*Block2D).
+    pub down_attn: Vec<bool>,
+    pub up_attn: Vec<bool>,
+    pub mid_attn: bool,
+    pub heads: Vec<usize>,
+    pub cross_attention_dim: Vec<usize>,
+    pub transformer_layers: Vec<usize>,
+    pub reverse_transformer_layers: Vec<usize>,
+    pub norm_num_groups: usize,
+    pub norm_eps: f64,
+    pub flip_sin_to_cos: bool,
+    pub freq_shift: f64,
+    pub downsample_padding: usize,
+    pub mid_block_scale_factor: f64,
+    pub conv_in_kernel: usize,
+    pub conv_out_kernel: usize,
+    /// SDXL: Some((addition_time_embed_dim, projection_class_embeddings_input_dim)).
+    pub text_time: Option<(usize, usize)>,
+    pub use_linear_projection: bool,
+    pub upcast_attention: bool,
+}
+
+impl UnetConfig {
+    pub fn time_embed_dim(&self) -> usize {
+        self.block_out_channels[0] * 4
+    }
+
+    /// Parses and validates; `controlnet` skips the decoder (up blocks) fields.
+    pub fn parse(cfg: &Config, controlnet: bool) -> Result<Self> {
+        let block_out_channels = cfg.usize_list("block_out_channels")?;
+        let nb = block_out_channels.len();
+        if nb == 0 {
+            return Err(cfg.unsupported("block_out_channels", "[]", "a non-empty list"));
+        }
+        let down_types = cfg.str_list("down_block_types")?;
+        if down_types.len() != nb {
+            bail!("{}: `down_block_types` has {} entries but `block_out_channels` has {nb}", cfg.path.display(), down_types.len());
+        }
+        let down_attn = down_types
+            .iter()
+            .map(|t| match t.as_str() {
+                "CrossAttnDownBlock2D" => Ok(true),
+                "DownBlock2D" => Ok(false),
+                other => Err(cfg.unsupported("down_block_types", other, "CrossAttnDownBlock2D, DownBlock2D")),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let up_attn = if controlnet {
+            Vec::new()
+        } else {
+            let up_types = cfg.str_list("up_block_types")?;
+            if up_types.len() != nb {
+                bail!("{}: `up_block_types` has {} entries but `block_out_channels` has {nb}", cfg.path.display(), up_types.len());
+            }
+            up_types
+                .iter()
+                .map(|t| match t.as_str() {
+                    "CrossAttnUpBlock2D" => Ok(true),
+                    "UpBlock2D" => Ok(false),
+                    other => Err(cfg.unsupported("up_block_types", other, "CrossAttnUpBlock2D, UpBlock2D")),
+                })
+                .collect::<Result<Vec<_>>>()?
+        };
+        let mid_attn = match cfg.opt_str("mid_block_type")?.unwrap_or("UNetMidBlock2DCrossAttn") {
+            "UNetMidBlock2DCrossAttn" => true,
+            other => return Err(cfg.unsupported("mid_block_type", other, "UNetMidBlock2DCrossAttn")),
+        };
+        // diffusers names the head count `attention_head_dim` for historical reasons; `num_attention_heads`
+        // wins when both are present.
+        let heads = if cfg.get("num_attention_heads").is_some() {
+            cfg.usize_per_block("num_attention_heads", nb)?
+        } else {
+            cfg.usize_per_block("attention_head_dim", nb)?
+        };
+        for (i, (&h, &c)) in heads.iter().zip(&block_out_channels).enumerate() {
+            if h == 0 || c % h != 0 {
+                bail!("{}: block {i} has {c} channels, not divisible into {h} attention heads", cfg.path.display());
+            }
+        }
+        let transformer_layers = match cfg.get("transformer_layers_per_block") {
+            None => vec![1; nb],
+            Some(_) => cfg.usize_per_block("transformer_layers_per_block", nb)?,
+        };
+        let reverse_transformer_layers = match cfg.get("reverse_transformer_layers_per_block") {
+            None => transformer_layers.iter().rev().copied().collect(),
+            Some(_) => cfg.usize_per_block("reverse_transformer_layers_per_block", nb)?,
+        };
+        let text_time = match cfg.opt_str("addition_embed_type")? {
+            None => None,
+            Some("text_time") => Some((cfg.usize("addition_time_embed_dim")?, cfg.usize("projection_class_embeddings_input_dim")?)),
+            Some(other) => return Err(cfg.unsupported("addition_embed_type", other, "null, \"text_time\"")),
+        };
+        for (field, ok) in [
+            ("class_embed_type", None::<&str>),
+            ("encoder_hid_dim_type", None),
+            ("time_cond_proj_dim", None),
+            ("timestep_post_act", None),
+            ("cross_attention_norm", None),
+        ] {
+            if let Some(v) = cfg.get(field) {
+                if ok.is_none() {
+                    return Err(cfg.unsupported(field, v, "null"));
+                }
+            }
+        }
+        let expect_str = |field: &str, want: &str| -> Result<()> {
+            match cfg.opt_str(field)? {
+                None => Ok(()),
+                Some(v) if v == want => Ok(()),
+                Some(v) => Err(cfg.unsupported(field, v, want)),
+            }
+        };
+        expect_str("act_fn", "silu")?;
+        expect_str("time_embedding_type", "positional")?;
+        expect_str("resnet_time_scale_shift", "default")?;
+        expect_str("attention_type", "default")?;
+        if !controlnet {
+            expect_str("resnet_time_scale_shift", "default")?;
+        }
+        for field in ["dual_cross_attention", "center_input_sample", "class_embeddings_concat", "resnet_skip_time_act", "global_pool_conditions"] {
+            if cfg.bool_or(field, false)? {
+                return Err(cfg.unsupported(field, true, "false"));
+            }
+        }
+        match cfg.get("only_cross_attention") {
+            None => {}
+            Some(serde_json::Value::Bool(false)) => {}
+            Some(serde_json::Value::Array(a)) if a.iter().all(|v| v == &serde_json::Value::Bool(false)) => {}
+            Some(v) => return Err(cfg.unsupported("only_cross_attention", v, "false")),
+        }
+        if cfg.get("time_embedding_dim").is_some() {
+            let d = cfg.usize("time_embedding_dim")?;
+            if d != block_out_channels[0] * 4 {
+                return Err(cfg.unsupported("time_embedding_dim", d, "null (4 × block_out_channels[0])"));
+            }
+        }
+        if cfg.get("encoder_hid_dim").is_some() {
+            return Err(cfg.unsupported("encoder_hid_dim", cfg.get("encoder_hid_dim").unwrap(), "null"));
+        }
+        if (cfg.f64_or("resnet_out_scale_factor", 1.0)? - 1.0).abs() > 0.0 {
+            return Err(cfg.unsupported("resnet_out_scale_factor", cfg.get("resnet_out_scale_factor").unwrap(), "1.0"));
+        }
+        let conv_in_kernel = cfg.usize_or("conv_in_kernel", 3)?;
+        let conv_out_kernel = cfg.usize_or("conv_out_kernel", 3)?;
+        for (f, k) in [("conv_in_kernel", conv_in_kernel), ("conv_out_kernel", conv_out_kernel)] {
+            if k % 2 == 0 {
+                return Err(cfg.unsupported(f, k, "an odd kernel size"));
+            }
+        }
+        Ok(UnetConfig {
+            in_channels: cfg.usize_or("in_channels", 4)?,
+            out_channels: if controlnet { 0 } else { cfg.usize_or("out_channels", 4)? },
+            layers_per_block: cfg.usize_per_block("layers_per_block", nb)?,
+            down_attn,
+            up_attn,
+            mid_attn,
+            heads,
+            cross_attention_dim: cfg.usize_per_block("cross_attention_dim", nb)?,
+            transformer_layers,
+            reverse_transformer_layers,
+            norm_num_groups: cfg.usize_or("norm_num_groups", 32)?,
+            norm_eps: cfg.f64_or("norm_eps", 1e-5)?,
+            flip_sin_to_cos: cfg.bool_or("flip_sin_to_cos", true)?,
+            freq_shift: cfg.f64_or("freq_shift", 0.0)?,
+            downsample_padding: cfg.usize_or("downsample_padding", 1)?,
+            mid_block_scale_factor: cfg.f64_or("mid_block_scale_factor", 1.0)?,
+            conv_in_kernel,
+            conv_out_kernel,
+            text_time,
+            use_linear_projection: cfg.bool_or("use_linear_projection", false)?,
+            upcast_attention: cfg.bool_or("upcast_attention", false)?,
+            block_out_channels,
+        })
+    }
+}
+
+/// Conditioning of one UNet call beyond the sample.
+pub struct Cond<'a> {
+    /// One timestep per sample (fractional values allowed).
+    pub timesteps: &'a [f32],
+    /// [B, L, D] text embeddings.
+    pub context: &'a Tensor,
+    /// SDXL: pooled text embeds [B, E] and time ids [B, 6].
+    pub text_time: Option<(&'a Tensor, &'a Tensor)>,
+}
+
+/// Timestep (+ SDXL text/time) embedding.
+pub struct Embeddings {
+    time_channels: usize,
+    flip: bool,
+    shift: f32,
+    time: TimestepEmbedding,
+    add: Option<(usize, TimestepEmbedding)>,
+}
+
+impl Embeddings {
+    pub fn load(vb: &Vb, c: &UnetConfig) -> Result<Self> {
+        let ch = c.block_out_channels[0];
+        Ok(Embeddings {
+            time_channels: ch,
+            flip: c.flip_sin_to_cos,
+            shift: c.freq_shift as f32,
+            time: TimestepEmbedding::load(&vb.pp("time_embedding"), ch, c.time_embed_dim())?,
+            add: match c.text_time {
+                None => None,
+                Some((td, proj)) => Some((td, TimestepEmbedding::load(&vb.pp("add_embedding"), proj, c.time_embed_dim())?)),
+            },
+        })
+    }
+
+    /// Returns (time_emb, aug_emb or None); their sum is what the resnets see.
+    pub fn forward(&self, cond: &Cond) -> Result<(Tensor, Option<Tensor>)> {
+        let t = ops::timestep_embedding(cond.timesteps, self.time_channels, self.flip, self.shift);
+        let emb = self.time.forward(&t);
+        let aug = match (&self.add, cond.text_time) {
+            (None, _) => None,
+            (Some(_), None) => bail!("this UNet (addition_embed_type text_time, SDXL) needs text_embeds and time_ids"),
+            (Some((td, mlp)), Some((text_embeds, time_ids))) => {
+                let b = cond.timesteps.len();
+                let nt = time_ids.numel() / b.max(1);
+                if time_ids.shape()[0] != b || text_embeds.shape()[0] != b {
+                    bail!("text_embeds {:?} and time_ids {:?} must have one row per sample ({b})", text_embeds.shape(), time_ids.shape());
+                }
+                let te = ops::timestep_embedding(time_ids.data(), *td, self.flip, self.shift).reshape(vec![b, nt * td]);
+                let add_in = ops::concat_channels(&[text_embeds, &te]);
+                let want = mlp.linear_1.in_features();
+                if add_in.last_dim() != want {
+                    bail!(
+                        "text_embeds width {} + {} time ids × {td} = {} does not match projection_class_embeddings_input_dim {want}",
+                        text_embeds.last_dim(),
+                        nt,
+                        add_in.last_dim()
+                    );
+                }
+                Some(mlp.forward(&add_in))
+            }
+        };
+        Ok((emb, aug))
+    }
+}
+
+enum Layer {
+    Resnet(ResnetBlock),
+    Attn(SpatialTransformer),
+}
+
+/// One down block: resnets (each followed by a transformer in CrossAttn blocks), then an optional
+/// stride-2 downsampler. Returns every intermediate as a skip connection.
+pub struct DownBlock {
+    layers: Vec<(ResnetBlock, Option<SpatialTransformer>)>,
+    down: Option<Conv2dW>,
+}
+
+impl DownBlock {
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor, skips: &mut Vec<Tensor>) -> Tensor {
+        let mut h = x.clone();
+        for (r, a) in &self.layers {
+            h = r.forward(&h, Some(temb));
+            if let Some(a) = a {
+                h = a.forward(&h, ctx);
+            }
+            skips.push(h.clone());
+        }
+        if let Some(d) = &self.down {
+            h = ops::conv2d(&h, d);
+            skips.push(h.clone());
+        }
+        h
+    }
+    pub fn resnets(&self) -> usize {
+        self.layers.len()
+    }
+    pub fn has_downsampler(&self) -> bool {
+        self.down.is_some()
+    }
+}
+
+pub struct MidBlock {
+    layers: Vec<Layer>,
+}
+
+impl MidBlock {
+    pub fn load(vb: &Vb, c: &UnetConfig) -> Result<Self> {
+        let ch = *c.block_out_channels.last().unwrap();
+        let g = c.norm_num_groups;
+        let te = c.time_embed_dim();
+        let s = c.mid_block_scale_factor;
+        let mut layers = vec![Layer::Resnet(ResnetBlock::load(&vb.pp("resnets.0"), ch, ch, Some(te), g, c.norm_eps, s)?)];
+        if c.mid_attn {
+            let heads = *c.heads.last().unwrap();
+            let ctx = *c.cross_attention_dim.last().unwrap();
+            let tl = *c.transformer_layers.last().unwrap();
+            layers.push(Layer::Attn(SpatialTransformer::load(&vb.pp("attentions.0"), ch, heads, tl, ctx, g)?));
+            layers.push(Layer::Resnet(ResnetBlock::load(&vb.pp("resnets.1"), ch, ch, Some(te), g, c.norm_eps, s)?));
+        }
+        Ok(MidBlock { layers })
+    }
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> Tensor {
+        let mut h = x.clone();
+        for l in &self.layers {
+            h = match l {
+                Layer::Resnet(r) => r.forward(&h, Some(temb)),
+                Layer::Attn(a) => a.forward(&h, ctx),
+            };
+        }
+        h
+    }
+}
+
+/// The encoder half every UNet-shaped model has: embeddings, conv_in, down blocks, mid block.
+pub struct Encoder {
+    pub emb: Embeddings,
+    pub conv_in: Conv2dW,
+    pub down: Vec<DownBlock>,
+    pub mid: MidBlock,
+}
+
+impl Encoder {
+    pub fn load(vb: &Vb, c: &UnetConfig) -> Result<Self> {
+        let k = c.conv_in_kernel;
+        let conv_in = vb.pp("conv_in").conv2d(c.in_channels, c.block_out_channels[0], k, 1, k / 2)?;
+        let mut down = Vec::new();
+        let mut out_ch = c.block_out_channels[0];
+        let nb = c.block_out_channels.len();
+        for i in 0..nb {
+            let in_ch = out_ch;
+            out_ch = c.block_out_channels[i];
+            let bvb = vb.pp(format!("down_blocks.{i}"));
+            let mut layers = Vec::new();
+            for j in 0..c.layers_per_block[i] {
+                let r = ResnetBlock::load(
+                    &bvb.pp(format!("resnets.{j}")),
+                    if j == 0 { in_ch } else { out_ch },
+                    out_ch,
+                    Some(c.time_embed_dim()),
+                    c.norm_num_groups,
+                    c.norm_eps,
+                    1.0,
+                )?;
+                let a = if c.down_attn[i] {
+                    Some(SpatialTransformer::load(
+                        &bvb.pp(format!("attentions.{j}")),
+                        out_ch,
+                        c.heads[i],
+                        c.transformer_layers[i],
+                        c.cross_attention_dim[i],
+                        c.norm_num_groups,
+                    )?)
+                } else {
+                    None
+                };
+                layers.push((r, a));
+            }
+            let down_s = if i + 1 < nb { Some(load_downsample(&bvb.pp("downsamplers.0"), out_ch, c.downsample_padding)?) } else { None };
+            down.push(DownBlock { layers, down: down_s });
+        }
+        Ok(Encoder { emb: Embeddings::load(vb, c)?, conv_in, down, mid: MidBlock::load(&vb.pp("mid_block"), c)? })
+    }
+}
+
+/// One up block: resnets over (hidden ⧺ skip), transformers in CrossAttn blocks, optional upsampler.
+pub struct UpBlock {
+    layers: Vec<(ResnetBlock, Option<SpatialTransformer>)>,
+    up: Option<Conv2dW>,
+}
+
+pub struct Unet {
+    pub config: UnetConfig,
+    pub enc: Encoder,
+    up: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2dW,
+}
+
+/// Intermediate activations (NHWC) recorded for debugging parity, by diffusers module name.
+pub type Trace = Vec<(String, Tensor)>;
+
+impl Unet {
+    pub fn load(cfg: &Config, store: &WeightStore) -> Result<Self> {
+        let c = UnetConfig::parse(cfg, false)?;
+        let vb = Vb::root(store);
+        let enc = Encoder::load(&vb, &c)?;
+        let nb = c.block_out_channels.len();
+        let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
+        let rev_layers: Vec<usize> = c.layers_per_block.iter().rev().copied().collect();
+        let rev_heads: Vec<usize> = c.heads.iter().rev().copied().collect();
+        let rev_ctx: Vec<usize> = c.cross_attention_dim.iter().rev().copied().collect();
+        let mut up = Vec::new();
+        let mut out_ch = rev[0];
+        for i in 0..nb {
+            let prev_out = out_ch;
+            out_ch = rev[i];
+            let in_ch = rev[(i + 1).min(nb - 1)];
+            let bvb = vb.pp(format!("up_blocks.{i}"));
+            let n = rev_layers[i] + 1;
+            let mut layers = Vec::new();
+            for j in 0..n {
+                let skip = if j == n - 1 { in_ch } else { out_ch };
+                let rin = if j == 0 { prev_out } else { out_ch };
+                let r = ResnetBlock::load(
+                    &bvb.pp(format!("resnets.{j}")),
+                    rin + skip,
+                    out_ch,
+                    Some(c.time_embed_dim()),
+                    c.norm_num_groups,
+                    c.norm_eps,
+                    1.0,
+                )?;
+                let a = if c.up_attn[i] {
+                    Some(SpatialTransformer::load(
+                        &bvb.pp(format!("attentions.{j}")),
+                        out_ch,
+                        rev_heads[i],
+                        c.reverse_transformer_layers[i],
+                        rev_ctx[i],
+                        c.norm_num_groups,
+                    )?)
+                } else {
+                    None
+                };
+                layers.push((r, a));
+            }
+            let up_s = if i + 1 < nb { Some(bvb.pp("upsamplers.0.conv").conv2d(out_ch, out_ch, 3, 1, 1)?) } else { None };
+            up.push(UpBlock { layers, up: up_s });
+        }
+        let ch0 = c.block_out_channels[0];
+        let k = c.conv_out_kernel;
+        Ok(Unet {
+            norm_out: GroupNorm::load(&vb.pp("conv_norm_out"), c.norm_num_groups, ch0, c.norm_eps)?,
+            conv_out: vb.pp("conv_out").conv2d(ch0, c.out_channels, k, 1, k / 2)?,
+            enc,
+            up,
+            config: c,
+        })
+    }
+
+    /// Number of skip tensors the encoder produces (= ControlNet down residuals expected).
+    pub fn num_skips(&self) -> usize {
+        1 + self.enc.down.iter().map(|d| d.resnets() + d.has_downsampler() as usize).sum::<usize>()
+    }
+
+    /// x: NHWC latents. `residuals`: ControlNet (down residuals, mid residual), NHWC, added to the
+    /// skips and the mid-block output. Returns the model output (noise or v) in NHWC.
+    pub fn forward(&self, x: &Tensor, cond: &Cond, residuals: Option<(&[Tensor], &Tensor)>, mut trace: Option<&mut Trace>) -> Result<Tensor> {
+        let c = &self.config;
+        let (b, _, _, cin) = x.dims4();
+        if cin != c.in_channels {
+            bail!("sample has {cin} channels, the UNet expects in_channels = {}", c.in_channels);
+        }
+        check_cond(cond, b, &c.cross_attention_dim)?;
+        let mut rec = |name: &str, t: &Tensor| {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push((name.to_string(), t.clone()));
+            }
+        };
+        let (emb, aug) = self.enc.emb.forward(cond)?;
+        rec("time_emb", &emb);
+        let emb = match aug {
+            Some(a) => {
+                rec("aug_emb", &a);
+                ops::add(&emb, &a)
+            }
+            None => emb,
+        };
+        let temb = ops::silu(&emb);
+        let mut h = ops::conv2d(x, &self.enc.conv_in);
+        rec("conv_in", &h);
+        let mut skips = vec![h.clone()];
+        for (i, d) in self.enc.down.iter().enumerate() {
+            h = d.forward(&h, &temb, cond.context, &mut skips);
+            rec(&format!("down.{i}"), &h);
+        }
+        if let Some((down_res, _)) = residuals {
+            if down_res.len() != skips.len() {
+                bail!("{} ControlNet down residuals given, the UNet has {} skip connections", down_res.len(), skips.len());
+            }
+            for (i, (s, r)) in skips.iter_mut().zip(down_res).enumerate() {
+                if s.shape() != r.shape() {
+                    bail!("down_res.{i} has shape {:?} (NHWC), the UNet's skip has {:?}", r.shape(), s.shape());
+                }
+                *s = ops::add(s, r);
+            }
+        }
+        h = self.enc.mid.forward(&h, &temb, cond.context);
+        if let Some((_, mid)) = residuals {
+            if mid.shape() != h.shape() {
+                bail!("mid_res has shape {:?} (NHWC), the mid block output has {:?}", mid.shape(), h.shape());
+            }
+            h = ops::add(&h, mid);
+        }
+        rec("mid", &h);
+        for (i, u) in self.up.iter().enumerate() {
+            for (r, a) in &u.layers {
+                let s = skips.pop().expect("skip count matches the block layout");
+                h = r.forward(&ops::concat_channels(&[&h, &s]), Some(&temb));
+                if let Some(a) = a {
+                    h = a.forward(&h, cond.context);
+                }
+            }
+            if let Some(conv) = &u.up {
+                // The next skip fixes the size, so odd latent sizes round-trip as in diffusers.
+                let next = skips.last().expect("an upsampler is followed by more skips");
+                h = upsample(&h, conv, Some((next.shape()[1], next.shape()[2])));
+            }
+            rec(&format!("up.{i}"), &h);
+        }
+        let h = self.norm_out.forward_silu(&h);
+        rec("conv_norm_out", &h);
+        Ok(ops::conv2d(&h, &self.conv_out))
+    }
+}
+
+pub(crate) fn check_cond(cond: &Cond, b: usize, ctx_dims: &[usize]) -> Result<()> {
+    if cond.timesteps.len() != b {
+        bail!("{} timesteps for a batch of {b}", cond.timesteps.len());
+    }
+    let cs = cond.context.shape();
+    if cs.len() != 3 || cs[0] != b || cs[2] != ctx_dims[0] {
+        bail!("encoder_hidden_states has shape {cs:?}, expected [{b}, tokens, {}]", ctx_dims[0]);
+    }
+    Ok(())
+}

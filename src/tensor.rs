@@ -1,0 +1,138 @@
+//! A dense f32 tensor on the host. Activations inside the engine are NHWC; the NCHW layout of
+//! diffusers exists only at the edges (`forward` inputs and outputs), converted by `to_nhwc`/`to_nchw`.
+
+use std::sync::Arc;
+
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    shape: Vec<usize>,
+    data: Arc<Vec<f32>>,
+}
+
+impl Tensor {
+    /// Panics when `data` does not hold exactly `shape.iter().product()` values: a caller bug, not bad input.
+    pub fn new(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> Self {
+        let shape = shape.into();
+        let n: usize = shape.iter().product();
+        assert_eq!(n, data.len(), "tensor shape {shape:?} does not match {} values", data.len());
+        Tensor { shape, data: Arc::new(data) }
+    }
+
+    pub fn zeros(shape: impl Into<Vec<usize>>) -> Self {
+        let shape = shape.into();
+        let n = shape.iter().product();
+        Tensor::new(shape, vec![0.0; n])
+    }
+
+    pub fn scalar(v: f32) -> Self {
+        Tensor::new(Vec::new(), vec![v])
+    }
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn rank(&self) -> usize {
+        self.shape.len()
+    }
+
+    pub fn numel(&self) -> usize {
+        self.data.len()
+    }
+
+    /// Size of the last dimension (channels in NHWC, features in token layouts).
+    pub fn last_dim(&self) -> usize {
+        *self.shape.last().unwrap_or(&1)
+    }
+
+    pub fn data(&self) -> &[f32] {
+        &self.data
+    }
+
+    /// Mutable access; copies only when the buffer is shared.
+    pub fn data_mut(&mut self) -> &mut [f32] {
+        Arc::make_mut(&mut self.data).as_mut_slice()
+    }
+
+    pub fn into_vec(self) -> Vec<f32> {
+        Arc::try_unwrap(self.data).unwrap_or_else(|a| (*a).clone())
+    }
+
+    pub fn reshape(&self, shape: impl Into<Vec<usize>>) -> Tensor {
+        let shape = shape.into();
+        assert_eq!(shape.iter().product::<usize>(), self.numel(), "reshape {:?} -> {shape:?}", self.shape);
+        Tensor { shape, data: self.data.clone() }
+    }
+
+    /// (N, H, W, C) of a rank-4 NHWC tensor.
+    pub fn dims4(&self) -> (usize, usize, usize, usize) {
+        assert_eq!(self.rank(), 4, "expected a rank-4 tensor, got {:?}", self.shape);
+        (self.shape[0], self.shape[1], self.shape[2], self.shape[3])
+    }
+
+    /// NCHW -> NHWC.
+    pub fn to_nhwc(&self) -> Tensor {
+        let (n, c, h, w) = self.dims4();
+        let src = self.data();
+        let mut out = vec![0.0f32; self.numel()];
+        for b in 0..n {
+            for ch in 0..c {
+                for y in 0..h {
+                    let s = ((b * c + ch) * h + y) * w;
+                    for x in 0..w {
+                        out[((b * h + y) * w + x) * c + ch] = src[s + x];
+                    }
+                }
+            }
+        }
+        Tensor::new(vec![n, h, w, c], out)
+    }
+
+    /// NHWC -> NCHW.
+    pub fn to_nchw(&self) -> Tensor {
+        let (n, h, w, c) = self.dims4();
+        let src = self.data();
+        let mut out = vec![0.0f32; self.numel()];
+        for b in 0..n {
+            for y in 0..h {
+                for x in 0..w {
+                    let s = ((b * h + y) * w + x) * c;
+                    for ch in 0..c {
+                        out[((b * c + ch) * h + y) * w + x] = src[s + ch];
+                    }
+                }
+            }
+        }
+        Tensor::new(vec![n, c, h, w], out)
+    }
+
+    /// Rows `start..start+len` of the first dimension.
+    pub fn narrow0(&self, start: usize, len: usize) -> Tensor {
+        let row: usize = self.shape[1..].iter().product();
+        let mut shape = self.shape.clone();
+        shape[0] = len;
+        Tensor::new(shape, self.data[start * row..(start + len) * row].to_vec())
+    }
+
+    /// Concatenation along the first dimension.
+    pub fn cat0(parts: &[&Tensor]) -> Tensor {
+        let mut shape = parts[0].shape.clone();
+        shape[0] = parts.iter().map(|p| p.shape[0]).sum();
+        let mut data = Vec::with_capacity(shape.iter().product());
+        for p in parts {
+            assert_eq!(p.shape[1..], parts[0].shape[1..], "cat0 of mismatched shapes");
+            data.extend_from_slice(p.data());
+        }
+        Tensor::new(shape, data)
+    }
+
+    /// Largest absolute elementwise difference; shapes must match.
+    pub fn max_abs_diff(&self, other: &Tensor) -> f32 {
+        assert_eq!(self.shape, other.shape, "max_abs_diff of different shapes");
+        self.data
+            .iter()
+            .zip(other.data.iter())
+            .map(|(a, b)| if a.is_nan() || b.is_nan() { f32::INFINITY } else { (a - b).abs() })
+            .fold(0.0, f32::max)
+    }
+}

@@ -1,0 +1,368 @@
+//! CLIP byte-level BPE tokenizer, id-for-id with transformers 5's `CLIPTokenizer`
+//! called as `tok(prompt, padding="max_length", max_length=.., truncation=True)`.
+//!
+//! transformers 5 ignores the pipeline stored in a CLIP `tokenizer.json`: it keeps only
+//! the vocabulary and merges and rebuilds its fixed CLIP pipeline around them, so both
+//! folder layouts go through the same [`ClipTokenizer::build`].
+
+use std::path::Path;
+
+use anyhow::{anyhow, bail, Result};
+use serde_json::{Map, Value};
+use tokenizers::models::bpe::{Merges, Vocab, BPE};
+use tokenizers::normalizers::replace::ReplacePattern;
+use tokenizers::normalizers::{Lowercase, Replace, Sequence as NormalizerSequence, NFC};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+const BOS: &str = "<|startoftext|>";
+const EOS: &str = "<|endoftext|>";
+const DEFAULT_MAX_LENGTH: usize = 77;
+/// The pattern transformers' `CLIPTokenizer` splits on (before the byte-level step).
+const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+/// Named special-token keys, in the order transformers registers them (later wins).
+const SPECIAL_KEYS: [&str; 7] = [
+    "bos_token",
+    "eos_token",
+    "unk_token",
+    "sep_token",
+    "pad_token",
+    "cls_token",
+    "mask_token",
+];
+
+#[derive(Clone, Debug)]
+pub struct ClipTokenizer {
+    inner: Tokenizer,
+    max_length: usize,
+    bos_id: u32,
+    eos_id: u32,
+    pad_id: u32,
+}
+
+impl ClipTokenizer {
+    /// A diffusers/transformers tokenizer folder: tokenizer.json if present, else vocab.json + merges.txt.
+    /// Pad token from tokenizer_config.json or special_tokens_map.json; default "<|endoftext|>".
+    /// model_max_length from tokenizer_config.json if within 2..=77, else 77.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        if !dir.is_dir() {
+            bail!("tokenizer folder {} does not exist", dir.display());
+        }
+        let config_path = dir.join("tokenizer_config.json");
+        let config = match config_path.is_file() {
+            true => as_object(read_json(&config_path)?, &config_path)?,
+            false => Map::new(),
+        };
+        let map_path = dir.join("special_tokens_map.json");
+        let special_map = match map_path.is_file() {
+            true => Some(as_object(read_json(&map_path)?, &map_path)?),
+            false => None,
+        };
+        let json_path = dir.join("tokenizer.json");
+        let merges_path = dir.join("merges.txt");
+        let ((vocab, merges, json_added), source) = if json_path.is_file() {
+            (read_tokenizer_json(&json_path)?, json_path)
+        } else {
+            let vocab = read_vocab(&dir.join("vocab.json"))?;
+            ((vocab, read_merges(&merges_path)?, Vec::new()), merges_path)
+        };
+        // Configs without a real limit store a huge sentinel; CLIP's text model has 77 positions.
+        let max_length = match config.get("model_max_length").and_then(Value::as_u64) {
+            Some(n) if (2..=DEFAULT_MAX_LENGTH as u64).contains(&n) => n as usize,
+            _ => DEFAULT_MAX_LENGTH,
+        };
+        let specials = resolve_specials(config, special_map, json_added);
+        Self::build(vocab, merges, specials, max_length)
+            .map_err(|e| anyhow!("{}: {e}", source.display()))
+    }
+
+    /// The slow-tokenizer files alone, as `CLIPTokenizer.from_pretrained` sees a folder without configs.
+    pub fn from_vocab_merges(vocab: &Path, merges: &Path, pad_token: &str) -> Result<Self> {
+        let (vocab_map, merge_list) = (read_vocab(vocab)?, read_merges(merges)?);
+        let specials = resolve_specials(pad_config(pad_token), None, Vec::new());
+        Self::build(vocab_map, merge_list, specials, DEFAULT_MAX_LENGTH)
+            .map_err(|e| anyhow!("{}: {e}", merges.display()))
+    }
+
+    /// A `tokenizer.json` alone, as `CLIPTokenizer.from_pretrained` sees a folder without configs.
+    pub fn from_tokenizer_json(path: &Path, pad_token: &str) -> Result<Self> {
+        let (vocab, merges, json_added) = read_tokenizer_json(path)?;
+        let specials = resolve_specials(pad_config(pad_token), None, json_added);
+        Self::build(vocab, merges, specials, DEFAULT_MAX_LENGTH)
+            .map_err(|e| anyhow!("{}: {e}", path.display()))
+    }
+
+    /// The pipeline `CLIPTokenizer.__init__` builds.
+    fn build(vocab: Vocab, merges: Merges, specials: Specials, max_length: usize) -> Result<Self> {
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .continuing_subword_prefix(String::new())
+            .end_of_word_suffix("</w>".into())
+            .unk_token(specials.unk.clone())
+            .fuse_unk(false)
+            .build()
+            .map_err(|e| anyhow!("bad vocabulary or merges: {e}"))?;
+        let normalizer = NormalizerSequence::new(vec![
+            NFC.into(),
+            Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
+                .map_err(|e| anyhow!("{e}"))?
+                .into(),
+            Lowercase.into(),
+        ]);
+        let split = Split::new(
+            SplitPattern::Regex(CLIP_SPLIT.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(|e| anyhow!("{e}"))?;
+        let pre_tokenizer =
+            PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, true).into()]);
+        let mut inner = Tokenizer::new(bpe);
+        // The normalizer must be in place before adding tokens: normalized ones are matched in normalized form.
+        inner.with_normalizer(Some(normalizer));
+        inner.with_pre_tokenizer(Some(pre_tokenizer));
+        inner.add_tokens(&specials.added);
+
+        let id = |token: &str| {
+            inner
+                .token_to_id(token)
+                .ok_or_else(|| anyhow!("special token {token:?} has no id"))
+        };
+        Ok(Self {
+            bos_id: id(&specials.bos)?,
+            eos_id: id(&specials.eos)?,
+            pad_id: id(&specials.pad)?,
+            max_length,
+            inner,
+        })
+    }
+
+    /// Exactly `max_length` ids: BOS, tokens, EOS, then padding; long prompts lose tokens from
+    /// the end but keep the final EOS, as transformers truncates.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| anyhow!("tokenizing {text:?}: {e}"))?;
+        let body = encoding.get_ids();
+        let body = &body[..body.len().min(self.max_length - 2)];
+        let mut ids = Vec::with_capacity(self.max_length);
+        ids.push(self.bos_id);
+        ids.extend_from_slice(body);
+        ids.push(self.eos_id);
+        ids.resize(self.max_length, self.pad_id);
+        Ok(ids)
+    }
+
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        texts.iter().map(|text| self.encode(text)).collect()
+    }
+
+    pub fn max_length(&self) -> usize {
+        self.max_length
+    }
+    pub fn bos_id(&self) -> u32 {
+        self.bos_id
+    }
+    pub fn eos_id(&self) -> u32 {
+        self.eos_id
+    }
+    pub fn pad_id(&self) -> u32 {
+        self.pad_id
+    }
+}
+
+/// The backend's added tokens, with the flags transformers ends up giving them, and the
+/// contents of the special tokens the pipeline uses.
+struct Specials {
+    added: Vec<AddedToken>,
+    bos: String,
+    eos: String,
+    unk: String,
+    pad: String,
+}
+
+fn pad_config(pad_token: &str) -> Map<String, Value> {
+    Map::from_iter([("pad_token".to_string(), Value::from(pad_token))])
+}
+
+/// Mirrors `from_pretrained` + `TokenizersBackend.__init__`: `added_tokens_decoder` (or, in its
+/// absence, tokenizer.json's `added_tokens`) first, then every special token not already there;
+/// a token registered twice keeps its last flags. The flags matter: a `normalized` token also
+/// matches its lowercased form, and SD 2's pad "!" becomes an added token, so a "!" in a prompt
+/// encodes as the bare "!" rather than the BPE's "!</w>".
+fn resolve_specials(
+    mut config: Map<String, Value>,
+    special_map: Option<Map<String, Value>>,
+    json_added: Vec<(u64, AddedToken)>,
+) -> Specials {
+    let mut decoder: Vec<(u64, AddedToken)> = match config.get("added_tokens_decoder") {
+        Some(Value::Object(entries)) => entries
+            .iter()
+            .filter_map(|(id, v)| Some((id.parse().ok()?, added_token(v)?)))
+            .collect(),
+        _ => {
+            // Legacy layout: special_tokens_map.json overrides the config, its dicts marked special.
+            for (key, mut value) in special_map.into_iter().flatten() {
+                if let Value::Object(m) = &mut value {
+                    m.insert("special".into(), Value::Bool(true));
+                }
+                config.insert(key, value);
+            }
+            json_added
+        }
+    };
+    decoder.sort_by_key(|(id, _)| *id);
+
+    // CLIPTokenizer's defaults for the tokens a config leaves out.
+    let defaults = [("bos_token", BOS), ("eos_token", EOS), ("unk_token", EOS), ("pad_token", EOS)];
+    let token_of = |key: &str| match config.get(key).and_then(added_token) {
+        Some(token) => Some(token),
+        None => defaults
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, content)| AddedToken::from(*content, true)),
+    };
+    // Other "*_token" keys become model-specific special tokens in transformers 5.
+    let model_specific = config
+        .iter()
+        .filter(|(k, _)| k.ends_with("_token") && !SPECIAL_KEYS.contains(&k.as_str()))
+        .filter_map(|(_, v)| added_token(v));
+    let extras = ["additional_special_tokens", "extra_special_tokens"]
+        .iter()
+        .filter_map(|key| config.get(*key)?.as_array())
+        .flatten()
+        .filter_map(added_token);
+    let specials: Vec<AddedToken> = SPECIAL_KEYS
+        .iter()
+        .filter_map(|key| token_of(key))
+        .chain(model_specific)
+        .chain(extras)
+        .collect();
+
+    let mut added: Vec<AddedToken> = decoder.into_iter().map(|(_, t)| t).collect();
+    let in_decoder = added.len();
+    for token in specials {
+        if added[..in_decoder].iter().any(|t| t.content == token.content) {
+            continue;
+        }
+        match added.iter_mut().find(|t| t.content == token.content) {
+            Some(existing) => *existing = token,
+            None => added.push(token),
+        }
+    }
+    let content_of = |key: &str| token_of(key).map(|t| t.content).unwrap_or_default();
+    Specials {
+        bos: content_of("bos_token"),
+        eos: content_of("eos_token"),
+        unk: content_of("unk_token"),
+        pad: content_of("pad_token"),
+        added,
+    }
+}
+
+/// A special-token entry as Python's `AddedToken` reads it: a bare string is a special token
+/// matched verbatim; a dict's `normalized` defaults to "not special".
+fn added_token(value: &Value) -> Option<AddedToken> {
+    let entry = match value {
+        Value::String(s) => return Some(AddedToken::from(s.clone(), true)),
+        Value::Object(m) => m,
+        _ => return None,
+    };
+    let flag = |key: &str| entry.get(key).and_then(Value::as_bool);
+    let special = flag("special").unwrap_or(false);
+    Some(AddedToken {
+        content: entry.get("content")?.as_str()?.to_string(),
+        single_word: flag("single_word").unwrap_or(false),
+        lstrip: flag("lstrip").unwrap_or(false),
+        rstrip: flag("rstrip").unwrap_or(false),
+        normalized: flag("normalized").unwrap_or(!special),
+        special,
+    })
+}
+
+fn read_json(path: &Path) -> Result<Value> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    serde_json::from_str(&text).map_err(|e| anyhow!("{} is not valid JSON: {e}", path.display()))
+}
+
+fn as_object(value: Value, path: &Path) -> Result<Map<String, Value>> {
+    match value {
+        Value::Object(m) => Ok(m),
+        _ => bail!("{} must hold a JSON object", path.display()),
+    }
+}
+
+fn vocab_from(value: Value, path: &Path) -> Result<Vocab> {
+    as_object(value, path)?
+        .into_iter()
+        .map(|(token, id)| match id.as_u64().and_then(|id| u32::try_from(id).ok()) {
+            Some(id) => Ok((token, id)),
+            None => bail!("{}: vocabulary entry {token:?} has no integer id", path.display()),
+        })
+        .collect()
+}
+
+fn read_vocab(path: &Path) -> Result<Vocab> {
+    vocab_from(read_json(path)?, path)
+}
+
+/// Same rules as the `tokenizers` merges reader: "#version" lines skipped, every other line "a b".
+fn read_merges(path: &Path) -> Result<Merges> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, line)| !line.starts_with("#version"))
+        .map(|(n, line)| split_merge(line).ok_or_else(|| bad_merge(path, n + 1, line)))
+        .collect()
+}
+
+fn split_merge(line: &str) -> Option<(String, String)> {
+    match line.split(' ').collect::<Vec<_>>()[..] {
+        [a, b] => Some((a.to_string(), b.to_string())),
+        _ => None,
+    }
+}
+
+fn bad_merge(path: &Path, line_no: usize, line: &str) -> anyhow::Error {
+    anyhow!("{}: merge {line_no} {line:?} is not two tokens separated by a space", path.display())
+}
+
+/// Vocabulary, merges and added tokens of a `tokenizer.json`; its pipeline is ignored, as transformers does.
+fn read_tokenizer_json(path: &Path) -> Result<(Vocab, Merges, Vec<(u64, AddedToken)>)> {
+    let mut json = as_object(read_json(path)?, path)?;
+    let Some(Value::Object(mut model)) = json.remove("model") else {
+        bail!("{}: no \"model\" object", path.display());
+    };
+    let vocab = vocab_from(model.remove("vocab").unwrap_or_default(), path)?;
+    let Some(Value::Array(merge_values)) = model.remove("merges") else {
+        bail!("{}: model has no \"merges\" list (not a BPE tokenizer)", path.display());
+    };
+    let merges = merge_values
+        .iter()
+        .enumerate()
+        .map(|(n, merge)| {
+            let pair = match merge {
+                Value::String(line) => split_merge(line),
+                Value::Array(pair) => match &pair[..] {
+                    [Value::String(a), Value::String(b)] => Some((a.clone(), b.clone())),
+                    _ => None,
+                },
+                _ => None,
+            };
+            pair.ok_or_else(|| bad_merge(path, n + 1, &merge.to_string()))
+        })
+        .collect::<Result<Merges>>()?;
+    let added = match json.get("added_tokens") {
+        Some(Value::Array(tokens)) => tokens
+            .iter()
+            .filter_map(|t| Some((t.get("id")?.as_u64()?, added_token(t)?)))
+            .collect(),
+        _ => Vec::new(),
+    };
+    Ok((vocab, merges, added))
+}

@@ -1,0 +1,217 @@
+//! Checkpoint loading: safetensors files (single or sharded) behind one name → tensor map, with
+//! the name normalisations real checkpoints need, and a path-prefix builder the models load through.
+
+pub mod layout;
+pub mod safetensors;
+
+use crate::backend::{Conv2dW, LinearW};
+use crate::tensor::Tensor;
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::{Dtype, SafetensorsFile, TensorInfo};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+/// All tensors of one model (one or more safetensors files), addressed by normalised name.
+pub struct WeightStore {
+    /// What the user pointed at (a file or a folder), for error messages.
+    pub origin: PathBuf,
+    files: Vec<SafetensorsFile>,
+    /// normalised name -> (file index, name inside the file)
+    names: BTreeMap<String, (usize, String)>,
+}
+
+impl WeightStore {
+    /// One safetensors file.
+    pub fn open_file(path: &Path) -> Result<Self> {
+        let f = SafetensorsFile::open(path)?;
+        let names = f.tensors.keys().map(|k| (k.clone(), (0, k.clone()))).collect();
+        Ok(WeightStore { origin: path.to_path_buf(), files: vec![f], names })
+    }
+
+    /// A sharded checkpoint: `*.safetensors.index.json` with a `weight_map` of name -> shard file.
+    pub fn open_index(index: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(index).with_context(|| format!("{}: cannot read", index.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
+        let map = v
+            .get("weight_map")
+            .and_then(|m| m.as_object())
+            .ok_or_else(|| anyhow!("{}: no `weight_map` object", index.display()))?;
+        let dir = index.parent().unwrap_or(Path::new("."));
+        let mut shard_ids: HashMap<String, usize> = HashMap::new();
+        let mut files = Vec::new();
+        let mut names = BTreeMap::new();
+        for (name, shard) in map {
+            let shard = shard.as_str().ok_or_else(|| anyhow!("{}: shard of `{name}` is not a string", index.display()))?;
+            let id = match shard_ids.get(shard) {
+                Some(&id) => id,
+                None => {
+                    files.push(SafetensorsFile::open(&dir.join(shard))?);
+                    shard_ids.insert(shard.to_string(), files.len() - 1);
+                    files.len() - 1
+                }
+            };
+            if files[id].info(name).is_none() {
+                bail!("{}: the index puts `{name}` in {shard}, which does not contain it", index.display());
+            }
+            names.insert(name.clone(), (id, name.clone()));
+        }
+        Ok(WeightStore { origin: index.to_path_buf(), files, names })
+    }
+
+    /// Renames tensors: `f` returns the normalised name for a stored one, or None to keep it.
+    pub fn normalise_names(&mut self, f: impl Fn(&str) -> Option<String>) {
+        let old = std::mem::take(&mut self.names);
+        for (k, v) in old {
+            let k2 = f(&k).unwrap_or(k);
+            self.names.insert(k2, v);
+        }
+    }
+
+    /// Drops tensors the models never read (e.g. `position_ids` buffers).
+    pub fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        self.names.retain(|k, _| keep(k));
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().map(|s| s.as_str())
+    }
+
+    pub fn info(&self, name: &str) -> Option<(&TensorInfo, &Path)> {
+        let (fi, stored) = self.names.get(name)?;
+        Some((self.files[*fi].info(stored)?, &self.files[*fi].path))
+    }
+
+    fn file_of(&self, name: &str) -> &Path {
+        self.names.get(name).map(|(fi, _)| self.files[*fi].path.as_path()).unwrap_or(&self.origin)
+    }
+
+    /// A tensor as f32, any shape.
+    pub fn get_any(&self, name: &str) -> Result<Tensor> {
+        let (fi, stored) = self
+            .names
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: missing tensor `{name}`", self.origin.display()))?;
+        self.files[*fi].read_f32(stored)
+    }
+
+    /// A tensor as f32 that must have `shape`.
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.get_any(name)?;
+        if t.shape() != shape {
+            bail!(
+                "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
+                self.file_of(name).display(),
+                t.shape(),
+                shape
+            );
+        }
+        Ok(t)
+    }
+
+    /// Total parameter count (elements over all tensors).
+    pub fn param_count(&self) -> usize {
+        self.names.keys().filter_map(|n| self.info(n)).map(|(i, _)| i.numel()).sum()
+    }
+
+    /// Bytes and elements per dtype.
+    pub fn dtype_summary(&self) -> BTreeMap<Dtype, (usize, usize)> {
+        let mut m = BTreeMap::new();
+        for n in self.names.keys() {
+            if let Some((i, _)) = self.info(n) {
+                let e = m.entry(i.dtype).or_insert((0, 0));
+                e.0 += i.end - i.start;
+                e.1 += i.numel();
+            }
+        }
+        m
+    }
+}
+
+/// Loads weights under a name prefix, the way the models address them ("down_blocks.0.resnets.1").
+#[derive(Clone)]
+pub struct Vb<'a> {
+    store: &'a WeightStore,
+    prefix: String,
+}
+
+impl<'a> Vb<'a> {
+    pub fn root(store: &'a WeightStore) -> Vb<'a> {
+        Vb { store, prefix: String::new() }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    pub fn pp(&self, name: impl std::fmt::Display) -> Vb<'a> {
+        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
+        Vb { store: self.store, prefix }
+    }
+
+    fn full(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    pub fn store(&self) -> &'a WeightStore {
+        self.store
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.store.contains(&self.full(name))
+    }
+
+    pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.store.get(&self.full(name), shape)
+    }
+
+    /// A [out, in] linear layer; 1×1 convolution weights ([out, in, 1, 1]) are accepted too, as old
+    /// checkpoints store some projections that way.
+    pub fn linear(&self, inp: usize, out: usize, bias: bool) -> Result<LinearW> {
+        let name = self.full("weight");
+        let w = self.store.get_any(&name)?;
+        let w = if w.shape() == [out, inp] {
+            w
+        } else if w.shape() == [out, inp, 1, 1] {
+            w.reshape(vec![out, inp])
+        } else {
+            bail!(
+                "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
+                self.store.file_of(&name).display(),
+                w.shape(),
+                [out, inp]
+            );
+        };
+        let bias = if bias { Some(self.get("bias", &[out])?) } else { None };
+        Ok(LinearW { weight: w, bias })
+    }
+
+    /// A square-kernel convolution with bias; a linear weight is accepted for 1×1 kernels (SD2's
+    /// linear projections are loaded through `linear`, this covers the converse).
+    pub fn conv2d(&self, inp: usize, out: usize, k: usize, stride: usize, pad: usize) -> Result<Conv2dW> {
+        let name = self.full("weight");
+        let w = self.store.get_any(&name)?;
+        let w = if w.shape() == [out, inp, k, k] {
+            w
+        } else if k == 1 && w.shape() == [out, inp] {
+            w.reshape(vec![out, inp, 1, 1])
+        } else {
+            bail!(
+                "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
+                self.store.file_of(&name).display(),
+                w.shape(),
+                [out, inp, k, k]
+            );
+        };
+        let b = self.get("bias", &[out])?;
+        Ok(Conv2dW::from_oihw(&w, Some(b), stride, pad))
+    }
+}

@@ -1,0 +1,222 @@
+//! The safetensors format, read through a memory map and written atomically.
+//!
+//! Reading converts one tensor at a time to f32 and then tells the kernel it may drop the mapped
+//! pages, so a checkpoint is never resident twice (mapped file + converted weights).
+
+use crate::tensor::Tensor;
+use anyhow::{anyhow, bail, Context, Result};
+use memmap2::Mmap;
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Dtype {
+    F32,
+    F16,
+    BF16,
+    F64,
+    I64,
+    I32,
+    U8,
+    Bool,
+}
+
+impl Dtype {
+    fn parse(s: &str) -> Option<Dtype> {
+        Some(match s {
+            "F32" => Dtype::F32,
+            "F16" => Dtype::F16,
+            "BF16" => Dtype::BF16,
+            "F64" => Dtype::F64,
+            "I64" => Dtype::I64,
+            "I32" => Dtype::I32,
+            "U8" => Dtype::U8,
+            "BOOL" => Dtype::Bool,
+            _ => return None,
+        })
+    }
+    pub fn size(self) -> usize {
+        match self {
+            Dtype::F64 | Dtype::I64 => 8,
+            Dtype::F32 | Dtype::I32 => 4,
+            Dtype::F16 | Dtype::BF16 => 2,
+            Dtype::U8 | Dtype::Bool => 1,
+        }
+    }
+    pub fn name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "f32",
+            Dtype::F16 => "f16",
+            Dtype::BF16 => "bf16",
+            Dtype::F64 => "f64",
+            Dtype::I64 => "i64",
+            Dtype::I32 => "i32",
+            Dtype::U8 => "u8",
+            Dtype::Bool => "bool",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct TensorInfo {
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    /// Byte range inside the memory map (header already accounted for).
+    pub start: usize,
+    pub end: usize,
+}
+
+impl TensorInfo {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// One memory-mapped safetensors file with its parsed header.
+pub struct SafetensorsFile {
+    pub path: PathBuf,
+    mmap: Mmap,
+    pub tensors: BTreeMap<String, TensorInfo>,
+}
+
+impl SafetensorsFile {
+    pub fn open(path: &Path) -> Result<Self> {
+        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        // Safety: the file is mapped read-only; modifying a checkpoint while it is loaded is outside
+        // what this engine supports (as for every mmap-based loader).
+        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot memory-map", path.display()))?;
+        let tensors = parse_header(&mmap).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, tensors })
+    }
+
+    pub fn info(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.get(name)
+    }
+
+    /// The tensor converted to f32. The mapped pages are released afterwards.
+    pub fn read_f32(&self, name: &str) -> Result<Tensor> {
+        let info = self
+            .tensors
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: no tensor named `{name}`", self.path.display()))?;
+        let bytes = &self.mmap[info.start..info.end];
+        let data = to_f32(bytes, info.dtype)
+            .ok_or_else(|| anyhow!("{}: tensor `{name}` has dtype {}, which cannot be converted to f32", self.path.display(), info.dtype.name()))?;
+        // Safety: DONTNEED on a read-only file mapping only drops clean pages; they are re-read from
+        // the file if touched again.
+        unsafe {
+            let _ = self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, info.start, info.end - info.start);
+        }
+        Ok(Tensor::new(info.shape.clone(), data))
+    }
+}
+
+fn parse_header(buf: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
+    if buf.len() < 8 {
+        bail!("file is {} bytes, shorter than the 8-byte header length (truncated?)", buf.len());
+    }
+    let n = u64::from_le_bytes(buf[..8].try_into().unwrap());
+    if n > (buf.len() as u64 - 8) || n > 100 << 20 {
+        bail!("header length {n} exceeds the file size {} (truncated or not safetensors)", buf.len());
+    }
+    let n = n as usize;
+    let header: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&buf[8..8 + n]).context("header is not a JSON object")?;
+    let data_len = buf.len() - 8 - n;
+    let mut out = BTreeMap::new();
+    for (name, v) in header {
+        if name == "__metadata__" {
+            continue;
+        }
+        let dtype_s = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| anyhow!("tensor `{name}`: missing dtype"))?;
+        let dtype = Dtype::parse(dtype_s).ok_or_else(|| anyhow!("tensor `{name}`: unsupported dtype {dtype_s}"))?;
+        let shape: Vec<usize> = v
+            .get("shape")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+            .ok_or_else(|| anyhow!("tensor `{name}`: missing or invalid shape"))?;
+        let offs: Vec<usize> = v
+            .get("data_offsets")
+            .and_then(|s| s.as_array())
+            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+            .ok_or_else(|| anyhow!("tensor `{name}`: missing data_offsets"))?;
+        if offs.len() != 2 || offs[0] > offs[1] {
+            bail!("tensor `{name}`: invalid data_offsets {offs:?}");
+        }
+        if offs[1] > data_len {
+            bail!("tensor `{name}` needs bytes {}..{} of the data section but the file holds only {data_len} (truncated)", offs[0], offs[1]);
+        }
+        let numel: usize = shape.iter().product();
+        if numel * dtype.size() != offs[1] - offs[0] {
+            bail!("tensor `{name}`: shape {shape:?} of {} does not fit its {} bytes", dtype.name(), offs[1] - offs[0]);
+        }
+        out.insert(name, TensorInfo { dtype, shape, start: 8 + n + offs[0], end: 8 + n + offs[1] });
+    }
+    Ok(out)
+}
+
+fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    use half::{bf16, f16};
+    let out = match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
+        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+        Dtype::F64 => bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+        Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+        Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+        Dtype::U8 | Dtype::Bool => bytes.iter().map(|b| *b as f32).collect(),
+    };
+    Some(out)
+}
+
+/// Every tensor of a (small) safetensors file, as f32.
+pub fn read_all(path: &Path) -> Result<BTreeMap<String, Tensor>> {
+    let f = SafetensorsFile::open(path)?;
+    f.tensors.keys().map(|k| Ok((k.clone(), f.read_f32(k)?))).collect()
+}
+
+/// Writes f32 tensors to `path` through a temporary file and a rename, so a failure never leaves a
+/// half-written file behind.
+pub fn write_f32(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let mut header = serde_json::Map::new();
+    let mut offset = 0usize;
+    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, t) in &sorted {
+        let len = t.numel() * 4;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "F32", "shape": t.shape(), "data_offsets": [offset, offset + len]}),
+        );
+        offset += len;
+    }
+    let mut h = serde_json::to_vec(&header)?;
+    while h.len() % 8 != 0 {
+        h.push(b' ');
+    }
+    let tmp = tmp_path(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = std::io::BufWriter::new(File::create(&tmp)?);
+        f.write_all(&(h.len() as u64).to_le_bytes())?;
+        f.write_all(&h)?;
+        for (_, t) in &sorted {
+            for v in t.data() {
+                f.write_all(&v.to_le_bytes())?;
+            }
+        }
+        f.into_inner().map_err(|e| e.into_error())?.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("{}: cannot write", path.display()));
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename the finished temporary file into place", path.display()))
+}
+
+/// `dir/.name.tmp.<pid>`: in the same directory so the final rename is atomic.
+pub fn tmp_path(path: &Path) -> PathBuf {
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+}
