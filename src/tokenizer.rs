@@ -21,7 +21,8 @@ const BOS: &str = "<|startoftext|>";
 const EOS: &str = "<|endoftext|>";
 const DEFAULT_MAX_LENGTH: usize = 77;
 /// The pattern transformers' `CLIPTokenizer` splits on (before the byte-level step).
-const CLIP_SPLIT: &str = r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
+const CLIP_SPLIT: &str =
+    r"<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+";
 /// Named special-token keys, in the order transformers registers them (later wins).
 const SPECIAL_KEYS: [&str; 7] = [
     "bos_token",
@@ -217,7 +218,12 @@ fn resolve_specials(
     decoder.sort_by_key(|(id, _)| *id);
 
     // CLIPTokenizer's defaults for the tokens a config leaves out.
-    let defaults = [("bos_token", BOS), ("eos_token", EOS), ("unk_token", EOS), ("pad_token", EOS)];
+    let defaults = [
+        ("bos_token", BOS),
+        ("eos_token", EOS),
+        ("unk_token", EOS),
+        ("pad_token", EOS),
+    ];
     let token_of = |key: &str| match config.get(key).and_then(added_token) {
         Some(token) => Some(token),
         None => defaults
@@ -245,7 +251,10 @@ fn resolve_specials(
     let mut added: Vec<AddedToken> = decoder.into_iter().map(|(_, t)| t).collect();
     let in_decoder = added.len();
     for token in specials {
-        if added[..in_decoder].iter().any(|t| t.content == token.content) {
+        if added[..in_decoder]
+            .iter()
+            .any(|t| t.content == token.content)
+        {
             continue;
         }
         match added.iter_mut().find(|t| t.content == token.content) {
@@ -299,10 +308,15 @@ fn as_object(value: Value, path: &Path) -> Result<Map<String, Value>> {
 fn vocab_from(value: Value, path: &Path) -> Result<Vocab> {
     as_object(value, path)?
         .into_iter()
-        .map(|(token, id)| match id.as_u64().and_then(|id| u32::try_from(id).ok()) {
-            Some(id) => Ok((token, id)),
-            None => bail!("{}: vocabulary entry {token:?} has no integer id", path.display()),
-        })
+        .map(
+            |(token, id)| match id.as_u64().and_then(|id| u32::try_from(id).ok()) {
+                Some(id) => Ok((token, id)),
+                None => bail!(
+                    "{}: vocabulary entry {token:?} has no integer id",
+                    path.display()
+                ),
+            },
+        )
         .collect()
 }
 
@@ -329,7 +343,10 @@ fn split_merge(line: &str) -> Option<(String, String)> {
 }
 
 fn bad_merge(path: &Path, line_no: usize, line: &str) -> anyhow::Error {
-    anyhow!("{}: merge {line_no} {line:?} is not two tokens separated by a space", path.display())
+    anyhow!(
+        "{}: merge {line_no} {line:?} is not two tokens separated by a space",
+        path.display()
+    )
 }
 
 /// Vocabulary, merges and added tokens of a `tokenizer.json`; its pipeline is ignored, as transformers does.
@@ -340,7 +357,10 @@ fn read_tokenizer_json(path: &Path) -> Result<(Vocab, Merges, Vec<(u64, AddedTok
     };
     let vocab = vocab_from(model.remove("vocab").unwrap_or_default(), path)?;
     let Some(Value::Array(merge_values)) = model.remove("merges") else {
-        bail!("{}: model has no \"merges\" list (not a BPE tokenizer)", path.display());
+        bail!(
+            "{}: model has no \"merges\" list (not a BPE tokenizer)",
+            path.display()
+        );
     };
     let merges = merge_values
         .iter()

@@ -5,25 +5,28 @@ use std::path::{Path, PathBuf};
 use serde_json::Value;
 use toffee::tokenizer::ClipTokenizer;
 
+const EOS_PAD: &str = "tokenizers/clip-eos-pad";
+const BANG_PAD_JSON: &str = "tokenizers/clip-bang-pad-json";
+
 fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
 }
 
 struct Case {
-    tokenizer: PathBuf,
+    tokenizer: String,
     prompt: String,
     ids: Vec<u32>,
 }
 
-fn cases(golden: &Path, base: &Path) -> Vec<Case> {
-    let text = std::fs::read_to_string(golden).unwrap();
+fn golden_cases() -> Vec<Case> {
+    let text = std::fs::read_to_string(fixtures().join("golden/tokenizer.json")).unwrap();
     let json: Value = serde_json::from_str(&text).unwrap();
     json["cases"]
         .as_array()
         .unwrap()
         .iter()
         .map(|c| Case {
-            tokenizer: base.join(c["tokenizer"].as_str().unwrap()),
+            tokenizer: c["tokenizer"].as_str().unwrap().to_string(),
             prompt: c["prompt"].as_str().unwrap().to_string(),
             ids: c["ids"]
                 .as_array()
@@ -35,30 +38,23 @@ fn cases(golden: &Path, base: &Path) -> Vec<Case> {
         .collect()
 }
 
-/// Checks every case, loading each folder once; returns the number of cases checked.
-fn check_cases(cases: &[Case]) -> usize {
-    let mut loaded: Vec<(PathBuf, ClipTokenizer)> = Vec::new();
-    let mut failures = Vec::new();
-    for case in cases {
-        if !loaded.iter().any(|(dir, _)| *dir == case.tokenizer) {
-            let tok = ClipTokenizer::from_dir(&case.tokenizer).unwrap();
-            loaded.push((case.tokenizer.clone(), tok));
-        }
-        let tok = &loaded.iter().find(|(dir, _)| *dir == case.tokenizer).unwrap().1;
-        let ids = tok.encode(&case.prompt).unwrap();
-        if ids != case.ids {
-            failures.push(format!(
-                "{} {:?}\n  want {:?}\n  got  {:?}",
-                case.tokenizer.display(),
-                case.prompt,
-                case.ids,
-                ids
-            ));
-        }
-    }
+/// Asserts `tok` reproduces every golden case of `folder`; returns how many there were.
+fn check_golden(tok: &ClipTokenizer, folder: &str) -> usize {
+    let cases: Vec<Case> = golden_cases()
+        .into_iter()
+        .filter(|c| c.tokenizer == folder)
+        .collect();
+    let failures: Vec<String> = cases
+        .iter()
+        .filter_map(|case| {
+            let ids = tok.encode(&case.prompt).unwrap();
+            (ids != case.ids)
+                .then(|| format!("{:?}\n  want {:?}\n  got  {:?}", case.prompt, case.ids, ids))
+        })
+        .collect();
     assert!(
         failures.is_empty(),
-        "{} of {} cases differ:\n{}",
+        "{folder}: {} of {} cases differ:\n{}",
         failures.len(),
         cases.len(),
         failures.join("\n")
@@ -66,11 +62,220 @@ fn check_cases(cases: &[Case]) -> usize {
     cases.len()
 }
 
+fn load(folder: &str) -> ClipTokenizer {
+    ClipTokenizer::from_dir(&fixtures().join(folder)).unwrap()
+}
+
 #[test]
-fn scratch_differential() {
-    let Ok(path) = std::env::var("TOKENIZER_CASES") else {
-        return;
-    };
-    let n = check_cases(&cases(Path::new(&path), Path::new("/")));
-    eprintln!("{n} cases match");
+fn golden_cases_cover_both_folders() {
+    let cases = golden_cases();
+    for folder in [EOS_PAD, BANG_PAD_JSON] {
+        assert!(cases.iter().any(|c| c.tokenizer == folder), "{folder}");
+    }
+    assert!(cases
+        .iter()
+        .all(|c| c.tokenizer == EOS_PAD || c.tokenizer == BANG_PAD_JSON));
+}
+
+#[test]
+fn vocab_merges_folder_matches_transformers() {
+    assert!(check_golden(&load(EOS_PAD), EOS_PAD) > 0);
+}
+
+#[test]
+fn tokenizer_json_folder_matches_transformers() {
+    assert!(check_golden(&load(BANG_PAD_JSON), BANG_PAD_JSON) > 0);
+}
+
+#[test]
+fn single_file_constructors_match_transformers() {
+    let dir = fixtures().join(EOS_PAD);
+    let tok = ClipTokenizer::from_vocab_merges(
+        &dir.join("vocab.json"),
+        &dir.join("merges.txt"),
+        "<|endoftext|>",
+    )
+    .unwrap();
+    check_golden(&tok, EOS_PAD);
+    let path = fixtures().join(BANG_PAD_JSON).join("tokenizer.json");
+    check_golden(
+        &ClipTokenizer::from_tokenizer_json(&path, "!").unwrap(),
+        BANG_PAD_JSON,
+    );
+}
+
+#[test]
+fn special_ids_and_length() {
+    let eos_pad = load(EOS_PAD);
+    assert_eq!(
+        (eos_pad.bos_id(), eos_pad.eos_id(), eos_pad.pad_id()),
+        (49406, 49407, 49407)
+    );
+    assert_eq!(eos_pad.max_length(), 77);
+    // SD 2 pads with "!", id 0 in CLIP's vocabulary.
+    let bang = load(BANG_PAD_JSON);
+    assert_eq!(
+        (bang.bos_id(), bang.eos_id(), bang.pad_id()),
+        (49406, 49407, 0)
+    );
+    assert_eq!(bang.max_length(), 77);
+}
+
+#[test]
+fn encode_batch_matches_encode() {
+    let tok = load(BANG_PAD_JSON);
+    let prompts = ["a cat", "", "wow!!! amazing!"];
+    let batch = tok.encode_batch(&prompts).unwrap();
+    assert_eq!(batch.len(), prompts.len());
+    for (prompt, ids) in prompts.iter().zip(&batch) {
+        assert_eq!(*ids, tok.encode(prompt).unwrap());
+    }
+}
+
+/// A writable copy of a fixture folder.
+fn copy_folder(folder: &str) -> tempfile::TempDir {
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixtures().join(folder)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    tmp
+}
+
+fn error_of(result: anyhow::Result<ClipTokenizer>) -> String {
+    match result {
+        Ok(_) => panic!("expected an error"),
+        Err(e) => format!("{e:#}"),
+    }
+}
+
+#[test]
+fn from_dir_prefers_tokenizer_json() {
+    // Broken slow-tokenizer files beside tokenizer.json must not be read.
+    let tmp = copy_folder(BANG_PAD_JSON);
+    std::fs::write(tmp.path().join("vocab.json"), "{ not json").unwrap();
+    std::fs::write(tmp.path().join("merges.txt"), "a b c\n").unwrap();
+    check_golden(&ClipTokenizer::from_dir(tmp.path()).unwrap(), BANG_PAD_JSON);
+
+    // ... and a tokenizer.json, when present, is what gets read.
+    let tmp = copy_folder(EOS_PAD);
+    std::fs::write(tmp.path().join("tokenizer.json"), "[]").unwrap();
+    let err = error_of(ClipTokenizer::from_dir(tmp.path()));
+    assert!(err.contains("tokenizer.json"), "{err}");
+}
+
+#[test]
+fn model_max_length_from_config() {
+    let tmp = copy_folder(EOS_PAD);
+    let config_path = tmp.path().join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    let write = |config: &Value| std::fs::write(&config_path, config.to_string()).unwrap();
+
+    config["model_max_length"] = 16.into();
+    write(&config);
+    let tok = ClipTokenizer::from_dir(tmp.path()).unwrap();
+    let ids = tok.encode(&"cat ".repeat(40)).unwrap();
+    assert_eq!(ids.len(), 16);
+    assert_eq!((ids[0], ids[15]), (tok.bos_id(), tok.eos_id()));
+
+    // transformers' "no limit" sentinel falls back to CLIP's 77 positions.
+    config["model_max_length"] = serde_json::from_str("1000000000000000019884624838656").unwrap();
+    write(&config);
+    assert_eq!(
+        ClipTokenizer::from_dir(tmp.path()).unwrap().max_length(),
+        77
+    );
+}
+
+#[test]
+fn missing_folder_is_an_error() {
+    let err = error_of(ClipTokenizer::from_dir(Path::new("/nonexistent/tokenizer")));
+    assert!(
+        err.contains("/nonexistent/tokenizer") && err.contains("does not exist"),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_vocab_is_an_error() {
+    let tmp = copy_folder(EOS_PAD);
+    std::fs::write(tmp.path().join("vocab.json"), "{\"a\": 1,").unwrap();
+    let err = error_of(ClipTokenizer::from_dir(tmp.path()));
+    assert!(
+        err.contains("vocab.json") && err.contains("not valid JSON"),
+        "{err}"
+    );
+
+    std::fs::write(tmp.path().join("vocab.json"), "{\"a\": \"one\"}").unwrap();
+    let err = error_of(ClipTokenizer::from_dir(tmp.path()));
+    assert!(err.contains("vocab.json") && err.contains("\"a\""), "{err}");
+}
+
+#[test]
+fn missing_merges_is_an_error() {
+    let tmp = copy_folder(EOS_PAD);
+    std::fs::remove_file(tmp.path().join("merges.txt")).unwrap();
+    let err = error_of(ClipTokenizer::from_dir(tmp.path()));
+    assert!(
+        err.contains("merges.txt") && err.contains("cannot read"),
+        "{err}"
+    );
+}
+
+#[test]
+fn bad_merges_are_errors() {
+    let tmp = copy_folder(EOS_PAD);
+    let merges = tmp.path().join("merges.txt");
+    std::fs::write(&merges, "#version: 0.2\ni n\nthree parts here\n").unwrap();
+    let err = error_of(ClipTokenizer::from_dir(tmp.path()));
+    assert!(
+        err.contains("merges.txt") && err.contains("merge 3"),
+        "{err}"
+    );
+
+    std::fs::write(&merges, "#version: 0.2\nnot_a_token x\n").unwrap();
+    let err = error_of(ClipTokenizer::from_dir(tmp.path()));
+    assert!(
+        err.contains("merges.txt") && err.contains("not_a_token"),
+        "{err}"
+    );
+}
+
+#[test]
+fn corrupt_tokenizer_json_is_an_error() {
+    let tmp = copy_folder(BANG_PAD_JSON);
+    let path = tmp.path().join("tokenizer.json");
+    std::fs::write(&path, "{\"model\": {\"vocab\": {}}}").unwrap();
+    let err = error_of(ClipTokenizer::from_dir(tmp.path()));
+    assert!(
+        err.contains("tokenizer.json") && err.contains("merges"),
+        "{err}"
+    );
+
+    std::fs::write(&path, "").unwrap();
+    let err = error_of(ClipTokenizer::from_tokenizer_json(&path, "!"));
+    assert!(
+        err.contains("tokenizer.json") && err.contains("not valid JSON"),
+        "{err}"
+    );
+}
+
+#[test]
+fn single_file_constructors_name_missing_files() {
+    let dir = fixtures().join(EOS_PAD);
+    let err = error_of(ClipTokenizer::from_vocab_merges(
+        &dir.join("vocab.json"),
+        &dir.join("no-merges.txt"),
+        "!",
+    ));
+    assert!(err.contains("no-merges.txt"), "{err}");
+    let err = error_of(ClipTokenizer::from_tokenizer_json(
+        &dir.join("tokenizer.json"),
+        "!",
+    ));
+    assert!(
+        err.contains("tokenizer.json") && err.contains("cannot read"),
+        "{err}"
+    );
 }

@@ -478,6 +478,7 @@ impl Unet {
             }
             None => emb,
         };
+        rec("emb", &emb);
         let temb = ops::silu(&emb);
         let mut h = ops::conv2d(x, &self.enc.conv_in);
         rec("conv_in", &h);
