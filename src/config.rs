@@ -11,10 +11,15 @@ pub struct Config {
 
 impl Config {
     pub fn read(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
-        let json: Value = serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let json: Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", path.display()))?;
         match json {
-            Value::Object(json) => Ok(Config { path: path.to_path_buf(), json }),
+            Value::Object(json) => Ok(Config {
+                path: path.to_path_buf(),
+                json,
+            }),
             _ => bail!("{}: expected a JSON object", path.display()),
         }
     }
@@ -35,7 +40,9 @@ impl Config {
     pub fn usize(&self, field: &str) -> Result<usize> {
         match self.get(field) {
             None => Err(self.err(field, "is missing")),
-            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| self.err(field, &format!("must be a non-negative integer, got {v}"))),
+            Some(v) => v.as_u64().map(|x| x as usize).ok_or_else(|| {
+                self.err(field, &format!("must be a non-negative integer, got {v}"))
+            }),
         }
     }
 
@@ -49,21 +56,27 @@ impl Config {
     pub fn f64_or(&self, field: &str, default: f64) -> Result<f64> {
         match self.get(field) {
             None => Ok(default),
-            Some(v) => v.as_f64().ok_or_else(|| self.err(field, &format!("must be a number, got {v}"))),
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| self.err(field, &format!("must be a number, got {v}"))),
         }
     }
 
     pub fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
         match self.get(field) {
             None => Ok(default),
-            Some(v) => v.as_bool().ok_or_else(|| self.err(field, &format!("must be true or false, got {v}"))),
+            Some(v) => v
+                .as_bool()
+                .ok_or_else(|| self.err(field, &format!("must be true or false, got {v}"))),
         }
     }
 
     pub fn str(&self, field: &str) -> Result<&str> {
         match self.get(field) {
             None => Err(self.err(field, "is missing")),
-            Some(v) => v.as_str().ok_or_else(|| self.err(field, &format!("must be a string, got {v}"))),
+            Some(v) => v
+                .as_str()
+                .ok_or_else(|| self.err(field, &format!("must be a string, got {v}"))),
         }
     }
 
@@ -106,7 +119,10 @@ impl Config {
             Some(Value::Array(_)) => {
                 let v = self.usize_list(field)?;
                 if v.len() != n {
-                    return Err(self.err(field, &format!("has {} entries, expected one per block ({n})", v.len())));
+                    return Err(self.err(
+                        field,
+                        &format!("has {} entries, expected one per block ({n})", v.len()),
+                    ));
                 }
                 Ok(v)
             }
@@ -127,7 +143,15 @@ impl Config {
     }
 
     /// An error for a value the engine does not implement.
-    pub fn unsupported(&self, field: &str, value: impl std::fmt::Display, supported: &str) -> anyhow::Error {
-        anyhow!("{}: field `{field}` = {value} is not supported (supported: {supported})", self.path.display())
+    pub fn unsupported(
+        &self,
+        field: &str,
+        value: impl std::fmt::Display,
+        supported: &str,
+    ) -> anyhow::Error {
+        anyhow!(
+            "{}: field `{field}` = {value} is not supported (supported: {supported})",
+            self.path.display()
+        )
     }
 }

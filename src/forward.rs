@@ -16,6 +16,7 @@ pub enum Component {
     VaeDecode,
     TextEncoder,
     /// SDXL's second text encoder (the pipeline's text_encoder_2 folder).
+    #[value(name = "text-encoder-2")]
     TextEncoder2,
 }
 
@@ -28,9 +29,17 @@ struct Inputs<'a> {
 
 impl Inputs<'_> {
     fn require(&self, names: &[&str]) -> Result<()> {
-        let missing: Vec<&str> = names.iter().copied().filter(|n| !self.map.contains_key(*n)).collect();
+        let missing: Vec<&str> = names
+            .iter()
+            .copied()
+            .filter(|n| !self.map.contains_key(*n))
+            .collect();
         if !missing.is_empty() {
-            bail!("{}: missing input tensor(s): {}", self.file.display(), missing.join(", "));
+            bail!(
+                "{}: missing input tensor(s): {}",
+                self.file.display(),
+                missing.join(", ")
+            );
         }
         Ok(())
     }
@@ -42,7 +51,11 @@ impl Inputs<'_> {
         self.require(&[name])?;
         let t = &self.map[name];
         if t.rank() != 4 {
-            bail!("{}: tensor `{name}` has shape {:?}; expected rank 4 (N, C, H, W)", self.file.display(), t.shape());
+            bail!(
+                "{}: tensor `{name}` has shape {:?}; expected rank 4 (N, C, H, W)",
+                self.file.display(),
+                t.shape()
+            );
         }
         Ok(t.to_nhwc())
     }
@@ -50,7 +63,11 @@ impl Inputs<'_> {
         self.require(&[name])?;
         let t = &self.map[name];
         if t.rank() != rank {
-            bail!("{}: tensor `{name}` has shape {:?}; expected {what}", self.file.display(), t.shape());
+            bail!(
+                "{}: tensor `{name}` has shape {:?}; expected {what}",
+                self.file.display(),
+                t.shape()
+            );
         }
         Ok(t)
     }
@@ -61,13 +78,20 @@ impl Inputs<'_> {
         match t.numel() {
             1 => Ok(vec![t.data()[0]; batch]),
             n if n == batch && t.rank() == 1 => Ok(t.data().to_vec()),
-            _ => bail!("{}: tensor `timestep` has shape {:?}; expected a scalar or [{batch}]", self.file.display(), t.shape()),
+            _ => bail!(
+                "{}: tensor `timestep` has shape {:?}; expected a scalar or [{batch}]",
+                self.file.display(),
+                t.shape()
+            ),
         }
     }
     fn text_time(&self) -> Result<Option<(Tensor, Tensor)>> {
         match (self.get("text_embeds"), self.get("time_ids")) {
             (None, None) => Ok(None),
-            (Some(_), None) | (None, Some(_)) => bail!("{}: `text_embeds` and `time_ids` go together; only one is present", self.file.display()),
+            (Some(_), None) | (None, Some(_)) => bail!(
+                "{}: `text_embeds` and `time_ids` go together; only one is present",
+                self.file.display()
+            ),
             (Some(_), Some(_)) => {
                 let te = self.rank("text_embeds", 2, "[N, dim]")?.clone();
                 let ti = self.rank("time_ids", 2, "[N, 6]")?.clone();
@@ -79,8 +103,16 @@ impl Inputs<'_> {
 
 /// Runs `component` of the model at `model` on `inputs` (read from `inputs_file`, named in errors).
 /// Returns the outputs in NCHW / token layouts, by name.
-pub fn run(model: &Path, component: Component, inputs: &Named, inputs_file: &Path) -> Result<Vec<(String, Tensor)>> {
-    let inp = Inputs { map: inputs, file: inputs_file };
+pub fn run(
+    model: &Path,
+    component: Component,
+    inputs: &Named,
+    inputs_file: &Path,
+) -> Result<Vec<(String, Tensor)>> {
+    let inp = Inputs {
+        map: inputs,
+        file: inputs_file,
+    };
     match component {
         Component::Unet => {
             inp.require(&["sample", "timestep", "encoder_hidden_states"])?;
@@ -93,22 +125,42 @@ pub fn run(model: &Path, component: Component, inputs: &Named, inputs_file: &Pat
             let mut down = Vec::new();
             while let Some(t) = inp.get(&format!("down_res.{}", down.len())) {
                 if t.rank() != 4 {
-                    bail!("{}: tensor `down_res.{}` has shape {:?}; expected rank 4", inputs_file.display(), down.len(), t.shape());
+                    bail!(
+                        "{}: tensor `down_res.{}` has shape {:?}; expected rank 4",
+                        inputs_file.display(),
+                        down.len(),
+                        t.shape()
+                    );
                 }
                 down.push(t.to_nhwc());
             }
-            let mid = inp.get("mid_res").map(|_| inp.image("mid_res")).transpose()?;
+            let mid = inp
+                .get("mid_res")
+                .map(|_| inp.image("mid_res"))
+                .transpose()?;
             let residuals = match (&mid, down.is_empty()) {
                 (None, true) => None,
                 (Some(m), false) => Some((down.as_slice(), m)),
-                _ => bail!("{}: ControlNet residuals need both down_res.0… and mid_res", inputs_file.display()),
+                _ => bail!(
+                    "{}: ControlNet residuals need both down_res.0… and mid_res",
+                    inputs_file.display()
+                ),
             };
-            let cond = Cond { timesteps: &ts, context: ctx, text_time: tt.as_ref().map(|(a, b)| (a, b)) };
+            let cond = Cond {
+                timesteps: &ts,
+                context: ctx,
+                text_time: tt.as_ref().map(|(a, b)| (a, b)),
+            };
             let out = unet.forward(&sample, &cond, residuals, None)?;
             Ok(vec![("out".into(), out.to_nchw())])
         }
         Component::Controlnet => {
-            inp.require(&["sample", "timestep", "encoder_hidden_states", "controlnet_cond"])?;
+            inp.require(&[
+                "sample",
+                "timestep",
+                "encoder_hidden_states",
+                "controlnet_cond",
+            ])?;
             let sample = inp.image("sample")?;
             let b = sample.shape()[0];
             let ts = inp.timesteps(b)?;
@@ -117,13 +169,26 @@ pub fn run(model: &Path, component: Component, inputs: &Named, inputs_file: &Pat
             let scale = match inp.get("conditioning_scale") {
                 None => 1.0,
                 Some(t) if t.numel() == 1 => t.data()[0],
-                Some(t) => bail!("{}: `conditioning_scale` has shape {:?}; expected a scalar", inputs_file.display(), t.shape()),
+                Some(t) => bail!(
+                    "{}: `conditioning_scale` has shape {:?}; expected a scalar",
+                    inputs_file.display(),
+                    t.shape()
+                ),
             };
             let tt = inp.text_time()?;
             let cn = load::load_controlnet(model)?;
-            let cond = Cond { timesteps: &ts, context: ctx, text_time: tt.as_ref().map(|(a, b)| (a, b)) };
+            let cond = Cond {
+                timesteps: &ts,
+                context: ctx,
+                text_time: tt.as_ref().map(|(a, b)| (a, b)),
+            };
             let out = cn.forward(&sample, &cond, &image, scale)?;
-            let mut v: Vec<(String, Tensor)> = out.down.iter().enumerate().map(|(i, t)| (format!("down_res.{i}"), t.to_nchw())).collect();
+            let mut v: Vec<(String, Tensor)> = out
+                .down
+                .iter()
+                .enumerate()
+                .map(|(i, t)| (format!("down_res.{i}"), t.to_nchw()))
+                .collect();
             v.push(("mid_res".into(), out.mid.to_nchw()));
             Ok(v)
         }
@@ -131,7 +196,10 @@ pub fn run(model: &Path, component: Component, inputs: &Named, inputs_file: &Pat
             let image = inp.image("image")?;
             let vae = load::load_vae(model)?;
             let (mean, logvar) = vae.encode(&image)?;
-            Ok(vec![("latent_mean".into(), mean.to_nchw()), ("latent_logvar".into(), logvar.to_nchw())])
+            Ok(vec![
+                ("latent_mean".into(), mean.to_nchw()),
+                ("latent_logvar".into(), logvar.to_nchw()),
+            ])
         }
         Component::VaeDecode => {
             let latent = inp.image("latent")?;
@@ -145,16 +213,26 @@ pub fn run(model: &Path, component: Component, inputs: &Named, inputs_file: &Pat
             for r in 0..b {
                 let row = &ids_t.data()[r * l..(r + 1) * l];
                 if let Some(bad) = row.iter().find(|v| **v < 0.0 || v.fract() != 0.0) {
-                    bail!("{}: `input_ids` holds {bad}, not a token id", inputs_file.display());
+                    bail!(
+                        "{}: `input_ids` holds {bad}, not a token id",
+                        inputs_file.display()
+                    );
                 }
                 ids.push(row.iter().map(|v| *v as u32).collect::<Vec<u32>>());
             }
-            let sub = if component == Component::TextEncoder { "text_encoder" } else { "text_encoder_2" };
+            let sub = if component == Component::TextEncoder {
+                "text_encoder"
+            } else {
+                "text_encoder_2"
+            };
             let te = load::load_text_encoder(model, sub)?;
             let o = te.forward(&ids)?;
             let mut v = vec![
                 ("last_hidden_state".to_string(), o.last_hidden_state),
-                ("penultimate_hidden_state".to_string(), o.penultimate_hidden_state),
+                (
+                    "penultimate_hidden_state".to_string(),
+                    o.penultimate_hidden_state,
+                ),
                 ("pooler_output".to_string(), o.pooler_output),
             ];
             if let Some(t) = o.text_embeds {

@@ -34,16 +34,27 @@ pub fn family_of(cfg: &Config) -> Result<Family> {
             "UNet2DConditionModel" => Ok(Family::Unet),
             "ControlNetModel" => Ok(Family::ControlNet),
             "AutoencoderKL" => Ok(Family::Vae),
-            other => Err(cfg.unsupported("_class_name", other, "UNet2DConditionModel, ControlNetModel, AutoencoderKL")),
+            other => Err(cfg.unsupported(
+                "_class_name",
+                other,
+                "UNet2DConditionModel, ControlNetModel, AutoencoderKL",
+            )),
         };
     }
     if let Some(a) = cfg.get("architectures").and_then(|a| a.as_array()) {
         for v in a {
-            if matches!(v.as_str(), Some("CLIPTextModel" | "CLIPTextModelWithProjection")) {
+            if matches!(
+                v.as_str(),
+                Some("CLIPTextModel" | "CLIPTextModelWithProjection")
+            ) {
                 return Ok(Family::ClipText);
             }
         }
-        return Err(cfg.unsupported("architectures", serde_json::Value::Array(a.clone()), "CLIPTextModel, CLIPTextModelWithProjection"));
+        return Err(cfg.unsupported(
+            "architectures",
+            serde_json::Value::Array(a.clone()),
+            "CLIPTextModel, CLIPTextModelWithProjection",
+        ));
     }
     if cfg.opt_str("model_type")? == Some("clip_text_model") {
         return Ok(Family::ClipText);
@@ -68,7 +79,10 @@ pub fn variant(family: Family, cfg: &Config) -> Result<String> {
                 9 => ", inpainting (9 input channels)".into(),
                 n => format!(", {n} input channels"),
             };
-            let ctx = cfg.get("cross_attention_dim").map(|v| v.to_string()).unwrap_or_default();
+            let ctx = cfg
+                .get("cross_attention_dim")
+                .map(|v| v.to_string())
+                .unwrap_or_default();
             format!("{base}{extra}, cross_attention_dim {ctx}")
         }
         Family::Vae => format!(
@@ -77,7 +91,10 @@ pub fn variant(family: Family, cfg: &Config) -> Result<String> {
             cfg.f64_or("scaling_factor", 0.18215)?
         ),
         Family::ClipText => {
-            let proj = cfg.get("architectures").map(|a| a.to_string().contains("WithProjection")).unwrap_or(false);
+            let proj = cfg
+                .get("architectures")
+                .map(|a| a.to_string().contains("WithProjection"))
+                .unwrap_or(false);
             format!(
                 "{}hidden_size {}, {} layers, {}",
                 if proj { "with projection, " } else { "" },
@@ -109,7 +126,7 @@ pub fn grouped(n: usize) -> String {
     let s = n.to_string();
     let mut out = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             out.push(',');
         }
         out.push(ch);
@@ -127,7 +144,12 @@ fn weights_summary(w: &WeightStore) -> String {
             format!("{} × {}", grouped(*n), d.name())
         })
         .collect();
-    format!("{} parameters ({}), {}", grouped(w.param_count()), dtypes.join(", "), human_bytes(bytes))
+    format!(
+        "{} parameters ({}), {}",
+        grouped(w.param_count()),
+        dtypes.join(", "),
+        human_bytes(bytes)
+    )
 }
 
 /// Describes one model folder; with `load`, also builds the model (every tensor read and checked).
@@ -140,7 +162,12 @@ fn describe_model(dir: &Path, sub: &str, load_model: bool, out: &mut String) -> 
     }
     writeln!(out, "{sub}: {} — {}", fam.name(), variant(fam, &cfg)?).unwrap();
     writeln!(out, "  weights: {}", weights_summary(&w)).unwrap();
-    let public: serde_json::Map<String, serde_json::Value> = cfg.json.iter().filter(|(k, _)| !k.starts_with('_')).map(|(k, v)| (k.clone(), v.clone())).collect();
+    let public: serde_json::Map<String, serde_json::Value> = cfg
+        .json
+        .iter()
+        .filter(|(k, _)| !k.starts_with('_'))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
     writeln!(out, "  config: {}", serde_json::Value::Object(public)).unwrap();
     if load_model {
         match fam {
@@ -172,10 +199,17 @@ pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
         let class = cfg.str_or("_class_name", "unknown pipeline")?.to_string();
         writeln!(out, "{}: diffusers pipeline ({class})", path.display()).unwrap();
         let mut total = 0;
-        for sub in ["unet", "controlnet", "vae", "text_encoder", "text_encoder_2"] {
+        for sub in [
+            "unet",
+            "controlnet",
+            "vae",
+            "text_encoder",
+            "text_encoder_2",
+        ] {
             let d = path.join(sub);
             if d.join("config.json").is_file() {
-                describe_model(&d, sub, load_model, &mut out).with_context(|| format!("{}: component `{sub}`", path.display()))?;
+                describe_model(&d, sub, load_model, &mut out)
+                    .with_context(|| format!("{}: component `{sub}`", path.display()))?;
                 let mut w = open_weights(&d)?;
                 if sub.starts_with("text_encoder") {
                     normalise_text_encoder(&mut w);
@@ -192,7 +226,10 @@ pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
         return Ok(out);
     }
     if path.join("config.json").is_file() {
-        let sub = path.file_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+        let sub = path
+            .file_name()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
         describe_model(path, &sub, load_model, &mut out)?;
         return Ok(out);
     }

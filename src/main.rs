@@ -6,7 +6,11 @@ use std::path::PathBuf;
 use toffee::forward::{self, Component};
 
 #[derive(Parser)]
-#[command(name = "toffee", version, about = "Inference engine for Toffee-style subject-driven dataset construction")]
+#[command(
+    name = "toffee",
+    version,
+    about = "Inference engine for Toffee-style subject-driven dataset construction"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -44,14 +48,22 @@ enum Cmd {
 fn check_device(device: &str) -> Result<()> {
     match device {
         "cpu" => Ok(()),
-        d if d == "cuda" || d.starts_with("cuda:") => bail!("device `{d}`: this build has no CUDA backend yet; use --device cpu"),
+        d if d == "cuda" || d.starts_with("cuda:") => {
+            bail!("device `{d}`: this build has no CUDA backend yet; use --device cpu")
+        }
         d => bail!("unknown device `{d}` (expected cpu)"),
     }
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
-        Cmd::Forward { model, component, inputs, out, device } => {
+        Cmd::Forward {
+            model,
+            component,
+            inputs,
+            out,
+            device,
+        } => {
             check_device(&device)?;
             let tensors = toffee::weights::safetensors::read_all(&inputs)?;
             let outputs = forward::run(&model, component, &tensors, &inputs)?;
@@ -61,7 +73,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Inspect { path, load } => {
-            let text = toffee::inspect::inspect(&path, load).with_context(|| format!("inspecting {}", path.display()))?;
+            let text = toffee::inspect::inspect(&path, load)
+                .with_context(|| format!("inspecting {}", path.display()))?;
             print!("{text}");
             Ok(())
         }

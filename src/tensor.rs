@@ -14,8 +14,16 @@ impl Tensor {
     pub fn new(shape: impl Into<Vec<usize>>, data: Vec<f32>) -> Self {
         let shape = shape.into();
         let n: usize = shape.iter().product();
-        assert_eq!(n, data.len(), "tensor shape {shape:?} does not match {} values", data.len());
-        Tensor { shape, data: Arc::new(data) }
+        assert_eq!(
+            n,
+            data.len(),
+            "tensor shape {shape:?} does not match {} values",
+            data.len()
+        );
+        Tensor {
+            shape,
+            data: Arc::new(data),
+        }
     }
 
     pub fn zeros(shape: impl Into<Vec<usize>>) -> Self {
@@ -60,13 +68,26 @@ impl Tensor {
 
     pub fn reshape(&self, shape: impl Into<Vec<usize>>) -> Tensor {
         let shape = shape.into();
-        assert_eq!(shape.iter().product::<usize>(), self.numel(), "reshape {:?} -> {shape:?}", self.shape);
-        Tensor { shape, data: self.data.clone() }
+        assert_eq!(
+            shape.iter().product::<usize>(),
+            self.numel(),
+            "reshape {:?} -> {shape:?}",
+            self.shape
+        );
+        Tensor {
+            shape,
+            data: self.data.clone(),
+        }
     }
 
     /// (N, H, W, C) of a rank-4 NHWC tensor.
     pub fn dims4(&self) -> (usize, usize, usize, usize) {
-        assert_eq!(self.rank(), 4, "expected a rank-4 tensor, got {:?}", self.shape);
+        assert_eq!(
+            self.rank(),
+            4,
+            "expected a rank-4 tensor, got {:?}",
+            self.shape
+        );
         (self.shape[0], self.shape[1], self.shape[2], self.shape[3])
     }
 
@@ -120,7 +141,11 @@ impl Tensor {
         shape[0] = parts.iter().map(|p| p.shape[0]).sum();
         let mut data = Vec::with_capacity(shape.iter().product());
         for p in parts {
-            assert_eq!(p.shape[1..], parts[0].shape[1..], "cat0 of mismatched shapes");
+            assert_eq!(
+                p.shape[1..],
+                parts[0].shape[1..],
+                "cat0 of mismatched shapes"
+            );
             data.extend_from_slice(p.data());
         }
         Tensor::new(shape, data)
@@ -132,7 +157,13 @@ impl Tensor {
         self.data
             .iter()
             .zip(other.data.iter())
-            .map(|(a, b)| if a.is_nan() || b.is_nan() { f32::INFINITY } else { (a - b).abs() })
+            .map(|(a, b)| {
+                if a.is_nan() || b.is_nan() {
+                    f32::INFINITY
+                } else {
+                    (a - b).abs()
+                }
+            })
             .fold(0.0, f32::max)
     }
 }

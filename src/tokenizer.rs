@@ -3,7 +3,7 @@
 //!
 //! transformers 5 ignores the pipeline stored in a CLIP `tokenizer.json`: it keeps only
 //! the vocabulary and merges and rebuilds its fixed CLIP pipeline around them, so both
-//! folder layouts go through the same [`ClipTokenizer::build`].
+//! folder layouts go through the same `ClipTokenizer::build`.
 
 use std::path::Path;
 
@@ -34,6 +34,9 @@ const SPECIAL_KEYS: [&str; 7] = [
     "mask_token",
 ];
 
+/// Added tokens with the ids their file gives them (which only order them).
+type AddedById = Vec<(u64, AddedToken)>;
+
 #[derive(Clone, Debug)]
 pub struct ClipTokenizer {
     inner: Tokenizer,
@@ -44,7 +47,8 @@ pub struct ClipTokenizer {
 }
 
 impl ClipTokenizer {
-    /// A diffusers/transformers tokenizer folder: tokenizer.json if present, else vocab.json + merges.txt.
+    /// A diffusers/transformers tokenizer folder: tokenizer.json if present, else
+    /// vocab.json + merges.txt.
     /// Pad token from tokenizer_config.json or special_tokens_map.json; default "<|endoftext|>".
     /// model_max_length from tokenizer_config.json if within 2..=77, else 77.
     pub fn from_dir(dir: &Path) -> Result<Self> {
@@ -79,7 +83,8 @@ impl ClipTokenizer {
             .map_err(|e| anyhow!("{}: {e}", source.display()))
     }
 
-    /// The slow-tokenizer files alone, as `CLIPTokenizer.from_pretrained` sees a folder without configs.
+    /// The slow-tokenizer files alone, as `CLIPTokenizer.from_pretrained` sees a folder
+    /// without configs.
     pub fn from_vocab_merges(vocab: &Path, merges: &Path, pad_token: &str) -> Result<Self> {
         let (vocab_map, merge_list) = (read_vocab(vocab)?, read_merges(merges)?);
         let specials = resolve_specials(pad_config(pad_token), None, Vec::new());
@@ -121,7 +126,8 @@ impl ClipTokenizer {
         let pre_tokenizer =
             PreTokenizerSequence::new(vec![split.into(), ByteLevel::new(false, true, true).into()]);
         let mut inner = Tokenizer::new(bpe);
-        // The normalizer must be in place before adding tokens: normalized ones are matched in normalized form.
+        // The normalizer must be in place before adding tokens: normalized ones are matched in
+        // normalized form.
         inner.with_normalizer(Some(normalizer));
         inner.with_pre_tokenizer(Some(pre_tokenizer));
         inner.add_tokens(&specials.added);
@@ -197,15 +203,15 @@ fn pad_config(pad_token: &str) -> Map<String, Value> {
 fn resolve_specials(
     mut config: Map<String, Value>,
     special_map: Option<Map<String, Value>>,
-    json_added: Vec<(u64, AddedToken)>,
+    json_added: AddedById,
 ) -> Specials {
-    let mut decoder: Vec<(u64, AddedToken)> = match config.get("added_tokens_decoder") {
+    let mut decoder: AddedById = match config.get("added_tokens_decoder") {
         Some(Value::Object(entries)) => entries
             .iter()
             .filter_map(|(id, v)| Some((id.parse().ok()?, added_token(v)?)))
             .collect(),
         _ => {
-            // Legacy layout: special_tokens_map.json overrides the config, its dicts marked special.
+            // Legacy layout: special_tokens_map.json overrides the config; its dicts are special.
             for (key, mut value) in special_map.into_iter().flatten() {
                 if let Value::Object(m) = &mut value {
                     m.insert("special".into(), Value::Bool(true));
@@ -305,8 +311,14 @@ fn as_object(value: Value, path: &Path) -> Result<Map<String, Value>> {
     }
 }
 
-fn vocab_from(value: Value, path: &Path) -> Result<Vocab> {
-    as_object(value, path)?
+fn vocab_from(value: Option<Value>, path: &Path) -> Result<Vocab> {
+    let Some(Value::Object(entries)) = value else {
+        bail!(
+            "{}: vocabulary is not a JSON object of token ids",
+            path.display()
+        );
+    };
+    entries
         .into_iter()
         .map(
             |(token, id)| match id.as_u64().and_then(|id| u32::try_from(id).ok()) {
@@ -321,7 +333,7 @@ fn vocab_from(value: Value, path: &Path) -> Result<Vocab> {
 }
 
 fn read_vocab(path: &Path) -> Result<Vocab> {
-    vocab_from(read_json(path)?, path)
+    vocab_from(Some(read_json(path)?), path)
 }
 
 /// Same rules as the `tokenizers` merges reader: "#version" lines skipped, every other line "a b".
@@ -349,13 +361,14 @@ fn bad_merge(path: &Path, line_no: usize, line: &str) -> anyhow::Error {
     )
 }
 
-/// Vocabulary, merges and added tokens of a `tokenizer.json`; its pipeline is ignored, as transformers does.
-fn read_tokenizer_json(path: &Path) -> Result<(Vocab, Merges, Vec<(u64, AddedToken)>)> {
+/// Vocabulary, merges and added tokens of a `tokenizer.json`; like transformers, ignores its
+/// pipeline.
+fn read_tokenizer_json(path: &Path) -> Result<(Vocab, Merges, AddedById)> {
     let mut json = as_object(read_json(path)?, path)?;
     let Some(Value::Object(mut model)) = json.remove("model") else {
         bail!("{}: no \"model\" object", path.display());
     };
-    let vocab = vocab_from(model.remove("vocab").unwrap_or_default(), path)?;
+    let vocab = vocab_from(model.remove("vocab"), path)?;
     let Some(Value::Array(merge_values)) = model.remove("merges") else {
         bail!(
             "{}: model has no \"merges\" list (not a BPE tokenizer)",

@@ -14,19 +14,37 @@ fn check(case: &str, model: &str) {
     let unet = load_unet(&root.join(model)).unwrap();
     let sample = inputs["sample"].to_nhwc();
     let ts = inputs["timestep"].data().to_vec();
-    let tt = inputs.get("text_embeds").map(|te| (te, &inputs["time_ids"]));
-    let cond = Cond { timesteps: &ts, context: &inputs["encoder_hidden_states"], text_time: tt };
+    let tt = inputs
+        .get("text_embeds")
+        .map(|te| (te, &inputs["time_ids"]));
+    let cond = Cond {
+        timesteps: &ts,
+        context: &inputs["encoder_hidden_states"],
+        text_time: tt,
+    };
     let mut trace: Trace = Vec::new();
-    unet.forward(&sample, &cond, None, Some(&mut trace)).unwrap();
+    unet.forward(&sample, &cond, None, Some(&mut trace))
+        .unwrap();
     let mut checked = 0;
     for (name, t) in &trace {
         let Some(w) = want.get(name) else { continue };
-        let t = if t.rank() == 4 { t.to_nchw() } else { t.clone() };
+        let t = if t.rank() == 4 {
+            t.to_nchw()
+        } else {
+            t.clone()
+        };
         let err = t.max_abs_diff(w);
-        assert!(err <= 1e-4, "{case}: first divergence at `{name}`: max abs error {err:e}");
+        assert!(
+            err <= 1e-4,
+            "{case}: first divergence at `{name}`: max abs error {err:e}"
+        );
         checked += 1;
     }
-    assert_eq!(checked, want.len(), "{case}: every recorded intermediate has a counterpart in the trace");
+    assert_eq!(
+        checked,
+        want.len(),
+        "{case}: every recorded intermediate has a counterpart in the trace"
+    );
 }
 
 #[test]

@@ -24,21 +24,39 @@ fn component(s: &str, model: &str) -> Component {
 fn run_case(name: &str) {
     let root = fixtures();
     let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("golden/manifest.json")).unwrap()).unwrap();
-    let case = manifest["cases"].as_array().unwrap().iter().find(|c| c["name"] == name).unwrap_or_else(|| panic!("no case {name}"));
+        serde_json::from_str(&std::fs::read_to_string(root.join("golden/manifest.json")).unwrap())
+            .unwrap();
+    let case = manifest["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"));
     let model = case["model"].as_str().unwrap();
     let comp = component(case["component"].as_str().unwrap(), model);
     let in_path = root.join("golden").join(case["inputs"].as_str().unwrap());
     let inputs = read_all(&in_path).unwrap();
     let want = read_all(&root.join("golden").join(case["outputs"].as_str().unwrap())).unwrap();
-    let got = forward::run(&root.join(model), comp, &inputs, &in_path).unwrap_or_else(|e| panic!("{name}: {e:#}"));
-    assert_eq!(got.len(), want.len(), "{name}: output names {:?} vs golden {:?}", got.iter().map(|g| &g.0).collect::<Vec<_>>(), want.keys().collect::<Vec<_>>());
+    let got = forward::run(&root.join(model), comp, &inputs, &in_path)
+        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    assert_eq!(
+        got.len(),
+        want.len(),
+        "{name}: output names {:?} vs golden {:?}",
+        got.iter().map(|g| &g.0).collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>()
+    );
     let mut worst = 0.0f32;
     for (n, t) in &got {
-        let w = want.get(n).unwrap_or_else(|| panic!("{name}: golden has no `{n}`"));
+        let w = want
+            .get(n)
+            .unwrap_or_else(|| panic!("{name}: golden has no `{n}`"));
         assert_eq!(t.shape(), w.shape(), "{name}/{n}: shape");
         let scale = w.data().iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        assert!(scale > 1e-3, "{name}/{n}: golden is (near) zero; the fixture tests nothing");
+        assert!(
+            scale > 1e-3,
+            "{name}/{n}: golden is (near) zero; the fixture tests nothing"
+        );
         let err = t.max_abs_diff(w);
         eprintln!("{name}/{n}: max abs err {err:.3e} (golden max |x| {scale:.3})");
         worst = worst.max(err);

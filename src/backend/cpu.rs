@@ -24,10 +24,37 @@ pub struct Mat {
 ///
 /// # Safety
 /// Every pointer must be valid for the extents implied by the dimensions and strides.
-unsafe fn matmul_raw(m: usize, n: usize, k: usize, dst: *mut f32, dst_rs: isize, a: Mat, b: Mat, par: Parallelism) {
+#[allow(clippy::too_many_arguments)]
+unsafe fn matmul_raw(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: isize,
+    a: Mat,
+    b: Mat,
+    par: Parallelism,
+) {
     gemm::gemm(
-        m, n, k, dst, 1, dst_rs, false, a.ptr, a.col_stride, a.row_stride, b.ptr, b.col_stride, b.row_stride, 0.0,
-        1.0, false, false, false, par,
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs,
+        false,
+        a.ptr,
+        a.col_stride,
+        a.row_stride,
+        b.ptr,
+        b.col_stride,
+        b.row_stride,
+        0.0,
+        1.0,
+        false,
+        false,
+        false,
+        par,
     );
 }
 
@@ -51,7 +78,13 @@ impl LinearW {
 pub fn linear(x: &Tensor, l: &LinearW) -> Tensor {
     let k = l.in_features();
     let n = l.out_features();
-    assert_eq!(x.last_dim(), k, "linear: input {:?} vs weight {:?}", x.shape(), l.weight.shape());
+    assert_eq!(
+        x.last_dim(),
+        k,
+        "linear: input {:?} vs weight {:?}",
+        x.shape(),
+        l.weight.shape()
+    );
     let m = x.numel() / k;
     let mut out = vec![0.0f32; m * n];
     if m > 0 {
@@ -63,8 +96,16 @@ pub fn linear(x: &Tensor, l: &LinearW) -> Tensor {
                 k,
                 out.as_mut_ptr(),
                 n as isize,
-                Mat { ptr: x.data().as_ptr(), row_stride: k as isize, col_stride: 1 },
-                Mat { ptr: l.weight.data().as_ptr(), row_stride: 1, col_stride: k as isize },
+                Mat {
+                    ptr: x.data().as_ptr(),
+                    row_stride: k as isize,
+                    col_stride: 1,
+                },
+                Mat {
+                    ptr: l.weight.data().as_ptr(),
+                    row_stride: 1,
+                    col_stride: k as isize,
+                },
                 threads(),
             );
         }
@@ -79,7 +120,7 @@ pub fn linear(x: &Tensor, l: &LinearW) -> Tensor {
 
 fn add_row_bias(out: &mut [f32], bias: &[f32]) {
     let n = bias.len();
-    out.par_chunks_mut(n * 64.max(1)).for_each(|rows| {
+    out.par_chunks_mut(n * 64).for_each(|rows| {
         for row in rows.chunks_mut(n) {
             for (o, b) in row.iter_mut().zip(bias) {
                 *o += b;
@@ -112,7 +153,8 @@ impl Conv2dW {
             for ii in 0..i {
                 for y in 0..kh {
                     for x in 0..kw {
-                        dst[((y * kw + x) * i + ii) * o + oo] = src[((oo * i + ii) * kh + y) * kw + x];
+                        dst[((y * kw + x) * i + ii) * o + oo] =
+                            src[((oo * i + ii) * kh + y) * kw + x];
                     }
                 }
             }
@@ -136,7 +178,13 @@ impl Conv2dW {
 /// NHWC convolution.
 pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
     let (n, h, w, cin) = x.dims4();
-    assert_eq!(cin, c.in_channels(), "conv2d: input {:?} vs weight {:?}", x.shape(), c.weight.shape());
+    assert_eq!(
+        cin,
+        c.in_channels(),
+        "conv2d: input {:?} vs weight {:?}",
+        x.shape(),
+        c.weight.shape()
+    );
     let k = c.kernel;
     let [pt, pb, pl, pr] = c.pad;
     let ho = (h + pt + pb - k) / c.stride + 1;
@@ -144,7 +192,11 @@ pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
     let cout = c.out_channels();
     let kk = k * k * cin;
     let mut out = vec![0.0f32; n * ho * wo * cout];
-    let wmat = Mat { ptr: c.weight.data().as_ptr(), row_stride: cout as isize, col_stride: 1 };
+    let wmat = Mat {
+        ptr: c.weight.data().as_ptr(),
+        row_stride: cout as isize,
+        col_stride: 1,
+    };
     let direct = k == 1 && c.stride == 1 && c.pad == [0; 4];
     let rows = ho * wo;
     for b in 0..n {
@@ -165,7 +217,11 @@ pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
                 kk,
                 dst.as_mut_ptr(),
                 cout as isize,
-                Mat { ptr: a.as_ptr(), row_stride: kk as isize, col_stride: 1 },
+                Mat {
+                    ptr: a.as_ptr(),
+                    row_stride: kk as isize,
+                    col_stride: 1,
+                },
                 wmat,
                 threads(),
             );
@@ -178,68 +234,93 @@ pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
 }
 
 #[allow(clippy::too_many_arguments)]
-fn im2col(img: &[f32], h: usize, w: usize, c: usize, k: usize, stride: usize, pad: [usize; 2], ho: usize, wo: usize) -> Vec<f32> {
+fn im2col(
+    img: &[f32],
+    h: usize,
+    w: usize,
+    c: usize,
+    k: usize,
+    stride: usize,
+    pad: [usize; 2],
+    ho: usize,
+    wo: usize,
+) -> Vec<f32> {
     let kk = k * k * c;
     let mut cols = vec![0.0f32; ho * wo * kk];
-    cols.par_chunks_mut(wo * kk).enumerate().for_each(|(oy, line)| {
-        for ox in 0..wo {
-            let row = &mut line[ox * kk..(ox + 1) * kk];
-            for ky in 0..k {
-                let iy = (oy * stride + ky) as isize - pad[0] as isize;
-                if iy < 0 || iy >= h as isize {
-                    continue;
-                }
-                for kx in 0..k {
-                    let ix = (ox * stride + kx) as isize - pad[1] as isize;
-                    if ix < 0 || ix >= w as isize {
+    cols.par_chunks_mut(wo * kk)
+        .enumerate()
+        .for_each(|(oy, line)| {
+            for ox in 0..wo {
+                let row = &mut line[ox * kk..(ox + 1) * kk];
+                for ky in 0..k {
+                    let iy = (oy * stride + ky) as isize - pad[0] as isize;
+                    if iy < 0 || iy >= h as isize {
                         continue;
                     }
-                    let src = ((iy as usize) * w + ix as usize) * c;
-                    row[(ky * k + kx) * c..(ky * k + kx + 1) * c].copy_from_slice(&img[src..src + c]);
+                    for kx in 0..k {
+                        let ix = (ox * stride + kx) as isize - pad[1] as isize;
+                        if ix < 0 || ix >= w as isize {
+                            continue;
+                        }
+                        let src = ((iy as usize) * w + ix as usize) * c;
+                        row[(ky * k + kx) * c..(ky * k + kx + 1) * c]
+                            .copy_from_slice(&img[src..src + c]);
+                    }
                 }
             }
-        }
-    });
+        });
     cols
 }
 
 /// GroupNorm over NHWC (or [N, L, C] token layouts: the middle dimensions are flattened), optionally
 /// followed by SiLU, as diffusers' resnets do.
-pub fn group_norm(x: &Tensor, groups: usize, gamma: &Tensor, beta: &Tensor, eps: f32, silu_after: bool) -> Tensor {
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    silu_after: bool,
+) -> Tensor {
     let c = x.last_dim();
-    assert!(c % groups == 0, "group_norm: {c} channels in {groups} groups");
+    assert!(
+        c.is_multiple_of(groups),
+        "group_norm: {c} channels in {groups} groups"
+    );
     let n = x.shape()[0];
     let hw = x.numel() / (n * c);
     let cg = c / groups;
     let mut out = vec![0.0f32; x.numel()];
     let (g, bt) = (gamma.data(), beta.data());
-    out.par_chunks_mut(hw * c).zip(x.data().par_chunks(hw * c)).for_each(|(o, xin)| {
-        for grp in 0..groups {
-            // Two-pass statistics in f64: the reference must not drift on large images.
-            let mut sum = 0.0f64;
-            for p in 0..hw {
-                for v in &xin[p * c + grp * cg..p * c + (grp + 1) * cg] {
-                    sum += *v as f64;
+    out.par_chunks_mut(hw * c)
+        .zip(x.data().par_chunks(hw * c))
+        .for_each(|(o, xin)| {
+            for grp in 0..groups {
+                // Two-pass statistics in f64: the reference must not drift on large images.
+                let mut sum = 0.0f64;
+                for p in 0..hw {
+                    for v in &xin[p * c + grp * cg..p * c + (grp + 1) * cg] {
+                        sum += *v as f64;
+                    }
+                }
+                let count = (hw * cg) as f64;
+                let mean = sum / count;
+                let mut var = 0.0f64;
+                for p in 0..hw {
+                    for v in &xin[p * c + grp * cg..p * c + (grp + 1) * cg] {
+                        let d = *v as f64 - mean;
+                        var += d * d;
+                    }
+                }
+                let inv = 1.0 / (var / count + eps as f64).sqrt();
+                for p in 0..hw {
+                    for ch in grp * cg..(grp + 1) * cg {
+                        let v = ((xin[p * c + ch] as f64 - mean) * inv) as f32 * g[ch] + bt[ch];
+                        o[p * c + ch] = if silu_after { silu1(v) } else { v };
+                    }
                 }
             }
-            let count = (hw * cg) as f64;
-            let mean = sum / count;
-            let mut var = 0.0f64;
-            for p in 0..hw {
-                for v in &xin[p * c + grp * cg..p * c + (grp + 1) * cg] {
-                    let d = *v as f64 - mean;
-                    var += d * d;
-                }
-            }
-            let inv = 1.0 / (var / count + eps as f64).sqrt();
-            for p in 0..hw {
-                for ch in grp * cg..(grp + 1) * cg {
-                    let v = ((xin[p * c + ch] as f64 - mean) * inv) as f32 * g[ch] + bt[ch];
-                    o[p * c + ch] = if silu_after { silu1(v) } else { v };
-                }
-            }
-        }
-    });
+        });
     Tensor::new(x.shape().to_vec(), out)
 }
 
@@ -248,14 +329,16 @@ pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Tensor
     let c = x.last_dim();
     let mut out = vec![0.0f32; x.numel()];
     let (g, b) = (gamma.data(), beta.data());
-    out.par_chunks_mut(c).zip(x.data().par_chunks(c)).for_each(|(o, xin)| {
-        let mean = xin.iter().map(|v| *v as f64).sum::<f64>() / c as f64;
-        let var = xin.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
-        let inv = 1.0 / (var + eps as f64).sqrt();
-        for i in 0..c {
-            o[i] = ((xin[i] as f64 - mean) * inv) as f32 * g[i] + b[i];
-        }
-    });
+    out.par_chunks_mut(c)
+        .zip(x.data().par_chunks(c))
+        .for_each(|(o, xin)| {
+            let mean = xin.iter().map(|v| *v as f64).sum::<f64>() / c as f64;
+            let var = xin.iter().map(|v| (*v as f64 - mean).powi(2)).sum::<f64>() / c as f64;
+            let inv = 1.0 / (var + eps as f64).sqrt();
+            for i in 0..c {
+                o[i] = ((xin[i] as f64 - mean) * inv) as f32 * g[i] + b[i];
+            }
+        });
     Tensor::new(x.shape().to_vec(), out)
 }
 
@@ -266,7 +349,11 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let lk = k.shape()[1];
     assert_eq!(k.shape(), v.shape(), "attention: k and v differ");
     assert_eq!(k.shape()[2], hd, "attention: q and k widths differ");
-    assert_eq!(hd % heads, 0, "attention: width {hd} not divisible by {heads} heads");
+    assert_eq!(
+        hd % heads,
+        0,
+        "attention: width {hd} not divisible by {heads} heads"
+    );
     let d = hd / heads;
     let scale = 1.0 / (d as f32).sqrt();
     let mut out = vec![0.0f32; b * lq * hd];
@@ -286,8 +373,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
                 d,
                 scores.as_mut_ptr(),
                 lk as isize,
-                Mat { ptr: qp, row_stride: hd as isize, col_stride: 1 },
-                Mat { ptr: kp, row_stride: 1, col_stride: hd as isize },
+                Mat {
+                    ptr: qp,
+                    row_stride: hd as isize,
+                    col_stride: 1,
+                },
+                Mat {
+                    ptr: kp,
+                    row_stride: 1,
+                    col_stride: hd as isize,
+                },
                 Parallelism::None,
             );
         }
@@ -316,8 +411,16 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
                 lk,
                 op,
                 hd as isize,
-                Mat { ptr: scores.as_ptr(), row_stride: lk as isize, col_stride: 1 },
-                Mat { ptr: vp, row_stride: hd as isize, col_stride: 1 },
+                Mat {
+                    ptr: scores.as_ptr(),
+                    row_stride: lk as isize,
+                    col_stride: 1,
+                },
+                Mat {
+                    ptr: vp,
+                    row_stride: hd as isize,
+                    col_stride: 1,
+                },
                 Parallelism::None,
             );
         }
@@ -342,11 +445,13 @@ fn quick_gelu1(v: f32) -> f32 {
 
 fn map(x: &Tensor, f: impl Fn(f32) -> f32 + Sync) -> Tensor {
     let mut out = vec![0.0f32; x.numel()];
-    out.par_chunks_mut(4096).zip(x.data().par_chunks(4096)).for_each(|(o, i)| {
-        for (o, i) in o.iter_mut().zip(i) {
-            *o = f(*i);
-        }
-    });
+    out.par_chunks_mut(4096)
+        .zip(x.data().par_chunks(4096))
+        .for_each(|(o, i)| {
+            for (o, i) in o.iter_mut().zip(i) {
+                *o = f(*i);
+            }
+        });
     Tensor::new(x.shape().to_vec(), out)
 }
 
@@ -395,11 +500,13 @@ pub fn geglu(x: &Tensor) -> Tensor {
     let c = c2 / 2;
     let rows = x.numel() / c2;
     let mut out = vec![0.0f32; rows * c];
-    out.par_chunks_mut(c).zip(x.data().par_chunks(c2)).for_each(|(o, i)| {
-        for j in 0..c {
-            o[j] = i[j] * gelu1(i[c + j]);
-        }
-    });
+    out.par_chunks_mut(c)
+        .zip(x.data().par_chunks(c2))
+        .for_each(|(o, i)| {
+            for j in 0..c {
+                o[j] = i[j] * gelu1(i[c + j]);
+            }
+        });
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = c;
     Tensor::new(shape, out)
@@ -408,11 +515,13 @@ pub fn geglu(x: &Tensor) -> Tensor {
 pub fn add(a: &Tensor, b: &Tensor) -> Tensor {
     assert_eq!(a.shape(), b.shape(), "add: shapes differ");
     let mut out = a.data().to_vec();
-    out.par_chunks_mut(4096).zip(b.data().par_chunks(4096)).for_each(|(o, i)| {
-        for (o, i) in o.iter_mut().zip(i) {
-            *o += i;
-        }
-    });
+    out.par_chunks_mut(4096)
+        .zip(b.data().par_chunks(4096))
+        .for_each(|(o, i)| {
+            for (o, i) in o.iter_mut().zip(i) {
+                *o += i;
+            }
+        });
     Tensor::new(a.shape().to_vec(), out)
 }
 
@@ -420,11 +529,13 @@ pub fn add(a: &Tensor, b: &Tensor) -> Tensor {
 pub fn add_scaled(a: &Tensor, b: &Tensor, s: f32) -> Tensor {
     assert_eq!(a.shape(), b.shape(), "add_scaled: shapes differ");
     let mut out = a.data().to_vec();
-    out.par_chunks_mut(4096).zip(b.data().par_chunks(4096)).for_each(|(o, i)| {
-        for (o, i) in o.iter_mut().zip(i) {
-            *o += s * i;
-        }
-    });
+    out.par_chunks_mut(4096)
+        .zip(b.data().par_chunks(4096))
+        .for_each(|(o, i)| {
+            for (o, i) in o.iter_mut().zip(i) {
+                *o += s * i;
+            }
+        });
     Tensor::new(a.shape().to_vec(), out)
 }
 
@@ -432,7 +543,13 @@ pub fn add_scaled(a: &Tensor, b: &Tensor, s: f32) -> Tensor {
 pub fn add_per_sample_channels(x: &Tensor, v: &Tensor) -> Tensor {
     let n = x.shape()[0];
     let c = x.last_dim();
-    assert_eq!(v.shape(), [n, c], "add_per_sample_channels: {:?} vs {:?}", x.shape(), v.shape());
+    assert_eq!(
+        v.shape(),
+        [n, c],
+        "add_per_sample_channels: {:?} vs {:?}",
+        x.shape(),
+        v.shape()
+    );
     let per = x.numel() / n;
     let mut out = x.data().to_vec();
     out.par_chunks_mut(per).enumerate().for_each(|(b, img)| {
@@ -453,7 +570,11 @@ pub fn concat_channels(parts: &[&Tensor]) -> Tensor {
     let total: usize = parts.iter().map(|p| p.last_dim()).sum();
     let mut out = vec![0.0f32; rows * total];
     for p in parts {
-        assert_eq!(&p.shape()[..p.rank() - 1], lead, "concat_channels: leading dims differ");
+        assert_eq!(
+            &p.shape()[..p.rank() - 1],
+            lead,
+            "concat_channels: leading dims differ"
+        );
     }
     out.par_chunks_mut(total).enumerate().for_each(|(r, o)| {
         let mut off = 0;
@@ -474,15 +595,17 @@ pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Tensor {
     let mut out = vec![0.0f32; n * out_h * out_w * c];
     let sy = h as f32 / out_h as f32;
     let sx = w as f32 / out_w as f32;
-    out.par_chunks_mut(out_w * c).enumerate().for_each(|(row, o)| {
-        let (b, oy) = (row / out_h, row % out_h);
-        let iy = ((oy as f32 * sy) as usize).min(h - 1);
-        for ox in 0..out_w {
-            let ix = ((ox as f32 * sx) as usize).min(w - 1);
-            let s = ((b * h + iy) * w + ix) * c;
-            o[ox * c..(ox + 1) * c].copy_from_slice(&x.data()[s..s + c]);
-        }
-    });
+    out.par_chunks_mut(out_w * c)
+        .enumerate()
+        .for_each(|(row, o)| {
+            let (b, oy) = (row / out_h, row % out_h);
+            let iy = ((oy as f32 * sy) as usize).min(h - 1);
+            for ox in 0..out_w {
+                let ix = ((ox as f32 * sx) as usize).min(w - 1);
+                let s = ((b * h + iy) * w + ix) * c;
+                o[ox * c..(ox + 1) * c].copy_from_slice(&x.data()[s..s + c]);
+            }
+        });
     Tensor::new(vec![n, out_h, out_w, c], out)
 }
 

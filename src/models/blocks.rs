@@ -20,14 +20,28 @@ pub struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    pub fn load(vb: &Vb, cin: usize, cout: usize, temb: Option<usize>, groups: usize, eps: f64, output_scale: f64) -> Result<Self> {
+    pub fn load(
+        vb: &Vb,
+        cin: usize,
+        cout: usize,
+        temb: Option<usize>,
+        groups: usize,
+        eps: f64,
+        output_scale: f64,
+    ) -> Result<Self> {
         Ok(ResnetBlock {
             norm1: GroupNorm::load(&vb.pp("norm1"), groups, cin, eps)?,
             conv1: vb.pp("conv1").conv2d(cin, cout, 3, 1, 1)?,
-            time_emb_proj: temb.map(|t| vb.pp("time_emb_proj").linear(t, cout, true)).transpose()?,
+            time_emb_proj: temb
+                .map(|t| vb.pp("time_emb_proj").linear(t, cout, true))
+                .transpose()?,
             norm2: GroupNorm::load(&vb.pp("norm2"), groups, cout, eps)?,
             conv2: vb.pp("conv2").conv2d(cout, cout, 3, 1, 1)?,
-            conv_shortcut: if cin != cout { Some(vb.pp("conv_shortcut").conv2d(cin, cout, 1, 1, 0)?) } else { None },
+            conv_shortcut: if cin != cout {
+                Some(vb.pp("conv_shortcut").conv2d(cin, cout, 1, 1, 0)?)
+            } else {
+                None
+            },
             output_scale: output_scale as f32,
         })
     }
@@ -110,7 +124,10 @@ impl TransformerBlock {
     pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Tensor {
         let x = ops::add(x, &self.attn1.forward(&self.norm1.forward(x), None));
         let x = ops::add(&x, &self.attn2.forward(&self.norm2.forward(&x), Some(ctx)));
-        let ff = ops::linear(&ops::geglu(&ops::linear(&self.norm3.forward(&x), &self.ff_in)), &self.ff_out);
+        let ff = ops::linear(
+            &ops::geglu(&ops::linear(&self.norm3.forward(&x), &self.ff_in)),
+            &self.ff_out,
+        );
         ops::add(&x, &ff)
     }
 }
@@ -125,12 +142,26 @@ pub struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
-    pub fn load(vb: &Vb, channels: usize, heads: usize, layers: usize, ctx_dim: usize, groups: usize) -> Result<Self> {
+    pub fn load(
+        vb: &Vb,
+        channels: usize,
+        heads: usize,
+        layers: usize,
+        ctx_dim: usize,
+        groups: usize,
+    ) -> Result<Self> {
         Ok(SpatialTransformer {
             norm: GroupNorm::load(&vb.pp("norm"), groups, channels, 1e-6)?,
             proj_in: vb.pp("proj_in").linear(channels, channels, true)?,
             blocks: (0..layers)
-                .map(|i| TransformerBlock::load(&vb.pp(format!("transformer_blocks.{i}")), channels, heads, ctx_dim))
+                .map(|i| {
+                    TransformerBlock::load(
+                        &vb.pp(format!("transformer_blocks.{i}")),
+                        channels,
+                        heads,
+                        ctx_dim,
+                    )
+                })
                 .collect::<Result<_>>()?,
             proj_out: vb.pp("proj_out").linear(channels, channels, true)?,
         })
@@ -192,7 +223,10 @@ pub struct TimestepEmbedding {
 
 impl TimestepEmbedding {
     pub fn load(vb: &Vb, cin: usize, cout: usize) -> Result<Self> {
-        Ok(TimestepEmbedding { linear_1: vb.pp("linear_1").linear(cin, cout, true)?, linear_2: vb.pp("linear_2").linear(cout, cout, true)? })
+        Ok(TimestepEmbedding {
+            linear_1: vb.pp("linear_1").linear(cin, cout, true)?,
+            linear_2: vb.pp("linear_2").linear(cout, cout, true)?,
+        })
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         ops::linear(&ops::silu(&ops::linear(x, &self.linear_1)), &self.linear_2)

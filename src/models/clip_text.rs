@@ -65,11 +65,21 @@ impl ClipText {
             _ => return Err(cfg.unsupported("hidden_act", act_name, "quick_gelu, gelu")),
         };
         if heads == 0 || hidden % heads != 0 {
-            bail!("{}: hidden_size {hidden} is not divisible by num_attention_heads {heads}", cfg.path.display());
+            bail!(
+                "{}: hidden_size {hidden} is not divisible by num_attention_heads {heads}",
+                cfg.path.display()
+            );
         }
         let eos_token_id = cfg.usize_or("eos_token_id", 2)? as u32;
-        let archs = cfg.get("architectures").and_then(|a| a.as_array()).cloned().unwrap_or_default();
-        let with_projection = archs.iter().any(|a| a.as_str() == Some("CLIPTextModelWithProjection")) || store.contains("text_projection.weight");
+        let archs = cfg
+            .get("architectures")
+            .and_then(|a| a.as_array())
+            .cloned()
+            .unwrap_or_default();
+        let with_projection = archs
+            .iter()
+            .any(|a| a.as_str() == Some("CLIPTextModelWithProjection"))
+            || store.contains("text_projection.weight");
         let vb = Vb::root(store);
         let e = vb.pp("embeddings");
         let mut layers = Vec::new();
@@ -120,10 +130,20 @@ impl ClipText {
         }
         let l = ids[0].len();
         if l == 0 || l > self.max_positions || ids.iter().any(|r| r.len() != l) {
-            bail!("input_ids rows must all have the same length between 1 and {} (got {l})", self.max_positions);
+            bail!(
+                "input_ids rows must all have the same length between 1 and {} (got {l})",
+                self.max_positions
+            );
         }
-        if let Some(bad) = ids.iter().flatten().find(|&&i| i as usize >= self.vocab_size) {
-            bail!("token id {bad} is outside the vocabulary ({} entries)", self.vocab_size);
+        if let Some(bad) = ids
+            .iter()
+            .flatten()
+            .find(|&&i| i as usize >= self.vocab_size)
+        {
+            bail!(
+                "token id {bad} is outside the vocabulary ({} entries)",
+                self.vocab_size
+            );
         }
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
         let tok = ops::embedding(&self.token_embedding, &flat).reshape(vec![b, l, self.hidden]);
@@ -134,7 +154,11 @@ impl ClipText {
         let mut hidden_states = vec![x.clone()];
         for layer in &self.layers {
             let h = layer.ln1.forward(&x);
-            let (q, k, v) = (ops::linear(&h, &layer.q), ops::linear(&h, &layer.k), ops::linear(&h, &layer.v));
+            let (q, k, v) = (
+                ops::linear(&h, &layer.q),
+                ops::linear(&h, &layer.k),
+                ops::linear(&h, &layer.v),
+            );
             let a = ops::linear(&ops::attention(&q, &k, &v, self.heads, true), &layer.o);
             x = ops::add(&x, &a);
             let h = layer.ln2.forward(&x);
@@ -152,7 +176,13 @@ impl ClipText {
         let pooled = Tensor::new(vec![b, self.hidden], pooled);
         let text_embeds = self.projection.as_ref().map(|p| ops::linear(&pooled, p));
         let penultimate = hidden_states[hidden_states.len().saturating_sub(2)].clone();
-        Ok(ClipTextOutput { last_hidden_state: last, penultimate_hidden_state: penultimate, pooler_output: pooled, text_embeds, hidden_states })
+        Ok(ClipTextOutput {
+            last_hidden_state: last,
+            penultimate_hidden_state: penultimate,
+            pooler_output: pooled,
+            text_embeds,
+            hidden_states,
+        })
     }
 
     /// Where transformers pools: legacy configs (eos_token_id == 2) take the highest id (the EOS of
@@ -168,7 +198,9 @@ impl ClipText {
             }
             best
         } else {
-            row.iter().position(|&v| v == self.eos_token_id).unwrap_or(0)
+            row.iter()
+                .position(|&v| v == self.eos_token_id)
+                .unwrap_or(0)
         }
     }
 }

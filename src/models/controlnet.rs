@@ -33,7 +33,13 @@ impl ControlNet {
         let bgr = match cfg.str_or("controlnet_conditioning_channel_order", "rgb")? {
             "rgb" => false,
             "bgr" => true,
-            other => return Err(cfg.unsupported("controlnet_conditioning_channel_order", other, "rgb, bgr")),
+            other => {
+                return Err(cfg.unsupported(
+                    "controlnet_conditioning_channel_order",
+                    other,
+                    "rgb, bgr",
+                ))
+            }
         };
         let conditioning_channels = cfg.usize_or("conditioning_channels", 3)?;
         let emb_ch = match cfg.get("conditioning_embedding_out_channels") {
@@ -41,47 +47,91 @@ impl ControlNet {
             Some(_) => cfg.usize_list("conditioning_embedding_out_channels")?,
         };
         if emb_ch.is_empty() {
-            return Err(cfg.unsupported("conditioning_embedding_out_channels", "[]", "a non-empty list"));
+            return Err(cfg.unsupported(
+                "conditioning_embedding_out_channels",
+                "[]",
+                "a non-empty list",
+            ));
         }
         let cvb = vb.pp("controlnet_cond_embedding");
-        let cond_in = cvb.pp("conv_in").conv2d(conditioning_channels, emb_ch[0], 3, 1, 1)?;
+        let cond_in = cvb
+            .pp("conv_in")
+            .conv2d(conditioning_channels, emb_ch[0], 3, 1, 1)?;
         let mut cond_blocks = Vec::new();
         for i in 0..emb_ch.len() - 1 {
             let (a, b) = (emb_ch[i], emb_ch[i + 1]);
             cond_blocks.push(cvb.pp(format!("blocks.{}", 2 * i)).conv2d(a, a, 3, 1, 1)?);
-            cond_blocks.push(cvb.pp(format!("blocks.{}", 2 * i + 1)).conv2d(a, b, 3, 2, 1)?);
+            cond_blocks.push(
+                cvb.pp(format!("blocks.{}", 2 * i + 1))
+                    .conv2d(a, b, 3, 2, 1)?,
+            );
         }
         let ch0 = c.block_out_channels[0];
-        let cond_out = cvb.pp("conv_out").conv2d(*emb_ch.last().unwrap(), ch0, 3, 1, 1)?;
+        let cond_out = cvb
+            .pp("conv_out")
+            .conv2d(*emb_ch.last().unwrap(), ch0, 3, 1, 1)?;
         let enc = Encoder::load(&vb, &c)?;
         let mut zc_channels = vec![ch0];
         for (i, d) in enc.down.iter().enumerate() {
             let ch = c.block_out_channels[i];
-            zc_channels.extend(std::iter::repeat_n(ch, d.resnets() + d.has_downsampler() as usize));
+            zc_channels.extend(std::iter::repeat_n(
+                ch,
+                d.resnets() + d.has_downsampler() as usize,
+            ));
         }
         let zero_convs = zc_channels
             .iter()
             .enumerate()
-            .map(|(i, &ch)| vb.pp(format!("controlnet_down_blocks.{i}")).conv2d(ch, ch, 1, 1, 0))
+            .map(|(i, &ch)| {
+                vb.pp(format!("controlnet_down_blocks.{i}"))
+                    .conv2d(ch, ch, 1, 1, 0)
+            })
             .collect::<Result<_>>()?;
         let last = *c.block_out_channels.last().unwrap();
         let mid_conv = vb.pp("controlnet_mid_block").conv2d(last, last, 1, 1, 0)?;
-        Ok(ControlNet { config: c, enc, cond_in, cond_blocks, cond_out, bgr, conditioning_channels, zero_convs, mid_conv })
+        Ok(ControlNet {
+            config: c,
+            enc,
+            cond_in,
+            cond_blocks,
+            cond_out,
+            bgr,
+            conditioning_channels,
+            zero_convs,
+            mid_conv,
+        })
     }
 
     /// x: NHWC latents; image: NHWC conditioning image in [0, 1] at 8× the latent size.
-    pub fn forward(&self, x: &Tensor, cond: &Cond, image: &Tensor, conditioning_scale: f32) -> Result<ControlOutput> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cond: &Cond,
+        image: &Tensor,
+        conditioning_scale: f32,
+    ) -> Result<ControlOutput> {
         let c = &self.config;
         let (b, h, w, cin) = x.dims4();
         if cin != c.in_channels {
-            bail!("sample has {cin} channels, the ControlNet expects in_channels = {}", c.in_channels);
+            bail!(
+                "sample has {cin} channels, the ControlNet expects in_channels = {}",
+                c.in_channels
+            );
         }
         check_cond(cond, b, &c.cross_attention_dim)?;
         let (ib, ih, iw, ic) = image.dims4();
         if ib != b || ic != self.conditioning_channels {
-            bail!("controlnet_cond has shape {:?} (NHWC), expected [{b}, H, W, {}]", image.shape(), self.conditioning_channels);
+            bail!(
+                "controlnet_cond has shape {:?} (NHWC), expected [{b}, H, W, {}]",
+                image.shape(),
+                self.conditioning_channels
+            );
         }
-        let image = if self.bgr { flip_channels(image) } else { image.clone() };
+        let image = if self.bgr {
+            flip_channels(image)
+        } else {
+            image.clone()
+        };
         let mut e = ops::silu(&ops::conv2d(&image, &self.cond_in));
         for conv in &self.cond_blocks {
             e = ops::silu(&ops::conv2d(&e, conv));

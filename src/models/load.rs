@@ -24,31 +24,39 @@ impl Checkpoint {
         let dir = component_dir(path, subfolder)?;
         let config = Config::read_dir(&dir)?;
         let weights = open_weights(&dir)?;
-        Ok(Checkpoint { dir, config, weights })
+        Ok(Checkpoint {
+            dir,
+            config,
+            weights,
+        })
     }
 }
 
 pub fn load_unet(path: &Path) -> Result<Unet> {
     let ck = Checkpoint::open(path, "unet")?;
-    Unet::load(&ck.config, &ck.weights).with_context(|| format!("loading the UNet from {}", ck.dir.display()))
+    Unet::load(&ck.config, &ck.weights)
+        .with_context(|| format!("loading the UNet from {}", ck.dir.display()))
 }
 
 pub fn load_controlnet(path: &Path) -> Result<ControlNet> {
     let ck = Checkpoint::open(path, "controlnet")?;
-    ControlNet::load(&ck.config, &ck.weights).with_context(|| format!("loading the ControlNet from {}", ck.dir.display()))
+    ControlNet::load(&ck.config, &ck.weights)
+        .with_context(|| format!("loading the ControlNet from {}", ck.dir.display()))
 }
 
 pub fn load_vae(path: &Path) -> Result<Vae> {
     let mut ck = Checkpoint::open(path, "vae")?;
     ck.weights.normalise_names(vae::normalise_legacy_name);
-    Vae::load(&ck.config, &ck.weights).with_context(|| format!("loading the VAE from {}", ck.dir.display()))
+    Vae::load(&ck.config, &ck.weights)
+        .with_context(|| format!("loading the VAE from {}", ck.dir.display()))
 }
 
 /// `subfolder` is "text_encoder" or "text_encoder_2".
 pub fn load_text_encoder(path: &Path, subfolder: &str) -> Result<ClipText> {
     let mut ck = Checkpoint::open(path, subfolder)?;
     normalise_text_encoder(&mut ck.weights);
-    ClipText::load(&ck.config, &ck.weights).with_context(|| format!("loading the text encoder from {}", ck.dir.display()))
+    ClipText::load(&ck.config, &ck.weights)
+        .with_context(|| format!("loading the text encoder from {}", ck.dir.display()))
 }
 
 pub fn normalise_text_encoder(w: &mut WeightStore) {

@@ -3,7 +3,7 @@
 pub mod blocks;
 pub mod clip_text;
 pub mod controlnet;
+pub mod load;
 pub mod nn;
 pub mod unet;
 pub mod vae;
-pub mod load;

@@ -15,10 +15,18 @@ pub struct GroupNorm {
 
 impl GroupNorm {
     pub fn load(vb: &Vb, groups: usize, channels: usize, eps: f64) -> Result<Self> {
-        if channels % groups != 0 {
-            anyhow::bail!("{}: {channels} channels cannot be split into {groups} groups (norm_num_groups)", vb.prefix());
+        if !channels.is_multiple_of(groups) {
+            anyhow::bail!(
+                "{}: {channels} channels cannot be split into {groups} groups (norm_num_groups)",
+                vb.prefix()
+            );
         }
-        Ok(GroupNorm { gamma: vb.get("weight", &[channels])?, beta: vb.get("bias", &[channels])?, groups, eps: eps as f32 })
+        Ok(GroupNorm {
+            gamma: vb.get("weight", &[channels])?,
+            beta: vb.get("bias", &[channels])?,
+            groups,
+            eps: eps as f32,
+        })
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         ops::group_norm(x, self.groups, &self.gamma, &self.beta, self.eps, false)
@@ -37,7 +45,11 @@ pub struct LayerNorm {
 
 impl LayerNorm {
     pub fn load(vb: &Vb, channels: usize, eps: f64) -> Result<Self> {
-        Ok(LayerNorm { gamma: vb.get("weight", &[channels])?, beta: vb.get("bias", &[channels])?, eps: eps as f32 })
+        Ok(LayerNorm {
+            gamma: vb.get("weight", &[channels])?,
+            beta: vb.get("bias", &[channels])?,
+            eps: eps as f32,
+        })
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         ops::layer_norm(x, &self.gamma, &self.beta, self.eps)

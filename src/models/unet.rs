@@ -1,6 +1,8 @@
 //! UNet2DConditionModel (SD1.x, SD2.x, SDXL; any in_channels; ControlNet residual inputs).
 
-use super::blocks::{load_downsample, upsample, ResnetBlock, SpatialTransformer, TimestepEmbedding};
+use super::blocks::{
+    load_downsample, upsample, ResnetBlock, SpatialTransformer, TimestepEmbedding,
+};
 use super::nn::GroupNorm;
 use crate::backend::{self as ops, Conv2dW};
 use crate::config::Config;
@@ -51,14 +53,22 @@ impl UnetConfig {
         }
         let down_types = cfg.str_list("down_block_types")?;
         if down_types.len() != nb {
-            bail!("{}: `down_block_types` has {} entries but `block_out_channels` has {nb}", cfg.path.display(), down_types.len());
+            bail!(
+                "{}: `down_block_types` has {} entries but `block_out_channels` has {nb}",
+                cfg.path.display(),
+                down_types.len()
+            );
         }
         let down_attn = down_types
             .iter()
             .map(|t| match t.as_str() {
                 "CrossAttnDownBlock2D" => Ok(true),
                 "DownBlock2D" => Ok(false),
-                other => Err(cfg.unsupported("down_block_types", other, "CrossAttnDownBlock2D, DownBlock2D")),
+                other => Err(cfg.unsupported(
+                    "down_block_types",
+                    other,
+                    "CrossAttnDownBlock2D, DownBlock2D",
+                )),
             })
             .collect::<Result<Vec<_>>>()?;
         let up_attn = if controlnet {
@@ -66,20 +76,33 @@ impl UnetConfig {
         } else {
             let up_types = cfg.str_list("up_block_types")?;
             if up_types.len() != nb {
-                bail!("{}: `up_block_types` has {} entries but `block_out_channels` has {nb}", cfg.path.display(), up_types.len());
+                bail!(
+                    "{}: `up_block_types` has {} entries but `block_out_channels` has {nb}",
+                    cfg.path.display(),
+                    up_types.len()
+                );
             }
             up_types
                 .iter()
                 .map(|t| match t.as_str() {
                     "CrossAttnUpBlock2D" => Ok(true),
                     "UpBlock2D" => Ok(false),
-                    other => Err(cfg.unsupported("up_block_types", other, "CrossAttnUpBlock2D, UpBlock2D")),
+                    other => Err(cfg.unsupported(
+                        "up_block_types",
+                        other,
+                        "CrossAttnUpBlock2D, UpBlock2D",
+                    )),
                 })
                 .collect::<Result<Vec<_>>>()?
         };
-        let mid_attn = match cfg.opt_str("mid_block_type")?.unwrap_or("UNetMidBlock2DCrossAttn") {
+        let mid_attn = match cfg
+            .opt_str("mid_block_type")?
+            .unwrap_or("UNetMidBlock2DCrossAttn")
+        {
             "UNetMidBlock2DCrossAttn" => true,
-            other => return Err(cfg.unsupported("mid_block_type", other, "UNetMidBlock2DCrossAttn")),
+            other => {
+                return Err(cfg.unsupported("mid_block_type", other, "UNetMidBlock2DCrossAttn"))
+            }
         };
         // diffusers names the head count `attention_head_dim` for historical reasons; `num_attention_heads`
         // wins when both are present.
@@ -90,7 +113,10 @@ impl UnetConfig {
         };
         for (i, (&h, &c)) in heads.iter().zip(&block_out_channels).enumerate() {
             if h == 0 || c % h != 0 {
-                bail!("{}: block {i} has {c} channels, not divisible into {h} attention heads", cfg.path.display());
+                bail!(
+                    "{}: block {i} has {c} channels, not divisible into {h} attention heads",
+                    cfg.path.display()
+                );
             }
         }
         let transformer_layers = match cfg.get("transformer_layers_per_block") {
@@ -103,8 +129,13 @@ impl UnetConfig {
         };
         let text_time = match cfg.opt_str("addition_embed_type")? {
             None => None,
-            Some("text_time") => Some((cfg.usize("addition_time_embed_dim")?, cfg.usize("projection_class_embeddings_input_dim")?)),
-            Some(other) => return Err(cfg.unsupported("addition_embed_type", other, "null, \"text_time\"")),
+            Some("text_time") => Some((
+                cfg.usize("addition_time_embed_dim")?,
+                cfg.usize("projection_class_embeddings_input_dim")?,
+            )),
+            Some(other) => {
+                return Err(cfg.unsupported("addition_embed_type", other, "null, \"text_time\""))
+            }
         };
         for (field, ok) in [
             ("class_embed_type", None::<&str>),
@@ -133,7 +164,13 @@ impl UnetConfig {
         if !controlnet {
             expect_str("resnet_time_scale_shift", "default")?;
         }
-        for field in ["dual_cross_attention", "center_input_sample", "class_embeddings_concat", "resnet_skip_time_act", "global_pool_conditions"] {
+        for field in [
+            "dual_cross_attention",
+            "center_input_sample",
+            "class_embeddings_concat",
+            "resnet_skip_time_act",
+            "global_pool_conditions",
+        ] {
             if cfg.bool_or(field, false)? {
                 return Err(cfg.unsupported(field, true, "false"));
             }
@@ -141,31 +178,51 @@ impl UnetConfig {
         match cfg.get("only_cross_attention") {
             None => {}
             Some(serde_json::Value::Bool(false)) => {}
-            Some(serde_json::Value::Array(a)) if a.iter().all(|v| v == &serde_json::Value::Bool(false)) => {}
+            Some(serde_json::Value::Array(a))
+                if a.iter().all(|v| v == &serde_json::Value::Bool(false)) => {}
             Some(v) => return Err(cfg.unsupported("only_cross_attention", v, "false")),
         }
         if cfg.get("time_embedding_dim").is_some() {
             let d = cfg.usize("time_embedding_dim")?;
             if d != block_out_channels[0] * 4 {
-                return Err(cfg.unsupported("time_embedding_dim", d, "null (4 × block_out_channels[0])"));
+                return Err(cfg.unsupported(
+                    "time_embedding_dim",
+                    d,
+                    "null (4 × block_out_channels[0])",
+                ));
             }
         }
         if cfg.get("encoder_hid_dim").is_some() {
-            return Err(cfg.unsupported("encoder_hid_dim", cfg.get("encoder_hid_dim").unwrap(), "null"));
+            return Err(cfg.unsupported(
+                "encoder_hid_dim",
+                cfg.get("encoder_hid_dim").unwrap(),
+                "null",
+            ));
         }
         if (cfg.f64_or("resnet_out_scale_factor", 1.0)? - 1.0).abs() > 0.0 {
-            return Err(cfg.unsupported("resnet_out_scale_factor", cfg.get("resnet_out_scale_factor").unwrap(), "1.0"));
+            return Err(cfg.unsupported(
+                "resnet_out_scale_factor",
+                cfg.get("resnet_out_scale_factor").unwrap(),
+                "1.0",
+            ));
         }
         let conv_in_kernel = cfg.usize_or("conv_in_kernel", 3)?;
         let conv_out_kernel = cfg.usize_or("conv_out_kernel", 3)?;
-        for (f, k) in [("conv_in_kernel", conv_in_kernel), ("conv_out_kernel", conv_out_kernel)] {
+        for (f, k) in [
+            ("conv_in_kernel", conv_in_kernel),
+            ("conv_out_kernel", conv_out_kernel),
+        ] {
             if k % 2 == 0 {
                 return Err(cfg.unsupported(f, k, "an odd kernel size"));
             }
         }
         Ok(UnetConfig {
             in_channels: cfg.usize_or("in_channels", 4)?,
-            out_channels: if controlnet { 0 } else { cfg.usize_or("out_channels", 4)? },
+            out_channels: if controlnet {
+                0
+            } else {
+                cfg.usize_or("out_channels", 4)?
+            },
             layers_per_block: cfg.usize_per_block("layers_per_block", nb)?,
             down_attn,
             up_attn,
@@ -219,7 +276,10 @@ impl Embeddings {
             time: TimestepEmbedding::load(&vb.pp("time_embedding"), ch, c.time_embed_dim())?,
             add: match c.text_time {
                 None => None,
-                Some((td, proj)) => Some((td, TimestepEmbedding::load(&vb.pp("add_embedding"), proj, c.time_embed_dim())?)),
+                Some((td, proj)) => Some((
+                    td,
+                    TimestepEmbedding::load(&vb.pp("add_embedding"), proj, c.time_embed_dim())?,
+                )),
             },
         })
     }
@@ -230,14 +290,21 @@ impl Embeddings {
         let emb = self.time.forward(&t);
         let aug = match (&self.add, cond.text_time) {
             (None, _) => None,
-            (Some(_), None) => bail!("this UNet (addition_embed_type text_time, SDXL) needs text_embeds and time_ids"),
+            (Some(_), None) => bail!(
+                "this UNet (addition_embed_type text_time, SDXL) needs text_embeds and time_ids"
+            ),
             (Some((td, mlp)), Some((text_embeds, time_ids))) => {
                 let b = cond.timesteps.len();
                 let nt = time_ids.numel() / b.max(1);
                 if time_ids.shape()[0] != b || text_embeds.shape()[0] != b {
-                    bail!("text_embeds {:?} and time_ids {:?} must have one row per sample ({b})", text_embeds.shape(), time_ids.shape());
+                    bail!(
+                        "text_embeds {:?} and time_ids {:?} must have one row per sample ({b})",
+                        text_embeds.shape(),
+                        time_ids.shape()
+                    );
                 }
-                let te = ops::timestep_embedding(time_ids.data(), *td, self.flip, self.shift).reshape(vec![b, nt * td]);
+                let te = ops::timestep_embedding(time_ids.data(), *td, self.flip, self.shift)
+                    .reshape(vec![b, nt * td]);
                 let add_in = ops::concat_channels(&[text_embeds, &te]);
                 let want = mlp.linear_1.in_features();
                 if add_in.last_dim() != want {
@@ -256,8 +323,8 @@ impl Embeddings {
 }
 
 enum Layer {
-    Resnet(ResnetBlock),
-    Attn(SpatialTransformer),
+    Resnet(Box<ResnetBlock>),
+    Attn(Box<SpatialTransformer>),
 }
 
 /// One down block: resnets (each followed by a transformer in CrossAttn blocks), then an optional
@@ -268,7 +335,13 @@ pub struct DownBlock {
 }
 
 impl DownBlock {
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor, skips: &mut Vec<Tensor>) -> Tensor {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        ctx: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Tensor {
         let mut h = x.clone();
         for (r, a) in &self.layers {
             h = r.forward(&h, Some(temb));
@@ -301,13 +374,36 @@ impl MidBlock {
         let g = c.norm_num_groups;
         let te = c.time_embed_dim();
         let s = c.mid_block_scale_factor;
-        let mut layers = vec![Layer::Resnet(ResnetBlock::load(&vb.pp("resnets.0"), ch, ch, Some(te), g, c.norm_eps, s)?)];
+        let mut layers = vec![Layer::Resnet(Box::new(ResnetBlock::load(
+            &vb.pp("resnets.0"),
+            ch,
+            ch,
+            Some(te),
+            g,
+            c.norm_eps,
+            s,
+        )?))];
         if c.mid_attn {
             let heads = *c.heads.last().unwrap();
             let ctx = *c.cross_attention_dim.last().unwrap();
             let tl = *c.transformer_layers.last().unwrap();
-            layers.push(Layer::Attn(SpatialTransformer::load(&vb.pp("attentions.0"), ch, heads, tl, ctx, g)?));
-            layers.push(Layer::Resnet(ResnetBlock::load(&vb.pp("resnets.1"), ch, ch, Some(te), g, c.norm_eps, s)?));
+            layers.push(Layer::Attn(Box::new(SpatialTransformer::load(
+                &vb.pp("attentions.0"),
+                ch,
+                heads,
+                tl,
+                ctx,
+                g,
+            )?)));
+            layers.push(Layer::Resnet(Box::new(ResnetBlock::load(
+                &vb.pp("resnets.1"),
+                ch,
+                ch,
+                Some(te),
+                g,
+                c.norm_eps,
+                s,
+            )?)));
         }
         Ok(MidBlock { layers })
     }
@@ -334,7 +430,9 @@ pub struct Encoder {
 impl Encoder {
     pub fn load(vb: &Vb, c: &UnetConfig) -> Result<Self> {
         let k = c.conv_in_kernel;
-        let conv_in = vb.pp("conv_in").conv2d(c.in_channels, c.block_out_channels[0], k, 1, k / 2)?;
+        let conv_in =
+            vb.pp("conv_in")
+                .conv2d(c.in_channels, c.block_out_channels[0], k, 1, k / 2)?;
         let mut down = Vec::new();
         let mut out_ch = c.block_out_channels[0];
         let nb = c.block_out_channels.len();
@@ -367,10 +465,26 @@ impl Encoder {
                 };
                 layers.push((r, a));
             }
-            let down_s = if i + 1 < nb { Some(load_downsample(&bvb.pp("downsamplers.0"), out_ch, c.downsample_padding)?) } else { None };
-            down.push(DownBlock { layers, down: down_s });
+            let down_s = if i + 1 < nb {
+                Some(load_downsample(
+                    &bvb.pp("downsamplers.0"),
+                    out_ch,
+                    c.downsample_padding,
+                )?)
+            } else {
+                None
+            };
+            down.push(DownBlock {
+                layers,
+                down: down_s,
+            });
         }
-        Ok(Encoder { emb: Embeddings::load(vb, c)?, conv_in, down, mid: MidBlock::load(&vb.pp("mid_block"), c)? })
+        Ok(Encoder {
+            emb: Embeddings::load(vb, c)?,
+            conv_in,
+            down,
+            mid: MidBlock::load(&vb.pp("mid_block"), c)?,
+        })
     }
 }
 
@@ -436,7 +550,14 @@ impl Unet {
                 };
                 layers.push((r, a));
             }
-            let up_s = if i + 1 < nb { Some(bvb.pp("upsamplers.0.conv").conv2d(out_ch, out_ch, 3, 1, 1)?) } else { None };
+            let up_s = if i + 1 < nb {
+                Some(
+                    bvb.pp("upsamplers.0.conv")
+                        .conv2d(out_ch, out_ch, 3, 1, 1)?,
+                )
+            } else {
+                None
+            };
             up.push(UpBlock { layers, up: up_s });
         }
         let ch0 = c.block_out_channels[0];
@@ -452,16 +573,30 @@ impl Unet {
 
     /// Number of skip tensors the encoder produces (= ControlNet down residuals expected).
     pub fn num_skips(&self) -> usize {
-        1 + self.enc.down.iter().map(|d| d.resnets() + d.has_downsampler() as usize).sum::<usize>()
+        1 + self
+            .enc
+            .down
+            .iter()
+            .map(|d| d.resnets() + d.has_downsampler() as usize)
+            .sum::<usize>()
     }
 
     /// x: NHWC latents. `residuals`: ControlNet (down residuals, mid residual), NHWC, added to the
     /// skips and the mid-block output. Returns the model output (noise or v) in NHWC.
-    pub fn forward(&self, x: &Tensor, cond: &Cond, residuals: Option<(&[Tensor], &Tensor)>, mut trace: Option<&mut Trace>) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        cond: &Cond,
+        residuals: Option<(&[Tensor], &Tensor)>,
+        mut trace: Option<&mut Trace>,
+    ) -> Result<Tensor> {
         let c = &self.config;
         let (b, _, _, cin) = x.dims4();
         if cin != c.in_channels {
-            bail!("sample has {cin} channels, the UNet expects in_channels = {}", c.in_channels);
+            bail!(
+                "sample has {cin} channels, the UNet expects in_channels = {}",
+                c.in_channels
+            );
         }
         check_cond(cond, b, &c.cross_attention_dim)?;
         let mut rec = |name: &str, t: &Tensor| {
@@ -489,11 +624,19 @@ impl Unet {
         }
         if let Some((down_res, _)) = residuals {
             if down_res.len() != skips.len() {
-                bail!("{} ControlNet down residuals given, the UNet has {} skip connections", down_res.len(), skips.len());
+                bail!(
+                    "{} ControlNet down residuals given, the UNet has {} skip connections",
+                    down_res.len(),
+                    skips.len()
+                );
             }
             for (i, (s, r)) in skips.iter_mut().zip(down_res).enumerate() {
                 if s.shape() != r.shape() {
-                    bail!("down_res.{i} has shape {:?} (NHWC), the UNet's skip has {:?}", r.shape(), s.shape());
+                    bail!(
+                        "down_res.{i} has shape {:?} (NHWC), the UNet's skip has {:?}",
+                        r.shape(),
+                        s.shape()
+                    );
                 }
                 *s = ops::add(s, r);
             }
@@ -501,7 +644,11 @@ impl Unet {
         h = self.enc.mid.forward(&h, &temb, cond.context);
         if let Some((_, mid)) = residuals {
             if mid.shape() != h.shape() {
-                bail!("mid_res has shape {:?} (NHWC), the mid block output has {:?}", mid.shape(), h.shape());
+                bail!(
+                    "mid_res has shape {:?} (NHWC), the mid block output has {:?}",
+                    mid.shape(),
+                    h.shape()
+                );
             }
             h = ops::add(&h, mid);
         }
@@ -516,7 +663,9 @@ impl Unet {
             }
             if let Some(conv) = &u.up {
                 // The next skip fixes the size, so odd latent sizes round-trip as in diffusers.
-                let next = skips.last().expect("an upsampler is followed by more skips");
+                let next = skips
+                    .last()
+                    .expect("an upsampler is followed by more skips");
                 h = upsample(&h, conv, Some((next.shape()[1], next.shape()[2])));
             }
             rec(&format!("up.{i}"), &h);
@@ -533,7 +682,10 @@ pub(crate) fn check_cond(cond: &Cond, b: usize, ctx_dims: &[usize]) -> Result<()
     }
     let cs = cond.context.shape();
     if cs.len() != 3 || cs[0] != b || cs[2] != ctx_dims[0] {
-        bail!("encoder_hidden_states has shape {cs:?}, expected [{b}, tokens, {}]", ctx_dims[0]);
+        bail!(
+            "encoder_hidden_states has shape {cs:?}, expected [{b}, tokens, {}]",
+            ctx_dims[0]
+        );
     }
     Ok(())
 }

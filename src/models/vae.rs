@@ -12,7 +12,12 @@ const EPS: f64 = 1e-6;
 
 /// Renames old diffusers VAE attention tensors (query/key/value/proj_attn) to the current names.
 pub fn normalise_legacy_name(name: &str) -> Option<String> {
-    for (old, new) in [(".query.", ".to_q."), (".key.", ".to_k."), (".value.", ".to_v."), (".proj_attn.", ".to_out.0.")] {
+    for (old, new) in [
+        (".query.", ".to_q."),
+        (".key.", ".to_k."),
+        (".value.", ".to_v."),
+        (".proj_attn.", ".to_out.0."),
+    ] {
         if name.contains(old) && name.contains(".attentions.") {
             return Some(name.replacen(old, new, 1));
         }
@@ -30,7 +35,11 @@ impl Mid {
     fn load(vb: &Vb, ch: usize, groups: usize, attention: bool) -> Result<Self> {
         Ok(Mid {
             r0: ResnetBlock::load(&vb.pp("resnets.0"), ch, ch, None, groups, EPS, 1.0)?,
-            attn: if attention { Some(VaeAttention::load(&vb.pp("attentions.0"), ch, groups, EPS)?) } else { None },
+            attn: if attention {
+                Some(VaeAttention::load(&vb.pp("attentions.0"), ch, groups, EPS)?)
+            } else {
+                None
+            },
             r1: ResnetBlock::load(&vb.pp("resnets.1"), ch, ch, None, groups, EPS, 1.0)?,
         })
     }
@@ -74,10 +83,17 @@ impl Vae {
         if nb == 0 {
             return Err(cfg.unsupported("block_out_channels", "[]", "a non-empty list"));
         }
-        for (field, want) in [("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")] {
+        for (field, want) in [
+            ("down_block_types", "DownEncoderBlock2D"),
+            ("up_block_types", "UpDecoderBlock2D"),
+        ] {
             let types = cfg.str_list(field)?;
             if types.len() != nb {
-                bail!("{}: `{field}` has {} entries but `block_out_channels` has {nb}", cfg.path.display(), types.len());
+                bail!(
+                    "{}: `{field}` has {} entries but `block_out_channels` has {nb}",
+                    cfg.path.display(),
+                    types.len()
+                );
             }
             if let Some(t) = types.iter().find(|t| *t != want) {
                 return Err(cfg.unsupported(field, t, want));
@@ -96,43 +112,82 @@ impl Vae {
         let e = vb.pp("encoder");
         let mut enc_down = Vec::new();
         let mut out_ch = ch[0];
-        for i in 0..nb {
+        for (i, &c) in ch.iter().enumerate() {
             let in_ch = out_ch;
-            out_ch = ch[i];
+            out_ch = c;
             let b = e.pp(format!("down_blocks.{i}"));
             let resnets = (0..layers)
-                .map(|j| ResnetBlock::load(&b.pp(format!("resnets.{j}")), if j == 0 { in_ch } else { out_ch }, out_ch, None, groups, EPS, 1.0))
+                .map(|j| {
+                    ResnetBlock::load(
+                        &b.pp(format!("resnets.{j}")),
+                        if j == 0 { in_ch } else { out_ch },
+                        out_ch,
+                        None,
+                        groups,
+                        EPS,
+                        1.0,
+                    )
+                })
                 .collect::<Result<_>>()?;
-            let resample = if i + 1 < nb { Some(load_downsample(&b.pp("downsamplers.0"), out_ch, 0)?) } else { None };
+            let resample = if i + 1 < nb {
+                Some(load_downsample(&b.pp("downsamplers.0"), out_ch, 0)?)
+            } else {
+                None
+            };
             enc_down.push(Block { resnets, resample });
         }
         let d = vb.pp("decoder");
         let rev: Vec<usize> = ch.iter().rev().copied().collect();
         let mut dec_up = Vec::new();
         let mut out_ch = rev[0];
-        for i in 0..nb {
+        for (i, &c) in rev.iter().enumerate() {
             let prev = out_ch;
-            out_ch = rev[i];
+            out_ch = c;
             let b = d.pp(format!("up_blocks.{i}"));
             let resnets = (0..layers + 1)
-                .map(|j| ResnetBlock::load(&b.pp(format!("resnets.{j}")), if j == 0 { prev } else { out_ch }, out_ch, None, groups, EPS, 1.0))
+                .map(|j| {
+                    ResnetBlock::load(
+                        &b.pp(format!("resnets.{j}")),
+                        if j == 0 { prev } else { out_ch },
+                        out_ch,
+                        None,
+                        groups,
+                        EPS,
+                        1.0,
+                    )
+                })
                 .collect::<Result<_>>()?;
-            let resample = if i + 1 < nb { Some(b.pp("upsamplers.0.conv").conv2d(out_ch, out_ch, 3, 1, 1)?) } else { None };
+            let resample = if i + 1 < nb {
+                Some(b.pp("upsamplers.0.conv").conv2d(out_ch, out_ch, 3, 1, 1)?)
+            } else {
+                None
+            };
             dec_up.push(Block { resnets, resample });
         }
         let last = ch[nb - 1];
         Ok(Vae {
             latent_channels: lat,
             scaling_factor: cfg.f64_or("scaling_factor", 0.18215)?,
-            shift_factor: cfg.get("shift_factor").map(|_| cfg.f64_or("shift_factor", 0.0)).transpose()?,
+            shift_factor: cfg
+                .get("shift_factor")
+                .map(|_| cfg.f64_or("shift_factor", 0.0))
+                .transpose()?,
             in_channels: cin,
             enc_conv_in: e.pp("conv_in").conv2d(cin, ch[0], 3, 1, 1)?,
             enc_down,
             enc_mid: Mid::load(&e.pp("mid_block"), last, groups, attention)?,
             enc_norm: GroupNorm::load(&e.pp("conv_norm_out"), groups, last, EPS)?,
             enc_conv_out: e.pp("conv_out").conv2d(last, 2 * lat, 3, 1, 1)?,
-            quant_conv: if cfg.bool_or("use_quant_conv", true)? { Some(vb.pp("quant_conv").conv2d(2 * lat, 2 * lat, 1, 1, 0)?) } else { None },
-            post_quant_conv: if cfg.bool_or("use_post_quant_conv", true)? { Some(vb.pp("post_quant_conv").conv2d(lat, lat, 1, 1, 0)?) } else { None },
+            quant_conv: if cfg.bool_or("use_quant_conv", true)? {
+                Some(vb.pp("quant_conv").conv2d(2 * lat, 2 * lat, 1, 1, 0)?)
+            } else {
+                None
+            },
+            post_quant_conv: if cfg.bool_or("use_post_quant_conv", true)? {
+                Some(vb.pp("post_quant_conv").conv2d(lat, lat, 1, 1, 0)?)
+            } else {
+                None
+            },
             dec_conv_in: d.pp("conv_in").conv2d(lat, last, 3, 1, 1)?,
             dec_mid: Mid::load(&d.pp("mid_block"), last, groups, attention)?,
             dec_up,
@@ -150,7 +205,10 @@ impl Vae {
     pub fn encode(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
         let (_, h, w, c) = image.dims4();
         if c != self.in_channels {
-            bail!("image has {c} channels, the VAE expects {}", self.in_channels);
+            bail!(
+                "image has {c} channels, the VAE expects {}",
+                self.in_channels
+            );
         }
         let f = self.downscale();
         if h % f != 0 || w % f != 0 {
@@ -178,14 +236,20 @@ impl Vae {
             mean.extend_from_slice(&px[..l]);
             logvar.extend(px[l..].iter().map(|v| v.clamp(-30.0, 20.0)));
         }
-        Ok((Tensor::new(vec![n, lh, lw, l], mean), Tensor::new(vec![n, lh, lw, l], logvar)))
+        Ok((
+            Tensor::new(vec![n, lh, lw, l], mean),
+            Tensor::new(vec![n, lh, lw, l], logvar),
+        ))
     }
 
     /// latent: NHWC (unscaled, as `vae.decode` takes it) -> image NHWC, nominally [-1, 1].
     pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
         let (_, _, _, c) = latent.dims4();
         if c != self.latent_channels {
-            bail!("latent has {c} channels, the VAE expects latent_channels = {}", self.latent_channels);
+            bail!(
+                "latent has {c} channels, the VAE expects latent_channels = {}",
+                self.latent_channels
+            );
         }
         let mut x = latent.clone();
         if let Some(p) = &self.post_quant_conv {
@@ -201,6 +265,9 @@ impl Vae {
                 x = upsample(&x, u, None);
             }
         }
-        Ok(ops::conv2d(&self.dec_norm.forward_silu(&x), &self.dec_conv_out))
+        Ok(ops::conv2d(
+            &self.dec_norm.forward_silu(&x),
+            &self.dec_conv_out,
+        ))
     }
 }

@@ -12,12 +12,19 @@ pub fn component_dir(path: &Path, subfolder: &str) -> Result<PathBuf> {
         bail!("{}: no such file or directory", path.display());
     }
     if !path.is_dir() {
-        bail!("{}: expected a model folder (config.json + weights) or a diffusers pipeline folder", path.display());
+        bail!(
+            "{}: expected a model folder (config.json + weights) or a diffusers pipeline folder",
+            path.display()
+        );
     }
     if path.join("model_index.json").is_file() {
         let sub = path.join(subfolder);
         if !sub.join("config.json").is_file() {
-            bail!("{}: pipeline folder has no `{subfolder}` component ({} missing)", path.display(), sub.join("config.json").display());
+            bail!(
+                "{}: pipeline folder has no `{subfolder}` component ({} missing)",
+                path.display(),
+                sub.join("config.json").display()
+            );
         }
         return Ok(sub);
     }
@@ -47,13 +54,24 @@ pub fn open_weights(dir: &Path) -> Result<WeightStore> {
         }
     }
     let others: Vec<String> = std::fs::read_dir(dir)
-        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
         .unwrap_or_default();
     if let Some(f) = others.iter().find(|f| f.ends_with(".safetensors")) {
         return WeightStore::open_file(&dir.join(f));
     }
-    if others.iter().any(|f| f.ends_with(".bin") || f.ends_with(".ckpt") || f.ends_with(".pt")) {
+    if others
+        .iter()
+        .any(|f| f.ends_with(".bin") || f.ends_with(".ckpt") || f.ends_with(".pt"))
+    {
         bail!("{}: only pickled PyTorch weights (.bin/.ckpt) found; toffee reads safetensors only (convert with `safetensors`' convert script)", dir.display());
     }
-    bail!("{}: no safetensors weights (looked for {} and *.safetensors.index.json)", dir.display(), SINGLE.join(", "))
+    bail!(
+        "{}: no safetensors weights (looked for {} and *.safetensors.index.json)",
+        dir.display(),
+        SINGLE.join(", ")
+    )
 }

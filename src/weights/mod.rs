@@ -24,15 +24,24 @@ impl WeightStore {
     /// One safetensors file.
     pub fn open_file(path: &Path) -> Result<Self> {
         let f = SafetensorsFile::open(path)?;
-        let names = f.tensors.keys().map(|k| (k.clone(), (0, k.clone()))).collect();
-        Ok(WeightStore { origin: path.to_path_buf(), files: vec![f], names })
+        let names = f
+            .tensors
+            .keys()
+            .map(|k| (k.clone(), (0, k.clone())))
+            .collect();
+        Ok(WeightStore {
+            origin: path.to_path_buf(),
+            files: vec![f],
+            names,
+        })
     }
 
     /// A sharded checkpoint: `*.safetensors.index.json` with a `weight_map` of name -> shard file.
     pub fn open_index(index: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(index).with_context(|| format!("{}: cannot read", index.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", index.display()))?;
+        let text = std::fs::read_to_string(index)
+            .with_context(|| format!("{}: cannot read", index.display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not valid JSON", index.display()))?;
         let map = v
             .get("weight_map")
             .and_then(|m| m.as_object())
@@ -42,7 +51,9 @@ impl WeightStore {
         let mut files = Vec::new();
         let mut names = BTreeMap::new();
         for (name, shard) in map {
-            let shard = shard.as_str().ok_or_else(|| anyhow!("{}: shard of `{name}` is not a string", index.display()))?;
+            let shard = shard
+                .as_str()
+                .ok_or_else(|| anyhow!("{}: shard of `{name}` is not a string", index.display()))?;
             let id = match shard_ids.get(shard) {
                 Some(&id) => id,
                 None => {
@@ -52,11 +63,18 @@ impl WeightStore {
                 }
             };
             if files[id].info(name).is_none() {
-                bail!("{}: the index puts `{name}` in {shard}, which does not contain it", index.display());
+                bail!(
+                    "{}: the index puts `{name}` in {shard}, which does not contain it",
+                    index.display()
+                );
             }
             names.insert(name.clone(), (id, name.clone()));
         }
-        Ok(WeightStore { origin: index.to_path_buf(), files, names })
+        Ok(WeightStore {
+            origin: index.to_path_buf(),
+            files,
+            names,
+        })
     }
 
     /// Renames tensors: `f` returns the normalised name for a stored one, or None to keep it.
@@ -87,7 +105,10 @@ impl WeightStore {
     }
 
     fn file_of(&self, name: &str) -> &Path {
-        self.names.get(name).map(|(fi, _)| self.files[*fi].path.as_path()).unwrap_or(&self.origin)
+        self.names
+            .get(name)
+            .map(|(fi, _)| self.files[*fi].path.as_path())
+            .unwrap_or(&self.origin)
     }
 
     /// A tensor as f32, any shape.
@@ -115,7 +136,11 @@ impl WeightStore {
 
     /// Total parameter count (elements over all tensors).
     pub fn param_count(&self) -> usize {
-        self.names.keys().filter_map(|n| self.info(n)).map(|(i, _)| i.numel()).sum()
+        self.names
+            .keys()
+            .filter_map(|n| self.info(n))
+            .map(|(i, _)| i.numel())
+            .sum()
     }
 
     /// Bytes and elements per dtype.
@@ -141,7 +166,10 @@ pub struct Vb<'a> {
 
 impl<'a> Vb<'a> {
     pub fn root(store: &'a WeightStore) -> Vb<'a> {
-        Vb { store, prefix: String::new() }
+        Vb {
+            store,
+            prefix: String::new(),
+        }
     }
 
     pub fn prefix(&self) -> &str {
@@ -149,8 +177,15 @@ impl<'a> Vb<'a> {
     }
 
     pub fn pp(&self, name: impl std::fmt::Display) -> Vb<'a> {
-        let prefix = if self.prefix.is_empty() { name.to_string() } else { format!("{}.{}", self.prefix, name) };
-        Vb { store: self.store, prefix }
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Vb {
+            store: self.store,
+            prefix,
+        }
     }
 
     fn full(&self, name: &str) -> String {
@@ -190,13 +225,24 @@ impl<'a> Vb<'a> {
                 [out, inp]
             );
         };
-        let bias = if bias { Some(self.get("bias", &[out])?) } else { None };
+        let bias = if bias {
+            Some(self.get("bias", &[out])?)
+        } else {
+            None
+        };
         Ok(LinearW { weight: w, bias })
     }
 
     /// A square-kernel convolution with bias; a linear weight is accepted for 1×1 kernels (SD2's
     /// linear projections are loaded through `linear`, this covers the converse).
-    pub fn conv2d(&self, inp: usize, out: usize, k: usize, stride: usize, pad: usize) -> Result<Conv2dW> {
+    pub fn conv2d(
+        &self,
+        inp: usize,
+        out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+    ) -> Result<Conv2dW> {
         let name = self.full("weight");
         let w = self.store.get_any(&name)?;
         let w = if w.shape() == [out, inp, k, k] {

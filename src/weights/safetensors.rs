@@ -86,9 +86,15 @@ impl SafetensorsFile {
         let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         // Safety: the file is mapped read-only; modifying a checkpoint while it is loaded is outside
         // what this engine supports (as for every mmap-based loader).
-        let mmap = unsafe { Mmap::map(&file) }.with_context(|| format!("{}: cannot memory-map", path.display()))?;
-        let tensors = parse_header(&mmap).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, tensors })
+        let mmap = unsafe { Mmap::map(&file) }
+            .with_context(|| format!("{}: cannot memory-map", path.display()))?;
+        let tensors = parse_header(&mmap)
+            .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            mmap,
+            tensors,
+        })
     }
 
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
@@ -102,12 +108,21 @@ impl SafetensorsFile {
             .get(name)
             .ok_or_else(|| anyhow!("{}: no tensor named `{name}`", self.path.display()))?;
         let bytes = &self.mmap[info.start..info.end];
-        let data = to_f32(bytes, info.dtype)
-            .ok_or_else(|| anyhow!("{}: tensor `{name}` has dtype {}, which cannot be converted to f32", self.path.display(), info.dtype.name()))?;
+        let data = to_f32(bytes, info.dtype).ok_or_else(|| {
+            anyhow!(
+                "{}: tensor `{name}` has dtype {}, which cannot be converted to f32",
+                self.path.display(),
+                info.dtype.name()
+            )
+        })?;
         // Safety: DONTNEED on a read-only file mapping only drops clean pages; they are re-read from
         // the file if touched again.
         unsafe {
-            let _ = self.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, info.start, info.end - info.start);
+            let _ = self.mmap.unchecked_advise_range(
+                memmap2::UncheckedAdvice::DontNeed,
+                info.start,
+                info.end - info.start,
+            );
         }
         Ok(Tensor::new(info.shape.clone(), data))
     }
@@ -115,11 +130,17 @@ impl SafetensorsFile {
 
 fn parse_header(buf: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
     if buf.len() < 8 {
-        bail!("file is {} bytes, shorter than the 8-byte header length (truncated?)", buf.len());
+        bail!(
+            "file is {} bytes, shorter than the 8-byte header length (truncated?)",
+            buf.len()
+        );
     }
     let n = u64::from_le_bytes(buf[..8].try_into().unwrap());
     if n > (buf.len() as u64 - 8) || n > 100 << 20 {
-        bail!("header length {n} exceeds the file size {} (truncated or not safetensors)", buf.len());
+        bail!(
+            "header length {n} exceeds the file size {} (truncated or not safetensors)",
+            buf.len()
+        );
     }
     let n = n as usize;
     let header: serde_json::Map<String, serde_json::Value> =
@@ -130,8 +151,12 @@ fn parse_header(buf: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
         if name == "__metadata__" {
             continue;
         }
-        let dtype_s = v.get("dtype").and_then(|d| d.as_str()).ok_or_else(|| anyhow!("tensor `{name}`: missing dtype"))?;
-        let dtype = Dtype::parse(dtype_s).ok_or_else(|| anyhow!("tensor `{name}`: unsupported dtype {dtype_s}"))?;
+        let dtype_s = v
+            .get("dtype")
+            .and_then(|d| d.as_str())
+            .ok_or_else(|| anyhow!("tensor `{name}`: missing dtype"))?;
+        let dtype = Dtype::parse(dtype_s)
+            .ok_or_else(|| anyhow!("tensor `{name}`: unsupported dtype {dtype_s}"))?;
         let shape: Vec<usize> = v
             .get("shape")
             .and_then(|s| s.as_array())
@@ -150,9 +175,21 @@ fn parse_header(buf: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
         }
         let numel: usize = shape.iter().product();
         if numel * dtype.size() != offs[1] - offs[0] {
-            bail!("tensor `{name}`: shape {shape:?} of {} does not fit its {} bytes", dtype.name(), offs[1] - offs[0]);
+            bail!(
+                "tensor `{name}`: shape {shape:?} of {} does not fit its {} bytes",
+                dtype.name(),
+                offs[1] - offs[0]
+            );
         }
-        out.insert(name, TensorInfo { dtype, shape, start: 8 + n + offs[0], end: 8 + n + offs[1] });
+        out.insert(
+            name,
+            TensorInfo {
+                dtype,
+                shape,
+                start: 8 + n + offs[0],
+                end: 8 + n + offs[1],
+            },
+        );
     }
     Ok(out)
 }
@@ -160,12 +197,30 @@ fn parse_header(buf: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
 fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     use half::{bf16, f16};
     let out = match dtype {
-        Dtype::F32 => bytes.chunks_exact(4).map(|b| f32::from_le_bytes(b.try_into().unwrap())).collect(),
-        Dtype::F16 => bytes.chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::BF16 => bytes.chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-        Dtype::F64 => bytes.chunks_exact(8).map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-        Dtype::I64 => bytes.chunks_exact(8).map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
-        Dtype::I32 => bytes.chunks_exact(4).map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32).collect(),
+        Dtype::F32 => bytes
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        Dtype::F64 => bytes
+            .chunks_exact(8)
+            .map(|b| f64::from_le_bytes(b.try_into().unwrap()) as f32)
+            .collect(),
+        Dtype::I64 => bytes
+            .chunks_exact(8)
+            .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f32)
+            .collect(),
+        Dtype::I32 => bytes
+            .chunks_exact(4)
+            .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f32)
+            .collect(),
         Dtype::U8 | Dtype::Bool => bytes.iter().map(|b| *b as f32).collect(),
     };
     Some(out)
@@ -174,7 +229,10 @@ fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
 /// Every tensor of a (small) safetensors file, as f32.
 pub fn read_all(path: &Path) -> Result<BTreeMap<String, Tensor>> {
     let f = SafetensorsFile::open(path)?;
-    f.tensors.keys().map(|k| Ok((k.clone(), f.read_f32(k)?))).collect()
+    f.tensors
+        .keys()
+        .map(|k| Ok((k.clone(), f.read_f32(k)?)))
+        .collect()
 }
 
 /// Writes f32 tensors to `path` through a temporary file and a rename, so a failure never leaves a
@@ -212,11 +270,19 @@ pub fn write_f32(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
         let _ = std::fs::remove_file(&tmp);
         return Err(e).with_context(|| format!("{}: cannot write", path.display()));
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("{}: cannot rename the finished temporary file into place", path.display()))
+    std::fs::rename(&tmp, path).with_context(|| {
+        format!(
+            "{}: cannot rename the finished temporary file into place",
+            path.display()
+        )
+    })
 }
 
 /// `dir/.name.tmp.<pid>`: in the same directory so the final rename is atomic.
 pub fn tmp_path(path: &Path) -> PathBuf {
-    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
     path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
 }

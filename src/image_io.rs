@@ -1,0 +1,285 @@
+//! Image files <-> NHWC tensors: loading (PNG/JPEG), masks, resize-to-cover + centre crop, sizes,
+//! value ranges and crash-safe PNG saving. Conventions follow diffusers: images are RGB in [0,1]
+//! (`[-1,1]` at the model's input/output), saved as 8-bit with `(x * 255).round()` after a clamp.
+//! Every error names the file and the problem; bad input never panics.
+
+use std::fs;
+use std::io::{BufWriter, Cursor, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use anyhow::{anyhow, bail, Result};
+use image::codecs::png::PngEncoder;
+use image::{DynamicImage, ExtendedColorType, ImageDecoder, ImageEncoder, ImageReader};
+use rayon::prelude::*;
+
+use crate::tensor::Tensor;
+
+/// A decoded image.
+pub struct LoadedImage {
+    /// `[1, H, W, 3]` in [0,1]. Grayscale input is replicated into the three channels.
+    pub rgb: Tensor,
+    /// `[1, H, W, 1]` in [0,1] (1 = opaque), present when the file has an alpha channel (RGBA / gray+alpha,
+    /// or a PNG palette with transparency): the subject mask.
+    pub alpha: Option<Tensor>,
+}
+
+/// Decodes a PNG or JPEG (format from the content, not the extension), applying the EXIF orientation
+/// like diffusers' `load_image` (`ImageOps.exif_transpose`). 16-bit PNGs keep their precision.
+fn decode(path: &Path) -> Result<DynamicImage> {
+    let p = path.display();
+    let bytes = fs::read(path).map_err(|e| anyhow!("cannot read image {p}: {e}"))?;
+    let reader = ImageReader::new(Cursor::new(bytes))
+        .with_guessed_format()
+        .map_err(|e| anyhow!("cannot read image {p}: {e}"))?;
+    if reader.format().is_none() {
+        bail!("cannot load image {p}: not a PNG or JPEG file");
+    }
+    let decoded = (|| {
+        let mut decoder = reader.into_decoder()?;
+        let orientation = decoder.orientation()?;
+        let mut img = DynamicImage::from_decoder(decoder)?;
+        img.apply_orientation(orientation);
+        Ok::<_, image::ImageError>(img)
+    })();
+    decoded.map_err(|e| anyhow!("cannot decode image {p}: {e}"))
+}
+
+fn tensor_from(h: u32, w: u32, c: usize, data: Vec<f32>) -> Tensor {
+    Tensor::new(vec![1, h as usize, w as usize, c], data)
+}
+
+/// Loads an image as RGB in [0,1], with its alpha channel (if any) as the subject mask.
+pub fn load(path: &Path) -> Result<LoadedImage> {
+    let img = decode(path)?;
+    let (w, h) = (img.width(), img.height());
+    // `to_rgb32f` drops alpha without premultiplying, so the colours under a transparent background
+    // are kept as stored (the mask decides what they mean).
+    let rgb = tensor_from(h, w, 3, img.to_rgb32f().into_raw());
+    let alpha = img.color().has_alpha().then(|| {
+        let a = img
+            .to_luma_alpha32f()
+            .into_raw()
+            .chunks_exact(2)
+            .map(|la| la[1])
+            .collect();
+        tensor_from(h, w, 1, a)
+    });
+    Ok(LoadedImage { rgb, alpha })
+}
+
+/// Loads an image file used as a mask: `[1, H, W, 1]` in [0,1], white = 1. Like diffusers' mask
+/// processing (`PIL convert("L")`), this is the luminance of the colour channels; an alpha channel
+/// is ignored (use [`load`]'s `alpha` for RGBA subject cut-outs). Gray files give their gray level
+/// (16-bit kept exact); colour files use PIL's 8-bit ITU-R 601 formula
+/// `L = (19595 R + 38470 G + 7471 B + 2^15) >> 16`, so masks match diffusers to the bit.
+/// No binarisation here: the caller thresholds if the pipeline does.
+pub fn load_mask(path: &Path) -> Result<Tensor> {
+    let img = decode(path)?;
+    let (w, h) = (img.width(), img.height());
+    let l: Vec<f32> = if img.color().has_color() {
+        let rgb = img.to_rgb8().into_raw();
+        let l8 = |p: &[u8]| {
+            (19595 * p[0] as u32 + 38470 * p[1] as u32 + 7471 * p[2] as u32 + 0x8000) >> 16
+        };
+        rgb.chunks_exact(3).map(|p| l8(p) as f32 / 255.0).collect()
+    } else {
+        img.to_luma32f().into_raw()
+    };
+    Ok(tensor_from(h, w, 1, l))
+}
+
+/// Largest size not above `w`x`h` whose sides are multiples of `multiple` (diffusers'
+/// `get_default_height_width` rounding to the VAE scale factor, 8). Use [`check_size`] first:
+/// an image smaller than one multiple would give a zero side.
+pub fn target_size(w: usize, h: usize, multiple: usize) -> (usize, usize) {
+    let m = multiple.max(1);
+    (w - w % m, h - h % m)
+}
+
+/// Errors (naming `path`) when a `w`x`h` image is too small to give at least one `multiple` per side.
+pub fn check_size(path: &Path, w: usize, h: usize, multiple: usize) -> Result<()> {
+    if w < multiple.max(1) || h < multiple.max(1) {
+        bail!(
+            "image {} is {w}x{h} pixels: too small, each side must be at least {multiple} pixels",
+            path.display()
+        );
+    }
+    Ok(())
+}
+
+/// Lanczos3 kernel (as PIL's `Image.LANCZOS`).
+fn lanczos3(x: f64) -> f64 {
+    let sinc = |x: f64| {
+        if x == 0.0 {
+            1.0
+        } else {
+            let px = std::f64::consts::PI * x;
+            px.sin() / px
+        }
+    };
+    if x.abs() < 3.0 {
+        sinc(x) * sinc(x / 3.0)
+    } else {
+        0.0
+    }
+}
+
+/// Resamples the middle axis of a `[outer, len, inner]` buffer to `out_len` samples, output sample
+/// `i` sitting at resized position `i + offset` of a `len / scale`-long resize (so a crop costs
+/// nothing). Coefficients as PIL's `precompute_coeffs`: on downscaling the kernel is widened by the
+/// scale factor, which antialiases.
+fn resample_axis(
+    src: &[f32],
+    outer: usize,
+    len: usize,
+    inner: usize,
+    out_len: usize,
+    scale: f64,
+    offset: usize,
+) -> Vec<f32> {
+    let filter_scale = scale.max(1.0);
+    let support = 3.0 * filter_scale;
+    let taps: Vec<(usize, Vec<f32>)> = (0..out_len)
+        .map(|i| {
+            let center = (i + offset) as f64 * scale + 0.5 * scale;
+            let lo = ((center - support + 0.5).floor().max(0.0) as usize).min(len - 1);
+            let hi = ((center + support + 0.5).floor() as usize).clamp(lo + 1, len);
+            let w: Vec<f64> = (lo..hi)
+                .map(|j| lanczos3((j as f64 - center + 0.5) / filter_scale))
+                .collect();
+            let sum: f64 = w.iter().sum();
+            (lo, w.iter().map(|v| (v / sum) as f32).collect())
+        })
+        .collect();
+    let mut out = vec![0.0f32; outer * out_len * inner];
+    out.par_chunks_mut(out_len * inner)
+        .enumerate()
+        .for_each(|(o, dst)| {
+            let s = &src[o * len * inner..(o + 1) * len * inner];
+            for (i, (lo, w)) in taps.iter().enumerate() {
+                let d = &mut dst[i * inner..(i + 1) * inner];
+                for (k, wk) in w.iter().enumerate() {
+                    let row = &s[(lo + k) * inner..(lo + k + 1) * inner];
+                    d.iter_mut().zip(row).for_each(|(d, v)| *d += wk * v);
+                }
+            }
+        });
+    out
+}
+
+/// Resizes an NHWC image (any channel count) preserving its aspect ratio so that it covers
+/// `width`x`height`, then centre-crops to exactly that size: diffusers' `VaeImageProcessor.resize(...,
+/// resize_mode="crop")` (`_resize_and_crop`), with its integer size and offset arithmetic. Lanczos3
+/// with antialiasing like PIL's `LANCZOS`. Ringing is clamped to [0,1] as PIL's 8-bit storage does
+/// (widened to the input's own range for tensors outside [0,1]).
+pub fn fit(img: &Tensor, width: usize, height: usize) -> Tensor {
+    let (n, h, w, c) = img.dims4();
+    assert!(width > 0 && height > 0 && w > 0 && h > 0, "fit {:?} to {width}x{height}", img.shape());
+    if (w, h) == (width, height) {
+        return img.clone();
+    }
+    // The side that limits the cover matches the target exactly (the other one is floored, never
+    // below the target); the crop offset is diffusers' `src_w // 2 - width // 2`.
+    let (rw, rh) = if width * h > w * height { (width, h * width / w) } else { (w * height / h, height) };
+    let (x0, y0) = (rw / 2 - width / 2, rh / 2 - height / 2);
+    let horiz = resample_axis(img.data(), n * h, w, c, width, w as f64 / rw as f64, x0);
+    let mut out = resample_axis(&horiz, n, h, width * c, height, h as f64 / rh as f64, y0);
+    let (lo, hi) = img.data().iter().fold((0.0f32, 1.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    out.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+    Tensor::new(vec![n, height, width, c], out)
+}
+
+/// [0,1] -> [-1,1] (the VAE's input range).
+pub fn to_model_range(t: &Tensor) -> Tensor {
+    Tensor::new(t.shape(), t.data().iter().map(|v| v * 2.0 - 1.0).collect())
+}
+
+/// [-1,1] -> [0,1], clamped like diffusers' `VaeImageProcessor.denormalize`.
+pub fn from_model_range(t: &Tensor) -> Tensor {
+    Tensor::new(
+        t.shape(),
+        t.data()
+            .iter()
+            .map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0))
+            .collect(),
+    )
+}
+
+/// [0,1] -> u8 like diffusers' `numpy_to_pil`: clamp, `(x * 255).round()` (numpy rounds half to
+/// even). NaN becomes 0.
+fn quantize(v: f32) -> u8 {
+    if v.is_nan() {
+        0
+    } else {
+        (v.clamp(0.0, 1.0) * 255.0).round_ties_even() as u8
+    }
+}
+
+/// Distinguishes concurrent saves of one process to the same directory.
+static TMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// Writes `[H*W*3]` 8-bit RGB to `path` via a temporary file in the same directory, fsynced and
+/// then renamed over `path`: the rename is atomic, so readers and crashes see either no file / the
+/// old file or the complete new one. On any failure the temporary file is removed.
+fn write_png_atomic(path: &Path, rgb: &[u8], w: usize, h: usize) -> Result<()> {
+    let p = path.display();
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("cannot write image {p}: not a file path"))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.{}-{}.tmp",
+        name.to_string_lossy(),
+        std::process::id(),
+        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let write = || -> Result<()> {
+        let (w32, h32) = (u32::try_from(w)?, u32::try_from(h)?);
+        let file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)?;
+        let mut out = BufWriter::new(file);
+        PngEncoder::new(&mut out).write_image(rgb, w32, h32, ExtendedColorType::Rgb8)?;
+        out.flush()?;
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        fs::rename(&tmp, path)?;
+        Ok(())
+    };
+    write().map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        anyhow!("cannot write image {p}: {e}")
+    })
+}
+
+/// Saves a `[1, H, W, 3]` image in [0,1] as an 8-bit RGB PNG (see [`write_png_atomic`]).
+pub fn save_png(path: &Path, img: &Tensor) -> Result<()> {
+    save_pngs(&[path], img)
+}
+
+/// Saves each image of a `[N, H, W, 3]` batch in [0,1] to the matching one of `N` paths (in parallel).
+pub fn save_pngs<P: AsRef<Path> + Sync>(paths: &[P], img: &Tensor) -> Result<()> {
+    let first = paths
+        .first()
+        .map(|p| p.as_ref().display().to_string())
+        .unwrap_or_default();
+    let &[n, h, w, 3] = img.shape() else {
+        bail!(
+            "cannot write image {first}: expected a [N, H, W, 3] tensor, got {:?}",
+            img.shape()
+        );
+    };
+    if n != paths.len() {
+        bail!(
+            "cannot write image {first}: a batch of {n} images for {} paths",
+            paths.len()
+        );
+    }
+    paths.par_iter().enumerate().try_for_each(|(i, path)| {
+        let bytes: Vec<u8> = img.data()[i * h * w * 3..(i + 1) * h * w * 3]
+            .iter()
+            .map(|&v| quantize(v))
+            .collect();
+        write_png_atomic(path.as_ref(), &bytes, w, h)
+    })
+}

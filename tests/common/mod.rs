@@ -1,0 +1,58 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub fn golden(name: &str) -> PathBuf {
+    fixtures().join("golden").join(name)
+}
+
+/// Runs the `toffee` binary.
+pub fn toffee(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_toffee"))
+        .args(args)
+        .output()
+        .expect("the toffee binary runs")
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Copies a folder tree, following symlinks, so tests can damage the copy.
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let p = e.path();
+        let dst = to.join(e.file_name());
+        if std::fs::metadata(&p).unwrap().is_dir() {
+            copy_tree(&p, &dst);
+        } else {
+            std::fs::copy(&p, &dst).unwrap();
+        }
+    }
+}
+
+/// The error text of a failed run: exit status 1, no panic, "toffee: error:" prefix.
+pub fn expect_error(o: &Output) -> String {
+    let e = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "expected a clean failure, got {:?}; stderr: {e}",
+        o.status
+    );
+    assert!(!e.contains("panicked"), "panicked: {e}");
+    assert!(e.starts_with("toffee: error:"), "{e}");
+    e
+}
