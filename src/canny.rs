@@ -1,7 +1,8 @@
 //! Canny edge detector for ControlNet conditioning images, bit-exact with OpenCV's
 //! `cv2.Canny(cv2.cvtColor(rgb_u8, cv2.COLOR_RGB2GRAY), low, high)` (aperture 3, L1 gradient), the
-//! preprocessing of the diffusers ControlNet docs. Everything after the 8-bit quantisation is integer
-//! arithmetic copied from OpenCV's `canny.cpp`, so ties and thresholds resolve exactly as there.
+//! preprocessing of the diffusers ControlNet docs. Everything after the 8-bit quantisation
+//! reimplements the integer arithmetic of OpenCV's `canny.cpp`, so ties and thresholds resolve
+//! exactly as there.
 
 use rayon::prelude::*;
 

@@ -24,6 +24,17 @@ impl Config {
         }
     }
 
+    /// A config made in code (the built-in model); `path` is what errors call it.
+    pub fn from_json(path: &str, json: Value) -> Result<Config> {
+        match json {
+            Value::Object(json) => Ok(Config {
+                path: PathBuf::from(path),
+                json,
+            }),
+            _ => bail!("{path}: expected a JSON object"),
+        }
+    }
+
     pub fn read_dir(dir: &Path) -> Result<Config> {
         Config::read(&dir.join("config.json"))
     }

@@ -19,8 +19,8 @@ use crate::tensor::Tensor;
 pub struct LoadedImage {
     /// `[1, H, W, 3]` in [0,1]. Grayscale input is replicated into the three channels.
     pub rgb: Tensor,
-    /// `[1, H, W, 1]` in [0,1] (1 = opaque), present when the file has an alpha channel (RGBA / gray+alpha,
-    /// or a PNG palette with transparency): the subject mask.
+    /// `[1, H, W, 1]` in [0,1] (1 = opaque), present when the file has an alpha channel (RGBA,
+    /// gray+alpha, or a PNG `tRNS` chunk: transparent palette entries or colour key): the subject mask.
     pub alpha: Option<Tensor>,
 }
 
@@ -29,6 +29,9 @@ pub struct LoadedImage {
 fn decode(path: &Path) -> Result<DynamicImage> {
     let p = path.display();
     let bytes = fs::read(path).map_err(|e| anyhow!("cannot read image {p}: {e}"))?;
+    if bytes.is_empty() {
+        bail!("cannot load image {p}: the file is empty");
+    }
     let reader = ImageReader::new(Cursor::new(bytes))
         .with_guessed_format()
         .map_err(|e| anyhow!("cannot read image {p}: {e}"))?;
@@ -49,21 +52,42 @@ fn tensor_from(h: u32, w: u32, c: usize, data: Vec<f32>) -> Tensor {
     Tensor::new(vec![1, h as usize, w as usize, c], data)
 }
 
+/// Samples of `img` converted to `channels` (3: RGB, 4: RGBA) as f32 in [0,1], computed as numpy
+/// does in diffusers (`array.astype(float32) / 255`, or / 65535 for 16-bit files) so values are
+/// bit-identical to the reference pipelines.
+fn samples(img: &DynamicImage, channels: usize) -> Vec<f32> {
+    let color = img.color();
+    if color.bytes_per_pixel() > color.channel_count() {
+        let v = if channels == 4 {
+            img.to_rgba16().into_raw()
+        } else {
+            img.to_rgb16().into_raw()
+        };
+        v.into_iter().map(|v| v as f32 / 65535.0).collect()
+    } else {
+        let v = if channels == 4 {
+            img.to_rgba8().into_raw()
+        } else {
+            img.to_rgb8().into_raw()
+        };
+        v.into_iter().map(|v| v as f32 / 255.0).collect()
+    }
+}
+
 /// Loads an image as RGB in [0,1], with its alpha channel (if any) as the subject mask.
 pub fn load(path: &Path) -> Result<LoadedImage> {
     let img = decode(path)?;
     let (w, h) = (img.width(), img.height());
-    // `to_rgb32f` drops alpha without premultiplying, so the colours under a transparent background
-    // are kept as stored (the mask decides what they mean).
-    let rgb = tensor_from(h, w, 3, img.to_rgb32f().into_raw());
+    // Dropping alpha does not premultiply, so the colours under a transparent background are kept as
+    // stored (the mask decides what they mean).
+    let rgb = tensor_from(h, w, 3, samples(&img, 3));
     let alpha = img.color().has_alpha().then(|| {
-        let a = img
-            .to_luma_alpha32f()
-            .into_raw()
-            .chunks_exact(2)
-            .map(|la| la[1])
-            .collect();
-        tensor_from(h, w, 1, a)
+        tensor_from(
+            h,
+            w,
+            1,
+            samples(&img, 4).chunks_exact(4).map(|p| p[3]).collect(),
+        )
     });
     Ok(LoadedImage { rgb, alpha })
 }
@@ -84,7 +108,8 @@ pub fn load_mask(path: &Path) -> Result<Tensor> {
         };
         rgb.chunks_exact(3).map(|p| l8(p) as f32 / 255.0).collect()
     } else {
-        img.to_luma32f().into_raw()
+        // Gray: every sample of the RGB expansion is the gray level.
+        samples(&img, 3).into_iter().step_by(3).collect()
     };
     Ok(tensor_from(h, w, 1, l))
 }
@@ -127,16 +152,15 @@ fn lanczos3(x: f64) -> f64 {
 
 /// Resamples the middle axis of a `[outer, len, inner]` buffer to `out_len` samples, output sample
 /// `i` sitting at resized position `i + offset` of a `len / scale`-long resize (so a crop costs
-/// nothing). Coefficients as PIL's `precompute_coeffs`: on downscaling the kernel is widened by the
-/// scale factor, which antialiases.
+/// nothing), and clamps the result to `range`. Coefficients as PIL's `precompute_coeffs`: on
+/// downscaling the kernel is widened by the scale factor, which antialiases.
 fn resample_axis(
     src: &[f32],
-    outer: usize,
-    len: usize,
-    inner: usize,
+    (outer, len, inner): (usize, usize, usize),
     out_len: usize,
     scale: f64,
     offset: usize,
+    range: (f32, f32),
 ) -> Vec<f32> {
     let filter_scale = scale.max(1.0);
     let support = 3.0 * filter_scale;
@@ -163,6 +187,7 @@ fn resample_axis(
                     let row = &s[(lo + k) * inner..(lo + k + 1) * inner];
                     d.iter_mut().zip(row).for_each(|(d, v)| *d += wk * v);
                 }
+                d.iter_mut().for_each(|v| *v = v.clamp(range.0, range.1));
             }
         });
     out
@@ -171,22 +196,49 @@ fn resample_axis(
 /// Resizes an NHWC image (any channel count) preserving its aspect ratio so that it covers
 /// `width`x`height`, then centre-crops to exactly that size: diffusers' `VaeImageProcessor.resize(...,
 /// resize_mode="crop")` (`_resize_and_crop`), with its integer size and offset arithmetic. Lanczos3
-/// with antialiasing like PIL's `LANCZOS`. Ringing is clamped to [0,1] as PIL's 8-bit storage does
-/// (widened to the input's own range for tensors outside [0,1]).
+/// with antialiasing, horizontal pass first, like PIL's `LANCZOS`. Lanczos rings past sharp edges;
+/// PIL's 8-bit storage clips that to [0,255] after each pass, so each pass here clamps to [0,1]
+/// (widened to the input's own range for tensors outside [0,1]). PIL also rounds to 8 bits between
+/// the passes, which this f32 version does not: results differ from diffusers by at most one level.
+/// Panics on a zero size (a caller bug: validate user-given sizes with [`check_size`]).
 pub fn fit(img: &Tensor, width: usize, height: usize) -> Tensor {
     let (n, h, w, c) = img.dims4();
-    assert!(width > 0 && height > 0 && w > 0 && h > 0, "fit {:?} to {width}x{height}", img.shape());
+    assert!(
+        width > 0 && height > 0 && w > 0 && h > 0,
+        "fit {:?} to {width}x{height}",
+        img.shape()
+    );
     if (w, h) == (width, height) {
         return img.clone();
     }
     // The side that limits the cover matches the target exactly (the other one is floored, never
     // below the target); the crop offset is diffusers' `src_w // 2 - width // 2`.
-    let (rw, rh) = if width * h > w * height { (width, h * width / w) } else { (w * height / h, height) };
+    let (rw, rh) = if width * h > w * height {
+        (width, h * width / w)
+    } else {
+        (w * height / h, height)
+    };
     let (x0, y0) = (rw / 2 - width / 2, rh / 2 - height / 2);
-    let horiz = resample_axis(img.data(), n * h, w, c, width, w as f64 / rw as f64, x0);
-    let mut out = resample_axis(&horiz, n, h, width * c, height, h as f64 / rh as f64, y0);
-    let (lo, hi) = img.data().iter().fold((0.0f32, 1.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
-    out.iter_mut().for_each(|v| *v = v.clamp(lo, hi));
+    let range = img
+        .data()
+        .iter()
+        .fold((0.0f32, 1.0f32), |(lo, hi), &v| (lo.min(v), hi.max(v)));
+    let horiz = resample_axis(
+        img.data(),
+        (n * h, w, c),
+        width,
+        w as f64 / rw as f64,
+        x0,
+        range,
+    );
+    let out = resample_axis(
+        &horiz,
+        (n, h, width * c),
+        height,
+        h as f64 / rh as f64,
+        y0,
+        range,
+    );
     Tensor::new(vec![n, height, width, c], out)
 }
 

@@ -2,12 +2,17 @@
 //! way (Stable-Diffusion-family UNets, ControlNet, VAE, CLIP). See README.md and ../shared/DESIGN.md.
 
 pub mod backend;
+pub mod builtin;
 pub mod canny;
 pub mod config;
 pub mod forward;
+pub mod generate;
 pub mod image_io;
 pub mod inspect;
 pub mod models;
+pub mod pipeline;
+pub mod rng;
+pub mod sched;
 pub mod tensor;
 pub mod tokenizer;
 pub mod weights;

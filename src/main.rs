@@ -4,6 +4,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use toffee::forward::{self, Component};
+use toffee::generate::{self, Mode};
+use toffee::sched::SchedulerKind;
 
 #[derive(Parser)]
 #[command(
@@ -35,6 +37,13 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Text to image. Without --model, a built-in tiny demo model with random weights runs.
+    Txt2img(GenArgs),
+    /// Image to image: noise --image to --strength, then denoise towards the prompt.
+    Img2img(GenArgs),
+    /// Repaint the white part of --mask (or, for an RGBA --image without --mask, everything
+    /// outside its alpha).
+    Inpaint(GenArgs),
     /// Describe a checkpoint: family, variant, config, parameter count, dtypes and size.
     Inspect {
         /// A pipeline folder, a model folder or a .safetensors file.
@@ -43,6 +52,124 @@ enum Cmd {
         #[arg(long)]
         load: bool,
     },
+}
+
+#[derive(clap::Args)]
+struct GenArgs {
+    /// A diffusers pipeline folder; omitted: the built-in demo model (random weights).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// A prompt (repeat for several).
+    #[arg(long)]
+    prompt: Vec<String>,
+    /// A file with one prompt per line.
+    #[arg(long)]
+    prompts_file: Option<PathBuf>,
+    /// Negative prompt, applied to every prompt.
+    #[arg(long)]
+    negative: Option<String>,
+    /// Images per prompt.
+    #[arg(long, short = 'n', default_value_t = 1)]
+    images_per_prompt: usize,
+    #[arg(long, default_value_t = 20)]
+    steps: usize,
+    /// Classifier-free guidance scale (≤ 1 turns guidance off).
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f32,
+    /// Override the pipeline's scheduler: ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras.
+    #[arg(long)]
+    scheduler: Option<SchedulerKind>,
+    /// Image i uses seed + i, so an image does not depend on the batch it ran in.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Images per denoising batch.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    /// Output PNG; several images become NAME-0000.png, NAME-0001.png, ….
+    #[arg(long, default_value = "out.png")]
+    out: PathBuf,
+    /// A ControlNet model folder.
+    #[arg(long)]
+    controlnet: Option<PathBuf>,
+    /// The ControlNet conditioning image.
+    #[arg(long)]
+    control_image: Option<PathBuf>,
+    /// ControlNet conditioning scale.
+    #[arg(long, default_value_t = 1.0)]
+    control_scale: f32,
+    /// Turn --control-image into Canny edges (thresholds 100/200) first.
+    #[arg(long)]
+    canny: bool,
+    /// img2img / inpaint: how far to noise the input image (img2img default 0.8, inpaint 1.0).
+    #[arg(long)]
+    strength: Option<f64>,
+    /// Input image (img2img, inpaint); RGBA alpha is the subject mask.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Inpainting mask: white repaints, black keeps.
+    #[arg(long)]
+    mask: Option<PathBuf>,
+    /// safetensors with `latents` [N, C, H, W]: starting noise (unscaled), as diffusers' `latents`.
+    #[arg(long)]
+    init_latents: Option<PathBuf>,
+    /// Write the final latents (before VAE decoding) to this safetensors file as `latents`.
+    #[arg(long)]
+    save_latents: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+}
+
+impl GenArgs {
+    fn into_options(self, mode: Mode) -> generate::Options {
+        generate::Options {
+            mode,
+            model: self.model,
+            prompts: self.prompt,
+            prompts_file: self.prompts_file,
+            negative: self.negative,
+            images_per_prompt: self.images_per_prompt,
+            steps: self.steps,
+            guidance: self.guidance,
+            scheduler: self.scheduler,
+            seed: self.seed,
+            batch: self.batch,
+            width: self.width,
+            height: self.height,
+            out: self.out,
+            controlnet: self.controlnet,
+            control_image: self.control_image,
+            control_scale: self.control_scale,
+            canny: self.canny,
+            strength: self.strength,
+            image: self.image,
+            mask: self.mask,
+            init_latents: self.init_latents,
+            save_latents: self.save_latents,
+            progress: true,
+        }
+    }
+}
+
+fn generate(args: GenArgs, mode: Mode) -> Result<()> {
+    check_device(&args.device)?;
+    let s = generate::run(&args.into_options(mode))?;
+    let n = s.paths.len();
+    let names = if n == 1 {
+        s.paths[0].display().to_string()
+    } else {
+        format!("{} … {}", s.paths[0].display(), s.paths[n - 1].display())
+    };
+    eprintln!(
+        "wrote {n} image{} ({names}) in {:.2} s: {:.2} images/s",
+        if n == 1 { "" } else { "s" },
+        s.seconds,
+        n as f64 / s.seconds
+    );
+    Ok(())
 }
 
 fn check_device(device: &str) -> Result<()> {
@@ -72,6 +199,9 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {} ({})", out.display(), names.join(", "));
             Ok(())
         }
+        Cmd::Txt2img(a) => generate(a, Mode::Txt2Img),
+        Cmd::Img2img(a) => generate(a, Mode::Img2Img),
+        Cmd::Inpaint(a) => generate(a, Mode::Inpaint),
         Cmd::Inspect { path, load } => {
             let text = toffee::inspect::inspect(&path, load)
                 .with_context(|| format!("inspecting {}", path.display()))?;

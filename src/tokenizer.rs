@@ -399,3 +399,42 @@ fn read_tokenizer_json(path: &Path) -> Result<(Vocab, Merges, AddedById)> {
     };
     Ok((vocab, merges, added))
 }
+
+/// GPT-2's byte → printable character table that byte-level BPE vocabularies are written in.
+fn bytes_to_unicode() -> Vec<char> {
+    let mut printable: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut chars: Vec<u32> = printable.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !printable.contains(&b) {
+            printable.push(b);
+            chars.push(256 + n);
+            n += 1;
+        }
+    }
+    let mut table = vec![' '; 256];
+    for (b, c) in printable.iter().zip(&chars) {
+        table[*b as usize] = char::from_u32(*c).expect("valid code point");
+    }
+    table
+}
+
+impl ClipTokenizer {
+    /// A merge-free byte-level CLIP vocabulary (256 bytes, 256 word-final bytes, BOS, EOS: 514
+    /// ids) for the built-in demo model, which must not depend on files on disk.
+    pub fn byte_level() -> Result<Self> {
+        let table = bytes_to_unicode();
+        let mut vocab = Vocab::default();
+        for (i, c) in table.iter().enumerate() {
+            vocab.insert(c.to_string(), i as u32);
+            vocab.insert(format!("{c}</w>"), 256 + i as u32);
+        }
+        vocab.insert(BOS.into(), 512);
+        vocab.insert(EOS.into(), 513);
+        let specials = resolve_specials(pad_config(EOS), None, Vec::new());
+        Self::build(vocab, Merges::default(), specials, DEFAULT_MAX_LENGTH)
+    }
+}

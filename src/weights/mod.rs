@@ -18,6 +18,8 @@ pub struct WeightStore {
     files: Vec<SafetensorsFile>,
     /// normalised name -> (file index, name inside the file)
     names: BTreeMap<String, (usize, String)>,
+    /// Synthesised weights (no files): every requested tensor is made from this seed and its name.
+    random: Option<u64>,
 }
 
 impl WeightStore {
@@ -33,6 +35,7 @@ impl WeightStore {
             origin: path.to_path_buf(),
             files: vec![f],
             names,
+            random: None,
         })
     }
 
@@ -74,7 +77,43 @@ impl WeightStore {
             origin: index.to_path_buf(),
             files,
             names,
+            random: None,
         })
+    }
+
+    /// Random weights for any configuration (benchmarks, the built-in demo model): each tensor is
+    /// drawn from `seed` and its name, scaled like a trained network's (norm scales near 1, small
+    /// biases, weights ~ 1/sqrt(fan_in)) so activations stay in a realistic range.
+    pub fn random(seed: u64) -> Self {
+        WeightStore {
+            origin: PathBuf::from("<random weights>"),
+            files: Vec::new(),
+            names: BTreeMap::new(),
+            random: Some(seed),
+        }
+    }
+
+    pub fn is_random(&self) -> bool {
+        self.random.is_some()
+    }
+
+    fn synthesise(seed: u64, name: &str, shape: &[usize]) -> Tensor {
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+        });
+        let n: usize = shape.iter().product();
+        let mut v = crate::rng::normal(seed, h, n);
+        let (scale, shift) = if shape.len() >= 2 {
+            ((shape[0] as f32 / n as f32).sqrt(), 0.0)
+        } else if name.ends_with(".bias") {
+            (0.02, 0.0)
+        } else {
+            (0.1, 1.0)
+        };
+        for x in v.iter_mut() {
+            *x = *x * scale + shift;
+        }
+        Tensor::new(shape.to_vec(), v)
     }
 
     /// Renames tensors: `f` returns the normalised name for a stored one, or None to keep it.
@@ -122,8 +161,17 @@ impl WeightStore {
 
     /// A tensor as f32 that must have `shape`.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        self.get_one_of(name, &[shape])
+    }
+
+    /// A tensor as f32 with one of `shapes` (stored layouts vary); random stores use the first.
+    pub fn get_one_of(&self, name: &str, shapes: &[&[usize]]) -> Result<Tensor> {
+        if let Some(seed) = self.random {
+            return Ok(Self::synthesise(seed, name, shapes[0]));
+        }
         let t = self.get_any(name)?;
-        if t.shape() != shape {
+        if !shapes.contains(&t.shape()) {
+            let shape = shapes[0];
             bail!(
                 "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
                 self.file_of(name).display(),
@@ -211,20 +259,10 @@ impl<'a> Vb<'a> {
     /// A [out, in] linear layer; 1×1 convolution weights ([out, in, 1, 1]) are accepted too, as old
     /// checkpoints store some projections that way.
     pub fn linear(&self, inp: usize, out: usize, bias: bool) -> Result<LinearW> {
-        let name = self.full("weight");
-        let w = self.store.get_any(&name)?;
-        let w = if w.shape() == [out, inp] {
-            w
-        } else if w.shape() == [out, inp, 1, 1] {
-            w.reshape(vec![out, inp])
-        } else {
-            bail!(
-                "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
-                self.store.file_of(&name).display(),
-                w.shape(),
-                [out, inp]
-            );
-        };
+        let w = self
+            .store
+            .get_one_of(&self.full("weight"), &[&[out, inp], &[out, inp, 1, 1]])?
+            .reshape(vec![out, inp]);
         let bias = if bias {
             Some(self.get("bias", &[out])?)
         } else {
@@ -243,20 +281,15 @@ impl<'a> Vb<'a> {
         stride: usize,
         pad: usize,
     ) -> Result<Conv2dW> {
-        let name = self.full("weight");
-        let w = self.store.get_any(&name)?;
-        let w = if w.shape() == [out, inp, k, k] {
-            w
-        } else if k == 1 && w.shape() == [out, inp] {
-            w.reshape(vec![out, inp, 1, 1])
+        let alt: &[usize] = if k == 1 {
+            &[out, inp]
         } else {
-            bail!(
-                "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
-                self.store.file_of(&name).display(),
-                w.shape(),
-                [out, inp, k, k]
-            );
+            &[out, inp, k, k]
         };
+        let w = self
+            .store
+            .get_one_of(&self.full("weight"), &[&[out, inp, k, k], alt])?
+            .reshape(vec![out, inp, k, k]);
         let b = self.get("bias", &[out])?;
         Ok(Conv2dW::from_oihw(&w, Some(b), stride, pad))
     }

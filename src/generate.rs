@@ -1,0 +1,288 @@
+//! The generation commands (`txt2img`, `img2img`, `inpaint`) as the CLI and the C ABI use them:
+//! files in, files out. Argument parsing lives in main.rs; all behaviour lives here.
+
+use crate::canny;
+use crate::image_io;
+use crate::pipeline::{Control, Generator, Init, Request};
+use crate::sched::SchedulerKind;
+use crate::tensor::Tensor;
+use crate::weights::safetensors::{read_all, write_f32};
+use anyhow::{bail, Context, Result};
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Txt2Img,
+    Img2Img,
+    Inpaint,
+}
+
+/// Everything a generation command was asked for.
+pub struct Options {
+    pub mode: Mode,
+    /// None: the built-in demo model.
+    pub model: Option<PathBuf>,
+    pub prompts: Vec<String>,
+    pub prompts_file: Option<PathBuf>,
+    pub negative: Option<String>,
+    pub images_per_prompt: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub scheduler: Option<SchedulerKind>,
+    pub seed: u64,
+    pub batch: usize,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    pub out: PathBuf,
+    pub controlnet: Option<PathBuf>,
+    pub control_image: Option<PathBuf>,
+    pub control_scale: f32,
+    pub canny: bool,
+    pub strength: Option<f64>,
+    pub image: Option<PathBuf>,
+    pub mask: Option<PathBuf>,
+    pub init_latents: Option<PathBuf>,
+    pub save_latents: Option<PathBuf>,
+    pub progress: bool,
+}
+
+/// Output file names: `out` itself for one image, else `stem-0000.ext`, `stem-0001.ext`, ….
+pub fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
+    if n == 1 {
+        return vec![out.to_path_buf()];
+    }
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    let ext = out
+        .extension()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "png".into());
+    (0..n)
+        .map(|i| out.with_file_name(format!("{stem}-{i:04}.{ext}")))
+        .collect()
+}
+
+fn read_prompts(o: &Options) -> Result<Vec<String>> {
+    let mut prompts = o.prompts.clone();
+    if let Some(f) = &o.prompts_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("{}: cannot read the prompts file", f.display()))?;
+        prompts.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty())
+                .map(String::from),
+        );
+        if prompts.is_empty() {
+            bail!("{}: no prompts in the file (one per line)", f.display());
+        }
+    }
+    if prompts.is_empty() {
+        bail!("no prompt: give --prompt or --prompts-file");
+    }
+    Ok(prompts)
+}
+
+/// Checks that output files can be created before spending minutes on generation.
+fn check_writable(paths: &[PathBuf]) -> Result<()> {
+    for p in paths {
+        let dir = match p.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d,
+            _ => Path::new("."),
+        };
+        if !dir.is_dir() {
+            bail!(
+                "cannot write {}: directory {} does not exist",
+                p.display(),
+                dir.display()
+            );
+        }
+        if p.is_dir() {
+            bail!("cannot write {}: it is a directory", p.display());
+        }
+    }
+    Ok(())
+}
+
+fn load_image_fit(
+    path: &Path,
+    size: Option<(usize, usize)>,
+    multiple: usize,
+) -> Result<(image_io::LoadedImage, usize, usize)> {
+    let img = image_io::load(path)?;
+    let (_, h, w, _) = img.rgb.dims4();
+    image_io::check_size(path, w, h, multiple)?;
+    let (tw, th) = size.unwrap_or_else(|| image_io::target_size(w, h, multiple));
+    let rgb = image_io::fit(&img.rgb, tw, th);
+    let alpha = img.alpha.map(|a| image_io::fit(&a, tw, th));
+    Ok((image_io::LoadedImage { rgb, alpha }, tw, th))
+}
+
+pub struct Summary {
+    pub paths: Vec<PathBuf>,
+    pub seconds: f64,
+}
+
+pub fn run(o: &Options) -> Result<Summary> {
+    let prompts = read_prompts(o)?;
+    if o.images_per_prompt == 0 || o.batch == 0 || o.steps == 0 {
+        bail!("--images-per-prompt, --batch and --steps must be at least 1");
+    }
+    let total = prompts.len() * o.images_per_prompt;
+    let paths = output_paths(&o.out, total);
+    check_writable(&paths)?;
+    if let Some(p) = &o.save_latents {
+        check_writable(std::slice::from_ref(p))?;
+    }
+    let gen = match &o.model {
+        Some(m) => Generator::load(m, o.controlnet.as_deref())?,
+        None => {
+            if o.controlnet.is_some() {
+                bail!("--controlnet needs --model (the built-in demo model has no ControlNet)");
+            }
+            crate::builtin::generator()?
+        }
+    };
+    let f = gen.vae.downscale();
+    for (name, v) in [("--width", o.width), ("--height", o.height)] {
+        if let Some(v) = v {
+            if v == 0 || v % f != 0 {
+                bail!("{name} {v} is not a positive multiple of {f}");
+            }
+        }
+    }
+    let user_size = match (o.width, o.height) {
+        (None, None) => None,
+        (w, h) => Some((w.unwrap_or(gen.default_size), h.unwrap_or(gen.default_size))),
+    };
+    let (init, width, height) = match o.mode {
+        Mode::Txt2Img => {
+            if o.image.is_some() || o.mask.is_some() {
+                bail!("txt2img takes no --image or --mask (use img2img or inpaint)");
+            }
+            let (w, h) = user_size.unwrap_or((gen.default_size, gen.default_size));
+            (Init::Noise, w, h)
+        }
+        Mode::Img2Img => {
+            let path = o.image.as_ref().context("img2img needs --image")?;
+            let (img, w, h) = load_image_fit(path, user_size, f)?;
+            (
+                Init::Image {
+                    image: img.rgb,
+                    strength: o.strength.unwrap_or(0.8),
+                },
+                w,
+                h,
+            )
+        }
+        Mode::Inpaint => {
+            let path = o.image.as_ref().context("inpaint needs --image")?;
+            let (img, w, h) = load_image_fit(path, user_size, f)?;
+            let mask = match (&o.mask, img.alpha) {
+                (Some(m), _) => {
+                    let m_img = image_io::load_mask(m)?;
+                    image_io::fit(&m_img, w, h)
+                }
+                // An RGBA image's alpha is the subject: keep it, repaint the rest.
+                (None, Some(a)) => Tensor::new(a.shape().to_vec(), a.data().iter().map(|v| 1.0 - v).collect()),
+                (None, None) => bail!("inpaint needs --mask (white = repaint) or an RGBA --image whose alpha marks what to keep"),
+            };
+            (
+                Init::Inpaint {
+                    image: img.rgb,
+                    mask,
+                    strength: o.strength.unwrap_or(1.0),
+                },
+                w,
+                h,
+            )
+        }
+    };
+    if let Some(s) = o.strength {
+        if o.mode == Mode::Txt2Img {
+            bail!("--strength applies to img2img and inpaint");
+        }
+        if !(0.0..=1.0).contains(&s) {
+            bail!("--strength {s} is not in [0, 1]");
+        }
+    }
+    let control = match (&o.control_image, gen.controlnet.is_some()) {
+        (Some(p), true) => {
+            let img = image_io::load(p)?;
+            let (_, ih, iw, _) = img.rgb.dims4();
+            image_io::check_size(p, iw, ih, 1)?;
+            let fitted = image_io::fit(&img.rgb, width, height);
+            let image = if o.canny { canny::canny(&fitted, 100.0, 200.0) } else { fitted };
+            Some(Control { image, scale: o.control_scale })
+        }
+        (Some(_), false) => bail!("--control-image needs --controlnet (or a pipeline folder with a controlnet/ component)"),
+        (None, true) => bail!("a ControlNet is loaded: give --control-image"),
+        (None, false) => None,
+    };
+    let init_latents = match &o.init_latents {
+        None => None,
+        Some(p) => {
+            let mut t = read_all(p)?;
+            let l = t
+                .remove("latents")
+                .with_context(|| format!("{}: no tensor named `latents`", p.display()))?;
+            if l.rank() != 4 {
+                bail!(
+                    "{}: `latents` has shape {:?}; expected [N, C, H, W]",
+                    p.display(),
+                    l.shape()
+                );
+            }
+            Some(l.to_nhwc())
+        }
+    };
+    let req = Request {
+        negative: o.negative.as_ref().map(|n| vec![n.clone(); prompts.len()]),
+        prompts,
+        images_per_prompt: o.images_per_prompt,
+        steps: o.steps,
+        guidance: o.guidance,
+        width,
+        height,
+        scheduler: o.scheduler,
+        seed: o.seed,
+        batch: o.batch,
+        init,
+        control,
+        init_latents,
+    };
+    let start = Instant::now();
+    let show = o.progress && std::io::stderr().is_terminal();
+    let mut done_batches = 0;
+    let batches = total.div_ceil(o.batch);
+    let mut progress = |step: usize, steps: usize| {
+        if show {
+            let width = 30;
+            let filled = width * step / steps.max(1);
+            eprint!(
+                "\rbatch {}/{batches} [{}{}] step {step}/{steps}",
+                done_batches + 1,
+                "=".repeat(filled),
+                " ".repeat(width - filled)
+            );
+            if step == steps {
+                done_batches += 1;
+                eprintln!();
+            }
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let out = gen.run(&req, &mut progress)?;
+    if let Some(p) = &o.save_latents {
+        write_f32(p, &[("latents".into(), out.latents.to_nchw())])?;
+    }
+    image_io::save_pngs(&paths, &out.images)?;
+    Ok(Summary {
+        paths,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}

@@ -1,0 +1,522 @@
+//! Sampling pipelines: text-to-image with classifier-free guidance, img2img, inpainting (9-channel
+//! UNets, and latent blending for 4-channel ones) and ControlNet, for SD1.x, SD2.x and SDXL,
+//! matching diffusers' pipelines step for step.
+
+pub mod noise;
+pub mod prompt;
+
+use crate::backend as ops;
+use crate::config::Config;
+use crate::models::controlnet::ControlNet;
+use crate::models::load::{self, Checkpoint};
+use crate::models::unet::{Cond, Unet};
+use crate::models::vae::Vae;
+use crate::sched::{Scheduler, SchedulerKind};
+use crate::tensor::Tensor;
+use crate::tokenizer::ClipTokenizer;
+use anyhow::{bail, Context, Result};
+use noise::NoiseSource;
+use prompt::{Embeds, TextEncoders};
+use std::path::Path;
+
+/// A loaded generator: text encoder(s), UNet, VAE, scheduler config, optional ControlNet.
+pub struct Generator {
+    pub name: String,
+    pub text: TextEncoders,
+    pub unet: Unet,
+    pub vae: Vae,
+    pub controlnet: Option<ControlNet>,
+    pub scheduler_config: Config,
+    /// SDXL: a missing negative prompt means zero embeddings rather than encoding "".
+    pub force_zeros_for_empty_prompt: bool,
+    /// Default image side (unet sample_size × VAE factor).
+    pub default_size: usize,
+}
+
+/// How the denoising starts.
+pub enum Init {
+    /// Pure noise (text-to-image).
+    Noise,
+    /// img2img: NHWC image in [0, 1], one for all images or one per image.
+    Image { image: Tensor, strength: f64 },
+    /// Inpainting: image NHWC in [0, 1]; mask NHWC one channel in [0, 1] (1 = repaint).
+    Inpaint {
+        image: Tensor,
+        mask: Tensor,
+        strength: f64,
+    },
+}
+
+pub struct Control {
+    /// NHWC conditioning image in [0, 1] at the output size (one for all images).
+    pub image: Tensor,
+    pub scale: f32,
+}
+
+pub struct Request {
+    pub prompts: Vec<String>,
+    /// None: no negative prompt (SD: "", SDXL: zeros when the model says so); else one per prompt.
+    pub negative: Option<Vec<String>>,
+    pub images_per_prompt: usize,
+    pub steps: usize,
+    pub guidance: f32,
+    pub width: usize,
+    pub height: usize,
+    pub scheduler: Option<SchedulerKind>,
+    pub seed: u64,
+    /// Images per UNet batch (before the ×2 of guidance).
+    pub batch: usize,
+    pub init: Init,
+    pub control: Option<Control>,
+    /// Starting noise for every image (NHWC latents, unscaled), like diffusers' `latents`.
+    pub init_latents: Option<Tensor>,
+}
+
+impl Request {
+    pub fn total_images(&self) -> usize {
+        self.prompts.len() * self.images_per_prompt
+    }
+}
+
+pub struct Output {
+    /// Final latents before VAE decoding, NHWC, all images.
+    pub latents: Tensor,
+    /// Decoded images NHWC in [0, 1].
+    pub images: Tensor,
+}
+
+impl Generator {
+    /// A diffusers pipeline folder, optionally with a ControlNet folder (or the pipeline's own).
+    pub fn load(path: &Path, controlnet: Option<&Path>) -> Result<Generator> {
+        let index = path.join("model_index.json");
+        if !path.is_dir() {
+            bail!("{}: model folder not found", path.display());
+        }
+        let model_index = Config::read(&index)
+            .with_context(|| format!("{}: not a diffusers pipeline folder", path.display()))?;
+        let tok = ClipTokenizer::from_dir(&path.join("tokenizer"))?;
+        let te = load::load_text_encoder(path, "text_encoder")?;
+        let second = if path.join("text_encoder_2").is_dir() {
+            Some((
+                ClipTokenizer::from_dir(&path.join("tokenizer_2"))?,
+                load::load_text_encoder(path, "text_encoder_2")?,
+            ))
+        } else {
+            None
+        };
+        let unet = load::load_unet(path)?;
+        let vae = load::load_vae(path)?;
+        let cn = match controlnet {
+            Some(p) => Some(load::load_controlnet(p)?),
+            None if path.join("controlnet").is_dir() => Some(load::load_controlnet(path)?),
+            None => None,
+        };
+        let scheduler_config =
+            crate::sched::read_config(&path.join("scheduler/scheduler_config.json"))?;
+        let sample = Checkpoint::open(path, "unet")?
+            .config
+            .usize_or("sample_size", 64)?;
+        let g = Generator {
+            name: path.display().to_string(),
+            force_zeros_for_empty_prompt: model_index
+                .bool_or("force_zeros_for_empty_prompt", true)?,
+            default_size: sample * vae.downscale(),
+            text: TextEncoders { tok, te, second },
+            unet,
+            vae,
+            controlnet: cn,
+            scheduler_config,
+        };
+        g.check()?;
+        Ok(g)
+    }
+
+    /// Consistency between the parts, so a mismatched folder fails at load time, not mid-run.
+    pub fn check(&self) -> Result<()> {
+        let ctx = self.text.te.hidden + self.text.second.as_ref().map(|s| s.1.hidden).unwrap_or(0);
+        let want = self.unet.config.cross_attention_dim[0];
+        if ctx != want {
+            bail!("{}: the text encoder(s) give {ctx}-wide embeddings, the UNet's cross_attention_dim is {want}", self.name);
+        }
+        if self.unet.config.text_time.is_some() && self.text.second.is_none() {
+            bail!("{}: the UNet needs SDXL text_time conditioning but the pipeline has no text_encoder_2", self.name);
+        }
+        if let Some(cn) = &self.controlnet {
+            if cn.config.cross_attention_dim[0] != want
+                || cn.config.text_time.is_some() != self.unet.config.text_time.is_some()
+            {
+                bail!("{}: the ControlNet was made for a different UNet (cross_attention_dim or SDXL conditioning differ)", self.name);
+            }
+        }
+        Ok(())
+    }
+
+    fn make_scheduler(&self, kind: Option<SchedulerKind>) -> Result<Scheduler> {
+        Scheduler::from_config_json(&self.scheduler_config, kind)
+    }
+
+    /// Runs a request with per-image seeds (seed + image index), `batch` images at a time.
+    /// `progress(step, steps)` is called after every denoising step of every batch.
+    pub fn run(&self, req: &Request, progress: &mut dyn FnMut(usize, usize)) -> Result<Output> {
+        let total = req.total_images();
+        let batch = req.batch.max(1);
+        let mut lat = Vec::new();
+        let mut img = Vec::new();
+        let mut start = 0;
+        while start < total {
+            let n = batch.min(total - start);
+            let seeds = (start..start + n)
+                .map(|i| req.seed.wrapping_add(i as u64))
+                .collect();
+            let mut noise = NoiseSource::seeded(seeds);
+            let o = self.run_chunk(req, start, n, &mut noise, progress)?;
+            lat.push(o.latents);
+            img.push(o.images);
+            start += n;
+        }
+        Ok(Output {
+            latents: Tensor::cat0(&lat.iter().collect::<Vec<_>>()),
+            images: Tensor::cat0(&img.iter().collect::<Vec<_>>()),
+        })
+    }
+
+    /// Images `first..first+n` of the request, drawing noise from `noise` in diffusers' order.
+    pub fn run_chunk(
+        &self,
+        req: &Request,
+        first: usize,
+        n: usize,
+        noise: &mut NoiseSource,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Output> {
+        let f = self.vae.downscale();
+        if !req.width.is_multiple_of(f) || !req.height.is_multiple_of(f) || req.width == 0 || req.height == 0 {
+            bail!(
+                "width and height must be positive multiples of {f} (got {}×{})",
+                req.width,
+                req.height
+            );
+        }
+        let (h, w, c) = (req.height / f, req.width / f, self.vae.latent_channels);
+        let cfg = req.guidance > 1.0;
+        let prompt_of: Vec<usize> = (first..first + n)
+            .map(|i| i / req.images_per_prompt)
+            .collect();
+
+        // Text conditioning, [uncond; cond] when guiding.
+        let cond = self.text.encode(&req.prompts)?.gather(&prompt_of);
+        let embeds = if cfg {
+            let uncond = match &req.negative {
+                None if self.text.is_sdxl() && self.force_zeros_for_empty_prompt => {
+                    cond.zeros_like()
+                }
+                None => self
+                    .text
+                    .encode(&vec![String::new(); req.prompts.len()])?
+                    .gather(&prompt_of),
+                Some(neg) => {
+                    if neg.len() != req.prompts.len() {
+                        bail!(
+                            "{} negative prompts for {} prompts",
+                            neg.len(),
+                            req.prompts.len()
+                        );
+                    }
+                    self.text.encode(neg)?.gather(&prompt_of)
+                }
+            };
+            Embeds {
+                context: Tensor::cat0(&[&uncond.context, &cond.context]),
+                pooled: match (&uncond.pooled, &cond.pooled) {
+                    (Some(a), Some(b)) => Some(Tensor::cat0(&[a, b])),
+                    _ => None,
+                },
+            }
+        } else {
+            cond
+        };
+        let rows = if cfg { 2 * n } else { n };
+        let time_ids = embeds.pooled.as_ref().map(|_| {
+            let one = [
+                req.height as f32,
+                req.width as f32,
+                0.0,
+                0.0,
+                req.height as f32,
+                req.width as f32,
+            ];
+            Tensor::new(vec![rows, 6], one.repeat(rows))
+        });
+
+        let mut sched = self.make_scheduler(req.scheduler)?;
+        let mut blend: Option<Blend> = None;
+        let mut mask_input: Option<(Tensor, Tensor)> = None;
+        let mut latents = match &req.init {
+            Init::Noise => {
+                sched.set_timesteps(req.steps)?;
+                let x = match &req.init_latents {
+                    Some(l) => pick_latents(l, first, n, (h, w, c))?,
+                    None => noise.draw(n, c, h, w)?,
+                };
+                ops::scale(&x, sched.init_noise_sigma())
+            }
+            Init::Image { image, strength } => {
+                if req.init_latents.is_some() {
+                    bail!("--init-latents applies to txt2img and inpainting; img2img starts from the image");
+                }
+                let t0 = sched.set_timesteps_img2img(req.steps, *strength)?;
+                let image = batch_image(image, n, req)?;
+                let x0 = self.encode_sample(&to_model_range(&image), noise)?;
+                let e = noise.draw(n, c, h, w)?;
+                sched.add_noise(&x0, &e, t0)?
+            }
+            Init::Inpaint {
+                image,
+                mask,
+                strength,
+            } => {
+                let t0 = sched.set_timesteps_img2img(req.steps, *strength)?;
+                let image = to_model_range(&batch_image(image, n, req)?);
+                let mask = binarise(&batch_image(mask, n, req)?);
+                let nine = self.unet.config.in_channels == 2 * c + 1;
+                if !nine && self.unet.config.in_channels != c {
+                    bail!(
+                        "inpainting needs a {c}- or {}-channel UNet; this one takes {}",
+                        2 * c + 1,
+                        self.unet.config.in_channels
+                    );
+                }
+                let full = *strength >= 1.0;
+                // diffusers encodes the unmasked image only when it blends (4 channels) or starts from it.
+                let image_latents = if !nine || (!full && req.init_latents.is_none()) {
+                    Some(self.encode_sample(&image, noise)?)
+                } else {
+                    None
+                };
+                let (x, e) = match &req.init_latents {
+                    Some(l) => {
+                        let e = pick_latents(l, first, n, (h, w, c))?;
+                        (ops::scale(&e, sched.init_noise_sigma()), e)
+                    }
+                    None => {
+                        let e = noise.draw(n, c, h, w)?;
+                        let x = if full {
+                            ops::scale(&e, sched.init_noise_sigma())
+                        } else {
+                            sched.add_noise(
+                                image_latents
+                                    .as_ref()
+                                    .expect("encoded when not full strength"),
+                                &e,
+                                t0,
+                            )?
+                        };
+                        (x, e)
+                    }
+                };
+                let masked = masked_image(&image, &mask);
+                let masked_latents = self.encode_sample(&masked, noise)?;
+                let small_mask = ops::upsample_nearest(&mask, h, w);
+                if nine {
+                    let dup = |t: &Tensor| {
+                        if cfg {
+                            Tensor::cat0(&[t, t])
+                        } else {
+                            t.clone()
+                        }
+                    };
+                    mask_input = Some((dup(&small_mask), dup(&masked_latents)));
+                } else {
+                    blend = Some(Blend {
+                        image_latents: image_latents.expect("encoded for 4-channel UNets"),
+                        noise: e,
+                        mask: small_mask,
+                    });
+                }
+                x
+            }
+        };
+
+        let control = match (&req.control, &self.controlnet) {
+            (None, _) => None,
+            (Some(_), None) => bail!("a control image was given but no ControlNet is loaded"),
+            (Some(c), Some(net)) => {
+                let im = batch_image(&c.image, rows, req)?;
+                Some((net, im, c.scale))
+            }
+        };
+
+        let timesteps = sched.timesteps().to_vec();
+        for (i, &t) in timesteps.iter().enumerate() {
+            let x_in = if cfg {
+                Tensor::cat0(&[&latents, &latents])
+            } else {
+                latents.clone()
+            };
+            let x_in = sched.scale_model_input(&x_in, i)?;
+            let ts = vec![t; rows];
+            let cond = Cond {
+                timesteps: &ts,
+                context: &embeds.context,
+                text_time: embeds
+                    .pooled
+                    .as_ref()
+                    .map(|p| (p, time_ids.as_ref().expect("with pooled"))),
+            };
+            let residuals = match &control {
+                Some((net, im, scale)) => Some(net.forward(&x_in, &cond, im, *scale)?),
+                None => None,
+            };
+            let unet_in = match &mask_input {
+                Some((m, ml)) => ops::concat_channels(&[&x_in, m, ml]),
+                None => x_in,
+            };
+            let res = residuals.as_ref().map(|r| (r.down.as_slice(), &r.mid));
+            let pred = self.unet.forward(&unet_in, &cond, res, None)?;
+            let pred = if cfg {
+                let (u, c) = (pred.narrow0(0, n), pred.narrow0(n, n));
+                ops::add_scaled(&u, &ops::add_scaled(&c, &u, -1.0), req.guidance)
+            } else {
+                pred
+            };
+            let step_noise = if sched.needs_step_noise() {
+                Some(noise.draw(n, c, h, w)?)
+            } else {
+                None
+            };
+            latents = sched.step(&pred, i, &latents, step_noise.as_ref())?;
+            if let Some(b) = &blend {
+                let proper = if i + 1 < timesteps.len() {
+                    sched.add_noise(&b.image_latents, &b.noise, timesteps[i + 1])?
+                } else {
+                    b.image_latents.clone()
+                };
+                latents = mix(&proper, &latents, &b.mask);
+            }
+            progress(i + 1, timesteps.len());
+        }
+        let images = self.decode(&latents)?;
+        Ok(Output { latents, images })
+    }
+
+    /// VAE posterior sample × scaling factor, as diffusers' `retrieve_latents(..., "sample")`.
+    fn encode_sample(&self, image: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
+        let (mean, logvar) = self.vae.encode(image)?;
+        let (n, h, w, c) = mean.dims4();
+        let e = noise.draw(n, c, h, w)?;
+        let std = Tensor::new(
+            logvar.shape().to_vec(),
+            logvar.data().iter().map(|v| (0.5 * v).exp()).collect(),
+        );
+        let x = ops::add(
+            &mean,
+            &Tensor::new(
+                e.shape().to_vec(),
+                e.data()
+                    .iter()
+                    .zip(std.data())
+                    .map(|(a, b)| a * b)
+                    .collect(),
+            ),
+        );
+        Ok(ops::scale(&x, self.vae.scaling_factor as f32))
+    }
+
+    /// Latents → images in [0, 1].
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let x = ops::scale(latents, 1.0 / self.vae.scaling_factor as f32);
+        let img = self.vae.decode(&x)?;
+        Ok(Tensor::new(
+            img.shape().to_vec(),
+            img.data()
+                .iter()
+                .map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0))
+                .collect(),
+        ))
+    }
+}
+
+/// 4-channel inpainting: after each step the unmasked region is replaced by the image latents
+/// noised to the next timestep.
+struct Blend {
+    image_latents: Tensor,
+    noise: Tensor,
+    mask: Tensor,
+}
+
+/// (1 - m)·a + m·b with a one-channel mask broadcast over channels.
+fn mix(a: &Tensor, b: &Tensor, mask: &Tensor) -> Tensor {
+    let c = a.last_dim();
+    let out = a
+        .data()
+        .chunks(c)
+        .zip(b.data().chunks(c))
+        .zip(mask.data())
+        .flat_map(|((pa, pb), m)| pa.iter().zip(pb).map(move |(x, y)| (1.0 - m) * x + m * y))
+        .collect();
+    Tensor::new(a.shape().to_vec(), out)
+}
+
+fn to_model_range(t: &Tensor) -> Tensor {
+    Tensor::new(
+        t.shape().to_vec(),
+        t.data().iter().map(|v| 2.0 * v - 1.0).collect(),
+    )
+}
+
+/// diffusers' mask processor: values ≥ 0.5 become 1, the rest 0.
+fn binarise(t: &Tensor) -> Tensor {
+    Tensor::new(
+        t.shape().to_vec(),
+        t.data()
+            .iter()
+            .map(|v| if *v >= 0.5 { 1.0 } else { 0.0 })
+            .collect(),
+    )
+}
+
+/// image · (mask < 0.5), image in [-1, 1].
+fn masked_image(image: &Tensor, mask: &Tensor) -> Tensor {
+    let c = image.last_dim();
+    let out = image
+        .data()
+        .chunks(c)
+        .zip(mask.data())
+        .flat_map(|(px, m)| px.iter().map(move |v| if *m < 0.5 { *v } else { 0.0 }))
+        .collect();
+    Tensor::new(image.shape().to_vec(), out)
+}
+
+/// A [1, H, W, C] image repeated for `n` images (or already [n, H, W, C]), at the request size.
+fn batch_image(t: &Tensor, n: usize, req: &Request) -> Result<Tensor> {
+    let (b, h, w, _) = t.dims4();
+    if (h, w) != (req.height, req.width) {
+        bail!(
+            "image is {w}×{h}, the request is {}×{}",
+            req.width,
+            req.height
+        );
+    }
+    match b {
+        1 => Ok(Tensor::cat0(&vec![t; n])),
+        _ if b == n => Ok(t.clone()),
+        _ => bail!("{b} images given for a batch of {n}"),
+    }
+}
+
+fn pick_latents(
+    l: &Tensor,
+    first: usize,
+    n: usize,
+    (h, w, c): (usize, usize, usize),
+) -> Result<Tensor> {
+    let s = l.shape();
+    if s.len() != 4 || s[1..] != [h, w, c] || s[0] < first + n {
+        bail!(
+            "init latents have shape {:?} (NHWC); {} images of {h}×{w}×{c} are needed",
+            s,
+            first + n
+        );
+    }
+    Ok(l.narrow0(first, n))
+}
