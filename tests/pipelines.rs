@@ -14,21 +14,40 @@ use toffee::weights::safetensors::read_all;
 
 fn run_case(name: &str) {
     let dir = fixtures().join("golden/pipelines");
-    let case: Value = serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap()).unwrap();
+    let case: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
+            .unwrap();
     let t = read_all(&dir.join(format!("{name}.safetensors"))).unwrap();
     let root = fixtures();
-    let cn = case.get("controlnet").and_then(Value::as_str).map(|c| root.join(c));
-    let mut gen = Generator::load(&root.join(case["model"].as_str().unwrap()), cn.as_deref()).unwrap();
+    let cn = case
+        .get("controlnet")
+        .and_then(Value::as_str)
+        .map(|c| root.join(c));
+    let mut gen =
+        Generator::load(&root.join(case["model"].as_str().unwrap()), cn.as_deref()).unwrap();
     if let Some(u) = case.get("unet").and_then(Value::as_str) {
         gen.unet = load_unet(&root.join(u)).unwrap();
     }
-    let strs = |v: &Value| v.as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect::<Vec<_>>();
+    let strs = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect::<Vec<_>>()
+    };
     let nhwc = |k: &str| t[k].to_nhwc();
     let strength = case.get("strength").and_then(Value::as_f64).unwrap_or(1.0);
     let init = match case["pipeline"].as_str().unwrap() {
         "txt2img" => Init::Noise,
-        "img2img" => Init::Image { image: nhwc("init_image"), strength },
-        "inpaint" => Init::Inpaint { image: nhwc("init_image"), mask: nhwc("mask_image"), strength },
+        "img2img" => Init::Image {
+            image: nhwc("init_image"),
+            strength,
+        },
+        "inpaint" => Init::Inpaint {
+            image: nhwc("init_image"),
+            mask: nhwc("mask_image"),
+            strength,
+        },
         other => panic!("unknown pipeline {other}"),
     };
     let control = t.get("control_image").map(|c| Control {
@@ -37,13 +56,17 @@ fn run_case(name: &str) {
     });
     let req = Request {
         prompts: strs(&case["prompts"]),
-        negative: case["negative_prompts"].as_array().map(|_| strs(&case["negative_prompts"])),
+        negative: case["negative_prompts"]
+            .as_array()
+            .map(|_| strs(&case["negative_prompts"])),
         images_per_prompt: case["num_images_per_prompt"].as_u64().unwrap() as usize,
         steps: case["steps"].as_u64().unwrap() as usize,
         guidance: case["guidance_scale"].as_f64().unwrap() as f32,
         width: case["width"].as_u64().unwrap() as usize,
         height: case["height"].as_u64().unwrap() as usize,
-        scheduler: case["scheduler"]["override"].as_str().map(|s| s.parse().unwrap()),
+        scheduler: case["scheduler"]["override"]
+            .as_str()
+            .map(|s| s.parse().unwrap()),
         seed: 0,
         batch: 64,
         init,
@@ -51,21 +74,42 @@ fn run_case(name: &str) {
         init_latents: None,
     };
     let calls = case["noise_calls"].as_array().unwrap().len();
-    let noise: VecDeque<Tensor> = (0..calls).map(|i| t[&format!("noise.{i}")].clone()).collect();
+    let noise: VecDeque<Tensor> = (0..calls)
+        .map(|i| t[&format!("noise.{i}")].clone())
+        .collect();
     let mut source = NoiseSource::Recorded(noise);
     let total = req.total_images();
     let mut steps_seen = 0;
     let out = gen
         .run_chunk(&req, 0, total, &mut source, &mut |_, _| steps_seen += 1)
         .unwrap_or_else(|e| panic!("{name}: {e:#}"));
-    assert_eq!(source.remaining(), 0, "{name}: diffusers drew more noise than the pipeline used");
-    assert_eq!(steps_seen, case["timesteps"].as_array().unwrap().len(), "{name}: number of denoising steps");
+    assert_eq!(
+        source.remaining(),
+        0,
+        "{name}: diffusers drew more noise than the pipeline used"
+    );
+    assert_eq!(
+        steps_seen,
+        case["timesteps"].as_array().unwrap().len(),
+        "{name}: number of denoising steps"
+    );
     let lat_err = out.latents.to_nchw().max_abs_diff(&t["latents"]);
     let img_err = out.images.to_nchw().max_abs_diff(&t["image"]);
-    let lat_scale = t["latents"].data().iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    eprintln!("{name}: latents max abs err {lat_err:.2e} (max |x| {lat_scale:.2}), image {img_err:.2e}");
-    assert!(lat_err <= 1e-3, "{name}: final latents differ by {lat_err:e}");
-    assert!(img_err <= 1e-3, "{name}: decoded images differ by {img_err:e}");
+    let lat_scale = t["latents"]
+        .data()
+        .iter()
+        .fold(0.0f32, |a, v| a.max(v.abs()));
+    eprintln!(
+        "{name}: latents max abs err {lat_err:.2e} (max |x| {lat_scale:.2}), image {img_err:.2e}"
+    );
+    assert!(
+        lat_err <= 1e-3,
+        "{name}: final latents differ by {lat_err:e}"
+    );
+    assert!(
+        img_err <= 1e-3,
+        "{name}: decoded images differ by {img_err:e}"
+    );
 }
 
 macro_rules! cases {

@@ -190,7 +190,11 @@ impl Generator {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Output> {
         let f = self.vae.downscale();
-        if !req.width.is_multiple_of(f) || !req.height.is_multiple_of(f) || req.width == 0 || req.height == 0 {
+        if !req.width.is_multiple_of(f)
+            || !req.height.is_multiple_of(f)
+            || req.width == 0
+            || req.height == 0
+        {
             bail!(
                 "width and height must be positive multiples of {f} (got {}×{})",
                 req.width,
