@@ -15,7 +15,11 @@ mod cuda {
 
     /// Architectures every module is built for; kernels needing sm_90a (wgmma/TMA) would go to a
     /// separate module so the rest still loads on sm_80.
-    const GENCODE: &[&str] = &["arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90", "arch=compute_90,code=compute_90"];
+    const GENCODE: &[&str] = &[
+        "arch=compute_80,code=sm_80",
+        "arch=compute_90,code=sm_90",
+        "arch=compute_90,code=compute_90",
+    ];
     const TARGETS: &[&str] = &["sm_80", "sm_90", "compute_90 (PTX)"];
 
     fn find_nvcc() -> PathBuf {
@@ -69,7 +73,9 @@ mod cuda {
                     cmd.args(["-gencode", g]);
                 }
                 cmd.arg("-I").arg(&kdir).arg("-o").arg(&fatbin).arg(src);
-                let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
+                let child = cmd
+                    .spawn()
+                    .unwrap_or_else(|e| panic!("cannot run {}: {e}", nvcc.display()));
                 (name, fatbin, child)
             })
             .collect();
@@ -78,10 +84,15 @@ mod cuda {
             if !o.status.success() {
                 panic!("nvcc failed on kernels/{name}.cu");
             }
-            modules.push_str(&format!("    ({name:?}, include_bytes!({:?})),\n", fatbin.display().to_string()));
+            modules.push_str(&format!(
+                "    ({name:?}, include_bytes!({:?})),\n",
+                fatbin.display().to_string()
+            ));
         }
         modules.push_str("];\n");
-        modules.push_str(&format!("/// GPU code embedded in every module.\npub const TARGETS: &[&str] = &{TARGETS:?};\n"));
+        modules.push_str(&format!(
+            "/// GPU code embedded in every module.\npub const TARGETS: &[&str] = &{TARGETS:?};\n"
+        ));
         std::fs::write(out.join("kernels.rs"), modules).unwrap();
     }
 }

@@ -17,20 +17,31 @@ fn bench(c: &mut Criterion) {
     let x = rand(&[1, 64, 64, 320], 1);
     let conv = Conv2dW::from_oihw(&rand(&[320, 320, 3, 3], 2), Some(rand(&[320], 3)), 1, 1);
     g.throughput(Throughput::Elements(2 * 64 * 64 * 320 * 320 * 9));
-    g.bench_function("conv3x3_320_64x64 (flop)", |b| b.iter(|| ops::conv2d(&x, &conv)));
+    g.bench_function("conv3x3_320_64x64 (flop)", |b| {
+        b.iter(|| ops::conv2d(&x, &conv))
+    });
     // SD1.5 feed-forward GEMM: 4096 tokens × 320 → 2560 (GEGLU input).
     let t = rand(&[4096, 320], 4);
-    let l = LinearW { weight: rand(&[2560, 320], 5), bias: Some(rand(&[2560], 6)) };
+    let l = LinearW {
+        weight: rand(&[2560, 320], 5),
+        bias: Some(rand(&[2560], 6)),
+    };
     g.throughput(Throughput::Elements(2 * 4096 * 320 * 2560));
-    g.bench_function("linear_4096x320x2560 (flop)", |b| b.iter(|| ops::linear(&t, &l)));
+    g.bench_function("linear_4096x320x2560 (flop)", |b| {
+        b.iter(|| ops::linear(&t, &l))
+    });
     // SD1.5 level-1 self-attention: 4096 tokens, 8 heads of 40.
     let q = rand(&[1, 4096, 320], 7);
     g.throughput(Throughput::Elements(4 * 4096 * 4096 * 320));
-    g.bench_function("attention_4096_8x40 (flop)", |b| b.iter(|| ops::attention(&q, &q, &q, 8, false)));
+    g.bench_function("attention_4096_8x40 (flop)", |b| {
+        b.iter(|| ops::attention(&q, &q, &q, 8, false))
+    });
     // GroupNorm + SiLU on the same activation: bytes read + written.
     let gamma = rand(&[320], 8);
     g.throughput(Throughput::Bytes(2 * 4 * 64 * 64 * 320));
-    g.bench_function("group_norm_silu_64x64x320 (bytes)", |b| b.iter(|| ops::group_norm(&x, 32, &gamma, &gamma, 1e-5, true)));
+    g.bench_function("group_norm_silu_64x64x320 (bytes)", |b| {
+        b.iter(|| ops::group_norm(&x, 32, &gamma, &gamma, 1e-5, true))
+    });
     g.finish();
 }
 

@@ -3,6 +3,7 @@
 //! runs end to end on a CPU in seconds, and draws noise-like pictures: it exists to show that the
 //! whole path works on a fresh machine, not to make meaningful images.
 
+use crate::backend::Device;
 use crate::config::Config;
 use crate::models::clip_text::ClipText;
 use crate::models::unet::Unet;
@@ -16,7 +17,7 @@ use serde_json::json;
 
 const SEED: u64 = 0x70FF_EE00;
 
-pub fn generator() -> Result<Generator> {
+pub fn generator(device: &Device) -> Result<Generator> {
     let text_cfg = Config::from_json(
         "<built-in>/text_encoder/config.json",
         json!({
@@ -53,13 +54,13 @@ pub fn generator() -> Result<Generator> {
         }),
     )?;
     let weights = |part: u64| WeightStore::random(SEED + part);
-    let unet = Unet::load(&unet_cfg, &weights(1))?;
-    let vae = Vae::load(&vae_cfg, &weights(2))?;
+    let unet = Unet::load(&unet_cfg, &weights(1), device)?;
+    let vae = Vae::load(&vae_cfg, &weights(2), device)?;
     let g = Generator {
         name: "built-in tiny model (random weights)".into(),
         text: TextEncoders {
             tok: ClipTokenizer::byte_level()?,
-            te: ClipText::load(&text_cfg, &weights(0))?,
+            te: ClipText::load(&text_cfg, &weights(0), device)?,
             second: None,
         },
         default_size: 32 * vae.downscale(),
@@ -68,6 +69,7 @@ pub fn generator() -> Result<Generator> {
         controlnet: None,
         scheduler_config,
         force_zeros_for_empty_prompt: false,
+        device: device.clone(),
     };
     g.check()?;
     Ok(g)

@@ -1,6 +1,7 @@
 //! `toffee forward`: one model on named tensors in diffusers' NCHW layout, so users can check a
 //! checkpoint against their own PyTorch outputs.
 
+use crate::backend::Device;
 use crate::models::load;
 use crate::models::unet::Cond;
 use crate::tensor::Tensor;
@@ -18,6 +19,19 @@ pub enum Component {
     /// SDXL's second text encoder (the pipeline's text_encoder_2 folder).
     #[value(name = "text-encoder-2")]
     TextEncoder2,
+}
+
+impl Component {
+    /// The pipeline subfolder holding this component.
+    pub fn subfolder(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::Controlnet => "controlnet",
+            Component::VaeEncode | Component::VaeDecode => "vae",
+            Component::TextEncoder => "text_encoder",
+            Component::TextEncoder2 => "text_encoder_2",
+        }
+    }
 }
 
 pub type Named = BTreeMap<String, Tensor>;
@@ -101,27 +115,49 @@ impl Inputs<'_> {
     }
 }
 
-/// Runs `component` of the model at `model` on `inputs` (read from `inputs_file`, named in errors).
-/// Returns the outputs in NCHW / token layouts, by name.
+/// Runs `component` of the model at `model` on `inputs` (read from `inputs_file`, named in errors)
+/// on `device`. Returns the outputs (on the host) in NCHW / token layouts, by name.
 pub fn run(
     model: &Path,
     component: Component,
     inputs: &Named,
     inputs_file: &Path,
+    device: &Device,
+) -> Result<Vec<(String, Tensor)>> {
+    let out = run_on(model, component, inputs, inputs_file, device)?;
+    device.check()?;
+    out.into_iter()
+        .map(|(n, t)| {
+            let h = t.to_host()?;
+            Ok((n, if h.rank() == 4 { h.to_nchw() } else { h }))
+        })
+        .collect()
+}
+
+fn run_on(
+    model: &Path,
+    component: Component,
+    inputs: &Named,
+    inputs_file: &Path,
+    dev: &Device,
 ) -> Result<Vec<(String, Tensor)>> {
     let inp = Inputs {
         map: inputs,
         file: inputs_file,
     };
+    let put_tt = |tt: Option<(Tensor, Tensor)>| tt.map(|(a, b)| (dev.put(a), dev.put_f32(b)));
     match component {
         Component::Unet => {
             inp.require(&["sample", "timestep", "encoder_hidden_states"])?;
-            let sample = inp.image("sample")?;
+            let sample = dev.put(inp.image("sample")?);
             let b = sample.shape()[0];
-            let ts = inp.timesteps(b)?;
-            let ctx = inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?;
-            let tt = inp.text_time()?;
-            let unet = load::load_unet(model)?;
+            let ts = dev.put_f32(Tensor::new(vec![b], inp.timesteps(b)?));
+            let ctx = dev.put(
+                inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?
+                    .clone(),
+            );
+            let tt = put_tt(inp.text_time()?);
+            let unet = load::load_unet(model, dev)?;
             let mut down = Vec::new();
             while let Some(t) = inp.get(&format!("down_res.{}", down.len())) {
                 if t.rank() != 4 {
@@ -132,12 +168,13 @@ pub fn run(
                         t.shape()
                     );
                 }
-                down.push(t.to_nhwc());
+                down.push(dev.put(t.to_nhwc()));
             }
             let mid = inp
                 .get("mid_res")
                 .map(|_| inp.image("mid_res"))
-                .transpose()?;
+                .transpose()?
+                .map(|m| dev.put(m));
             let residuals = match (&mid, down.is_empty()) {
                 (None, true) => None,
                 (Some(m), false) => Some((down.as_slice(), m)),
@@ -148,11 +185,11 @@ pub fn run(
             };
             let cond = Cond {
                 timesteps: &ts,
-                context: ctx,
+                context: &ctx,
                 text_time: tt.as_ref().map(|(a, b)| (a, b)),
             };
             let out = unet.forward(&sample, &cond, residuals, None)?;
-            Ok(vec![("out".into(), out.to_nchw())])
+            Ok(vec![("out".into(), out)])
         }
         Component::Controlnet => {
             inp.require(&[
@@ -161,11 +198,14 @@ pub fn run(
                 "encoder_hidden_states",
                 "controlnet_cond",
             ])?;
-            let sample = inp.image("sample")?;
+            let sample = dev.put(inp.image("sample")?);
             let b = sample.shape()[0];
-            let ts = inp.timesteps(b)?;
-            let ctx = inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?;
-            let image = inp.image("controlnet_cond")?;
+            let ts = dev.put_f32(Tensor::new(vec![b], inp.timesteps(b)?));
+            let ctx = dev.put(
+                inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?
+                    .clone(),
+            );
+            let image = dev.put(inp.image("controlnet_cond")?);
             let scale = match inp.get("conditioning_scale") {
                 None => 1.0,
                 Some(t) if t.numel() == 1 => t.data()[0],
@@ -175,36 +215,36 @@ pub fn run(
                     t.shape()
                 ),
             };
-            let tt = inp.text_time()?;
-            let cn = load::load_controlnet(model)?;
+            let tt = put_tt(inp.text_time()?);
+            let cn = load::load_controlnet(model, dev)?;
             let cond = Cond {
                 timesteps: &ts,
-                context: ctx,
+                context: &ctx,
                 text_time: tt.as_ref().map(|(a, b)| (a, b)),
             };
             let out = cn.forward(&sample, &cond, &image, scale)?;
             let mut v: Vec<(String, Tensor)> = out
                 .down
-                .iter()
+                .into_iter()
                 .enumerate()
-                .map(|(i, t)| (format!("down_res.{i}"), t.to_nchw()))
+                .map(|(i, t)| (format!("down_res.{i}"), t))
                 .collect();
-            v.push(("mid_res".into(), out.mid.to_nchw()));
+            v.push(("mid_res".into(), out.mid));
             Ok(v)
         }
         Component::VaeEncode => {
-            let image = inp.image("image")?;
-            let vae = load::load_vae(model)?;
+            let image = dev.put(inp.image("image")?);
+            let vae = load::load_vae(model, dev)?;
             let (mean, logvar) = vae.encode(&image)?;
             Ok(vec![
-                ("latent_mean".into(), mean.to_nchw()),
-                ("latent_logvar".into(), logvar.to_nchw()),
+                ("latent_mean".into(), mean),
+                ("latent_logvar".into(), logvar),
             ])
         }
         Component::VaeDecode => {
-            let latent = inp.image("latent")?;
-            let vae = load::load_vae(model)?;
-            Ok(vec![("image".into(), vae.decode(&latent)?.to_nchw())])
+            let latent = dev.put(inp.image("latent")?);
+            let vae = load::load_vae(model, dev)?;
+            Ok(vec![("image".into(), vae.decode(&latent)?)])
         }
         Component::TextEncoder | Component::TextEncoder2 => {
             let ids_t = inp.rank("input_ids", 2, "[N, tokens]")?;
@@ -225,7 +265,7 @@ pub fn run(
             } else {
                 "text_encoder_2"
             };
-            let te = load::load_text_encoder(model, sub)?;
+            let te = load::load_text_encoder(model, sub, dev)?;
             let o = te.forward(&ids)?;
             let mut v = vec![
                 ("last_hidden_state".to_string(), o.last_hidden_state),

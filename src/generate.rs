@@ -1,6 +1,7 @@
 //! The generation commands (`txt2img`, `img2img`, `inpaint`) as the CLI and the C ABI use them:
 //! files in, files out. Argument parsing lives in main.rs; all behaviour lives here.
 
+use crate::backend::Device;
 use crate::canny;
 use crate::image_io;
 use crate::pipeline::{Control, Generator, Init, Request};
@@ -46,6 +47,8 @@ pub struct Options {
     pub init_latents: Option<PathBuf>,
     pub save_latents: Option<PathBuf>,
     pub progress: bool,
+    /// cpu, cuda or cuda:N.
+    pub device: String,
 }
 
 /// Output file names: `out` itself for one image, else `stem-0000.ext`, `stem-0001.ext`, ….
@@ -139,12 +142,18 @@ pub fn run(o: &Options) -> Result<Summary> {
         check_writable(std::slice::from_ref(p))?;
     }
     let gen = match &o.model {
-        Some(m) => Generator::load(m, o.controlnet.as_deref())?,
+        Some(m) => {
+            let device = Device::open(
+                &o.device,
+                crate::models::load::is_bf16(m, "unet").unwrap_or(false),
+            )?;
+            Generator::load(m, o.controlnet.as_deref(), &device)?
+        }
         None => {
             if o.controlnet.is_some() {
                 bail!("--controlnet needs --model (the built-in demo model has no ControlNet)");
             }
-            crate::builtin::generator()?
+            crate::builtin::generator(&Device::open(&o.device, false)?)?
         }
     };
     let f = gen.vae.downscale();

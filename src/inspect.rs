@@ -1,5 +1,6 @@
 //! `toffee inspect`: what a checkpoint folder or file is, as far as the engine understands it.
 
+use crate::backend::Device;
 use crate::config::Config;
 use crate::models::load::{self, normalise_text_encoder};
 use crate::weights::layout::open_weights;
@@ -171,10 +172,10 @@ fn describe_model(dir: &Path, sub: &str, load_model: bool, out: &mut String) -> 
     writeln!(out, "  config: {}", serde_json::Value::Object(public)).unwrap();
     if load_model {
         match fam {
-            Family::Unet => drop(load::load_unet(dir)?),
-            Family::ControlNet => drop(load::load_controlnet(dir)?),
-            Family::Vae => drop(load::load_vae(dir)?),
-            Family::ClipText => drop(load::load_text_encoder(dir, sub)?),
+            Family::Unet => drop(load::load_unet(dir, &Device::Cpu)?),
+            Family::ControlNet => drop(load::load_controlnet(dir, &Device::Cpu)?),
+            Family::Vae => drop(load::load_vae(dir, &Device::Cpu)?),
+            Family::ClipText => drop(load::load_text_encoder(dir, sub, &Device::Cpu)?),
         }
         writeln!(out, "  loaded: ok").unwrap();
     }

@@ -1,6 +1,6 @@
 //! The `toffee` command line: thin over the library.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use toffee::forward::{self, Component};
@@ -33,7 +33,7 @@ enum Cmd {
         /// safetensors file to write the outputs to (written atomically).
         #[arg(long)]
         out: PathBuf,
-        /// cpu (the CUDA backend is not built yet).
+        /// cpu, cuda or cuda:N (builds with the `cuda` feature).
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -119,6 +119,7 @@ struct GenArgs {
     /// Write the final latents (before VAE decoding) to this safetensors file as `latents`.
     #[arg(long)]
     save_latents: Option<PathBuf>,
+    /// cpu, cuda or cuda:N (builds with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
 }
@@ -150,12 +151,12 @@ impl GenArgs {
             init_latents: self.init_latents,
             save_latents: self.save_latents,
             progress: true,
+            device: self.device,
         }
     }
 }
 
 fn generate(args: GenArgs, mode: Mode) -> Result<()> {
-    check_device(&args.device)?;
     let s = generate::run(&args.into_options(mode))?;
     let n = s.paths.len();
     let names = if n == 1 {
@@ -172,16 +173,6 @@ fn generate(args: GenArgs, mode: Mode) -> Result<()> {
     Ok(())
 }
 
-fn check_device(device: &str) -> Result<()> {
-    match device {
-        "cpu" => Ok(()),
-        d if d == "cuda" || d.starts_with("cuda:") => {
-            bail!("device `{d}`: this build has no CUDA backend yet; use --device cpu")
-        }
-        d => bail!("unknown device `{d}` (expected cpu)"),
-    }
-}
-
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Forward {
@@ -191,9 +182,11 @@ fn run(cli: Cli) -> Result<()> {
             out,
             device,
         } => {
-            check_device(&device)?;
+            let bf16 =
+                toffee::models::load::is_bf16(&model, component.subfolder()).unwrap_or(false);
+            let device = toffee::backend::Device::open(&device, bf16)?;
             let tensors = toffee::weights::safetensors::read_all(&inputs)?;
-            let outputs = forward::run(&model, component, &tensors, &inputs)?;
+            let outputs = forward::run(&model, component, &tensors, &inputs, &device)?;
             toffee::weights::safetensors::write_f32(&out, &outputs)?;
             let names: Vec<&str> = outputs.iter().map(|(n, _)| n.as_str()).collect();
             eprintln!("wrote {} ({})", out.display(), names.join(", "));

@@ -1,5 +1,6 @@
-//! A dense f32 tensor on the host. Activations inside the engine are NHWC; the NCHW layout of
-//! diffusers exists only at the edges (`forward` inputs and outputs), converted by `to_nhwc`/`to_nchw`.
+//! A dense tensor: f32 on the host, or fp16/bf16/f32 on a CUDA device (`cuda` feature).
+//! Activations inside the engine are NHWC; the NCHW layout of diffusers exists only at the edges
+//! (`forward` inputs and outputs, on the host), converted by `to_nhwc`/`to_nchw`.
 
 use std::sync::Arc;
 
@@ -7,6 +8,9 @@ use std::sync::Arc;
 pub struct Tensor {
     shape: Vec<usize>,
     data: Arc<Vec<f32>>,
+    /// Some: the values live on a GPU and `data` is empty.
+    #[cfg(feature = "cuda")]
+    dev: Option<crate::backend::cuda::DevBuf>,
 }
 
 impl Tensor {
@@ -23,6 +27,8 @@ impl Tensor {
         Tensor {
             shape,
             data: Arc::new(data),
+            #[cfg(feature = "cuda")]
+            dev: None,
         }
     }
 
@@ -45,7 +51,7 @@ impl Tensor {
     }
 
     pub fn numel(&self) -> usize {
-        self.data.len()
+        self.shape.iter().product()
     }
 
     /// Size of the last dimension (channels in NHWC, features in token layouts).
@@ -53,17 +59,62 @@ impl Tensor {
         *self.shape.last().unwrap_or(&1)
     }
 
+    /// Host values. Device tensors must be brought to the host first (`to_host`): calling this on
+    /// one is a bug in the caller.
     pub fn data(&self) -> &[f32] {
+        self.assert_host();
         &self.data
     }
 
     /// Mutable access; copies only when the buffer is shared.
     pub fn data_mut(&mut self) -> &mut [f32] {
+        self.assert_host();
         Arc::make_mut(&mut self.data).as_mut_slice()
     }
 
     pub fn into_vec(self) -> Vec<f32> {
+        self.assert_host();
         Arc::try_unwrap(self.data).unwrap_or_else(|a| (*a).clone())
+    }
+
+    fn assert_host(&self) {
+        #[cfg(feature = "cuda")]
+        assert!(
+            self.dev.is_none(),
+            "host access to a device tensor {:?}",
+            self.shape
+        );
+    }
+
+    pub fn is_host(&self) -> bool {
+        #[cfg(feature = "cuda")]
+        return self.dev.is_none();
+        #[cfg(not(feature = "cuda"))]
+        true
+    }
+
+    /// A tensor of `shape` whose values live on a device.
+    #[cfg(feature = "cuda")]
+    pub fn from_device(shape: Vec<usize>, buf: crate::backend::cuda::DevBuf) -> Tensor {
+        Tensor {
+            shape,
+            data: Arc::new(Vec::new()),
+            dev: Some(buf),
+        }
+    }
+
+    #[cfg(feature = "cuda")]
+    pub fn dev(&self) -> Option<&crate::backend::cuda::DevBuf> {
+        self.dev.as_ref()
+    }
+
+    /// The same values on the host (a copy and a synchronisation for device tensors).
+    pub fn to_host(&self) -> anyhow::Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.dev {
+            return Ok(Tensor::new(self.shape.clone(), d.download()?));
+        }
+        Ok(self.clone())
     }
 
     pub fn reshape(&self, shape: impl Into<Vec<usize>>) -> Tensor {
@@ -74,10 +125,9 @@ impl Tensor {
             "reshape {:?} -> {shape:?}",
             self.shape
         );
-        Tensor {
-            shape,
-            data: self.data.clone(),
-        }
+        let mut t = self.clone();
+        t.shape = shape;
+        t
     }
 
     /// (N, H, W, C) of a rank-4 NHWC tensor.
@@ -91,7 +141,7 @@ impl Tensor {
         (self.shape[0], self.shape[1], self.shape[2], self.shape[3])
     }
 
-    /// NCHW -> NHWC.
+    /// NCHW -> NHWC (host).
     pub fn to_nhwc(&self) -> Tensor {
         let (n, c, h, w) = self.dims4();
         let src = self.data();
@@ -109,7 +159,7 @@ impl Tensor {
         Tensor::new(vec![n, h, w, c], out)
     }
 
-    /// NHWC -> NCHW.
+    /// NHWC -> NCHW (host).
     pub fn to_nchw(&self) -> Tensor {
         let (n, h, w, c) = self.dims4();
         let src = self.data();
@@ -132,31 +182,45 @@ impl Tensor {
         let row: usize = self.shape[1..].iter().product();
         let mut shape = self.shape.clone();
         shape[0] = len;
+        #[cfg(feature = "cuda")]
+        if let Some(d) = &self.dev {
+            return Tensor::from_device(shape, d.copy_range(start * row, len * row));
+        }
         Tensor::new(shape, self.data[start * row..(start + len) * row].to_vec())
     }
 
-    /// Concatenation along the first dimension.
+    /// Concatenation along the first dimension (all parts on the same device).
     pub fn cat0(parts: &[&Tensor]) -> Tensor {
         let mut shape = parts[0].shape.clone();
         shape[0] = parts.iter().map(|p| p.shape[0]).sum();
-        let mut data = Vec::with_capacity(shape.iter().product());
         for p in parts {
             assert_eq!(
                 p.shape[1..],
                 parts[0].shape[1..],
                 "cat0 of mismatched shapes"
             );
+        }
+        #[cfg(feature = "cuda")]
+        if parts[0].dev.is_some() {
+            let bufs: Vec<&crate::backend::cuda::DevBuf> = parts
+                .iter()
+                .map(|p| p.dev.as_ref().expect("cat0 of host and device tensors"))
+                .collect();
+            return Tensor::from_device(shape, crate::backend::cuda::DevBuf::concat(&bufs));
+        }
+        let mut data = Vec::with_capacity(shape.iter().product());
+        for p in parts {
             data.extend_from_slice(p.data());
         }
         Tensor::new(shape, data)
     }
 
-    /// Largest absolute elementwise difference; shapes must match.
+    /// Largest absolute elementwise difference (host tensors); shapes must match; NaN counts as ∞.
     pub fn max_abs_diff(&self, other: &Tensor) -> f32 {
         assert_eq!(self.shape, other.shape, "max_abs_diff of different shapes");
-        self.data
+        self.data()
             .iter()
-            .zip(other.data.iter())
+            .zip(other.data().iter())
             .map(|(a, b)| {
                 if a.is_nan() || b.is_nan() {
                     f32::INFINITY

@@ -90,7 +90,7 @@ fn txt2img_cli_matches_diffusers_with_init_latents() {
 }
 
 fn sd1() -> Generator {
-    Generator::load(&fixtures().join("sd1"), None).unwrap()
+    Generator::load(&fixtures().join("sd1"), None, &toffee::backend::Device::Cpu).unwrap()
 }
 
 fn request(batch: usize, seed: u64) -> Request {

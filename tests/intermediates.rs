@@ -11,9 +11,9 @@ fn check(case: &str, model: &str) {
     let g = root.join("golden");
     let inputs = read_all(&g.join(format!("{case}.in.safetensors"))).unwrap();
     let want = read_all(&g.join(format!("{case}.intermediates.safetensors"))).unwrap();
-    let unet = load_unet(&root.join(model)).unwrap();
+    let unet = load_unet(&root.join(model), &toffee::backend::Device::Cpu).unwrap();
     let sample = inputs["sample"].to_nhwc();
-    let ts = inputs["timestep"].data().to_vec();
+    let ts = inputs["timestep"].clone();
     let tt = inputs
         .get("text_embeds")
         .map(|te| (te, &inputs["time_ids"]));

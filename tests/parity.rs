@@ -37,8 +37,14 @@ fn run_case(name: &str) {
     let in_path = root.join("golden").join(case["inputs"].as_str().unwrap());
     let inputs = read_all(&in_path).unwrap();
     let want = read_all(&root.join("golden").join(case["outputs"].as_str().unwrap())).unwrap();
-    let got = forward::run(&root.join(model), comp, &inputs, &in_path)
-        .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+    let got = forward::run(
+        &root.join(model),
+        comp,
+        &inputs,
+        &in_path,
+        &toffee::backend::Device::Cpu,
+    )
+    .unwrap_or_else(|e| panic!("{name}: {e:#}"));
     assert_eq!(
         got.len(),
         want.len(),

@@ -23,10 +23,14 @@ fn run_case(name: &str) {
         .get("controlnet")
         .and_then(Value::as_str)
         .map(|c| root.join(c));
-    let mut gen =
-        Generator::load(&root.join(case["model"].as_str().unwrap()), cn.as_deref()).unwrap();
+    let mut gen = Generator::load(
+        &root.join(case["model"].as_str().unwrap()),
+        cn.as_deref(),
+        &toffee::backend::Device::Cpu,
+    )
+    .unwrap();
     if let Some(u) = case.get("unet").and_then(Value::as_str) {
-        gen.unet = load_unet(&root.join(u)).unwrap();
+        gen.unet = load_unet(&root.join(u), &toffee::backend::Device::Cpu).unwrap();
     }
     let strs = |v: &Value| {
         v.as_array()

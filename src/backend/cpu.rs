@@ -485,13 +485,6 @@ impl Activation {
             _ => None,
         }
     }
-    pub fn apply(self, x: &Tensor) -> Tensor {
-        match self {
-            Activation::Silu => silu(x),
-            Activation::Gelu => gelu(x),
-            Activation::QuickGelu => quick_gelu(x),
-        }
-    }
 }
 
 /// GEGLU: the first half of the last dimension times GELU of the second half.
@@ -634,13 +627,80 @@ pub fn timestep_embedding(t: &[f32], dim: usize, flip_sin_to_cos: bool, freq_shi
     Tensor::new(vec![t.len(), dim], out)
 }
 
-/// Rows of an embedding table.
-pub fn embedding(table: &Tensor, ids: &[u32]) -> Tensor {
+/// Rows `idx` of a [rows, D] table.
+pub fn gather_rows(table: &Tensor, idx: &[u32]) -> Tensor {
     let d = table.last_dim();
-    let mut out = Vec::with_capacity(ids.len() * d);
-    for &id in ids {
-        let id = id as usize;
-        out.extend_from_slice(&table.data()[id * d..(id + 1) * d]);
+    let mut out = Vec::with_capacity(idx.len() * d);
+    for &i in idx {
+        let i = i as usize;
+        out.extend_from_slice(&table.data()[i * d..(i + 1) * d]);
     }
-    Tensor::new(vec![ids.len(), d], out)
+    Tensor::new(vec![idx.len(), d], out)
+}
+
+pub fn activation(x: &Tensor, a: Activation) -> Tensor {
+    match a {
+        Activation::Silu => silu(x),
+        Activation::Gelu => gelu(x),
+        Activation::QuickGelu => quick_gelu(x),
+    }
+}
+
+pub fn affine(x: &Tensor, a: f32, b: f32) -> Tensor {
+    map(x, |v| a * v + b)
+}
+
+pub fn affine_clamp(x: &Tensor, a: f32, b: f32, lo: f32, hi: f32) -> Tensor {
+    map(x, |v| (a * v + b).clamp(lo, hi))
+}
+
+pub fn slice_channels(x: &Tensor, start: usize, len: usize) -> Tensor {
+    let c = x.last_dim();
+    let out: Vec<f32> = x
+        .data()
+        .chunks(c)
+        .flat_map(|row| row[start..start + len].iter().copied())
+        .collect();
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = len;
+    Tensor::new(shape, out)
+}
+
+pub fn lincomb(terms: &[(&Tensor, f32)]) -> Tensor {
+    let mut out: Vec<f32> = terms[0].0.data().iter().map(|v| terms[0].1 * v).collect();
+    for (t, c) in &terms[1..] {
+        for (o, v) in out.iter_mut().zip(t.data()) {
+            *o += c * v;
+        }
+    }
+    Tensor::new(terms[0].0.shape().to_vec(), out)
+}
+
+pub fn cfg_combine(pred: &Tensor, guidance: f32) -> Tensor {
+    let n = pred.shape()[0] / 2;
+    let (u, c) = (pred.narrow0(0, n), pred.narrow0(n, n));
+    add_scaled(&u, &add_scaled(&c, &u, -1.0), guidance)
+}
+
+pub fn mask_mix(a: &Tensor, b: &Tensor, mask: &Tensor) -> Tensor {
+    let c = a.last_dim();
+    let out = a
+        .data()
+        .chunks(c)
+        .zip(b.data().chunks(c))
+        .zip(mask.data())
+        .flat_map(|((pa, pb), m)| pa.iter().zip(pb).map(move |(x, y)| (1.0 - m) * x + m * y))
+        .collect();
+    Tensor::new(a.shape().to_vec(), out)
+}
+
+pub fn gauss_sample(mean: &Tensor, logvar: &Tensor, noise: &Tensor, scale: f32) -> Tensor {
+    let out = mean
+        .data()
+        .iter()
+        .zip(logvar.data())
+        .zip(noise.data())
+        .map(|((m, lv), e)| scale * (m + (0.5 * lv.clamp(-30.0, 20.0)).exp() * e))
+        .collect();
+    Tensor::new(mean.shape().to_vec(), out)
 }

@@ -1,8 +1,360 @@
-//! The operations the models need and nothing more. Models call these functions; they never touch
-//! storage directly, so a second backend (CUDA) can sit behind the same names.
-//!
-//! Today every tensor lives on the host and the CPU reference implementation in `cpu` runs it.
+//! The operations the models need and nothing more, on host or device tensors. Models call these
+//! functions and never look at storage; each op runs where its input lives: the f32 CPU reference
+//! (`cpu`) or, with the `cuda` feature, the GPU (`cuda`).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 
-pub use cpu::*;
+use crate::tensor::Tensor;
+use anyhow::{bail, Result};
+pub use cpu::{silu1, Activation, Conv2dW, LinearW};
+
+/// Where models keep their weights and run.
+#[derive(Clone, Debug)]
+pub enum Device {
+    Cpu,
+    #[cfg(feature = "cuda")]
+    Cuda(std::sync::Arc<cuda::Gpu>),
+}
+
+impl Device {
+    /// `cpu`, `cuda` (device 0) or `cuda:N`. `bf16` picks bf16 storage on the GPU (for bf16
+    /// checkpoints), else fp16.
+    pub fn open(spec: &str, bf16: bool) -> Result<Device> {
+        let ordinal = match spec {
+            "cpu" => return Ok(Device::Cpu),
+            "cuda" => 0,
+            s if s.starts_with("cuda:") => match s[5..].parse::<usize>() {
+                Ok(n) => n,
+                Err(_) => bail!("device `{s}`: expected cuda:N with N a device number"),
+            },
+            other => bail!("unknown device `{other}` (expected cpu, cuda or cuda:N)"),
+        };
+        #[cfg(feature = "cuda")]
+        {
+            let dtype = if bf16 {
+                cuda::DType::BF16
+            } else {
+                cuda::DType::F16
+            };
+            Ok(Device::Cuda(cuda::Gpu::new(ordinal, dtype)?))
+        }
+        #[cfg(not(feature = "cuda"))]
+        {
+            let _ = bf16;
+            bail!("device `{spec}`: this build has no CUDA backend (cuda:{ordinal}); rebuild with `--features cuda`")
+        }
+    }
+
+    pub fn is_cpu(&self) -> bool {
+        matches!(self, Device::Cpu)
+    }
+
+    /// A host tensor moved to this device (weights at load time, inputs at the edges).
+    pub fn put(&self, t: Tensor) -> Tensor {
+        match self {
+            Device::Cpu => t,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => {
+                let host = t.to_host().expect("host tensor");
+                Tensor::from_device(host.shape().to_vec(), g.upload(host.data(), g.dtype))
+            }
+        }
+    }
+
+    /// Like `put`, but keeps f32 on the GPU (timesteps, scheduler state).
+    pub fn put_f32(&self, t: Tensor) -> Tensor {
+        match self {
+            Device::Cpu => t,
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => {
+                let host = t.to_host().expect("host tensor");
+                Tensor::from_device(
+                    host.shape().to_vec(),
+                    g.upload(host.data(), cuda::DType::F32),
+                )
+            }
+        }
+    }
+
+    /// Reports a failure recorded by device ops since the start (out of memory, failed launch).
+    pub fn check(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => g.check(),
+        }
+    }
+
+    /// Waits for queued device work and reports failures.
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => g.synchronize(),
+        }
+    }
+
+    pub fn name(&self) -> String {
+        match self {
+            Device::Cpu => "cpu".into(),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => format!("cuda:{}", g.ordinal),
+        }
+    }
+}
+
+/// Runs `$gpu` when `$t` lives on a GPU, `$cpu` otherwise.
+macro_rules! dispatch {
+    ($t:expr, $cpu:expr, $gpu:expr) => {{
+        #[cfg(feature = "cuda")]
+        if !$t.is_host() {
+            return $gpu;
+        }
+        $cpu
+    }};
+}
+
+pub fn linear(x: &Tensor, l: &LinearW) -> Tensor {
+    assert_eq!(
+        x.last_dim(),
+        l.in_features(),
+        "linear: input {:?} vs weight {:?}",
+        x.shape(),
+        l.weight.shape()
+    );
+    dispatch!(x, cpu::linear(x, l), cuda::ops::linear(x, l))
+}
+
+pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
+    assert_eq!(
+        x.last_dim(),
+        c.in_channels(),
+        "conv2d: input {:?} vs weight {:?}",
+        x.shape(),
+        c.weight.shape()
+    );
+    dispatch!(x, cpu::conv2d(x, c), cuda::ops::conv2d(x, c))
+}
+
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    silu: bool,
+) -> Tensor {
+    assert!(
+        x.last_dim().is_multiple_of(groups),
+        "group_norm: {} channels in {groups} groups",
+        x.last_dim()
+    );
+    dispatch!(
+        x,
+        cpu::group_norm(x, groups, gamma, beta, eps, silu),
+        cuda::ops::group_norm(x, groups, gamma, beta, eps, silu)
+    )
+}
+
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Tensor {
+    dispatch!(
+        x,
+        cpu::layer_norm(x, gamma, beta, eps),
+        cuda::ops::layer_norm(x, gamma, beta, eps)
+    )
+}
+
+/// Scaled dot-product attention on packed heads: q [B, Lq, H·D], k and v [B, Lk, H·D].
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Tensor {
+    assert_eq!(k.shape(), v.shape(), "attention: k and v differ");
+    assert_eq!(
+        q.shape()[2],
+        k.shape()[2],
+        "attention: q and k widths differ"
+    );
+    assert_eq!(
+        q.shape()[2] % heads,
+        0,
+        "attention: width not divisible by {heads} heads"
+    );
+    dispatch!(
+        q,
+        cpu::attention(q, k, v, heads, causal),
+        cuda::ops::attention(q, k, v, heads, causal)
+    )
+}
+
+pub fn silu(x: &Tensor) -> Tensor {
+    Activation::Silu.apply(x)
+}
+
+impl Activation {
+    pub fn apply(self, x: &Tensor) -> Tensor {
+        dispatch!(x, cpu::activation(x, self), cuda::ops::activation(x, self))
+    }
+}
+
+/// a·x + b.
+pub fn affine(x: &Tensor, a: f32, b: f32) -> Tensor {
+    dispatch!(x, cpu::affine(x, a, b), cuda::ops::affine(x, a, b))
+}
+
+pub fn scale(x: &Tensor, s: f32) -> Tensor {
+    affine(x, s, 0.0)
+}
+
+/// clamp(a·x + b, lo, hi).
+pub fn affine_clamp(x: &Tensor, a: f32, b: f32, lo: f32, hi: f32) -> Tensor {
+    dispatch!(
+        x,
+        cpu::affine_clamp(x, a, b, lo, hi),
+        cuda::ops::affine_clamp(x, a, b, lo, hi)
+    )
+}
+
+pub fn geglu(x: &Tensor) -> Tensor {
+    dispatch!(x, cpu::geglu(x), cuda::ops::geglu(x))
+}
+
+pub fn add(a: &Tensor, b: &Tensor) -> Tensor {
+    add_scaled(a, b, 1.0)
+}
+
+/// a + s·b
+pub fn add_scaled(a: &Tensor, b: &Tensor, s: f32) -> Tensor {
+    assert_eq!(a.shape(), b.shape(), "add: shapes differ");
+    dispatch!(a, cpu::add_scaled(a, b, s), cuda::ops::add_scaled(a, b, s))
+}
+
+/// x [N, ..., C] + v [N, C]: a per-sample channel vector broadcast over the spatial dimensions.
+pub fn add_per_sample_channels(x: &Tensor, v: &Tensor) -> Tensor {
+    assert_eq!(
+        v.shape(),
+        [x.shape()[0], x.last_dim()],
+        "add_per_sample_channels: {:?} vs {:?}",
+        x.shape(),
+        v.shape()
+    );
+    dispatch!(
+        x,
+        cpu::add_per_sample_channels(x, v),
+        cuda::ops::add_per_sample_channels(x, v)
+    )
+}
+
+/// Concatenation along the last (channel) dimension.
+pub fn concat_channels(parts: &[&Tensor]) -> Tensor {
+    let lead = &parts[0].shape()[..parts[0].rank() - 1];
+    for p in parts {
+        assert_eq!(
+            &p.shape()[..p.rank() - 1],
+            lead,
+            "concat_channels: leading dims differ"
+        );
+    }
+    dispatch!(
+        parts[0],
+        cpu::concat_channels(parts),
+        cuda::ops::concat_channels(parts)
+    )
+}
+
+/// Channels `start..start+len` of the last dimension.
+pub fn slice_channels(x: &Tensor, start: usize, len: usize) -> Tensor {
+    assert!(
+        start + len <= x.last_dim(),
+        "slice_channels {start}+{len} of {:?}",
+        x.shape()
+    );
+    dispatch!(
+        x,
+        cpu::slice_channels(x, start, len),
+        cuda::ops::slice_channels(x, start, len)
+    )
+}
+
+/// Nearest-neighbour resize of NHWC with PyTorch's index rule.
+pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Tensor {
+    dispatch!(
+        x,
+        cpu::upsample_nearest(x, out_h, out_w),
+        cuda::ops::upsample_nearest(x, out_h, out_w)
+    )
+}
+
+/// Sinusoidal embedding of f32 timesteps `t` [B] (host or device; the result lives with them).
+pub fn timestep_embedding(
+    t: &Tensor,
+    dim: usize,
+    flip_sin_to_cos: bool,
+    freq_shift: f32,
+) -> Tensor {
+    #[cfg(feature = "cuda")]
+    if let Some(d) = t.dev() {
+        return cuda::ops::timestep_embedding(t, dim, flip_sin_to_cos, freq_shift, d.gpu());
+    }
+    cpu::timestep_embedding(t.data(), dim, flip_sin_to_cos, freq_shift)
+}
+
+/// Rows `idx` of a [rows, D] table (token embeddings, pooling).
+pub fn gather_rows(table: &Tensor, idx: &[u32]) -> Tensor {
+    let rows = table.shape()[0];
+    assert!(
+        idx.iter().all(|&i| (i as usize) < rows),
+        "gather_rows: index out of {rows} rows"
+    );
+    dispatch!(
+        table,
+        cpu::gather_rows(table, idx),
+        cuda::ops::gather_rows(table, idx)
+    )
+}
+
+/// Σ cᵢ·tᵢ over up to four tensors of one shape.
+pub fn lincomb(terms: &[(&Tensor, f32)]) -> Tensor {
+    assert!(
+        !terms.is_empty() && terms.len() <= 4,
+        "lincomb takes 1 to 4 terms"
+    );
+    for (t, _) in terms {
+        assert_eq!(t.shape(), terms[0].0.shape(), "lincomb: shapes differ");
+    }
+    dispatch!(terms[0].0, cpu::lincomb(terms), cuda::ops::lincomb(terms))
+}
+
+/// Classifier-free guidance on a [uncond; cond] batch: u + g·(c − u).
+pub fn cfg_combine(pred: &Tensor, guidance: f32) -> Tensor {
+    dispatch!(
+        pred,
+        cpu::cfg_combine(pred, guidance),
+        cuda::ops::cfg_combine(pred, guidance)
+    )
+}
+
+/// (1 − m)·a + m·b with a one-channel mask per pixel.
+pub fn mask_mix(a: &Tensor, b: &Tensor, mask: &Tensor) -> Tensor {
+    assert_eq!(a.shape(), b.shape(), "mask_mix: shapes differ");
+    assert_eq!(
+        mask.numel() * a.last_dim(),
+        a.numel(),
+        "mask_mix: mask {:?} vs {:?}",
+        mask.shape(),
+        a.shape()
+    );
+    dispatch!(
+        a,
+        cpu::mask_mix(a, b, mask),
+        cuda::ops::mask_mix(a, b, mask)
+    )
+}
+
+/// VAE posterior sample: scale·(mean + exp(½·clamp(logvar, −30, 20))·noise).
+pub fn gauss_sample(mean: &Tensor, logvar: &Tensor, noise: &Tensor, scale: f32) -> Tensor {
+    dispatch!(
+        mean,
+        cpu::gauss_sample(mean, logvar, noise, scale),
+        cuda::ops::gauss_sample(mean, logvar, noise, scale)
+    )
+}

@@ -1,6 +1,7 @@
 //! CLIPTextModel / CLIPTextModelWithProjection (transformers), as the SD text encoders use them.
 
 use super::nn::LayerNorm;
+use crate::backend::Device;
 use crate::backend::{self as ops, Activation, LinearW};
 use crate::config::Config;
 use crate::tensor::Tensor;
@@ -50,7 +51,7 @@ pub fn normalise_name(name: &str) -> Option<String> {
 }
 
 impl ClipText {
-    pub fn load(cfg: &Config, store: &WeightStore) -> Result<Self> {
+    pub fn load(cfg: &Config, store: &WeightStore, device: &Device) -> Result<Self> {
         // A full CLIPConfig nests the text part under text_config; SD checkpoints use the flat form.
         let vocab_size = cfg.usize("vocab_size")?;
         let hidden = cfg.usize("hidden_size")?;
@@ -80,7 +81,7 @@ impl ClipText {
             .iter()
             .any(|a| a.as_str() == Some("CLIPTextModelWithProjection"))
             || store.contains("text_projection.weight");
-        let vb = Vb::root(store);
+        let vb = Vb::root_on(store, device);
         let e = vb.pp("embeddings");
         let mut layers = Vec::new();
         for i in 0..layers_n {
@@ -146,9 +147,9 @@ impl ClipText {
             );
         }
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-        let tok = ops::embedding(&self.token_embedding, &flat).reshape(vec![b, l, self.hidden]);
+        let tok = ops::gather_rows(&self.token_embedding, &flat).reshape(vec![b, l, self.hidden]);
         let pos_ids: Vec<u32> = (0..l as u32).collect();
-        let pos = ops::embedding(&self.position_embedding, &pos_ids);
+        let pos = ops::gather_rows(&self.position_embedding, &pos_ids);
         let pos_b = Tensor::cat0(&vec![&pos; b]).reshape(vec![b, l, self.hidden]);
         let mut x = ops::add(&tok, &pos_b);
         let mut hidden_states = vec![x.clone()];
@@ -167,13 +168,12 @@ impl ClipText {
             hidden_states.push(x.clone());
         }
         let last = self.final_ln.forward(&x);
-        let mut pooled = Vec::with_capacity(b * self.hidden);
-        for (bi, row) in ids.iter().enumerate() {
-            let pos = self.pool_position(row);
-            let s = (bi * l + pos) * self.hidden;
-            pooled.extend_from_slice(&last.data()[s..s + self.hidden]);
-        }
-        let pooled = Tensor::new(vec![b, self.hidden], pooled);
+        let rows: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(bi, row)| (bi * l + self.pool_position(row)) as u32)
+            .collect();
+        let pooled = ops::gather_rows(&last.reshape(vec![b * l, self.hidden]), &rows);
         let text_embeds = self.projection.as_ref().map(|p| ops::linear(&pooled, p));
         let penultimate = hidden_states[hidden_states.len().saturating_sub(2)].clone();
         Ok(ClipTextOutput {

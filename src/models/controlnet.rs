@@ -2,6 +2,7 @@
 //! produce residuals for the UNet's skips and mid block.
 
 use super::unet::{check_cond, Cond, Encoder, UnetConfig};
+use crate::backend::Device;
 use crate::backend::{self as ops, Conv2dW};
 use crate::config::Config;
 use crate::tensor::Tensor;
@@ -27,9 +28,9 @@ pub struct ControlOutput {
 }
 
 impl ControlNet {
-    pub fn load(cfg: &Config, store: &WeightStore) -> Result<Self> {
+    pub fn load(cfg: &Config, store: &WeightStore, device: &Device) -> Result<Self> {
         let c = UnetConfig::parse(cfg, true)?;
-        let vb = Vb::root(store);
+        let vb = Vb::root_on(store, device);
         let bgr = match cfg.str_or("controlnet_conditioning_channel_order", "rgb")? {
             "rgb" => false,
             "bgr" => true,
@@ -167,11 +168,9 @@ impl ControlNet {
     }
 }
 
+/// RGB <-> BGR.
 fn flip_channels(x: &Tensor) -> Tensor {
     let c = x.last_dim();
-    let mut d = x.data().to_vec();
-    for px in d.chunks_mut(c) {
-        px.reverse();
-    }
-    Tensor::new(x.shape().to_vec(), d)
+    let parts: Vec<Tensor> = (0..c).rev().map(|i| ops::slice_channels(x, i, 1)).collect();
+    ops::concat_channels(&parts.iter().collect::<Vec<_>>())
 }

@@ -5,6 +5,7 @@ use super::clip_text::{self, ClipText};
 use super::controlnet::ControlNet;
 use super::unet::Unet;
 use super::vae::{self, Vae};
+use crate::backend::Device;
 use crate::config::Config;
 use crate::weights::layout::{component_dir, open_weights};
 use crate::weights::WeightStore;
@@ -32,34 +33,43 @@ impl Checkpoint {
     }
 }
 
-pub fn load_unet(path: &Path) -> Result<Unet> {
+pub fn load_unet(path: &Path, device: &Device) -> Result<Unet> {
     let ck = Checkpoint::open(path, "unet")?;
-    Unet::load(&ck.config, &ck.weights)
+    Unet::load(&ck.config, &ck.weights, device)
         .with_context(|| format!("loading the UNet from {}", ck.dir.display()))
 }
 
-pub fn load_controlnet(path: &Path) -> Result<ControlNet> {
+pub fn load_controlnet(path: &Path, device: &Device) -> Result<ControlNet> {
     let ck = Checkpoint::open(path, "controlnet")?;
-    ControlNet::load(&ck.config, &ck.weights)
+    ControlNet::load(&ck.config, &ck.weights, device)
         .with_context(|| format!("loading the ControlNet from {}", ck.dir.display()))
 }
 
-pub fn load_vae(path: &Path) -> Result<Vae> {
+pub fn load_vae(path: &Path, device: &Device) -> Result<Vae> {
     let mut ck = Checkpoint::open(path, "vae")?;
     ck.weights.normalise_names(vae::normalise_legacy_name);
-    Vae::load(&ck.config, &ck.weights)
+    Vae::load(&ck.config, &ck.weights, device)
         .with_context(|| format!("loading the VAE from {}", ck.dir.display()))
 }
 
 /// `subfolder` is "text_encoder" or "text_encoder_2".
-pub fn load_text_encoder(path: &Path, subfolder: &str) -> Result<ClipText> {
+pub fn load_text_encoder(path: &Path, subfolder: &str, device: &Device) -> Result<ClipText> {
     let mut ck = Checkpoint::open(path, subfolder)?;
     normalise_text_encoder(&mut ck.weights);
-    ClipText::load(&ck.config, &ck.weights)
+    ClipText::load(&ck.config, &ck.weights, device)
         .with_context(|| format!("loading the text encoder from {}", ck.dir.display()))
 }
 
 pub fn normalise_text_encoder(w: &mut WeightStore) {
     w.normalise_names(clip_text::normalise_name);
     w.retain(|n| !n.ends_with("position_ids"));
+}
+
+/// Whether a model folder's floating-point weights are bf16 (so a GPU keeps them in bf16).
+pub fn is_bf16(path: &Path, subfolder: &str) -> Result<bool> {
+    let ck = Checkpoint::open(path, subfolder)?;
+    let s = ck.weights.dtype_summary();
+    let count = |d| s.get(&d).map(|x| x.1).unwrap_or(0);
+    use crate::weights::safetensors::Dtype;
+    Ok(count(Dtype::BF16) > count(Dtype::F16) + count(Dtype::F32))
 }

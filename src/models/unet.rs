@@ -4,6 +4,7 @@ use super::blocks::{
     load_downsample, upsample, ResnetBlock, SpatialTransformer, TimestepEmbedding,
 };
 use super::nn::GroupNorm;
+use crate::backend::Device;
 use crate::backend::{self as ops, Conv2dW};
 use crate::config::Config;
 use crate::tensor::Tensor;
@@ -249,8 +250,8 @@ impl UnetConfig {
 
 /// Conditioning of one UNet call beyond the sample.
 pub struct Cond<'a> {
-    /// One timestep per sample (fractional values allowed).
-    pub timesteps: &'a [f32],
+    /// One f32 timestep per sample ([B], fractional values allowed), on the model's device.
+    pub timesteps: &'a Tensor,
     /// [B, L, D] text embeddings.
     pub context: &'a Tensor,
     /// SDXL: pooled text embeds [B, E] and time ids [B, 6].
@@ -294,7 +295,7 @@ impl Embeddings {
                 "this UNet (addition_embed_type text_time, SDXL) needs text_embeds and time_ids"
             ),
             (Some((td, mlp)), Some((text_embeds, time_ids))) => {
-                let b = cond.timesteps.len();
+                let b = cond.timesteps.numel();
                 let nt = time_ids.numel() / b.max(1);
                 if time_ids.shape()[0] != b || text_embeds.shape()[0] != b {
                     bail!(
@@ -303,8 +304,13 @@ impl Embeddings {
                         time_ids.shape()
                     );
                 }
-                let te = ops::timestep_embedding(time_ids.data(), *td, self.flip, self.shift)
-                    .reshape(vec![b, nt * td]);
+                let te = ops::timestep_embedding(
+                    &time_ids.reshape(vec![time_ids.numel()]),
+                    *td,
+                    self.flip,
+                    self.shift,
+                )
+                .reshape(vec![b, nt * td]);
                 let add_in = ops::concat_channels(&[text_embeds, &te]);
                 let want = mlp.linear_1.in_features();
                 if add_in.last_dim() != want {
@@ -506,9 +512,9 @@ pub struct Unet {
 pub type Trace = Vec<(String, Tensor)>;
 
 impl Unet {
-    pub fn load(cfg: &Config, store: &WeightStore) -> Result<Self> {
+    pub fn load(cfg: &Config, store: &WeightStore, device: &Device) -> Result<Self> {
         let c = UnetConfig::parse(cfg, false)?;
-        let vb = Vb::root(store);
+        let vb = Vb::root_on(store, device);
         let enc = Encoder::load(&vb, &c)?;
         let nb = c.block_out_channels.len();
         let rev: Vec<usize> = c.block_out_channels.iter().rev().copied().collect();
@@ -677,8 +683,8 @@ impl Unet {
 }
 
 pub(crate) fn check_cond(cond: &Cond, b: usize, ctx_dims: &[usize]) -> Result<()> {
-    if cond.timesteps.len() != b {
-        bail!("{} timesteps for a batch of {b}", cond.timesteps.len());
+    if cond.timesteps.numel() != b {
+        bail!("{} timesteps for a batch of {b}", cond.timesteps.numel());
     }
     let cs = cond.context.shape();
     if cs.len() != 3 || cs[0] != b || cs[2] != ctx_dims[0] {

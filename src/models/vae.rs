@@ -2,6 +2,7 @@
 
 use super::blocks::{load_downsample, upsample, ResnetBlock, VaeAttention};
 use super::nn::GroupNorm;
+use crate::backend::Device;
 use crate::backend::{self as ops, Conv2dW};
 use crate::config::Config;
 use crate::tensor::Tensor;
@@ -77,7 +78,7 @@ pub struct Vae {
 }
 
 impl Vae {
-    pub fn load(cfg: &Config, store: &WeightStore) -> Result<Self> {
+    pub fn load(cfg: &Config, store: &WeightStore, device: &Device) -> Result<Self> {
         let ch = cfg.usize_list("block_out_channels")?;
         let nb = ch.len();
         if nb == 0 {
@@ -108,7 +109,7 @@ impl Vae {
         let cin = cfg.usize_or("in_channels", 3)?;
         let cout = cfg.usize_or("out_channels", 3)?;
         let attention = cfg.bool_or("mid_block_add_attention", true)?;
-        let vb = Vb::root(store);
+        let vb = Vb::root_on(store, device);
         let e = vb.pp("encoder");
         let mut enc_down = Vec::new();
         let mut out_ch = ch[0];
@@ -228,18 +229,10 @@ impl Vae {
         if let Some(q) = &self.quant_conv {
             x = ops::conv2d(&x, q);
         }
-        let (n, lh, lw, _) = x.dims4();
         let l = self.latent_channels;
-        let mut mean = Vec::with_capacity(n * lh * lw * l);
-        let mut logvar = Vec::with_capacity(n * lh * lw * l);
-        for px in x.data().chunks(2 * l) {
-            mean.extend_from_slice(&px[..l]);
-            logvar.extend(px[l..].iter().map(|v| v.clamp(-30.0, 20.0)));
-        }
-        Ok((
-            Tensor::new(vec![n, lh, lw, l], mean),
-            Tensor::new(vec![n, lh, lw, l], logvar),
-        ))
+        let mean = ops::slice_channels(&x, 0, l);
+        let logvar = ops::affine_clamp(&ops::slice_channels(&x, l, l), 1.0, 0.0, -30.0, 20.0);
+        Ok((mean, logvar))
     }
 
     /// latent: NHWC (unscaled, as `vae.decode` takes it) -> image NHWC, nominally [-1, 1].

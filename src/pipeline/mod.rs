@@ -5,7 +5,7 @@
 pub mod noise;
 pub mod prompt;
 
-use crate::backend as ops;
+use crate::backend::{self as ops, Device};
 use crate::config::Config;
 use crate::models::controlnet::ControlNet;
 use crate::models::load::{self, Checkpoint};
@@ -31,6 +31,8 @@ pub struct Generator {
     pub force_zeros_for_empty_prompt: bool,
     /// Default image side (unet sample_size × VAE factor).
     pub default_size: usize,
+    /// Where the models run. The scheduler and noise stay on the host.
+    pub device: Device,
 }
 
 /// How the denoising starts.
@@ -87,7 +89,7 @@ pub struct Output {
 
 impl Generator {
     /// A diffusers pipeline folder, optionally with a ControlNet folder (or the pipeline's own).
-    pub fn load(path: &Path, controlnet: Option<&Path>) -> Result<Generator> {
+    pub fn load(path: &Path, controlnet: Option<&Path>, device: &Device) -> Result<Generator> {
         let index = path.join("model_index.json");
         if !path.is_dir() {
             bail!("{}: model folder not found", path.display());
@@ -95,20 +97,20 @@ impl Generator {
         let model_index = Config::read(&index)
             .with_context(|| format!("{}: not a diffusers pipeline folder", path.display()))?;
         let tok = ClipTokenizer::from_dir(&path.join("tokenizer"))?;
-        let te = load::load_text_encoder(path, "text_encoder")?;
+        let te = load::load_text_encoder(path, "text_encoder", device)?;
         let second = if path.join("text_encoder_2").is_dir() {
             Some((
                 ClipTokenizer::from_dir(&path.join("tokenizer_2"))?,
-                load::load_text_encoder(path, "text_encoder_2")?,
+                load::load_text_encoder(path, "text_encoder_2", device)?,
             ))
         } else {
             None
         };
-        let unet = load::load_unet(path)?;
-        let vae = load::load_vae(path)?;
+        let unet = load::load_unet(path, device)?;
+        let vae = load::load_vae(path, device)?;
         let cn = match controlnet {
-            Some(p) => Some(load::load_controlnet(p)?),
-            None if path.join("controlnet").is_dir() => Some(load::load_controlnet(path)?),
+            Some(p) => Some(load::load_controlnet(p, device)?),
+            None if path.join("controlnet").is_dir() => Some(load::load_controlnet(path, device)?),
             None => None,
         };
         let scheduler_config =
@@ -126,6 +128,7 @@ impl Generator {
             vae,
             controlnet: cn,
             scheduler_config,
+            device: device.clone(),
         };
         g.check()?;
         Ok(g)
@@ -207,12 +210,13 @@ impl Generator {
             .map(|i| i / req.images_per_prompt)
             .collect();
 
-        // Text conditioning, [uncond; cond] when guiding.
+        // Text conditioning, [uncond; cond] when guiding (on the model device).
+        let dev = &self.device;
         let cond = self.text.encode(&req.prompts)?.gather(&prompt_of);
         let embeds = if cfg {
             let uncond = match &req.negative {
                 None if self.text.is_sdxl() && self.force_zeros_for_empty_prompt => {
-                    cond.zeros_like()
+                    cond.zeros_like(dev)
                 }
                 None => self
                     .text
@@ -249,9 +253,10 @@ impl Generator {
                 req.height as f32,
                 req.width as f32,
             ];
-            Tensor::new(vec![rows, 6], one.repeat(rows))
+            dev.put_f32(Tensor::new(vec![rows, 6], one.repeat(rows)))
         });
 
+        // Latents and everything the scheduler touches live on the host.
         let mut sched = self.make_scheduler(req.scheduler)?;
         let mut blend: Option<Blend> = None;
         let mut mask_input: Option<(Tensor, Tensor)> = None;
@@ -329,7 +334,7 @@ impl Generator {
                             t.clone()
                         }
                     };
-                    mask_input = Some((dup(&small_mask), dup(&masked_latents)));
+                    mask_input = Some((dev.put(dup(&small_mask)), dev.put(dup(&masked_latents))));
                 } else {
                     blend = Some(Blend {
                         image_latents: image_latents.expect("encoded for 4-channel UNets"),
@@ -345,8 +350,7 @@ impl Generator {
             (None, _) => None,
             (Some(_), None) => bail!("a control image was given but no ControlNet is loaded"),
             (Some(c), Some(net)) => {
-                let im = batch_image(&c.image, rows, req)?;
-                Some((net, im, c.scale))
+                Some((net, dev.put(batch_image(&c.image, rows, req)?), c.scale))
             }
         };
 
@@ -357,8 +361,8 @@ impl Generator {
             } else {
                 latents.clone()
             };
-            let x_in = sched.scale_model_input(&x_in, i)?;
-            let ts = vec![t; rows];
+            let x_in = dev.put(sched.scale_model_input(&x_in, i)?);
+            let ts = dev.put_f32(Tensor::new(vec![rows], vec![t; rows]));
             let cond = Cond {
                 timesteps: &ts,
                 context: &embeds.context,
@@ -378,11 +382,12 @@ impl Generator {
             let res = residuals.as_ref().map(|r| (r.down.as_slice(), &r.mid));
             let pred = self.unet.forward(&unet_in, &cond, res, None)?;
             let pred = if cfg {
-                let (u, c) = (pred.narrow0(0, n), pred.narrow0(n, n));
-                ops::add_scaled(&u, &ops::add_scaled(&c, &u, -1.0), req.guidance)
+                ops::cfg_combine(&pred, req.guidance)
             } else {
                 pred
             };
+            dev.check()?;
+            let pred = pred.to_host()?;
             let step_noise = if sched.needs_step_noise() {
                 Some(noise.draw(n, c, h, w)?)
             } else {
@@ -395,7 +400,7 @@ impl Generator {
                 } else {
                     b.image_latents.clone()
                 };
-                latents = mix(&proper, &latents, &b.mask);
+                latents = ops::mask_mix(&proper, &latents, &b.mask);
             }
             progress(i + 1, timesteps.len());
         }
@@ -403,40 +408,26 @@ impl Generator {
         Ok(Output { latents, images })
     }
 
-    /// VAE posterior sample × scaling factor, as diffusers' `retrieve_latents(..., "sample")`.
+    /// VAE posterior sample × scaling factor, as diffusers' `retrieve_latents(..., "sample")`;
+    /// host image in, host latents out.
     fn encode_sample(&self, image: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
-        let (mean, logvar) = self.vae.encode(image)?;
+        let dev = &self.device;
+        let (mean, logvar) = self.vae.encode(&dev.put(image.clone()))?;
         let (n, h, w, c) = mean.dims4();
-        let e = noise.draw(n, c, h, w)?;
-        let std = Tensor::new(
-            logvar.shape().to_vec(),
-            logvar.data().iter().map(|v| (0.5 * v).exp()).collect(),
-        );
-        let x = ops::add(
-            &mean,
-            &Tensor::new(
-                e.shape().to_vec(),
-                e.data()
-                    .iter()
-                    .zip(std.data())
-                    .map(|(a, b)| a * b)
-                    .collect(),
-            ),
-        );
-        Ok(ops::scale(&x, self.vae.scaling_factor as f32))
+        let e = dev.put(noise.draw(n, c, h, w)?);
+        let x = ops::gauss_sample(&mean, &logvar, &e, self.vae.scaling_factor as f32);
+        dev.check()?;
+        x.to_host()
     }
 
-    /// Latents → images in [0, 1].
+    /// Host latents → host images in [0, 1].
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
-        let x = ops::scale(latents, 1.0 / self.vae.scaling_factor as f32);
-        let img = self.vae.decode(&x)?;
-        Ok(Tensor::new(
-            img.shape().to_vec(),
-            img.data()
-                .iter()
-                .map(|v| (v / 2.0 + 0.5).clamp(0.0, 1.0))
-                .collect(),
-        ))
+        let x = self
+            .device
+            .put(ops::scale(latents, 1.0 / self.vae.scaling_factor as f32));
+        let img = ops::affine_clamp(&self.vae.decode(&x)?, 0.5, 0.5, 0.0, 1.0);
+        self.device.check()?;
+        img.to_host()
     }
 }
 
@@ -446,19 +437,6 @@ struct Blend {
     image_latents: Tensor,
     noise: Tensor,
     mask: Tensor,
-}
-
-/// (1 - m)·a + m·b with a one-channel mask broadcast over channels.
-fn mix(a: &Tensor, b: &Tensor, mask: &Tensor) -> Tensor {
-    let c = a.last_dim();
-    let out = a
-        .data()
-        .chunks(c)
-        .zip(b.data().chunks(c))
-        .zip(mask.data())
-        .flat_map(|((pa, pb), m)| pa.iter().zip(pb).map(move |(x, y)| (1.0 - m) * x + m * y))
-        .collect();
-    Tensor::new(a.shape().to_vec(), out)
 }
 
 fn to_model_range(t: &Tensor) -> Tensor {

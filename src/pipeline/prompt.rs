@@ -1,7 +1,7 @@
 //! Text conditioning: CLIP embeddings for SD1.x/SD2.x, and SDXL's two encoders with pooled
 //! embeddings, as diffusers' `encode_prompt` computes them.
 
-use crate::backend as ops;
+use crate::backend::{self as ops, Device};
 use crate::models::clip_text::ClipText;
 use crate::tensor::Tensor;
 use crate::tokenizer::ClipTokenizer;
@@ -39,13 +39,14 @@ impl Embeds {
         }
     }
 
-    pub fn zeros_like(&self) -> Embeds {
+    /// Zero embeddings of the same shapes on `device`.
+    pub fn zeros_like(&self, device: &Device) -> Embeds {
         Embeds {
-            context: Tensor::zeros(self.context.shape().to_vec()),
+            context: device.put(Tensor::zeros(self.context.shape().to_vec())),
             pooled: self
                 .pooled
                 .as_ref()
-                .map(|p| Tensor::zeros(p.shape().to_vec())),
+                .map(|p| device.put(Tensor::zeros(p.shape().to_vec()))),
         }
     }
 }

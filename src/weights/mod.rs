@@ -4,7 +4,7 @@
 pub mod layout;
 pub mod safetensors;
 
-use crate::backend::{Conv2dW, LinearW};
+use crate::backend::{Conv2dW, Device, LinearW};
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, Context, Result};
 use safetensors::{Dtype, SafetensorsFile, TensorInfo};
@@ -210,14 +210,26 @@ impl WeightStore {
 pub struct Vb<'a> {
     store: &'a WeightStore,
     prefix: String,
+    device: Device,
 }
 
 impl<'a> Vb<'a> {
+    /// Weights on the CPU.
     pub fn root(store: &'a WeightStore) -> Vb<'a> {
+        Vb::root_on(store, &Device::Cpu)
+    }
+
+    /// Weights uploaded to `device` as they are loaded (fp16/bf16 on a GPU).
+    pub fn root_on(store: &'a WeightStore, device: &Device) -> Vb<'a> {
         Vb {
             store,
             prefix: String::new(),
+            device: device.clone(),
         }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
     }
 
     pub fn prefix(&self) -> &str {
@@ -233,6 +245,7 @@ impl<'a> Vb<'a> {
         Vb {
             store: self.store,
             prefix,
+            device: self.device.clone(),
         }
     }
 
@@ -252,8 +265,9 @@ impl<'a> Vb<'a> {
         self.store.contains(&self.full(name))
     }
 
+    /// A tensor of `shape`, on this builder's device.
     pub fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
-        self.store.get(&self.full(name), shape)
+        Ok(self.device.put(self.store.get(&self.full(name), shape)?))
     }
 
     /// A [out, in] linear layer; 1×1 convolution weights ([out, in, 1, 1]) are accepted too, as old
@@ -268,7 +282,10 @@ impl<'a> Vb<'a> {
         } else {
             None
         };
-        Ok(LinearW { weight: w, bias })
+        Ok(LinearW {
+            weight: self.device.put(w),
+            bias,
+        })
     }
 
     /// A square-kernel convolution with bias; a linear weight is accepted for 1×1 kernels (SD2's
@@ -291,6 +308,8 @@ impl<'a> Vb<'a> {
             .get_one_of(&self.full("weight"), &[&[out, inp, k, k], alt])?
             .reshape(vec![out, inp, k, k]);
         let b = self.get("bias", &[out])?;
-        Ok(Conv2dW::from_oihw(&w, Some(b), stride, pad))
+        let mut c = Conv2dW::from_oihw(&w, Some(b), stride, pad);
+        c.weight = self.device.put(c.weight);
+        Ok(c)
     }
 }

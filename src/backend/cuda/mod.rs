@@ -1,0 +1,538 @@
+//! The CUDA backend: one context and stream per `Gpu`, kernels from the fatbins build.rs embeds,
+//! cuBLASLt for GEMMs, and a caching pool so that after warm-up nothing is allocated.
+//!
+//! UNTESTED ON A GPU: this code compiles (nvcc, cudarc) but has not run on a device yet; the GPU
+//! tests (tests/gpu.rs) compare every op and model with the CPU backend when a device is present.
+//!
+//! Errors (out of memory, a failed launch) are sticky, as CUDA's own are: an op that fails records
+//! the first error and later ops on that `Gpu` do nothing; callers check `Gpu::check()` at model
+//! boundaries and turn it into an ordinary error. Ops themselves stay infallible, like the CPU ones.
+
+pub mod ops;
+
+use anyhow::{anyhow, bail, Result};
+use cudarc::cublaslt::CudaBlasLT;
+use cudarc::driver::{
+    result, sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
+};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, Mutex};
+
+mod embedded {
+    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+}
+
+/// GPU code targets embedded in this build (e.g. sm_80, sm_90).
+pub fn embedded_targets() -> &'static [&'static str] {
+    embedded::TARGETS
+}
+
+/// Storage type of device tensors.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DType {
+    F16,
+    BF16,
+    F32,
+}
+
+impl DType {
+    pub fn size(self) -> usize {
+        match self {
+            DType::F16 | DType::BF16 => 2,
+            DType::F32 => 4,
+        }
+    }
+    pub fn suffix(self) -> &'static str {
+        match self {
+            DType::F16 => "f16",
+            DType::BF16 => "bf16",
+            DType::F32 => "f32",
+        }
+    }
+}
+
+/// Whether the CUDA driver library can be loaded (cudarc panics when it is missing).
+pub fn driver_present() -> bool {
+    // Safety: only probes for the shared library.
+    unsafe { sys::is_culib_present() }
+}
+
+/// (ordinal, name, compute capability, memory in bytes).
+pub type DeviceInfo = (usize, String, (i32, i32), usize);
+
+/// Name, compute capability and memory of every visible device, or why there are none.
+pub fn list_devices() -> Result<Vec<DeviceInfo>> {
+    if !driver_present() {
+        bail!("no CUDA driver library (libcuda.so) on this machine");
+    }
+    let n = CudaContext::device_count().map_err(|e| anyhow!("CUDA driver: {e}"))?;
+    let mut out = Vec::new();
+    for i in 0..n as usize {
+        let ctx = CudaContext::new(i).map_err(|e| anyhow!("device {i}: {e}"))?;
+        out.push((
+            i,
+            ctx.name().unwrap_or_default(),
+            ctx.compute_capability().unwrap_or((0, 0)),
+            ctx.total_mem().unwrap_or(0),
+        ));
+    }
+    Ok(out)
+}
+
+/// Size classes of the caching pool: powers of two up to 64 MiB, then multiples of 64 MiB.
+fn size_class(bytes: usize) -> usize {
+    let b = bytes.max(256);
+    if b <= 64 << 20 {
+        b.next_power_of_two()
+    } else {
+        b.div_ceil(64 << 20) * (64 << 20)
+    }
+}
+
+pub struct Gpu {
+    pub ordinal: usize,
+    pub dtype: DType,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlasLT,
+    funcs: HashMap<String, CudaFunction>,
+    free: Mutex<HashMap<usize, Vec<u64>>>,
+    allocated: Mutex<usize>,
+    error: Mutex<Option<String>>,
+}
+
+impl fmt::Debug for Gpu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "cuda:{} ({:?})", self.ordinal, self.dtype)
+    }
+}
+
+impl Gpu {
+    /// Opens device `ordinal` with its own stream and loads every embedded kernel module.
+    pub fn new(ordinal: usize, dtype: DType) -> Result<Arc<Gpu>> {
+        if !driver_present() {
+            bail!("cuda:{ordinal}: no CUDA driver library (libcuda.so) on this machine");
+        }
+        let n = CudaContext::device_count().map_err(|e| anyhow!("CUDA driver: {e}"))?;
+        if ordinal >= n.max(0) as usize {
+            bail!("cuda:{ordinal}: this machine has {n} CUDA device(s)");
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cuda:{ordinal}: {e}"))?;
+        // Graph capture needs a non-default stream.
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| anyhow!("cuda:{ordinal}: cannot create a stream: {e}"))?;
+        let blas = CudaBlasLT::new(stream.clone())
+            .map_err(|e| anyhow!("cuda:{ordinal}: cuBLASLt: {e:?}"))?;
+        let mut funcs = HashMap::new();
+        for (name, fatbin) in embedded::MODULES {
+            let module = ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
+                .map_err(|e| {
+                    anyhow!(
+                        "cuda:{ordinal}: cannot load kernel module {name} (built for {:?}): {e}",
+                        embedded::TARGETS
+                    )
+                })?;
+            for f in kernel_names(name) {
+                let func = module.load_function(&f).map_err(|e| {
+                    anyhow!("cuda:{ordinal}: kernel {f} missing from module {name}: {e}")
+                })?;
+                funcs.insert(f, func);
+            }
+        }
+        Ok(Arc::new(Gpu {
+            ordinal,
+            dtype,
+            ctx,
+            stream,
+            blas,
+            funcs,
+            free: Mutex::new(HashMap::new()),
+            allocated: Mutex::new(0),
+            error: Mutex::new(None),
+        }))
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    pub fn blas(&self) -> &CudaBlasLT {
+        &self.blas
+    }
+
+    /// Records the first failure; later ops become no-ops until `check` reports it.
+    pub fn fail(&self, what: impl fmt::Display) {
+        let mut e = self.error.lock().unwrap();
+        if e.is_none() {
+            *e = Some(format!("cuda:{}: {what}", self.ordinal));
+        }
+    }
+
+    pub fn failed(&self) -> bool {
+        self.error.lock().unwrap().is_some()
+    }
+
+    /// The first recorded failure, as an error.
+    pub fn check(&self) -> Result<()> {
+        match self.error.lock().unwrap().clone() {
+            Some(e) => Err(anyhow!(e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Waits for all queued work; reports launch-time and asynchronous errors.
+    pub fn synchronize(&self) -> Result<()> {
+        if let Err(e) = self.stream.synchronize() {
+            self.fail(e);
+        }
+        self.check()
+    }
+
+    /// Bytes held by the pool (in use or cached).
+    pub fn pool_bytes(&self) -> usize {
+        *self.allocated.lock().unwrap()
+    }
+
+    fn alloc_raw(&self, bytes: usize) -> u64 {
+        let class = size_class(bytes);
+        if let Some(p) = self
+            .free
+            .lock()
+            .unwrap()
+            .get_mut(&class)
+            .and_then(|v| v.pop())
+        {
+            return p;
+        }
+        if self.failed() {
+            return 0;
+        }
+        if let Err(e) = self.ctx.bind_to_thread() {
+            self.fail(e);
+            return 0;
+        }
+        // Safety: a plain device allocation, returned to the pool (never freed) when dropped.
+        match unsafe { result::malloc_sync(class) } {
+            Ok(p) => {
+                *self.allocated.lock().unwrap() += class;
+                p
+            }
+            Err(e) => {
+                self.fail(format!(
+                    "out of memory allocating {class} bytes ({} held by the pool): {e}",
+                    self.pool_bytes()
+                ));
+                0
+            }
+        }
+    }
+
+    /// An uninitialised device buffer of `len` elements of `dtype`.
+    pub fn alloc(self: &Arc<Self>, len: usize, dtype: DType) -> DevBuf {
+        let bytes = (len * dtype.size()).max(1);
+        let ptr = self.alloc_raw(bytes);
+        DevBuf {
+            mem: Arc::new(DevMem {
+                gpu: self.clone(),
+                ptr,
+                class: size_class(bytes),
+            }),
+            len,
+            dtype,
+        }
+    }
+
+    /// Host f32 values -> device buffer of `dtype`.
+    pub fn upload(self: &Arc<Self>, data: &[f32], dtype: DType) -> DevBuf {
+        let buf = self.alloc(data.len(), dtype);
+        if self.failed() || data.is_empty() {
+            return buf;
+        }
+        let r = match dtype {
+            DType::F32 => self.htod(buf.ptr(), data),
+            DType::F16 => self.htod(
+                buf.ptr(),
+                &data
+                    .iter()
+                    .map(|v| half::f16::from_f32(*v))
+                    .collect::<Vec<_>>(),
+            ),
+            DType::BF16 => self.htod(
+                buf.ptr(),
+                &data
+                    .iter()
+                    .map(|v| half::bf16::from_f32(*v))
+                    .collect::<Vec<_>>(),
+            ),
+        };
+        if let Err(e) = r {
+            self.fail(e);
+        }
+        buf
+    }
+
+    /// i32 values (token ids, row indices) -> device.
+    pub fn upload_i32(self: &Arc<Self>, data: &[i32]) -> DevBuf {
+        let buf = self.alloc(data.len(), DType::F32);
+        if !self.failed() && !data.is_empty() {
+            if let Err(e) = self.htod(buf.ptr(), data) {
+                self.fail(e);
+            }
+        }
+        buf
+    }
+
+    fn htod<T>(&self, dst: u64, src: &[T]) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| anyhow!("{e}"))?;
+        // Safety: dst holds at least size_of_val(src) bytes; the copy is synchronous with respect
+        // to the host buffer (cuMemcpyHtoD on pageable memory) after the stream's queued work.
+        unsafe {
+            self.stream.synchronize().map_err(|e| anyhow!("{e}"))?;
+            result::memcpy_htod_sync(dst, src).map_err(|e| anyhow!("{e}"))
+        }
+    }
+
+    /// Queues a kernel. `grid` and `block` are 1-D or 2-D.
+    pub fn launch(&self, name: &str, grid: (u32, u32), block: u32, args: &[Arg]) {
+        if self.failed() {
+            return;
+        }
+        let Some(f) = self.funcs.get(name) else {
+            self.fail(format!("kernel {name} is not in the embedded modules"));
+            return;
+        };
+        let mut b = self.stream.launch_builder(f);
+        for a in args {
+            match a {
+                Arg::P(v) | Arg::U(v) => b.arg(v),
+                Arg::I(v) => b.arg(v),
+                Arg::L(v) => b.arg(v),
+                Arg::F(v) => b.arg(v),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: (grid.0.max(1), grid.1.max(1), 1),
+            block_dim: (block, 1, 1),
+            shared_mem_bytes: 0,
+        };
+        // Safety: argument lists match the extern "C" signatures in kernels/ (checked by the GPU tests).
+        if let Err(e) = unsafe { b.launch(cfg) } {
+            self.fail(format!("launching {name}: {e}"));
+        }
+    }
+
+    /// Device-to-device copy of `bytes` bytes.
+    pub fn copy(&self, dst: u64, src: u64, bytes: usize) {
+        if self.failed() || bytes == 0 {
+            return;
+        }
+        // Safety: both ranges are live pool buffers of at least `bytes` bytes.
+        if let Err(e) =
+            unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
+        {
+            self.fail(e);
+        }
+    }
+
+    pub fn begin_capture(&self) -> Result<()> {
+        self.stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
+            .map_err(|e| anyhow!("cuda:{}: begin graph capture: {e}", self.ordinal))
+    }
+
+    pub fn end_capture(&self) -> Result<cudarc::driver::CudaGraph> {
+        let g = self
+            .stream
+            .end_capture(sys::CUgraphInstantiate_flags(0))
+            .map_err(|e| anyhow!("cuda:{}: end graph capture: {e}", self.ordinal))?;
+        self.check()?;
+        g.ok_or_else(|| anyhow!("cuda:{}: graph capture recorded nothing", self.ordinal))
+    }
+}
+
+/// A kernel argument: device pointer, 32-bit int, 64-bit int (`long`), float.
+pub enum Arg {
+    P(u64),
+    U(u64),
+    I(i32),
+    L(i64),
+    F(f32),
+}
+
+/// One pool allocation; returns to the pool when the last buffer using it is dropped.
+pub struct DevMem {
+    gpu: Arc<Gpu>,
+    ptr: u64,
+    class: usize,
+}
+
+impl Drop for DevMem {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            self.gpu
+                .free
+                .lock()
+                .unwrap()
+                .entry(self.class)
+                .or_default()
+                .push(self.ptr);
+        }
+    }
+}
+
+/// A device buffer of `len` elements of `dtype`.
+#[derive(Clone)]
+pub struct DevBuf {
+    mem: Arc<DevMem>,
+    pub len: usize,
+    pub dtype: DType,
+}
+
+impl fmt::Debug for DevBuf {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "DevBuf({:?} × {} on {:?})",
+            self.dtype, self.len, self.mem.gpu
+        )
+    }
+}
+
+impl DevBuf {
+    pub fn ptr(&self) -> u64 {
+        self.mem.ptr
+    }
+
+    pub fn gpu(&self) -> &Arc<Gpu> {
+        &self.mem.gpu
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.len * self.dtype.size()
+    }
+
+    /// Values converted to f32 on the host (waits for queued work).
+    pub fn download(&self) -> Result<Vec<f32>> {
+        let g = self.gpu();
+        g.synchronize()?;
+        g.ctx.bind_to_thread().map_err(|e| anyhow!("{e}"))?;
+        // Safety: the buffer holds `len` elements of `dtype`; the stream is idle.
+        unsafe {
+            Ok(match self.dtype {
+                DType::F32 => {
+                    let mut v = vec![0f32; self.len];
+                    result::memcpy_dtoh_sync(&mut v, self.ptr()).map_err(|e| anyhow!("{e}"))?;
+                    v
+                }
+                DType::F16 => {
+                    let mut v = vec![half::f16::ZERO; self.len];
+                    result::memcpy_dtoh_sync(&mut v, self.ptr()).map_err(|e| anyhow!("{e}"))?;
+                    v.iter().map(|x| x.to_f32()).collect()
+                }
+                DType::BF16 => {
+                    let mut v = vec![half::bf16::ZERO; self.len];
+                    result::memcpy_dtoh_sync(&mut v, self.ptr()).map_err(|e| anyhow!("{e}"))?;
+                    v.iter().map(|x| x.to_f32()).collect()
+                }
+            })
+        }
+    }
+
+    /// Elements `start..start+len` as a new buffer.
+    pub fn copy_range(&self, start: usize, len: usize) -> DevBuf {
+        let g = self.gpu();
+        let out = g.alloc(len, self.dtype);
+        g.copy(
+            out.ptr(),
+            self.ptr() + (start * self.dtype.size()) as u64,
+            len * self.dtype.size(),
+        );
+        out
+    }
+
+    /// Buffers one after the other.
+    pub fn concat(parts: &[&DevBuf]) -> DevBuf {
+        let g = parts[0].gpu();
+        let dtype = parts[0].dtype;
+        let out = g.alloc(parts.iter().map(|p| p.len).sum(), dtype);
+        let mut off = 0;
+        for p in parts {
+            if p.dtype != dtype {
+                g.fail("concatenating buffers of different dtypes");
+            }
+            g.copy(out.ptr() + off as u64, p.ptr(), p.bytes());
+            off += p.bytes();
+        }
+        out
+    }
+
+    /// Overwrites this buffer with `src` (same size): graph inputs are refreshed this way.
+    pub fn copy_from(&self, src: &DevBuf) {
+        if src.bytes() != self.bytes() {
+            self.gpu().fail(format!(
+                "copy of {} bytes into a {}-byte buffer",
+                src.bytes(),
+                self.bytes()
+            ));
+            return;
+        }
+        self.gpu().copy(self.ptr(), src.ptr(), self.bytes());
+    }
+}
+
+/// The extern "C" kernel names each module defines (see kernels/*.cu).
+fn kernel_names(module: &str) -> Vec<String> {
+    let typed = |names: &[&str], types: &[&str]| -> Vec<String> {
+        names
+            .iter()
+            .flat_map(|n| types.iter().map(move |t| format!("{n}_{t}")))
+            .collect()
+    };
+    match module {
+        "norm" => typed(&["group_norm", "layer_norm"], &["f16", "bf16"]),
+        "attention" => {
+            let names: Vec<String> = [40, 64, 80, 128, 160]
+                .iter()
+                .map(|d| format!("flash_attention_d{d}"))
+                .collect();
+            let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+            typed(&refs, &["f16", "bf16"])
+        }
+        "elementwise" => {
+            let mut v = typed(
+                &[
+                    "act",
+                    "geglu",
+                    "add_scaled",
+                    "add_broadcast",
+                    "place_channels",
+                    "slice_channels",
+                    "upsample_nearest",
+                    "im2col",
+                    "timestep_embedding",
+                    "gather_rows",
+                    "lincomb",
+                    "cfg_combine",
+                    "mask_mix",
+                    "gauss_sample",
+                    "affine_clamp",
+                ],
+                &["f16", "bf16", "f32"],
+            );
+            v.extend(
+                [
+                    "cast_f32_f16",
+                    "cast_f32_bf16",
+                    "cast_f16_f32",
+                    "cast_bf16_f32",
+                ]
+                .map(String::from),
+            );
+            v
+        }
+        _ => Vec::new(),
+    }
+}

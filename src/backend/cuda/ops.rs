@@ -1,0 +1,641 @@
+//! The backend ops on device tensors (UNTESTED ON A GPU, see mod.rs). Shapes were checked by the
+//! dispatching layer in backend/mod.rs; here every op allocates its output from the pool and queues
+//! one or a few kernels on the Gpu's stream.
+
+use super::{Arg, DType, DevBuf, Gpu};
+use crate::backend::cpu::{Activation, Conv2dW, LinearW};
+use crate::tensor::Tensor;
+use cudarc::cublaslt::{Matmul, MatmulConfig};
+use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
+use std::sync::Arc;
+
+fn dev(t: &Tensor) -> &DevBuf {
+    t.dev().expect("a device tensor")
+}
+
+fn out(like: &DevBuf, shape: Vec<usize>) -> (Tensor, DevBuf) {
+    let n = shape.iter().product();
+    let b = like.gpu().alloc(n, like.dtype);
+    (Tensor::from_device(shape, b.clone()), b)
+}
+
+fn name(base: &str, dtype: DType) -> String {
+    format!("{base}_{}", dtype.suffix())
+}
+
+/// Grid for a grid-stride elementwise kernel over `n` elements.
+fn grid(n: usize) -> (u32, u32) {
+    (n.div_ceil(256).clamp(1, 65535) as u32, 1)
+}
+
+/// A raw pool pointer seen through cudarc's slice traits, for cuBLASLt.
+struct Raw<'a> {
+    ptr: u64,
+    len: usize,
+    gpu: &'a Arc<Gpu>,
+}
+
+impl<T> DeviceSlice<T> for Raw<'_> {
+    fn len(&self) -> usize {
+        self.len
+    }
+    fn stream(&self) -> &Arc<cudarc::driver::CudaStream> {
+        self.gpu.stream()
+    }
+}
+
+impl<T> DevicePtr<T> for Raw<'_> {
+    fn device_ptr<'a>(&'a self, _stream: &'a cudarc::driver::CudaStream) -> (u64, SyncOnDrop<'a>) {
+        // One stream per Gpu: stream order is the only synchronisation needed.
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+impl<T> DevicePtrMut<T> for Raw<'_> {
+    fn device_ptr_mut<'a>(
+        &'a mut self,
+        _stream: &'a cudarc::driver::CudaStream,
+    ) -> (u64, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+/// Row-major C[m×n] = A[m×k] · B + bias[n], where B is W[n×k] (`b_transposed`, a linear layer's
+/// weight) or W[k×n] (a convolution's [kh·kw·cin, cout] weight). fp32 accumulation.
+#[allow(clippy::too_many_arguments)]
+fn gemm(
+    a: &DevBuf,
+    m: usize,
+    k: usize,
+    w: &DevBuf,
+    n: usize,
+    b_transposed: bool,
+    bias: Option<&DevBuf>,
+    c: &DevBuf,
+) {
+    let g = a.gpu();
+    if g.failed() || m == 0 {
+        return;
+    }
+    // cuBLASLt is column-major: compute Cᵀ[n×m] = op(W)·Aᵀ.
+    let cfg = MatmulConfig {
+        transa: b_transposed,
+        transb: false,
+        transc: false,
+        m: n as u64,
+        n: m as u64,
+        k: k as u64,
+        alpha: 1.0,
+        lda: if b_transposed { k as i64 } else { n as i64 },
+        ldb: k as i64,
+        beta: 0.0,
+        ldc: n as i64,
+        stride_a: None,
+        stride_b: None,
+        stride_c: None,
+        stride_bias: None,
+        batch_size: None,
+    };
+    let wa = Raw {
+        ptr: w.ptr(),
+        len: w.len,
+        gpu: g,
+    };
+    let xb = Raw {
+        ptr: a.ptr(),
+        len: a.len,
+        gpu: g,
+    };
+    let mut cc = Raw {
+        ptr: c.ptr(),
+        len: c.len,
+        gpu: g,
+    };
+    let bias_raw = bias.map(|b| Raw {
+        ptr: b.ptr(),
+        len: b.len,
+        gpu: g,
+    });
+    // Safety: the three matrices and the bias have the extents given in cfg (checked by callers).
+    let r = unsafe {
+        match a.dtype {
+            DType::F16 => Matmul::<half::f16>::matmul(
+                g.blas(),
+                cfg,
+                &wa,
+                &xb,
+                &mut cc,
+                bias_raw.as_ref(),
+                None,
+            ),
+            DType::BF16 => Matmul::<half::bf16>::matmul(
+                g.blas(),
+                cfg,
+                &wa,
+                &xb,
+                &mut cc,
+                bias_raw.as_ref(),
+                None,
+            ),
+            DType::F32 => {
+                Matmul::<f32>::matmul(g.blas(), cfg, &wa, &xb, &mut cc, bias_raw.as_ref(), None)
+            }
+        }
+    };
+    if let Err(e) = r {
+        g.fail(format!("cuBLASLt matmul {m}×{k}·{k}×{n}: {e:?}"));
+    }
+}
+
+pub fn linear(x: &Tensor, l: &LinearW) -> Tensor {
+    let (k, n) = (l.in_features(), l.out_features());
+    let m = x.numel() / k;
+    let xd = dev(x);
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    let (t, o) = out(xd, shape);
+    gemm(
+        xd,
+        m,
+        k,
+        dev(&l.weight),
+        n,
+        true,
+        l.bias.as_ref().map(dev),
+        &o,
+    );
+    t
+}
+
+pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
+    let (n, h, w, cin) = x.dims4();
+    let k = c.kernel;
+    let [pt, pb, pl, pr] = c.pad;
+    let ho = (h + pt + pb - k) / c.stride + 1;
+    let wo = (w + pl + pr - k) / c.stride + 1;
+    let cout = c.out_channels();
+    let xd = dev(x);
+    let g = xd.gpu();
+    let rows = n * ho * wo;
+    let kk = k * k * cin;
+    let direct = k == 1 && c.stride == 1 && c.pad == [0; 4];
+    let cols = if direct {
+        xd.clone()
+    } else {
+        let cols = g.alloc(rows * kk, xd.dtype);
+        g.launch(
+            &name("im2col", xd.dtype),
+            grid(rows * kk),
+            256,
+            &[
+                Arg::P(xd.ptr()),
+                Arg::P(cols.ptr()),
+                Arg::I(n as i32),
+                Arg::I(h as i32),
+                Arg::I(w as i32),
+                Arg::I(cin as i32),
+                Arg::I(k as i32),
+                Arg::I(c.stride as i32),
+                Arg::I(pt as i32),
+                Arg::I(pl as i32),
+                Arg::I(ho as i32),
+                Arg::I(wo as i32),
+            ],
+        );
+        cols
+    };
+    let (t, o) = out(xd, vec![n, ho, wo, cout]);
+    gemm(
+        &cols,
+        rows,
+        kk,
+        dev(&c.weight),
+        cout,
+        false,
+        c.bias.as_ref().map(dev),
+        &o,
+    );
+    t
+}
+
+pub fn group_norm(
+    x: &Tensor,
+    groups: usize,
+    gamma: &Tensor,
+    beta: &Tensor,
+    eps: f32,
+    silu: bool,
+) -> Tensor {
+    let c = x.last_dim();
+    let n = x.shape()[0];
+    let hw = x.numel() / (n * c);
+    let xd = dev(x);
+    let (t, o) = out(xd, x.shape().to_vec());
+    xd.gpu().launch(
+        &name("group_norm", xd.dtype),
+        ((n * groups) as u32, 1),
+        512,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::P(dev(gamma).ptr()),
+            Arg::P(dev(beta).ptr()),
+            Arg::P(o.ptr()),
+            Arg::I(hw as i32),
+            Arg::I(c as i32),
+            Arg::I(groups as i32),
+            Arg::F(eps),
+            Arg::I(silu as i32),
+        ],
+    );
+    t
+}
+
+pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Tensor {
+    let c = x.last_dim();
+    let rows = x.numel() / c;
+    let xd = dev(x);
+    let (t, o) = out(xd, x.shape().to_vec());
+    xd.gpu().launch(
+        &name("layer_norm", xd.dtype),
+        (rows as u32, 1),
+        256,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::P(dev(gamma).ptr()),
+            Arg::P(dev(beta).ptr()),
+            Arg::P(o.ptr()),
+            Arg::I(c as i32),
+            Arg::F(eps),
+        ],
+    );
+    t
+}
+
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Tensor {
+    let (b, lq, hd) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let lk = k.shape()[1];
+    let d = hd / heads;
+    let qd = dev(q);
+    let g = qd.gpu();
+    let (t, o) = out(qd, vec![b, lq, hd]);
+    if ![40, 64, 80, 128, 160].contains(&d) {
+        g.fail(format!(
+            "attention head dim {d} has no kernel (40, 64, 80, 128, 160)"
+        ));
+        return t;
+    }
+    let rows_per_block = 16;
+    g.launch(
+        &format!("flash_attention_d{d}_{}", qd.dtype.suffix()),
+        (lq.div_ceil(rows_per_block) as u32, (b * heads) as u32),
+        128,
+        &[
+            Arg::P(qd.ptr()),
+            Arg::P(dev(k).ptr()),
+            Arg::P(dev(v).ptr()),
+            Arg::P(o.ptr()),
+            Arg::I(heads as i32),
+            Arg::I(lq as i32),
+            Arg::I(lk as i32),
+            Arg::L(hd as i64),
+            Arg::L(hd as i64),
+            Arg::L(hd as i64),
+            Arg::L(hd as i64),
+            Arg::F(1.0 / (d as f32).sqrt()),
+            Arg::I(causal as i32),
+        ],
+    );
+    t
+}
+
+/// act(a·x + b): kind 0 SiLU, 1 GELU, 2 quick GELU, 3 identity.
+fn act(x: &Tensor, kind: i32, a: f32, b: f32) -> Tensor {
+    let xd = dev(x);
+    let (t, o) = out(xd, x.shape().to_vec());
+    let n = x.numel();
+    xd.gpu().launch(
+        &name("act", xd.dtype),
+        grid(n),
+        256,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::P(o.ptr()),
+            Arg::L(n as i64),
+            Arg::I(kind),
+            Arg::F(a),
+            Arg::F(b),
+        ],
+    );
+    t
+}
+
+pub fn activation(x: &Tensor, a: Activation) -> Tensor {
+    act(
+        x,
+        match a {
+            Activation::Silu => 0,
+            Activation::Gelu => 1,
+            Activation::QuickGelu => 2,
+        },
+        1.0,
+        0.0,
+    )
+}
+
+pub fn affine(x: &Tensor, a: f32, b: f32) -> Tensor {
+    act(x, 3, a, b)
+}
+
+pub fn affine_clamp(x: &Tensor, a: f32, b: f32, lo: f32, hi: f32) -> Tensor {
+    let xd = dev(x);
+    let (t, o) = out(xd, x.shape().to_vec());
+    let n = x.numel();
+    xd.gpu().launch(
+        &name("affine_clamp", xd.dtype),
+        grid(n),
+        256,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::P(o.ptr()),
+            Arg::L(n as i64),
+            Arg::F(a),
+            Arg::F(b),
+            Arg::F(lo),
+            Arg::F(hi),
+        ],
+    );
+    t
+}
+
+pub fn geglu(x: &Tensor) -> Tensor {
+    let c = x.last_dim() / 2;
+    let rows = x.numel() / (2 * c);
+    let xd = dev(x);
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = c;
+    let (t, o) = out(xd, shape);
+    xd.gpu().launch(
+        &name("geglu", xd.dtype),
+        grid(rows * c),
+        256,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::P(o.ptr()),
+            Arg::L(rows as i64),
+            Arg::I(c as i32),
+        ],
+    );
+    t
+}
+
+pub fn add_scaled(a: &Tensor, b: &Tensor, s: f32) -> Tensor {
+    let ad = dev(a);
+    let (t, o) = out(ad, a.shape().to_vec());
+    let n = a.numel();
+    ad.gpu().launch(
+        &name("add_scaled", ad.dtype),
+        grid(n),
+        256,
+        &[
+            Arg::P(ad.ptr()),
+            Arg::P(dev(b).ptr()),
+            Arg::P(o.ptr()),
+            Arg::L(n as i64),
+            Arg::F(s),
+        ],
+    );
+    t
+}
+
+pub fn add_per_sample_channels(x: &Tensor, v: &Tensor) -> Tensor {
+    let n = x.shape()[0];
+    let c = x.last_dim();
+    let per = x.numel() / n;
+    let xd = dev(x);
+    let (t, o) = out(xd, x.shape().to_vec());
+    xd.gpu().launch(
+        &name("add_broadcast", xd.dtype),
+        grid(x.numel()),
+        256,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::P(dev(v).ptr()),
+            Arg::P(o.ptr()),
+            Arg::L(x.numel() as i64),
+            Arg::L(per as i64),
+            Arg::I(c as i32),
+            Arg::I(n as i32),
+        ],
+    );
+    t
+}
+
+pub fn concat_channels(parts: &[&Tensor]) -> Tensor {
+    let lead = &parts[0].shape()[..parts[0].rank() - 1];
+    let rows: usize = lead.iter().product();
+    let total: usize = parts.iter().map(|p| p.last_dim()).sum();
+    let d0 = dev(parts[0]);
+    let mut shape = lead.to_vec();
+    shape.push(total);
+    let (t, o) = out(d0, shape);
+    let mut off = 0;
+    for p in parts {
+        let pd = dev(p);
+        let c = p.last_dim();
+        pd.gpu().launch(
+            &name("place_channels", pd.dtype),
+            grid(rows * c),
+            256,
+            &[
+                Arg::P(pd.ptr()),
+                Arg::I(c as i32),
+                Arg::P(o.ptr()),
+                Arg::I(total as i32),
+                Arg::I(off as i32),
+                Arg::L(rows as i64),
+            ],
+        );
+        off += c;
+    }
+    t
+}
+
+pub fn slice_channels(x: &Tensor, start: usize, len: usize) -> Tensor {
+    let c = x.last_dim();
+    let rows = x.numel() / c;
+    let xd = dev(x);
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = len;
+    let (t, o) = out(xd, shape);
+    xd.gpu().launch(
+        &name("slice_channels", xd.dtype),
+        grid(rows * len),
+        256,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::I(c as i32),
+            Arg::P(o.ptr()),
+            Arg::I(len as i32),
+            Arg::I(start as i32),
+            Arg::L(rows as i64),
+        ],
+    );
+    t
+}
+
+pub fn upsample_nearest(x: &Tensor, oh: usize, ow: usize) -> Tensor {
+    let (n, h, w, c) = x.dims4();
+    let xd = dev(x);
+    let (t, o) = out(xd, vec![n, oh, ow, c]);
+    xd.gpu().launch(
+        &name("upsample_nearest", xd.dtype),
+        grid(n * oh * ow * c),
+        256,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::P(o.ptr()),
+            Arg::I(n as i32),
+            Arg::I(h as i32),
+            Arg::I(w as i32),
+            Arg::I(c as i32),
+            Arg::I(oh as i32),
+            Arg::I(ow as i32),
+        ],
+    );
+    t
+}
+
+/// `t`: f32 device timesteps [B].
+pub fn timestep_embedding(
+    t: &Tensor,
+    dim: usize,
+    flip: bool,
+    shift: f32,
+    gpu: &Arc<Gpu>,
+) -> Tensor {
+    let td = dev(t);
+    let b = t.numel();
+    let o = gpu.alloc(b * dim, gpu.dtype);
+    gpu.launch(
+        &name("timestep_embedding", gpu.dtype),
+        grid(b * dim),
+        256,
+        &[
+            Arg::P(td.ptr()),
+            Arg::P(o.ptr()),
+            Arg::I(b as i32),
+            Arg::I(dim as i32),
+            Arg::I(flip as i32),
+            Arg::F(shift),
+        ],
+    );
+    Tensor::from_device(vec![b, dim], o)
+}
+
+/// Rows `idx` of a [rows, d] device tensor.
+pub fn gather_rows(table: &Tensor, idx: &[u32]) -> Tensor {
+    let d = table.last_dim();
+    let td = dev(table);
+    let g = td.gpu();
+    let ids = g.upload_i32(&idx.iter().map(|&i| i as i32).collect::<Vec<_>>());
+    let (t, o) = out(td, vec![idx.len(), d]);
+    g.launch(
+        &name("gather_rows", td.dtype),
+        grid(idx.len() * d),
+        256,
+        &[
+            Arg::P(td.ptr()),
+            Arg::P(ids.ptr()),
+            Arg::P(o.ptr()),
+            Arg::L(idx.len() as i64),
+            Arg::I(d as i32),
+        ],
+    );
+    t
+}
+
+/// c0·t0 + c1·t1 + … (up to four terms), in the dtype of t0.
+pub fn lincomb(terms: &[(&Tensor, f32)]) -> Tensor {
+    let d0 = dev(terms[0].0);
+    let n = terms[0].0.numel();
+    let (t, o) = out(d0, terms[0].0.shape().to_vec());
+    let mut args = Vec::new();
+    for i in 0..4 {
+        match terms.get(i) {
+            Some((x, c)) => {
+                args.push(Arg::P(dev(x).ptr()));
+                args.push(Arg::F(*c));
+            }
+            None => {
+                args.push(Arg::P(0));
+                args.push(Arg::F(0.0));
+            }
+        }
+    }
+    args.push(Arg::P(o.ptr()));
+    args.push(Arg::L(n as i64));
+    d0.gpu()
+        .launch(&name("lincomb", d0.dtype), grid(n), 256, &args);
+    t
+}
+
+pub fn cfg_combine(pred: &Tensor, guidance: f32) -> Tensor {
+    let pd = dev(pred);
+    let half = pred.numel() / 2;
+    let mut shape = pred.shape().to_vec();
+    shape[0] /= 2;
+    let (t, o) = out(pd, shape);
+    pd.gpu().launch(
+        &name("cfg_combine", pd.dtype),
+        grid(half),
+        256,
+        &[
+            Arg::P(pd.ptr()),
+            Arg::P(o.ptr()),
+            Arg::L(half as i64),
+            Arg::F(guidance),
+        ],
+    );
+    t
+}
+
+pub fn mask_mix(a: &Tensor, b: &Tensor, mask: &Tensor) -> Tensor {
+    let ad = dev(a);
+    let c = a.last_dim();
+    let px = a.numel() / c;
+    let (t, o) = out(ad, a.shape().to_vec());
+    ad.gpu().launch(
+        &name("mask_mix", ad.dtype),
+        grid(px * c),
+        256,
+        &[
+            Arg::P(ad.ptr()),
+            Arg::P(dev(b).ptr()),
+            Arg::P(dev(mask).ptr()),
+            Arg::P(o.ptr()),
+            Arg::L(px as i64),
+            Arg::I(c as i32),
+        ],
+    );
+    t
+}
+
+pub fn gauss_sample(mean: &Tensor, logvar: &Tensor, noise: &Tensor, scale: f32) -> Tensor {
+    let md = dev(mean);
+    let n = mean.numel();
+    let (t, o) = out(md, mean.shape().to_vec());
+    md.gpu().launch(
+        &name("gauss_sample", md.dtype),
+        grid(n),
+        256,
+        &[
+            Arg::P(md.ptr()),
+            Arg::P(dev(logvar).ptr()),
+            Arg::P(dev(noise).ptr()),
+            Arg::P(o.ptr()),
+            Arg::L(n as i64),
+            Arg::F(scale),
+        ],
+    );
+    t
+}
