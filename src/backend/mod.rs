@@ -78,6 +78,31 @@ impl Device {
         }
     }
 
+    /// `t` in the model storage type on this device (host tensors are uploaded, f32 device
+    /// tensors cast).
+    pub fn put_same(&self, t: &Tensor) -> Tensor {
+        match self {
+            Device::Cpu => t.to_host().expect("CPU tensors are host tensors"),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => match t.dev() {
+                None => self.put(t.clone()),
+                Some(_) => cuda::ops::cast(t, g.dtype),
+            },
+        }
+    }
+
+    /// `t` as f32 on this device (the scheduler's precision).
+    pub fn put_f32_same(&self, t: &Tensor) -> Tensor {
+        match self {
+            Device::Cpu => t.to_host().expect("CPU tensors are host tensors"),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(_) => match t.dev() {
+                None => self.put_f32(t.clone()),
+                Some(_) => cuda::ops::cast(t, cuda::DType::F32),
+            },
+        }
+    }
+
     /// Reports a failure recorded by device ops since the start (out of memory, failed launch).
     pub fn check(&self) -> Result<()> {
         match self {

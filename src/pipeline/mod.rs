@@ -2,6 +2,7 @@
 //! UNets, and latent blending for 4-channel ones) and ControlNet, for SD1.x, SD2.x and SDXL,
 //! matching diffusers' pipelines step for step.
 
+pub mod graph;
 pub mod noise;
 pub mod prompt;
 
@@ -15,6 +16,7 @@ use crate::sched::{Scheduler, SchedulerKind};
 use crate::tensor::Tensor;
 use crate::tokenizer::ClipTokenizer;
 use anyhow::{bail, Context, Result};
+use graph::StepGraph;
 use noise::NoiseSource;
 use prompt::{Embeds, TextEncoders};
 use std::path::Path;
@@ -256,10 +258,19 @@ impl Generator {
             dev.put_f32(Tensor::new(vec![rows, 6], one.repeat(rows)))
         });
 
-        // Latents and everything the scheduler touches live on the host.
+        // On the CPU the scheduler runs its elementwise reference; on a GPU the latents stay on
+        // the device and the scheduler updates are linear combinations there (no host round trip).
+        let on_dev = !dev.is_cpu();
         let mut sched = self.make_scheduler(req.scheduler)?;
         let mut blend: Option<Blend> = None;
         let mut mask_input: Option<(Tensor, Tensor)> = None;
+        let add_noise = |sched: &Scheduler, x: &Tensor, e: &Tensor, t: f32| {
+            if on_dev {
+                sched.add_noise_ops(x, e, t)
+            } else {
+                sched.add_noise(x, e, t)
+            }
+        };
         let mut latents = match &req.init {
             Init::Noise => {
                 sched.set_timesteps(req.steps)?;
@@ -267,7 +278,7 @@ impl Generator {
                     Some(l) => pick_latents(l, first, n, (h, w, c))?,
                     None => noise.draw(n, c, h, w)?,
                 };
-                ops::scale(&x, sched.init_noise_sigma())
+                ops::scale(&dev.put_f32(x), sched.init_noise_sigma())
             }
             Init::Image { image, strength } => {
                 if req.init_latents.is_some() {
@@ -276,8 +287,8 @@ impl Generator {
                 let t0 = sched.set_timesteps_img2img(req.steps, *strength)?;
                 let image = batch_image(image, n, req)?;
                 let x0 = self.encode_sample(&to_model_range(&image), noise)?;
-                let e = noise.draw(n, c, h, w)?;
-                sched.add_noise(&x0, &e, t0)?
+                let e = dev.put_f32(noise.draw(n, c, h, w)?);
+                add_noise(&sched, &x0, &e, t0)?
             }
             Init::Inpaint {
                 image,
@@ -304,15 +315,16 @@ impl Generator {
                 };
                 let (x, e) = match &req.init_latents {
                     Some(l) => {
-                        let e = pick_latents(l, first, n, (h, w, c))?;
+                        let e = dev.put_f32(pick_latents(l, first, n, (h, w, c))?);
                         (ops::scale(&e, sched.init_noise_sigma()), e)
                     }
                     None => {
-                        let e = noise.draw(n, c, h, w)?;
+                        let e = dev.put_f32(noise.draw(n, c, h, w)?);
                         let x = if full {
                             ops::scale(&e, sched.init_noise_sigma())
                         } else {
-                            sched.add_noise(
+                            add_noise(
+                                &sched,
                                 image_latents
                                     .as_ref()
                                     .expect("encoded when not full strength"),
@@ -334,12 +346,15 @@ impl Generator {
                             t.clone()
                         }
                     };
-                    mask_input = Some((dev.put(dup(&small_mask)), dev.put(dup(&masked_latents))));
+                    mask_input = Some((
+                        dev.put(dup(&small_mask)),
+                        dev.put(dup(&masked_latents.to_host()?)),
+                    ));
                 } else {
                     blend = Some(Blend {
                         image_latents: image_latents.expect("encoded for 4-channel UNets"),
                         noise: e,
-                        mask: small_mask,
+                        mask: dev.put_f32(small_mask),
                     });
                 }
                 x
@@ -354,49 +369,55 @@ impl Generator {
             }
         };
 
+        let call = ModelCall {
+            pooled: embeds.pooled.is_some(),
+            control: control.as_ref().map(|(net, _, s)| (*net, *s)),
+            mask: mask_input.is_some(),
+            guidance: if cfg { Some(req.guidance) } else { None },
+        };
+        let mut graph = StepGraph::new(dev);
         let timesteps = sched.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
-            let x_in = if cfg {
+            let x2 = if cfg {
                 Tensor::cat0(&[&latents, &latents])
             } else {
                 latents.clone()
             };
-            let x_in = dev.put(sched.scale_model_input(&x_in, i)?);
-            let ts = dev.put_f32(Tensor::new(vec![rows], vec![t; rows]));
-            let cond = Cond {
-                timesteps: &ts,
-                context: &embeds.context,
-                text_time: embeds
-                    .pooled
-                    .as_ref()
-                    .map(|p| (p, time_ids.as_ref().expect("with pooled"))),
-            };
-            let residuals = match &control {
-                Some((net, im, scale)) => Some(net.forward(&x_in, &cond, im, *scale)?),
-                None => None,
-            };
-            let unet_in = match &mask_input {
-                Some((m, ml)) => ops::concat_channels(&[&x_in, m, ml]),
-                None => x_in,
-            };
-            let res = residuals.as_ref().map(|r| (r.down.as_slice(), &r.mid));
-            let pred = self.unet.forward(&unet_in, &cond, res, None)?;
-            let pred = if cfg {
-                ops::cfg_combine(&pred, req.guidance)
+            let x_in = if on_dev {
+                dev.put_same(&sched.scale_model_input_ops(&x2, i)?)
             } else {
-                pred
+                sched.scale_model_input(&x2, i)?
             };
-            dev.check()?;
-            let pred = pred.to_host()?;
+            let mut inputs = vec![
+                x_in,
+                dev.put_f32(Tensor::new(vec![rows], vec![t; rows])),
+                embeds.context.clone(),
+            ];
+            if let (Some(p), Some(tid)) = (&embeds.pooled, &time_ids) {
+                inputs.push(p.clone());
+                inputs.push(tid.clone());
+            }
+            if let Some((_, im, _)) = &control {
+                inputs.push(im.clone());
+            }
+            if let Some((m, ml)) = &mask_input {
+                inputs.push(m.clone());
+                inputs.push(ml.clone());
+            }
+            let pred = graph.run(&inputs, |v| self.model_call(&call, v))?;
             let step_noise = if sched.needs_step_noise() {
-                Some(noise.draw(n, c, h, w)?)
+                Some(dev.put_f32(noise.draw(n, c, h, w)?))
             } else {
                 None
             };
-            latents = sched.step(&pred, i, &latents, step_noise.as_ref())?;
+            latents = if on_dev {
+                sched.step_ops(&dev.put_f32_same(&pred), i, &latents, step_noise.as_ref())?
+            } else {
+                sched.step(&pred, i, &latents, step_noise.as_ref())?
+            };
             if let Some(b) = &blend {
                 let proper = if i + 1 < timesteps.len() {
-                    sched.add_noise(&b.image_latents, &b.noise, timesteps[i + 1])?
+                    add_noise(&sched, &b.image_latents, &b.noise, timesteps[i + 1])?
                 } else {
                     b.image_latents.clone()
                 };
@@ -404,12 +425,54 @@ impl Generator {
             }
             progress(i + 1, timesteps.len());
         }
+        dev.check()?;
+        let latents = latents.to_host()?;
         let images = self.decode(&latents)?;
         Ok(Output { latents, images })
     }
 
+    /// ControlNet + UNet (+ guidance) on `v` = [x_in, timesteps, context, (pooled, time_ids)?,
+    /// (control image)?, (mask, masked latents)?], in that order.
+    fn model_call(&self, call: &ModelCall, v: &[Tensor]) -> Result<Tensor> {
+        let mut k = 3;
+        let mut next = || {
+            k += 1;
+            &v[k - 1]
+        };
+        let text_time = if call.pooled {
+            Some((next(), next()))
+        } else {
+            None
+        };
+        let image = call.control.map(|_| next());
+        let mask = if call.mask {
+            Some((next(), next()))
+        } else {
+            None
+        };
+        let cond = Cond {
+            timesteps: &v[1],
+            context: &v[2],
+            text_time,
+        };
+        let residuals = match (call.control, image) {
+            (Some((net, scale)), Some(im)) => Some(net.forward(&v[0], &cond, im, scale)?),
+            _ => None,
+        };
+        let unet_in = match mask {
+            Some((m, ml)) => ops::concat_channels(&[&v[0], m, ml]),
+            None => v[0].clone(),
+        };
+        let res = residuals.as_ref().map(|r| (r.down.as_slice(), &r.mid));
+        let pred = self.unet.forward(&unet_in, &cond, res, None)?;
+        Ok(match call.guidance {
+            Some(g) => ops::cfg_combine(&pred, g),
+            None => pred,
+        })
+    }
+
     /// VAE posterior sample × scaling factor, as diffusers' `retrieve_latents(..., "sample")`;
-    /// host image in, host latents out.
+    /// host image in, latents out where the scheduler works (host, or f32 on the GPU).
     fn encode_sample(&self, image: &Tensor, noise: &mut NoiseSource) -> Result<Tensor> {
         let dev = &self.device;
         let (mean, logvar) = self.vae.encode(&dev.put(image.clone()))?;
@@ -417,7 +480,7 @@ impl Generator {
         let e = dev.put(noise.draw(n, c, h, w)?);
         let x = ops::gauss_sample(&mean, &logvar, &e, self.vae.scaling_factor as f32);
         dev.check()?;
-        x.to_host()
+        Ok(dev.put_f32_same(&x))
     }
 
     /// Host latents → host images in [0, 1].
@@ -429,6 +492,14 @@ impl Generator {
         self.device.check()?;
         img.to_host()
     }
+}
+
+/// What one denoising model call consists of.
+struct ModelCall<'a> {
+    pooled: bool,
+    control: Option<(&'a ControlNet, f32)>,
+    mask: bool,
+    guidance: Option<f32>,
 }
 
 /// 4-channel inpainting: after each step the unmasked region is replaced by the image latents

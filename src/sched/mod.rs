@@ -10,6 +10,7 @@
 //! `0..timesteps().len()`: run the model on `scale_model_input(x, i)` at `timesteps()[i]`,
 //! and `x = step(model_output, i, x, noise)`.
 
+mod device;
 mod schedule;
 
 use crate::config::Config;

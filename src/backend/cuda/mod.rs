@@ -119,6 +119,9 @@ impl Gpu {
             bail!("cuda:{ordinal}: this machine has {n} CUDA device(s)");
         }
         let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cuda:{ordinal}: {e}"))?;
+        // Safety: everything runs on this Gpu's single stream, so stream order is all the
+        // synchronisation needed; cudarc's per-buffer events would also break graph capture.
+        unsafe { ctx.disable_event_tracking() };
         // Graph capture needs a non-default stream.
         let stream = ctx
             .new_stream()
@@ -287,11 +290,11 @@ impl Gpu {
 
     fn htod<T>(&self, dst: u64, src: &[T]) -> Result<()> {
         self.ctx.bind_to_thread().map_err(|e| anyhow!("{e}"))?;
-        // Safety: dst holds at least size_of_val(src) bytes; the copy is synchronous with respect
-        // to the host buffer (cuMemcpyHtoD on pageable memory) after the stream's queued work.
+        // Safety: dst holds at least size_of_val(src) bytes. A copy from pageable memory is staged
+        // before this returns, so `src` may go away afterwards; on our stream it is ordered after
+        // earlier kernels that may still use a recycled `dst`.
         unsafe {
-            self.stream.synchronize().map_err(|e| anyhow!("{e}"))?;
-            result::memcpy_htod_sync(dst, src).map_err(|e| anyhow!("{e}"))
+            result::memcpy_htod_async(dst, src, self.stream.cu_stream()).map_err(|e| anyhow!("{e}"))
         }
     }
 

@@ -639,3 +639,31 @@ pub fn gauss_sample(mean: &Tensor, logvar: &Tensor, noise: &Tensor, scale: f32) 
     );
     t
 }
+
+/// The same values in another storage type.
+pub fn cast(x: &Tensor, dtype: DType) -> Tensor {
+    let xd = dev(x);
+    if xd.dtype == dtype {
+        return x.clone();
+    }
+    let g = xd.gpu();
+    let o = g.alloc(x.numel(), dtype);
+    let n = x.numel();
+    let kernel = match (xd.dtype, dtype) {
+        (DType::F32, DType::F16) => "cast_f32_f16",
+        (DType::F32, DType::BF16) => "cast_f32_bf16",
+        (DType::F16, DType::F32) => "cast_f16_f32",
+        (DType::BF16, DType::F32) => "cast_bf16_f32",
+        (a, b) => {
+            g.fail(format!("no cast from {a:?} to {b:?}"));
+            return Tensor::from_device(x.shape().to_vec(), o);
+        }
+    };
+    g.launch(
+        kernel,
+        grid(n),
+        256,
+        &[Arg::P(xd.ptr()), Arg::P(o.ptr()), Arg::L(n as i64)],
+    );
+    Tensor::from_device(x.shape().to_vec(), o)
+}

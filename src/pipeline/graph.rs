@@ -1,0 +1,90 @@
+//! One denoising model call (ControlNet + UNet + guidance) as a CUDA graph: the first call runs
+//! eagerly (it fills the memory pool), the second is captured and every later one replays the graph
+//! after copying the new inputs into the captured input buffers. On the CPU it simply calls.
+//! The graph path is UNTESTED ON A GPU (see backend/cuda).
+
+use crate::backend::Device;
+use crate::tensor::Tensor;
+use anyhow::Result;
+
+pub struct StepGraph {
+    device: Device,
+    calls: usize,
+    #[cfg(feature = "cuda")]
+    captured: Option<Captured>,
+}
+
+#[cfg(feature = "cuda")]
+struct Captured {
+    graph: cudarc::driver::CudaGraph,
+    inputs: Vec<Tensor>,
+    output: Tensor,
+}
+
+impl StepGraph {
+    pub fn new(device: &Device) -> StepGraph {
+        StepGraph {
+            device: device.clone(),
+            calls: 0,
+            #[cfg(feature = "cuda")]
+            captured: None,
+        }
+    }
+
+    /// `f(inputs)`, replayed from a graph on a GPU once shapes have been seen twice.
+    pub fn run(
+        &mut self,
+        inputs: &[Tensor],
+        f: impl Fn(&[Tensor]) -> Result<Tensor>,
+    ) -> Result<Tensor> {
+        self.calls += 1;
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(gpu) = &self.device {
+            let same_shapes = |c: &Captured| {
+                c.inputs.len() == inputs.len()
+                    && c.inputs
+                        .iter()
+                        .zip(inputs)
+                        .all(|(a, b)| a.shape() == b.shape())
+            };
+            if self.captured.as_ref().is_some_and(|c| !same_shapes(c)) {
+                self.captured = None;
+                self.calls = 1;
+            }
+            if self.calls == 1 {
+                return f(inputs);
+            }
+            if self.captured.is_none() {
+                // Inputs get buffers of their own that the graph reads; outputs stay alive with it.
+                let statics: Vec<Tensor> = inputs
+                    .iter()
+                    .map(|t| t.narrow0(0, t.shape().first().copied().unwrap_or(1)))
+                    .collect();
+                gpu.synchronize()?;
+                gpu.begin_capture()?;
+                let out = f(&statics);
+                let graph = gpu.end_capture();
+                let output = out?;
+                let graph = graph?;
+                self.captured = Some(Captured {
+                    graph,
+                    inputs: statics,
+                    output,
+                });
+            }
+            let c = self.captured.as_ref().expect("captured above");
+            for (dst, src) in c.inputs.iter().zip(inputs) {
+                dst.dev()
+                    .expect("device input")
+                    .copy_from(src.dev().expect("device input"));
+            }
+            c.graph
+                .launch()
+                .map_err(|e| anyhow::anyhow!("cuda:{}: graph launch: {e}", gpu.ordinal))?;
+            // A copy: the next replay overwrites the captured output.
+            return Ok(c.output.narrow0(0, c.output.shape()[0]));
+        }
+        let _ = &self.device;
+        f(inputs)
+    }
+}

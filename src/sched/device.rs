@@ -1,0 +1,184 @@
+//! The scheduler updates as linear combinations of whole tensors (`backend::lincomb`), so they run
+//! where the latents live — on a GPU inside the denoising loop without a host round trip. The
+//! elementwise host versions in mod.rs stay the reference; `tests/sched.rs` checks both agree.
+
+use super::{alpha_sigma, Prediction, Scheduler, SchedulerKind};
+use crate::backend as ops;
+use crate::tensor::Tensor;
+use anyhow::{anyhow, ensure, Result};
+
+impl Scheduler {
+    /// `x0 = a·x + b·m` for the model output `m` at sample `x`, with (α, σ)-style coefficients.
+    fn x0_coeffs(&self, sa: f32, sb: f32) -> (f32, f32) {
+        match self.prediction {
+            Prediction::Epsilon => (1.0 / sa, -sb / sa),
+            Prediction::Sample => (0.0, 1.0),
+            Prediction::V => (sa, -sb),
+        }
+    }
+
+    /// `step` on tensors anywhere (host or device), as linear combinations.
+    pub fn step_ops(
+        &mut self,
+        model_output: &Tensor,
+        step: usize,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        ensure!(
+            !self.timesteps.is_empty(),
+            "scheduler step before set_timesteps"
+        );
+        ensure!(
+            step == self.steps_done && step < self.timesteps().len(),
+            "scheduler step {step} out of order: expected step {} of {}",
+            self.steps_done,
+            self.timesteps().len()
+        );
+        ensure!(
+            model_output.shape() == sample.shape(),
+            "scheduler step: model output and sample differ in shape"
+        );
+        let noise = if self.needs_step_noise() {
+            Some(noise.ok_or_else(|| anyhow!("{} needs a step noise tensor", self.describe()))?)
+        } else {
+            None
+        };
+        let i = self.begin + step;
+        let (m, x) = (model_output, sample);
+        let out = match self.kind {
+            SchedulerKind::Ddim => {
+                let t = self.timesteps[i] as usize;
+                let prev = t as i64 - (self.num_train / self.num_inference_steps) as i64;
+                let a_t = self.alphas_cumprod[t];
+                let a_prev = if prev >= 0 {
+                    self.alphas_cumprod[prev as usize]
+                } else {
+                    self.final_alpha_cumprod
+                };
+                let b_t = 1.0 - a_t;
+                let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
+                let variance = ((1.0 - a_prev) / b_t) * (1.0 - a_t / a_prev);
+                let std = self.eta * variance.sqrt();
+                let dir = (1.0 - a_prev - std * std).sqrt();
+                let (x0a, x0b) = self.x0_coeffs(sa, sb);
+                let (ea, eb) = match self.prediction {
+                    Prediction::Epsilon => (0.0, 1.0),
+                    Prediction::Sample => (1.0 / sb, -sa / sb),
+                    Prediction::V => (sb, sa),
+                };
+                let mut x0 = ops::lincomb(&[(x, x0a), (m, x0b)]);
+                if let Some(r) = self.clip_range {
+                    x0 = ops::affine_clamp(&x0, 1.0, 0.0, -r, r);
+                }
+                let eps = ops::lincomb(&[(x, ea), (m, eb)]);
+                let sa_prev = a_prev.sqrt();
+                match noise {
+                    Some(n) => ops::lincomb(&[(&x0, sa_prev), (&eps, dir), (n, std)]),
+                    None => ops::lincomb(&[(&x0, sa_prev), (&eps, dir)]),
+                }
+            }
+            SchedulerKind::Euler | SchedulerKind::EulerAncestral => {
+                let (sigma, next) = (self.sigmas[i], self.sigmas[i + 1]);
+                let (x0a, x0b) = match self.prediction {
+                    Prediction::Epsilon => (1.0, -sigma),
+                    Prediction::V => (
+                        1.0 / (sigma * sigma + 1.0),
+                        -sigma / (sigma * sigma + 1.0).sqrt(),
+                    ),
+                    Prediction::Sample => (0.0, 1.0),
+                };
+                let x0 = ops::lincomb(&[(x, x0a), (m, x0b)]);
+                match (self.kind, noise) {
+                    (SchedulerKind::EulerAncestral, Some(n)) => {
+                        let up =
+                            (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
+                        let down = (next * next - up * up).sqrt();
+                        let r = (down - sigma) / sigma;
+                        ops::lincomb(&[(x, 1.0 + r), (&x0, -r), (n, up)])
+                    }
+                    _ => {
+                        let r = (next - sigma) / sigma;
+                        ops::lincomb(&[(x, 1.0 + r), (&x0, -r)])
+                    }
+                }
+            }
+            SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => {
+                let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
+                let (x0a, x0b) = self.x0_coeffs(alpha_s0, sigma_s0);
+                let x0 = ops::lincomb(&[(x, x0a), (m, x0b)]);
+                let n = self.timesteps.len();
+                let lower_order_final = i == n - 1
+                    && (self.euler_at_final
+                        || (self.lower_order_final && n < 15)
+                        || !self.final_sigma_min);
+                let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
+                let lambda = |a: f32, s: f32| a.ln() - s.ln();
+                let lambda_s0 = lambda(alpha_s0, sigma_s0);
+                let h = lambda(alpha_t, sigma_t) - lambda_s0;
+                let c0 = sigma_t / sigma_s0;
+                let c1 = alpha_t * ((-h).exp() - 1.0);
+                let out = match self.prev_x0.take() {
+                    Some(prev) if !lower_order_final => {
+                        let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
+                        let r0 = (lambda_s0 - lambda(alpha_s1, sigma_s1)) / h;
+                        let hk = 0.5 * c1 / r0;
+                        ops::lincomb(&[(x, c0), (&x0, -c1 - hk), (&prev, hk)])
+                    }
+                    _ => ops::lincomb(&[(x, c0), (&x0, -c1)]),
+                };
+                self.prev_x0 = Some(x0);
+                out
+            }
+        };
+        self.steps_done += 1;
+        Ok(out)
+    }
+
+    /// `add_noise` on tensors anywhere: `a·original + b·noise`.
+    pub fn add_noise_ops(
+        &self,
+        original: &Tensor,
+        noise: &Tensor,
+        timestep: f32,
+    ) -> Result<Tensor> {
+        ensure!(
+            original.shape() == noise.shape(),
+            "add_noise: {:?} vs noise {:?}",
+            original.shape(),
+            noise.shape()
+        );
+        let (a, b) = if self.kind == SchedulerKind::Ddim {
+            let t = timestep as usize;
+            ensure!(
+                timestep >= 0.0 && t as f32 == timestep && t < self.num_train,
+                "add_noise: DDIM timestep {timestep} is not an integer in 0..{}",
+                self.num_train
+            );
+            let ac = self.alphas_cumprod[t];
+            (ac.sqrt(), (1.0 - ac).sqrt())
+        } else {
+            let sigma = self.sigmas[self.noise_index(timestep)?];
+            if self.kind.is_euler() {
+                (1.0, sigma)
+            } else {
+                alpha_sigma(sigma)
+            }
+        };
+        Ok(ops::lincomb(&[(original, a), (noise, b)]))
+    }
+
+    /// `scale_model_input` on tensors anywhere.
+    pub fn scale_model_input_ops(&self, sample: &Tensor, step: usize) -> Result<Tensor> {
+        if !self.kind.is_euler() {
+            return Ok(sample.clone());
+        }
+        let sigma = self.sigmas()[..self.timesteps().len()]
+            .get(step)
+            .copied()
+            .ok_or_else(|| {
+                anyhow!("scale_model_input: step {step} out of range (set_timesteps first?)")
+            })?;
+        Ok(ops::scale(sample, 1.0 / (sigma * sigma + 1.0).sqrt()))
+    }
+}
