@@ -22,6 +22,18 @@ pub enum Component {
 }
 
 impl Component {
+    /// The name the CLI uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Component::Unet => "unet",
+            Component::Controlnet => "controlnet",
+            Component::VaeEncode => "vae-encode",
+            Component::VaeDecode => "vae-decode",
+            Component::TextEncoder => "text-encoder",
+            Component::TextEncoder2 => "text-encoder-2",
+        }
+    }
+
     /// The pipeline subfolder holding this component.
     pub fn subfolder(self) -> &'static str {
         match self {

@@ -2,9 +2,12 @@
 //! way (Stable-Diffusion-family UNets, ControlNet, VAE, CLIP). See README.md and ../shared/DESIGN.md.
 
 pub mod backend;
+pub mod bench;
 pub mod builtin;
 pub mod canny;
 pub mod config;
+pub mod configs;
+pub mod devices;
 pub mod forward;
 pub mod generate;
 pub mod image_io;

@@ -44,6 +44,31 @@ enum Cmd {
     /// Repaint the white part of --mask (or, for an RGBA --image without --mask, everything
     /// outside its alpha).
     Inpaint(GenArgs),
+    /// List CUDA devices (or why there are none) and the GPU code targets in this build.
+    Devices,
+    /// Calls per second of one model on random inputs (random weights of a real configuration).
+    Bench {
+        /// sd15, sd21, sdxl (random weights) or a pipeline / model folder.
+        #[arg(long)]
+        config: toffee::bench::Source,
+        #[arg(long, value_enum)]
+        component: Component,
+        #[arg(long, default_value_t = 1)]
+        batch: usize,
+        /// Image side in pixels (default: the configuration's native size).
+        #[arg(long)]
+        resolution: Option<usize>,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value_t = 10)]
+        iters: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        /// One JSON object instead of a line of text.
+        #[arg(long)]
+        json: bool,
+    },
     /// Describe a checkpoint: family, variant, config, parameter count, dtypes and size.
     Inspect {
         /// A pipeline folder, a model folder or a .safetensors file.
@@ -195,6 +220,52 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Txt2img(a) => generate(a, Mode::Txt2Img),
         Cmd::Img2img(a) => generate(a, Mode::Img2Img),
         Cmd::Inpaint(a) => generate(a, Mode::Inpaint),
+        Cmd::Devices => {
+            print!("{}", toffee::devices::report());
+            Ok(())
+        }
+        Cmd::Bench {
+            config,
+            component,
+            batch,
+            resolution,
+            device,
+            iters,
+            warmup,
+            json,
+        } => {
+            let bf16 = match &config {
+                toffee::bench::Source::Dir(p) => {
+                    toffee::models::load::is_bf16(p, component.subfolder()).unwrap_or(false)
+                }
+                toffee::bench::Source::Known(_) => false,
+            };
+            let device = toffee::backend::Device::open(&device, bf16)?;
+            let opts = toffee::bench::Options {
+                source: config,
+                component,
+                batch,
+                resolution,
+                iters,
+                warmup,
+            };
+            let r = toffee::bench::run(&opts, &device)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} {} batch {} at {}px on {}: {:.3} ms/call, {:.2} calls/s",
+                    r.config,
+                    r.component,
+                    r.batch,
+                    r.resolution,
+                    r.device,
+                    r.ms_per_call,
+                    r.calls_per_s
+                );
+            }
+            Ok(())
+        }
         Cmd::Inspect { path, load } => {
             let text = toffee::inspect::inspect(&path, load)
                 .with_context(|| format!("inspecting {}", path.display()))?;

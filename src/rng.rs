@@ -55,10 +55,15 @@ pub fn normal_fill(seed: u64, stream: u64, offset: u64, out: &mut [f32]) {
     }
 }
 
-/// `n` standard normal values.
+/// `n` standard normal values (filled in parallel: counter-based, so the result does not depend
+/// on the split).
 pub fn normal(seed: u64, stream: u64, n: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const CHUNK: usize = 1 << 16;
     let mut v = vec![0.0; n];
-    normal_fill(seed, stream, 0, &mut v);
+    v.par_chunks_mut(CHUNK)
+        .enumerate()
+        .for_each(|(i, c)| normal_fill(seed, stream, (i * CHUNK) as u64, c));
     v
 }
 

@@ -103,6 +103,15 @@ impl Device {
         }
     }
 
+    /// Tests: fill new device allocations with NaN so unwritten outputs are caught.
+    pub fn set_poison(&self, on: bool) {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(g) = self {
+            g.set_poison(on);
+        }
+        let _ = on;
+    }
+
     /// Reports a failure recorded by device ops since the start (out of memory, failed launch).
     pub fn check(&self) -> Result<()> {
         match self {

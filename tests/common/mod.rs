@@ -4,8 +4,13 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+/// tests/fixtures; TOFFEE_FIXTURES overrides it for test executables run on another machine
+/// (tools/device/run.sh), where the build's path does not exist.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    match std::env::var_os("TOFFEE_FIXTURES") {
+        Some(p) => PathBuf::from(p),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"),
+    }
 }
 
 pub fn golden(name: &str) -> PathBuf {
@@ -13,8 +18,12 @@ pub fn golden(name: &str) -> PathBuf {
 }
 
 /// Runs the `toffee` binary.
+/// Runs the `toffee` binary (TOFFEE_BIN overrides the path cargo built it at).
 pub fn toffee(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_toffee"))
+    let bin = std::env::var_os("TOFFEE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_toffee")));
+    Command::new(bin)
         .args(args)
         .output()
         .expect("the toffee binary runs")

@@ -100,6 +100,9 @@ pub struct Gpu {
     free: Mutex<HashMap<usize, Vec<u64>>>,
     allocated: Mutex<usize>,
     error: Mutex<Option<String>>,
+    /// Tests: fill every new allocation with 0xFF bytes (NaN in fp16/bf16/f32) so a kernel that
+    /// leaves outputs unwritten fails loudly.
+    poison: std::sync::atomic::AtomicBool,
 }
 
 impl fmt::Debug for Gpu {
@@ -155,6 +158,7 @@ impl Gpu {
             free: Mutex::new(HashMap::new()),
             allocated: Mutex::new(0),
             error: Mutex::new(None),
+            poison: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -233,10 +237,22 @@ impl Gpu {
         }
     }
 
+    pub fn set_poison(&self, on: bool) {
+        self.poison.store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
     /// An uninitialised device buffer of `len` elements of `dtype`.
     pub fn alloc(self: &Arc<Self>, len: usize, dtype: DType) -> DevBuf {
         let bytes = (len * dtype.size()).max(1);
         let ptr = self.alloc_raw(bytes);
+        if ptr != 0 && self.poison.load(std::sync::atomic::Ordering::Relaxed) {
+            // Safety: a live pool buffer of at least `bytes` bytes, on our stream.
+            if let Err(e) =
+                unsafe { result::memset_d8_async(ptr, 0xFF, bytes, self.stream.cu_stream()) }
+            {
+                self.fail(e);
+            }
+        }
         DevBuf {
             mem: Arc::new(DevMem {
                 gpu: self.clone(),

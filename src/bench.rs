@@ -1,0 +1,229 @@
+//! `toffee bench`: calls per second of one model (random weights of a real configuration, or a
+//! checkpoint folder) on random inputs. On a GPU the timed calls are CUDA-graph replays.
+
+use crate::backend::Device;
+use crate::config::Config;
+use crate::configs::Known;
+use crate::forward::Component;
+use crate::models::clip_text::ClipText;
+use crate::models::controlnet::ControlNet;
+use crate::models::load::{normalise_text_encoder, Checkpoint};
+use crate::models::unet::{Cond, Unet};
+use crate::models::vae::{self, Vae};
+use crate::pipeline::graph::StepGraph;
+use crate::tensor::Tensor;
+use crate::weights::WeightStore;
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+use std::time::Instant;
+
+/// A known configuration name or a model folder.
+#[derive(Clone, Debug)]
+pub enum Source {
+    Known(Known),
+    Dir(PathBuf),
+}
+
+impl std::str::FromStr for Source {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Source> {
+        Ok(match s {
+            "sd15" => Source::Known(Known::Sd15),
+            "sd21" => Source::Known(Known::Sd21),
+            "sdxl" => Source::Known(Known::Sdxl),
+            p => Source::Dir(PathBuf::from(p)),
+        })
+    }
+}
+
+pub struct Options {
+    pub source: Source,
+    pub component: Component,
+    pub batch: usize,
+    pub resolution: Option<usize>,
+    pub iters: usize,
+    pub warmup: usize,
+}
+
+#[derive(serde::Serialize)]
+pub struct Report {
+    pub component: String,
+    pub config: String,
+    pub batch: usize,
+    pub resolution: usize,
+    pub ms_per_call: f64,
+    pub calls_per_s: f64,
+    pub device: String,
+}
+
+fn rand(shape: Vec<usize>, seed: u64, scale: f32) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::new(
+        shape,
+        crate::rng::normal(seed, 0, n)
+            .into_iter()
+            .map(|v| v * scale)
+            .collect(),
+    )
+}
+
+/// Config and weights for the component: random weights for known configs, the folder's otherwise.
+fn model_source(src: &Source, comp: Component) -> Result<(Config, WeightStore, String)> {
+    match src {
+        Source::Known(k) => {
+            let json = match comp {
+                Component::Unet => k.unet(),
+                Component::Controlnet => k.controlnet(),
+                Component::VaeEncode | Component::VaeDecode => k.vae(),
+                Component::TextEncoder | Component::TextEncoder2 => k.text_encoder(),
+            };
+            Ok((
+                Config::from_json(
+                    &format!("<{}>/{}/config.json", k.name(), comp.subfolder()),
+                    json,
+                )?,
+                WeightStore::random(7),
+                k.name().into(),
+            ))
+        }
+        Source::Dir(p) => {
+            let mut ck = Checkpoint::open(p, comp.subfolder())?;
+            if matches!(comp, Component::TextEncoder | Component::TextEncoder2) {
+                normalise_text_encoder(&mut ck.weights);
+            }
+            if matches!(comp, Component::VaeEncode | Component::VaeDecode) {
+                ck.weights.normalise_names(vae::normalise_legacy_name);
+            }
+            Ok((ck.config, ck.weights, p.display().to_string()))
+        }
+    }
+}
+
+enum UnetLike {
+    Unet(Box<Unet>),
+    Control(Box<ControlNet>),
+}
+
+pub fn run(o: &Options, dev: &Device) -> Result<Report> {
+    if o.batch == 0 || o.iters == 0 {
+        bail!("--batch and --iters must be at least 1");
+    }
+    let (cfg, store, name) = model_source(&o.source, o.component)?;
+    let b = o.batch;
+    let res = match (o.resolution, &o.source) {
+        (Some(r), _) => r,
+        (None, Source::Known(k)) => k.resolution(),
+        (None, Source::Dir(_)) => 512,
+    };
+    if res == 0 || res % 8 != 0 {
+        bail!("--resolution {res} is not a positive multiple of 8");
+    }
+    let l = res / 8;
+    // Every variant returns (inputs, call) where call(inputs) is one model call.
+    type Call<'a> = Box<dyn Fn(&[Tensor]) -> Result<Tensor> + 'a>;
+    let vae;
+    let te;
+    let (inputs, call): (Vec<Tensor>, Call) = match o.component {
+        Component::Unet | Component::Controlnet => {
+            let model = if o.component == Component::Unet {
+                UnetLike::Unet(Box::new(Unet::load(&cfg, &store, dev)?))
+            } else {
+                UnetLike::Control(Box::new(ControlNet::load(&cfg, &store, dev)?))
+            };
+            let c = match &model {
+                UnetLike::Unet(u) => &u.config,
+                UnetLike::Control(n) => &n.config,
+            };
+            let (ctx_dim, text_time) = (c.cross_attention_dim[0], c.text_time);
+            let cin = cfg.usize_or("in_channels", 4)?;
+            let mut inputs = vec![
+                dev.put(rand(vec![b, l, l, cin], 1, 1.0)),
+                dev.put_f32(Tensor::new(vec![b], vec![500.0; b])),
+                dev.put(rand(vec![b, 77, ctx_dim], 2, 1.0)),
+            ];
+            if let Some((td, proj)) = text_time {
+                inputs.push(dev.put(rand(vec![b, proj - 6 * td], 3, 1.0)));
+                let ids = [res as f32, res as f32, 0.0, 0.0, res as f32, res as f32];
+                inputs.push(dev.put_f32(Tensor::new(vec![b, 6], ids.repeat(b))));
+            }
+            if o.component == Component::Controlnet {
+                inputs.push(dev.put(rand(vec![b, res, res, 3], 4, 0.5)));
+            }
+            (
+                inputs,
+                Box::new(move |v: &[Tensor]| {
+                    let tt = if v.len() >= 5 {
+                        Some((&v[3], &v[4]))
+                    } else {
+                        None
+                    };
+                    let cond = Cond {
+                        timesteps: &v[1],
+                        context: &v[2],
+                        text_time: tt,
+                    };
+                    match &model {
+                        UnetLike::Unet(u) => u.forward(&v[0], &cond, None, None),
+                        UnetLike::Control(n) => {
+                            Ok(n.forward(&v[0], &cond, v.last().expect("image"), 1.0)?.mid)
+                        }
+                    }
+                }),
+            )
+        }
+        Component::VaeEncode => {
+            vae = Vae::load(&cfg, &store, dev)?;
+            (
+                vec![dev.put(rand(vec![b, res, res, 3], 5, 0.5))],
+                Box::new(|v: &[Tensor]| Ok(vae.encode(&v[0])?.0)),
+            )
+        }
+        Component::VaeDecode => {
+            vae = Vae::load(&cfg, &store, dev)?;
+            (
+                vec![dev.put(rand(vec![b, l, l, 4], 6, 1.0))],
+                Box::new(|v: &[Tensor]| vae.decode(&v[0])),
+            )
+        }
+        Component::TextEncoder | Component::TextEncoder2 => {
+            te = ClipText::load(&cfg, &store, dev)?;
+            let ids: Vec<Vec<u32>> = (0..b)
+                .map(|i| {
+                    (0..77)
+                        .map(|j| ((i * 7919 + j * 104729) % 49000) as u32)
+                        .collect()
+                })
+                .collect();
+            // Token ids are uploaded per call, so the text encoder runs eagerly (no graph).
+            (
+                Vec::new(),
+                Box::new(move |_: &[Tensor]| Ok(te.forward(&ids)?.last_hidden_state)),
+            )
+        }
+    };
+    let graphable = !matches!(
+        o.component,
+        Component::TextEncoder | Component::TextEncoder2
+    );
+    let mut graph = StepGraph::new(if graphable { dev } else { &Device::Cpu });
+    for _ in 0..o.warmup.max(2) {
+        let _ = graph.run(&inputs, &call)?;
+    }
+    dev.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..o.iters {
+        let _ = graph.run(&inputs, &call)?;
+    }
+    dev.synchronize()?;
+    let secs = start.elapsed().as_secs_f64();
+    let ms = secs * 1000.0 / o.iters as f64;
+    Ok(Report {
+        component: o.component.name().into(),
+        config: name,
+        batch: b,
+        resolution: res,
+        ms_per_call: ms,
+        calls_per_s: 1000.0 / ms,
+        device: dev.name(),
+    })
+}

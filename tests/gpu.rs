@@ -1,0 +1,437 @@
+//! The CUDA backend against the CPU reference backend: every op on fresh random inputs over
+//! several shapes (odd ones included, outputs poisoned with NaN first), every model of the engine
+//! core on the fixture goldens' inputs, and 4-step pipelines. fp16 tolerance: relative L2 error
+//! < 1e-2; NaN fails. Without a CUDA device every test prints "skipped: no CUDA device" and passes.
+
+mod common;
+use common::*;
+use toffee::backend::{self as ops, Activation, Conv2dW, Device, LinearW};
+use toffee::forward::{self, Component};
+use toffee::pipeline::{Control, Generator, Init, Request};
+use toffee::tensor::Tensor;
+use toffee::weights::safetensors::read_all;
+
+fn gpu() -> Option<Device> {
+    match Device::open("cuda", false) {
+        Ok(d) => {
+            d.set_poison(true);
+            Some(d)
+        }
+        Err(e) => {
+            eprintln!("skipped: no CUDA device ({e:#})");
+            None
+        }
+    }
+}
+
+fn rand(shape: &[usize], seed: u64) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::new(shape.to_vec(), toffee::rng::normal(seed, 17, n))
+}
+
+/// ‖a − b‖ / ‖b‖ over host tensors; NaN anywhere is infinite error.
+fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.data().iter().zip(b.data()) {
+        if x.is_nan() || y.is_nan() {
+            return f64::INFINITY;
+        }
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+fn close(what: &str, got: &Tensor, want: &Tensor, dev: &Device) {
+    dev.check().unwrap_or_else(|e| panic!("{what}: {e:#}"));
+    let got = got.to_host().unwrap();
+    let e = rel_l2(&got, want);
+    eprintln!("{what}: rel L2 {e:.2e}");
+    assert!(
+        e < 1e-2,
+        "{what}: relative L2 error {e:e} vs the CPU backend"
+    );
+}
+
+#[test]
+fn ops_match_the_cpu_backend() {
+    let Some(d) = gpu() else { return };
+    let put = |t: &Tensor| d.put(t.clone());
+    // GEMM (odd sizes), with and without bias.
+    for (m, k, n) in [(1, 7, 3), (77, 768, 320), (4096, 320, 1280), (13, 40, 2560)] {
+        let x = rand(&[m, k], 1);
+        let l = LinearW {
+            weight: rand(&[n, k], 2),
+            bias: (n % 2 == 0).then(|| rand(&[n], 3)),
+        };
+        let lg = LinearW {
+            weight: put(&l.weight),
+            bias: l.bias.as_ref().map(put),
+        };
+        close(
+            &format!("linear {m}x{k}x{n}"),
+            &ops::linear(&put(&x), &lg),
+            &ops::linear(&x, &l),
+            &d,
+        );
+    }
+    // Convolutions: 3×3 stride 1 and 2, the VAE's asymmetric pad, 1×1, odd sizes.
+    for (n, h, w, ci, co, k, s, p) in [
+        (2, 9, 7, 5, 6, 3, 1, 1),
+        (1, 16, 12, 32, 64, 3, 2, 1),
+        (2, 8, 8, 16, 16, 1, 1, 0),
+        (1, 33, 17, 4, 320, 3, 1, 1),
+    ] {
+        let x = rand(&[n, h, w, ci], 4);
+        let mut c = Conv2dW::from_oihw(&rand(&[co, ci, k, k], 5), Some(rand(&[co], 6)), s, p);
+        if s == 2 {
+            c.pad = [0, 1, 0, 1];
+        }
+        let cg = Conv2dW {
+            weight: put(&c.weight),
+            bias: c.bias.as_ref().map(put),
+            ..c.clone()
+        };
+        close(
+            &format!("conv {k}x{k}/{s} {h}x{w}x{ci}->{co}"),
+            &ops::conv2d(&put(&x), &cg),
+            &ops::conv2d(&x, &c),
+            &d,
+        );
+    }
+    // Norms.
+    for (shape, g) in [
+        (vec![2, 8, 8, 32], 8),
+        (vec![1, 17, 9, 320], 32),
+        (vec![3, 5, 64], 4),
+    ] {
+        let x = rand(&shape, 7);
+        let c = *shape.last().unwrap();
+        let (gm, bt) = (rand(&[c], 8), rand(&[c], 9));
+        for silu in [false, true] {
+            close(
+                &format!("group_norm {shape:?} silu={silu}"),
+                &ops::group_norm(&put(&x), g, &put(&gm), &put(&bt), 1e-5, silu),
+                &ops::group_norm(&x, g, &gm, &bt, 1e-5, silu),
+                &d,
+            );
+        }
+        close(
+            &format!("layer_norm {shape:?}"),
+            &ops::layer_norm(&put(&x), &put(&gm), &put(&bt), 1e-5),
+            &ops::layer_norm(&x, &gm, &bt, 1e-5),
+            &d,
+        );
+    }
+    // Attention: every head dim, self and cross (77 keys), causal, odd lengths.
+    for (dh, heads, lq, lk, causal) in [
+        (40, 8, 64, 64, false),
+        (40, 2, 33, 77, false),
+        (64, 5, 100, 100, false),
+        (64, 12, 77, 77, true),
+        (80, 4, 257, 77, false),
+        (128, 2, 31, 45, false),
+        (160, 2, 64, 77, false),
+        (160, 1, 1024, 1024, false),
+    ] {
+        let hd = dh * heads;
+        let (q, k, v) = (
+            rand(&[2, lq, hd], 10),
+            rand(&[2, lk, hd], 11),
+            rand(&[2, lk, hd], 12),
+        );
+        close(
+            &format!("attention d{dh} h{heads} {lq}x{lk} causal={causal}"),
+            &ops::attention(&put(&q), &put(&k), &put(&v), heads, causal),
+            &ops::attention(&q, &k, &v, heads, causal),
+            &d,
+        );
+    }
+    // Elementwise glue.
+    let x = rand(&[2, 5, 7, 12], 13);
+    let y = rand(&[2, 5, 7, 12], 14);
+    let v = rand(&[2, 12], 15);
+    let m = Tensor::new(
+        vec![2, 5, 7, 1],
+        toffee::rng::normal(3, 3, 70)
+            .iter()
+            .map(|a| (a > &0.0) as u8 as f32)
+            .collect(),
+    );
+    for a in [Activation::Silu, Activation::Gelu, Activation::QuickGelu] {
+        close(&format!("{a:?}"), &a.apply(&put(&x)), &a.apply(&x), &d);
+    }
+    close("geglu", &ops::geglu(&put(&x)), &ops::geglu(&x), &d);
+    close(
+        "add_scaled",
+        &ops::add_scaled(&put(&x), &put(&y), -0.7),
+        &ops::add_scaled(&x, &y, -0.7),
+        &d,
+    );
+    close(
+        "affine_clamp",
+        &ops::affine_clamp(&put(&x), 0.5, 0.5, 0.0, 1.0),
+        &ops::affine_clamp(&x, 0.5, 0.5, 0.0, 1.0),
+        &d,
+    );
+    close(
+        "add_per_sample_channels",
+        &ops::add_per_sample_channels(&put(&x), &put(&v)),
+        &ops::add_per_sample_channels(&x, &v),
+        &d,
+    );
+    close(
+        "concat_channels",
+        &ops::concat_channels(&[&put(&x), &put(&y), &put(&x)]),
+        &ops::concat_channels(&[&x, &y, &x]),
+        &d,
+    );
+    close(
+        "slice_channels",
+        &ops::slice_channels(&put(&x), 3, 5),
+        &ops::slice_channels(&x, 3, 5),
+        &d,
+    );
+    close(
+        "upsample 2x",
+        &ops::upsample_nearest(&put(&x), 10, 14),
+        &ops::upsample_nearest(&x, 10, 14),
+        &d,
+    );
+    close(
+        "upsample odd",
+        &ops::upsample_nearest(&put(&x), 9, 13),
+        &ops::upsample_nearest(&x, 9, 13),
+        &d,
+    );
+    close(
+        "downsample mask",
+        &ops::upsample_nearest(&put(&m), 2, 3),
+        &ops::upsample_nearest(&m, 2, 3),
+        &d,
+    );
+    close(
+        "mask_mix",
+        &ops::mask_mix(&put(&x), &put(&y), &put(&m)),
+        &ops::mask_mix(&x, &y, &m),
+        &d,
+    );
+    close(
+        "gauss_sample",
+        &ops::gauss_sample(&put(&x), &put(&y), &put(&x), 0.18),
+        &ops::gauss_sample(&x, &y, &x, 0.18),
+        &d,
+    );
+    close(
+        "lincomb",
+        &ops::lincomb(&[(&put(&x), 0.3), (&put(&y), -1.2), (&put(&x), 2.0)]),
+        &ops::lincomb(&[(&x, 0.3), (&y, -1.2), (&x, 2.0)]),
+        &d,
+    );
+    close(
+        "cfg_combine",
+        &ops::cfg_combine(&put(&x), 7.5),
+        &ops::cfg_combine(&x, 7.5),
+        &d,
+    );
+    let table = rand(&[1000, 24], 16);
+    close(
+        "gather_rows",
+        &ops::gather_rows(&put(&table), &[5, 999, 0, 5, 17]),
+        &ops::gather_rows(&table, &[5, 999, 0, 5, 17]),
+        &d,
+    );
+    let ts = Tensor::new(vec![3], vec![999.0, 500.5, 1.0]);
+    for dim in [320, 33] {
+        close(
+            &format!("timestep_embedding {dim}"),
+            &ops::timestep_embedding(&d.put_f32(ts.clone()), dim, true, 0.0),
+            &ops::timestep_embedding(&ts, dim, true, 0.0),
+            &d,
+        );
+    }
+    close("narrow0", &put(&x).narrow0(1, 1), &x.narrow0(1, 1), &d);
+    close(
+        "cat0",
+        &Tensor::cat0(&[&put(&x), &put(&y)]),
+        &Tensor::cat0(&[&x, &y]),
+        &d,
+    );
+}
+
+#[test]
+fn models_match_the_cpu_backend() {
+    let Some(d) = gpu() else { return };
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("manifest.json")).unwrap()).unwrap();
+    for case in manifest["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let model = fixtures().join(case["model"].as_str().unwrap());
+        let comp = match case["component"].as_str().unwrap() {
+            "unet" => Component::Unet,
+            "controlnet" => Component::Controlnet,
+            "vae-encode" => Component::VaeEncode,
+            "vae-decode" => Component::VaeDecode,
+            _ => Component::TextEncoder,
+        };
+        let in_path = golden(case["inputs"].as_str().unwrap());
+        let inputs = read_all(&in_path).unwrap();
+        let cpu = forward::run(&model, comp, &inputs, &in_path, &Device::Cpu).unwrap();
+        let got = forward::run(&model, comp, &inputs, &in_path, &d)
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        for ((n, g), (_, c)) in got.iter().zip(&cpu) {
+            close(&format!("{name}/{n}"), g, c, &d);
+        }
+    }
+}
+
+fn request(init: Init, control: Option<Control>) -> Request {
+    Request {
+        prompts: vec!["a cat".into(), "a red car".into()],
+        negative: None,
+        images_per_prompt: 1,
+        steps: 4,
+        guidance: 7.5,
+        width: 64,
+        height: 64,
+        scheduler: None,
+        seed: 3,
+        batch: 2,
+        init,
+        control,
+        init_latents: None,
+    }
+}
+
+/// (name, model, controlnet, scheduler override, init, control)
+type Case<'a> = (
+    &'a str,
+    &'a str,
+    Option<&'a str>,
+    Option<&'a str>,
+    Init,
+    Option<Control>,
+);
+
+#[test]
+fn pipelines_match_the_cpu_backend() {
+    let Some(d) = gpu() else { return };
+    let g = read_all(&golden("pipelines/sd1_inpaint_4ch.safetensors")).unwrap();
+    let image = g["init_image"].to_nhwc();
+    let mask = g["mask_image"].to_nhwc();
+    let control = read_all(&golden("pipelines/sd1_controlnet_ddim.safetensors")).unwrap()
+        ["control_image"]
+        .to_nhwc();
+    let cases: Vec<Case> = vec![
+        ("sd1 txt2img ddim", "sd1", None, None, Init::Noise, None),
+        (
+            "sd1 txt2img dpm++ karras",
+            "sd1",
+            None,
+            Some("dpmpp-2m-karras"),
+            Init::Noise,
+            None,
+        ),
+        (
+            "sd1 txt2img euler-a",
+            "sd1",
+            None,
+            Some("euler-a"),
+            Init::Noise,
+            None,
+        ),
+        ("sd2 txt2img v-pred", "sd2", None, None, Init::Noise, None),
+        ("sdxl txt2img", "sdxl", None, None, Init::Noise, None),
+        (
+            "sd1 controlnet",
+            "sd1",
+            Some("controlnet-sd1"),
+            None,
+            Init::Noise,
+            Some(Control {
+                image: control.clone(),
+                scale: 0.8,
+            }),
+        ),
+        (
+            "sd1 img2img",
+            "sd1",
+            None,
+            None,
+            Init::Image {
+                image: image.clone(),
+                strength: 0.75,
+            },
+            None,
+        ),
+        (
+            "sd1 inpaint 4ch",
+            "sd1",
+            None,
+            None,
+            Init::Inpaint {
+                image: image.clone(),
+                mask: mask.clone(),
+                strength: 1.0,
+            },
+            None,
+        ),
+    ];
+    for (name, model, cn, sched, init, ctl) in cases {
+        let cn = cn.map(|c| fixtures().join(c));
+        let cpu = Generator::load(&fixtures().join(model), cn.as_deref(), &Device::Cpu).unwrap();
+        let gpu = Generator::load(&fixtures().join(model), cn.as_deref(), &d).unwrap();
+        let mut req = request(init, ctl);
+        req.scheduler = sched.map(|s| s.parse().unwrap());
+        let want = cpu.run(&req, &mut |_, _| {}).unwrap();
+        let got = gpu
+            .run(&req, &mut |_, _| {})
+            .unwrap_or_else(|e| panic!("{name}: {e:#}"));
+        close(&format!("{name} latents"), &got.latents, &want.latents, &d);
+        close(&format!("{name} images"), &got.images, &want.images, &d);
+    }
+}
+
+#[test]
+fn cli_runs_on_the_gpu() {
+    if gpu().is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.safetensors");
+    let o = toffee(&[
+        "forward",
+        "--model",
+        fixtures().join("sd1").to_str().unwrap(),
+        "--component",
+        "unet",
+        "--inputs",
+        golden("sd1_unet.in.safetensors").to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cuda",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let got = read_all(&out).unwrap();
+    let want = read_all(&golden("sd1_unet.out.safetensors")).unwrap();
+    let e = rel_l2(&got["out"], &want["out"]);
+    assert!(e < 1e-2, "forward --device cuda: rel L2 {e:e}");
+    let png = dir.path().join("x.png");
+    let o = toffee(&[
+        "txt2img",
+        "--prompt",
+        "a cat",
+        "--steps",
+        "4",
+        "--device",
+        "cuda:0",
+        "--out",
+        png.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(png.exists());
+    let o = toffee(&["devices"]);
+    assert!(stdout(&o).contains("cuda:0"), "{}", stdout(&o));
+}
