@@ -207,12 +207,12 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
     );
     let mut graph = StepGraph::new(if graphable { dev } else { &Device::Cpu });
     for _ in 0..o.warmup.max(2) {
-        let _ = graph.run(&inputs, &call)?;
+        let _ = graph.run("bench", &inputs, &call)?;
     }
     dev.synchronize()?;
     let start = Instant::now();
     for _ in 0..o.iters {
-        let _ = graph.run(&inputs, &call)?;
+        let _ = graph.run("bench", &inputs, &call)?;
     }
     dev.synchronize()?;
     let secs = start.elapsed().as_secs_f64();

@@ -70,6 +70,7 @@ pub fn generator(device: &Device) -> Result<Generator> {
         scheduler_config,
         force_zeros_for_empty_prompt: false,
         device: device.clone(),
+        graphs: crate::pipeline::Graphs::new(device),
     };
     g.check()?;
     Ok(g)

@@ -84,21 +84,28 @@ fn ops_match_the_cpu_backend() {
         (1, 33, 17, 4, 320, 3, 1, 1),
     ] {
         let x = rand(&[n, h, w, ci], 4);
-        let mut c = Conv2dW::from_oihw(&rand(&[co, ci, k, k], 5), Some(rand(&[co], 6)), s, p);
+        let (wt, bias) = (rand(&[co, ci, k, k], 5), rand(&[co], 6));
+        let mut c = Conv2dW::from_oihw(&wt, Some(bias.clone()), s, p);
+        // GPU layouts: [kh,kw,in,out] (im2col GEMM) and cuDNN's KRSC (cuDNN, or transposed GEMM).
+        let mut kr = Conv2dW::krsc_from_oihw(&wt, Some(bias), s, p);
         if s == 2 {
             c.pad = [0, 1, 0, 1];
+            kr.pad = [0, 1, 0, 1];
         }
-        let cg = Conv2dW {
-            weight: put(&c.weight),
-            bias: c.bias.as_ref().map(put),
-            ..c.clone()
-        };
-        close(
-            &format!("conv {k}x{k}/{s} {h}x{w}x{ci}->{co}"),
-            &ops::conv2d(&put(&x), &cg),
-            &ops::conv2d(&x, &c),
-            &d,
-        );
+        let want = ops::conv2d(&x, &c);
+        for (layout, g) in [("khwio", c.clone()), ("krsc", kr)] {
+            let cg = Conv2dW {
+                weight: put(&g.weight),
+                bias: g.bias.as_ref().map(put),
+                ..g
+            };
+            close(
+                &format!("conv {layout} {k}x{k}/{s} {h}x{w}x{ci}->{co}"),
+                &ops::conv2d(&put(&x), &cg),
+                &want,
+                &d,
+            );
+        }
     }
     // Norms.
     for (shape, g) in [

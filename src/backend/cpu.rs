@@ -133,12 +133,15 @@ fn add_row_bias(out: &mut [f32], bias: &[f32]) {
 /// [out, in, kh, kw] at load time) so that im2col rows multiply it directly.
 #[derive(Clone, Debug)]
 pub struct Conv2dW {
+    /// [kh, kw, in, out] (the CPU's im2col GEMM operand), or [out, kh, kw, in] when `krsc`
+    /// (cuDNN's NHWC filter layout, used on GPUs).
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub kernel: usize,
     pub stride: usize,
     /// top, bottom, left, right
     pub pad: [usize; 4],
+    pub krsc: bool,
 }
 
 impl Conv2dW {
@@ -165,18 +168,61 @@ impl Conv2dW {
             kernel: kh,
             stride,
             pad: [padding; 4],
+            krsc: false,
         }
     }
+
+    /// From PyTorch's [out, in, kh, kw] weight into cuDNN's NHWC filter layout [out, kh, kw, in].
+    pub fn krsc_from_oihw(
+        w: &Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+    ) -> Conv2dW {
+        let s = w.shape();
+        let (o, i, kh, kw) = (s[0], s[1], s[2], s[3]);
+        assert_eq!(kh, kw, "only square kernels are used by the models");
+        let src = w.data();
+        let mut dst = vec![0.0f32; w.numel()];
+        for oo in 0..o {
+            for ii in 0..i {
+                for y in 0..kh {
+                    for x in 0..kw {
+                        dst[((oo * kh + y) * kw + x) * i + ii] =
+                            src[((oo * i + ii) * kh + y) * kw + x];
+                    }
+                }
+            }
+        }
+        Conv2dW {
+            weight: Tensor::new(vec![o, kh, kw, i], dst),
+            bias,
+            kernel: kh,
+            stride,
+            pad: [padding; 4],
+            krsc: true,
+        }
+    }
+
     pub fn in_channels(&self) -> usize {
-        self.weight.shape()[2]
+        if self.krsc {
+            self.weight.shape()[3]
+        } else {
+            self.weight.shape()[2]
+        }
     }
     pub fn out_channels(&self) -> usize {
-        self.weight.shape()[3]
+        if self.krsc {
+            self.weight.shape()[0]
+        } else {
+            self.weight.shape()[3]
+        }
     }
 }
 
 /// NHWC convolution.
 pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
+    assert!(!c.krsc, "KRSC (GPU) convolution weights on the CPU backend");
     let (n, h, w, cin) = x.dims4();
     assert_eq!(
         cin,

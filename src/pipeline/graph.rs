@@ -10,6 +10,8 @@ use anyhow::Result;
 pub struct StepGraph {
     device: Device,
     calls: usize,
+    /// What the captured call computes beyond its input shapes (guidance scale, …).
+    key: String,
     #[cfg(feature = "cuda")]
     captured: Option<Captured>,
 }
@@ -26,17 +28,28 @@ impl StepGraph {
         StepGraph {
             device: device.clone(),
             calls: 0,
+            key: String::new(),
             #[cfg(feature = "cuda")]
             captured: None,
         }
     }
 
-    /// `f(inputs)`, replayed from a graph on a GPU once shapes have been seen twice.
+    /// `f(inputs)`, replayed from a graph on a GPU once the same `key` and input shapes have been
+    /// seen twice. `key` must name every parameter `f` bakes into the graph (scales, flags).
     pub fn run(
         &mut self,
+        key: &str,
         inputs: &[Tensor],
         f: impl Fn(&[Tensor]) -> Result<Tensor>,
     ) -> Result<Tensor> {
+        if key != self.key {
+            self.key = key.to_string();
+            self.calls = 0;
+            #[cfg(feature = "cuda")]
+            {
+                self.captured = None;
+            }
+        }
         self.calls += 1;
         #[cfg(feature = "cuda")]
         if let Device::Cuda(gpu) = &self.device {

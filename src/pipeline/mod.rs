@@ -33,8 +33,24 @@ pub struct Generator {
     pub force_zeros_for_empty_prompt: bool,
     /// Default image side (unet sample_size × VAE factor).
     pub default_size: usize,
-    /// Where the models run. The scheduler and noise stay on the host.
+    /// Where the models run.
     pub device: Device,
+    /// CUDA graphs of the denoising call and the VAE decode, kept across batches.
+    pub graphs: std::sync::Mutex<Graphs>,
+}
+
+pub struct Graphs {
+    step: StepGraph,
+    decode: StepGraph,
+}
+
+impl Graphs {
+    pub fn new(device: &Device) -> std::sync::Mutex<Graphs> {
+        std::sync::Mutex::new(Graphs {
+            step: StepGraph::new(device),
+            decode: StepGraph::new(device),
+        })
+    }
 }
 
 /// How the denoising starts.
@@ -131,6 +147,7 @@ impl Generator {
             controlnet: cn,
             scheduler_config,
             device: device.clone(),
+            graphs: Graphs::new(device),
         };
         g.check()?;
         Ok(g)
@@ -375,7 +392,13 @@ impl Generator {
             mask: mask_input.is_some(),
             guidance: if cfg { Some(req.guidance) } else { None },
         };
-        let mut graph = StepGraph::new(dev);
+        let key = format!(
+            "{:?} {} {:?}",
+            call.guidance,
+            call.mask,
+            call.control.map(|c| c.1)
+        );
+        let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
         let timesteps = sched.timesteps().to_vec();
         for (i, &t) in timesteps.iter().enumerate() {
             let x2 = if cfg {
@@ -404,7 +427,9 @@ impl Generator {
                 inputs.push(m.clone());
                 inputs.push(ml.clone());
             }
-            let pred = graph.run(&inputs, |v| self.model_call(&call, v))?;
+            let pred = graphs
+                .step
+                .run(&key, &inputs, |v| self.model_call(&call, v))?;
             let step_noise = if sched.needs_step_noise() {
                 Some(dev.put_f32(noise.draw(n, c, h, w)?))
             } else {
@@ -425,6 +450,7 @@ impl Generator {
             }
             progress(i + 1, timesteps.len());
         }
+        drop(graphs);
         dev.check()?;
         let latents = latents.to_host()?;
         let images = self.decode(&latents)?;
@@ -483,12 +509,21 @@ impl Generator {
         Ok(dev.put_f32_same(&x))
     }
 
-    /// Host latents → host images in [0, 1].
+    /// Host latents → host images in [0, 1] (a CUDA graph per shape on GPUs).
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let x = self
             .device
             .put(ops::scale(latents, 1.0 / self.vae.scaling_factor as f32));
-        let img = ops::affine_clamp(&self.vae.decode(&x)?, 0.5, 0.5, 0.0, 1.0);
+        let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+        let img = graphs.decode.run("decode", &[x], |v| {
+            Ok(ops::affine_clamp(
+                &self.vae.decode(&v[0])?,
+                0.5,
+                0.5,
+                0.0,
+                1.0,
+            ))
+        })?;
         self.device.check()?;
         img.to_host()
     }

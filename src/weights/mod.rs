@@ -308,7 +308,11 @@ impl<'a> Vb<'a> {
             .get_one_of(&self.full("weight"), &[&[out, inp, k, k], alt])?
             .reshape(vec![out, inp, k, k]);
         let b = self.get("bias", &[out])?;
-        let mut c = Conv2dW::from_oihw(&w, Some(b), stride, pad);
+        let mut c = if self.device.is_cpu() {
+            Conv2dW::from_oihw(&w, Some(b), stride, pad)
+        } else {
+            Conv2dW::krsc_from_oihw(&w, Some(b), stride, pad)
+        };
         c.weight = self.device.put(c.weight);
         Ok(c)
     }

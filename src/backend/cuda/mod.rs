@@ -103,7 +103,15 @@ pub struct Gpu {
     /// Tests: fill every new allocation with 0xFF bytes (NaN in fp16/bf16/f32) so a kernel that
     /// leaves outputs unwritten fails loudly.
     poison: std::sync::atomic::AtomicBool,
+    /// cuDNN, when libcudnn is present (else convolutions fall back to im2col + cuBLASLt).
+    cudnn: Option<Mutex<CudnnHandle>>,
 }
+
+/// cudarc's cuDNN handle holds a raw pointer; every use goes through the Gpu's mutex and its
+/// single stream, which is what makes sharing it between threads sound.
+pub struct CudnnHandle(pub Arc<cudarc::cudnn::Cudnn>);
+// Safety: see above — access is serialised by the Mutex in `Gpu`.
+unsafe impl Send for CudnnHandle {}
 
 impl fmt::Debug for Gpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -131,6 +139,14 @@ impl Gpu {
             .map_err(|e| anyhow!("cuda:{ordinal}: cannot create a stream: {e}"))?;
         let blas = CudaBlasLT::new(stream.clone())
             .map_err(|e| anyhow!("cuda:{ordinal}: cuBLASLt: {e:?}"))?;
+        // Safety: only probes for the shared library.
+        let cudnn = if unsafe { cudarc::cudnn::sys::is_culib_present() } {
+            let h = cudarc::cudnn::Cudnn::new(stream.clone())
+                .map_err(|e| anyhow!("cuda:{ordinal}: cuDNN: {e:?}"))?;
+            Some(Mutex::new(CudnnHandle(h)))
+        } else {
+            None
+        };
         let mut funcs = HashMap::new();
         for (name, fatbin) in embedded::MODULES {
             let module = ctx
@@ -159,6 +175,7 @@ impl Gpu {
             allocated: Mutex::new(0),
             error: Mutex::new(None),
             poison: std::sync::atomic::AtomicBool::new(false),
+            cudnn,
         }))
     }
 
@@ -168,6 +185,10 @@ impl Gpu {
 
     pub fn blas(&self) -> &CudaBlasLT {
         &self.blas
+    }
+
+    pub fn cudnn(&self) -> Option<&Mutex<CudnnHandle>> {
+        self.cudnn.as_ref()
     }
 
     /// Records the first failure; later ops become no-ops until `check` reports it.

@@ -176,6 +176,34 @@ pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
     let cout = c.out_channels();
     let xd = dev(x);
     let g = xd.gpu();
+    let (t, o) = out(xd, vec![n, ho, wo, cout]);
+    let symmetric = pt == pb && pl == pr;
+    if k > 1 && c.krsc && symmetric {
+        if let Some(h) = g.cudnn() {
+            if cudnn_conv(&h.lock().unwrap().0, x, c, &o, (ho, wo)) {
+                if let Some(b) = &c.bias {
+                    let total = o.len;
+                    g.launch(
+                        &name("add_broadcast", o.dtype),
+                        grid(total),
+                        256,
+                        &[
+                            Arg::P(o.ptr()),
+                            Arg::P(dev(b).ptr()),
+                            Arg::P(o.ptr()),
+                            Arg::L(total as i64),
+                            Arg::L(total as i64),
+                            Arg::I(cout as i32),
+                            Arg::I(1),
+                        ],
+                    );
+                }
+                return t;
+            }
+        }
+    }
+    // 1×1 convolutions are plain GEMMs; asymmetric padding (the VAE's downsampler) and machines
+    // without cuDNN go through im2col.
     let rows = n * ho * wo;
     let kk = k * k * cin;
     let direct = k == 1 && c.stride == 1 && c.pad == [0; 4];
@@ -204,18 +232,93 @@ pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
         );
         cols
     };
-    let (t, o) = out(xd, vec![n, ho, wo, cout]);
+    // KRSC weights are [cout, kh·kw·cin]: the transposed GEMM operand, like a linear layer's.
     gemm(
         &cols,
         rows,
         kk,
         dev(&c.weight),
         cout,
-        false,
+        c.krsc,
         c.bias.as_ref().map(dev),
         &o,
     );
     t
+}
+
+/// NHWC fp16/bf16 convolution through cuDNN (fp32 accumulation). Returns false when cuDNN refuses
+/// the configuration, so the caller falls back to im2col.
+fn cudnn_conv(
+    h: &Arc<cudarc::cudnn::Cudnn>,
+    x: &Tensor,
+    c: &Conv2dW,
+    o: &DevBuf,
+    (ho, wo): (usize, usize),
+) -> bool {
+    use cudarc::cudnn::sys::{cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t};
+    let (n, hh, ww, cin) = x.dims4();
+    let xd = dev(x);
+    let g = xd.gpu();
+    let cout = c.out_channels();
+    let k = c.kernel as i32;
+    let nhwc = cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+    let ci = |v: usize| v as i32;
+    macro_rules! run {
+        ($t:ty) => {{
+            let r = (|| -> Result<(), cudarc::cudnn::CudnnError> {
+                let xdsc = h.create_4d_tensor::<$t>(nhwc, [ci(n), ci(cin), ci(hh), ci(ww)])?;
+                let wdsc = h.create_4d_filter::<$t>(nhwc, [ci(cout), ci(cin), k, k])?;
+                let ydsc = h.create_4d_tensor::<$t>(nhwc, [ci(n), ci(cout), ci(ho), ci(wo)])?;
+                let mut conv = h.create_conv2d::<f32>(
+                    [ci(c.pad[0]), ci(c.pad[2])],
+                    [ci(c.stride), ci(c.stride)],
+                    [1, 1],
+                    cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
+                )?;
+                conv.set_math_type(cudnnMathType_t::CUDNN_TENSOR_OP_MATH)?;
+                let op = cudarc::cudnn::ConvForward {
+                    conv: &conv,
+                    x: &xdsc,
+                    w: &wdsc,
+                    y: &ydsc,
+                };
+                let algo = op.pick_algorithm()?;
+                let ws_bytes = op.get_workspace_size(algo)?;
+                let ws = g.alloc(ws_bytes.max(1), DType::F32);
+                let mut wsr = Raw {
+                    ptr: ws.ptr(),
+                    len: ws_bytes,
+                    gpu: g,
+                };
+                let xr = Raw {
+                    ptr: xd.ptr(),
+                    len: xd.len,
+                    gpu: g,
+                };
+                let wr = Raw {
+                    ptr: dev(&c.weight).ptr(),
+                    len: dev(&c.weight).len,
+                    gpu: g,
+                };
+                let mut yr = Raw {
+                    ptr: o.ptr(),
+                    len: o.len,
+                    gpu: g,
+                };
+                let one = <$t>::from_f32(1.0);
+                let zero = <$t>::from_f32(0.0);
+                // Safety: descriptors match the buffers' extents and layouts.
+                unsafe { op.launch(algo, Some(&mut wsr), (one, zero), &xr, &wr, &mut yr) }
+            })();
+            r
+        }};
+    }
+    let r = match xd.dtype {
+        DType::F16 => run!(half::f16),
+        DType::BF16 => run!(half::bf16),
+        DType::F32 => return false,
+    };
+    r.is_ok()
 }
 
 pub fn group_norm(
