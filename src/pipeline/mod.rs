@@ -400,7 +400,21 @@ impl Generator {
         );
         let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
         let timesteps = sched.timesteps().to_vec();
-        for (i, &t) in timesteps.iter().enumerate() {
+        // Everything the loop needs from the host is uploaded before it: the timesteps, and the
+        // ancestral step noise (drawn now; diffusers draws nothing else after the start either).
+        let all_ts = dev.put_f32(Tensor::new(
+            vec![timesteps.len() * rows],
+            timesteps.iter().flat_map(|&t| vec![t; rows]).collect(),
+        ));
+        let all_noise = if sched.needs_step_noise() {
+            let draws = (0..timesteps.len())
+                .map(|_| noise.draw(n, c, h, w))
+                .collect::<Result<Vec<_>>>()?;
+            Some(dev.put_f32(Tensor::cat0(&draws.iter().collect::<Vec<_>>())))
+        } else {
+            None
+        };
+        for i in 0..timesteps.len() {
             let x2 = if cfg {
                 Tensor::cat0(&[&latents, &latents])
             } else {
@@ -411,11 +425,7 @@ impl Generator {
             } else {
                 sched.scale_model_input(&x2, i)?
             };
-            let mut inputs = vec![
-                x_in,
-                dev.put_f32(Tensor::new(vec![rows], vec![t; rows])),
-                embeds.context.clone(),
-            ];
+            let mut inputs = vec![x_in, all_ts.narrow0(i * rows, rows), embeds.context.clone()];
             if let (Some(p), Some(tid)) = (&embeds.pooled, &time_ids) {
                 inputs.push(p.clone());
                 inputs.push(tid.clone());
@@ -430,11 +440,7 @@ impl Generator {
             let pred = graphs
                 .step
                 .run(&key, &inputs, |v| self.model_call(&call, v))?;
-            let step_noise = if sched.needs_step_noise() {
-                Some(dev.put_f32(noise.draw(n, c, h, w)?))
-            } else {
-                None
-            };
+            let step_noise = all_noise.as_ref().map(|a| a.narrow0(i * n, n));
             latents = if on_dev {
                 sched.step_ops(&dev.put_f32_same(&pred), i, &latents, step_noise.as_ref())?
             } else {
