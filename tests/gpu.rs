@@ -245,8 +245,8 @@ fn ops_match_the_cpu_backend() {
     let table = rand(&[1000, 24], 16);
     close(
         "gather_rows",
-        &ops::gather_rows(&put(&table), &[5, 999, 0, 5, 17]),
-        &ops::gather_rows(&table, &[5, 999, 0, 5, 17]),
+        &ops::gather(&put(&table), &d.put_ids(&[5, 999, 0, 5, 17])),
+        &ops::gather(&table, &Device::Cpu.put_ids(&[5, 999, 0, 5, 17])),
         &d,
     );
     let ts = Tensor::new(vec![3], vec![999.0, 500.5, 1.0]);

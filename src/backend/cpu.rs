@@ -673,15 +673,17 @@ pub fn timestep_embedding(t: &[f32], dim: usize, flip_sin_to_cos: bool, freq_shi
     Tensor::new(vec![t.len(), dim], out)
 }
 
-/// Rows `idx` of a [rows, D] table.
-pub fn gather_rows(table: &Tensor, idx: &[u32]) -> Tensor {
+/// Rows `idx` (f32-held integers, exact below 2²⁴) of a [rows, D] table.
+pub fn gather(table: &Tensor, idx: &Tensor) -> Tensor {
     let d = table.last_dim();
-    let mut out = Vec::with_capacity(idx.len() * d);
-    for &i in idx {
+    let rows = table.numel() / d.max(1);
+    let mut out = Vec::with_capacity(idx.numel() * d);
+    for &i in idx.data() {
         let i = i as usize;
+        assert!(i < rows, "gather: index {i} out of {rows} rows");
         out.extend_from_slice(&table.data()[i * d..(i + 1) * d]);
     }
-    Tensor::new(vec![idx.len(), d], out)
+    Tensor::new(vec![idx.numel(), d], out)
 }
 
 pub fn activation(x: &Tensor, a: Activation) -> Tensor {

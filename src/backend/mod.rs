@@ -103,6 +103,18 @@ impl Device {
         }
     }
 
+    /// Indices (token ids, row numbers) on this device, for `gather`.
+    pub fn put_ids(&self, ids: &[u32]) -> Tensor {
+        match self {
+            Device::Cpu => Tensor::new(vec![ids.len()], ids.iter().map(|&i| i as f32).collect()),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => Tensor::from_device(
+                vec![ids.len()],
+                g.upload_i32(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>()),
+            ),
+        }
+    }
+
     /// Tests: fill new device allocations with NaN so unwritten outputs are caught.
     pub fn set_poison(&self, on: bool) {
         #[cfg(feature = "cuda")]
@@ -332,17 +344,13 @@ pub fn timestep_embedding(
     cpu::timestep_embedding(t.data(), dim, flip_sin_to_cos, freq_shift)
 }
 
-/// Rows `idx` of a [rows, D] table (token embeddings, pooling).
-pub fn gather_rows(table: &Tensor, idx: &[u32]) -> Tensor {
-    let rows = table.shape()[0];
-    assert!(
-        idx.iter().all(|&i| (i as usize) < rows),
-        "gather_rows: index out of {rows} rows"
-    );
+/// Rows `idx` of a [rows, D] table (token embeddings, pooling); `idx` comes from
+/// `Device::put_ids` on the table's device.
+pub fn gather(table: &Tensor, idx: &Tensor) -> Tensor {
     dispatch!(
         table,
-        cpu::gather_rows(table, idx),
-        cuda::ops::gather_rows(table, idx)
+        cpu::gather(table, idx),
+        cuda::ops::gather(table, idx)
     )
 }
 

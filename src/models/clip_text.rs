@@ -31,6 +31,7 @@ pub struct ClipText {
     layers: Vec<Layer>,
     final_ln: LayerNorm,
     projection: Option<LinearW>,
+    device: Device,
 }
 
 pub struct ClipTextOutput {
@@ -116,6 +117,7 @@ impl ClipText {
             layers,
             final_ln: LayerNorm::load(&vb.pp("final_layer_norm"), hidden, eps)?,
             projection,
+            device: device.clone(),
         })
     }
 
@@ -146,10 +148,34 @@ impl ClipText {
                 self.vocab_size
             );
         }
+        let (tokens, pool) = self.index_tensors(ids);
+        Ok(self.forward_indices(&tokens, &pool, b, l))
+    }
+
+    /// The token ids (flattened) and pooling rows of `ids` on the model's device: the inputs of
+    /// `forward_indices`, which is what a CUDA graph captures.
+    pub fn index_tensors(&self, ids: &[Vec<u32>]) -> (Tensor, Tensor) {
+        let l = ids.first().map_or(0, |r| r.len());
         let flat: Vec<u32> = ids.iter().flatten().copied().collect();
-        let tok = ops::gather_rows(&self.token_embedding, &flat).reshape(vec![b, l, self.hidden]);
-        let pos_ids: Vec<u32> = (0..l as u32).collect();
-        let pos = ops::gather_rows(&self.position_embedding, &pos_ids);
+        let rows: Vec<u32> = ids
+            .iter()
+            .enumerate()
+            .map(|(bi, row)| (bi * l + self.pool_position(row)) as u32)
+            .collect();
+        (self.device.put_ids(&flat), self.device.put_ids(&rows))
+    }
+
+    /// The encoder on prepared indices (`index_tensors`), `b` prompts of `l` tokens (validated by
+    /// `forward`).
+    pub fn forward_indices(
+        &self,
+        tokens: &Tensor,
+        pool: &Tensor,
+        b: usize,
+        l: usize,
+    ) -> ClipTextOutput {
+        let tok = ops::gather(&self.token_embedding, tokens).reshape(vec![b, l, self.hidden]);
+        let pos = self.position_embedding.narrow0(0, l);
         let pos_b = Tensor::cat0(&vec![&pos; b]).reshape(vec![b, l, self.hidden]);
         let mut x = ops::add(&tok, &pos_b);
         let mut hidden_states = vec![x.clone()];
@@ -168,21 +194,16 @@ impl ClipText {
             hidden_states.push(x.clone());
         }
         let last = self.final_ln.forward(&x);
-        let rows: Vec<u32> = ids
-            .iter()
-            .enumerate()
-            .map(|(bi, row)| (bi * l + self.pool_position(row)) as u32)
-            .collect();
-        let pooled = ops::gather_rows(&last.reshape(vec![b * l, self.hidden]), &rows);
+        let pooled = ops::gather(&last.reshape(vec![b * l, self.hidden]), pool);
         let text_embeds = self.projection.as_ref().map(|p| ops::linear(&pooled, p));
         let penultimate = hidden_states[hidden_states.len().saturating_sub(2)].clone();
-        Ok(ClipTextOutput {
+        ClipTextOutput {
             last_hidden_state: last,
             penultimate_hidden_state: penultimate,
             pooler_output: pooled,
             text_embeds,
             hidden_states,
-        })
+        }
     }
 
     /// Where transformers pools: legacy configs (eos_token_id == 2) take the highest id (the EOS of

@@ -1,7 +1,6 @@
-//! One denoising model call (ControlNet + UNet + guidance) as a CUDA graph: the first call runs
-//! eagerly (it fills the memory pool), the second is captured and every later one replays the graph
-//! after copying the new inputs into the captured input buffers. On the CPU it simply calls.
-//! The graph path is UNTESTED ON A GPU (see backend/cuda).
+//! Model calls as CUDA graphs: the first call runs eagerly (it fills the memory pool), the second
+//! is captured and every later one replays the graph after copying the new inputs into the captured
+//! input buffers. On the CPU it simply calls. The graph path is UNTESTED ON A GPU (see backend/cuda).
 
 use crate::backend::Device;
 use crate::tensor::Tensor;
@@ -20,7 +19,7 @@ pub struct StepGraph {
 struct Captured {
     graph: cudarc::driver::CudaGraph,
     inputs: Vec<Tensor>,
-    output: Tensor,
+    outputs: Vec<Tensor>,
 }
 
 impl StepGraph {
@@ -40,8 +39,8 @@ impl StepGraph {
         &mut self,
         key: &str,
         inputs: &[Tensor],
-        f: impl Fn(&[Tensor]) -> Result<Tensor>,
-    ) -> Result<Tensor> {
+        f: impl Fn(&[Tensor]) -> Result<Vec<Tensor>>,
+    ) -> Result<Vec<Tensor>> {
         if key != self.key {
             self.key = key.to_string();
             self.calls = 0;
@@ -77,12 +76,12 @@ impl StepGraph {
                 gpu.begin_capture()?;
                 let out = f(&statics);
                 let graph = gpu.end_capture();
-                let output = out?;
+                let outputs = out?;
                 let graph = graph?;
                 self.captured = Some(Captured {
                     graph,
                     inputs: statics,
-                    output,
+                    outputs,
                 });
             }
             let c = self.captured.as_ref().expect("captured above");
@@ -94,8 +93,12 @@ impl StepGraph {
             c.graph
                 .launch()
                 .map_err(|e| anyhow::anyhow!("cuda:{}: graph launch: {e}", gpu.ordinal))?;
-            // A copy: the next replay overwrites the captured output.
-            return Ok(c.output.narrow0(0, c.output.shape()[0]));
+            // Copies: the next replay overwrites the captured outputs.
+            return Ok(c
+                .outputs
+                .iter()
+                .map(|o| o.narrow0(0, o.shape()[0]))
+                .collect());
         }
         let _ = &self.device;
         f(inputs)

@@ -40,6 +40,7 @@ pub struct Generator {
 }
 
 pub struct Graphs {
+    text: StepGraph,
     step: StepGraph,
     decode: StepGraph,
 }
@@ -47,6 +48,7 @@ pub struct Graphs {
 impl Graphs {
     pub fn new(device: &Device) -> std::sync::Mutex<Graphs> {
         std::sync::Mutex::new(Graphs {
+            text: StepGraph::new(device),
             step: StepGraph::new(device),
             decode: StepGraph::new(device),
         })
@@ -231,7 +233,7 @@ impl Generator {
 
         // Text conditioning, [uncond; cond] when guiding (on the model device).
         let dev = &self.device;
-        let cond = self.text.encode(&req.prompts)?.gather(&prompt_of);
+        let cond = self.encode_text(&req.prompts)?.gather(&prompt_of);
         let embeds = if cfg {
             let uncond = match &req.negative {
                 None if self.text.is_sdxl() && self.force_zeros_for_empty_prompt => {
@@ -249,7 +251,7 @@ impl Generator {
                             req.prompts.len()
                         );
                     }
-                    self.text.encode(neg)?.gather(&prompt_of)
+                    self.encode_text(neg)?.gather(&prompt_of)
                 }
             };
             Embeds {
@@ -439,7 +441,10 @@ impl Generator {
             }
             let pred = graphs
                 .step
-                .run(&key, &inputs, |v| self.model_call(&call, v))?;
+                .run(&key, &inputs, |v| {
+                    self.model_call(&call, v).map(|t| vec![t])
+                })?
+                .remove(0);
             let step_noise = all_noise.as_ref().map(|a| a.narrow0(i * n, n));
             latents = if on_dev {
                 sched.step_ops(&dev.put_f32_same(&pred), i, &latents, step_noise.as_ref())?
@@ -461,6 +466,15 @@ impl Generator {
         let latents = latents.to_host()?;
         let images = self.decode(&latents)?;
         Ok(Output { latents, images })
+    }
+
+    /// Text embeddings of `prompts`, the encoders replayed from a CUDA graph on GPUs.
+    fn encode_text(&self, prompts: &[String]) -> Result<Embeds> {
+        let v = self.text.indices(prompts)?;
+        let b = prompts.len();
+        let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
+        let out = graphs.text.run("text", &v, |v| Ok(self.text.embed(v, b)))?;
+        Ok(Embeds::from_outputs(out))
     }
 
     /// ControlNet + UNet (+ guidance) on `v` = [x_in, timesteps, context, (pooled, time_ids)?,
@@ -521,15 +535,18 @@ impl Generator {
             .device
             .put(ops::scale(latents, 1.0 / self.vae.scaling_factor as f32));
         let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
-        let img = graphs.decode.run("decode", &[x], |v| {
-            Ok(ops::affine_clamp(
-                &self.vae.decode(&v[0])?,
-                0.5,
-                0.5,
-                0.0,
-                1.0,
-            ))
-        })?;
+        let img = graphs
+            .decode
+            .run("decode", &[x], |v| {
+                Ok(vec![ops::affine_clamp(
+                    &self.vae.decode(&v[0])?,
+                    0.5,
+                    0.5,
+                    0.0,
+                    1.0,
+                )])
+            })?
+            .remove(0);
         self.device.check()?;
         img.to_host()
     }

@@ -56,29 +56,65 @@ impl TextEncoders {
         self.second.is_some()
     }
 
-    /// Width of the pooled embedding SDXL feeds the UNet (text_encoder_2's projection).
-    pub fn encode(&self, prompts: &[String]) -> Result<Embeds> {
+    /// Token ids and pooling rows of every encoder, on the model device: the inputs of `embed`.
+    /// Tokenisation errors surface here; `forward` validation (lengths, vocabulary) too.
+    pub fn indices(&self, prompts: &[String]) -> Result<Vec<Tensor>> {
         let texts: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
-        let ids = self.tok.encode_batch(&texts)?;
-        let out = self.te.forward(&ids)?;
+        let mut v = Vec::new();
+        let mut add = |tok: &ClipTokenizer, te: &ClipText| -> Result<()> {
+            let ids = tok.encode_batch(&texts)?;
+            if let Some(bad) = ids.iter().flatten().find(|&&i| i as usize >= te.vocab_size) {
+                anyhow::bail!(
+                    "token id {bad} is outside the text encoder's vocabulary ({} entries)",
+                    te.vocab_size
+                );
+            }
+            let (t, p) = te.index_tensors(&ids);
+            v.push(t);
+            v.push(p);
+            Ok(())
+        };
+        add(&self.tok, &self.te)?;
+        if let Some((tok2, te2)) = &self.second {
+            add(tok2, te2)?;
+        }
+        Ok(v)
+    }
+
+    /// Embeddings from `indices` output for `b` prompts: [context, pooled (SDXL)].
+    pub fn embed(&self, v: &[Tensor], b: usize) -> Vec<Tensor> {
+        let l = v[0].numel() / b.max(1);
+        let out = self.te.forward_indices(&v[0], &v[1], b, l);
         match &self.second {
-            None => Ok(Embeds {
-                context: out.last_hidden_state,
-                pooled: None,
-            }),
-            Some((tok2, te2)) => {
+            None => vec![out.last_hidden_state],
+            Some((_, te2)) => {
                 // SDXL: both encoders' penultimate hidden states side by side; pooled from the second.
-                let ids2 = tok2.encode_batch(&texts)?;
-                let out2 = te2.forward(&ids2)?;
+                let out2 = te2.forward_indices(&v[2], &v[3], b, l);
                 let pooled = out2.text_embeds.unwrap_or(out2.pooler_output);
-                Ok(Embeds {
-                    context: ops::concat_channels(&[
+                vec![
+                    ops::concat_channels(&[
                         &out.penultimate_hidden_state,
                         &out2.penultimate_hidden_state,
                     ]),
-                    pooled: Some(pooled),
-                })
+                    pooled,
+                ]
             }
+        }
+    }
+
+    /// Embeddings of `prompts` (eagerly; the pipeline runs `embed` through a CUDA graph on GPUs).
+    pub fn encode(&self, prompts: &[String]) -> Result<Embeds> {
+        let v = self.indices(prompts)?;
+        Ok(Embeds::from_outputs(self.embed(&v, prompts.len())))
+    }
+}
+
+impl Embeds {
+    pub fn from_outputs(mut v: Vec<Tensor>) -> Embeds {
+        let pooled = if v.len() > 1 { v.pop() } else { None };
+        Embeds {
+            context: v.remove(0),
+            pooled,
         }
     }
 }

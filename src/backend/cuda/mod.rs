@@ -34,13 +34,15 @@ pub enum DType {
     F16,
     BF16,
     F32,
+    /// Token ids and row indices.
+    I32,
 }
 
 impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::F16 | DType::BF16 => 2,
-            DType::F32 => 4,
+            DType::F32 | DType::I32 => 4,
         }
     }
     pub fn suffix(self) -> &'static str {
@@ -48,6 +50,7 @@ impl DType {
             DType::F16 => "f16",
             DType::BF16 => "bf16",
             DType::F32 => "f32",
+            DType::I32 => "i32",
         }
     }
 }
@@ -293,6 +296,10 @@ impl Gpu {
         }
         let r = match dtype {
             DType::F32 => self.htod(buf.ptr(), data),
+            DType::I32 => self.htod(
+                buf.ptr(),
+                &data.iter().map(|v| *v as i32).collect::<Vec<_>>(),
+            ),
             DType::F16 => self.htod(
                 buf.ptr(),
                 &data
@@ -316,7 +323,7 @@ impl Gpu {
 
     /// i32 values (token ids, row indices) -> device.
     pub fn upload_i32(self: &Arc<Self>, data: &[i32]) -> DevBuf {
-        let buf = self.alloc(data.len(), DType::F32);
+        let buf = self.alloc(data.len(), DType::I32);
         if !self.failed() && !data.is_empty() {
             if let Err(e) = self.htod(buf.ptr(), data) {
                 self.fail(e);
@@ -476,6 +483,11 @@ impl DevBuf {
                     let mut v = vec![half::bf16::ZERO; self.len];
                     result::memcpy_dtoh_sync(&mut v, self.ptr()).map_err(|e| anyhow!("{e}"))?;
                     v.iter().map(|x| x.to_f32()).collect()
+                }
+                DType::I32 => {
+                    let mut v = vec![0i32; self.len];
+                    result::memcpy_dtoh_sync(&mut v, self.ptr()).map_err(|e| anyhow!("{e}"))?;
+                    v.iter().map(|x| *x as f32).collect()
                 }
             })
         }

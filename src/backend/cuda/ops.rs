@@ -119,6 +119,10 @@ fn gemm(
     // Safety: the three matrices and the bias have the extents given in cfg (checked by callers).
     let r = unsafe {
         match a.dtype {
+            DType::I32 => {
+                g.fail("integer GEMM");
+                return;
+            }
             DType::F16 => Matmul::<half::f16>::matmul(
                 g.blas(),
                 cfg,
@@ -316,7 +320,7 @@ fn cudnn_conv(
     let r = match xd.dtype {
         DType::F16 => run!(half::f16),
         DType::BF16 => run!(half::bf16),
-        DType::F32 => return false,
+        DType::F32 | DType::I32 => return false,
     };
     r.is_ok()
 }
@@ -635,22 +639,26 @@ pub fn timestep_embedding(
     Tensor::from_device(vec![b, dim], o)
 }
 
-/// Rows `idx` of a [rows, d] device tensor.
-pub fn gather_rows(table: &Tensor, idx: &[u32]) -> Tensor {
+/// Rows `idx` (an I32 device tensor) of a [rows, d] device tensor.
+pub fn gather(table: &Tensor, idx: &Tensor) -> Tensor {
     let d = table.last_dim();
     let td = dev(table);
+    let ids = dev(idx);
     let g = td.gpu();
-    let ids = g.upload_i32(&idx.iter().map(|&i| i as i32).collect::<Vec<_>>());
-    let (t, o) = out(td, vec![idx.len(), d]);
+    if ids.dtype != DType::I32 {
+        g.fail("row indices must be i32 on the device");
+    }
+    let n = idx.numel();
+    let (t, o) = out(td, vec![n, d]);
     g.launch(
         &name("gather_rows", td.dtype),
-        grid(idx.len() * d),
+        grid(n * d),
         256,
         &[
             Arg::P(td.ptr()),
             Arg::P(ids.ptr()),
             Arg::P(o.ptr()),
-            Arg::L(idx.len() as i64),
+            Arg::L(n as i64),
             Arg::I(d as i32),
         ],
     );
