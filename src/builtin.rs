@@ -71,6 +71,7 @@ pub fn generator(device: &Device) -> Result<Generator> {
         force_zeros_for_empty_prompt: false,
         device: device.clone(),
         graphs: crate::pipeline::Graphs::new(device),
+        tensor_scheduler: false,
     };
     g.check()?;
     Ok(g)

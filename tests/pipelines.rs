@@ -13,6 +13,12 @@ use toffee::tensor::Tensor;
 use toffee::weights::safetensors::read_all;
 
 fn run_case(name: &str) {
+    run_case_with(name, false);
+    // The GPU loop (scheduler as tensor ops, latents kept where the model runs), on the CPU.
+    run_case_with(name, true);
+}
+
+fn run_case_with(name: &str, tensor_scheduler: bool) {
     let dir = fixtures().join("golden/pipelines");
     let case: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
@@ -29,6 +35,7 @@ fn run_case(name: &str) {
         &toffee::backend::Device::Cpu,
     )
     .unwrap();
+    gen.tensor_scheduler = tensor_scheduler;
     if let Some(u) = case.get("unet").and_then(Value::as_str) {
         gen.unet = load_unet(&root.join(u), &toffee::backend::Device::Cpu).unwrap();
     }

@@ -37,6 +37,9 @@ pub struct Generator {
     pub device: Device,
     /// CUDA graphs of the denoising call and the VAE decode, kept across batches.
     pub graphs: std::sync::Mutex<Graphs>,
+    /// Run the scheduler as whole-tensor ops (as on GPUs) even on the CPU: lets the CPU tests
+    /// check the GPU loop's logic against diffusers.
+    pub tensor_scheduler: bool,
 }
 
 pub struct Graphs {
@@ -150,6 +153,7 @@ impl Generator {
             scheduler_config,
             device: device.clone(),
             graphs: Graphs::new(device),
+            tensor_scheduler: false,
         };
         g.check()?;
         Ok(g)
@@ -279,7 +283,7 @@ impl Generator {
 
         // On the CPU the scheduler runs its elementwise reference; on a GPU the latents stay on
         // the device and the scheduler updates are linear combinations there (no host round trip).
-        let on_dev = !dev.is_cpu();
+        let on_dev = !dev.is_cpu() || self.tensor_scheduler;
         let mut sched = self.make_scheduler(req.scheduler)?;
         let mut blend: Option<Blend> = None;
         let mut mask_input: Option<(Tensor, Tensor)> = None;
