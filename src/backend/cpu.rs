@@ -147,29 +147,7 @@ pub struct Conv2dW {
 impl Conv2dW {
     /// From PyTorch's [out, in, kh, kw] weight.
     pub fn from_oihw(w: &Tensor, bias: Option<Tensor>, stride: usize, padding: usize) -> Conv2dW {
-        let s = w.shape();
-        let (o, i, kh, kw) = (s[0], s[1], s[2], s[3]);
-        assert_eq!(kh, kw, "only square kernels are used by the models");
-        let src = w.data();
-        let mut dst = vec![0.0f32; w.numel()];
-        for oo in 0..o {
-            for ii in 0..i {
-                for y in 0..kh {
-                    for x in 0..kw {
-                        dst[((y * kw + x) * i + ii) * o + oo] =
-                            src[((oo * i + ii) * kh + y) * kw + x];
-                    }
-                }
-            }
-        }
-        Conv2dW {
-            weight: Tensor::new(vec![kh, kw, i, o], dst),
-            bias,
-            kernel: kh,
-            stride,
-            pad: [padding; 4],
-            krsc: false,
-        }
+        Conv2dW::relaid(w, bias, stride, padding, false)
     }
 
     /// From PyTorch's [out, in, kh, kw] weight into cuDNN's NHWC filter layout [out, kh, kw, in].
@@ -179,28 +157,47 @@ impl Conv2dW {
         stride: usize,
         padding: usize,
     ) -> Conv2dW {
+        Conv2dW::relaid(w, bias, stride, padding, true)
+    }
+
+    fn relaid(
+        w: &Tensor,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        krsc: bool,
+    ) -> Conv2dW {
         let s = w.shape();
-        let (o, i, kh, kw) = (s[0], s[1], s[2], s[3]);
-        assert_eq!(kh, kw, "only square kernels are used by the models");
+        let (o, i, k, kw) = (s[0], s[1], s[2], s[3]);
+        assert_eq!(k, kw, "only square kernels are used by the models");
         let src = w.data();
         let mut dst = vec![0.0f32; w.numel()];
         for oo in 0..o {
             for ii in 0..i {
-                for y in 0..kh {
-                    for x in 0..kw {
-                        dst[((oo * kh + y) * kw + x) * i + ii] =
-                            src[((oo * i + ii) * kh + y) * kw + x];
+                for y in 0..k {
+                    for x in 0..k {
+                        let d = if krsc {
+                            ((oo * k + y) * k + x) * i + ii
+                        } else {
+                            ((y * k + x) * i + ii) * o + oo
+                        };
+                        dst[d] = src[((oo * i + ii) * k + y) * k + x];
                     }
                 }
             }
         }
+        let shape = if krsc {
+            vec![o, k, k, i]
+        } else {
+            vec![k, k, i, o]
+        };
         Conv2dW {
-            weight: Tensor::new(vec![o, kh, kw, i], dst),
+            weight: Tensor::new(shape, dst),
             bias,
-            kernel: kh,
+            kernel: k,
             stride,
             pad: [padding; 4],
-            krsc: true,
+            krsc,
         }
     }
 

@@ -328,6 +328,39 @@ impl Embeddings {
     }
 }
 
+/// Resnet `j` of a block (cin → cout), followed by a spatial transformer (heads, layers, context
+/// width) in cross-attention blocks.
+fn load_layer(
+    bvb: &Vb,
+    j: usize,
+    cin: usize,
+    cout: usize,
+    attn: Option<(usize, usize, usize)>,
+    c: &UnetConfig,
+) -> Result<(ResnetBlock, Option<SpatialTransformer>)> {
+    let r = ResnetBlock::load(
+        &bvb.pp(format!("resnets.{j}")),
+        cin,
+        cout,
+        Some(c.time_embed_dim()),
+        c.norm_num_groups,
+        c.norm_eps,
+        1.0,
+    )?;
+    let a = match attn {
+        Some((heads, layers, ctx)) => Some(SpatialTransformer::load(
+            &bvb.pp(format!("attentions.{j}")),
+            cout,
+            heads,
+            layers,
+            ctx,
+            c.norm_num_groups,
+        )?),
+        None => None,
+    };
+    Ok((r, a))
+}
+
 enum Layer {
     Resnet(Box<ResnetBlock>),
     Attn(Box<SpatialTransformer>),
@@ -448,28 +481,21 @@ impl Encoder {
             let bvb = vb.pp(format!("down_blocks.{i}"));
             let mut layers = Vec::new();
             for j in 0..c.layers_per_block[i] {
-                let r = ResnetBlock::load(
-                    &bvb.pp(format!("resnets.{j}")),
-                    if j == 0 { in_ch } else { out_ch },
-                    out_ch,
-                    Some(c.time_embed_dim()),
-                    c.norm_num_groups,
-                    c.norm_eps,
-                    1.0,
-                )?;
-                let a = if c.down_attn[i] {
-                    Some(SpatialTransformer::load(
-                        &bvb.pp(format!("attentions.{j}")),
-                        out_ch,
+                let attn = c.down_attn[i].then(|| {
+                    (
                         c.heads[i],
                         c.transformer_layers[i],
                         c.cross_attention_dim[i],
-                        c.norm_num_groups,
-                    )?)
-                } else {
-                    None
-                };
-                layers.push((r, a));
+                    )
+                });
+                layers.push(load_layer(
+                    &bvb,
+                    j,
+                    if j == 0 { in_ch } else { out_ch },
+                    out_ch,
+                    attn,
+                    c,
+                )?);
             }
             let down_s = if i + 1 < nb {
                 Some(load_downsample(
@@ -533,28 +559,9 @@ impl Unet {
             for j in 0..n {
                 let skip = if j == n - 1 { in_ch } else { out_ch };
                 let rin = if j == 0 { prev_out } else { out_ch };
-                let r = ResnetBlock::load(
-                    &bvb.pp(format!("resnets.{j}")),
-                    rin + skip,
-                    out_ch,
-                    Some(c.time_embed_dim()),
-                    c.norm_num_groups,
-                    c.norm_eps,
-                    1.0,
-                )?;
-                let a = if c.up_attn[i] {
-                    Some(SpatialTransformer::load(
-                        &bvb.pp(format!("attentions.{j}")),
-                        out_ch,
-                        rev_heads[i],
-                        c.reverse_transformer_layers[i],
-                        rev_ctx[i],
-                        c.norm_num_groups,
-                    )?)
-                } else {
-                    None
-                };
-                layers.push((r, a));
+                let attn = c.up_attn[i]
+                    .then(|| (rev_heads[i], c.reverse_transformer_layers[i], rev_ctx[i]));
+                layers.push(load_layer(&bvb, j, rin + skip, out_ch, attn, &c)?);
             }
             let up_s = if i + 1 < nb {
                 Some(

@@ -53,6 +53,29 @@ impl Mid {
     }
 }
 
+/// `n` resnets of a block, the first taking `cin` channels.
+fn load_resnets(
+    b: &Vb,
+    n: usize,
+    cin: usize,
+    cout: usize,
+    groups: usize,
+) -> Result<Vec<ResnetBlock>> {
+    (0..n)
+        .map(|j| {
+            ResnetBlock::load(
+                &b.pp(format!("resnets.{j}")),
+                if j == 0 { cin } else { cout },
+                cout,
+                None,
+                groups,
+                EPS,
+                1.0,
+            )
+        })
+        .collect()
+}
+
 struct Block {
     resnets: Vec<ResnetBlock>,
     resample: Option<Conv2dW>,
@@ -117,19 +140,7 @@ impl Vae {
             let in_ch = out_ch;
             out_ch = c;
             let b = e.pp(format!("down_blocks.{i}"));
-            let resnets = (0..layers)
-                .map(|j| {
-                    ResnetBlock::load(
-                        &b.pp(format!("resnets.{j}")),
-                        if j == 0 { in_ch } else { out_ch },
-                        out_ch,
-                        None,
-                        groups,
-                        EPS,
-                        1.0,
-                    )
-                })
-                .collect::<Result<_>>()?;
+            let resnets = load_resnets(&b, layers, in_ch, out_ch, groups)?;
             let resample = if i + 1 < nb {
                 Some(load_downsample(&b.pp("downsamplers.0"), out_ch, 0)?)
             } else {
@@ -145,19 +156,7 @@ impl Vae {
             let prev = out_ch;
             out_ch = c;
             let b = d.pp(format!("up_blocks.{i}"));
-            let resnets = (0..layers + 1)
-                .map(|j| {
-                    ResnetBlock::load(
-                        &b.pp(format!("resnets.{j}")),
-                        if j == 0 { prev } else { out_ch },
-                        out_ch,
-                        None,
-                        groups,
-                        EPS,
-                        1.0,
-                    )
-                })
-                .collect::<Result<_>>()?;
+            let resnets = load_resnets(&b, layers + 1, prev, out_ch, groups)?;
             let resample = if i + 1 < nb {
                 Some(b.pp("upsamplers.0.conv").conv2d(out_ch, out_ch, 3, 1, 1)?)
             } else {

@@ -25,25 +25,7 @@ impl Scheduler {
         sample: &Tensor,
         noise: Option<&Tensor>,
     ) -> Result<Tensor> {
-        ensure!(
-            !self.timesteps.is_empty(),
-            "scheduler step before set_timesteps"
-        );
-        ensure!(
-            step == self.steps_done && step < self.timesteps().len(),
-            "scheduler step {step} out of order: expected step {} of {}",
-            self.steps_done,
-            self.timesteps().len()
-        );
-        ensure!(
-            model_output.shape() == sample.shape(),
-            "scheduler step: model output and sample differ in shape"
-        );
-        let noise = if self.needs_step_noise() {
-            Some(noise.ok_or_else(|| anyhow!("{} needs a step noise tensor", self.describe()))?)
-        } else {
-            None
-        };
+        let noise = self.check_step(model_output, step, sample, noise)?;
         let i = self.begin + step;
         let (m, x) = (model_output, sample);
         let out = match self.kind {

@@ -553,16 +553,14 @@ impl Scheduler {
         ))
     }
 
-    /// One denoising step: `sample` at `timesteps()[step]` → the sample at the next timestep.
-    /// Steps must run in order (DPM++ 2M keeps the previous prediction). `noise` (standard
-    /// normal, same shape) is required when `needs_step_noise()`, else ignored.
-    pub fn step(
-        &mut self,
+    /// The checks every step shares; returns the step noise when this scheduler needs one.
+    fn check_step<'a>(
+        &self,
         model_output: &Tensor,
         step: usize,
         sample: &Tensor,
-        noise: Option<&Tensor>,
-    ) -> Result<Tensor> {
+        noise: Option<&'a Tensor>,
+    ) -> Result<Option<&'a Tensor>> {
         ensure!(
             !self.timesteps.is_empty(),
             "scheduler step before set_timesteps"
@@ -579,19 +577,32 @@ impl Scheduler {
             model_output.shape(),
             sample.shape()
         );
-        let noise = if self.needs_step_noise() {
-            let n =
-                noise.ok_or_else(|| anyhow!("{} needs a step noise tensor", self.describe()))?;
-            ensure!(
-                n.shape() == sample.shape(),
-                "step noise {:?} vs sample {:?}",
-                n.shape(),
-                sample.shape()
-            );
-            Some(n.data())
-        } else {
-            None
-        };
+        if !self.needs_step_noise() {
+            return Ok(None);
+        }
+        let n = noise.ok_or_else(|| anyhow!("{} needs a step noise tensor", self.describe()))?;
+        ensure!(
+            n.shape() == sample.shape(),
+            "step noise {:?} vs sample {:?}",
+            n.shape(),
+            sample.shape()
+        );
+        Ok(Some(n))
+    }
+
+    /// One denoising step: `sample` at `timesteps()[step]` → the sample at the next timestep.
+    /// Steps must run in order (DPM++ 2M keeps the previous prediction). `noise` (standard
+    /// normal, same shape) is required when `needs_step_noise()`, else ignored.
+    pub fn step(
+        &mut self,
+        model_output: &Tensor,
+        step: usize,
+        sample: &Tensor,
+        noise: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let noise = self
+            .check_step(model_output, step, sample, noise)?
+            .map(|n| n.data());
         let i = self.begin + step;
         let (m, x) = (model_output.data(), sample.data());
         let out = match self.kind {

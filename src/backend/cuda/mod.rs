@@ -354,7 +354,7 @@ impl Gpu {
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
-                Arg::P(v) | Arg::U(v) => b.arg(v),
+                Arg::P(v) => b.arg(v),
                 Arg::I(v) => b.arg(v),
                 Arg::L(v) => b.arg(v),
                 Arg::F(v) => b.arg(v),
@@ -401,9 +401,9 @@ impl Gpu {
 }
 
 /// A kernel argument: device pointer, 32-bit int, 64-bit int (`long`), float.
+#[derive(Clone, Copy)]
 pub enum Arg {
     P(u64),
-    U(u64),
     I(i32),
     L(i64),
     F(f32),

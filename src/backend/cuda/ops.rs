@@ -415,25 +415,21 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     t
 }
 
-/// act(a·x + b): kind 0 SiLU, 1 GELU, 2 quick GELU, 3 identity.
-fn act(x: &Tensor, kind: i32, a: f32, b: f32) -> Tensor {
+/// y = kernel(x, y, n, extra…) for the elementwise kernels whose output is shaped like the input.
+fn map(x: &Tensor, kernel: &str, extra: &[Arg]) -> Tensor {
     let xd = dev(x);
     let (t, o) = out(xd, x.shape().to_vec());
     let n = x.numel();
-    xd.gpu().launch(
-        &name("act", xd.dtype),
-        grid(n),
-        256,
-        &[
-            Arg::P(xd.ptr()),
-            Arg::P(o.ptr()),
-            Arg::L(n as i64),
-            Arg::I(kind),
-            Arg::F(a),
-            Arg::F(b),
-        ],
-    );
+    let mut args = vec![Arg::P(xd.ptr()), Arg::P(o.ptr()), Arg::L(n as i64)];
+    args.extend_from_slice(extra);
+    xd.gpu()
+        .launch(&name(kernel, xd.dtype), grid(n), 256, &args);
     t
+}
+
+/// act(a·x + b): kind 0 SiLU, 1 GELU, 2 quick GELU, 3 identity.
+fn act(x: &Tensor, kind: i32, a: f32, b: f32) -> Tensor {
+    map(x, "act", &[Arg::I(kind), Arg::F(a), Arg::F(b)])
 }
 
 pub fn activation(x: &Tensor, a: Activation) -> Tensor {
@@ -454,24 +450,11 @@ pub fn affine(x: &Tensor, a: f32, b: f32) -> Tensor {
 }
 
 pub fn affine_clamp(x: &Tensor, a: f32, b: f32, lo: f32, hi: f32) -> Tensor {
-    let xd = dev(x);
-    let (t, o) = out(xd, x.shape().to_vec());
-    let n = x.numel();
-    xd.gpu().launch(
-        &name("affine_clamp", xd.dtype),
-        grid(n),
-        256,
-        &[
-            Arg::P(xd.ptr()),
-            Arg::P(o.ptr()),
-            Arg::L(n as i64),
-            Arg::F(a),
-            Arg::F(b),
-            Arg::F(lo),
-            Arg::F(hi),
-        ],
-    );
-    t
+    map(
+        x,
+        "affine_clamp",
+        &[Arg::F(a), Arg::F(b), Arg::F(lo), Arg::F(hi)],
+    )
 }
 
 pub fn geglu(x: &Tensor) -> Tensor {
