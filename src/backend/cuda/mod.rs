@@ -588,3 +588,25 @@ fn kernel_names(module: &str) -> Vec<String> {
         _ => Vec::new(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every kernel the runtime loads by name is in the module build.rs compiled (checked on the
+    /// fatbin bytes, so it needs no GPU): a renamed kernel fails here, not at a user's first run.
+    #[test]
+    fn every_kernel_name_is_embedded() {
+        for (module, fatbin) in super::embedded::MODULES {
+            for name in super::kernel_names(module) {
+                let found = fatbin
+                    .windows(name.len() + 1)
+                    .any(|w| &w[..name.len()] == name.as_bytes() && w[name.len()] == 0);
+                assert!(found, "kernel {name} is not in module {module}");
+            }
+        }
+        assert_eq!(
+            super::embedded::MODULES.len(),
+            3,
+            "norm, attention, elementwise"
+        );
+    }
+}
