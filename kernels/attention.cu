@@ -107,3 +107,72 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
     }
 #define FLASH_ALL(S, T) FLASH(S, T, 40) FLASH(S, T, 64) FLASH(S, T, 80) FLASH(S, T, 128) FLASH(S, T, 160)
 TOFFEE_INSTANTIATE(FLASH_ALL)
+
+// Any head dim (the VAE's single 512-wide head, tiny test models): scores materialised in fp32.
+// Correct first and simple: S = scale·Q·Kᵀ, row softmax in place, O = P·V, one thread per output.
+template <typename T>
+__device__ void attn_scores(const T* q, const T* k, float* s, int heads, int lq, int lk, int d, long sq, long sk,
+                            float scale, int causal) {
+    int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (long)lq * lk; i += (long)gridDim.x * blockDim.x) {
+        int r = (int)(i / lk), c = (int)(i % lk);
+        const T* qr = q + ((long)b * lq + r) * sq + h * d;
+        const T* kc = k + ((long)b * lk + c) * sk + h * d;
+        float acc = 0.0f;
+        for (int j = 0; j < d; ++j) acc += to_f(qr[j]) * to_f(kc[j]);
+        s[(long)bh * lq * lk + i] = (causal && c > r) ? -INFINITY : acc * scale;
+    }
+}
+
+// One block per score row.
+__device__ void softmax_rows(float* s, int cols) {
+    __shared__ float scratch[32];
+    float* row = s + (long)blockIdx.x * cols;
+    float m = -INFINITY;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, row[i]);
+    m = warp_max(m);
+    if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = m;
+    __syncthreads();
+    int nw = (blockDim.x + 31) >> 5;
+    m = threadIdx.x < nw ? scratch[threadIdx.x] : -INFINITY;
+    if (threadIdx.x < 32) m = warp_max(m);
+    __syncthreads();
+    if (threadIdx.x == 0) scratch[0] = m;
+    __syncthreads();
+    m = scratch[0];
+    __syncthreads();
+    float sum = 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) {
+        float e = row[i] == -INFINITY ? 0.0f : __expf(row[i] - m);
+        row[i] = e;
+        sum += e;
+    }
+    float total = block_sum(sum, scratch);
+    float inv = total > 0.0f ? 1.0f / total : 0.0f;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) row[i] *= inv;
+}
+
+template <typename T>
+__device__ void attn_pv(const float* p, const T* v, T* out, int heads, int lq, int lk, int d, long sv, long so) {
+    int bh = blockIdx.y, b = bh / heads, h = bh % heads;
+    for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (long)lq * d; i += (long)gridDim.x * blockDim.x) {
+        int r = (int)(i / d), j = (int)(i % d);
+        const float* pr = p + ((long)bh * lq + r) * lk;
+        const T* vb = v + (long)b * lk * sv + h * d + j;
+        float acc = 0.0f;
+        for (int c = 0; c < lk; ++c) acc += pr[c] * to_f(vb[(long)c * sv]);
+        out[((long)b * lq + r) * so + h * d + j] = from_f<T>(acc);
+    }
+}
+
+#define ATTN_ANY(S, T)                                                                                         \
+    extern "C" __global__ void attn_scores_##S(const T* q, const T* k, float* s, int heads, int lq, int lk,    \
+                                               int d, long sq, long sk, float scale, int causal) {            \
+        attn_scores<T>(q, k, s, heads, lq, lk, d, sq, sk, scale, causal);                                     \
+    }                                                                                                         \
+    extern "C" __global__ void attn_pv_##S(const float* p, const T* v, T* out, int heads, int lq, int lk,     \
+                                           int d, long sv, long so) {                                         \
+        attn_pv<T>(p, v, out, heads, lq, lk, d, sv, so);                                                      \
+    }
+TOFFEE_INSTANTIATE(ATTN_ANY)
+extern "C" __global__ void softmax_rows_f32(float* s, int cols) { softmax_rows(s, cols); }

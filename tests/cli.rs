@@ -264,22 +264,52 @@ fn devices_reports_and_exits_zero() {
     let s = stdout(&o);
     assert!(s.contains("embedded kernel targets:"), "{s}");
     // Either devices are listed or the reason there are none is given.
-    assert!(s.contains("cuda:0:") || s.contains("no CUDA devices:"), "{s}");
+    assert!(
+        s.contains("cuda:0:") || s.contains("no CUDA devices:"),
+        "{s}"
+    );
 }
 
 #[test]
 fn bench_runs_on_the_cpu_with_json() {
     let dir = tempfile::tempdir().unwrap();
     let model = fixtures().join("sd1");
-    let o = toffee(&["bench", "--config", model.to_str().unwrap(), "--component", "vae-decode", "--batch", "2", "--resolution", "64", "--iters", "2", "--json"]);
+    let o = toffee(&[
+        "bench",
+        "--config",
+        model.to_str().unwrap(),
+        "--component",
+        "vae-decode",
+        "--batch",
+        "2",
+        "--resolution",
+        "64",
+        "--iters",
+        "2",
+        "--json",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    for k in ["component", "config", "batch", "resolution", "ms_per_call", "calls_per_s", "device"] {
+    for k in [
+        "component",
+        "config",
+        "batch",
+        "resolution",
+        "ms_per_call",
+        "calls_per_s",
+        "device",
+    ] {
         assert!(v.get(k).is_some(), "missing {k}: {v}");
     }
     assert_eq!(v["component"], "vae-decode");
     assert_eq!(v["batch"], 2);
     assert!(v["calls_per_s"].as_f64().unwrap() > 0.0);
-    let e = expect_error(&toffee(&["bench", "--config", dir.path().to_str().unwrap(), "--component", "unet"]));
+    let e = expect_error(&toffee(&[
+        "bench",
+        "--config",
+        dir.path().to_str().unwrap(),
+        "--component",
+        "unet",
+    ]));
     assert!(e.contains(dir.path().to_str().unwrap()), "{e}");
 }

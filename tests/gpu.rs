@@ -142,6 +142,10 @@ fn ops_match_the_cpu_backend() {
         (160, 2, 64, 77, false),
         (160, 1, 1024, 1024, false),
         (40, 1, 16384, 16384, false),
+        // No flash kernel for these: the generic path (the SD VAE's single 512-wide head, tiny models).
+        (512, 1, 1024, 1024, false),
+        (16, 1, 64, 64, false),
+        (8, 2, 77, 77, true),
     ] {
         let hd = dh * heads;
         // One sequence for the 16k-token case: its CPU reference holds a 16k × 16k score matrix.

@@ -143,7 +143,8 @@ def config_rows(tiny, checks_dir):
             src = known
         rows.append(dict(config=name, model=model, component=comp, batch=batch, resolution=side,
                          toffee_bench=["--config", src, "--component", comp, "--batch", str(batch),
-                                       "--resolution", str(side)]))
+                                       "--resolution", str(side), "--iters", "20" if batch <= 2 or
+                                       comp == "text-encoder" else "10", "--warmup", "3"]))
     return rows
 
 
@@ -299,7 +300,6 @@ def make_inputs(model_key, cfg, batch, side, seed):
 
 
 def to_device(inp, device, dtype):
-    import torch
     out = {}
     for k, v in inp.items():
         if k == "timestep":
@@ -392,11 +392,11 @@ def graph_replay(fn):
     return g.replay, (g, out)
 
 
-def compiled_caller(comp, model, inp, mode):
+def compiled_caller(comp, model, inp, mode, fullgraph=True):
     import torch
     if comp in ("unet", "vae-decode"):
         model.to(memory_format=torch.channels_last)
-    kw = dict(mode=mode, fullgraph=True, dynamic=False)
+    kw = dict(mode=mode, fullgraph=fullgraph, dynamic=False)
     if comp == "unet":
         cm = torch.compile(model, **kw)
     elif comp == "vae-decode":
@@ -471,9 +471,12 @@ def main():
     ap.add_argument("--tiny", action="store_true", help="tiny configurations (CPU tests)")
     ap.add_argument("--dtype", choices=["float16", "float32"], default="float16")
     ap.add_argument("--configs", default="all", help="comma-separated names (see --list), or all")
-    ap.add_argument("--modes", default="eager,graph", help="comma-separated: eager, graph, compile")
+    ap.add_argument("--modes", default="eager,graph", help="comma-separated: eager, graph, compile (none: "
+                    "only the correctness sets)")
     ap.add_argument("--compile-mode", default="reduce-overhead")
     ap.add_argument("--checks-dir", help="write the correctness set of each model here")
+    ap.add_argument("--check-side", type=int, help="image side (px) of the correctness sets (default: the "
+                    "first config's of each model)")
     ap.add_argument("--no-checks", action="store_true", help="with --checks-dir: only read it (--list)")
     ap.add_argument("--jsonl", help="also append every JSON line to this file")
     ap.add_argument("--rust-configs", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -485,18 +488,20 @@ def main():
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--list", action="store_true",
                     help="print the configurations (with their toffee bench arguments) and exit")
+    ap.add_argument("--list-tsv", action="store_true",
+                    help="the same as tab-separated lines: config, model, toffee bench arguments")
     a = ap.parse_args()
 
     rows = config_rows(a.tiny, a.checks_dir)
-    if a.list:
+    if a.list or a.list_tsv:
         for r in rows:
-            print(json.dumps(r))
+            print("\t".join([r["config"], r["model"]] + r["toffee_bench"]) if a.list_tsv else json.dumps(r))
         return 0
     want = [r["config"] for r in rows] if a.configs == "all" else [c for c in a.configs.split(",") if c]
     unknown = [c for c in want if c not in {r["config"] for r in rows}]
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; known: {[r['config'] for r in rows]}")
-    modes = [m for m in a.modes.split(",") if m]
+    modes = [m for m in a.modes.split(",") if m and m != "none"]
     for m in modes:
         if m not in ("eager", "graph", "compile"):
             raise SystemExit(f"unknown mode {m}")
@@ -508,7 +513,8 @@ def main():
     dtype = getattr(torch, a.dtype)
     dev_name = torch.cuda.get_device_name(torch.device(a.device)) if a.device.startswith("cuda") else "cpu"
     emit({"kind": "env", "device": dev_name, "torch": torch.__version__, "diffusers": diffusers.__version__,
-          "transformers": transformers.__version__, "python": sys.version.split()[0], "dtype": a.dtype,
+          "transformers": transformers.__version__, "diffusers_path": os.path.dirname(diffusers.__file__),
+          "python": sys.version.split()[0], "dtype": a.dtype,
           "tiny": a.tiny, "compile_mode": a.compile_mode}, a.jsonl)
     emit(verify_configs(a.rust_configs), a.jsonl)
 
@@ -532,7 +538,7 @@ def main():
         build_s = time.perf_counter() - t0
         if a.checks_dir and not a.no_checks:
             try:
-                emit(save_check(mk, model, cfg, mrows[0]["resolution"], a.device, dtype, a.checks_dir, a.seed + 1),
+                emit(save_check(mk, model, cfg, a.check_side or mrows[0]["resolution"], a.device, dtype, a.checks_dir, a.seed + 1),
                      a.jsonl)
             except Exception as e:
                 emit({"kind": "check", "check": mk, "component": comp, "error": repr(e)[:2000]}, a.jsonl)
@@ -559,9 +565,15 @@ def main():
                         fn, keep = graph_replay(caller(comp, model, inp))
                     else:
                         rec["compile_mode"] = a.compile_mode
-                        fn = compiled_caller(comp, model, inp, a.compile_mode)
                         t1 = time.perf_counter()
-                        fn()
+                        try:
+                            fn = compiled_caller(comp, model, inp, a.compile_mode)
+                            fn()
+                            rec["fullgraph"] = True
+                        except Exception as e:  # a graph break: compile the pieces instead
+                            rec["fullgraph"], rec["fullgraph_error"] = False, repr(e)[:500]
+                            fn = compiled_caller(comp, model, inp, a.compile_mode, fullgraph=False)
+                            fn()
                         sync(a.device)
                         rec["compile_s"] = round(time.perf_counter() - t1, 2)
                     ms, iters, per = time_calls(fn, a.device, a.warmup, a.target_s, a.repeats, a.max_iters)

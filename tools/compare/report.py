@@ -7,6 +7,10 @@
       line {"kind": "forward-check", ...}; exit 0 if all are below the threshold, 1 if not.
   report.py tag --kind KIND --config NAME [--model KEY] (--json TEXT | --error TEXT)
       one JSON line {"kind": KIND, "config": NAME, ...the object in TEXT} (or with "error").
+  report.py fill RAW.jsonl --model KEY --configs A,B --modes eager,graph --reason TEXT
+      appends placeholder anchor lines ("skipped": TEXT) for the pairs that have no real line yet.
+  report.py checks-tsv RAW.jsonl
+      the correctness sets anchor.py saved (tab-separated, for run.sh).
   report.py table RAW.jsonl
       the markdown table of results.md from the JSON lines of anchor.py, toffee bench and the
       forward checks (malformed lines are skipped with a note on stderr).
@@ -51,7 +55,7 @@ def cmd_check(a):
             errs[k] = str(e)
         if k in fp16:
             base[k] = rel_l2(fp16[k], r)
-    worst = max(rels.values()) if rels else float("nan")
+    worst = max(rels.values()) if rels else None
     ok = not errs and bool(rels) and worst < a.threshold
     rec.update(ok=ok, rel_l2=rels, max_rel_l2=worst, diffusers_fp16_rel_l2=base)
     if errs:
@@ -61,22 +65,27 @@ def cmd_check(a):
 
 
 def cmd_tag(a):
-    rec = {"kind": a.kind, "config": a.config}
-    if a.model:
-        rec["model"] = a.model
-    if a.error is not None:
-        rec["error"] = a.error
-    else:
+    # forward-check lines are keyed by the check's name, the others by the configuration's
+    key = "check" if a.kind == "forward-check" else "config"
+    rec = {"kind": a.kind, key: a.config}
+    if a.error is None:
         try:
             obj = json.loads(a.json)
             if not isinstance(obj, dict):
                 raise ValueError("not a JSON object")
+            if "config" in obj:  # toffee bench's own name for it (sd15, a folder)
+                obj["source_config"] = obj.pop("config")
+            obj.pop("kind", None)
+            obj.pop(key, None)
             rec.update(obj)
-            rec["kind"], rec["config"] = a.kind, a.config
-            if a.model:
-                rec["model"] = a.model
         except ValueError as e:
             rec["error"] = f"unparsable output ({e}): {a.json[:500]!r}"
+    else:
+        rec["error"] = a.error
+        if a.kind == "forward-check":
+            rec["ok"] = False
+    if a.model:
+        rec["model"] = a.model
     print(json.dumps(rec), flush=True)
     return 0
 
@@ -98,7 +107,7 @@ def load_lines(path):
 
 
 def fmt_rate(rec):
-    if rec is None:
+    if rec is None or rec.get("placeholder"):
         return "not run"
     if "skipped" in rec:
         return "skipped"
@@ -154,22 +163,34 @@ def cmd_table(a):
             rl = "not run" if model_of.get(cfg) not in checks else "not compared"
         elif "max_rel_l2" in fc and isinstance(fc["max_rel_l2"], float) and math.isfinite(fc["max_rel_l2"]):
             rl = f"{fc['max_rel_l2']:.1e} {'ok' if fc.get('ok') else 'FAIL'}"
+        elif "not started" in str(fc.get("error", "")):
+            rl = "not run"
+        elif "error" in fc or "errors" in fc:
+            rl = "error"
         else:
             rl = "FAIL"
         out.append(f"| {cfg} | {batch} | {fmt_rate(e)} | {fmt_rate(g)} | {fmt_rate(c)} | {fmt_rate(t)} | {ratio} | {rl} |")
     out.append("")
     out.append("calls/s (one model call on the whole batch), fp16, random weights; ratio = toffee / the best "
                "of the three diffusers columns (> 1: toffee is faster); rel L2 = the worst output tensor of "
-               "`toffee forward --device cuda` against diffusers in fp32 on the same fp16 weights and inputs "
+               "`toffee forward` against diffusers in fp32 on the same fp16 weights and inputs "
                "(the check's own batch, see below), ok below the threshold.")
     notes = []
-    for (cfg, mode), r in sorted(anchors.items()):
+    grouped = {}  # the same note for several configs: one line
+    for (cfg, mode), r in anchors.items():
         if "error" in r:
-            notes.append(f"- diffusers {cfg} {mode}: failed: {r['error'][:300]}")
+            key = (mode, "failed", r["error"][:300])
         elif "skipped" in r:
-            notes.append(f"- diffusers {cfg} {mode}: skipped: {r['skipped']}")
+            key = (mode, "not run" if r.get("placeholder") else "skipped", r["skipped"])
         elif mode == "compile" and "compile_s" in r:
-            notes.append(f"- diffusers {cfg} compile ({r.get('compile_mode')}): first call {r['compile_s']} s")
+            fg = "" if r.get("fullgraph", True) else f", fullgraph=False after: {r.get('fullgraph_error', '')[:200]}"
+            notes.append(f"- diffusers {cfg} compile ({r.get('compile_mode')}): first call {r['compile_s']} s{fg}")
+            continue
+        else:
+            continue
+        grouped.setdefault(key, []).append(cfg)
+    for (mode, what, why), cfgs in grouped.items():
+        notes.append(f"- diffusers {mode} {what} for {', '.join(cfgs)}: {why}")
     for cfg, r in toffee.items():
         if "error" in r:
             notes.append(f"- toffee {cfg}: failed: {r['error'][:300]}")
@@ -208,6 +229,36 @@ def cmd_table(a):
     return 0
 
 
+def cmd_fill(a):
+    """Placeholder anchor lines for (config, mode) pairs that have no real line yet: appended to RAW."""
+    latest = {}
+    for r in load_lines(a.raw):
+        if r.get("kind") == "anchor" and r.get("config"):
+            latest[(r["config"], r.get("mode"))] = r
+    with open(a.raw, "a", encoding="utf-8") as f:
+        for c in [x for x in a.configs.split(",") if x]:
+            for m in [x for x in a.modes.split(",") if x]:
+                r = latest.get((c, m))
+                if r is None or r.get("placeholder"):
+                    f.write(json.dumps({"kind": "anchor", "config": c, "model": a.model, "mode": m,
+                                        "skipped": a.reason, "placeholder": True}) + "\n")
+    return 0
+
+
+def cmd_checks_tsv(a):
+    """The saved correctness sets, one tab-separated line each: check, component, model dir, inputs,
+    reference, diffusers fp16 output. The largest model (SDXL) goes last."""
+    checks = {}
+    for r in load_lines(a.raw):
+        if r.get("kind") == "check" and r.get("check") and "error" not in r:
+            checks[r["check"]] = r
+    last = ["sdxl-unet"]
+    for name in sorted(checks, key=lambda n: (n in last, list(checks).index(n))):
+        r = checks[name]
+        print("\t".join([name, r["component"], r["model"], r["inputs"], r["ref"], r["diffusers_fp16"]]))
+    return 0
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -226,8 +277,17 @@ def main():
     g.add_argument("--error")
     tb = sub.add_parser("table")
     tb.add_argument("raw")
+    fl = sub.add_parser("fill")
+    fl.add_argument("raw")
+    fl.add_argument("--model", required=True)
+    fl.add_argument("--configs", required=True)
+    fl.add_argument("--modes", required=True)
+    fl.add_argument("--reason", required=True)
+    ct = sub.add_parser("checks-tsv")
+    ct.add_argument("raw")
     a = ap.parse_args()
-    return {"check": cmd_check, "tag": cmd_tag, "table": cmd_table}[a.cmd](a)
+    return {"check": cmd_check, "tag": cmd_tag, "table": cmd_table, "checks-tsv": cmd_checks_tsv,
+            "fill": cmd_fill}[a.cmd](a)
 
 
 if __name__ == "__main__":

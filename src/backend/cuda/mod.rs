@@ -550,8 +550,11 @@ fn kernel_names(module: &str) -> Vec<String> {
                 .iter()
                 .map(|d| format!("flash_attention_d{d}"))
                 .collect();
-            let refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-            typed(&refs, &["f16", "bf16"])
+            let mut refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
+            refs.extend(["attn_scores", "attn_pv"]);
+            let mut v = typed(&refs, &["f16", "bf16"]);
+            v.push("softmax_rows_f32".into());
+            v
         }
         "elementwise" => {
             let mut v = typed(

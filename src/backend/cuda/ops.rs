@@ -386,9 +386,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let g = qd.gpu();
     let (t, o) = out(qd, vec![b, lq, hd]);
     if ![40, 64, 80, 128, 160].contains(&d) {
-        g.fail(format!(
-            "attention head dim {d} has no kernel (40, 64, 80, 128, 160)"
-        ));
+        attention_any(q, k, v, heads, causal, &o);
         return t;
     }
     let rows_per_block = 16;
@@ -425,6 +423,59 @@ fn map(x: &Tensor, kernel: &str, extra: &[Arg]) -> Tensor {
     xd.gpu()
         .launch(&name(kernel, xd.dtype), grid(n), 256, &args);
     t
+}
+
+/// Attention for head dims without a flash kernel (the VAE's one 512-wide head, test models):
+/// fp32 scores in memory, row softmax, then P·V.
+fn attention_any(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool, o: &DevBuf) {
+    let (b, lq, hd) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let lk = k.shape()[1];
+    let d = hd / heads;
+    let qd = dev(q);
+    let g = qd.gpu();
+    let bh = b * heads;
+    let s = g.alloc(bh * lq * lk, DType::F32);
+    let ld = hd as i64;
+    g.launch(
+        &name("attn_scores", qd.dtype),
+        ((lq * lk).div_ceil(256).clamp(1, 65535) as u32, bh as u32),
+        256,
+        &[
+            Arg::P(qd.ptr()),
+            Arg::P(dev(k).ptr()),
+            Arg::P(s.ptr()),
+            Arg::I(heads as i32),
+            Arg::I(lq as i32),
+            Arg::I(lk as i32),
+            Arg::I(d as i32),
+            Arg::L(ld),
+            Arg::L(ld),
+            Arg::F(1.0 / (d as f32).sqrt()),
+            Arg::I(causal as i32),
+        ],
+    );
+    g.launch(
+        "softmax_rows_f32",
+        ((bh * lq) as u32, 1),
+        256,
+        &[Arg::P(s.ptr()), Arg::I(lk as i32)],
+    );
+    g.launch(
+        &name("attn_pv", qd.dtype),
+        ((lq * d).div_ceil(256).clamp(1, 65535) as u32, bh as u32),
+        256,
+        &[
+            Arg::P(s.ptr()),
+            Arg::P(dev(v).ptr()),
+            Arg::P(o.ptr()),
+            Arg::I(heads as i32),
+            Arg::I(lq as i32),
+            Arg::I(lk as i32),
+            Arg::I(d as i32),
+            Arg::L(ld),
+            Arg::L(ld),
+        ],
+    );
 }
 
 /// act(a·x + b): kind 0 SiLU, 1 GELU, 2 quick GELU, 3 identity.
