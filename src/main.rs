@@ -101,7 +101,7 @@ struct GenArgs {
     /// Classifier-free guidance scale (≤ 1 turns guidance off).
     #[arg(long, default_value_t = 7.5)]
     guidance: f32,
-    /// Override the pipeline's scheduler: ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras.
+    /// Override the pipeline's scheduler: ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, pndm.
     #[arg(long)]
     scheduler: Option<SchedulerKind>,
     /// Image i uses seed + i, so an image does not depend on the batch it ran in.

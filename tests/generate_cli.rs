@@ -348,7 +348,7 @@ fn bad_arguments_are_clear_errors() {
         "--prompt",
         "x",
         "--scheduler",
-        "pndm",
+        "lms",
         "--out",
         s(&out),
     ]);
@@ -357,7 +357,7 @@ fn bad_arguments_are_clear_errors() {
         Some(2),
         "clap rejects an unknown scheduler"
     );
-    assert!(stderr(&o).contains("pndm"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("lms"), "{}", stderr(&o));
     assert!(!out.exists(), "no output after failures");
     assert_eq!(
         std::fs::read_dir(dir.path()).unwrap().count(),

@@ -242,6 +242,14 @@ golden_cases!(
     dpmpp_2m_v_linspace,
     dpmpp_2m_trailing_sigma_min_20,
     dpmpp_2m_cos_sample,
+    pndm_sd15,
+    pndm_sd15_25,
+    pndm_v_linspace,
+    pndm_trailing_alpha_one,
+    pndm_prk_sd1,
+    pndm_prk_sd1_4,
+    pndm_prk_sd2_v,
+    pndm_prk_trailing_zsnr_v,
 );
 
 #[test]
@@ -343,7 +351,27 @@ fn config_errors_name_file_and_field() {
     let dir = tempfile::tempdir().unwrap();
     let sd = r#""beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012"#;
     let cases: &[(&str, Option<SchedulerKind>, &str)] = &[
-        (r#"{"_class_name": "PNDMScheduler"}"#, None, "_class_name"),
+        (
+            r#"{"_class_name": "LMSDiscreteScheduler"}"#,
+            None,
+            "_class_name",
+        ),
+        // diffusers' PNDM raises ValueError at the first step for anything else.
+        (
+            r#"{"_class_name": "PNDMScheduler", "prediction_type": "sample"}"#,
+            None,
+            "prediction_type",
+        ),
+        (
+            r#"{"_class_name": "DDIMScheduler", "prediction_type": "sample"}"#,
+            Some(SchedulerKind::Pndm),
+            "prediction_type",
+        ),
+        (
+            r#"{"_class_name": "PNDMScheduler", "skip_prk_steps": "yes"}"#,
+            None,
+            "skip_prk_steps",
+        ),
         (r#"{"beta_schedule": "linear"}"#, None, "_class_name"),
         (
             r#"{"_class_name": "DDIMScheduler", "prediction_type": "foo"}"#,
@@ -518,12 +546,24 @@ fn step_count_errors() {
                 "{kind} {n}: {err}"
             );
         }
-        // leading + steps_offset 1 would index ᾱ[1000] for DDIM; the others interpolate.
-        assert_eq!(
-            s.set_timesteps(1000).is_ok(),
-            kind != SchedulerKind::Ddim,
-            "{kind}"
-        );
+        // leading + steps_offset 1 would index ᾱ[1000] for DDIM / PNDM; the others interpolate.
+        let indexes_alphas = matches!(kind, SchedulerKind::Ddim | SchedulerKind::Pndm);
+        assert_eq!(s.set_timesteps(1000).is_ok(), !indexes_alphas, "{kind}");
+        if indexes_alphas {
+            let err = format!("{:#}", s.set_timesteps(1000).unwrap_err());
+            assert!(err.contains("leave 0..1000"), "{kind}: {err}");
+        }
+        if kind == SchedulerKind::Pndm {
+            // This config lacks skip_prk_steps: PNDM's Runge-Kutta warm-up, 4 steps at least.
+            let err = format!("{:#}", s.set_timesteps(3).unwrap_err());
+            assert!(
+                err.contains("sd1_ddim.json") && err.contains("`skip_prk_steps`"),
+                "{err}"
+            );
+            s.set_timesteps(4).unwrap();
+            assert_eq!(s.timesteps().len(), 13);
+            continue;
+        }
         s.set_timesteps(1).unwrap();
         assert_eq!(s.timesteps().len(), 1);
     }
@@ -607,4 +647,52 @@ fn misuse_is_an_error_not_a_panic() {
     }
     assert_eq!(s.set_timesteps_img2img(10, 1.0).unwrap(), 901.0);
     assert_eq!(s.timesteps().len(), 10);
+}
+
+/// SD1.5's own config runs as PNDM without an override; schedule edge cases and misuse.
+#[test]
+fn pndm_from_sd15_config() {
+    let path = golden_dir().join("configs/sd15_pndm.json");
+    let mut s = Scheduler::from_config(&path, None).unwrap();
+    assert_eq!(s.kind(), SchedulerKind::Pndm);
+    assert_eq!(s.init_noise_sigma(), 1.0);
+    assert!(!s.needs_step_noise());
+    // PLMS repeats the second timestep; one step has nothing to repeat.
+    s.set_timesteps(2).unwrap();
+    assert_eq!(s.timesteps(), [501.0, 1.0, 1.0]);
+    s.set_timesteps(1).unwrap();
+    assert_eq!(s.timesteps(), [1.0]);
+    let x = Tensor::new(
+        [1, 4, 2, 2],
+        (0..16).map(|i| i as f32 / 8.0 - 1.0).collect(),
+    );
+    assert_eq!(s.scale_model_input(&x, 0).unwrap().data(), x.data());
+    // The only step goes below timestep 0: to ᾱ_0, as set_alpha_to_one is false.
+    let out = s.step(&x, 0, &x, None).unwrap();
+    assert!(out.data().iter().all(|v| v.is_finite()));
+    assert!(s.step(&x, 1, &out, None).is_err(), "past the end");
+
+    // An override and the native class agree; every kind loads from this config.
+    let mut named = Scheduler::from_config(&path, Some(SchedulerKind::Pndm)).unwrap();
+    named.set_timesteps(10).unwrap();
+    s.set_timesteps(10).unwrap();
+    assert_eq!(named.timesteps(), s.timesteps());
+    for kind in SchedulerKind::ALL {
+        let mut k = Scheduler::from_config(&path, Some(kind)).unwrap();
+        assert_eq!(k.kind(), kind);
+        k.set_timesteps(10).unwrap();
+    }
+
+    // img2img skips n - n·strength entries of the 11: the repeat comes later, or not at all.
+    assert_eq!(s.set_timesteps_img2img(10, 1.0).unwrap(), 901.0);
+    assert_eq!(s.timesteps().len(), 11);
+    // One step's worth keeps two: the second redoes the first, ending at timestep 1, not 0.
+    assert_eq!(s.set_timesteps_img2img(10, 0.1).unwrap(), 101.0);
+    assert_eq!(s.timesteps(), [101.0, 1.0]);
+    assert!(s.set_timesteps_img2img(10, 0.05).is_err(), "no step left");
+    for t in [0.5, -1.0, 1000.0] {
+        assert!(s.add_noise(&x, &x, t).is_err(), "add_noise at {t}");
+    }
+    // add_noise takes any training timestep, as DDIM's does.
+    s.add_noise(&x, &x, 999.0).unwrap();
 }

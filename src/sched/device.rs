@@ -112,6 +112,20 @@ impl Scheduler {
                 self.prev_x0 = Some(x0);
                 out
             }
+            SchedulerKind::Pndm => {
+                let mix = |terms: &[(&Tensor, f32)], div: f32, mul: f32| {
+                    let terms: Vec<_> = terms.iter().map(|&(t, c)| (t, c / div * mul)).collect();
+                    ops::lincomb(&terms)
+                };
+                let (t, prev, x, e) = self.pndm_plan(i, m, x, mix);
+                let (sa, sb, sc, diff, denom) = self.pndm_coeffs(t, prev);
+                let c = diff / denom;
+                match self.prediction {
+                    // v → ε: √ᾱ_t·v + √(1-ᾱ_t)·x.
+                    Prediction::V => ops::lincomb(&[(&x, sc - c * sb), (&e, -c * sa)]),
+                    _ => ops::lincomb(&[(&x, sc), (&e, -c)]),
+                }
+            }
         };
         self.steps_done += 1;
         Ok(out)
@@ -130,14 +144,8 @@ impl Scheduler {
             original.shape(),
             noise.shape()
         );
-        let (a, b) = if self.kind == SchedulerKind::Ddim {
-            let t = timestep as usize;
-            ensure!(
-                timestep >= 0.0 && t as f32 == timestep && t < self.num_train,
-                "add_noise: DDIM timestep {timestep} is not an integer in 0..{}",
-                self.num_train
-            );
-            let ac = self.alphas_cumprod[t];
+        let (a, b) = if self.kind.indexes_alphas() {
+            let ac = self.alphas_cumprod[self.train_index(timestep)?];
             (ac.sqrt(), (1.0 - ac).sqrt())
         } else {
             let sigma = self.sigmas[self.noise_index(timestep)?];

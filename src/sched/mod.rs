@@ -1,5 +1,5 @@
 //! Diffusion schedulers built from a diffusers `scheduler/scheduler_config.json`, matching
-//! diffusers 0.42.1 step for step: DDIM, Euler, Euler ancestral and DPM++ 2M (Karras).
+//! diffusers 0.42.1 step for step: DDIM, Euler, Euler ancestral, DPM++ 2M (Karras) and PNDM.
 //!
 //! Schedule constants follow diffusers' own float path (see `schedule`); the per-step updates
 //! run elementwise in f32 with the coefficients computed the way torch computes them on 0-dim
@@ -32,15 +32,18 @@ pub enum SchedulerKind {
     DpmPp2m,
     /// DPM++ 2M with use_karras_sigmas.
     DpmPp2mKarras,
+    /// PNDMScheduler: PLMS steps, after Runge-Kutta ones unless `skip_prk_steps` (SD1.5's default).
+    Pndm,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 5] = [
+    pub const ALL: [SchedulerKind; 6] = [
         Self::Ddim,
         Self::Euler,
         Self::EulerAncestral,
         Self::DpmPp2m,
         Self::DpmPp2mKarras,
+        Self::Pndm,
     ];
 
     pub fn name(self) -> &'static str {
@@ -50,6 +53,7 @@ impl SchedulerKind {
             Self::EulerAncestral => "euler-a",
             Self::DpmPp2m => "dpmpp-2m",
             Self::DpmPp2mKarras => "dpmpp-2m-karras",
+            Self::Pndm => "pndm",
         }
     }
 
@@ -60,6 +64,7 @@ impl SchedulerKind {
             Self::Euler => "EulerDiscreteScheduler",
             Self::EulerAncestral => "EulerAncestralDiscreteScheduler",
             Self::DpmPp2m | Self::DpmPp2mKarras => "DPMSolverMultistepScheduler",
+            Self::Pndm => "PNDMScheduler",
         }
     }
 
@@ -69,6 +74,11 @@ impl SchedulerKind {
 
     fn is_euler(self) -> bool {
         matches!(self, Self::Euler | Self::EulerAncestral)
+    }
+
+    /// DDIM and PNDM: integer timesteps that index ᾱ directly (no sigmas).
+    fn indexes_alphas(self) -> bool {
+        matches!(self, Self::Ddim | Self::Pndm)
     }
 }
 
@@ -148,6 +158,15 @@ pub struct Scheduler {
     steps_done: usize,
     /// DPM++ 2M: the previous step's x0 prediction.
     prev_x0: Option<Tensor>,
+    // PNDM (diffusers' `counter` is `steps_done`)
+    /// Runge-Kutta warm-up steps: 12, or 0 with `skip_prk_steps`.
+    prk_steps: usize,
+    /// Model outputs kept for the multistep formula (`ets`; at most 4).
+    ets: Vec<Tensor>,
+    /// The sample a Runge-Kutta group (or PLMS's first two steps) starts from (`cur_sample`).
+    cur_sample: Option<Tensor>,
+    /// The Runge-Kutta weighted sum of model outputs so far (`cur_model_output`).
+    cur_model_output: Option<Tensor>,
 }
 
 /// Reads a string field that must be one of `options`.
@@ -245,13 +264,14 @@ impl Scheduler {
                 "EulerAncestralDiscreteScheduler" => EulerAncestral,
                 "DPMSolverMultistepScheduler" if cfg.bool_or("use_karras_sigmas", false)? => DpmPp2mKarras,
                 "DPMSolverMultistepScheduler" => DpmPp2m,
+                "PNDMScheduler" => Pndm,
                 other => {
                     return Err(cfg.unsupported(
                         "_class_name",
                         format!("{other:?}"),
                         "DDIMScheduler, EulerDiscreteScheduler, EulerAncestralDiscreteScheduler, \
-                         DPMSolverMultistepScheduler; or choose a scheduler (ddim, euler, euler-a, dpmpp-2m, \
-                         dpmpp-2m-karras) to use this config's noise schedule with",
+                         DPMSolverMultistepScheduler, PNDMScheduler; or choose a scheduler (ddim, euler, \
+                         euler-a, dpmpp-2m, dpmpp-2m-karras, pndm) to use this config's noise schedule with",
                     ))
                 }
             },
@@ -278,12 +298,13 @@ impl Scheduler {
             cfg.f64_or("beta_end", 0.02)?,
             num_train,
         );
-        let zero_snr = cfg.bool_or("rescale_betas_zero_snr", false)?;
+        // PNDMScheduler has no `rescale_betas_zero_snr`; from_config drops it.
+        let zero_snr = kind != Pndm && cfg.bool_or("rescale_betas_zero_snr", false)?;
         if zero_snr {
             betas = schedule::rescale_zero_terminal_snr(&betas);
         }
         let mut alphas_cumprod = schedule::alphas_cumprod(&betas);
-        if zero_snr && kind != Ddim {
+        if zero_snr && !kind.indexes_alphas() {
             // Euler / DPM avoid an infinite last sigma; DDIM keeps ᾱ = 0.
             *alphas_cumprod.last_mut().unwrap() = 2f32.powi(-24);
         }
@@ -293,8 +314,8 @@ impl Scheduler {
             .collect();
 
         let predictions: &[(&str, Prediction)] = match kind {
-            // diffusers raises NotImplementedError for "sample" here.
-            EulerAncestral => &[
+            // diffusers raises NotImplementedError (PNDM: ValueError) for "sample" here.
+            EulerAncestral | Pndm => &[
                 ("epsilon", Prediction::Epsilon),
                 ("v_prediction", Prediction::V),
             ],
@@ -308,7 +329,11 @@ impl Scheduler {
         let spacing = choice(
             cfg,
             "timestep_spacing",
-            if kind == Ddim { "leading" } else { "linspace" },
+            if kind.indexes_alphas() {
+                "leading"
+            } else {
+                "linspace"
+            },
             &[
                 ("leading", Spacing::Leading),
                 ("linspace", Spacing::Linspace),
@@ -343,6 +368,10 @@ impl Scheduler {
             begin_index_set: false,
             steps_done: 0,
             prev_x0: None,
+            prk_steps: 0,
+            ets: Vec::new(),
+            cur_sample: None,
+            cur_model_output: None,
         };
         let final_sigmas = [("zero", false), ("sigma_min", true)];
         match kind {
@@ -378,6 +407,15 @@ impl Scheduler {
                 s.karras = cfg.bool_or("use_karras_sigmas", false)?;
             }
             EulerAncestral => {}
+            Pndm => {
+                // Unlike DDIM, set_alpha_to_one defaults to false.
+                if !cfg.bool_or("set_alpha_to_one", false)? {
+                    s.final_alpha_cumprod = s.alphas_cumprod[0];
+                }
+                if !cfg.bool_or("skip_prk_steps", false)? {
+                    s.prk_steps = 12;
+                }
+            }
             DpmPp2m | DpmPp2mKarras => {
                 if override_kind.is_none() {
                     if cfg.usize_or("solver_order", 2)? != 2 {
@@ -441,7 +479,9 @@ impl Scheduler {
             || (self.kind == SchedulerKind::Ddim && self.eta > 0.0)
     }
 
-    /// Builds the schedule for `n` denoising steps and resets the stepping state.
+    /// Builds the schedule for `n` denoising steps and resets the stepping state. PNDM runs
+    /// more steps than `n`: `n + 1` (PLMS: the second timestep repeats) or `n + 9` (with its
+    /// Runge-Kutta warm-up; needs `n >= 4`).
     pub fn set_timesteps(&mut self, n: usize) -> Result<()> {
         let path = self.path.display();
         ensure!(
@@ -450,7 +490,7 @@ impl Scheduler {
             self.num_train
         );
         let (timesteps, sigmas) = match self.kind {
-            SchedulerKind::Ddim => (self.ddim_timesteps(n), Vec::new()),
+            SchedulerKind::Ddim | SchedulerKind::Pndm => (self.ddim_timesteps(n), Vec::new()),
             SchedulerKind::Euler | SchedulerKind::EulerAncestral => self.euler_schedule(n),
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => self.dpm_schedule(n),
         };
@@ -462,17 +502,23 @@ impl Scheduler {
             timesteps.len(),
             timesteps.last().copied().unwrap_or_default()
         );
-        if self.kind == SchedulerKind::Ddim {
-            // DDIM indexes ᾱ by timestep (leading + steps_offset reaches num_train at n = num_train).
+        if self.kind.indexes_alphas() {
+            // DDIM / PNDM index ᾱ by timestep (leading + steps_offset reaches num_train at n = num_train).
             ensure!(
                 timesteps
                     .iter()
                     .all(|&t| t >= 0.0 && (t as usize) < self.num_train),
-                "{path}: DDIM timesteps for {n} steps leave 0..{} (steps_offset {})",
+                "{path}: {} timesteps for {n} steps leave 0..{} (steps_offset {})",
+                self.kind.class_name(),
                 self.num_train,
                 self.steps_offset
             );
         }
+        let timesteps = if self.kind == SchedulerKind::Pndm {
+            self.pndm_timesteps(timesteps)?
+        } else {
+            timesteps
+        };
         self.num_inference_steps = n;
         self.timesteps = timesteps;
         self.sigmas = sigmas;
@@ -480,6 +526,9 @@ impl Scheduler {
         self.begin_index_set = false;
         self.steps_done = 0;
         self.prev_x0 = None;
+        self.ets.clear();
+        self.cur_sample = None;
+        self.cur_model_output = None;
         Ok(())
     }
 
@@ -495,23 +544,27 @@ impl Scheduler {
         );
         self.set_timesteps(n)?;
         let init_timestep = ((n as f64 * strength) as usize).min(n);
-        let t_start = n - init_timestep;
+        // As the inpainting pipeline checks (PNDM would still have its final step left).
         ensure!(
-            t_start < self.timesteps.len(),
+            init_timestep >= 1,
             "img2img strength {strength} with {n} steps leaves no denoising step (need n * strength >= 1)"
         );
+        // `scheduler.order` is 1 for every kind here, PNDM included: its img2img skips `n - init`
+        // entries of its longer list, so the repeated timestep or the Runge-Kutta steps shift.
+        let t_start = n - init_timestep;
         self.begin = t_start;
-        // DDIM has no set_begin_index in diffusers; its add_noise indexes ᾱ by timestep anyway.
-        self.begin_index_set = self.kind != SchedulerKind::Ddim;
+        // DDIM / PNDM have no set_begin_index in diffusers; their add_noise indexes ᾱ by timestep.
+        self.begin_index_set = !self.kind.indexes_alphas();
         Ok(self.timesteps[t_start])
     }
 
-    /// The timesteps to run, in order (model inputs); DDIM / DPM ones are integers.
+    /// The timesteps to run, in order (model inputs); DDIM / DPM / PNDM ones are integers.
     pub fn timesteps(&self) -> &[f32] {
         &self.timesteps[self.begin.min(self.timesteps.len())..]
     }
 
-    /// Euler / DPM: the sigma of each timestep in `timesteps()` plus the final one (empty for DDIM).
+    /// Euler / DPM: the sigma of each timestep in `timesteps()` plus the final one (empty for
+    /// DDIM / PNDM).
     pub fn sigmas(&self) -> &[f32] {
         &self.sigmas[self.begin.min(self.sigmas.len())..]
     }
@@ -591,7 +644,7 @@ impl Scheduler {
     }
 
     /// One denoising step: `sample` at `timesteps()[step]` → the sample at the next timestep.
-    /// Steps must run in order (DPM++ 2M keeps the previous prediction). `noise` (standard
+    /// Steps must run in order (DPM++ 2M and PNDM keep earlier model outputs). `noise` (standard
     /// normal, same shape) is required when `needs_step_noise()`, else ignored.
     pub fn step(
         &mut self,
@@ -611,13 +664,17 @@ impl Scheduler {
             SchedulerKind::DpmPp2m | SchedulerKind::DpmPp2mKarras => {
                 self.dpm_step(i, model_output, x)
             }
+            SchedulerKind::Pndm => {
+                let (t, prev, x, e) = self.pndm_plan(i, model_output, sample, mix);
+                self.pndm_prev_sample(t, prev, x.data(), e.data())
+            }
         };
         self.steps_done += 1;
         Ok(Tensor::new(sample.shape(), out))
     }
 
     /// Noises `original` to `timestep` (forward diffusion) as the scheduler's `add_noise`:
-    /// DDIM `√ᾱ_t·x + √(1-ᾱ_t)·ε`; Euler `x + σ·ε`; DPM `α·x + σ_t·ε` with α = 1/√(σ²+1).
+    /// DDIM / PNDM `√ᾱ_t·x + √(1-ᾱ_t)·ε`; Euler `x + σ·ε`; DPM `α·x + σ_t·ε` with α = 1/√(σ²+1).
     /// Euler / DPM take σ from the schedule: after `set_timesteps_img2img` (diffusers'
     /// begin index) that of the current step, ignoring `timestep`; otherwise that of `timestep`
     /// looked up in `timesteps()` (the second match when it repeats; DPM falls back to the
@@ -630,14 +687,8 @@ impl Scheduler {
             noise.shape()
         );
         let (x, e) = (original.data(), noise.data());
-        let out: Vec<f32> = if self.kind == SchedulerKind::Ddim {
-            let t = timestep as usize;
-            ensure!(
-                timestep >= 0.0 && t as f32 == timestep && t < self.num_train,
-                "add_noise: DDIM timestep {timestep} is not an integer in 0..{}",
-                self.num_train
-            );
-            let a = self.alphas_cumprod[t];
+        let out: Vec<f32> = if self.kind.indexes_alphas() {
+            let a = self.alphas_cumprod[self.train_index(timestep)?];
             let (sa, sb) = (a.sqrt(), (1.0 - a).sqrt());
             x.iter().zip(e).map(|(x, e)| sa * x + sb * e).collect()
         } else {
@@ -650,6 +701,18 @@ impl Scheduler {
             }
         };
         Ok(Tensor::new(original.shape(), out))
+    }
+
+    /// The training timestep `timestep` names, for DDIM / PNDM's add_noise.
+    fn train_index(&self, timestep: f32) -> Result<usize> {
+        let t = timestep as usize;
+        ensure!(
+            timestep >= 0.0 && t as f32 == timestep && t < self.num_train,
+            "add_noise: {} timestep {timestep} is not an integer in 0..{}",
+            self.kind.class_name(),
+            self.num_train
+        );
+        Ok(t)
     }
 
     fn describe(&self) -> String {
@@ -890,6 +953,161 @@ impl Scheduler {
         self.prev_x0 = Some(Tensor::new(model_output.shape(), x0));
         out
     }
+
+    /// PNDM's run list from the descending `ts` (diffusers' `_timesteps` reversed). PLMS repeats
+    /// the second timestep: its second step redoes the first from the same sample. The
+    /// Runge-Kutta warm-up runs 12 steps over the last four timesteps and the midpoints of the
+    /// first three (`t + N/n/2`, four evaluations each), then PLMS from the fourth timestep on.
+    fn pndm_timesteps(&self, ts: Vec<f32>) -> Result<Vec<f32>> {
+        let n = ts.len();
+        if self.prk_steps == 0 {
+            let mut plms = ts;
+            if n >= 2 {
+                plms.insert(1, plms[1]);
+            }
+            return Ok(plms);
+        }
+        ensure!(
+            n >= 4,
+            "{}: {n} inference steps: field `skip_prk_steps` = false (PNDM's Runge-Kutta warm-up) \
+             needs at least 4",
+            self.path.display()
+        );
+        let h = (self.num_train / n / 2) as f32;
+        let p = [ts[0], ts[1] + h, ts[1], ts[2] + h, ts[2], ts[3] + h, ts[3]];
+        let mut out = vec![p[0]];
+        for q in &p[1..6] {
+            out.extend([q, q]);
+        }
+        out.push(p[6]);
+        out.extend_from_slice(&ts[3..]);
+        Ok(out)
+    }
+
+    /// The bookkeeping of diffusers' PNDM `step` (`step_prk` / `step_plms`), shared by `step`
+    /// and `step_ops`: updates the history and returns what `_get_prev_sample` takes — the
+    /// timestep, the previous timestep (negative: before the first), the sample and the model
+    /// output. `mix(terms, div, mul)` forms `mul · (Σ cₖ·tₖ / div)` where the tensors live.
+    fn pndm_plan<F>(
+        &mut self,
+        i: usize,
+        m: &Tensor,
+        x: &Tensor,
+        mix: F,
+    ) -> (usize, i64, Tensor, Tensor)
+    where
+        F: Fn(&[(&Tensor, f32)], f32, f32) -> Tensor,
+    {
+        let counter = self.steps_done;
+        let r = (self.num_train / self.num_inference_steps) as i64;
+        let t = self.timesteps[i] as i64;
+        // Python float constants, rounded to float32 as torch does.
+        let recip = |k: f64| (1.0 / k) as f32;
+        if counter < self.prk_steps {
+            // Four evaluations per step, all from the group's first sample and timestep (taken
+            // by `counter` from the full list, also in img2img), to the passed timestep or half
+            // a step below it; the last uses the weighted sum of the four outputs.
+            let prev = t - if counter.is_multiple_of(2) { r / 2 } else { 0 };
+            let e = match (counter % 4, self.cur_model_output.take()) {
+                (0, _) => {
+                    self.cur_model_output = Some(mix(&[(m, recip(6.0))], 1.0, 1.0));
+                    self.ets.push(m.clone());
+                    self.cur_sample = Some(x.clone());
+                    m.clone()
+                }
+                (3, Some(acc)) => mix(&[(&acc, 1.0), (m, recip(6.0))], 1.0, 1.0),
+                (_, Some(acc)) => {
+                    self.cur_model_output = Some(mix(&[(&acc, 1.0), (m, recip(3.0))], 1.0, 1.0));
+                    m.clone()
+                }
+                (_, None) => unreachable!("the sum starts at counter % 4 == 0"),
+            };
+            let start = self.timesteps[counter / 4 * 4] as usize;
+            let sample = self.cur_sample.clone().expect("set at counter % 4 == 0");
+            return (start, prev, sample, e);
+        }
+        // PLMS: Adams-Bashforth over the last four model outputs. The second step redoes the
+        // first from its sample with the two outputs averaged, keeping no history; it starts
+        // N/n above the passed (repeated) timestep, which under linspace / trailing spacing is
+        // not the first timestep (999 → 888 is redone as 988 → 888).
+        let (mut t, mut prev) = (t, t - r);
+        if counter == 1 {
+            (t, prev) = (t + r, t);
+        } else {
+            if self.ets.len() > 3 {
+                self.ets.remove(0);
+            }
+            self.ets.push(m.clone());
+        }
+        let e = &self.ets;
+        let (sample, eps) = match e.len() {
+            1 if counter == 0 => {
+                self.cur_sample = Some(x.clone());
+                (x.clone(), m.clone())
+            }
+            1 => (
+                self.cur_sample.take().expect("set at counter 0"),
+                mix(&[(m, 1.0), (&e[0], 1.0)], 2.0, 1.0),
+            ),
+            2 => (x.clone(), mix(&[(&e[1], 3.0), (&e[0], -1.0)], 2.0, 1.0)),
+            3 => {
+                let terms = [(&e[2], 23.0), (&e[1], -16.0), (&e[0], 5.0)];
+                (x.clone(), mix(&terms, 12.0, 1.0))
+            }
+            _ => {
+                let terms = [(&e[3], 55.0), (&e[2], -59.0), (&e[1], 37.0), (&e[0], -9.0)];
+                (x.clone(), mix(&terms, 1.0, recip(24.0)))
+            }
+        };
+        (t as usize, prev, sample, eps)
+    }
+
+    /// `_get_prev_sample`'s float32 scalars for `t` → `prev`: (√ᾱ_t, √(1-ᾱ_t), the sample
+    /// coefficient √(ᾱ_prev/ᾱ_t), ᾱ_prev - ᾱ_t, the model output's denominator).
+    fn pndm_coeffs(&self, t: usize, prev: i64) -> (f32, f32, f32, f32, f32) {
+        let a_t = self.alphas_cumprod[t];
+        let a_prev = if prev >= 0 {
+            self.alphas_cumprod[prev as usize]
+        } else {
+            self.final_alpha_cumprod
+        };
+        let (b_t, b_prev) = (1.0 - a_t, 1.0 - a_prev);
+        let denom = a_t * b_prev.sqrt() + (a_t * b_t * a_prev).sqrt();
+        (
+            a_t.sqrt(),
+            b_t.sqrt(),
+            (a_prev / a_t).sqrt(),
+            a_prev - a_t,
+            denom,
+        )
+    }
+
+    /// PNDM's `_get_prev_sample` (formula 9 of the paper), elementwise.
+    fn pndm_prev_sample(&self, t: usize, prev: i64, x: &[f32], e: &[f32]) -> Vec<f32> {
+        let (sa, sb, sc, diff, denom) = self.pndm_coeffs(t, prev);
+        x.iter()
+            .zip(e)
+            .map(|(&x, &e)| {
+                let e = match self.prediction {
+                    Prediction::V => sa * e + sb * x,
+                    _ => e,
+                };
+                sc * x - diff * e / denom
+            })
+            .collect()
+    }
+}
+
+/// `mul · (Σ cₖ·tₖ / div)` elementwise in float32, in the order torch evaluates PNDM's sums.
+fn mix(terms: &[(&Tensor, f32)], div: f32, mul: f32) -> Tensor {
+    let mut out: Vec<f32> = terms[0].0.data().iter().map(|v| terms[0].1 * v).collect();
+    for (t, c) in &terms[1..] {
+        for (o, v) in out.iter_mut().zip(t.data()) {
+            *o += c * v;
+        }
+    }
+    let out = out.into_iter().map(|v| mul * (v / div)).collect();
+    Tensor::new(terms[0].0.shape(), out)
 }
 
 /// (α_t, σ_t) of a sigma: α = 1/√(σ²+1), σ_t = σ·α (as DPM's `_sigma_to_alpha_sigma_t`).
