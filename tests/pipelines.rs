@@ -133,6 +133,7 @@ cases!(
     sd1_txt2img_dpmpp,
     sd1_txt2img_dpmpp_karras,
     sd1_txt2img_euler_a,
+    sd1_txt2img_pndm,
     sd2_txt2img_ddim,
     sd2_txt2img_euler,
     sdxl_txt2img_euler,
