@@ -355,6 +355,14 @@ fn pipelines_match_the_cpu_backend() {
             Init::Noise,
             None,
         ),
+        (
+            "sd1 txt2img pndm",
+            "sd1",
+            None,
+            Some("pndm"),
+            Init::Noise,
+            None,
+        ),
         ("sd2 txt2img v-pred", "sd2", None, None, Init::Noise, None),
         ("sdxl txt2img", "sdxl", None, None, Init::Noise, None),
         (
