@@ -231,22 +231,27 @@ impl Generator {
         }
         let (h, w, c) = (req.height / f, req.width / f, self.vae.latent_channels);
         let cfg = req.guidance > 1.0;
-        let prompt_of: Vec<usize> = (first..first + n)
+        // Only this chunk's prompts are encoded (a prompts file can hold thousands).
+        let mut needed: Vec<usize> = (first..first + n)
             .map(|i| i / req.images_per_prompt)
             .collect();
+        needed.dedup();
+        let local: Vec<usize> = (first..first + n)
+            .map(|i| i / req.images_per_prompt - needed[0])
+            .collect();
+        let pick = |v: &[String]| needed.iter().map(|&i| v[i].clone()).collect::<Vec<_>>();
 
         // Text conditioning, [uncond; cond] when guiding (on the model device).
         let dev = &self.device;
-        let cond = self.encode_text(&req.prompts)?.gather(&prompt_of);
+        let cond = self.encode_text(&pick(&req.prompts))?.gather(&local);
         let embeds = if cfg {
             let uncond = match &req.negative {
                 None if self.text.is_sdxl() && self.force_zeros_for_empty_prompt => {
                     cond.zeros_like(dev)
                 }
                 None => self
-                    .text
-                    .encode(&vec![String::new(); req.prompts.len()])?
-                    .gather(&prompt_of),
+                    .encode_text(&vec![String::new(); needed.len()])?
+                    .gather(&local),
                 Some(neg) => {
                     if neg.len() != req.prompts.len() {
                         bail!(
@@ -255,7 +260,7 @@ impl Generator {
                             req.prompts.len()
                         );
                     }
-                    self.encode_text(neg)?.gather(&prompt_of)
+                    self.encode_text(&pick(neg))?.gather(&local)
                 }
             };
             Embeds {
