@@ -285,11 +285,21 @@ pub fn run(o: &Options) -> Result<Summary> {
             let _ = std::io::stderr().flush();
         }
     };
-    let out = gen.run(&req, &mut progress)?;
+    // Each batch's PNGs are written as soon as it is done; the latents (small) are kept for
+    // --save-latents, written at the end.
+    let mut latents = Vec::new();
+    gen.run_batches(&req, &mut progress, &mut |first, out| {
+        let n = out.images.shape()[0];
+        image_io::save_pngs(&paths[first..first + n], &out.images)?;
+        if o.save_latents.is_some() {
+            latents.push(out.latents);
+        }
+        Ok(())
+    })?;
     if let Some(p) = &o.save_latents {
-        write_f32(p, &[("latents".into(), out.latents.to_nchw())])?;
+        let all = Tensor::cat0(&latents.iter().collect::<Vec<_>>());
+        write_f32(p, &[("latents".into(), all.to_nchw())])?;
     }
-    image_io::save_pngs(&paths, &out.images)?;
     Ok(Summary {
         paths,
         seconds: start.elapsed().as_secs_f64(),

@@ -186,10 +186,29 @@ impl Generator {
     /// Runs a request with per-image seeds (seed + image index), `batch` images at a time.
     /// `progress(step, steps)` is called after every denoising step of every batch.
     pub fn run(&self, req: &Request, progress: &mut dyn FnMut(usize, usize)) -> Result<Output> {
-        let total = req.total_images();
-        let batch = req.batch.max(1);
         let mut lat = Vec::new();
         let mut img = Vec::new();
+        self.run_batches(req, progress, &mut |_, o| {
+            lat.push(o.latents);
+            img.push(o.images);
+            Ok(())
+        })?;
+        Ok(Output {
+            latents: Tensor::cat0(&lat.iter().collect::<Vec<_>>()),
+            images: Tensor::cat0(&img.iter().collect::<Vec<_>>()),
+        })
+    }
+
+    /// Like `run`, but hands each batch (its first image index and its output) to `done` as soon
+    /// as it is finished, so long runs keep memory flat and write results as they go.
+    pub fn run_batches(
+        &self,
+        req: &Request,
+        progress: &mut dyn FnMut(usize, usize),
+        done: &mut dyn FnMut(usize, Output) -> Result<()>,
+    ) -> Result<()> {
+        let total = req.total_images();
+        let batch = req.batch.max(1);
         let mut start = 0;
         while start < total {
             let n = batch.min(total - start);
@@ -198,14 +217,10 @@ impl Generator {
                 .collect();
             let mut noise = NoiseSource::seeded(seeds);
             let o = self.run_chunk(req, start, n, &mut noise, progress)?;
-            lat.push(o.latents);
-            img.push(o.images);
+            done(start, o)?;
             start += n;
         }
-        Ok(Output {
-            latents: Tensor::cat0(&lat.iter().collect::<Vec<_>>()),
-            images: Tensor::cat0(&img.iter().collect::<Vec<_>>()),
-        })
+        Ok(())
     }
 
     /// Images `first..first+n` of the request, drawing noise from `noise` in diffusers' order.
