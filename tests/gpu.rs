@@ -64,7 +64,7 @@ fn close(what: &str, got: &Tensor, want: &Tensor, dev: &Device) {
     };
     let e = rel_l2(&got, want);
     eprintln!("{what}: rel L2 {e:.2e}");
-    if !(e < 1e-2) {
+    if e.is_nan() || e >= 1e-2 {
         fail(format!(
             "{what}: relative L2 error {e:e} vs the CPU backend"
         ));
