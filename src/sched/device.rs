@@ -2,7 +2,7 @@
 //! where the latents live — on a GPU inside the denoising loop without a host round trip. The
 //! elementwise host versions in mod.rs stay the reference; `tests/sched.rs` checks both agree.
 
-use super::{alpha_sigma, Prediction, Scheduler, SchedulerKind};
+use super::{alpha_sigma, ancestral, Prediction, Scheduler, SchedulerKind};
 use crate::backend as ops;
 use crate::tensor::Tensor;
 use anyhow::{anyhow, ensure, Result};
@@ -30,19 +30,7 @@ impl Scheduler {
         let (m, x) = (model_output, sample);
         let out = match self.kind {
             SchedulerKind::Ddim => {
-                let t = self.timesteps[i] as usize;
-                let prev = t as i64 - (self.num_train / self.num_inference_steps) as i64;
-                let a_t = self.alphas_cumprod[t];
-                let a_prev = if prev >= 0 {
-                    self.alphas_cumprod[prev as usize]
-                } else {
-                    self.final_alpha_cumprod
-                };
-                let b_t = 1.0 - a_t;
-                let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
-                let variance = ((1.0 - a_prev) / b_t) * (1.0 - a_t / a_prev);
-                let std = self.eta * variance.sqrt();
-                let dir = (1.0 - a_prev - std * std).sqrt();
+                let (sa, sb, sa_prev, dir, std) = self.ddim_coeffs(i);
                 let (x0a, x0b) = self.x0_coeffs(sa, sb);
                 let (ea, eb) = match self.prediction {
                     Prediction::Epsilon => (0.0, 1.0),
@@ -54,7 +42,6 @@ impl Scheduler {
                     x0 = ops::affine_clamp(&x0, 1.0, 0.0, -r, r);
                 }
                 let eps = ops::lincomb(&[(x, ea), (m, eb)]);
-                let sa_prev = a_prev.sqrt();
                 match noise {
                     Some(n) => ops::lincomb(&[(&x0, sa_prev), (&eps, dir), (n, std)]),
                     None => ops::lincomb(&[(&x0, sa_prev), (&eps, dir)]),
@@ -73,9 +60,7 @@ impl Scheduler {
                 let x0 = ops::lincomb(&[(x, x0a), (m, x0b)]);
                 match (self.kind, noise) {
                     (SchedulerKind::EulerAncestral, Some(n)) => {
-                        let up =
-                            (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
-                        let down = (next * next - up * up).sqrt();
+                        let (up, down) = ancestral(sigma, next);
                         let r = (down - sigma) / sigma;
                         ops::lincomb(&[(x, 1.0 + r), (&x0, -r), (n, up)])
                     }
@@ -89,22 +74,10 @@ impl Scheduler {
                 let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
                 let (x0a, x0b) = self.x0_coeffs(alpha_s0, sigma_s0);
                 let x0 = ops::lincomb(&[(x, x0a), (m, x0b)]);
-                let n = self.timesteps.len();
-                let lower_order_final = i == n - 1
-                    && (self.euler_at_final
-                        || (self.lower_order_final && n < 15)
-                        || !self.final_sigma_min);
-                let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
-                let lambda = |a: f32, s: f32| a.ln() - s.ln();
-                let lambda_s0 = lambda(alpha_s0, sigma_s0);
-                let h = lambda(alpha_t, sigma_t) - lambda_s0;
-                let c0 = sigma_t / sigma_s0;
-                let c1 = alpha_t * ((-h).exp() - 1.0);
+                let (c0, c1, lower_order_final, r0) = self.dpm_coeffs(i);
                 let out = match self.prev_x0.take() {
                     Some(prev) if !lower_order_final => {
-                        let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
-                        let r0 = (lambda_s0 - lambda(alpha_s1, sigma_s1)) / h;
-                        let hk = 0.5 * c1 / r0;
+                        let hk = 0.5 * c1 / r0.expect("a previous step");
                         ops::lincomb(&[(x, c0), (&x0, -c1 - hk), (&prev, hk)])
                     }
                     _ => ops::lincomb(&[(x, c0), (&x0, -c1)]),

@@ -852,7 +852,8 @@ impl Scheduler {
         sigmas.into_iter().map(|s| s as f32).chain([last]).collect()
     }
 
-    fn ddim_step(&self, i: usize, m: &[f32], x: &[f32], noise: Option<&[f32]>) -> Vec<f32> {
+    /// DDIM's step constants at schedule index `i`: (√ᾱ_t, √(1-ᾱ_t), √ᾱ_prev, direction weight, noise std).
+    pub(super) fn ddim_coeffs(&self, i: usize) -> (f32, f32, f32, f32, f32) {
         let t = self.timesteps[i] as usize;
         // diffusers steps back by N / n whatever the spacing.
         let prev = t as i64 - (self.num_train / self.num_inference_steps) as i64;
@@ -863,11 +864,14 @@ impl Scheduler {
             self.final_alpha_cumprod
         };
         let b_t = 1.0 - a_t;
-        let (sa, sb) = (a_t.sqrt(), b_t.sqrt());
         let variance = ((1.0 - a_prev) / b_t) * (1.0 - a_t / a_prev);
         let std = self.eta * variance.sqrt();
         let dir = (1.0 - a_prev - std * std).sqrt();
-        let sa_prev = a_prev.sqrt();
+        (a_t.sqrt(), b_t.sqrt(), a_prev.sqrt(), dir, std)
+    }
+
+    fn ddim_step(&self, i: usize, m: &[f32], x: &[f32], noise: Option<&[f32]>) -> Vec<f32> {
+        let (sa, sb, sa_prev, dir, std) = self.ddim_coeffs(i);
         (0..x.len())
             .map(|j| {
                 let (m, x) = (m[j], x[j]);
@@ -898,8 +902,7 @@ impl Scheduler {
         match (self.kind, noise) {
             // Ancestral: step deterministically down to σ_down, then add noise of std σ_up.
             (SchedulerKind::EulerAncestral, Some(noise)) => {
-                let up = (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
-                let down = (next * next - up * up).sqrt();
+                let (up, down) = ancestral(sigma, next);
                 let dt = down - sigma;
                 (0..x.len())
                     .map(|j| x[j] + (x[j] - x0(m[j], x[j])) / sigma * dt + noise[j] * up)
@@ -915,6 +918,27 @@ impl Scheduler {
         }
     }
 
+    /// DPM++ 2M constants at schedule index `i`: x_t = c0·x − c1·x0 (first order), whether this
+    /// step is forced to first order, and r0 (from the second step on) for the midpoint correction.
+    pub(super) fn dpm_coeffs(&self, i: usize) -> (f32, f32, bool, Option<f32>) {
+        let n = self.timesteps.len();
+        let lower_order_final = i == n - 1
+            && (self.euler_at_final || (self.lower_order_final && n < 15) || !self.final_sigma_min);
+        let (alpha_s0, sigma_s0) = alpha_sigma(self.sigmas[i]);
+        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
+        // Final σ = 0 gives λ_t = +inf, h = inf, e^-h = 0: the step returns x0 exactly.
+        let lambda = |a: f32, s: f32| a.ln() - s.ln();
+        let lambda_s0 = lambda(alpha_s0, sigma_s0);
+        let h = lambda(alpha_t, sigma_t) - lambda_s0;
+        let c0 = sigma_t / sigma_s0;
+        let c1 = alpha_t * ((-h).exp() - 1.0);
+        let r0 = (i > 0).then(|| {
+            let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
+            (lambda_s0 - lambda(alpha_s1, sigma_s1)) / h
+        });
+        (c0, c1, lower_order_final, r0)
+    }
+
     /// DPM-Solver++(2M): x0 prediction, then a first-order step on the first step (no history)
     /// and at the end (lower_order_final), a second-order midpoint step otherwise.
     fn dpm_step(&mut self, i: usize, model_output: &Tensor, x: &[f32]) -> Vec<f32> {
@@ -927,22 +951,10 @@ impl Scheduler {
                 Prediction::V => alpha_s0 * x[j] - sigma_s0 * m[j],
             })
             .collect();
-        let n = self.timesteps.len();
-        let lower_order_final = i == n - 1
-            && (self.euler_at_final || (self.lower_order_final && n < 15) || !self.final_sigma_min);
-        let (alpha_t, sigma_t) = alpha_sigma(self.sigmas[i + 1]);
-        // Final σ = 0 gives λ_t = +inf, h = inf, e^-h = 0: the step returns x0 exactly.
-        let lambda = |a: f32, s: f32| a.ln() - s.ln();
-        let lambda_t = lambda(alpha_t, sigma_t);
-        let lambda_s0 = lambda(alpha_s0, sigma_s0);
-        let h = lambda_t - lambda_s0;
-        let c0 = sigma_t / sigma_s0;
-        let c1 = alpha_t * ((-h).exp() - 1.0);
+        let (c0, c1, lower_order_final, r0) = self.dpm_coeffs(i);
         let out = match self.prev_x0.take() {
             Some(prev) if !lower_order_final => {
-                let (alpha_s1, sigma_s1) = alpha_sigma(self.sigmas[i - 1]);
-                let r0 = (lambda_s0 - lambda(alpha_s1, sigma_s1)) / h;
-                let (k, half) = (1.0 / r0, 0.5 * c1);
+                let (k, half) = (1.0 / r0.expect("a previous step"), 0.5 * c1);
                 let m1 = prev.data();
                 (0..x.len())
                     .map(|j| c0 * x[j] - c1 * x0[j] - half * (k * (x0[j] - m1[j])))
@@ -1108,6 +1120,12 @@ fn mix(terms: &[(&Tensor, f32)], div: f32, mul: f32) -> Tensor {
     }
     let out = out.into_iter().map(|v| mul * (v / div)).collect();
     Tensor::new(terms[0].0.shape(), out)
+}
+
+/// Euler ancestral's split of the step from σ to σ_next: (σ_up, σ_down).
+pub(super) fn ancestral(sigma: f32, next: f32) -> (f32, f32) {
+    let up = (next * next * (sigma * sigma - next * next) / (sigma * sigma)).sqrt();
+    (up, (next * next - up * up).sqrt())
 }
 
 /// (α_t, σ_t) of a sigma: α = 1/√(σ²+1), σ_t = σ·α (as DPM's `_sigma_to_alpha_sigma_t`).
