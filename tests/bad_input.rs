@@ -32,17 +32,13 @@ impl Damaged {
         self.model.join("config.json")
     }
     fn run(&self, component: &str, case: &str) -> String {
-        let o = toffee(&[
-            "forward",
-            "--model",
-            self.model.to_str().unwrap(),
-            "--component",
+        let o = forward_at(
+            &self.model,
             component,
-            "--inputs",
-            golden(&format!("{case}.in.safetensors")).to_str().unwrap(),
-            "--out",
-            self.out.to_str().unwrap(),
-        ]);
+            &golden(&format!("{case}.in.safetensors")),
+            &self.out,
+            &[],
+        );
         let e = expect_error(&o);
         assert!(!self.out.exists(), "no output file after a failure");
         e
@@ -206,47 +202,35 @@ fn config_not_json() {
 fn nonexistent_paths() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.safetensors");
-    let o = toffee(&[
-        "forward",
-        "--model",
-        "/no/such/model",
-        "--component",
+    let o = forward_at(
+        std::path::Path::new("/no/such/model"),
         "unet",
-        "--inputs",
-        golden("sd1_unet.in.safetensors").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &golden("sd1_unet.in.safetensors"),
+        &out,
+        &[],
+    );
     let e = expect_error(&o);
     assert!(e.contains("/no/such/model"), "{e}");
-    let o = toffee(&[
-        "forward",
-        "--model",
-        fixtures().join("sd1").to_str().unwrap(),
-        "--component",
+    let o = forward_at(
+        &fixtures().join("sd1"),
         "unet",
-        "--inputs",
-        "/no/such/inputs.safetensors",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        std::path::Path::new("/no/such/inputs.safetensors"),
+        &out,
+        &[],
+    );
     let e = expect_error(&o);
     assert!(
         e.contains("/no/such/inputs.safetensors") && e.contains("cannot open"),
         "{e}"
     );
     // A pipeline folder without the requested component.
-    let o = toffee(&[
-        "forward",
-        "--model",
-        fixtures().join("sd1").to_str().unwrap(),
-        "--component",
+    let o = forward_at(
+        &fixtures().join("sd1"),
         "controlnet",
-        "--inputs",
-        golden("sd1_controlnet.in.safetensors").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &golden("sd1_controlnet.in.safetensors"),
+        &out,
+        &[],
+    );
     let e = expect_error(&o);
     assert!(e.contains("no `controlnet` component"), "{e}");
     assert!(!out.exists());
@@ -256,17 +240,13 @@ fn nonexistent_paths() {
 fn unwritable_output_leaves_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("missing-dir/out.safetensors");
-    let o = toffee(&[
-        "forward",
-        "--model",
-        fixtures().join("sd1").to_str().unwrap(),
-        "--component",
+    let o = forward_at(
+        &fixtures().join("sd1"),
         "vae-decode",
-        "--inputs",
-        golden("sd1_vae_decode.in.safetensors").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+        &golden("sd1_vae_decode.in.safetensors"),
+        &out,
+        &[],
+    );
     let e = expect_error(&o);
     assert!(
         e.contains("missing-dir/out.safetensors") && e.contains("cannot write"),
@@ -291,17 +271,13 @@ fn wrong_input_shapes() {
         )],
     )
     .unwrap();
-    let o = toffee(&[
-        "forward",
-        "--model",
-        fixtures().join("sd1").to_str().unwrap(),
-        "--component",
+    let o = forward_at(
+        &fixtures().join("sd1"),
         "vae-decode",
-        "--inputs",
-        p.to_str().unwrap(),
-        "--out",
-        dir.path().join("o.safetensors").to_str().unwrap(),
-    ]);
+        &p,
+        &dir.path().join("o.safetensors"),
+        &[],
+    );
     let e = expect_error(&o);
     assert!(
         e.contains("in.safetensors") && e.contains("`latent`") && e.contains("rank 4"),
@@ -315,17 +291,13 @@ fn wrong_input_shapes() {
         )],
     )
     .unwrap();
-    let o = toffee(&[
-        "forward",
-        "--model",
-        fixtures().join("sd1").to_str().unwrap(),
-        "--component",
+    let o = forward_at(
+        &fixtures().join("sd1"),
         "vae-decode",
-        "--inputs",
-        p.to_str().unwrap(),
-        "--out",
-        dir.path().join("o.safetensors").to_str().unwrap(),
-    ]);
+        &p,
+        &dir.path().join("o.safetensors"),
+        &[],
+    );
     let e = expect_error(&o);
     assert!(e.contains("latent has 3 channels"), "{e}");
 }

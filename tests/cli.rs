@@ -10,17 +10,7 @@ fn forward(
     inputs: &std::path::Path,
     out: &std::path::Path,
 ) -> std::process::Output {
-    toffee(&[
-        "forward",
-        "--model",
-        fixtures().join(model).to_str().unwrap(),
-        "--component",
-        component,
-        "--inputs",
-        inputs.to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ])
+    forward_at(&fixtures().join(model), component, &inputs, &out, &[])
 }
 
 fn assert_close(out: &std::path::Path, golden_out: &str) {
@@ -131,19 +121,13 @@ fn forward_sdxl_unet_without_time_ids_is_an_error() {
 #[test]
 fn forward_refuses_cuda_in_a_cpu_build() {
     let dir = tempfile::tempdir().unwrap();
-    let o = toffee(&[
-        "forward",
-        "--model",
-        fixtures().join("sd1").to_str().unwrap(),
-        "--component",
+    let o = forward_at(
+        &fixtures().join("sd1"),
         "vae-decode",
-        "--inputs",
-        golden("sd1_vae_decode.in.safetensors").to_str().unwrap(),
-        "--out",
-        dir.path().join("o.safetensors").to_str().unwrap(),
-        "--device",
-        "cuda:0",
-    ]);
+        &golden("sd1_vae_decode.in.safetensors"),
+        &dir.path().join("o.safetensors"),
+        &["--device", "cuda:0"],
+    );
     let e = expect_error(&o);
     assert!(e.contains("cuda:0"), "{e}");
 }

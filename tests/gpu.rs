@@ -477,19 +477,13 @@ fn cli_runs_on_the_gpu() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("o.safetensors");
-    let o = toffee(&[
-        "forward",
-        "--model",
-        fixtures().join("sd1").to_str().unwrap(),
-        "--component",
+    let o = forward_at(
+        &fixtures().join("sd1"),
         "unet",
-        "--inputs",
-        golden("sd1_unet.in.safetensors").to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-        "--device",
-        "cuda",
-    ]);
+        &golden("sd1_unet.in.safetensors"),
+        &out,
+        &["--device", "cuda"],
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     let got = read_all(&out).unwrap();
     let want = read_all(&golden("sd1_unet.out.safetensors")).unwrap();

@@ -65,3 +65,28 @@ pub fn expect_error(o: &Output) -> String {
     assert!(e.starts_with("toffee: error:"), "{e}");
     e
 }
+
+/// `toffee forward --model MODEL --component C --inputs IN --out OUT` plus `extra` arguments.
+pub fn forward_at(
+    model: &Path,
+    component: &str,
+    inputs: &Path,
+    out: &Path,
+    extra: &[&str],
+) -> Output {
+    let mut args = vec![
+        "forward",
+        "--model",
+        model.to_str().unwrap(),
+        "--component",
+        component,
+    ];
+    args.extend([
+        "--inputs",
+        inputs.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    args.extend_from_slice(extra);
+    toffee(&args)
+}
