@@ -10,7 +10,7 @@ fn forward(
     inputs: &std::path::Path,
     out: &std::path::Path,
 ) -> std::process::Output {
-    forward_at(&fixtures().join(model), component, &inputs, &out, &[])
+    forward_at(&fixtures().join(model), component, inputs, out, &[])
 }
 
 fn assert_close(out: &std::path::Path, golden_out: &str) {
