@@ -153,8 +153,9 @@ fn weights_summary(w: &WeightStore) -> String {
     )
 }
 
-/// Describes one model folder; with `load`, also builds the model (every tensor read and checked).
-fn describe_model(dir: &Path, sub: &str, load_model: bool, out: &mut String) -> Result<()> {
+/// Describes one model folder and returns its parameter count; with `load`, also builds the model
+/// (every tensor read and checked).
+fn describe_model(dir: &Path, sub: &str, load_model: bool, out: &mut String) -> Result<usize> {
     let cfg = Config::read_dir(dir)?;
     let fam = family_of(&cfg)?;
     let mut w = open_weights(dir)?;
@@ -179,7 +180,7 @@ fn describe_model(dir: &Path, sub: &str, load_model: bool, out: &mut String) -> 
         }
         writeln!(out, "  loaded: ok").unwrap();
     }
-    Ok(())
+    Ok(w.param_count())
 }
 
 pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
@@ -209,13 +210,8 @@ pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
         ] {
             let d = path.join(sub);
             if d.join("config.json").is_file() {
-                describe_model(&d, sub, load_model, &mut out)
+                total += describe_model(&d, sub, load_model, &mut out)
                     .with_context(|| format!("{}: component `{sub}`", path.display()))?;
-                let mut w = open_weights(&d)?;
-                if sub.starts_with("text_encoder") {
-                    normalise_text_encoder(&mut w);
-                }
-                total += w.param_count();
             }
         }
         for sub in ["tokenizer", "tokenizer_2", "scheduler"] {
