@@ -20,6 +20,9 @@ struct Captured {
     graph: cudarc::driver::CudaGraph,
     inputs: Vec<Tensor>,
     outputs: Vec<Tensor>,
+    /// The tensors last copied into `inputs`, kept alive so an unchanged one (the text context,
+    /// the control image) is not copied again every step.
+    last: Vec<Option<Tensor>>,
 }
 
 impl StepGraph {
@@ -78,17 +81,26 @@ impl StepGraph {
                 let graph = gpu.end_capture();
                 let outputs = out?;
                 let graph = graph?;
+                let last = vec![None; statics.len()];
                 self.captured = Some(Captured {
                     graph,
                     inputs: statics,
                     outputs,
+                    last,
                 });
             }
-            let c = self.captured.as_ref().expect("captured above");
-            for (dst, src) in c.inputs.iter().zip(inputs) {
-                dst.dev()
-                    .expect("device input")
-                    .copy_from(src.dev().expect("device input"));
+            let c = self.captured.as_mut().expect("captured above");
+            for ((dst, src), last) in c.inputs.iter().zip(inputs).zip(c.last.iter_mut()) {
+                let s = src.dev().expect("device input");
+                if last
+                    .as_ref()
+                    .and_then(|l| l.dev())
+                    .is_some_and(|l| l.same(s))
+                {
+                    continue;
+                }
+                dst.dev().expect("device input").copy_from(s);
+                *last = Some(src.clone());
             }
             c.graph
                 .launch()

@@ -521,6 +521,12 @@ impl DevBuf {
         out
     }
 
+    /// Whether both are views of one allocation (device buffers are never written in place, except
+    /// graph inputs through `copy_from`, so the same live allocation means the same values).
+    pub fn same(&self, other: &DevBuf) -> bool {
+        Arc::ptr_eq(&self.mem, &other.mem) && self.len == other.len && self.dtype == other.dtype
+    }
+
     /// Overwrites this buffer with `src` (same size): graph inputs are refreshed this way.
     pub fn copy_from(&self, src: &DevBuf) {
         if src.bytes() != self.bytes() {
