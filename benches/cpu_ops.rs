@@ -45,5 +45,24 @@ fn bench(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, bench);
+/// The image encoders of the filter stage at their real configurations (random weights), one
+/// 224² image: DINOv2-B/14 (256 patches) and CLIP ViT-L/14's vision tower.
+fn encoders(c: &mut Criterion) {
+    use toffee::configs::KnownVision;
+    let mut g = c.benchmark_group("cpu_encoders");
+    g.sample_size(10);
+    for k in [KnownVision::Dinov2B14, KnownVision::ClipL14] {
+        let cfg = toffee::config::Config::from_json(k.name(), k.config()).unwrap();
+        let store = toffee::weights::WeightStore::random(7);
+        let vit = toffee::models::vit::Vit::load(&cfg, &store, &ops::Device::Cpu).unwrap();
+        let x = rand(&[1, 224, 224, 3], 9);
+        g.throughput(Throughput::Elements(1));
+        g.bench_function(format!("{} 224² (images)", k.name()), |b| {
+            b.iter(|| vit.forward(&x).last_hidden_state)
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, bench, encoders);
 criterion_main!(benches);

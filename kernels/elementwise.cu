@@ -5,21 +5,25 @@
 
 #define GRID_STRIDE(i, n) for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long)gridDim.x * blockDim.x)
 
-// kind: 0 silu, 1 gelu (erf), 2 quick_gelu, 3 identity. y = act(a·x + b).
+// kind: 0 silu, 1 gelu (erf), 2 quick_gelu, 3 identity, 4 tanh.
+__device__ __forceinline__ float act_f(float v, int kind) {
+    return kind == 0 ? silu_f(v) : kind == 1 ? gelu_f(v) : kind == 2 ? quick_gelu_f(v) : kind == 4 ? tanhf(v) : v;
+}
+
+// y = act(a·x + b).
 template <typename T> __device__ void act(const T* x, T* y, long n, int kind, float a, float b) {
     GRID_STRIDE(i, n) {
         float v = a * to_f(x[i]) + b;
-        v = kind == 0 ? silu_f(v) : kind == 1 ? gelu_f(v) : kind == 2 ? quick_gelu_f(v) : v;
-        y[i] = from_f<T>(v);
+        y[i] = from_f<T>(act_f(v, kind));
     }
 }
 
-// y[r, j] = x[r, j] · gelu(x[r, c + j]) for x of width 2c.
-template <typename T> __device__ void geglu(const T* x, T* y, long rows, int c) {
+// Gated unit: y[r, j] = x[r, j] · act(x[r, c + j]) for x of width 2c (GEGLU, SwiGLU).
+template <typename T> __device__ void glu(const T* x, T* y, long rows, int c, int kind) {
     GRID_STRIDE(i, rows * c) {
         long r = i / c;
         int j = (int)(i % c);
-        y[i] = from_f<T>(to_f(x[r * 2 * c + j]) * gelu_f(to_f(x[r * 2 * c + c + j])));
+        y[i] = from_f<T>(to_f(x[r * 2 * c + j]) * act_f(to_f(x[r * 2 * c + c + j]), kind));
     }
 }
 
@@ -135,7 +139,7 @@ template <typename T> __device__ void affine_clamp(const T* x, T* y, long n, flo
 
 #define ELEMENTWISE(S, T)                                                                                            \
     extern "C" __global__ void act_##S(const T* x, T* y, long n, int kind, float a, float b) { act<T>(x, y, n, kind, a, b); } \
-    extern "C" __global__ void geglu_##S(const T* x, T* y, long rows, int c) { geglu<T>(x, y, rows, c); }          \
+    extern "C" __global__ void glu_##S(const T* x, T* y, long rows, int c, int kind) { glu<T>(x, y, rows, c, kind); } \
     extern "C" __global__ void add_scaled_##S(const T* a, const T* b, T* y, long n, float s) { add_scaled<T>(a, b, y, n, s); } \
     extern "C" __global__ void add_broadcast_##S(const T* x, const T* v, T* y, long total, long per, int c, int v_rows) { \
         add_broadcast<T>(x, v, y, total, per, c, v_rows);                                                            \

@@ -3,13 +3,16 @@
 
 use crate::backend::Device;
 use crate::config::Config;
-use crate::configs::Known;
+use crate::configs::{Known, KnownVision};
 use crate::forward::Component;
 use crate::models::clip_text::ClipText;
 use crate::models::controlnet::ControlNet;
-use crate::models::load::{normalise_text_encoder, Checkpoint};
+use crate::models::load::{
+    image_encoder_dir, normalise_image_encoder, normalise_text_encoder, Checkpoint,
+};
 use crate::models::unet::{Cond, Unet};
 use crate::models::vae::{self, Vae};
+use crate::models::vit::Vit;
 use crate::pipeline::graph::StepGraph;
 use crate::tensor::Tensor;
 use crate::weights::WeightStore;
@@ -21,6 +24,7 @@ use std::time::Instant;
 #[derive(Clone, Debug)]
 pub enum Source {
     Known(Known),
+    KnownVision(KnownVision),
     Dir(PathBuf),
 }
 
@@ -31,6 +35,8 @@ impl std::str::FromStr for Source {
             "sd15" => Source::Known(Known::Sd15),
             "sd21" => Source::Known(Known::Sd21),
             "sdxl" => Source::Known(Known::Sdxl),
+            "dinov2-b14" => Source::KnownVision(KnownVision::Dinov2B14),
+            "clip-l14" => Source::KnownVision(KnownVision::ClipL14),
             p => Source::Dir(PathBuf::from(p)),
         })
     }
@@ -70,12 +76,29 @@ fn rand(shape: Vec<usize>, seed: u64, scale: f32) -> Tensor {
 /// Config and weights for the component: random weights for known configs, the folder's otherwise.
 fn model_source(src: &Source, comp: Component) -> Result<(Config, WeightStore, String)> {
     match src {
+        Source::KnownVision(k) => {
+            if comp != Component::ImageEncoder {
+                bail!(
+                    "--config {}: an image encoder configuration; use --component image-encoder",
+                    k.name()
+                );
+            }
+            Ok((
+                Config::from_json(&format!("<{}>/config.json", k.name()), k.config())?,
+                WeightStore::random(7),
+                k.name().into(),
+            ))
+        }
         Source::Known(k) => {
             let json = match comp {
                 Component::Unet => k.unet(),
                 Component::Controlnet => k.controlnet(),
                 Component::VaeEncode | Component::VaeDecode => k.vae(),
                 Component::TextEncoder | Component::TextEncoder2 => k.text_encoder(),
+                Component::ImageEncoder => bail!(
+                    "--config {}: no image encoder in this configuration (use dinov2-b14 or clip-l14)",
+                    k.name()
+                ),
             };
             Ok((
                 Config::from_json(
@@ -87,7 +110,15 @@ fn model_source(src: &Source, comp: Component) -> Result<(Config, WeightStore, S
             ))
         }
         Source::Dir(p) => {
-            let mut ck = Checkpoint::open(p, comp.subfolder())?;
+            let dir = if comp == Component::ImageEncoder {
+                image_encoder_dir(p)
+            } else {
+                p.clone()
+            };
+            let mut ck = Checkpoint::open(&dir, comp.subfolder())?;
+            if comp == Component::ImageEncoder {
+                normalise_image_encoder(&mut ck.weights);
+            }
             if matches!(comp, Component::TextEncoder | Component::TextEncoder2) {
                 normalise_text_encoder(&mut ck.weights);
             }
@@ -110,12 +141,17 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
     }
     let (cfg, store, name) = model_source(&o.source, o.component)?;
     let b = o.batch;
+    let image_encoder = o.component == Component::ImageEncoder;
     let res = match (o.resolution, &o.source) {
         (Some(r), _) => r,
         (None, Source::Known(k)) => k.resolution(),
+        (None, Source::KnownVision(k)) => k.resolution(),
+        (None, Source::Dir(_)) if image_encoder => {
+            crate::models::vit::VitConfig::parse(&cfg)?.image_size
+        }
         (None, Source::Dir(_)) => 512,
     };
-    if res == 0 || res % 8 != 0 {
+    if res == 0 || (!image_encoder && res % 8 != 0) {
         bail!("--resolution {res} is not a positive multiple of 8");
     }
     let l = res / 8;
@@ -123,6 +159,7 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
     type Call<'a> = Box<dyn Fn(&[Tensor]) -> Result<Tensor> + 'a>;
     let vae;
     let te;
+    let vit;
     let (inputs, call): (Vec<Tensor>, Call) = match o.component {
         Component::Unet | Component::Controlnet => {
             let model = if o.component == Component::Unet {
@@ -183,6 +220,14 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
             (
                 vec![dev.put(rand(vec![b, l, l, 4], 6, 1.0))],
                 Box::new(|v: &[Tensor]| vae.decode(&v[0])),
+            )
+        }
+        Component::ImageEncoder => {
+            vit = Vit::load(&cfg, &store, dev)?;
+            vit.check_input(res, res)?;
+            (
+                vec![dev.put(rand(vec![b, res, res, vit.config.channels], 8, 1.0))],
+                Box::new(|v: &[Tensor]| Ok(vit.forward(&v[0]).last_hidden_state)),
             )
         }
         Component::TextEncoder | Component::TextEncoder2 => {

@@ -97,3 +97,42 @@ impl Known {
         }
     }
 }
+
+/// Image encoders the pairs job runs, by their public configs (random weights).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KnownVision {
+    /// facebook/dinov2-base: ViT-B/14 with layer scale (the filter's DINO score, the Refiner's tokens).
+    Dinov2B14,
+    /// openai/clip-vit-large-patch14's vision tower with projection (IP-Adapter, CLIP-I/CLIP-T).
+    ClipL14,
+}
+
+impl KnownVision {
+    pub fn name(self) -> &'static str {
+        match self {
+            KnownVision::Dinov2B14 => "dinov2-b14",
+            KnownVision::ClipL14 => "clip-l14",
+        }
+    }
+
+    /// The input side the processor produces (224 for both).
+    pub fn resolution(self) -> usize {
+        224
+    }
+
+    pub fn config(self) -> Value {
+        match self {
+            KnownVision::Dinov2B14 => json!({
+                "model_type": "dinov2", "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                "mlp_ratio": 4, "patch_size": 14, "image_size": 518, "hidden_act": "gelu", "layer_norm_eps": 1e-6,
+                "layerscale_value": 1.0, "use_swiglu_ffn": false, "qkv_bias": true
+            }),
+            KnownVision::ClipL14 => json!({
+                "model_type": "clip_vision_model", "architectures": ["CLIPVisionModelWithProjection"],
+                "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+                "patch_size": 14, "image_size": 224, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+                "projection_dim": 768
+            }),
+        }
+    }
+}

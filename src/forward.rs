@@ -19,6 +19,8 @@ pub enum Component {
     /// SDXL's second text encoder (the pipeline's text_encoder_2 folder).
     #[value(name = "text-encoder-2")]
     TextEncoder2,
+    /// ViT / DINOv2 / CLIP vision (a pipeline's image_encoder folder, or a model folder).
+    ImageEncoder,
 }
 
 impl Component {
@@ -31,6 +33,7 @@ impl Component {
             Component::VaeDecode => "vae-decode",
             Component::TextEncoder => "text-encoder",
             Component::TextEncoder2 => "text-encoder-2",
+            Component::ImageEncoder => "image-encoder",
         }
     }
 
@@ -42,6 +45,7 @@ impl Component {
             Component::VaeEncode | Component::VaeDecode => "vae",
             Component::TextEncoder => "text_encoder",
             Component::TextEncoder2 => "text_encoder_2",
+            Component::ImageEncoder => "image_encoder",
         }
     }
 }
@@ -258,6 +262,30 @@ fn run_on(
             let vae = load::load_vae(model, dev)?;
             Ok(vec![("image".into(), vae.decode(&latent)?)])
         }
+        Component::ImageEncoder => {
+            let pixels = inp.image("pixel_values")?;
+            let mut enc = load::load_image_encoder(model, dev)?;
+            match inp.get("interpolate_pos_encoding") {
+                None => {}
+                Some(t) if t.numel() == 1 => enc.set_interpolate_pos_encoding(t.data()[0] != 0.0),
+                Some(t) => bail!(
+                    "{}: `interpolate_pos_encoding` has shape {:?}; expected a scalar",
+                    inputs_file.display(),
+                    t.shape()
+                ),
+            }
+            let (_, h, w, c) = pixels.dims4();
+            if c != enc.config.channels {
+                bail!(
+                    "{}: `pixel_values` has {c} channels; the model takes {}",
+                    inputs_file.display(),
+                    enc.config.channels
+                );
+            }
+            enc.check_input(h, w)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", inputs_file.display()))?;
+            Ok(vit_outputs(enc.forward(&dev.put(pixels))))
+        }
         Component::TextEncoder | Component::TextEncoder2 => {
             let ids_t = inp.rank("input_ids", 2, "[N, tokens]")?;
             let (b, l) = (ids_t.shape()[0], ids_t.shape()[1]);
@@ -293,4 +321,22 @@ fn run_on(
             Ok(v)
         }
     }
+}
+
+/// An image encoder's outputs by their transformers names.
+pub fn vit_outputs(o: crate::models::vit::VitOutput) -> Vec<(String, Tensor)> {
+    let mut v = vec![
+        ("last_hidden_state".to_string(), o.last_hidden_state),
+        (
+            "penultimate_hidden_state".to_string(),
+            o.penultimate_hidden_state,
+        ),
+    ];
+    if let Some(t) = o.pooler_output {
+        v.push(("pooler_output".into(), t));
+    }
+    if let Some(t) = o.image_embeds {
+        v.push(("image_embeds".into(), t));
+    }
+    v
 }

@@ -91,7 +91,7 @@ fn read_prompts(o: &Options) -> Result<Vec<String>> {
 }
 
 /// Checks that output files can be created before spending minutes on generation.
-fn check_writable(paths: &[PathBuf]) -> Result<()> {
+pub fn check_writable(paths: &[PathBuf]) -> Result<()> {
     for p in paths {
         let dir = match p.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,

@@ -15,6 +15,8 @@ pub enum Family {
     ControlNet,
     Vae,
     ClipText,
+    /// ViTModel (DINO v1), Dinov2Model, CLIPVisionModel(WithProjection), CLIPModel.
+    Vision,
 }
 
 impl Family {
@@ -24,6 +26,7 @@ impl Family {
             Family::ControlNet => "ControlNetModel",
             Family::Vae => "AutoencoderKL",
             Family::ClipText => "CLIPTextModel",
+            Family::Vision => "vision transformer",
         }
     }
 }
@@ -42,6 +45,19 @@ pub fn family_of(cfg: &Config) -> Result<Family> {
             )),
         };
     }
+    const VISION_TYPES: [&str; 6] = [
+        "vit",
+        "dino",
+        "dinov2",
+        "dinov2_with_registers",
+        "clip_vision_model",
+        "clip",
+    ];
+    if let Some(t) = cfg.opt_str("model_type")? {
+        if VISION_TYPES.contains(&t) {
+            return Ok(Family::Vision);
+        }
+    }
     if let Some(a) = cfg.get("architectures").and_then(|a| a.as_array()) {
         for v in a {
             if matches!(
@@ -54,7 +70,8 @@ pub fn family_of(cfg: &Config) -> Result<Family> {
         return Err(cfg.unsupported(
             "architectures",
             serde_json::Value::Array(a.clone()),
-            "CLIPTextModel, CLIPTextModelWithProjection",
+            "CLIPTextModel, CLIPTextModelWithProjection, or a vision model_type (vit, dinov2, \
+             dinov2_with_registers, clip_vision_model, clip)",
         ));
     }
     if cfg.opt_str("model_type")? == Some("clip_text_model") {
@@ -91,6 +108,38 @@ pub fn variant(family: Family, cfg: &Config) -> Result<String> {
             cfg.usize_or("latent_channels", 4)?,
             cfg.f64_or("scaling_factor", 0.18215)?
         ),
+        Family::Vision => {
+            let c = crate::models::vit::VitConfig::parse(cfg)?;
+            let class = cfg
+                .get("architectures")
+                .and_then(|a| a.as_array())
+                .and_then(|a| a.first())
+                .and_then(|v| v.as_str())
+                .unwrap_or(c.kind.class_name())
+                .to_string();
+            let mut s = format!(
+                "{class}: image size {}, patch size {}, hidden_size {}, {} layers, {} heads, {}",
+                c.image_size,
+                c.patch,
+                c.hidden,
+                c.layers,
+                c.heads,
+                format!("{:?}", c.act).to_lowercase()
+            );
+            if c.swiglu {
+                s += ", SwiGLU MLP";
+            }
+            if c.registers > 0 {
+                s += &format!(", {} register tokens", c.registers);
+            }
+            if let Some(p) = c.projection_dim {
+                s += &format!(", projection_dim {p}");
+            }
+            if cfg.get("text_config").is_some() {
+                s += ", with the CLIP text tower";
+            }
+            s
+        }
         Family::ClipText => {
             let proj = cfg
                 .get("architectures")
@@ -177,6 +226,7 @@ fn describe_model(dir: &Path, sub: &str, load_model: bool, out: &mut String) -> 
             Family::ControlNet => drop(load::load_controlnet(dir, &Device::Cpu)?),
             Family::Vae => drop(load::load_vae(dir, &Device::Cpu)?),
             Family::ClipText => drop(load::load_text_encoder(dir, sub, &Device::Cpu)?),
+            Family::Vision => drop(load::load_image_encoder(dir, &Device::Cpu)?),
         }
         writeln!(out, "  loaded: ok").unwrap();
     }
@@ -207,6 +257,7 @@ pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
             "vae",
             "text_encoder",
             "text_encoder_2",
+            "image_encoder",
         ] {
             let d = path.join(sub);
             if d.join("config.json").is_file() {
@@ -214,7 +265,7 @@ pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
                     .with_context(|| format!("{}: component `{sub}`", path.display()))?;
             }
         }
-        for sub in ["tokenizer", "tokenizer_2", "scheduler"] {
+        for sub in ["tokenizer", "tokenizer_2", "scheduler", "feature_extractor"] {
             if path.join(sub).is_dir() {
                 writeln!(out, "{sub}: present").unwrap();
             }
@@ -243,6 +294,8 @@ fn guess_from_names(w: &WeightStore) -> &'static str {
         "AutoencoderKL weights (diffusers names)"
     } else if has("down_blocks.") && has("conv_in.") {
         "UNet2DConditionModel weights (diffusers names)"
+    } else if has("vision_model.") || has("embeddings.patch_embeddings.") {
+        "vision transformer weights (transformers names: CLIP vision, ViT or DINOv2)"
     } else if has("text_model.") || has("encoder.layers.") {
         "CLIP text encoder weights (transformers names)"
     } else {

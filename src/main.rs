@@ -48,7 +48,7 @@ enum Cmd {
     Devices,
     /// Calls per second of one model on random inputs (random weights of a real configuration).
     Bench {
-        /// sd15, sd21, sdxl (random weights) or a pipeline / model folder.
+        /// sd15, sd21, sdxl, dinov2-b14, clip-l14 (random weights) or a pipeline / model folder.
         #[arg(long)]
         config: toffee::bench::Source,
         #[arg(long, value_enum)]
@@ -68,6 +68,58 @@ enum Cmd {
         /// One JSON object instead of a line of text.
         #[arg(long)]
         json: bool,
+    },
+    /// Preprocess images and run an image encoder (ViT, DINOv2, CLIP vision): writes
+    /// pixel_values and the model's outputs, one row per image in argument order.
+    Embed {
+        /// An image-encoder folder (with its preprocessor_config.json), a CLIPModel folder or a
+        /// pipeline with an image_encoder.
+        #[arg(long)]
+        model: PathBuf,
+        /// PNG / JPEG files.
+        #[arg(long, num_args = 1.., required = true)]
+        images: Vec<PathBuf>,
+        /// safetensors file to write (atomically).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// DINO, CLIP-I and CLIP-T scores (raw cosines) of a subject, a target and a prompt, or of
+    /// every line of --pairs.
+    Score {
+        /// DINO v1 (ViTModel) or DINOv2 folder.
+        #[arg(long)]
+        dino: PathBuf,
+        /// CLIPModel folder (vision and text towers, tokenizer, preprocessor_config.json).
+        #[arg(long)]
+        clip: PathBuf,
+        #[arg(long, required_unless_present = "pairs", conflicts_with = "pairs")]
+        subject: Option<PathBuf>,
+        #[arg(long, required_unless_present = "pairs", conflicts_with = "pairs")]
+        target: Option<PathBuf>,
+        /// Score the subject inside this mask only (white = subject).
+        #[arg(long, conflicts_with = "pairs")]
+        subject_mask: Option<PathBuf>,
+        #[arg(long, conflicts_with = "pairs")]
+        target_mask: Option<PathBuf>,
+        #[arg(long, required_unless_present = "pairs", conflicts_with = "pairs")]
+        prompt: Option<String>,
+        /// JSONL: {"subject", "target", "prompt"[, "subject_mask", "target_mask"]} per line
+        /// (paths relative to the file); writes one JSON line per record with the scores.
+        #[arg(long)]
+        pairs: Option<PathBuf>,
+        /// With --pairs: write the scored lines here (atomically) instead of stdout.
+        #[arg(long, requires = "pairs")]
+        out: Option<PathBuf>,
+        /// Records per encoder batch.
+        #[arg(long, default_value_t = 16)]
+        batch: usize,
+        /// One JSON object instead of a line of text.
+        #[arg(long)]
+        json: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
     },
     /// Describe a checkpoint: family, variant, config, parameter count, dtypes and size.
     Inspect {
@@ -238,7 +290,7 @@ fn run(cli: Cli) -> Result<()> {
                 toffee::bench::Source::Dir(p) => {
                     toffee::models::load::is_bf16(p, component.subfolder()).unwrap_or(false)
                 }
-                toffee::bench::Source::Known(_) => false,
+                toffee::bench::Source::Known(_) | toffee::bench::Source::KnownVision(_) => false,
             };
             let device = toffee::backend::Device::open(&device, bf16)?;
             let opts = toffee::bench::Options {
@@ -262,6 +314,73 @@ fn run(cli: Cli) -> Result<()> {
                     r.device,
                     r.ms_per_call,
                     r.calls_per_s
+                );
+            }
+            Ok(())
+        }
+        Cmd::Embed {
+            model,
+            images,
+            out,
+            device,
+        } => {
+            let names = toffee::cmd::embed::run(&toffee::cmd::embed::Options {
+                model,
+                images,
+                out: out.clone(),
+                device,
+            })?;
+            eprintln!("wrote {} ({})", out.display(), names.join(", "));
+            Ok(())
+        }
+        Cmd::Score {
+            dino,
+            clip,
+            subject,
+            target,
+            subject_mask,
+            target_mask,
+            prompt,
+            pairs,
+            out,
+            batch,
+            json,
+            device,
+        } => {
+            use toffee::cmd::score;
+            let scorer = score::load_scorer(&score::Options { dino, clip, device })?;
+            if let Some(pairs) = pairs {
+                let n = match out {
+                    Some(out) => {
+                        let mut buf = Vec::new();
+                        let n = score::score_file(&scorer, &pairs, batch, &mut buf)?;
+                        toffee::weights::safetensors::write_atomic(&out, &buf)?;
+                        n
+                    }
+                    None => {
+                        score::score_file(&scorer, &pairs, batch, &mut std::io::stdout().lock())?
+                    }
+                };
+                eprintln!("scored {n} record{}", if n == 1 { "" } else { "s" });
+                return Ok(());
+            }
+            let (Some(subject), Some(target), Some(prompt)) = (subject, target, prompt) else {
+                anyhow::bail!("--subject, --target and --prompt are required without --pairs");
+            };
+            let line = score::PairLine {
+                subject,
+                target,
+                prompt,
+                subject_mask,
+                target_mask,
+            };
+            let s = score::score_one(&scorer, &line)?;
+            if json {
+                println!("{}", serde_json::to_string(&s)?);
+            } else {
+                println!(
+                    "dino {:.6}  clip_i {:.6}  clip_t {:.6}",
+                    s.dino, s.clip_i, s.clip_t
                 );
             }
             Ok(())

@@ -201,10 +201,20 @@ fn ops_match_the_cpu_backend() {
             .map(|a| (a > &0.0) as u8 as f32)
             .collect(),
     );
-    for a in [Activation::Silu, Activation::Gelu, Activation::QuickGelu] {
+    for a in [
+        Activation::Silu,
+        Activation::Gelu,
+        Activation::QuickGelu,
+        Activation::Tanh,
+    ] {
         close(&format!("{a:?}"), &a.apply(&put(&x)), &a.apply(&x), &d);
+        close(
+            &format!("glu {a:?}"),
+            &ops::glu(&put(&x), a),
+            &ops::glu(&x, a),
+            &d,
+        );
     }
-    close("geglu", &ops::geglu(&put(&x)), &ops::geglu(&x), &d);
     close(
         "add_scaled",
         &ops::add_scaled(&put(&x), &put(&y), -0.7),
@@ -322,6 +332,39 @@ fn models_match_the_cpu_backend() {
         let inputs = read_all(&in_path).unwrap();
         let cpu = forward::run(&model, comp, &inputs, &in_path, &Device::Cpu).unwrap();
         // A device of its own per case: a failure (sticky on a Gpu) stays with its case.
+        let d = gpu().unwrap_or(d.clone());
+        match forward::run(&model, comp, &inputs, &in_path, &d) {
+            Ok(got) => {
+                for ((n, g), (_, c)) in got.iter().zip(&cpu) {
+                    close(&format!("{name}/{n}"), g, c, &d);
+                }
+            }
+            Err(e) => fail(format!("{name}: {e:#}")),
+        }
+    }
+    finish();
+}
+
+/// Every image-encoder golden input (tests/fixtures/golden/vision) through the GPU against the
+/// CPU backend, interpolated position embeddings included.
+#[test]
+fn image_encoders_match_the_cpu_backend() {
+    let Some(d) = gpu() else { return };
+    let root = fixtures().join("golden/vision");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap())
+            .unwrap();
+    for case in manifest["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let model = fixtures().join(case["model"].as_str().unwrap());
+        let in_path = root.join(case["inputs"].as_str().unwrap());
+        let mut inputs = read_all(&in_path).unwrap();
+        inputs.retain(|k, _| k == "pixel_values");
+        if name == "dino-vit_interp" {
+            inputs.insert("interpolate_pos_encoding".into(), Tensor::scalar(1.0));
+        }
+        let comp = Component::ImageEncoder;
+        let cpu = forward::run(&model, comp, &inputs, &in_path, &Device::Cpu).unwrap();
         let d = gpu().unwrap_or(d.clone());
         match forward::run(&model, comp, &inputs, &in_path, &d) {
             Ok(got) => {

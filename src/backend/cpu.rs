@@ -517,6 +517,8 @@ pub enum Activation {
     Silu,
     Gelu,
     QuickGelu,
+    /// The ViT pooler's activation.
+    Tanh,
 }
 
 impl Activation {
@@ -525,13 +527,16 @@ impl Activation {
             "silu" | "swish" => Some(Activation::Silu),
             "gelu" => Some(Activation::Gelu),
             "quick_gelu" => Some(Activation::QuickGelu),
+            "tanh" => Some(Activation::Tanh),
             _ => None,
         }
     }
 }
 
-/// GEGLU: the first half of the last dimension times GELU of the second half.
-pub fn geglu(x: &Tensor) -> Tensor {
+/// Gated linear unit: the first half of the last dimension times `act` of the second half (GEGLU
+/// with GELU; DINOv2's SwiGLU with SiLU once its gate half is moved second at load time).
+pub fn glu(x: &Tensor, act: Activation) -> Tensor {
+    let f = act.scalar_fn();
     let c2 = x.last_dim();
     let c = c2 / 2;
     let rows = x.numel() / c2;
@@ -540,7 +545,7 @@ pub fn geglu(x: &Tensor) -> Tensor {
         .zip(x.data().par_chunks(c2))
         .for_each(|(o, i)| {
             for j in 0..c {
-                o[j] = i[j] * gelu1(i[c + j]);
+                o[j] = i[j] * f(i[c + j]);
             }
         });
     let mut shape = x.shape().to_vec();
@@ -684,10 +689,17 @@ pub fn gather(table: &Tensor, idx: &Tensor) -> Tensor {
 }
 
 pub fn activation(x: &Tensor, a: Activation) -> Tensor {
-    match a {
-        Activation::Silu => silu(x),
-        Activation::Gelu => gelu(x),
-        Activation::QuickGelu => quick_gelu(x),
+    map(x, a.scalar_fn())
+}
+
+impl Activation {
+    fn scalar_fn(self) -> fn(f32) -> f32 {
+        match self {
+            Activation::Silu => silu1,
+            Activation::Gelu => gelu1,
+            Activation::QuickGelu => quick_gelu1,
+            Activation::Tanh => f32::tanh,
+        }
     }
 }
 

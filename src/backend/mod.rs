@@ -260,8 +260,18 @@ pub fn affine_clamp(x: &Tensor, a: f32, b: f32, lo: f32, hi: f32) -> Tensor {
     )
 }
 
+/// The first half of the last dimension times `act` of the second half.
+pub fn glu(x: &Tensor, act: Activation) -> Tensor {
+    assert!(
+        x.last_dim().is_multiple_of(2),
+        "glu: odd width {:?}",
+        x.shape()
+    );
+    dispatch!(x, cpu::glu(x, act), cuda::ops::glu(x, act))
+}
+
 pub fn geglu(x: &Tensor) -> Tensor {
-    dispatch!(x, cpu::geglu(x), cuda::ops::geglu(x))
+    glu(x, Activation::Gelu)
 }
 
 pub fn add(a: &Tensor, b: &Tensor) -> Tensor {

@@ -5,11 +5,12 @@ use super::clip_text::{self, ClipText};
 use super::controlnet::ControlNet;
 use super::unet::Unet;
 use super::vae::{self, Vae};
+use super::vit::{self, Vit};
 use crate::backend::Device;
 use crate::config::Config;
 use crate::weights::layout::{component_dir, open_weights};
 use crate::weights::WeightStore;
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 /// A model folder's config and weights.
@@ -58,6 +59,68 @@ pub fn load_text_encoder(path: &Path, subfolder: &str, device: &Device) -> Resul
     normalise_text_encoder(&mut ck.weights);
     ClipText::load(&ck.config, &ck.weights, device)
         .with_context(|| format!("loading the text encoder from {}", ck.dir.display()))
+}
+
+/// An image encoder (ViT, DINOv2, CLIP vision): a model folder, a `CLIPModel` folder (its vision
+/// tower), a diffusers pipeline folder's `image_encoder`, or a folder holding `image_encoder/`
+/// (IP-Adapter's layout).
+pub fn load_image_encoder(path: &Path, device: &Device) -> Result<Vit> {
+    let mut ck = Checkpoint::open(&image_encoder_dir(path), "image_encoder")?;
+    normalise_image_encoder(&mut ck.weights);
+    Vit::load(&ck.config, &ck.weights, device)
+        .with_context(|| format!("loading the image encoder from {}", ck.dir.display()))
+}
+
+/// `path/image_encoder` when `path` is not itself a model or pipeline folder but holds one.
+pub fn image_encoder_dir(path: &Path) -> PathBuf {
+    let sub = path.join("image_encoder");
+    if !path.join("config.json").is_file()
+        && !path.join("model_index.json").is_file()
+        && sub.join("config.json").is_file()
+    {
+        sub
+    } else {
+        path.to_path_buf()
+    }
+}
+
+/// Keeps the vision tower's tensors under their bare names (a `CLIPModel` file also holds the
+/// text tower).
+pub fn normalise_image_encoder(w: &mut WeightStore) {
+    w.retain(|n| {
+        !n.starts_with("text_model.")
+            && n != "text_projection.weight"
+            && n != "logit_scale"
+            && !n.ends_with("position_ids")
+    });
+    w.normalise_names(vit::normalise_name);
+}
+
+/// The text tower of a `CLIPModel` folder (config `text_config`, `text_model.*` +
+/// `text_projection`), for CLIP-T scores.
+pub fn load_clip_text_tower(path: &Path, device: &Device) -> Result<ClipText> {
+    let mut ck = Checkpoint::open(path, "text_encoder")?;
+    let Some(text) = ck.config.get("text_config").cloned() else {
+        bail!(
+            "{}: no `text_config`: a CLIP text tower needs a CLIPModel folder (both towers)",
+            ck.config.path.display()
+        );
+    };
+    let mut cfg = Config::from_json(&format!("{} (text_config)", ck.config.path.display()), text)?;
+    if let Some(p) = ck.config.get("projection_dim") {
+        cfg.json.insert("projection_dim".into(), p.clone());
+    }
+    ck.weights
+        .retain(|n| n.starts_with("text_model.") || n == "text_projection.weight");
+    normalise_text_encoder(&mut ck.weights);
+    if !ck.weights.contains("text_projection.weight") {
+        bail!(
+            "{}: no `text_projection.weight`: CLIP-T needs the projected text embedding",
+            ck.dir.display()
+        );
+    }
+    ClipText::load(&cfg, &ck.weights, device)
+        .with_context(|| format!("loading the CLIP text tower from {}", ck.dir.display()))
 }
 
 pub fn normalise_text_encoder(w: &mut WeightStore) {

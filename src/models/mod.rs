@@ -3,7 +3,9 @@
 pub mod blocks;
 pub mod clip_text;
 pub mod controlnet;
+pub mod interp;
 pub mod load;
 pub mod nn;
 pub mod unet;
 pub mod vae;
+pub mod vit;

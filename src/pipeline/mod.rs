@@ -5,6 +5,7 @@
 pub mod graph;
 pub mod noise;
 pub mod prompt;
+pub mod score;
 
 use crate::backend::{self as ops, Device};
 use crate::config::Config;

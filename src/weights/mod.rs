@@ -273,19 +273,29 @@ impl<'a> Vb<'a> {
     /// A [out, in] linear layer; 1×1 convolution weights ([out, in, 1, 1]) are accepted too, as old
     /// checkpoints store some projections that way.
     pub fn linear(&self, inp: usize, out: usize, bias: bool) -> Result<LinearW> {
-        let w = self
+        Ok(self.put_linear(self.linear_host(inp, out, bias)?))
+    }
+
+    /// `linear`, kept on the host so the model can fold something into it before `put_linear`.
+    pub fn linear_host(&self, inp: usize, out: usize, bias: bool) -> Result<LinearW> {
+        let weight = self
             .store
             .get_one_of(&self.full("weight"), &[&[out, inp], &[out, inp, 1, 1]])?
             .reshape(vec![out, inp]);
         let bias = if bias {
-            Some(self.get("bias", &[out])?)
+            Some(self.store.get(&self.full("bias"), &[out])?)
         } else {
             None
         };
-        Ok(LinearW {
-            weight: self.device.put(w),
-            bias,
-        })
+        Ok(LinearW { weight, bias })
+    }
+
+    /// A host linear layer moved to this builder's device.
+    pub fn put_linear(&self, l: LinearW) -> LinearW {
+        LinearW {
+            weight: self.device.put(l.weight),
+            bias: l.bias.map(|b| self.device.put(b)),
+        }
     }
 
     /// A square-kernel convolution with bias; a linear weight is accepted for 1×1 kernels (SD2's
@@ -298,6 +308,19 @@ impl<'a> Vb<'a> {
         stride: usize,
         pad: usize,
     ) -> Result<Conv2dW> {
+        self.conv2d_bias(inp, out, k, stride, pad, true)
+    }
+
+    /// `conv2d` with the bias optional (CLIP's patch embedding has none).
+    pub fn conv2d_bias(
+        &self,
+        inp: usize,
+        out: usize,
+        k: usize,
+        stride: usize,
+        pad: usize,
+        bias: bool,
+    ) -> Result<Conv2dW> {
         let alt: &[usize] = if k == 1 {
             &[out, inp]
         } else {
@@ -307,11 +330,15 @@ impl<'a> Vb<'a> {
             .store
             .get_one_of(&self.full("weight"), &[&[out, inp, k, k], alt])?
             .reshape(vec![out, inp, k, k]);
-        let b = self.get("bias", &[out])?;
-        let mut c = if self.device.is_cpu() {
-            Conv2dW::from_oihw(&w, Some(b), stride, pad)
+        let b = if bias {
+            Some(self.get("bias", &[out])?)
         } else {
-            Conv2dW::krsc_from_oihw(&w, Some(b), stride, pad)
+            None
+        };
+        let mut c = if self.device.is_cpu() {
+            Conv2dW::from_oihw(&w, b, stride, pad)
+        } else {
+            Conv2dW::krsc_from_oihw(&w, b, stride, pad)
         };
         c.weight = self.device.put(c.weight);
         Ok(c)

@@ -278,6 +278,26 @@ pub fn write_f32(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
     })
 }
 
+/// Writes `bytes` to `path` through a temporary file, fsync and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = tmp_path(path);
+    let write = || -> std::io::Result<()> {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("{}: cannot write", path.display()));
+    }
+    std::fs::rename(&tmp, path).with_context(|| {
+        format!(
+            "{}: cannot rename the finished temporary file into place",
+            path.display()
+        )
+    })
+}
+
 /// `dir/.name.tmp.<pid>`: in the same directory so the final rename is atomic.
 pub fn tmp_path(path: &Path) -> PathBuf {
     let name = path

@@ -40,6 +40,8 @@ bench --config sdxl --component unet --batch 8
 bench --config sd15 --component vae-decode --batch 8
 bench --config sd15 --component text-encoder --batch 64
 bench --config sd15 --component controlnet --batch 2
+bench --config dinov2-b14 --component image-encoder --batch 32
+bench --config clip-l14 --component image-encoder --batch 32
 
 log "## kernel benchmarks (criterion)"
 timeout 180 "$B/gpu-kernels" --bench > "$OUT/kernels.log" 2>&1

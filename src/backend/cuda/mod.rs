@@ -566,7 +566,7 @@ fn kernel_names(module: &str) -> Vec<String> {
             let mut v = typed(
                 &[
                     "act",
-                    "geglu",
+                    "glu",
                     "add_scaled",
                     "add_broadcast",
                     "place_channels",

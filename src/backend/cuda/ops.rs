@@ -478,22 +478,22 @@ fn attention_any(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool,
     );
 }
 
-/// act(a·x + b): kind 0 SiLU, 1 GELU, 2 quick GELU, 3 identity.
+/// act(a·x + b): kind 0 SiLU, 1 GELU, 2 quick GELU, 3 identity, 4 tanh.
 fn act(x: &Tensor, kind: i32, a: f32, b: f32) -> Tensor {
     map(x, "act", &[Arg::I(kind), Arg::F(a), Arg::F(b)])
 }
 
+fn act_kind(a: Activation) -> i32 {
+    match a {
+        Activation::Silu => 0,
+        Activation::Gelu => 1,
+        Activation::QuickGelu => 2,
+        Activation::Tanh => 4,
+    }
+}
+
 pub fn activation(x: &Tensor, a: Activation) -> Tensor {
-    act(
-        x,
-        match a {
-            Activation::Silu => 0,
-            Activation::Gelu => 1,
-            Activation::QuickGelu => 2,
-        },
-        1.0,
-        0.0,
-    )
+    act(x, act_kind(a), 1.0, 0.0)
 }
 
 pub fn affine(x: &Tensor, a: f32, b: f32) -> Tensor {
@@ -508,7 +508,7 @@ pub fn affine_clamp(x: &Tensor, a: f32, b: f32, lo: f32, hi: f32) -> Tensor {
     )
 }
 
-pub fn geglu(x: &Tensor) -> Tensor {
+pub fn glu(x: &Tensor, a: Activation) -> Tensor {
     let c = x.last_dim() / 2;
     let rows = x.numel() / (2 * c);
     let xd = dev(x);
@@ -516,7 +516,7 @@ pub fn geglu(x: &Tensor) -> Tensor {
     *shape.last_mut().unwrap() = c;
     let (t, o) = out(xd, shape);
     xd.gpu().launch(
-        &name("geglu", xd.dtype),
+        &name("glu", xd.dtype),
         grid(rows * c),
         256,
         &[
@@ -524,6 +524,7 @@ pub fn geglu(x: &Tensor) -> Tensor {
             Arg::P(o.ptr()),
             Arg::L(rows as i64),
             Arg::I(c as i32),
+            Arg::I(act_kind(a)),
         ],
     );
     t

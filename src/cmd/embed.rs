@@ -1,0 +1,47 @@
+//! `toffee embed`: images in, the image encoder's pixel_values and outputs out (one row per image,
+//! in argument order).
+
+use crate::backend::Device;
+use crate::forward::vit_outputs;
+use crate::image_proc::load_rgb8_on_white as load_rgb8;
+use crate::pipeline::score::ImageEncoder;
+use crate::tensor::Tensor;
+use anyhow::{bail, Result};
+use std::path::PathBuf;
+
+pub struct Options {
+    pub model: PathBuf,
+    pub images: Vec<PathBuf>,
+    pub out: PathBuf,
+    pub device: String,
+}
+
+/// Returns the names written.
+pub fn run(o: &Options) -> Result<Vec<String>> {
+    if o.images.is_empty() {
+        bail!("--images: give at least one image");
+    }
+    crate::generate::check_writable(std::slice::from_ref(&o.out))?;
+    let dev = Device::open(&o.device, false)?;
+    let enc = ImageEncoder::load(&o.model, &dev)?;
+    let imgs = o
+        .images
+        .iter()
+        .map(|p| load_rgb8(p))
+        .collect::<Result<Vec<_>>>()?;
+    let outputs = embed(&enc, &imgs)?;
+    crate::weights::safetensors::write_f32(&o.out, &outputs)?;
+    Ok(outputs.into_iter().map(|(n, _)| n).collect())
+}
+
+/// pixel_values (NCHW) and the encoder's outputs for `imgs`, on the host.
+pub fn embed(enc: &ImageEncoder, imgs: &[image::RgbImage]) -> Result<Vec<(String, Tensor)>> {
+    let pixels = enc.pixel_values(imgs);
+    let out = enc.encode_pixels(&pixels);
+    enc.model.device().check()?;
+    let mut v = vec![("pixel_values".to_string(), pixels)];
+    for (n, t) in vit_outputs(out) {
+        v.push((n, t.to_host()?));
+    }
+    Ok(v)
+}

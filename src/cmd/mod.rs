@@ -1,0 +1,5 @@
+//! Library halves of the subcommands that read and write files (the CLI and the C ABI call
+//! these; `main.rs` only parses arguments).
+
+pub mod embed;
+pub mod score;

@@ -1,0 +1,118 @@
+//! `toffee score`: DINO, CLIP-I and CLIP-T of one (subject, target, prompt) record, or of every
+//! line of a JSONL file, batched through the encoders (formulas in `pipeline::score`).
+
+use crate::backend::Device;
+use crate::image_io::load_mask;
+use crate::image_proc::load_rgb8_on_white as load_rgb8;
+use crate::pipeline::score::{Mask, ScoreInput, Scorer, Scores};
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+/// One record of a `--pairs` file; relative paths are relative to the file's folder.
+#[derive(Clone, Debug, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PairLine {
+    pub subject: PathBuf,
+    pub target: PathBuf,
+    pub prompt: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_mask: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_mask: Option<PathBuf>,
+}
+
+#[derive(serde::Serialize)]
+struct ScoredLine<'a> {
+    #[serde(flatten)]
+    pair: &'a PairLine,
+    #[serde(flatten)]
+    scores: Scores,
+}
+
+fn mask(path: &Path) -> Result<Mask> {
+    Ok(Mask::from_tensor(&load_mask(path)?))
+}
+
+/// Reads a record's images (paths as given, resolved against `base`).
+pub fn load_input(p: &PairLine, base: &Path) -> Result<ScoreInput> {
+    let at = |q: &Path| base.join(q);
+    Ok(ScoreInput {
+        subject: load_rgb8(&at(&p.subject))?,
+        subject_mask: p.subject_mask.as_ref().map(|m| mask(&at(m))).transpose()?,
+        target: load_rgb8(&at(&p.target))?,
+        target_mask: p.target_mask.as_ref().map(|m| mask(&at(m))).transpose()?,
+        prompt: p.prompt.clone(),
+        name: at(&p.subject).display().to_string(),
+    })
+}
+
+/// Scores one record.
+pub fn score_one(scorer: &Scorer, p: &PairLine) -> Result<Scores> {
+    let input = load_input(p, Path::new(""))?;
+    Ok(scorer.score(std::slice::from_ref(&input))?[0])
+}
+
+/// Reads a `--pairs` file: one JSON object per non-empty line.
+pub fn read_pairs(path: &Path) -> Result<Vec<PairLine>> {
+    let f =
+        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut v = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line = line.with_context(|| format!("{}: cannot read", path.display()))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let p: PairLine = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "{}:{}: expected {{\"subject\", \"target\", \"prompt\"[, \"subject_mask\", \"target_mask\"]}}",
+                path.display(),
+                i + 1
+            )
+        })?;
+        v.push(p);
+    }
+    if v.is_empty() {
+        bail!("{}: no records", path.display());
+    }
+    Ok(v)
+}
+
+/// Scores every record of `pairs` in batches of `batch`, writing one JSON line per record (the
+/// input fields plus `dino`, `clip_i`, `clip_t`) to `out`, in input order.
+pub fn score_file(
+    scorer: &Scorer,
+    pairs: &Path,
+    batch: usize,
+    out: &mut dyn Write,
+) -> Result<usize> {
+    if batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let lines = read_pairs(pairs)?;
+    let base = pairs.parent().unwrap_or(Path::new(""));
+    for chunk in lines.chunks(batch) {
+        let inputs = chunk
+            .iter()
+            .map(|p| load_input(p, base))
+            .collect::<Result<Vec<_>>>()?;
+        let scores = scorer.score(&inputs)?;
+        for (pair, scores) in chunk.iter().zip(scores) {
+            serde_json::to_writer(&mut *out, &ScoredLine { pair, scores })?;
+            out.write_all(b"\n")?;
+        }
+    }
+    Ok(lines.len())
+}
+
+pub struct Options {
+    pub dino: PathBuf,
+    pub clip: PathBuf,
+    pub device: String,
+}
+
+pub fn load_scorer(o: &Options) -> Result<Scorer> {
+    let dev = Device::open(&o.device, false)?;
+    Scorer::load(&o.dino, &o.clip, &dev)
+}
