@@ -198,6 +198,7 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
                         timesteps: &v[1],
                         context: &v[2],
                         text_time: tt,
+                        ip: &[],
                     };
                     match &model {
                         UnetLike::Unet(u) => u.forward(&v[0], &cond, None, None),

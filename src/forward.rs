@@ -140,12 +140,37 @@ pub fn run(
     inputs_file: &Path,
     device: &Device,
 ) -> Result<Vec<(String, Tensor)>> {
-    let out = run_on(model, component, inputs, inputs_file, device)?;
+    run_with_adapters(model, component, inputs, inputs_file, device, &[])
+}
+
+/// `run` with image-prompt adapters attached to the UNet (`component` must be `unet`): inputs
+/// `ip_image_embeds.{i}` (or `ip_image_embeds` for one adapter) as diffusers passes
+/// `added_cond_kwargs["image_embeds"][i]`, and per adapter a scale `ip_scale.{i}` / `ip_scale`
+/// (default 1) or one scale per cross-attention layer `ip_layer_scales.{i}`; outputs also
+/// `ip_image_prompt_embeds.{i}` [B, images, tokens, dim].
+pub fn run_with_adapters(
+    model: &Path,
+    component: Component,
+    inputs: &Named,
+    inputs_file: &Path,
+    device: &Device,
+    adapters: &[std::path::PathBuf],
+) -> Result<Vec<(String, Tensor)>> {
+    if !adapters.is_empty() && component != Component::Unet {
+        bail!("--adapter works with --component unet only");
+    }
+    let out = if adapters.is_empty() {
+        run_on(model, component, inputs, inputs_file, device)?
+    } else {
+        run_unet_adapters(model, inputs, inputs_file, device, adapters)?
+    };
     device.check()?;
     out.into_iter()
         .map(|(n, t)| {
             let h = t.to_host()?;
-            Ok((n, if h.rank() == 4 { h.to_nchw() } else { h }))
+            // Rank-4 outputs are NHWC images, except the [B, images, tokens, dim] adapter tokens.
+            let image = h.rank() == 4 && !n.starts_with("ip_image_prompt_embeds");
+            Ok((n, if image { h.to_nchw() } else { h }))
         })
         .collect()
 }
@@ -203,6 +228,7 @@ fn run_on(
                 timesteps: &ts,
                 context: &ctx,
                 text_time: tt.as_ref().map(|(a, b)| (a, b)),
+                ip: &[],
             };
             let out = unet.forward(&sample, &cond, residuals, None)?;
             Ok(vec![("out".into(), out)])
@@ -237,6 +263,7 @@ fn run_on(
                 timesteps: &ts,
                 context: &ctx,
                 text_time: tt.as_ref().map(|(a, b)| (a, b)),
+                ip: &[],
             };
             let out = cn.forward(&sample, &cond, &image, scale)?;
             let mut v: Vec<(String, Tensor)> = out
@@ -339,4 +366,92 @@ pub fn vit_outputs(o: crate::models::vit::VitOutput) -> Vec<(String, Tensor)> {
         v.push(("image_embeds".into(), t));
     }
     v
+}
+
+fn run_unet_adapters(
+    model: &Path,
+    inputs: &Named,
+    inputs_file: &Path,
+    dev: &Device,
+    adapter_paths: &[std::path::PathBuf],
+) -> Result<Vec<(String, Tensor)>> {
+    use crate::models::adapter::Adapter;
+    use crate::models::blocks::IpInput;
+    let inp = Inputs {
+        map: inputs,
+        file: inputs_file,
+    };
+    let file = inputs_file.display();
+    inp.require(&["sample", "timestep", "encoder_hidden_states"])?;
+    let sample = dev.put(inp.image("sample")?);
+    let b = sample.shape()[0];
+    let ts = dev.put_f32(Tensor::new(vec![b], inp.timesteps(b)?));
+    let ctx = dev.put(
+        inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?
+            .clone(),
+    );
+    let tt = inp.text_time()?.map(|(a, c)| (dev.put(a), dev.put_f32(c)));
+    let mut unet = load::load_unet(model, dev)?;
+    let n_layers = unet.cross_attention_layers();
+    let single = adapter_paths.len() == 1;
+    let mut ip = Vec::new();
+    let mut outputs = Vec::new();
+    for (i, path) in adapter_paths.iter().enumerate() {
+        let mut a = Adapter::load(path, dev)?;
+        a.attach(&mut unet)?;
+        let name = |base: &str| -> Option<String> {
+            let indexed = format!("{base}.{i}");
+            if inputs.contains_key(&indexed) {
+                Some(indexed)
+            } else if single && inputs.contains_key(base) {
+                Some(base.to_string())
+            } else {
+                None
+            }
+        };
+        let Some(en) = name("ip_image_embeds") else {
+            bail!(
+                "{file}: missing input tensor `ip_image_embeds.{i}` for adapter {}",
+                path.display()
+            );
+        };
+        let embeds = &inputs[&en];
+        let tokens = a
+            .project(&dev.put(embeds.clone()))
+            .map_err(|e| anyhow::anyhow!("{file}: `{en}`: {e}"))?;
+        let scales = match (name("ip_layer_scales"), name("ip_scale")) {
+            (Some(n), _) => {
+                let t = &inputs[&n];
+                if t.numel() != n_layers {
+                    bail!("{file}: `{n}` has {} values, the UNet has {n_layers} cross-attention layers", t.numel());
+                }
+                t.data().to_vec()
+            }
+            (None, Some(n)) => {
+                let t = &inputs[&n];
+                if t.numel() != 1 {
+                    bail!("{file}: `{n}` has shape {:?}; expected a scalar", t.shape());
+                }
+                vec![t.data()[0]; n_layers]
+            }
+            (None, None) => vec![a.default_scale; n_layers],
+        };
+        // diffusers' [B, images, tokens, dim] view of the projected tokens.
+        let per_image = a.tokens.unwrap_or(tokens.shape()[1]);
+        let images = tokens.shape()[1] / per_image.max(1);
+        outputs.push((
+            format!("ip_image_prompt_embeds.{i}"),
+            tokens.reshape(vec![b, images, per_image, tokens.shape()[2]]),
+        ));
+        ip.push(IpInput { tokens, scales });
+    }
+    let cond = Cond {
+        timesteps: &ts,
+        context: &ctx,
+        text_time: tt.as_ref().map(|(a, c)| (a, c)),
+        ip: &ip,
+    };
+    let out = unet.forward(&sample, &cond, None, None)?;
+    outputs.insert(0, ("out".into(), out));
+    Ok(outputs)
 }

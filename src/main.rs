@@ -36,6 +36,11 @@ enum Cmd {
         /// cpu, cuda or cuda:N (builds with the `cuda` feature).
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Image-prompt adapter (IP-Adapter .safetensors file or Toffee adapter folder) attached
+        /// to the UNet; repeat for several. Inputs ip_image_embeds.{i}, ip_scale.{i} or
+        /// ip_layer_scales.{i}.
+        #[arg(long)]
+        adapter: Vec<PathBuf>,
     },
     /// Text to image. Without --model, a built-in tiny demo model with random weights runs.
     Txt2img(GenArgs),
@@ -258,12 +263,15 @@ fn run(cli: Cli) -> Result<()> {
             inputs,
             out,
             device,
+            adapter,
         } => {
             let bf16 =
                 toffee::models::load::is_bf16(&model, component.subfolder()).unwrap_or(false);
             let device = toffee::backend::Device::open(&device, bf16)?;
             let tensors = toffee::weights::safetensors::read_all(&inputs)?;
-            let outputs = forward::run(&model, component, &tensors, &inputs, &device)?;
+            let outputs = forward::run_with_adapters(
+                &model, component, &tensors, &inputs, &device, &adapter,
+            )?;
             toffee::weights::safetensors::write_f32(&out, &outputs)?;
             let names: Vec<&str> = outputs.iter().map(|(n, _)| n.as_str()).collect();
             eprintln!("wrote {} ({})", out.display(), names.join(", "));

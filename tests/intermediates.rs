@@ -21,6 +21,7 @@ fn check(case: &str, model: &str) {
         timesteps: &ts,
         context: &inputs["encoder_hidden_states"],
         text_time: tt,
+        ip: &[],
     };
     let mut trace: Trace = Vec::new();
     unet.forward(&sample, &cond, None, Some(&mut trace))

@@ -66,6 +66,27 @@ impl ResnetBlock {
     }
 }
 
+/// The image-prompt branches of one UNet call (IP-Adapter, Toffee adapter): per attached adapter,
+/// its projected tokens [B, T, cross] and one scale λ per cross-attention layer.
+pub struct IpInput {
+    pub tokens: Tensor,
+    pub scales: Vec<f32>,
+}
+
+/// What a transformer block's cross-attention attends to: the text embeddings and, when adapters
+/// are attached, their image tokens.
+#[derive(Clone, Copy)]
+pub struct Context<'a> {
+    pub text: &'a Tensor,
+    pub ip: &'a [IpInput],
+}
+
+impl<'a> Context<'a> {
+    pub fn text(text: &'a Tensor) -> Context<'a> {
+        Context { text, ip: &[] }
+    }
+}
+
 /// Multi-head attention with separate q/k/v projections (diffusers' `Attention`).
 pub struct Attention {
     to_q: LinearW,
@@ -73,6 +94,11 @@ pub struct Attention {
     to_v: LinearW,
     to_out: LinearW,
     heads: usize,
+    /// Decoupled image cross-attention (diffusers' IPAdapterAttnProcessor2_0): one (to_k_ip,
+    /// to_v_ip) pair per attached adapter, and this layer's index in attention-processor order
+    /// (which per-layer scale applies).
+    ip: Vec<(LinearW, LinearW)>,
+    ip_index: usize,
 }
 
 impl Attention {
@@ -84,6 +110,8 @@ impl Attention {
             to_v: vb.pp("to_v").linear(ctx_dim, dim, qkv_bias)?,
             to_out: vb.pp("to_out.0").linear(dim, dim, true)?,
             heads,
+            ip: Vec::new(),
+            ip_index: 0,
         })
     }
 
@@ -94,6 +122,41 @@ impl Attention {
         let v = ops::linear(c, &self.to_v);
         ops::linear(&ops::attention(&q, &k, &v, self.heads, false), &self.to_out)
     }
+
+    /// Cross-attention to the text plus, per adapter, λ·attention(q, K_ip, V_ip) before `to_out`
+    /// (a branch with λ = 0 is skipped, as diffusers does, so it changes nothing).
+    pub fn forward_cross(&self, x: &Tensor, ctx: Context) -> Tensor {
+        let q = ops::linear(x, &self.to_q);
+        let k = ops::linear(ctx.text, &self.to_k);
+        let v = ops::linear(ctx.text, &self.to_v);
+        let mut a = ops::attention(&q, &k, &v, self.heads, false);
+        for (branch, (k_ip, v_ip)) in ctx.ip.iter().zip(&self.ip) {
+            let s = branch.scales[self.ip_index];
+            if s == 0.0 {
+                continue;
+            }
+            let ki = ops::linear(&branch.tokens, k_ip);
+            let vi = ops::linear(&branch.tokens, v_ip);
+            a = ops::add_scaled(&a, &ops::attention(&q, &ki, &vi, self.heads, false), s);
+        }
+        ops::linear(&a, &self.to_out)
+    }
+
+    /// (query width, key source width) of this layer: what an adapter's to_k_ip must map.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.to_q.out_features(), self.to_k.in_features())
+    }
+
+    /// Attaches one adapter's projections for this layer (index `index` in processor order).
+    pub fn push_ip(&mut self, index: usize, k: LinearW, v: LinearW) {
+        self.ip_index = index;
+        self.ip.push((k, v));
+    }
+
+    /// Removes every attached adapter.
+    pub fn clear_ip(&mut self) {
+        self.ip.clear();
+    }
 }
 
 /// BasicTransformerBlock: self-attention, cross-attention, GEGLU feed-forward, pre-LayerNorm.
@@ -101,7 +164,7 @@ pub struct TransformerBlock {
     norm1: LayerNorm,
     attn1: Attention,
     norm2: LayerNorm,
-    attn2: Attention,
+    pub attn2: Attention,
     norm3: LayerNorm,
     ff_in: LinearW,
     ff_out: LinearW,
@@ -121,9 +184,9 @@ impl TransformerBlock {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor, ctx: Context) -> Tensor {
         let x = ops::add(x, &self.attn1.forward(&self.norm1.forward(x), None));
-        let x = ops::add(&x, &self.attn2.forward(&self.norm2.forward(&x), Some(ctx)));
+        let x = ops::add(&x, &self.attn2.forward_cross(&self.norm2.forward(&x), ctx));
         let ff = ops::linear(
             &ops::geglu(&ops::linear(&self.norm3.forward(&x), &self.ff_in)),
             &self.ff_out,
@@ -137,7 +200,7 @@ impl TransformerBlock {
 pub struct SpatialTransformer {
     norm: GroupNorm,
     proj_in: LinearW,
-    blocks: Vec<TransformerBlock>,
+    pub blocks: Vec<TransformerBlock>,
     proj_out: LinearW,
 }
 
@@ -167,7 +230,7 @@ impl SpatialTransformer {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, ctx: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor, ctx: Context) -> Tensor {
         let (n, h, w, c) = x.dims4();
         let mut t = ops::linear(&self.norm.forward(x), &self.proj_in).reshape(vec![n, h * w, c]);
         for b in &self.blocks {

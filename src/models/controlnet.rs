@@ -1,6 +1,7 @@
 //! ControlNetModel: the UNet encoder plus a conditioning-image embedding and zero convolutions that
 //! produce residuals for the UNet's skips and mid block.
 
+use super::blocks::Context;
 use super::unet::{check_cond, Cond, Encoder, UnetConfig};
 use crate::backend::Device;
 use crate::backend::{self as ops, Conv2dW};
@@ -155,9 +156,12 @@ impl ControlNet {
         let mut hcur = ops::add(&hx, &e);
         let mut skips = vec![hcur.clone()];
         for d in &self.enc.down {
-            hcur = d.forward(&hcur, &temb, cond.context, &mut skips);
+            hcur = d.forward(&hcur, &temb, Context::text(cond.context), &mut skips);
         }
-        hcur = self.enc.mid.forward(&hcur, &temb, cond.context);
+        hcur = self
+            .enc
+            .mid
+            .forward(&hcur, &temb, Context::text(cond.context));
         let down = skips
             .iter()
             .zip(&self.zero_convs)

@@ -1,5 +1,6 @@
 //! The model families: each is config + weights -> forward, built on `backend` ops.
 
+pub mod adapter;
 pub mod blocks;
 pub mod clip_text;
 pub mod controlnet;

@@ -1,11 +1,12 @@
 //! UNet2DConditionModel (SD1.x, SD2.x, SDXL; any in_channels; ControlNet residual inputs).
 
 use super::blocks::{
-    load_downsample, upsample, ResnetBlock, SpatialTransformer, TimestepEmbedding,
+    load_downsample, upsample, Attention, Context, IpInput, ResnetBlock, SpatialTransformer,
+    TimestepEmbedding,
 };
 use super::nn::GroupNorm;
 use crate::backend::Device;
-use crate::backend::{self as ops, Conv2dW};
+use crate::backend::{self as ops, Conv2dW, LinearW};
 use crate::config::Config;
 use crate::tensor::Tensor;
 use crate::weights::{Vb, WeightStore};
@@ -256,6 +257,17 @@ pub struct Cond<'a> {
     pub context: &'a Tensor,
     /// SDXL: pooled text embeds [B, E] and time ids [B, 6].
     pub text_time: Option<(&'a Tensor, &'a Tensor)>,
+    /// One entry per attached image-prompt adapter (empty without adapters).
+    pub ip: &'a [IpInput],
+}
+
+impl Cond<'_> {
+    pub fn context(&self) -> Context<'_> {
+        Context {
+            text: self.context,
+            ip: self.ip,
+        }
+    }
 }
 
 /// Timestep (+ SDXL text/time) embedding.
@@ -378,7 +390,7 @@ impl DownBlock {
         &self,
         x: &Tensor,
         temb: &Tensor,
-        ctx: &Tensor,
+        ctx: Context,
         skips: &mut Vec<Tensor>,
     ) -> Tensor {
         let mut h = x.clone();
@@ -446,7 +458,7 @@ impl MidBlock {
         }
         Ok(MidBlock { layers })
     }
-    pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: &Tensor) -> Tensor {
+    pub fn forward(&self, x: &Tensor, temb: &Tensor, ctx: Context) -> Tensor {
         let mut h = x.clone();
         for l in &self.layers {
             h = match l {
@@ -532,6 +544,8 @@ pub struct Unet {
     up: Vec<UpBlock>,
     norm_out: GroupNorm,
     conv_out: Conv2dW,
+    /// Image-prompt adapters attached (`attach_adapter`).
+    attached: usize,
 }
 
 /// Intermediate activations (NHWC) recorded for debugging parity, by diffusers module name.
@@ -581,7 +595,83 @@ impl Unet {
             enc,
             up,
             config: c,
+            attached: 0,
         })
+    }
+
+    /// Every cross-attention layer in diffusers' attention-processor order (down blocks, up
+    /// blocks, then the mid block: module registration order), which is how IP-Adapter files
+    /// number them (`ip_adapter.{2i+1}`).
+    pub fn cross_attentions_mut(&mut self) -> Vec<&mut Attention> {
+        let mut v: Vec<&mut Attention> = Vec::new();
+        let down = self.enc.down.iter_mut().flat_map(|d| d.layers.iter_mut());
+        let up = self.up.iter_mut().flat_map(|u| u.layers.iter_mut());
+        for (_, a) in down.chain(up) {
+            if let Some(a) = a {
+                v.extend(a.blocks.iter_mut().map(|b| &mut b.attn2));
+            }
+        }
+        for l in self.enc.mid.layers.iter_mut() {
+            if let Layer::Attn(a) = l {
+                v.extend(a.blocks.iter_mut().map(|b| &mut b.attn2));
+            }
+        }
+        v
+    }
+
+    pub fn cross_attention_layers(&self) -> usize {
+        let count = |a: &Option<SpatialTransformer>| a.as_ref().map_or(0, |a| a.blocks.len());
+        let down: usize = self
+            .enc
+            .down
+            .iter()
+            .flat_map(|d| &d.layers)
+            .map(|(_, a)| count(a))
+            .sum();
+        let up: usize = self
+            .up
+            .iter()
+            .flat_map(|u| &u.layers)
+            .map(|(_, a)| count(a))
+            .sum();
+        let mid: usize = self
+            .enc
+            .mid
+            .layers
+            .iter()
+            .map(|l| match l {
+                Layer::Attn(a) => a.blocks.len(),
+                Layer::Resnet(_) => 0,
+            })
+            .sum();
+        down + up + mid
+    }
+
+    /// Attaches one adapter's per-layer (to_k_ip, to_v_ip) projections, in processor order;
+    /// `layers.len()` must equal `cross_attention_layers()` (checked by the adapter loader).
+    pub fn attach_adapter(&mut self, layers: Vec<(LinearW, LinearW)>) {
+        for (i, (a, (k, v))) in self
+            .cross_attentions_mut()
+            .into_iter()
+            .zip(layers)
+            .enumerate()
+        {
+            a.push_ip(i, k, v);
+        }
+        self.attached += 1;
+    }
+
+    /// Number of attached adapters.
+    pub fn adapters(&self) -> usize {
+        self.attached
+    }
+
+    /// (query width, key-source width) of every cross-attention layer, in processor order.
+    pub fn cross_attention_dims(&mut self) -> Vec<(usize, usize)> {
+        self.cross_attentions_mut()
+            .iter()
+            .map(|a| a.dims())
+            .collect()
     }
 
     /// Number of skip tensors the encoder produces (= ControlNet down residuals expected).
@@ -612,6 +702,26 @@ impl Unet {
             );
         }
         check_cond(cond, b, &c.cross_attention_dim)?;
+        if cond.ip.len() != self.attached {
+            bail!(
+                "{} image-prompt inputs for {} attached adapter(s)",
+                cond.ip.len(),
+                self.attached
+            );
+        }
+        for (i, ip) in cond.ip.iter().enumerate() {
+            let ts = ip.tokens.shape();
+            if ts.len() != 3 || ts[0] != b {
+                bail!("adapter {i}: image tokens have shape {ts:?}, expected [{b}, tokens, dim]");
+            }
+            if ip.scales.len() != self.cross_attention_layers() {
+                bail!(
+                    "adapter {i}: {} layer scales for {} cross-attention layers",
+                    ip.scales.len(),
+                    self.cross_attention_layers()
+                );
+            }
+        }
         let mut rec = |name: &str, t: &Tensor| {
             if let Some(tr) = trace.as_deref_mut() {
                 tr.push((name.to_string(), t.clone()));
@@ -632,7 +742,7 @@ impl Unet {
         rec("conv_in", &h);
         let mut skips = vec![h.clone()];
         for (i, d) in self.enc.down.iter().enumerate() {
-            h = d.forward(&h, &temb, cond.context, &mut skips);
+            h = d.forward(&h, &temb, cond.context(), &mut skips);
             rec(&format!("down.{i}"), &h);
         }
         if let Some((down_res, _)) = residuals {
@@ -654,7 +764,7 @@ impl Unet {
                 *s = ops::add(s, r);
             }
         }
-        h = self.enc.mid.forward(&h, &temb, cond.context);
+        h = self.enc.mid.forward(&h, &temb, cond.context());
         if let Some((_, mid)) = residuals {
             if mid.shape() != h.shape() {
                 bail!(
@@ -671,7 +781,7 @@ impl Unet {
                 let s = skips.pop().expect("skip count matches the block layout");
                 h = r.forward(&ops::concat_channels(&[&h, &s]), Some(&temb));
                 if let Some(a) = a {
-                    h = a.forward(&h, cond.context);
+                    h = a.forward(&h, cond.context());
                 }
             }
             if let Some(conv) = &u.up {

@@ -525,6 +525,7 @@ impl Generator {
             timesteps: &v[1],
             context: &v[2],
             text_time,
+            ip: &[],
         };
         let residuals = match (call.control, image) {
             (Some((net, scale)), Some(im)) => Some(net.forward(&v[0], &cond, im, scale)?),
