@@ -72,6 +72,7 @@ pub fn generator(device: &Device) -> Result<Generator> {
         device: device.clone(),
         graphs: crate::pipeline::Graphs::new(device),
         tensor_scheduler: false,
+        adapters: Vec::new(),
     };
     g.check()?;
     Ok(g)

@@ -263,6 +263,7 @@ pub fn run(o: &Options) -> Result<Summary> {
         init,
         control,
         init_latents,
+        image_prompts: Vec::new(),
     };
     let start = Instant::now();
     let show = o.progress && std::io::stderr().is_terminal();

@@ -108,6 +108,7 @@ fn request(batch: usize, seed: u64) -> Request {
         init: Init::Noise,
         control: None,
         init_latents: None,
+        image_prompts: Vec::new(),
     }
 }
 

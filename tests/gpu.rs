@@ -393,6 +393,7 @@ fn request(init: Init, control: Option<Control>) -> Request {
         init,
         control,
         init_latents: None,
+        image_prompts: Vec::new(),
     }
 }
 

@@ -8,18 +8,52 @@ use serde_json::Value;
 use std::collections::VecDeque;
 use toffee::models::load::load_unet;
 use toffee::pipeline::noise::NoiseSource;
-use toffee::pipeline::{Control, Generator, Init, Request};
+use toffee::backend::Device;
+use toffee::models::adapter::Adapter;
+use toffee::pipeline::{Control, Generator, ImagePrompt, Init, Request};
 use toffee::tensor::Tensor;
 use toffee::weights::safetensors::read_all;
 
 fn run_case(name: &str) {
-    run_case_with(name, false);
+    run_case_with("golden/pipelines", name, false);
     // The GPU loop (scheduler as tensor ops, latents kept where the model runs), on the CPU.
-    run_case_with(name, true);
+    run_case_with("golden/pipelines", name, true);
 }
 
-fn run_case_with(name: &str, tensor_scheduler: bool) {
-    let dir = fixtures().join("golden/pipelines");
+/// IP-Adapter pipelines (tools/fixtures/adapters.py): diffusers given `ip_adapter_image_embeds`
+/// ([negative; positive] rows) and `set_ip_adapter_scale`.
+fn run_adapter_case(name: &str) {
+    run_case_with("golden/adapters", name, false);
+    run_case_with("golden/adapters", name, true);
+}
+
+/// The image prompts of a case's `ip_adapters`, attached to `gen` in order.
+fn attach_adapters(gen: &mut Generator, case: &Value, t: &std::collections::BTreeMap<String, Tensor>) -> Vec<ImagePrompt> {
+    let Some(list) = case.get("ip_adapters").and_then(Value::as_array) else {
+        return Vec::new();
+    };
+    let layer_scales = case["ip_layer_scales"].as_array().unwrap();
+    list.iter()
+        .enumerate()
+        .map(|(i, a)| {
+            let ad = Adapter::load(&fixtures().join(a["file"].as_str().unwrap()), &Device::Cpu).unwrap();
+            gen.attach_adapter(ad).unwrap();
+            let e = &t[a["embeds"].as_str().unwrap()];
+            assert_eq!(e.shape()[0], 2, "[negative; positive]");
+            ImagePrompt {
+                negative: e.narrow0(0, 1),
+                positive: e.narrow0(1, 1),
+                scales: layer_scales
+                    .iter()
+                    .map(|l| l["scale"][i].as_f64().unwrap() as f32)
+                    .collect(),
+            }
+        })
+        .collect()
+}
+
+fn run_case_with(golden_dir: &str, name: &str, tensor_scheduler: bool) {
+    let dir = fixtures().join(golden_dir);
     let case: Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join(format!("{name}.json"))).unwrap())
             .unwrap();
@@ -83,6 +117,7 @@ fn run_case_with(name: &str, tensor_scheduler: bool) {
         init,
         control,
         init_latents: None,
+        image_prompts: attach_adapters(&mut gen, &case, &t),
     };
     let calls = case["noise_calls"].as_array().unwrap().len();
     let noise: VecDeque<Tensor> = (0..calls)
@@ -146,4 +181,16 @@ cases!(
     sd1_inpaint_4ch_strength,
     inpaint_9ch,
     inpaint_9ch_strength,
+);
+
+macro_rules! adapter_cases {
+    ($($name:ident),* $(,)?) => { $( #[test] fn $name() { run_adapter_case(stringify!($name)); } )* };
+}
+
+adapter_cases!(
+    sd1_ip_txt2img,
+    sd1_ip_plus_txt2img,
+    sd1_ip_img2img,
+    inpaint_9ch_ip,
+    sdxl_ip_txt2img,
 );

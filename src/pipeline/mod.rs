@@ -9,6 +9,8 @@ pub mod score;
 
 use crate::backend::{self as ops, Device};
 use crate::config::Config;
+use crate::models::adapter::Adapter;
+use crate::models::blocks::IpInput;
 use crate::models::controlnet::ControlNet;
 use crate::models::load::{self, Checkpoint};
 use crate::models::unet::{Cond, Unet};
@@ -41,6 +43,9 @@ pub struct Generator {
     /// Run the scheduler as whole-tensor ops (as on GPUs) even on the CPU: lets the CPU tests
     /// check the GPU loop's logic against diffusers.
     pub tensor_scheduler: bool,
+    /// Image-prompt adapters attached to the UNet (their projections; the layer weights live in
+    /// the UNet), in attachment order.
+    pub adapters: Vec<Adapter>,
 }
 
 pub struct Graphs {
@@ -96,6 +101,18 @@ pub struct Request {
     pub control: Option<Control>,
     /// Starting noise for every image (NHWC latents, unscaled), like diffusers' `latents`.
     pub init_latents: Option<Tensor>,
+    /// One per attached adapter (`Generator::attach_adapter`), in the same order.
+    pub image_prompts: Vec<ImagePrompt>,
+}
+
+/// The image condition of one adapter for every image of a request: what its projection takes
+/// (IP-Adapter: image embeddings [1, D] or [1, images, D]; Plus / Toffee: hidden states
+/// [1, tokens, D]) for the conditional side and for the unconditional side of guidance, and λ per
+/// cross-attention layer (`Unet::cross_attention_layers` values).
+pub struct ImagePrompt {
+    pub positive: Tensor,
+    pub negative: Tensor,
+    pub scales: Vec<f32>,
 }
 
 impl Request {
@@ -155,6 +172,7 @@ impl Generator {
             device: device.clone(),
             graphs: Graphs::new(device),
             tensor_scheduler: false,
+            adapters: Vec::new(),
         };
         g.check()?;
         Ok(g)
@@ -178,6 +196,60 @@ impl Generator {
             }
         }
         Ok(())
+    }
+
+    /// Attaches an image-prompt adapter to the UNet (errors name the adapter when it was made
+    /// for another UNet).
+    pub fn attach_adapter(&mut self, mut adapter: Adapter) -> Result<()> {
+        adapter.attach(&mut self.unet)?;
+        self.adapters.push(adapter);
+        Ok(())
+    }
+
+    /// The projected image tokens of every adapter for `n` images, [uncond; cond] rows when
+    /// guiding; each prompt is projected once per batch.
+    fn image_tokens(&self, req: &Request, n: usize, guided: bool) -> Result<Vec<Tensor>> {
+        if req.image_prompts.len() != self.adapters.len() {
+            bail!(
+                "{} image prompt(s) for {} attached adapter(s)",
+                req.image_prompts.len(),
+                self.adapters.len()
+            );
+        }
+        let layers = self.unet.cross_attention_layers();
+        let dev = &self.device;
+        let mut out = Vec::new();
+        for (a, p) in self.adapters.iter().zip(&req.image_prompts) {
+            if p.scales.len() != layers {
+                bail!(
+                    "{}: {} scales for {layers} cross-attention layers",
+                    a.source.display(),
+                    p.scales.len()
+                );
+            }
+            let project = |t: &Tensor, side: &str| {
+                if t.shape().first() != Some(&1) {
+                    bail!(
+                        "{}: the {side} image condition has shape {:?}; expected one row (it is shared by every image)",
+                        a.source.display(),
+                        t.shape()
+                    );
+                }
+                a.project(&dev.put(t.clone()))
+                    .with_context(|| format!("{}: the {side} image condition", a.source.display()))
+            };
+            let pos = project(&p.positive, "positive")?;
+            let rows_pos = vec![&pos; n];
+            out.push(if guided {
+                let neg = project(&p.negative, "negative")?;
+                let mut rows = vec![&neg; n];
+                rows.extend(rows_pos);
+                Tensor::cat0(&rows)
+            } else {
+                Tensor::cat0(&rows_pos)
+            });
+        }
+        Ok(out)
     }
 
     fn make_scheduler(&self, kind: Option<SchedulerKind>) -> Result<Scheduler> {
@@ -413,17 +485,20 @@ impl Generator {
             }
         };
 
+        let ip_tokens = self.image_tokens(req, n, cfg)?;
         let call = ModelCall {
             pooled: embeds.pooled.is_some(),
             control: control.as_ref().map(|(net, _, s)| (*net, *s)),
             mask: mask_input.is_some(),
             guidance: if cfg { Some(req.guidance) } else { None },
+            ip_scales: req.image_prompts.iter().map(|p| p.scales.clone()).collect(),
         };
         let key = format!(
-            "{:?} {} {:?}",
+            "{:?} {} {:?} {:?}",
             call.guidance,
             call.mask,
-            call.control.map(|c| c.1)
+            call.control.map(|c| c.1),
+            call.ip_scales
         );
         let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
         let timesteps = sched.timesteps().to_vec();
@@ -464,6 +539,7 @@ impl Generator {
                 inputs.push(m.clone());
                 inputs.push(ml.clone());
             }
+            inputs.extend(ip_tokens.iter().cloned());
             let pred = graphs
                 .step
                 .run(&key, &inputs, |v| {
@@ -503,7 +579,7 @@ impl Generator {
     }
 
     /// ControlNet + UNet (+ guidance) on `v` = [x_in, timesteps, context, (pooled, time_ids)?,
-    /// (control image)?, (mask, masked latents)?], in that order.
+    /// (control image)?, (mask, masked latents)?, adapter tokens…], in that order.
     fn model_call(&self, call: &ModelCall, v: &[Tensor]) -> Result<Tensor> {
         let mut k = 3;
         let mut next = || {
@@ -521,11 +597,19 @@ impl Generator {
         } else {
             None
         };
+        let ip: Vec<IpInput> = call
+            .ip_scales
+            .iter()
+            .map(|scales| IpInput {
+                tokens: next().clone(),
+                scales: scales.clone(),
+            })
+            .collect();
         let cond = Cond {
             timesteps: &v[1],
             context: &v[2],
             text_time,
-            ip: &[],
+            ip: &ip,
         };
         let residuals = match (call.control, image) {
             (Some((net, scale)), Some(im)) => Some(net.forward(&v[0], &cond, im, scale)?),
@@ -584,6 +668,8 @@ struct ModelCall<'a> {
     control: Option<(&'a ControlNet, f32)>,
     mask: bool,
     guidance: Option<f32>,
+    /// λ per cross-attention layer, one list per attached adapter.
+    ip_scales: Vec<Vec<f32>>,
 }
 
 /// 4-channel inpainting: after each step the unmasked region is replaced by the image latents
