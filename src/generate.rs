@@ -4,7 +4,8 @@
 use crate::backend::Device;
 use crate::canny;
 use crate::image_io;
-use crate::pipeline::{Control, Generator, Init, Request};
+use crate::models::adapter::Adapter;
+use crate::pipeline::{image_prompt, Control, Generator, ImagePrompt, Init, Request};
 use crate::sched::SchedulerKind;
 use crate::tensor::Tensor;
 use crate::weights::safetensors::{read_all, write_f32};
@@ -49,6 +50,13 @@ pub struct Options {
     pub progress: bool,
     /// cpu, cuda or cuda:N.
     pub device: String,
+    /// Image-prompt adapter (IP-Adapter file or Toffee adapter folder) and its subject image.
+    pub adapter: Option<PathBuf>,
+    pub adapter_image: Option<PathBuf>,
+    /// λ on every cross-attention layer (default: the adapter's own, 1 for IP-Adapter files).
+    pub adapter_scale: Option<f32>,
+    /// The adapter's image encoder, when it is not beside the adapter.
+    pub adapter_encoder: Option<PathBuf>,
 }
 
 /// Output file names: `out` itself for one image, else `stem-0000.ext`, `stem-0001.ext`, ….
@@ -125,6 +133,32 @@ fn load_image_fit(
     Ok((image_io::LoadedImage { rgb, alpha }, tw, th))
 }
 
+/// Loads `--adapter` and its image encoder, encodes `--adapter-image` once, and attaches the
+/// adapter to the generator's UNet.
+fn attach_adapter(o: &Options, gen: &mut Generator) -> Result<Vec<ImagePrompt>> {
+    let Some(path) = &o.adapter else {
+        if o.adapter_image.is_some() || o.adapter_scale.is_some() || o.adapter_encoder.is_some() {
+            bail!("--adapter-image, --adapter-scale and --adapter-encoder need --adapter");
+        }
+        return Ok(Vec::new());
+    };
+    if o.model.is_none() {
+        bail!("--adapter needs --model (the built-in demo model takes no adapter)");
+    }
+    let image_path = o
+        .adapter_image
+        .as_ref()
+        .context("--adapter needs --adapter-image (the subject image)")?;
+    let adapter = Adapter::load(path, &gen.device)?;
+    let enc = image_prompt::load_encoder(&adapter, o.adapter_encoder.as_deref(), &gen.device)?;
+    let image = crate::image_proc::load_rgb8_on_white(image_path)?;
+    let scale = o.adapter_scale.unwrap_or(adapter.default_scale);
+    let layers = gen.unet.cross_attention_layers();
+    let prompt = image_prompt::image_prompt(&adapter, &enc, &image, scale, layers)?;
+    gen.attach_adapter(adapter)?;
+    Ok(vec![prompt])
+}
+
 pub struct Summary {
     pub paths: Vec<PathBuf>,
     pub seconds: f64,
@@ -141,7 +175,7 @@ pub fn run(o: &Options) -> Result<Summary> {
     if let Some(p) = &o.save_latents {
         check_writable(std::slice::from_ref(p))?;
     }
-    let gen = match &o.model {
+    let mut gen = match &o.model {
         Some(m) => {
             let device = Device::open(
                 &o.device,
@@ -168,25 +202,55 @@ pub fn run(o: &Options) -> Result<Summary> {
         (None, None) => None,
         (w, h) => Some((w.unwrap_or(gen.default_size), h.unwrap_or(gen.default_size))),
     };
+    let image_prompts = attach_adapter(o, &mut gen)?;
     let (init, width, height) = match o.mode {
         Mode::Txt2Img => {
             if o.image.is_some() || o.mask.is_some() {
                 bail!("txt2img takes no --image or --mask (use img2img or inpaint)");
             }
             let (w, h) = user_size.unwrap_or((gen.default_size, gen.default_size));
-            (Init::Noise, w, h)
+            let c = gen.vae.latent_channels;
+            if gen.unet.config.in_channels == 2 * c + 1 {
+                // An inpainting-style UNet (ToffeeNet) generating from nothing: the whole image is
+                // the mask and the source is empty, diffusers' inpainting with an all-white mask.
+                (
+                    Init::Inpaint {
+                        image: Tensor::zeros(vec![1, h, w, 3]),
+                        mask: Tensor::new(vec![1, h, w, 1], vec![1.0; h * w]),
+                        strength: 1.0,
+                    },
+                    w,
+                    h,
+                )
+            } else {
+                (Init::Noise, w, h)
+            }
         }
         Mode::Img2Img => {
             let path = o.image.as_ref().context("img2img needs --image")?;
             let (img, w, h) = load_image_fit(path, user_size, f)?;
-            (
-                Init::Image {
-                    image: img.rgb,
-                    strength: o.strength.unwrap_or(0.8),
-                },
-                w,
-                h,
-            )
+            let strength = o.strength.unwrap_or(0.8);
+            match &o.mask {
+                // Change only inside the mask: diffusers' inpainting on this UNet (latent blending
+                // for 4-channel UNets) at the img2img strength.
+                Some(m) => (
+                    Init::Inpaint {
+                        image: img.rgb,
+                        mask: image_io::fit(&image_io::load_mask(m)?, w, h),
+                        strength,
+                    },
+                    w,
+                    h,
+                ),
+                None => (
+                    Init::Image {
+                        image: img.rgb,
+                        strength,
+                    },
+                    w,
+                    h,
+                ),
+            }
         }
         Mode::Inpaint => {
             let path = o.image.as_ref().context("inpaint needs --image")?;
@@ -263,7 +327,7 @@ pub fn run(o: &Options) -> Result<Summary> {
         init,
         control,
         init_latents,
-        image_prompts: Vec::new(),
+        image_prompts,
     };
     let start = Instant::now();
     let show = o.progress && std::io::stderr().is_terminal();

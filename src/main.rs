@@ -192,7 +192,7 @@ struct GenArgs {
     /// Input image (img2img, inpaint); RGBA alpha is the subject mask.
     #[arg(long)]
     image: Option<PathBuf>,
-    /// Inpainting mask: white repaints, black keeps.
+    /// Inpainting mask: white repaints, black keeps. With img2img: change only inside it.
     #[arg(long)]
     mask: Option<PathBuf>,
     /// safetensors with `latents` [N, C, H, W]: starting noise (unscaled), as diffusers' `latents`.
@@ -204,6 +204,18 @@ struct GenArgs {
     /// cpu, cuda or cuda:N (builds with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Image-prompt adapter: an IP-Adapter .safetensors file or a Toffee adapter folder.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
+    /// The subject image the adapter conditions on.
+    #[arg(long)]
+    adapter_image: Option<PathBuf>,
+    /// λ, the adapter's scale on every cross-attention layer (default: the adapter's, else 1).
+    #[arg(long)]
+    adapter_scale: Option<f32>,
+    /// The adapter's image encoder folder (default: found beside the adapter).
+    #[arg(long)]
+    adapter_encoder: Option<PathBuf>,
 }
 
 impl GenArgs {
@@ -234,6 +246,10 @@ impl GenArgs {
             save_latents: self.save_latents,
             progress: true,
             device: self.device,
+            adapter: self.adapter,
+            adapter_image: self.adapter_image,
+            adapter_scale: self.adapter_scale,
+            adapter_encoder: self.adapter_encoder,
         }
     }
 }

@@ -190,3 +190,235 @@ fn adapter_for_another_unet_is_a_clear_error() {
     ));
     assert!(e.contains("ip_adapter.1.to_k_ip"), "{e}");
 }
+
+/// `toffee txt2img|img2img|inpaint --adapter F --adapter-image S`: the subject is encoded by the
+/// adapter's image encoder; λ = 0 gives the plain pipeline's image exactly.
+fn gen_args<'a>(mode: &'a str, out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        mode,
+        "--prompt",
+        "a photo of a cat",
+        "--steps",
+        "2",
+        "--seed",
+        "3",
+        "--out",
+        out,
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
+#[test]
+fn cli_generation_with_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = fixtures().join("sd1");
+    let enc = fixtures().join("vision/clip-vision-proj");
+    let subject = fixtures().join("vision/images/img0_37x53.png");
+    let (m, e, s) = (
+        model.to_str().unwrap(),
+        enc.to_str().unwrap(),
+        subject.to_str().unwrap(),
+    );
+    let run = |name: &str, mode: &str, extra: &[&str]| -> Vec<u8> {
+        let out = dir.path().join(format!("{name}.png"));
+        let mut args = gen_args(mode, out.to_str().unwrap(), &["--model", m]);
+        args.extend_from_slice(extra);
+        let o = common::toffee(&args);
+        assert!(o.status.success(), "{name}: {}", stderr(&o));
+        image::open(&out).unwrap().to_rgb8().into_raw()
+    };
+    let plain = run("plain", "txt2img", &[]);
+    for ad in [
+        "ip-adapter-sd1.safetensors",
+        "ip-adapter-plus-sd1.safetensors",
+    ] {
+        let a = fixtures().join("adapters").join(ad);
+        let a = a.to_str().unwrap();
+        let with = run(
+            ad,
+            "txt2img",
+            &["--adapter", a, "--adapter-image", s, "--adapter-encoder", e],
+        );
+        assert_ne!(with, plain, "{ad}: the adapter changes the image");
+        let zero = run(
+            &format!("{ad}-0"),
+            "txt2img",
+            &[
+                "--adapter",
+                a,
+                "--adapter-image",
+                s,
+                "--adapter-encoder",
+                e,
+                "--adapter-scale",
+                "0",
+            ],
+        );
+        assert_eq!(zero, plain, "{ad}: λ = 0 is the plain pipeline");
+    }
+    // img2img (the Refiner pass) restricted to a mask, and inpainting, with an adapter.
+    let src = dir.path().join("src.png");
+    image::RgbImage::from_fn(64, 64, |x, y| {
+        image::Rgb([(x * 4) as u8, (y * 4) as u8, 90])
+    })
+    .save(&src)
+    .unwrap();
+    let mask = dir.path().join("mask.png");
+    image::GrayImage::from_fn(64, 64, |x, _| image::Luma([if x < 32 { 255 } else { 0 }]))
+        .save(&mask)
+        .unwrap();
+    let a = fixtures().join("adapters/ip-adapter-sd1.safetensors");
+    let ad = [
+        "--adapter",
+        a.to_str().unwrap(),
+        "--adapter-image",
+        s,
+        "--adapter-encoder",
+        e,
+    ];
+    let i2i = run(
+        "i2i",
+        "img2img",
+        &[&["--image", src.to_str().unwrap()][..], &ad].concat(),
+    );
+    let i2i_masked = run(
+        "i2i-mask",
+        "img2img",
+        &[
+            &[
+                "--image",
+                src.to_str().unwrap(),
+                "--mask",
+                mask.to_str().unwrap(),
+            ][..],
+            &ad,
+        ]
+        .concat(),
+    );
+    assert_ne!(i2i, i2i_masked, "--mask changes img2img");
+    run(
+        "inpaint",
+        "inpaint",
+        &[
+            &[
+                "--image",
+                src.to_str().unwrap(),
+                "--mask",
+                mask.to_str().unwrap(),
+            ][..],
+            &ad,
+        ]
+        .concat(),
+    );
+}
+
+#[test]
+fn cli_adapter_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    let model = fixtures().join("sd1");
+    let enc = fixtures().join("vision/clip-vision-proj");
+    let a = fixtures().join("adapters/ip-adapter-sd1.safetensors");
+    let (m, e, o) = (
+        model.to_str().unwrap(),
+        enc.to_str().unwrap(),
+        out.to_str().unwrap(),
+    );
+    // No subject image.
+    let err = expect_error(&common::toffee(&gen_args(
+        "txt2img",
+        o,
+        &["--model", m, "--adapter", a.to_str().unwrap()],
+    )));
+    assert!(err.contains("--adapter-image"), "{err}");
+    // A subject image that does not decode.
+    let bad = dir.path().join("subject.png");
+    std::fs::write(&bad, b"garbage").unwrap();
+    let err = expect_error(&common::toffee(&gen_args(
+        "txt2img",
+        o,
+        &[
+            "--model",
+            m,
+            "--adapter",
+            a.to_str().unwrap(),
+            "--adapter-image",
+            bad.to_str().unwrap(),
+            "--adapter-encoder",
+            e,
+        ],
+    )));
+    assert!(err.contains("subject.png"), "{err}");
+    // The SDXL adapter on the SD1 pipeline.
+    let sdxl = fixtures().join("adapters/ip-adapter-sdxl.safetensors");
+    let img = fixtures().join("vision/images/img0_37x53.png");
+    let err = expect_error(&common::toffee(&gen_args(
+        "txt2img",
+        o,
+        &[
+            "--model",
+            m,
+            "--adapter",
+            sdxl.to_str().unwrap(),
+            "--adapter-image",
+            img.to_str().unwrap(),
+            "--adapter-encoder",
+            e,
+        ],
+    )));
+    assert!(
+        err.contains("ip-adapter-sdxl.safetensors") && err.contains("another UNet"),
+        "{err}"
+    );
+    // No encoder beside the adapter and none given.
+    let err = expect_error(&common::toffee(&gen_args(
+        "txt2img",
+        o,
+        &[
+            "--model",
+            m,
+            "--adapter",
+            a.to_str().unwrap(),
+            "--adapter-image",
+            img.to_str().unwrap(),
+        ],
+    )));
+    assert!(err.contains("--adapter-encoder"), "{err}");
+    assert!(!out.exists());
+}
+
+/// h94/IP-Adapter's layout: `models/image_encoder/` beside `models/ip-adapter*.safetensors`.
+#[test]
+fn adapter_encoder_is_found_beside_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    common::copy_tree(
+        &fixtures().join("vision/clip-vision-proj"),
+        &models.join("image_encoder"),
+    );
+    let file = models.join("ip-adapter_sd15.safetensors");
+    std::fs::copy(
+        fixtures().join("adapters/ip-adapter-sd1.safetensors"),
+        &file,
+    )
+    .unwrap();
+    let a = Adapter::load(&file, &Device::Cpu).unwrap();
+    let found = toffee::pipeline::image_prompt::encoder_dir(&a, None).unwrap();
+    assert_eq!(found, models.join("image_encoder"));
+    let out = dir.path().join("o.png");
+    let img = fixtures().join("vision/images/img1_64x40.png");
+    let o = common::toffee(&gen_args(
+        "txt2img",
+        out.to_str().unwrap(),
+        &[
+            "--model",
+            fixtures().join("sd1").to_str().unwrap(),
+            "--adapter",
+            file.to_str().unwrap(),
+            "--adapter-image",
+            img.to_str().unwrap(),
+        ],
+    ));
+    assert!(o.status.success(), "{}", stderr(&o));
+}

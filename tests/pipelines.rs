@@ -6,10 +6,10 @@ mod common;
 use common::fixtures;
 use serde_json::Value;
 use std::collections::VecDeque;
-use toffee::models::load::load_unet;
-use toffee::pipeline::noise::NoiseSource;
 use toffee::backend::Device;
 use toffee::models::adapter::Adapter;
+use toffee::models::load::load_unet;
+use toffee::pipeline::noise::NoiseSource;
 use toffee::pipeline::{Control, Generator, ImagePrompt, Init, Request};
 use toffee::tensor::Tensor;
 use toffee::weights::safetensors::read_all;
@@ -28,7 +28,11 @@ fn run_adapter_case(name: &str) {
 }
 
 /// The image prompts of a case's `ip_adapters`, attached to `gen` in order.
-fn attach_adapters(gen: &mut Generator, case: &Value, t: &std::collections::BTreeMap<String, Tensor>) -> Vec<ImagePrompt> {
+fn attach_adapters(
+    gen: &mut Generator,
+    case: &Value,
+    t: &std::collections::BTreeMap<String, Tensor>,
+) -> Vec<ImagePrompt> {
     let Some(list) = case.get("ip_adapters").and_then(Value::as_array) else {
         return Vec::new();
     };
@@ -36,7 +40,8 @@ fn attach_adapters(gen: &mut Generator, case: &Value, t: &std::collections::BTre
     list.iter()
         .enumerate()
         .map(|(i, a)| {
-            let ad = Adapter::load(&fixtures().join(a["file"].as_str().unwrap()), &Device::Cpu).unwrap();
+            let ad =
+                Adapter::load(&fixtures().join(a["file"].as_str().unwrap()), &Device::Cpu).unwrap();
             gen.attach_adapter(ad).unwrap();
             let e = &t[a["embeds"].as_str().unwrap()];
             assert_eq!(e.shape()[0], 2, "[negative; positive]");

@@ -285,6 +285,19 @@ impl ImageProcessor {
         Self::from_map(path, map)
     }
 
+    /// `CLIPImageProcessor()` with its class defaults (224 shortest edge, 224 crop, bicubic, CLIP
+    /// mean/std): what diffusers uses for an IP-Adapter image encoder folder that has no
+    /// preprocessor_config.json.
+    pub fn clip_default() -> ImageProcessor {
+        let mut map = Map::new();
+        map.insert(
+            "image_processor_type".into(),
+            Value::from("CLIPImageProcessor"),
+        );
+        Self::from_map(Path::new("<CLIPImageProcessor defaults>"), &map)
+            .expect("the class defaults are supported")
+    }
+
     fn from_map(path: &Path, map: &Map<String, Value>) -> Result<ImageProcessor> {
         let f = Fields { path, map };
         let (class_key, class) = ["image_processor_type", "feature_extractor_type"]

@@ -3,6 +3,7 @@
 //! matching diffusers' pipelines step for step.
 
 pub mod graph;
+pub mod image_prompt;
 pub mod noise;
 pub mod prompt;
 pub mod score;

@@ -55,6 +55,12 @@ fn processor_path(model_dir: &Path, user_path: &Path) -> PathBuf {
 
 impl ImageEncoder {
     pub fn load(path: &Path, device: &Device) -> Result<ImageEncoder> {
+        Self::load_with(path, device, false)
+    }
+
+    /// `load`, but a CLIP vision folder without preprocessor_config.json gets
+    /// `CLIPImageProcessor`'s defaults, as diffusers' IP-Adapter loader does.
+    pub fn load_with(path: &Path, device: &Device, clip_default: bool) -> Result<ImageEncoder> {
         let model = load_image_encoder(path, device)?;
         let dir = image_encoder_dir(path);
         let model_dir = if dir.join("model_index.json").is_file() {
@@ -63,6 +69,16 @@ impl ImageEncoder {
             dir.clone()
         };
         let pp = processor_path(&model_dir, path);
+        if !pp.is_file() && clip_default && model.config.kind == VitKind::ClipVision {
+            let processor = ImageProcessor::clip_default();
+            let (h, w) = processor.output_size();
+            model.check_input(h, w)?;
+            return Ok(ImageEncoder {
+                model,
+                processor,
+                dir,
+            });
+        }
         if !pp.is_file() {
             bail!(
                 "{}: missing: the image encoder needs its preprocessor_config.json (the image \

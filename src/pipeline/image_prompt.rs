@@ -1,0 +1,131 @@
+//! From a subject image to an adapter's image condition: the adapter's image encoder, which of
+//! its outputs the adapter reads, and the unconditional side of guidance as diffusers makes it.
+//!
+//! - IP-Adapter: the CLIP `image_embeds`; negative = zeros (diffusers).
+//! - IP-Adapter-Plus: `penultimate_hidden_state`; negative = the encoder on an all-zero
+//!   `pixel_values` tensor (diffusers).
+//! - Toffee adapter: the DINO output and tokens `adapter_config.json` names; negative = zero
+//!   tokens (docs/models.md).
+//!
+//! The encoder is found next to the adapter: `--adapter-encoder DIR` when given; a Toffee
+//! adapter's `image_encoder` (a path, relative to its folder); or the `image_encoder/` folder
+//! beside an IP-Adapter file or one level up (h94/IP-Adapter's `models/` layout).
+
+use super::score::ImageEncoder;
+use super::ImagePrompt;
+use crate::backend::Device;
+use crate::models::adapter::{Adapter, AdapterKind};
+use crate::tensor::Tensor;
+use anyhow::{bail, Result};
+use image::RgbImage;
+use std::path::{Path, PathBuf};
+
+/// Where the adapter's image encoder is (see the module comment).
+pub fn encoder_dir(adapter: &Adapter, given: Option<&Path>) -> Result<PathBuf> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let src = &adapter.source;
+    let mut candidates = Vec::new();
+    if let (Some(e), Some(dir)) = (&adapter.image_encoder, src.parent()) {
+        candidates.push(dir.join(e));
+    }
+    for up in src.ancestors().skip(1).take(2) {
+        candidates.push(up.join("image_encoder"));
+    }
+    match candidates.iter().find(|c| c.join("config.json").is_file()) {
+        Some(c) => Ok(c.clone()),
+        None => bail!(
+            "{}: no image encoder found (looked in {}); give --adapter-encoder DIR",
+            src.display(),
+            candidates
+                .iter()
+                .map(|c| c.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    }
+}
+
+/// The adapter's image encoder, loaded.
+pub fn load_encoder(
+    adapter: &Adapter,
+    given: Option<&Path>,
+    device: &Device,
+) -> Result<ImageEncoder> {
+    let dir = encoder_dir(adapter, given)?;
+    let enc = ImageEncoder::load_with(&dir, device, adapter.kind != AdapterKind::Toffee)?;
+    Ok(enc)
+}
+
+/// What `adapter` takes from the encoder for `pixel_values` [1, 3, H, W] (host), on the host.
+fn features(adapter: &Adapter, enc: &ImageEncoder, pixel_values: &Tensor) -> Result<Tensor> {
+    let out = enc.encode_pixels(pixel_values);
+    let t = match adapter.kind {
+        AdapterKind::Plain => match out.image_embeds {
+            Some(e) => e,
+            None => bail!(
+                "{}: IP-Adapter needs a projected CLIP image encoder (CLIPVisionModelWithProjection); {} has no visual_projection",
+                adapter.source.display(),
+                enc.dir.display()
+            ),
+        },
+        AdapterKind::Plus => out.penultimate_hidden_state,
+        AdapterKind::Toffee => {
+            let sel = adapter.selection.as_ref().expect("Toffee adapters select tokens");
+            let x = if sel.output == "penultimate_hidden_state" {
+                out.penultimate_hidden_state
+            } else {
+                out.last_hidden_state
+            };
+            if sel.patch_only {
+                let (b, t, d) = (x.shape()[0], x.shape()[1], x.shape()[2]);
+                if sel.prefix >= t {
+                    bail!(
+                        "{}: num_prefix_tokens {} leaves no patch tokens of {t}",
+                        adapter.source.display(),
+                        sel.prefix
+                    );
+                }
+                crate::backend::slice_channels(&x.reshape(vec![b, t * d]), sel.prefix * d, (t - sel.prefix) * d)
+                    .reshape(vec![b, t - sel.prefix, d])
+            } else {
+                x
+            }
+        }
+    };
+    enc.model.device().check()?;
+    let t = t.to_host()?;
+    if t.last_dim() != adapter.image_embed_dim {
+        bail!(
+            "{}: the adapter takes {}-wide image features, the encoder {} gives {}",
+            adapter.source.display(),
+            adapter.image_embed_dim,
+            enc.dir.display(),
+            t.last_dim()
+        );
+    }
+    Ok(t)
+}
+
+/// The image condition of `adapter` for `image` (one subject for every image of a request), with
+/// λ = `scale` on every one of the UNet's `layers` cross-attention layers.
+pub fn image_prompt(
+    adapter: &Adapter,
+    enc: &ImageEncoder,
+    image: &RgbImage,
+    scale: f32,
+    layers: usize,
+) -> Result<ImagePrompt> {
+    let px = enc.pixel_values(std::slice::from_ref(image));
+    let positive = features(adapter, enc, &px)?;
+    let negative = match adapter.kind {
+        AdapterKind::Plus => features(adapter, enc, &Tensor::zeros(px.shape().to_vec()))?,
+        AdapterKind::Plain | AdapterKind::Toffee => Tensor::zeros(positive.shape().to_vec()),
+    };
+    Ok(ImagePrompt {
+        positive,
+        negative,
+        scales: vec![scale; layers],
+    })
+}
