@@ -238,6 +238,30 @@ pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
     if !path.exists() {
         bail!("{}: no such file or directory", path.display());
     }
+    if path.join("adapter_config.json").is_file()
+        || (path.is_file() && WeightStore::open_file(path)?.contains("ip_adapter.1.to_k_ip.weight"))
+    {
+        let a = crate::models::adapter::Adapter::load(path, &Device::Cpu)?;
+        writeln!(out, "{}: {}", path.display(), a.describe()).unwrap();
+        if let Some(sel) = &a.selection {
+            writeln!(
+                out,
+                "  tokens: {} of `{}`{}",
+                if sel.patch_only {
+                    "patch tokens"
+                } else {
+                    "all tokens"
+                },
+                sel.output,
+                a.image_encoder
+                    .as_ref()
+                    .map(|e| format!(", image encoder {e}"))
+                    .unwrap_or_default()
+            )
+            .unwrap();
+        }
+        return Ok(out);
+    }
     if path.is_file() {
         let w = WeightStore::open_file(path)?;
         let kind = guess_from_names(&w);

@@ -422,3 +422,27 @@ fn adapter_encoder_is_found_beside_the_file() {
     ));
     assert!(o.status.success(), "{}", stderr(&o));
 }
+
+#[test]
+fn inspect_describes_adapters() {
+    for (p, want) in [
+        ("adapters/ip-adapter-sd1.safetensors", "IP-Adapter (ImageProjection): image features 16-wide → tokens 16 (4 per image), 11 cross-attention layers"),
+        ("adapters/ip-adapter-plus-sdxl.safetensors", "IP-Adapter-Plus (Resampler): image features 24-wide → tokens 32 (5 per image)"),
+        ("toffee/adapter-resampler", "Toffee adapter"),
+    ] {
+        let o = common::toffee(&["inspect", fixtures().join(p).to_str().unwrap()]);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(o.status.success(), "{p}: {}", stderr(&o));
+        assert!(text.contains(want), "{p}: {text}");
+    }
+    let o = common::toffee(&[
+        "inspect",
+        fixtures()
+            .join("toffee/adapter-resampler")
+            .to_str()
+            .unwrap(),
+    ]);
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("patch tokens of `penultimate_hidden_state`")
+    );
+}

@@ -378,6 +378,65 @@ fn image_encoders_match_the_cpu_backend() {
     finish();
 }
 
+/// The UNet with IP-Adapter / Toffee adapters attached (golden inputs) on the GPU against the CPU.
+#[test]
+fn adapters_match_the_cpu_backend() {
+    let Some(d) = gpu() else { return };
+    for dir in ["golden/adapters", "golden/toffee"] {
+        let root = fixtures().join(dir);
+        let manifest: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap())
+                .unwrap();
+        for case in manifest["cases"].as_array().unwrap() {
+            if case["kind"] != "unet" {
+                continue;
+            }
+            let name = case["name"].as_str().unwrap();
+            let model = fixtures().join(
+                case.get("unet")
+                    .and_then(|u| u.as_str())
+                    .or(case["model"].as_str())
+                    .unwrap(),
+            );
+            let adapters: Vec<std::path::PathBuf> = match case.get("adapters") {
+                Some(a) => a
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|a| fixtures().join(a.as_str().unwrap()))
+                    .collect(),
+                None => vec![fixtures().join(case["adapter"].as_str().unwrap())],
+            };
+            let in_path = root.join(case["inputs"].as_str().unwrap());
+            let mut inputs = read_all(&in_path).unwrap();
+            if let Some(t) = inputs.remove("image_tokens") {
+                inputs.insert("ip_image_embeds".into(), t);
+            }
+            let run = |dev: &Device| {
+                forward::run_with_adapters(
+                    &model,
+                    Component::Unet,
+                    &inputs,
+                    &in_path,
+                    dev,
+                    &adapters,
+                )
+            };
+            let cpu = run(&Device::Cpu).unwrap();
+            let d = gpu().unwrap_or(d.clone());
+            match run(&d) {
+                Ok(got) => {
+                    for ((n, g), (_, c)) in got.iter().zip(&cpu) {
+                        close(&format!("{name}/{n}"), g, c, &d);
+                    }
+                }
+                Err(e) => fail(format!("{name}: {e:#}")),
+            }
+        }
+    }
+    finish();
+}
+
 fn request(init: Init, control: Option<Control>) -> Request {
     Request {
         prompts: vec!["a cat".into(), "a red car".into()],

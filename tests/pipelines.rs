@@ -27,12 +27,54 @@ fn run_adapter_case(name: &str) {
     run_case_with("golden/adapters", name, true);
 }
 
+/// Toffee Refiner / ToffeeNet pipelines (tools/fixtures/toffee.py): the subject image goes
+/// through the adapter's DINO encoder here, so the whole chain is checked.
+fn run_toffee_case(name: &str) {
+    run_case_with("golden/toffee", name, false);
+    run_case_with("golden/toffee", name, true);
+}
+
+/// The image prompt of a case's `toffee_adapter`, made from its subject image by the engine
+/// (processor, DINO encoder, token selection), checked against the reference's tokens.
+fn attach_toffee(
+    gen: &mut Generator,
+    spec: &Value,
+    t: &std::collections::BTreeMap<String, Tensor>,
+) -> Vec<ImagePrompt> {
+    use toffee::pipeline::image_prompt::{image_prompt, load_encoder};
+    let root = fixtures();
+    let adapter =
+        Adapter::load(&root.join(spec["folder"].as_str().unwrap()), &Device::Cpu).unwrap();
+    let enc_dir = root.join(spec["image_encoder"].as_str().unwrap());
+    let enc = load_encoder(&adapter, Some(&enc_dir), &Device::Cpu).unwrap();
+    let subject =
+        toffee::image_proc::load_rgb8(&root.join(spec["subject_image"].as_str().unwrap())).unwrap();
+    let scale = spec["scale"].as_f64().unwrap() as f32;
+    let layers = gen.unet.cross_attention_layers();
+    let p = image_prompt(&adapter, &enc, &subject, scale, layers).unwrap();
+    let err = p.positive.max_abs_diff(&t["image_tokens"]);
+    assert!(
+        err <= 1e-4,
+        "image tokens differ from the reference's by {err}"
+    );
+    assert_eq!(
+        p.negative.data(),
+        t["negative_image_tokens"].data(),
+        "negative tokens"
+    );
+    gen.attach_adapter(adapter).unwrap();
+    vec![p]
+}
+
 /// The image prompts of a case's `ip_adapters`, attached to `gen` in order.
 fn attach_adapters(
     gen: &mut Generator,
     case: &Value,
     t: &std::collections::BTreeMap<String, Tensor>,
 ) -> Vec<ImagePrompt> {
+    if let Some(spec) = case.get("toffee_adapter") {
+        return attach_toffee(gen, spec, t);
+    }
     let Some(list) = case.get("ip_adapters").and_then(Value::as_array) else {
         return Vec::new();
     };
@@ -198,4 +240,15 @@ adapter_cases!(
     sd1_ip_img2img,
     inpaint_9ch_ip,
     sdxl_ip_txt2img,
+);
+
+macro_rules! toffee_cases {
+    ($($name:ident),* $(,)?) => { $( #[test] fn $name() { run_toffee_case(stringify!($name)); } )* };
+}
+
+toffee_cases!(
+    toffeenet_generate,
+    toffeenet_edit,
+    toffeenet_depth,
+    refiner_img2img
 );

@@ -520,6 +520,30 @@ impl ToffeeConfig {
         if t != "toffee" {
             return Err(cfg.unsupported("adapter_type", t, "toffee"));
         }
+        const KNOWN: [&str; 11] = [
+            "adapter_type",
+            "image_encoder",
+            "image_encoder_output",
+            "tokens",
+            "num_prefix_tokens",
+            "projection",
+            "image_embed_dim",
+            "cross_attention_dim",
+            "num_tokens",
+            "resampler",
+            "scale",
+        ];
+        if let Some(k) = cfg
+            .json
+            .keys()
+            .find(|k| !k.starts_with('_') && !KNOWN.contains(&k.as_str()))
+        {
+            bail!(
+                "{}: unknown field `{k}` (known: {})",
+                cfg.path.display(),
+                KNOWN.join(", ")
+            );
+        }
         let output = cfg.str("image_encoder_output")?.to_string();
         if !matches!(
             output.as_str(),
