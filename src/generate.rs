@@ -50,13 +50,15 @@ pub struct Options {
     pub progress: bool,
     /// cpu, cuda or cuda:N.
     pub device: String,
-    /// Image-prompt adapter (IP-Adapter file or Toffee adapter folder) and its subject image.
-    pub adapter: Option<PathBuf>,
-    pub adapter_image: Option<PathBuf>,
-    /// λ on every cross-attention layer (default: the adapter's own, 1 for IP-Adapter files).
-    pub adapter_scale: Option<f32>,
-    /// The adapter's image encoder, when it is not beside the adapter.
-    pub adapter_encoder: Option<PathBuf>,
+    /// Image-prompt adapters (IP-Adapter files or Toffee adapter folders) and their subject
+    /// images, paired by position.
+    pub adapter: Vec<PathBuf>,
+    pub adapter_image: Vec<PathBuf>,
+    /// λ on every cross-attention layer: one for all adapters or one each (default: the
+    /// adapter's own, 1 for IP-Adapter files).
+    pub adapter_scale: Vec<f32>,
+    /// The adapters' image encoders (none, or one per adapter), when not found beside them.
+    pub adapter_encoder: Vec<PathBuf>,
 }
 
 /// Output file names: `out` itself for one image, else `stem-0000.ext`, `stem-0001.ext`, ….
@@ -133,30 +135,55 @@ fn load_image_fit(
     Ok((image_io::LoadedImage { rgb, alpha }, tw, th))
 }
 
-/// Loads `--adapter` and its image encoder, encodes `--adapter-image` once, and attaches the
-/// adapter to the generator's UNet.
-fn attach_adapter(o: &Options, gen: &mut Generator) -> Result<Vec<ImagePrompt>> {
-    let Some(path) = &o.adapter else {
-        if o.adapter_image.is_some() || o.adapter_scale.is_some() || o.adapter_encoder.is_some() {
+/// Loads each `--adapter` and its image encoder, encodes its `--adapter-image` once, and attaches
+/// it to the generator's UNet. Adapters pair with images, scales and encoders by position.
+fn attach_adapters(o: &Options, gen: &mut Generator) -> Result<Vec<ImagePrompt>> {
+    let n = o.adapter.len();
+    if n == 0 {
+        if !o.adapter_image.is_empty()
+            || !o.adapter_scale.is_empty()
+            || !o.adapter_encoder.is_empty()
+        {
             bail!("--adapter-image, --adapter-scale and --adapter-encoder need --adapter");
         }
         return Ok(Vec::new());
-    };
+    }
     if o.model.is_none() {
         bail!("--adapter needs --model (the built-in demo model takes no adapter)");
     }
-    let image_path = o
-        .adapter_image
-        .as_ref()
-        .context("--adapter needs --adapter-image (the subject image)")?;
-    let adapter = Adapter::load(path, &gen.device)?;
-    let enc = image_prompt::load_encoder(&adapter, o.adapter_encoder.as_deref(), &gen.device)?;
-    let image = crate::image_proc::load_rgb8_on_white(image_path)?;
-    let scale = o.adapter_scale.unwrap_or(adapter.default_scale);
+    if o.adapter_image.len() != n {
+        bail!(
+            "{n} --adapter but {} --adapter-image: give each adapter its subject image (in the same order)",
+            o.adapter_image.len()
+        );
+    }
+    if o.adapter_scale.len() > 1 && o.adapter_scale.len() != n {
+        bail!("--adapter-scale: give one for all adapters or one per adapter ({n})");
+    }
+    if !o.adapter_encoder.is_empty() && o.adapter_encoder.len() != n {
+        bail!("--adapter-encoder: give none or one per adapter ({n})");
+    }
     let layers = gen.unet.cross_attention_layers();
-    let prompt = image_prompt::image_prompt(&adapter, &enc, &image, scale, layers)?;
-    gen.attach_adapter(adapter)?;
-    Ok(vec![prompt])
+    let mut prompts = Vec::new();
+    for (i, path) in o.adapter.iter().enumerate() {
+        let adapter = Adapter::load(path, &gen.device)?;
+        let enc = image_prompt::load_encoder(
+            &adapter,
+            o.adapter_encoder.get(i).map(|p| p.as_path()),
+            &gen.device,
+        )?;
+        let image = crate::image_proc::load_rgb8_on_white(&o.adapter_image[i])?;
+        let scale = match o.adapter_scale.len() {
+            0 => adapter.default_scale,
+            1 => o.adapter_scale[0],
+            _ => o.adapter_scale[i],
+        };
+        prompts.push(image_prompt::image_prompt(
+            &adapter, &enc, &image, scale, layers,
+        )?);
+        gen.attach_adapter(adapter)?;
+    }
+    Ok(prompts)
 }
 
 pub struct Summary {
@@ -202,7 +229,7 @@ pub fn run(o: &Options) -> Result<Summary> {
         (None, None) => None,
         (w, h) => Some((w.unwrap_or(gen.default_size), h.unwrap_or(gen.default_size))),
     };
-    let image_prompts = attach_adapter(o, &mut gen)?;
+    let image_prompts = attach_adapters(o, &mut gen)?;
     let (init, width, height) = match o.mode {
         Mode::Txt2Img => {
             if o.image.is_some() || o.mask.is_some() {

@@ -204,18 +204,20 @@ struct GenArgs {
     /// cpu, cuda or cuda:N (builds with the `cuda` feature).
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Image-prompt adapter: an IP-Adapter .safetensors file or a Toffee adapter folder.
+    /// Image-prompt adapter: an IP-Adapter .safetensors file or a Toffee adapter folder (repeat
+    /// for several; images, scales and encoders pair with them by position).
     #[arg(long)]
-    adapter: Option<PathBuf>,
-    /// The subject image the adapter conditions on.
+    adapter: Vec<PathBuf>,
+    /// The subject image an adapter conditions on (one per --adapter).
     #[arg(long)]
-    adapter_image: Option<PathBuf>,
-    /// λ, the adapter's scale on every cross-attention layer (default: the adapter's, else 1).
+    adapter_image: Vec<PathBuf>,
+    /// λ on every cross-attention layer: one for all adapters or one each (default: the
+    /// adapter's, else 1).
     #[arg(long)]
-    adapter_scale: Option<f32>,
-    /// The adapter's image encoder folder (default: found beside the adapter).
+    adapter_scale: Vec<f32>,
+    /// An adapter's image encoder folder (none, or one per --adapter; default: found beside it).
     #[arg(long)]
-    adapter_encoder: Option<PathBuf>,
+    adapter_encoder: Vec<PathBuf>,
 }
 
 impl GenArgs {

@@ -446,3 +446,51 @@ fn inspect_describes_adapters() {
         String::from_utf8_lossy(&o.stdout).contains("patch tokens of `penultimate_hidden_state`")
     );
 }
+
+/// Two adapters at once from the CLI, each with its own subject and scale.
+#[test]
+fn cli_two_adapters() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    let enc = fixtures().join("vision/clip-vision-proj");
+    let (a, b) = (
+        fixtures().join("adapters/ip-adapter-sd1.safetensors"),
+        fixtures().join("adapters/ip-adapter-plus-sd1.safetensors"),
+    );
+    let (s1, s2) = (
+        fixtures().join("vision/images/img0_37x53.png"),
+        fixtures().join("vision/images/img2_50x50.png"),
+    );
+    let p = |x: &PathBuf| x.to_str().unwrap().to_string();
+    let args = [
+        "--model".to_string(),
+        p(&fixtures().join("sd1")),
+        "--adapter".into(),
+        p(&a),
+        "--adapter-image".into(),
+        p(&s1),
+        "--adapter-encoder".into(),
+        p(&enc),
+        "--adapter-scale".into(),
+        "0.5".into(),
+        "--adapter".into(),
+        p(&b),
+        "--adapter-image".into(),
+        p(&s2),
+        "--adapter-encoder".into(),
+        p(&enc),
+        "--adapter-scale".into(),
+        "0.8".into(),
+    ];
+    let o_str = p(&out);
+    let mut all = gen_args("txt2img", &o_str, &[]);
+    all.extend(args.iter().map(|s| s.as_str()));
+    let o = common::toffee(&all);
+    assert!(o.status.success(), "{}", stderr(&o));
+    // Images and adapters must pair up.
+    let mut bad = gen_args("txt2img", &o_str, &[]);
+    bad.extend(args[..10].iter().map(|s| s.as_str()));
+    bad.extend(["--adapter", b.to_str().unwrap()]);
+    let e = expect_error(&common::toffee(&bad));
+    assert!(e.contains("--adapter-image"), "{e}");
+}
