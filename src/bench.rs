@@ -33,6 +33,7 @@ impl std::str::FromStr for Source {
     fn from_str(s: &str) -> Result<Source> {
         Ok(match s {
             "sd15" => Source::Known(Known::Sd15),
+            "zero123" => Source::Known(Known::Zero123),
             "sd21" => Source::Known(Known::Sd21),
             "sdxl" => Source::Known(Known::Sdxl),
             "dinov2-b14" => Source::KnownVision(KnownVision::Dinov2B14),

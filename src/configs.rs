@@ -8,12 +8,15 @@ pub enum Known {
     Sd15,
     Sd21,
     Sdxl,
+    /// Zero-1-to-3 (the View Generator): SD1.5's UNet with 8 input channels at 256².
+    Zero123,
 }
 
 impl Known {
     pub fn name(self) -> &'static str {
         match self {
             Known::Sd15 => "sd15",
+            Known::Zero123 => "zero123",
             Known::Sd21 => "sd21",
             Known::Sdxl => "sdxl",
         }
@@ -23,6 +26,7 @@ impl Known {
     pub fn resolution(self) -> usize {
         match self {
             Known::Sd15 => 512,
+            Known::Zero123 => 256,
             Known::Sd21 => 768,
             Known::Sdxl => 1024,
         }
@@ -30,6 +34,12 @@ impl Known {
 
     pub fn unet(self) -> Value {
         match self {
+            Known::Zero123 => {
+                let mut v = Known::Sd15.unet();
+                v["in_channels"] = json!(8);
+                v["sample_size"] = json!(32);
+                v
+            }
             Known::Sd15 => json!({
                 "_class_name": "UNet2DConditionModel", "sample_size": 64, "in_channels": 4, "out_channels": 4,
                 "block_out_channels": [320, 640, 1280, 1280], "layers_per_block": 2,
@@ -84,7 +94,7 @@ impl Known {
     /// The (first) text encoder: CLIP ViT-L/14 for SD1.5 and SDXL, OpenCLIP ViT-H/14 for SD2.1.
     pub fn text_encoder(self) -> Value {
         match self {
-            Known::Sd15 | Known::Sdxl => json!({
+            Known::Sd15 | Known::Sdxl | Known::Zero123 => json!({
                 "architectures": ["CLIPTextModel"], "vocab_size": 49408, "hidden_size": 768, "intermediate_size": 3072,
                 "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 77,
                 "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5, "eos_token_id": 2

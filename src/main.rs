@@ -53,7 +53,7 @@ enum Cmd {
     Devices,
     /// Calls per second of one model on random inputs (random weights of a real configuration).
     Bench {
-        /// sd15, sd21, sdxl, dinov2-b14, clip-l14 (random weights) or a pipeline / model folder.
+        /// sd15, sd21, sdxl, zero123, dinov2-b14, clip-l14 (random weights) or a pipeline / model folder.
         #[arg(long)]
         config: toffee::bench::Source,
         #[arg(long, value_enum)]
@@ -123,6 +123,61 @@ enum Cmd {
         /// One JSON object instead of a line of text.
         #[arg(long)]
         json: bool,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Novel views of a subject with a Zero1to3-layout View Generator (one image per pose;
+    /// comma-separated angle lists give several views).
+    View {
+        /// A Zero1to3 pipeline folder (unet, vae, image_encoder, cc_projection, scheduler).
+        #[arg(long)]
+        model: PathBuf,
+        /// The subject; its alpha channel (or --mask) composites it on white first.
+        #[arg(long)]
+        image: PathBuf,
+        /// White = subject (instead of the image's alpha).
+        #[arg(long)]
+        mask: Option<PathBuf>,
+        /// Polar (elevation) change in degrees, e.g. 0 or 10,-10.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            allow_hyphen_values = true,
+            required = true
+        )]
+        elevation: Vec<f32>,
+        /// Azimuth change in degrees, e.g. 0,90,180,270.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            allow_hyphen_values = true,
+            required = true
+        )]
+        azimuth: Vec<f32>,
+        /// Camera distance change.
+        #[arg(
+            long,
+            value_delimiter = ',',
+            allow_hyphen_values = true,
+            default_value = "0"
+        )]
+        radius: Vec<f32>,
+        #[arg(long, default_value_t = 50)]
+        steps: usize,
+        #[arg(long, default_value_t = 3.0)]
+        guidance: f32,
+        /// Override the pipeline's scheduler.
+        #[arg(long)]
+        scheduler: Option<SchedulerKind>,
+        /// View i uses seed + i.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Views per UNet batch.
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        /// Output PNG; several views become NAME-0000.png, ….
+        #[arg(long, default_value = "view.png")]
+        out: PathBuf,
         #[arg(long, default_value = "cpu")]
         device: String,
     },
@@ -409,6 +464,39 @@ fn run(cli: Cli) -> Result<()> {
                     s.dino, s.clip_i, s.clip_t
                 );
             }
+            Ok(())
+        }
+        Cmd::View {
+            model,
+            image,
+            mask,
+            elevation,
+            azimuth,
+            radius,
+            steps,
+            guidance,
+            scheduler,
+            seed,
+            batch,
+            out,
+            device,
+        } => {
+            let paths = toffee::cmd::view::run(&toffee::cmd::view::Options {
+                model,
+                image,
+                mask,
+                elevation,
+                azimuth,
+                radius,
+                steps,
+                guidance,
+                scheduler,
+                seed,
+                batch,
+                out,
+                device,
+            })?;
+            eprintln!("wrote {} view(s) ({})", paths.len(), paths[0].display());
             Ok(())
         }
         Cmd::Inspect { path, load } => {

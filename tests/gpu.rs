@@ -437,6 +437,52 @@ fn adapters_match_the_cpu_backend() {
     finish();
 }
 
+/// The View Generator's 2-step DDIM golden run (recorded noise) on the GPU against the CPU.
+#[test]
+fn view_generation_matches_the_cpu_backend() {
+    use toffee::pipeline::noise::NoiseSource;
+    use toffee::pipeline::view::{Pose, View, ViewGenerator, ViewRequest};
+    let Some(d) = gpu() else { return };
+    let dir = fixtures().join("zero123");
+    let t = read_all(&fixtures().join("golden/zero123/zero123_ddim.safetensors")).unwrap();
+    let run = |dev: &Device| -> anyhow::Result<(Tensor, Tensor)> {
+        let g = ViewGenerator::load(&dir, dev)?;
+        let subject =
+            toffee::cmd::view::prepare_subject(&dir.join("subject.png"), None, g.default_size)?;
+        let req = ViewRequest {
+            subjects: vec![subject],
+            views: [(0.0, 0.0, 0.0), (15.0, 90.0, 0.2), (-10.0, 210.0, -0.1)]
+                .iter()
+                .map(|&(polar, azimuth, radius)| View {
+                    subject: 0,
+                    pose: Pose {
+                        polar,
+                        azimuth,
+                        radius,
+                    },
+                })
+                .collect(),
+            steps: 2,
+            guidance: 3.0,
+            scheduler: None,
+            seed: 0,
+            batch: 3,
+        };
+        let mut src =
+            NoiseSource::Recorded(std::collections::VecDeque::from([t["noise.0"].clone()]));
+        g.run_chunk(&req, 0, 3, &mut src, &mut |_, _| {})
+    };
+    let (cl, ci) = run(&Device::Cpu).unwrap();
+    match run(&d) {
+        Ok((gl, gi)) => {
+            close("zero123 latents", &gl, &cl, &d);
+            close("zero123 images", &gi, &ci, &d);
+        }
+        Err(e) => fail(format!("zero123: {e:#}")),
+    }
+    finish();
+}
+
 fn request(init: Init, control: Option<Control>) -> Request {
     Request {
         prompts: vec!["a cat".into(), "a red car".into()],

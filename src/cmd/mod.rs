@@ -3,3 +3,4 @@
 
 pub mod embed;
 pub mod score;
+pub mod view;

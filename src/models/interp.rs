@@ -30,6 +30,56 @@ fn taps_plain(inp: usize, out: usize) -> Vec<([usize; 4], [f32; 4])> {
         .collect()
 }
 
+/// torch's bicubic with `align_corners=True`: output i samples input position
+/// i·(in − 1)/(out − 1), cubic coefficient −0.75, border indices clamped.
+fn taps_aligned(inp: usize, out: usize) -> Vec<([usize; 4], [f32; 4])> {
+    let scale = if out > 1 {
+        (inp as f32 - 1.0) / (out as f32 - 1.0)
+    } else {
+        0.0
+    };
+    (0..out)
+        .map(|i| {
+            let real = scale * i as f32;
+            let base = real.floor();
+            let w = cubic_weights(real - base, -0.75);
+            let idx = std::array::from_fn(|k| {
+                (base as isize - 1 + k as isize).clamp(0, inp as isize - 1) as usize
+            });
+            (idx, w)
+        })
+        .collect()
+}
+
+/// Bicubic resize with `align_corners=True` (no antialiasing), as kornia's / torch's
+/// `interpolate(..., mode="bicubic", align_corners=True)`.
+pub fn bicubic_align_corners(src: &[f32], h: usize, w: usize, oh: usize, ow: usize) -> Vec<f32> {
+    separable4(src, w, &taps_aligned(h, oh), &taps_aligned(w, ow))
+}
+
+/// Four-tap separable filtering: rows through `ty`, columns through `tx`.
+fn separable4(
+    src: &[f32],
+    w: usize,
+    ty: &[([usize; 4], [f32; 4])],
+    tx: &[([usize; 4], [f32; 4])],
+) -> Vec<f32> {
+    let ow = tx.len();
+    let mut out = vec![0.0f32; ty.len() * ow];
+    for (y, (iy, wy)) in ty.iter().enumerate() {
+        for (x, (ix, wx)) in tx.iter().enumerate() {
+            let mut acc = 0.0f32;
+            for r in 0..4 {
+                let row = &src[iy[r] * w..];
+                let v: f32 = (0..4).map(|k| wx[k] * row[ix[k]]).sum();
+                acc += wy[r] * v;
+            }
+            out[y * ow + x] = acc;
+        }
+    }
+    out
+}
+
 /// Pillow-style bicubic (a = −0.5) used by torch's antialiased path.
 fn aa_filter(x: f32) -> f32 {
     let a = -0.5f32;
@@ -95,27 +145,22 @@ pub fn bicubic(src: &[f32], h: usize, w: usize, oh: usize, ow: usize, antialias:
         }
         out
     } else {
-        let tx = taps_plain(w, ow);
-        let ty = taps_plain(h, oh);
-        let mut out = vec![0.0f32; oh * ow];
-        for (y, (iy, wy)) in ty.iter().enumerate() {
-            for (x, (ix, wx)) in tx.iter().enumerate() {
-                let mut acc = 0.0f32;
-                for r in 0..4 {
-                    let row = &src[iy[r] * w..];
-                    let v: f32 = (0..4).map(|k| wx[k] * row[ix[k]]).sum();
-                    acc += wy[r] * v;
-                }
-                out[y * ow + x] = acc;
-            }
-        }
-        out
+        separable4(src, w, &taps_plain(h, oh), &taps_plain(w, ow))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn aligned_corners_keep_the_corners() {
+        let src: Vec<f32> = (0..20).map(|v| (v * v) as f32 * 0.1).collect();
+        let out = bicubic_align_corners(&src, 4, 5, 7, 9);
+        assert!((out[0] - src[0]).abs() < 1e-6);
+        assert!((out[8] - src[4]).abs() < 1e-5);
+        assert!((out[62] - src[19]).abs() < 1e-4);
+    }
 
     #[test]
     fn same_size_is_identity() {
@@ -135,6 +180,9 @@ mod tests {
             for (oh, ow) in [(7, 3), (2, 9), (1, 1)] {
                 for v in bicubic(&src, 4, 5, oh, ow, aa) {
                     assert!((v - 1.5).abs() < 1e-5, "{aa} {oh}x{ow}: {v}");
+                }
+                for v in bicubic_align_corners(&src, 4, 5, oh, ow) {
+                    assert!((v - 1.5).abs() < 1e-5, "aligned {oh}x{ow}: {v}");
                 }
             }
         }

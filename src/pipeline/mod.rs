@@ -7,6 +7,7 @@ pub mod image_prompt;
 pub mod noise;
 pub mod prompt;
 pub mod score;
+pub mod view;
 
 use crate::backend::{self as ops, Device};
 use crate::config::Config;

@@ -40,6 +40,7 @@ bench --config sdxl --component unet --batch 8
 bench --config sd15 --component vae-decode --batch 8
 bench --config sd15 --component text-encoder --batch 64
 bench --config sd15 --component controlnet --batch 2
+bench --config zero123 --component unet --batch 16
 bench --config dinov2-b14 --component image-encoder --batch 32
 bench --config clip-l14 --component image-encoder --batch 32
 
