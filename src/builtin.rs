@@ -15,7 +15,7 @@ use crate::weights::WeightStore;
 use anyhow::Result;
 use serde_json::json;
 
-const SEED: u64 = 0x70FF_EE00;
+pub const SEED: u64 = 0x70FF_EE00;
 
 pub fn generator(device: &Device) -> Result<Generator> {
     let text_cfg = Config::from_json(

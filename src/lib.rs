@@ -8,6 +8,7 @@ pub mod canny;
 pub mod cmd;
 pub mod config;
 pub mod configs;
+pub mod dataset;
 pub mod devices;
 pub mod forward;
 pub mod generate;

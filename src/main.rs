@@ -181,6 +181,27 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Build a subject-driven dataset: subjects → (view) → placement → Canny → draft → Refiner →
+    /// DINO / CLIP scores → WebDataset shards. Resumable; sharded across processes (Slurm job
+    /// arrays, Kubernetes indexed Jobs) and GPUs.
+    ///
+    /// Exit status: 0 when every shard of this process is committed (rejected records are data,
+    /// not failures); 1 for a setup error or a failed shard (rerun the same command: it resumes);
+    /// 3 when stopped by Ctrl-C (finished shards are intact; rerun to continue).
+    #[command(args_conflicts_with_subcommands = true)]
+    Pairs {
+        #[command(subcommand)]
+        action: Option<PairsCmd>,
+        #[command(flatten)]
+        args: PairsArgs,
+    },
+    /// A self-contained HTML page about a pairs output folder: contact sheet, score histograms
+    /// with thresholds, rejection reasons, stage time shares.
+    Report {
+        dir: PathBuf,
+        #[arg(long, default_value = "report.html")]
+        out: PathBuf,
+    },
     /// Describe a checkpoint: family, variant, config, parameter count, dtypes and size.
     Inspect {
         /// A pipeline folder, a model folder or a .safetensors file.
@@ -189,6 +210,51 @@ enum Cmd {
         #[arg(long)]
         load: bool,
     },
+}
+
+#[derive(Subcommand)]
+enum PairsCmd {
+    /// Check a finished multi-process run (every shard done, every record once, no key twice)
+    /// and write the combined index.jsonl and stats.json.
+    Merge { dir: PathBuf },
+}
+
+#[derive(clap::Args)]
+struct PairsArgs {
+    /// pairs.toml (see --print-config); without it, built-in tiny models run every stage.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// A folder of subject images (mask: alpha, or NAME.mask.png) or a JSONL list of
+    /// {"image", "mask", "name", "category"}; default: built-in drawn subjects.
+    #[arg(long)]
+    subjects: Option<PathBuf>,
+    /// Prompt templates, one per line with {subject} (optionally `taxonomy<TAB>template`).
+    #[arg(long)]
+    templates: Option<PathBuf>,
+    /// Output folder (shards, index.jsonl, stats.json, job.json).
+    #[arg(long, required_unless_present = "print_config")]
+    out: Option<PathBuf>,
+    /// This process's slice; default from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or
+    /// JOB_COMPLETION_INDEX/TOFFEE_NUM_SHARDS, else 0 of 1.
+    #[arg(long, requires = "num_shards")]
+    shard_index: Option<usize>,
+    #[arg(long, requires = "shard_index")]
+    num_shards: Option<usize>,
+    /// One worker per device: cpu, cuda:0,cuda:1, …
+    #[arg(long, value_delimiter = ',', default_value = "cpu")]
+    devices: Vec<String>,
+    /// Records per model batch (overrides job.batch).
+    #[arg(long)]
+    batch: Option<usize>,
+    /// Also write rejected records (with their scores) into the shards.
+    #[arg(long)]
+    keep_rejected: bool,
+    /// Print the default configuration and exit.
+    #[arg(long)]
+    print_config: bool,
+    /// Print per-stage seconds and pairs per hour as JSON when done.
+    #[arg(long)]
+    bench: bool,
 }
 
 #[derive(clap::Args)]
@@ -499,6 +565,12 @@ fn run(cli: Cli) -> Result<()> {
             eprintln!("wrote {} view(s) ({})", paths.len(), paths[0].display());
             Ok(())
         }
+        Cmd::Pairs { action, args } => pairs(action, args),
+        Cmd::Report { dir, out } => {
+            let r = toffee::dataset::report::write_report(&dir, &out)?;
+            eprintln!("wrote {} ({r:?})", out.display());
+            Ok(())
+        }
         Cmd::Inspect { path, load } => {
             let text = toffee::inspect::inspect(&path, load)
                 .with_context(|| format!("inspecting {}", path.display()))?;
@@ -506,6 +578,70 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn pairs(action: Option<PairsCmd>, a: PairsArgs) -> Result<()> {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    if let Some(PairsCmd::Merge { dir }) = action {
+        let r = toffee::dataset::merge::merge(&dir)?;
+        eprintln!(
+            "{}: {} shards, {} records ({} kept); wrote index.jsonl and stats.json",
+            dir.display(),
+            r.shards,
+            r.records,
+            r.stats.kept
+        );
+        return Ok(());
+    }
+    if a.print_config {
+        print!("{}", toffee::dataset::config::PairsConfig::default_toml());
+        return Ok(());
+    }
+    let stop = std::sync::Arc::new(AtomicBool::new(false));
+    let flag = stop.clone();
+    // A second Ctrl-C kills the process the usual way.
+    let _ = ctrlc::set_handler(move || {
+        if flag.swap(true, Ordering::SeqCst) {
+            std::process::exit(130);
+        }
+        eprintln!("toffee: stopping after the batch in flight (Ctrl-C again to abort)");
+    });
+    let out = a.out.expect("clap requires --out");
+    let s = toffee::dataset::run(&toffee::dataset::Options {
+        config: a.config,
+        subjects: a.subjects,
+        templates: a.templates,
+        out: out.clone(),
+        shard_index: a.shard_index,
+        num_shards: a.num_shards,
+        devices: a.devices,
+        batch: a.batch,
+        keep_rejected: a.keep_rejected,
+        progress: true,
+        stop,
+    })?;
+    eprintln!(
+        "{}: {} shard(s) built, {} already done; {} records in the folder, {} kept, {} rejected",
+        out.display(),
+        s.shards_done,
+        s.shards_skipped,
+        s.stats.records,
+        s.stats.kept,
+        s.stats.rejected
+    );
+    if a.bench {
+        println!(
+            "{}",
+            serde_json::json!({"stage_seconds": s.stats.stage_seconds, "seconds": s.stats.seconds,
+                               "records": s.stats.records, "kept": s.stats.kept,
+                               "pairs_per_hour": s.stats.pairs_per_hour, "device": s.stats.device})
+        );
+    }
+    if s.stopped {
+        eprintln!("toffee: stopped; rerun the same command to continue");
+        std::process::exit(3);
+    }
+    Ok(())
 }
 
 fn main() {

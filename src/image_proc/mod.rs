@@ -285,6 +285,14 @@ impl ImageProcessor {
         Self::from_map(path, map)
     }
 
+    /// A processor from a JSON object made in code (built-in models); `name` is what errors call it.
+    pub fn from_json(name: &str, value: &Value) -> Result<ImageProcessor> {
+        let map = value
+            .as_object()
+            .ok_or_else(|| anyhow!("{name}: expected a JSON object"))?;
+        Self::from_map(Path::new(name), map)
+    }
+
     /// `CLIPImageProcessor()` with its class defaults (224 shortest edge, 224 crop, bicubic, CLIP
     /// mean/std): what diffusers uses for an IP-Adapter image encoder folder that has no
     /// preprocessor_config.json.

@@ -503,7 +503,10 @@ impl Vit {
             },
             VitKind::ClipVision => Head::Clip {
                 post_norm: LayerNorm::load(&vb.pp("post_layernorm"), d, c.eps)?,
-                projection: if store.contains("visual_projection.weight") {
+                // Random weights (benchmarks, built-in models) follow the config's projection_dim.
+                projection: if store.contains("visual_projection.weight")
+                    || (store.is_random() && c.projection_dim.is_some())
+                {
                     let p = c.projection_dim.unwrap_or(d);
                     Some(vb.pp("visual_projection").linear(d, p, false)?)
                 } else {

@@ -117,7 +117,19 @@ pub fn image_prompt(
     scale: f32,
     layers: usize,
 ) -> Result<ImagePrompt> {
-    let px = enc.pixel_values(std::slice::from_ref(image));
+    image_prompts(adapter, enc, std::slice::from_ref(image), scale, layers)
+}
+
+/// One row per image: the condition of a batch whose images each have their own subject (the
+/// pairs job), encoded in one encoder call.
+pub fn image_prompts(
+    adapter: &Adapter,
+    enc: &ImageEncoder,
+    images: &[RgbImage],
+    scale: f32,
+    layers: usize,
+) -> Result<ImagePrompt> {
+    let px = enc.pixel_values(images);
     let positive = features(adapter, enc, &px)?;
     let negative = match adapter.kind {
         AdapterKind::Plus => features(adapter, enc, &Tensor::zeros(px.shape().to_vec()))?,

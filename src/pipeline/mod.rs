@@ -107,10 +107,11 @@ pub struct Request {
     pub image_prompts: Vec<ImagePrompt>,
 }
 
-/// The image condition of one adapter for every image of a request: what its projection takes
-/// (IP-Adapter: image embeddings [1, D] or [1, images, D]; Plus / Toffee: hidden states
-/// [1, tokens, D]) for the conditional side and for the unconditional side of guidance, and λ per
-/// cross-attention layer (`Unet::cross_attention_layers` values).
+/// The image condition of one adapter: what its projection takes (IP-Adapter: image embeddings
+/// [R, D] or [R, images, D]; Plus / Toffee: hidden states [R, tokens, D]) for the conditional side
+/// and for the unconditional side of guidance, with R = 1 (shared by every image of the request)
+/// or R = every image of the request (one subject each, as the pairs job batches records), and λ
+/// per cross-attention layer (`Unet::cross_attention_layers` values).
 pub struct ImagePrompt {
     pub positive: Tensor,
     pub negative: Tensor,
@@ -210,7 +211,13 @@ impl Generator {
 
     /// The projected image tokens of every adapter for `n` images, [uncond; cond] rows when
     /// guiding; each prompt is projected once per batch.
-    fn image_tokens(&self, req: &Request, n: usize, guided: bool) -> Result<Vec<Tensor>> {
+    fn image_tokens(
+        &self,
+        req: &Request,
+        first: usize,
+        n: usize,
+        guided: bool,
+    ) -> Result<Vec<Tensor>> {
         if req.image_prompts.len() != self.adapters.len() {
             bail!(
                 "{} image prompt(s) for {} attached adapter(s)",
@@ -229,26 +236,35 @@ impl Generator {
                     p.scales.len()
                 );
             }
-            let project = |t: &Tensor, side: &str| {
-                if t.shape().first() != Some(&1) {
+            // One row shared by every image, or one row per image of the request.
+            let project = |t: &Tensor, side: &str| -> Result<Tensor> {
+                let rows = t.shape().first().copied().unwrap_or(0);
+                let x = if rows == 1 {
+                    t.clone()
+                } else if rows == req.total_images() {
+                    t.narrow0(first, n)
+                } else {
                     bail!(
-                        "{}: the {side} image condition has shape {:?}; expected one row (it is shared by every image)",
+                        "{}: the {side} image condition has {rows} rows; expected 1 (shared) or {} (one per image)",
                         a.source.display(),
-                        t.shape()
+                        req.total_images()
                     );
-                }
-                a.project(&dev.put(t.clone()))
-                    .with_context(|| format!("{}: the {side} image condition", a.source.display()))
+                };
+                let tokens = a.project(&dev.put(x)).with_context(|| {
+                    format!("{}: the {side} image condition", a.source.display())
+                })?;
+                Ok(if rows == 1 {
+                    Tensor::cat0(&vec![&tokens; n])
+                } else {
+                    tokens
+                })
             };
             let pos = project(&p.positive, "positive")?;
-            let rows_pos = vec![&pos; n];
             out.push(if guided {
                 let neg = project(&p.negative, "negative")?;
-                let mut rows = vec![&neg; n];
-                rows.extend(rows_pos);
-                Tensor::cat0(&rows)
+                Tensor::cat0(&[&neg, &pos])
             } else {
-                Tensor::cat0(&rows_pos)
+                pos
             });
         }
         Ok(out)
@@ -487,7 +503,7 @@ impl Generator {
             }
         };
 
-        let ip_tokens = self.image_tokens(req, n, cfg)?;
+        let ip_tokens = self.image_tokens(req, first, n, cfg)?;
         let call = ModelCall {
             pooled: embeds.pooled.is_some(),
             control: control.as_ref().map(|(net, _, s)| (*net, *s)),

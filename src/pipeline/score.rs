@@ -228,7 +228,7 @@ pub struct ScoreInput {
     pub name: String,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Scores {
     pub dino: f32,
     pub clip_i: f32,
@@ -244,6 +244,21 @@ pub struct Scorer {
 }
 
 impl Scorer {
+    /// From parts already loaded (built-in models).
+    pub fn new(
+        dino: ImageEncoder,
+        clip: ImageEncoder,
+        clip_text: ClipText,
+        tokenizer: ClipTokenizer,
+    ) -> Scorer {
+        Scorer {
+            dino,
+            clip,
+            clip_text,
+            tokenizer,
+        }
+    }
+
     /// `dino`: a ViT (DINO v1) or DINOv2 folder; `clip`: a CLIPModel folder (both towers and the
     /// tokenizer).
     pub fn load(dino: &Path, clip: &Path, device: &Device) -> Result<Scorer> {

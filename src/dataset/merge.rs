@@ -1,0 +1,96 @@
+//! `toffee pairs merge DIR`: checks a finished multi-process run (every shard of the plan done,
+//! every record indexed once, no key twice, every kept record in its shard) and writes the
+//! combined index.jsonl and stats.json.
+
+use super::plan::shard_name;
+use super::run::{write_totals, IndexLine, JobFile, Stats};
+use anyhow::{bail, Context, Result};
+use std::collections::BTreeSet;
+use std::path::Path;
+
+pub struct MergeReport {
+    pub shards: usize,
+    pub records: usize,
+    pub stats: Stats,
+}
+
+pub fn merge(dir: &Path) -> Result<MergeReport> {
+    let jp = dir.join("job.json");
+    let job: JobFile =
+        serde_json::from_str(&std::fs::read_to_string(&jp).with_context(|| {
+            format!("{}: cannot read (not a pairs output folder?)", jp.display())
+        })?)
+        .with_context(|| format!("{}: not a job file", jp.display()))?;
+    let missing: Vec<String> = (0..job.shards)
+        .map(shard_name)
+        .filter(|n| !dir.join(format!("{n}.stats.json")).is_file())
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{}: {} of {} shards are not finished ({}{}); rerun the job (it resumes) before merging",
+            dir.display(),
+            missing.len(),
+            job.shards,
+            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if missing.len() > 5 { ", …" } else { "" }
+        );
+    }
+    let mut keys = BTreeSet::new();
+    let mut lines = 0;
+    for i in 0..job.shards {
+        let name = shard_name(i);
+        let ip = dir.join(format!("{name}.jsonl"));
+        let text = std::fs::read_to_string(&ip)
+            .with_context(|| format!("{}: cannot read", ip.display()))?;
+        let mut in_tar = BTreeSet::new();
+        let tp = dir.join(format!("{name}.tar"));
+        let mut ar = tar::Archive::new(
+            std::fs::File::open(&tp).with_context(|| format!("{}: cannot open", tp.display()))?,
+        );
+        for e in ar
+            .entries()
+            .with_context(|| format!("{}: not a tar file", tp.display()))?
+        {
+            let e = e.with_context(|| format!("{}: corrupt", tp.display()))?;
+            let p = e.path()?.to_string_lossy().into_owned();
+            if let Some(k) = p.strip_suffix(".json") {
+                in_tar.insert(k.to_string());
+            }
+        }
+        for (n, l) in text.lines().enumerate() {
+            let line: IndexLine = serde_json::from_str(l)
+                .with_context(|| format!("{}:{}: bad index line", ip.display(), n + 1))?;
+            if !keys.insert(line.key.clone()) {
+                bail!(
+                    "{}:{}: key {} appears twice in the run",
+                    ip.display(),
+                    n + 1,
+                    line.key
+                );
+            }
+            if line.shard.is_some() && !in_tar.contains(&line.key) {
+                bail!(
+                    "{}: record {} is indexed but not in the shard",
+                    tp.display(),
+                    line.key
+                );
+            }
+            lines += 1;
+        }
+    }
+    let stats = write_totals(dir, job.shards)?;
+    if lines + stats.skipped_records != job.records {
+        bail!(
+            "{}: the shards hold {} records (+{} skipped) but the plan has {}",
+            dir.display(),
+            lines,
+            stats.skipped_records,
+            job.records
+        );
+    }
+    Ok(MergeReport {
+        shards: job.shards,
+        records: lines,
+        stats,
+    })
+}

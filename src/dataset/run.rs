@@ -1,0 +1,729 @@
+//! `toffee pairs`: resolve the options into a checked plan before any model loads, then build
+//! this process's shards.
+
+use super::config::PairsConfig;
+use super::plan::{self, Record, Subject, SubjectSource};
+use super::stages::{self, Outcome, SkipReason, StageModels, SubjectData, Timings};
+use super::writer::{jsonl, png_bytes, write_text, ShardWriter};
+use crate::backend::Device;
+use crate::models::adapter::Adapter;
+use crate::pipeline::image_prompt::load_encoder;
+use crate::pipeline::score::Scorer;
+use crate::pipeline::view::ViewGenerator;
+use crate::pipeline::Generator;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+pub struct Options {
+    /// pairs.toml; None: the defaults with built-in models.
+    pub config: Option<PathBuf>,
+    /// A folder of subject images or a JSONL list; None: the built-in subjects.
+    pub subjects: Option<PathBuf>,
+    /// Overrides `job.templates`.
+    pub templates: Option<PathBuf>,
+    pub out: PathBuf,
+    /// This process's slice: shard index and count (None: from the environment, else 0 of 1).
+    pub shard_index: Option<usize>,
+    pub num_shards: Option<usize>,
+    /// One worker per device (`cpu`, `cuda:0`, …).
+    pub devices: Vec<String>,
+    /// Overrides `job.batch`.
+    pub batch: Option<usize>,
+    pub keep_rejected: bool,
+    pub progress: bool,
+    /// Set to stop after the batch in flight (Ctrl-C).
+    pub stop: Arc<AtomicBool>,
+}
+
+/// This process's slice from the schedulers' environment: Slurm job arrays
+/// (SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) or Kubernetes indexed
+/// Jobs (JOB_COMPLETION_INDEX of TOFFEE_NUM_SHARDS).
+pub fn slice_from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<(usize, usize)>> {
+    let num = |name: &str| -> Result<Option<usize>> {
+        get(name)
+            .map(|v| {
+                v.trim()
+                    .parse::<usize>()
+                    .with_context(|| format!("${name} = `{v}` is not a number"))
+            })
+            .transpose()
+    };
+    if let (Some(id), Some(count)) = (num("SLURM_ARRAY_TASK_ID")?, num("SLURM_ARRAY_TASK_COUNT")?) {
+        let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
+        return Ok(Some((id.saturating_sub(min), count)));
+    }
+    if let Some(id) = num("JOB_COMPLETION_INDEX")? {
+        let Some(count) = num("TOFFEE_NUM_SHARDS")? else {
+            bail!("$JOB_COMPLETION_INDEX is set but $TOFFEE_NUM_SHARDS (the number of indexed pods) is not");
+        };
+        return Ok(Some((id, count)));
+    }
+    Ok(None)
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    pub records: usize,
+    pub kept: usize,
+    pub rejected: usize,
+    pub rejections: BTreeMap<String, usize>,
+    pub skipped_records: usize,
+    pub skipped_subjects: BTreeMap<String, usize>,
+    pub thresholds: BTreeMap<String, f32>,
+    pub stage_seconds: Timings,
+    pub seconds: f64,
+    pub pairs_per_hour: f64,
+    pub device: String,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.records += o.records;
+        self.kept += o.kept;
+        self.rejected += o.rejected;
+        self.skipped_records += o.skipped_records;
+        for (k, v) in &o.rejections {
+            *self.rejections.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.skipped_subjects {
+            *self.skipped_subjects.entry(k.clone()).or_default() += v;
+        }
+        self.stage_seconds.add(&o.stage_seconds);
+        self.seconds += o.seconds;
+        self.thresholds = o.thresholds.clone();
+        if self.device.is_empty() {
+            self.device = o.device.clone();
+        }
+        self.pairs_per_hour = if self.seconds > 0.0 {
+            self.kept as f64 / self.seconds * 3600.0
+        } else {
+            0.0
+        };
+    }
+}
+
+/// The part of a run that must not change between a run and its resumption (`job.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JobFile {
+    pub toffee_version: String,
+    pub config: PairsConfig,
+    pub subjects: String,
+    pub subject_names_digest: String,
+    pub records: usize,
+    pub shards: usize,
+    pub keep_rejected: bool,
+}
+
+/// One line of index.jsonl.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IndexLine {
+    pub key: String,
+    pub shard: Option<String>,
+    pub subject: String,
+    pub prompt: String,
+    pub template: String,
+    pub taxonomy: String,
+    pub seed: u64,
+    pub scores: Option<crate::pipeline::score::Scores>,
+    pub kept: bool,
+    pub reason: Option<String>,
+    pub edit: bool,
+}
+
+/// The checked plan: everything known before a model loads.
+pub struct Plan {
+    pub cfg: PairsConfig,
+    pub subjects: Vec<Subject>,
+    pub records: Vec<Record>,
+    pub shards: usize,
+    pub mine: Vec<usize>,
+    pub job: JobFile,
+}
+
+/// Checks the options, the config, the model folders and the output folder; reads the subject
+/// list; computes the records and this process's shards.
+pub fn resolve(o: &Options) -> Result<Plan> {
+    let mut cfg = match &o.config {
+        Some(p) => PairsConfig::read(p)?,
+        None => demo_config(),
+    };
+    if let Some(b) = o.batch {
+        if b == 0 {
+            bail!("--batch must be at least 1");
+        }
+        cfg.job.batch = b;
+    }
+    let m = &cfg.models;
+    let given: Vec<(&str, &Option<PathBuf>)> = vec![
+        ("draft", &m.draft),
+        ("controlnet", &m.controlnet),
+        ("refiner_adapter", &m.refiner_adapter),
+        ("dino", &m.dino),
+        ("clip", &m.clip),
+    ];
+    let any = given.iter().any(|(_, p)| p.is_some()) || m.view.is_some() || m.refiner.is_some();
+    if any {
+        let missing: Vec<&str> = given
+            .iter()
+            .filter(|(_, p)| p.is_none())
+            .map(|(n, _)| *n)
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "{}: [models] needs {} (or no model paths at all for the built-in demo models)",
+                o.config
+                    .as_ref()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default(),
+                missing.join(", ")
+            );
+        }
+        for p in [
+            &m.draft,
+            &m.controlnet,
+            &m.refiner,
+            &m.refiner_adapter,
+            &m.refiner_adapter_encoder,
+            &m.view,
+            &m.dino,
+            &m.clip,
+        ]
+        .into_iter()
+        .flatten()
+        {
+            if !p.exists() {
+                bail!(
+                    "{}: no such model file or folder (named in the config's [models])",
+                    p.display()
+                );
+            }
+        }
+    }
+    if cfg.view.probability > 0.0 && any && m.view.is_none() {
+        bail!(
+            "view.probability is {} but [models] names no view model",
+            cfg.view.probability
+        );
+    }
+    let subjects = match &o.subjects {
+        Some(p) => plan::read_subjects(p)?,
+        None => builtin_subjects(),
+    };
+    let templates = match o.templates.as_ref().or(cfg.job.templates.as_ref()) {
+        Some(t) => plan::read_templates(t)?,
+        None => plan::builtin_templates(),
+    };
+    let records = plan::records(
+        &subjects,
+        &templates,
+        cfg.job.prompts_per_subject,
+        cfg.job.seed,
+    );
+    let shards = plan::shard_count(records.len(), cfg.job.shard_size);
+    let (index, count) = match (o.shard_index, o.num_shards) {
+        (Some(i), Some(n)) => (i, n),
+        (None, None) => slice_from_env(|k| std::env::var(k).ok())?.unwrap_or((0, 1)),
+        _ => bail!("--shard-index and --num-shards go together"),
+    };
+    if count == 0 || index >= count {
+        bail!("shard index {index} is not below the shard count {count}");
+    }
+    let mine = plan::my_shards(shards, index, count);
+    std::fs::create_dir_all(&o.out)
+        .with_context(|| format!("{}: cannot create the output folder", o.out.display()))?;
+    let names: Vec<&str> = subjects.iter().map(|s| s.name.as_str()).collect();
+    let job = JobFile {
+        toffee_version: env!("CARGO_PKG_VERSION").into(),
+        config: cfg.clone(),
+        subjects: o
+            .subjects
+            .as_ref()
+            .map_or("<built-in>".into(), |p| p.display().to_string()),
+        subject_names_digest: format!(
+            "{:016x}",
+            plan::fnv64(&names.iter().map(|n| n.as_bytes()).collect::<Vec<_>>())
+        ),
+        records: records.len(),
+        shards,
+        keep_rejected: o.keep_rejected,
+    };
+    check_job_file(&o.out, &job)?;
+    if o.devices.is_empty() {
+        bail!("--devices: give at least one device");
+    }
+    Ok(Plan {
+        cfg,
+        subjects,
+        records,
+        shards,
+        mine,
+        job,
+    })
+}
+
+/// Writes job.json, or checks that a resumed run asks for the same job (naming what differs).
+/// The batch size is not part of the job: it does not change any record.
+fn check_job_file(out: &Path, job: &JobFile) -> Result<()> {
+    let path = out.join("job.json");
+    let normalised = |j: &JobFile| -> Result<serde_json::Value> {
+        let mut j = j.clone();
+        j.config.job.batch = 0;
+        j.toffee_version = String::new();
+        Ok(serde_json::to_value(j)?)
+    };
+    if path.is_file() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        let old: JobFile = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not the job file of a pairs run", path.display()))?;
+        if let Some((field, was, now)) = first_difference("", &normalised(&old)?, &normalised(job)?)
+        {
+            bail!(
+                "{}: this output folder belongs to another job: `{field}` was {was} and is now {now} \
+                 (use a new --out, or the same options to resume)",
+                path.display()
+            );
+        }
+        return Ok(());
+    }
+    write_text(&path, &serde_json::to_string_pretty(job)?)
+}
+
+/// The first leaf where two JSON values differ: (dotted path, old, new).
+fn first_difference(
+    path: &str,
+    a: &serde_json::Value,
+    b: &serde_json::Value,
+) -> Option<(String, String, String)> {
+    use serde_json::Value;
+    match (a, b) {
+        (Value::Object(x), Value::Object(y)) => {
+            let keys: std::collections::BTreeSet<&String> = x.keys().chain(y.keys()).collect();
+            keys.into_iter().find_map(|k| {
+                let p = if path.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{path}.{k}")
+                };
+                first_difference(
+                    &p,
+                    x.get(k).unwrap_or(&Value::Null),
+                    y.get(k).unwrap_or(&Value::Null),
+                )
+            })
+        }
+        _ if a != b => Some((path.to_string(), a.to_string(), b.to_string())),
+        _ => None,
+    }
+}
+
+/// The built-in demo: tiny models at 128², few steps, every stage on, thresholds that keep some
+/// records and reject others.
+pub fn demo_config() -> PairsConfig {
+    let mut c = PairsConfig::default();
+    c.job.resolution = 128;
+    c.job.prompts_per_subject = 2;
+    c.job.shard_size = 4;
+    c.job.batch = 2;
+    c.draft.steps = 6;
+    c.refine.steps = 6;
+    c.refine.mask_dilation = 4;
+    c.view.probability = 0.5;
+    c.view.steps = 4;
+    c.filter.dino = 0.0;
+    c.filter.clip_i = 0.0;
+    c.filter.clip_t = -1.0;
+    c
+}
+
+fn builtin_subjects() -> Vec<Subject> {
+    super::builtin::SUBJECTS
+        .iter()
+        .enumerate()
+        .map(|(i, (name, noun))| Subject {
+            name: (*name).into(),
+            category: (*noun).into(),
+            source: SubjectSource::Builtin(i),
+        })
+        .collect()
+}
+
+/// Loads every model of the config on `device` (built-in ones when the config names none). A
+/// folder named by two stages is loaded once.
+pub fn load_models(cfg: &PairsConfig, device: &Device) -> Result<StageModels> {
+    let m = &cfg.models;
+    let Some(draft_dir) = &m.draft else {
+        let mut draft = crate::builtin::generator(device)?;
+        draft.controlnet = Some(super::builtin::controlnet(device)?);
+        let adapter = super::builtin::refiner_adapter(&mut draft.unet, device)?;
+        draft.attach_adapter(adapter)?;
+        return Ok(StageModels {
+            draft,
+            refiner: None,
+            adapter_encoder: super::builtin::dino(device)?,
+            view: Some(super::builtin::view_generator(device)?),
+            scorer: super::builtin::scorer(device)?,
+        });
+    };
+    let mut draft = Generator::load(draft_dir, m.controlnet.as_deref(), device)?;
+    let adapter_path = m.refiner_adapter.as_ref().expect("checked in resolve");
+    let adapter = Adapter::load(adapter_path, device)?;
+    let adapter_encoder = load_encoder(&adapter, m.refiner_adapter_encoder.as_deref(), device)?;
+    let same = m.refiner.as_ref().is_none_or(|r| same_path(r, draft_dir));
+    let refiner = if same {
+        draft.attach_adapter(adapter)?;
+        None
+    } else {
+        let mut r = Generator::load(m.refiner.as_ref().expect("not same"), None, device)?;
+        r.attach_adapter(adapter)?;
+        Some(r)
+    };
+    let view = m
+        .view
+        .as_ref()
+        .map(|v| ViewGenerator::load(v, device))
+        .transpose()?;
+    let scorer = Scorer::load(
+        m.dino.as_ref().expect("checked"),
+        m.clip.as_ref().expect("checked"),
+        device,
+    )?;
+    Ok(StageModels {
+        draft,
+        refiner,
+        adapter_encoder,
+        view,
+        scorer,
+    })
+}
+
+fn same_path(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// The model identities written into every record.
+fn model_ids(cfg: &PairsConfig) -> serde_json::Value {
+    let m = &cfg.models;
+    let id = |p: &Option<PathBuf>| {
+        p.as_ref()
+            .map_or(serde_json::Value::String("<built-in>".into()), |p| {
+                p.display().to_string().into()
+            })
+    };
+    serde_json::json!({
+        "draft": id(&m.draft), "controlnet": id(&m.controlnet),
+        "refiner": if m.refiner.is_some() { id(&m.refiner) } else { id(&m.draft) },
+        "refiner_adapter": id(&m.refiner_adapter), "view": if m.draft.is_none() { id(&None) } else { id(&m.view) },
+        "dino": id(&m.dino), "clip": id(&m.clip),
+    })
+}
+
+pub struct Summary {
+    pub stats: Stats,
+    pub shards_done: usize,
+    pub shards_skipped: usize,
+    pub stopped: bool,
+}
+
+/// Subjects of one shard, loaded once each; the failures with their reasons.
+type Loaded = BTreeMap<usize, std::result::Result<SubjectData, (SkipReason, String)>>;
+
+fn shard_records(plan: &Plan, shard: usize) -> &[Record] {
+    let size = plan.cfg.job.shard_size;
+    let start = shard * size;
+    &plan.records[start..(start + size).min(plan.records.len())]
+}
+
+/// Builds one shard: stages in batches, the tar, its index lines, its stats.
+fn build_shard(
+    plan: &Plan,
+    o: &Options,
+    models: &StageModels,
+    shard: usize,
+    device: &str,
+) -> Result<Option<Stats>> {
+    let clock = Instant::now();
+    let cfg = &plan.cfg;
+    let name = plan::shard_name(shard);
+    let recs = shard_records(plan, shard);
+    let mut t = Timings::default();
+    let mut stats = Stats {
+        device: device.into(),
+        thresholds: [
+            ("dino", cfg.filter.dino),
+            ("clip_i", cfg.filter.clip_i),
+            ("clip_t", cfg.filter.clip_t),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect(),
+        ..Default::default()
+    };
+    let load_clock = Instant::now();
+    let mut loaded: Loaded = BTreeMap::new();
+    for r in recs {
+        loaded
+            .entry(r.subject)
+            .or_insert_with(|| stages::load_subject(&plan.subjects[r.subject]));
+    }
+    // A bad subject counts once, in the shard that holds its first record.
+    for (si, l) in &loaded {
+        if let Err((reason, msg)) = l {
+            let first = plan
+                .records
+                .iter()
+                .position(|r| r.subject == *si)
+                .expect("a record of it");
+            if first >= shard * cfg.job.shard_size {
+                eprintln!(
+                    "toffee: warning: skipping subject `{}`: {msg}",
+                    plan.subjects[*si].name
+                );
+                *stats
+                    .skipped_subjects
+                    .entry(reason.name().into())
+                    .or_default() += 1;
+            }
+        }
+    }
+    t.load += load_clock.elapsed().as_secs_f64();
+    let ids = model_ids(cfg);
+    let mut writer = ShardWriter::create(&o.out, &name)?;
+    let mut index = Vec::new();
+    let usable: Vec<&Record> = recs.iter().filter(|r| loaded[&r.subject].is_ok()).collect();
+    stats.skipped_records = recs.len() - usable.len();
+    for batch in usable.chunks(cfg.job.batch) {
+        if o.stop.load(Ordering::SeqCst) {
+            writer.abandon();
+            return Ok(None);
+        }
+        let records: Vec<Record> = batch.iter().map(|r| (*r).clone()).collect();
+        let subjects: Vec<SubjectData> = batch
+            .iter()
+            .map(|r| loaded[&r.subject].as_ref().expect("usable").clone())
+            .collect();
+        let outcomes = match stages::run_batch(models, cfg, &records, &subjects, &mut t) {
+            Ok(x) => x,
+            Err(e) => {
+                writer.abandon();
+                return Err(e.context(format!("shard {name}")));
+            }
+        };
+        let wclock = Instant::now();
+        for out in &outcomes {
+            let written = out.kept || o.keep_rejected;
+            if written {
+                if let Err(e) = write_record(
+                    &mut writer,
+                    out,
+                    &plan.subjects[out.record.subject],
+                    cfg,
+                    &ids,
+                ) {
+                    writer.abandon();
+                    return Err(e);
+                }
+            }
+            stats.records += 1;
+            if out.kept {
+                stats.kept += 1;
+            } else {
+                stats.rejected += 1;
+                *stats
+                    .rejections
+                    .entry(out.reason.unwrap_or("?").to_string())
+                    .or_default() += 1;
+            }
+            index.push(IndexLine {
+                key: out.record.key.clone(),
+                shard: written.then(|| format!("{name}.tar")),
+                subject: plan.subjects[out.record.subject].name.clone(),
+                prompt: out.record.prompt.clone(),
+                template: out.record.template.clone(),
+                taxonomy: out.record.taxonomy.clone(),
+                seed: out.record.seed,
+                scores: Some(out.scores),
+                kept: out.kept,
+                reason: out.reason.map(String::from),
+                edit: out.kept,
+            });
+        }
+        t.write += wclock.elapsed().as_secs_f64();
+    }
+    writer.commit()?;
+    write_text(&o.out.join(format!("{name}.jsonl")), &jsonl(&index)?)?;
+    stats.stage_seconds = t;
+    stats.seconds = clock.elapsed().as_secs_f64();
+    stats.pairs_per_hour = stats.kept as f64 / stats.seconds.max(1e-9) * 3600.0;
+    write_text(
+        &o.out.join(format!("{name}.stats.json")),
+        &serde_json::to_string_pretty(&stats)?,
+    )?;
+    Ok(Some(stats))
+}
+
+fn write_record(
+    w: &mut ShardWriter,
+    out: &Outcome,
+    subject: &Subject,
+    cfg: &PairsConfig,
+    ids: &serde_json::Value,
+) -> Result<()> {
+    let k = &out.record.key;
+    w.add(k, "subject.png", &png_bytes(&out.subject.rgb)?)?;
+    w.add(k, "subject_mask.png", &png_bytes(&out.subject.mask)?)?;
+    w.add(k, "target.png", &png_bytes(&out.target)?)?;
+    w.add(k, "target_mask.png", &png_bytes(&out.target_mask)?)?;
+    if out.kept {
+        w.add(k, "source.png", &png_bytes(&out.draft)?)?;
+        w.add(k, "edit_mask.png", &png_bytes(&out.edit_mask)?)?;
+    }
+    let (x, y, pw, ph) = out.placement;
+    let meta = serde_json::json!({
+        "key": k,
+        "subject": subject.name,
+        "category": subject.category,
+        "prompt": out.record.prompt,
+        "template": out.record.template,
+        "taxonomy": out.record.taxonomy,
+        "seed": out.record.seed,
+        "view": out.view,
+        "placement": {"x": x, "y": y, "width": pw, "height": ph},
+        "scores": out.scores,
+        "kept": out.kept,
+        "reason": out.reason,
+        "edit": out.kept,
+        "settings": {"draft": cfg.draft, "refine": cfg.refine, "view": cfg.view, "place": cfg.place,
+                     "filter": cfg.filter, "resolution": cfg.job.resolution},
+        "models": ids,
+    });
+    w.add(k, "json", serde_json::to_string_pretty(&meta)?.as_bytes())
+}
+
+/// Rebuilds index.jsonl and stats.json from every finished shard in the folder (atomic writes;
+/// processes of a job array may all do it, the last one sees the most).
+pub fn write_totals(out: &Path, shards: usize) -> Result<Stats> {
+    let mut stats = Stats::default();
+    let mut index = String::new();
+    for i in 0..shards {
+        let name = plan::shard_name(i);
+        let sp = out.join(format!("{name}.stats.json"));
+        if !sp.is_file() {
+            continue;
+        }
+        let s: Stats = serde_json::from_str(&std::fs::read_to_string(&sp)?)
+            .with_context(|| format!("{}: bad stats", sp.display()))?;
+        stats.add(&s);
+        let ip = out.join(format!("{name}.jsonl"));
+        index.push_str(
+            &std::fs::read_to_string(&ip)
+                .with_context(|| format!("{}: cannot read", ip.display()))?,
+        );
+    }
+    write_text(&out.join("index.jsonl"), &index)?;
+    write_text(
+        &out.join("stats.json"),
+        &serde_json::to_string_pretty(&stats)?,
+    )?;
+    Ok(stats)
+}
+
+/// Removes temporary files a killed run left for `shards`.
+fn clean_leftovers(out: &Path, shards: &[usize]) {
+    let Ok(entries) = std::fs::read_dir(out) else {
+        return;
+    };
+    let prefixes: Vec<String> = shards
+        .iter()
+        .map(|&i| format!(".{}.", plan::shard_name(i)))
+        .collect();
+    for e in entries.flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.contains(".tmp.") && prefixes.iter().any(|p| n.starts_with(p.as_str())) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
+}
+
+/// Builds this process's unfinished shards, `devices.len()` workers in parallel (shard k of the
+/// remaining ones goes to worker k mod workers).
+pub fn run(o: &Options) -> Result<Summary> {
+    let plan = resolve(o)?;
+    let todo: Vec<usize> = plan
+        .mine
+        .iter()
+        .copied()
+        .filter(|&i| {
+            !o.out
+                .join(format!("{}.stats.json", plan::shard_name(i)))
+                .is_file()
+        })
+        .collect();
+    let skipped = plan.mine.len() - todo.len();
+    clean_leftovers(&o.out, &todo);
+    let devices: Vec<Device> = o
+        .devices
+        .iter()
+        .map(|d| Device::open(d, false))
+        .collect::<Result<_>>()?;
+    let workers = devices.len().min(todo.len()).max(1);
+    let progress = super::progress::Progress::new(
+        o.progress,
+        todo.iter().map(|&i| shard_records(&plan, i).len()).sum(),
+    );
+    let results: Vec<Result<(usize, bool)>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..workers)
+            .map(|w| {
+                let plan = &plan;
+                let todo = &todo;
+                let dev = devices[w].clone();
+                let progress = &progress;
+                scope.spawn(move || -> Result<(usize, bool)> {
+                    let models = load_models(&plan.cfg, &dev)?;
+                    let mut done = 0;
+                    for &shard in todo.iter().skip(w).step_by(workers) {
+                        match build_shard(plan, o, &models, shard, &dev.name())? {
+                            Some(s) => {
+                                progress.shard_done(&s);
+                                done += 1;
+                            }
+                            None => return Ok((done, true)),
+                        }
+                    }
+                    Ok((done, false))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("a worker panicked")))
+            })
+            .collect()
+    });
+    progress.finish();
+    let stats = write_totals(&o.out, plan.shards)?;
+    let mut done = 0;
+    let mut stopped = false;
+    for r in results {
+        let (d, s) = r?;
+        done += d;
+        stopped |= s;
+    }
+    Ok(Summary {
+        stats,
+        shards_done: done,
+        shards_skipped: skipped,
+        stopped,
+    })
+}

@@ -1,0 +1,541 @@
+//! The stages of one record, batched across records: load the subject, optionally turn it to a
+//! new view, place it on a canvas (the placement is the target mask), Canny edges, the draft
+//! (text-to-image + ControlNet), the Refiner (img2img with the subject as the adapter's image,
+//! restricted to the dilated target mask), and the DINO / CLIP-I / CLIP-T scores.
+//!
+//! Every random choice of a record (view, pose, scale, position, noise) comes from its seed, so a
+//! record's result does not depend on the batch it ran in.
+
+use super::config::PairsConfig;
+use super::plan::{fnv64, unit, Record, Subject, SubjectSource};
+use crate::canny;
+use crate::image_io;
+use crate::models::adapter::{Adapter, AdapterKind};
+use crate::pipeline::image_prompt::image_prompts;
+use crate::pipeline::noise::NoiseSource;
+use crate::pipeline::score::{ImageEncoder, Mask, ScoreInput, Scorer, Scores};
+use crate::pipeline::view::{Pose, View, ViewGenerator, ViewRequest};
+use crate::pipeline::{Control, Generator, ImagePrompt, Init, Request};
+use crate::sched::SchedulerKind;
+use crate::tensor::Tensor;
+use anyhow::{bail, Result};
+use std::time::Instant;
+
+/// Every model the job uses, loaded once per worker.
+pub struct StageModels {
+    /// The draft pipeline with its ControlNet (and the adapter, when the Refiner shares it).
+    pub draft: Generator,
+    /// A separate Refiner pipeline (with the adapter attached), when it is another folder.
+    pub refiner: Option<Generator>,
+    pub adapter_encoder: ImageEncoder,
+    pub view: Option<ViewGenerator>,
+    pub scorer: Scorer,
+}
+
+impl StageModels {
+    fn refiner(&self) -> &Generator {
+        self.refiner.as_ref().unwrap_or(&self.draft)
+    }
+}
+
+/// A subject ready for the stages: RGB [1, H, W, 3] and mask [1, H, W, 1] in [0, 1].
+#[derive(Clone)]
+pub struct SubjectData {
+    pub rgb: Tensor,
+    pub mask: Tensor,
+}
+
+/// Why a subject could not be used (counted in the stats, the run goes on).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SkipReason {
+    Unreadable,
+    MaskSize,
+    EmptyMask,
+}
+
+impl SkipReason {
+    pub fn name(self) -> &'static str {
+        match self {
+            SkipReason::Unreadable => "unreadable",
+            SkipReason::MaskSize => "mask_size",
+            SkipReason::EmptyMask => "empty_mask",
+        }
+    }
+}
+
+/// Loads a subject: its mask from the given file, else its alpha, else the whole image.
+pub fn load_subject(s: &Subject) -> std::result::Result<SubjectData, (SkipReason, String)> {
+    let (rgb, mask) = match &s.source {
+        SubjectSource::Builtin(i) => super::builtin::subject(*i),
+        SubjectSource::File { image, mask } => {
+            let img =
+                image_io::load(image).map_err(|e| (SkipReason::Unreadable, format!("{e:#}")))?;
+            let (_, h, w, _) = img.rgb.dims4();
+            let mask = match (mask, img.alpha) {
+                (Some(m), _) => {
+                    let t = image_io::load_mask(m)
+                        .map_err(|e| (SkipReason::Unreadable, format!("{e:#}")))?;
+                    let (_, mh, mw, _) = t.dims4();
+                    if (mh, mw) != (h, w) {
+                        return Err((
+                            SkipReason::MaskSize,
+                            format!(
+                                "{}: the mask is {mw}x{mh} but the image {} is {w}x{h}",
+                                m.display(),
+                                image.display()
+                            ),
+                        ));
+                    }
+                    t
+                }
+                (None, Some(a)) => a,
+                (None, None) => Tensor::new(vec![1, h, w, 1], vec![1.0; h * w]),
+            };
+            (img.rgb, mask)
+        }
+    };
+    if !mask.data().iter().any(|&v| v >= 0.5) {
+        return Err((
+            SkipReason::EmptyMask,
+            format!("subject `{}`: the mask is empty", s.name),
+        ));
+    }
+    Ok(SubjectData { rgb, mask })
+}
+
+/// Seconds spent per stage.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize, PartialEq)]
+pub struct Timings {
+    pub load: f64,
+    pub view: f64,
+    pub draft: f64,
+    pub refine: f64,
+    pub score: f64,
+    pub write: f64,
+}
+
+impl Timings {
+    pub fn add(&mut self, o: &Timings) {
+        self.load += o.load;
+        self.view += o.view;
+        self.draft += o.draft;
+        self.refine += o.refine;
+        self.score += o.score;
+        self.write += o.write;
+    }
+}
+
+/// What one record produced.
+pub struct Outcome {
+    pub record: Record,
+    pub subject: SubjectData,
+    /// The placed-subject mask (where the subject is in the target).
+    pub target_mask: Tensor,
+    /// The dilated target mask that restricted the Refiner (the editing pair's mask).
+    pub edit_mask: Tensor,
+    /// The draft (the editing pair's source).
+    pub draft: Tensor,
+    /// The refined image (the target).
+    pub target: Tensor,
+    pub scores: Scores,
+    pub kept: bool,
+    /// The first threshold that failed.
+    pub reason: Option<&'static str>,
+    pub view: Option<Pose>,
+    pub placement: Placement,
+}
+
+fn scheduler(name: &str) -> Option<SchedulerKind> {
+    (!name.is_empty()).then(|| name.parse().expect("checked when the config was read"))
+}
+
+fn stream(seed: u64, what: &str) -> u64 {
+    fnv64(&[&seed.to_le_bytes(), what.as_bytes()])
+}
+
+/// Rows `y0..y0+h`, columns `x0..x0+w` of an NHWC image.
+fn crop(t: &Tensor, x0: usize, y0: usize, w: usize, h: usize) -> Tensor {
+    let (_, _, tw, c) = t.dims4();
+    let mut out = Vec::with_capacity(w * h * c);
+    for y in y0..y0 + h {
+        out.extend_from_slice(&t.data()[(y * tw + x0) * c..(y * tw + x0 + w) * c]);
+    }
+    Tensor::new(vec![1, h, w, c], out)
+}
+
+/// Bounding box (x0, y0, w, h) of mask pixels ≥ 0.5.
+fn bbox(mask: &Tensor) -> Option<(usize, usize, usize, usize)> {
+    let m = Mask::from_tensor(mask);
+    m.bbox().map(|(x0, y0, x1, y1)| {
+        (
+            x0 as usize,
+            y0 as usize,
+            (x1 - x0) as usize,
+            (y1 - y0) as usize,
+        )
+    })
+}
+
+/// The subject composited on white by its mask.
+fn on_white(s: &SubjectData) -> Tensor {
+    let data = s
+        .rgb
+        .data()
+        .chunks(3)
+        .zip(s.mask.data())
+        .flat_map(|(px, &a)| {
+            px.iter()
+                .map(move |c| c * a + (1.0 - a))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    Tensor::new(s.rgb.shape().to_vec(), data)
+}
+
+/// (x, y, width, height) of a placed subject on the canvas.
+pub type Placement = (usize, usize, usize, usize);
+
+/// Places the subject's masked crop on an R×R mid-gray canvas at a size and position drawn
+/// from `seed`. Returns (canvas, binary target mask, placement).
+pub fn place(
+    s: &SubjectData,
+    r: usize,
+    seed: u64,
+    cfg: &PairsConfig,
+) -> Result<(Tensor, Tensor, Placement)> {
+    let Some((x0, y0, cw, ch)) = bbox(&s.mask) else {
+        bail!("the subject mask is empty");
+    };
+    let p = &cfg.place;
+    let share = p.scale_min + (p.scale_max - p.scale_min) * unit(seed, "scale");
+    let long = ((share * r as f64).round() as usize).clamp(1, r);
+    let f = long as f64 / cw.max(ch) as f64;
+    let (w, h) = (
+        ((cw as f64 * f).round() as usize).clamp(1, r),
+        ((ch as f64 * f).round() as usize).clamp(1, r),
+    );
+    let x = ((unit(seed, "x") * (r - w + 1) as f64) as usize).min(r - w);
+    let y = ((unit(seed, "y") * (r - h + 1) as f64) as usize).min(r - h);
+    let rgb = image_io::fit(&crop(&s.rgb, x0, y0, cw, ch), w, h);
+    let m = image_io::fit(&crop(&s.mask, x0, y0, cw, ch), w, h);
+    let mut canvas = vec![0.5f32; r * r * 3];
+    let mut target = vec![0.0f32; r * r];
+    for yy in 0..h {
+        for xx in 0..w {
+            if m.data()[yy * w + xx] >= 0.5 {
+                let p = (y + yy) * r + x + xx;
+                target[p] = 1.0;
+                canvas[p * 3..p * 3 + 3]
+                    .copy_from_slice(&rgb.data()[(yy * w + xx) * 3..(yy * w + xx) * 3 + 3]);
+            }
+        }
+    }
+    Ok((
+        Tensor::new(vec![1, r, r, 3], canvas),
+        Tensor::new(vec![1, r, r, 1], target),
+        (x, y, w, h),
+    ))
+}
+
+/// Binary dilation of a [1, H, W, 1] mask by `radius` pixels (a square window).
+pub fn dilate(mask: &Tensor, radius: usize) -> Tensor {
+    let (_, h, w, _) = mask.dims4();
+    let src: Vec<bool> = mask.data().iter().map(|&v| v >= 0.5).collect();
+    // Separable: rows, then columns.
+    let mut rows = vec![false; h * w];
+    for y in 0..h {
+        for x in 0..w {
+            let (a, b) = (x.saturating_sub(radius), (x + radius).min(w - 1));
+            rows[y * w + x] = (a..=b).any(|xx| src[y * w + xx]);
+        }
+    }
+    let mut out = vec![0.0f32; h * w];
+    for y in 0..h {
+        for x in 0..w {
+            let (a, b) = (y.saturating_sub(radius), (y + radius).min(h - 1));
+            out[y * w + x] = (a..=b).any(|yy| rows[yy * w + x]) as u8 as f32;
+        }
+    }
+    Tensor::new(vec![1, h, w, 1], out)
+}
+
+/// An 8-bit RGB image of a [1, H, W, 3] tensor in [0, 1].
+pub fn to_rgb8(t: &Tensor) -> image::RgbImage {
+    let (_, h, w, _) = t.dims4();
+    let px = t
+        .data()
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    image::RgbImage::from_raw(w as u32, h as u32, px).expect("H·W·3 values")
+}
+
+/// A zero-scale image prompt: the draft runs through a UNet that carries the Refiner's adapter
+/// (a shared folder) exactly as without it.
+fn inert_prompt(a: &Adapter, layers: usize) -> ImagePrompt {
+    let shape = match a.kind {
+        AdapterKind::Plain => vec![1, a.image_embed_dim],
+        _ => vec![1, 1, a.image_embed_dim],
+    };
+    ImagePrompt {
+        positive: Tensor::zeros(shape.clone()),
+        negative: Tensor::zeros(shape),
+        scales: vec![0.0; layers],
+    }
+}
+
+/// The view stage for the records that draw one: their subjects replaced by new views (the
+/// mask: pixels away from the white background). Returns the pose of each record, or None.
+fn views(
+    models: &StageModels,
+    cfg: &PairsConfig,
+    records: &[Record],
+    subjects: &mut [SubjectData],
+) -> Result<Vec<Option<Pose>>> {
+    let v = &cfg.view;
+    let mut poses = vec![None; records.len()];
+    let Some(gen) = &models.view else {
+        return Ok(poses);
+    };
+    let pick = |list: &[f32], seed: u64, what: &str| {
+        list[(unit(seed, what) * list.len() as f64) as usize % list.len()]
+    };
+    let chosen: Vec<usize> = (0..records.len())
+        .filter(|&i| unit(records[i].seed, "view") < v.probability)
+        .collect();
+    if chosen.is_empty() {
+        return Ok(poses);
+    }
+    let size = gen.default_size;
+    let req = ViewRequest {
+        subjects: chosen
+            .iter()
+            .map(|&i| {
+                let w = image_io::fit(&on_white(&subjects[i]), size, size);
+                Tensor::new(
+                    w.shape().to_vec(),
+                    w.data()
+                        .iter()
+                        .map(|x| (x * 255.0).round() / 255.0)
+                        .collect(),
+                )
+            })
+            .collect(),
+        views: chosen
+            .iter()
+            .enumerate()
+            .map(|(k, &i)| {
+                let seed = records[i].seed;
+                let pose = Pose {
+                    polar: pick(&v.elevations, seed, "elevation"),
+                    azimuth: pick(&v.azimuths, seed, "azimuth"),
+                    radius: 0.0,
+                };
+                poses[i] = Some(pose);
+                View { subject: k, pose }
+            })
+            .collect(),
+        steps: v.steps,
+        guidance: v.guidance,
+        scheduler: None,
+        seed: 0,
+        batch: chosen.len(),
+    };
+    let seeds = chosen
+        .iter()
+        .map(|&i| stream(records[i].seed, "view"))
+        .collect();
+    let (_, images) = gen.run_chunk(
+        &req,
+        0,
+        chosen.len(),
+        &mut NoiseSource::seeded(seeds),
+        &mut |_, _| {},
+    )?;
+    for (k, &i) in chosen.iter().enumerate() {
+        let img = images.narrow0(k, 1);
+        // Zero123 renders on white: the subject is what is clearly not white.
+        let mask: Vec<f32> = img
+            .data()
+            .chunks(3)
+            .map(|p| (p.iter().map(|c| 1.0 - c).fold(0.0f32, f32::max) > 0.08) as u8 as f32)
+            .collect();
+        if mask.iter().any(|&m| m > 0.0) {
+            subjects[i] = SubjectData {
+                mask: Tensor::new(vec![1, size, size, 1], mask),
+                rgb: img,
+            };
+        } else {
+            poses[i] = None;
+        }
+    }
+    Ok(poses)
+}
+
+/// Runs every stage for a batch of records whose subjects loaded.
+pub fn run_batch(
+    models: &StageModels,
+    cfg: &PairsConfig,
+    records: &[Record],
+    subjects: &[SubjectData],
+    t: &mut Timings,
+) -> Result<Vec<Outcome>> {
+    let n = records.len();
+    let r = cfg.job.resolution;
+    let clock = Instant::now();
+    let mut placed_from = subjects.to_vec();
+    let poses = views(models, cfg, records, &mut placed_from)?;
+    t.view += clock.elapsed().as_secs_f64();
+
+    let clock = Instant::now();
+    let mut canvases = Vec::new();
+    let mut masks = Vec::new();
+    let mut placements = Vec::new();
+    for (rec, s) in records.iter().zip(&placed_from) {
+        let (c, m, p) = place(s, r, stream(rec.seed, "place"), cfg)?;
+        canvases.push(canny::canny(&c, cfg.draft.canny_low, cfg.draft.canny_high));
+        masks.push(m);
+        placements.push(p);
+    }
+    let prompts: Vec<String> = records.iter().map(|r| r.prompt.clone()).collect();
+    let guided = cfg.draft.guidance > 1.0;
+    let edges = Tensor::cat0(&canvases.iter().collect::<Vec<_>>());
+    let control = if models.draft.controlnet.is_some() {
+        Some(Control {
+            image: if guided {
+                Tensor::cat0(&[&edges, &edges])
+            } else {
+                edges
+            },
+            scale: cfg.draft.controlnet_scale,
+        })
+    } else {
+        None
+    };
+    let layers = models.draft.unet.cross_attention_layers();
+    let draft_req = Request {
+        prompts: prompts.clone(),
+        negative: None,
+        images_per_prompt: 1,
+        steps: cfg.draft.steps,
+        guidance: cfg.draft.guidance,
+        width: r,
+        height: r,
+        scheduler: scheduler(&cfg.draft.scheduler),
+        seed: 0,
+        batch: n,
+        init: Init::Noise,
+        control,
+        init_latents: None,
+        image_prompts: models
+            .draft
+            .adapters
+            .iter()
+            .map(|a| inert_prompt(a, layers))
+            .collect(),
+    };
+    let seeds = records.iter().map(|r| stream(r.seed, "draft")).collect();
+    let drafts = models
+        .draft
+        .run_chunk(
+            &draft_req,
+            0,
+            n,
+            &mut NoiseSource::seeded(seeds),
+            &mut |_, _| {},
+        )?
+        .images;
+    t.draft += clock.elapsed().as_secs_f64();
+
+    let clock = Instant::now();
+    let refiner = models.refiner();
+    let adapter = &refiner.adapters[0];
+    let subject_images: Vec<image::RgbImage> =
+        subjects.iter().map(|s| to_rgb8(&on_white(s))).collect();
+    let prompt = image_prompts(
+        adapter,
+        &models.adapter_encoder,
+        &subject_images,
+        cfg.refine.scale,
+        refiner.unet.cross_attention_layers(),
+    )?;
+    let edit_masks: Vec<Tensor> = masks
+        .iter()
+        .map(|m| dilate(m, cfg.refine.mask_dilation))
+        .collect();
+    let refine_req = Request {
+        prompts,
+        negative: None,
+        images_per_prompt: 1,
+        steps: cfg.refine.steps,
+        guidance: cfg.refine.guidance,
+        width: r,
+        height: r,
+        scheduler: scheduler(&cfg.refine.scheduler),
+        seed: 0,
+        batch: n,
+        init: Init::Inpaint {
+            image: drafts.clone(),
+            mask: Tensor::cat0(&edit_masks.iter().collect::<Vec<_>>()),
+            strength: cfg.refine.strength,
+        },
+        control: None,
+        init_latents: None,
+        image_prompts: vec![prompt],
+    };
+    let seeds = records.iter().map(|r| stream(r.seed, "refine")).collect();
+    let targets = refiner
+        .run_chunk(
+            &refine_req,
+            0,
+            n,
+            &mut NoiseSource::seeded(seeds),
+            &mut |_, _| {},
+        )?
+        .images;
+    t.refine += clock.elapsed().as_secs_f64();
+
+    let clock = Instant::now();
+    let inputs: Vec<ScoreInput> = (0..n)
+        .map(|i| ScoreInput {
+            subject: to_rgb8(&subjects[i].rgb),
+            subject_mask: Some(Mask::from_tensor(&subjects[i].mask)),
+            target: to_rgb8(&targets.narrow0(i, 1)),
+            target_mask: Some(Mask::from_tensor(&masks[i])),
+            prompt: records[i].prompt.clone(),
+            name: records[i].key.clone(),
+        })
+        .collect();
+    let scores = models.scorer.score(&inputs)?;
+    t.score += clock.elapsed().as_secs_f64();
+
+    let f = &cfg.filter;
+    Ok((0..n)
+        .map(|i| {
+            let s = scores[i];
+            let reason = if s.dino < f.dino {
+                Some("dino")
+            } else if s.clip_i < f.clip_i {
+                Some("clip_i")
+            } else if s.clip_t < f.clip_t {
+                Some("clip_t")
+            } else {
+                None
+            };
+            Outcome {
+                record: records[i].clone(),
+                subject: subjects[i].clone(),
+                target_mask: masks[i].clone(),
+                edit_mask: edit_masks[i].clone(),
+                draft: drafts.narrow0(i, 1),
+                target: targets.narrow0(i, 1),
+                scores: s,
+                kept: reason.is_none(),
+                reason,
+                view: poses[i],
+                placement: placements[i],
+            }
+        })
+        .collect())
+}
