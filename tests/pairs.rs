@@ -352,3 +352,44 @@ fn disk_full_stops_cleanly() {
         "{e}"
     );
 }
+
+/// Ctrl-C: the batch in flight finishes, the unfinished shard is dropped (no temporary file),
+/// exit status 3; a rerun completes the job.
+#[test]
+fn ctrl_c_stops_cleanly_and_the_rerun_completes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let child = Command::new(env!("CARGO_BIN_EXE_toffee"))
+        .args(["pairs", "--batch", "1", "--out", out.to_str().unwrap()])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the job has started (job.json is written before any model loads).
+    let start = std::time::Instant::now();
+    while !out.join("job.json").exists() && start.elapsed().as_secs() < 30 {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Safety: sending a signal to our own child process.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let o = child.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert!(
+        matches!(o.status.code(), Some(3) | Some(0)),
+        "{:?}: {e}",
+        o.status
+    );
+    if o.status.code() == Some(3) {
+        assert!(e.contains("rerun"), "{e}");
+    }
+    let tmp: Vec<String> = std::fs::read_dir(&out)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".tmp."))
+        .collect();
+    assert!(tmp.is_empty(), "{tmp:?}");
+    ok(pairs(&out, &["--batch", "1"]));
+    let whole = dir.path().join("whole");
+    ok(pairs(&whole, &[]));
+    assert_same_records(&out, &whole);
+}

@@ -443,7 +443,28 @@ fn shard_records(plan: &Plan, shard: usize) -> &[Record] {
     &plan.records[start..(start + size).min(plan.records.len())]
 }
 
-/// Builds one shard: stages in batches, the tar, its index lines, its stats.
+/// What the writer thread of a shard collected.
+struct Written {
+    writer: ShardWriter,
+    index: Vec<IndexLine>,
+    records: usize,
+    kept: usize,
+    rejections: BTreeMap<String, usize>,
+    seconds: f64,
+}
+
+/// What the reader thread of a shard saw.
+#[derive(Default)]
+struct ReadStats {
+    skipped_subjects: BTreeMap<String, usize>,
+    skipped_records: usize,
+    seconds: f64,
+}
+
+/// Builds one shard as a pipeline: a reader thread decodes the subjects (each once) and forms
+/// batches, this thread runs the stages on the device, a writer thread encodes PNGs and appends
+/// them to the tar; bounded queues of two batches keep memory flat. Then the tar is committed,
+/// then its index lines, then its stats. Returns None when stopped (the shard is dropped).
 fn build_shard(
     plan: &Plan,
     o: &Options,
@@ -455,9 +476,159 @@ fn build_shard(
     let cfg = &plan.cfg;
     let name = plan::shard_name(shard);
     let recs = shard_records(plan, shard);
+    let ids = model_ids(cfg);
+    let writer = ShardWriter::create(&o.out, &name)?;
+    let tar_name = format!("{name}.tar");
+    let tar_name = &tar_name;
+    let ids = &ids;
     let mut t = Timings::default();
+    let (batch_tx, batch_rx) = crossbeam_channel::bounded::<(Vec<Record>, Vec<SubjectData>)>(2);
+    let (out_tx, out_rx) = crossbeam_channel::bounded::<Vec<Outcome>>(2);
+    let (read, written, worked) = std::thread::scope(|sc| {
+        let reader = sc.spawn(move || {
+            let clock = Instant::now();
+            let mut rs = ReadStats::default();
+            let mut loaded: Loaded = BTreeMap::new();
+            let mut batch = (Vec::new(), Vec::new());
+            for r in recs {
+                let l = loaded.entry(r.subject).or_insert_with(|| {
+                    let l = stages::load_subject(&plan.subjects[r.subject]);
+                    // A bad subject counts once, in the shard that holds its first record.
+                    if let Err((reason, msg)) = &l {
+                        let first = plan.records.iter().position(|x| x.subject == r.subject);
+                        if first.is_some_and(|f| f >= shard * cfg.job.shard_size) {
+                            eprintln!(
+                                "toffee: warning: skipping subject `{}`: {msg}",
+                                plan.subjects[r.subject].name
+                            );
+                            *rs.skipped_subjects.entry(reason.name().into()).or_default() += 1;
+                        }
+                    }
+                    l
+                });
+                match l {
+                    Ok(s) => {
+                        batch.0.push(r.clone());
+                        batch.1.push(s.clone());
+                    }
+                    Err(_) => rs.skipped_records += 1,
+                }
+                if batch.0.len() == cfg.job.batch
+                    && batch_tx.send(std::mem::take(&mut batch)).is_err()
+                {
+                    break;
+                }
+            }
+            if !batch.0.is_empty() {
+                let _ = batch_tx.send(batch);
+            }
+            rs.seconds = clock.elapsed().as_secs_f64();
+            rs
+        });
+        let writer_thread = sc.spawn(move || -> Result<Written> {
+            let mut w = Written {
+                writer,
+                index: Vec::new(),
+                records: 0,
+                kept: 0,
+                rejections: BTreeMap::new(),
+                seconds: 0.0,
+            };
+            for outcomes in out_rx {
+                let clock = Instant::now();
+                for out in &outcomes {
+                    let keep_file = out.kept || o.keep_rejected;
+                    if keep_file {
+                        if let Err(e) = write_record(
+                            &mut w.writer,
+                            out,
+                            &plan.subjects[out.record.subject],
+                            cfg,
+                            ids,
+                        ) {
+                            w.writer.abandon();
+                            return Err(e);
+                        }
+                    }
+                    w.records += 1;
+                    if out.kept {
+                        w.kept += 1;
+                    } else {
+                        *w.rejections
+                            .entry(out.reason.unwrap_or("?").to_string())
+                            .or_default() += 1;
+                    }
+                    w.index.push(IndexLine {
+                        key: out.record.key.clone(),
+                        shard: keep_file.then(|| tar_name.clone()),
+                        subject: plan.subjects[out.record.subject].name.clone(),
+                        prompt: out.record.prompt.clone(),
+                        template: out.record.template.clone(),
+                        taxonomy: out.record.taxonomy.clone(),
+                        seed: out.record.seed,
+                        scores: Some(out.scores),
+                        kept: out.kept,
+                        reason: out.reason.map(String::from),
+                        edit: out.kept,
+                    });
+                }
+                w.seconds += clock.elapsed().as_secs_f64();
+            }
+            Ok(w)
+        });
+        // The device stages, on this thread.
+        let mut worked: Result<bool> = Ok(false);
+        for (records, subjects) in batch_rx.iter() {
+            if o.stop.load(Ordering::SeqCst) {
+                worked = Ok(true);
+                break;
+            }
+            match stages::run_batch(models, cfg, &records, &subjects, &mut t) {
+                Ok(outcomes) => {
+                    if out_tx.send(outcomes).is_err() {
+                        break; // the writer failed; its error is reported below
+                    }
+                }
+                Err(e) => {
+                    worked = Err(e.context(format!("shard {name}")));
+                    break;
+                }
+            }
+        }
+        drop(batch_rx);
+        drop(out_tx);
+        let read = reader.join().unwrap_or_default();
+        let written = writer_thread
+            .join()
+            .unwrap_or_else(|_| Err(anyhow::anyhow!("the shard writer panicked")));
+        (read, written, worked)
+    });
+    let written = written?;
+    match worked {
+        Err(e) => {
+            written.writer.abandon();
+            return Err(e);
+        }
+        Ok(true) => {
+            written.writer.abandon();
+            return Ok(None);
+        }
+        Ok(false) => {}
+    }
+    written.writer.commit()?;
+    write_text(
+        &o.out.join(format!("{name}.jsonl")),
+        &jsonl(&written.index)?,
+    )?;
+    t.load = read.seconds;
+    t.write = written.seconds;
     let mut stats = Stats {
-        device: device.into(),
+        records: written.records,
+        kept: written.kept,
+        rejected: written.records - written.kept,
+        rejections: written.rejections,
+        skipped_records: read.skipped_records,
+        skipped_subjects: read.skipped_subjects,
         thresholds: [
             ("dino", cfg.filter.dino),
             ("clip_i", cfg.filter.clip_i),
@@ -466,103 +637,11 @@ fn build_shard(
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect(),
-        ..Default::default()
+        stage_seconds: t,
+        seconds: clock.elapsed().as_secs_f64(),
+        pairs_per_hour: 0.0,
+        device: device.into(),
     };
-    let load_clock = Instant::now();
-    let mut loaded: Loaded = BTreeMap::new();
-    for r in recs {
-        loaded
-            .entry(r.subject)
-            .or_insert_with(|| stages::load_subject(&plan.subjects[r.subject]));
-    }
-    // A bad subject counts once, in the shard that holds its first record.
-    for (si, l) in &loaded {
-        if let Err((reason, msg)) = l {
-            let first = plan
-                .records
-                .iter()
-                .position(|r| r.subject == *si)
-                .expect("a record of it");
-            if first >= shard * cfg.job.shard_size {
-                eprintln!(
-                    "toffee: warning: skipping subject `{}`: {msg}",
-                    plan.subjects[*si].name
-                );
-                *stats
-                    .skipped_subjects
-                    .entry(reason.name().into())
-                    .or_default() += 1;
-            }
-        }
-    }
-    t.load += load_clock.elapsed().as_secs_f64();
-    let ids = model_ids(cfg);
-    let mut writer = ShardWriter::create(&o.out, &name)?;
-    let mut index = Vec::new();
-    let usable: Vec<&Record> = recs.iter().filter(|r| loaded[&r.subject].is_ok()).collect();
-    stats.skipped_records = recs.len() - usable.len();
-    for batch in usable.chunks(cfg.job.batch) {
-        if o.stop.load(Ordering::SeqCst) {
-            writer.abandon();
-            return Ok(None);
-        }
-        let records: Vec<Record> = batch.iter().map(|r| (*r).clone()).collect();
-        let subjects: Vec<SubjectData> = batch
-            .iter()
-            .map(|r| loaded[&r.subject].as_ref().expect("usable").clone())
-            .collect();
-        let outcomes = match stages::run_batch(models, cfg, &records, &subjects, &mut t) {
-            Ok(x) => x,
-            Err(e) => {
-                writer.abandon();
-                return Err(e.context(format!("shard {name}")));
-            }
-        };
-        let wclock = Instant::now();
-        for out in &outcomes {
-            let written = out.kept || o.keep_rejected;
-            if written {
-                if let Err(e) = write_record(
-                    &mut writer,
-                    out,
-                    &plan.subjects[out.record.subject],
-                    cfg,
-                    &ids,
-                ) {
-                    writer.abandon();
-                    return Err(e);
-                }
-            }
-            stats.records += 1;
-            if out.kept {
-                stats.kept += 1;
-            } else {
-                stats.rejected += 1;
-                *stats
-                    .rejections
-                    .entry(out.reason.unwrap_or("?").to_string())
-                    .or_default() += 1;
-            }
-            index.push(IndexLine {
-                key: out.record.key.clone(),
-                shard: written.then(|| format!("{name}.tar")),
-                subject: plan.subjects[out.record.subject].name.clone(),
-                prompt: out.record.prompt.clone(),
-                template: out.record.template.clone(),
-                taxonomy: out.record.taxonomy.clone(),
-                seed: out.record.seed,
-                scores: Some(out.scores),
-                kept: out.kept,
-                reason: out.reason.map(String::from),
-                edit: out.kept,
-            });
-        }
-        t.write += wclock.elapsed().as_secs_f64();
-    }
-    writer.commit()?;
-    write_text(&o.out.join(format!("{name}.jsonl")), &jsonl(&index)?)?;
-    stats.stage_seconds = t;
-    stats.seconds = clock.elapsed().as_secs_f64();
     stats.pairs_per_hour = stats.kept as f64 / stats.seconds.max(1e-9) * 3600.0;
     write_text(
         &o.out.join(format!("{name}.stats.json")),

@@ -43,6 +43,8 @@ bench --config sd15 --component controlnet --batch 2
 bench --config zero123 --component unet --batch 16
 bench --config dinov2-b14 --component image-encoder --batch 32
 bench --config clip-l14 --component image-encoder --batch 32
+log "## toffee pairs demo on the GPU (built-in tiny models: a smoke test of the GPU data path, not a benchmark)"
+timeout 120 "$B/toffee" pairs --out "$OUT/pairs-demo" --devices cuda:0 --bench >> "$OUT/pairs.json" 2>>"$OUT/pairs.err" && log "pairs demo: ok (pairs.json)" || log "pairs demo: failed (see pairs.err)"
 
 log "## kernel benchmarks (criterion)"
 timeout 180 "$B/gpu-kernels" --bench > "$OUT/kernels.log" 2>&1
