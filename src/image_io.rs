@@ -26,7 +26,7 @@ pub struct LoadedImage {
 
 /// Decodes a PNG or JPEG (format from the content, not the extension), applying the EXIF orientation
 /// like diffusers' `load_image` (`ImageOps.exif_transpose`). 16-bit PNGs keep their precision.
-fn decode(path: &Path) -> Result<DynamicImage> {
+pub(crate) fn decode(path: &Path) -> Result<DynamicImage> {
     let p = path.display();
     let bytes = fs::read(path).map_err(|e| anyhow!("cannot read image {p}: {e}"))?;
     if bytes.is_empty() {

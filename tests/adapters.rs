@@ -18,24 +18,11 @@ fn golden(name: &str) -> PathBuf {
 }
 
 fn manifest_case(name: &str) -> serde_json::Value {
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden("manifest.json")).unwrap()).unwrap();
-    m["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name}"))
-        .clone()
+    common::manifest_case(&golden("manifest.json"), name)
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let scale = want.data().iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    assert!(scale > 1e-3, "{what}: golden is (near) zero");
-    let err = got.max_abs_diff(want);
-    eprintln!("{what}: max abs err {err:.3e} (golden max |x| {scale:.3})");
-    assert!(err <= 1e-4, "{what}: max abs error {err:e} > 1e-4");
+    common::assert_close(what, got, want, 1e-4);
 }
 
 fn proj_case(name: &str) {

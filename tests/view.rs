@@ -25,12 +25,7 @@ fn model() -> ViewGenerator {
     ViewGenerator::load(&fixtures().join("zero123"), &Device::Cpu).unwrap()
 }
 
-fn assert_close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    assert_eq!(got.shape(), want.shape(), "{what}: shape");
-    let err = got.max_abs_diff(want);
-    eprintln!("{what}: max abs err {err:.3e}");
-    assert!(err <= tol, "{what}: max abs error {err:e} > {tol:e}");
-}
+use common::assert_close;
 
 #[test]
 fn cc_projection_matches() {

@@ -18,16 +18,7 @@ fn vision_golden(name: &str) -> PathBuf {
 }
 
 fn manifest_case(name: &str) -> serde_json::Value {
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(vision_golden("manifest.json")).unwrap())
-            .unwrap();
-    m["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name}"))
-        .clone()
+    common::manifest_case(&vision_golden("manifest.json"), name)
 }
 
 fn check_outputs(

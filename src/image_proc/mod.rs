@@ -16,14 +16,16 @@ mod resample;
 pub use resample::{resize_rgb8, Resample};
 
 use std::fs;
-use std::io::Cursor;
 use std::path::Path;
 
-use anyhow::{anyhow, bail, Context, Result};
-use image::{DynamicImage, ImageDecoder, ImageReader, RgbImage};
+use anyhow::{anyhow, Context, Result};
+use image::{DynamicImage, RgbImage};
 use rayon::prelude::*;
 use serde_json::{Map, Value};
 
+// Decoding (format from the content, EXIF orientation applied) is image_io's, so both paths read a
+// file the same way.
+use crate::image_io::decode;
 use crate::tensor::Tensor;
 
 /// Which transformers image processor a config names. Their preprocessing is the same code
@@ -568,30 +570,6 @@ impl ImageProcessor {
         let rows: Vec<Vec<f32>> = imgs.par_iter().map(|img| self.preprocess(img)).collect();
         Tensor::new(vec![imgs.len(), 3, h, w], rows.concat())
     }
-}
-
-/// Reads and decodes a PNG or JPEG (format from the content), applying the EXIF orientation like
-/// `image_io` (and transformers' `load_image`, which calls `ImageOps.exif_transpose`).
-fn decode(path: &Path) -> Result<DynamicImage> {
-    let p = path.display();
-    let bytes = fs::read(path).map_err(|e| anyhow!("cannot read image {p}: {e}"))?;
-    if bytes.is_empty() {
-        bail!("cannot load image {p}: the file is empty");
-    }
-    let reader = ImageReader::new(Cursor::new(bytes))
-        .with_guessed_format()
-        .map_err(|e| anyhow!("cannot read image {p}: {e}"))?;
-    if reader.format().is_none() {
-        bail!("cannot load image {p}: not a PNG or JPEG file");
-    }
-    let decoded = (|| {
-        let mut decoder = reader.into_decoder()?;
-        let orientation = decoder.orientation()?;
-        let mut img = DynamicImage::from_decoder(decoder)?;
-        img.apply_orientation(orientation);
-        Ok::<_, image::ImageError>(img)
-    })();
-    decoded.map_err(|e| anyhow!("cannot decode image {p}: {e}"))
 }
 
 /// The RGBA samples Pillow holds for a decoded file, as `convert("RGBA")` would give them (alpha

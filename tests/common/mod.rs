@@ -90,3 +90,32 @@ pub fn forward_at(
     args.extend_from_slice(extra);
     toffee(&args)
 }
+
+/// Asserts `got` matches `want` within `tol` max abs error, and that the golden is not (near)
+/// zero, which would test nothing.
+pub fn assert_close(
+    what: &str,
+    got: &toffee::tensor::Tensor,
+    want: &toffee::tensor::Tensor,
+    tol: f32,
+) {
+    assert_eq!(got.shape(), want.shape(), "{what}: shape");
+    let scale = want.data().iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    assert!(scale > 1e-3, "{what}: golden is (near) zero");
+    let err = got.max_abs_diff(want);
+    eprintln!("{what}: max abs err {err:.3e} (golden max |x| {scale:.3})");
+    assert!(err <= tol, "{what}: max abs error {err:e} > {tol:e}");
+}
+
+/// The case `name` of a golden manifest.json (`{"cases": [{"name": …}, …]}`).
+pub fn manifest_case(manifest: &Path, name: &str) -> serde_json::Value {
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    m["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("{}: no case {name}", manifest.display()))
+        .clone()
+}
