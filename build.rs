@@ -4,8 +4,29 @@
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    pkg_config();
     #[cfg(feature = "cuda")]
     cuda::build();
+}
+
+/// Writes `toffee.pc` next to the libraries (target/<profile>/), so C builds find the header
+/// (include/) and libtoffee with `PKG_CONFIG_PATH=target/release pkg-config --cflags --libs toffee`.
+fn pkg_config() {
+    let out = std::path::PathBuf::from(std::env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    // OUT_DIR is target/<profile>/build/<pkg>-<hash>/out.
+    let Some(libdir) = out.ancestors().nth(3) else {
+        return;
+    };
+    let root = env!("CARGO_MANIFEST_DIR");
+    let pc = format!(
+        "prefix={root}\nincludedir=${{prefix}}/include\nlibdir={}\n\nName: toffee\n\
+         Description: Inference engine for Toffee-style subject-driven dataset construction (C ABI)\n\
+         Version: {}\nCflags: -I${{includedir}}\nLibs: -L${{libdir}} -ltoffee\n\
+         Libs.private: -lpthread -ldl -lm\n",
+        libdir.display(),
+        env!("CARGO_PKG_VERSION")
+    );
+    let _ = std::fs::write(libdir.join("toffee.pc"), pc);
 }
 
 #[cfg(feature = "cuda")]

@@ -10,6 +10,7 @@ pub mod config;
 pub mod configs;
 pub mod dataset;
 pub mod devices;
+pub mod ffi;
 pub mod forward;
 pub mod generate;
 pub mod image_io;

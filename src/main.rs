@@ -619,6 +619,7 @@ fn pairs(action: Option<PairsCmd>, a: PairsArgs) -> Result<()> {
         keep_rejected: a.keep_rejected,
         progress: true,
         stop,
+        on_shard: None,
     })?;
     eprintln!(
         "{}: {} shard(s) built, {} already done; {} records in the folder, {} kept, {} rejected",

@@ -9,6 +9,7 @@ use std::sync::Mutex;
 pub struct Progress {
     bar: Option<ProgressBar>,
     totals: Mutex<(usize, usize)>,
+    records: usize,
 }
 
 impl Progress {
@@ -27,10 +28,12 @@ impl Progress {
         Progress {
             bar,
             totals: Mutex::new((0, 0)),
+            records,
         }
     }
 
-    pub fn shard_done(&self, s: &Stats) {
+    /// Counts a finished shard; returns (records done, records to do).
+    pub fn shard_done(&self, s: &Stats) -> (usize, usize) {
         let mut t = self.totals.lock().unwrap_or_else(|e| e.into_inner());
         t.0 += s.records + s.skipped_records;
         t.1 += s.kept;
@@ -41,6 +44,7 @@ impl Progress {
                 100.0 * t.1 as f64 / t.0.max(1) as f64
             ));
         }
+        (t.0, self.records)
     }
 
     pub fn finish(&self) {

@@ -38,7 +38,12 @@ pub struct Options {
     pub progress: bool,
     /// Set to stop after the batch in flight (Ctrl-C).
     pub stop: Arc<AtomicBool>,
+    /// Called after every finished shard with (records done, records to do) of this run.
+    pub on_shard: Option<ShardCallback>,
 }
+
+/// A progress hook of embedders (the C ABI).
+pub type ShardCallback = Arc<dyn Fn(usize, usize) + Send + Sync>;
 
 /// This process's slice from the schedulers' environment: Slurm job arrays
 /// (SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) or Kubernetes indexed
@@ -772,7 +777,10 @@ pub fn run(o: &Options) -> Result<Summary> {
                     for &shard in todo.iter().skip(w).step_by(workers) {
                         match build_shard(plan, o, &models, shard, &dev.name())? {
                             Some(s) => {
-                                progress.shard_done(&s);
+                                let (records, total) = progress.shard_done(&s);
+                                if let Some(cb) = &o.on_shard {
+                                    cb(records, total);
+                                }
                                 done += 1;
                             }
                             None => return Ok((done, true)),

@@ -1,0 +1,934 @@
+//! The C ABI (`include/toffee.h`, generated from this file by cbindgen; `tests/ffi.rs` fails when
+//! the committed header differs from what this file generates).
+//!
+//! Rules at the boundary: every function returns a `toffee_status` (or is infallible); no panic
+//! crosses it (each entry point catches one and returns `TOFFEE_PANIC`); null pointers, bad UTF-8,
+//! out-of-range enums and too-small buffers are `TOFFEE_INVALID_ARGUMENT` /
+//! `TOFFEE_BUFFER_TOO_SMALL` with a message in `toffee_last_error()`. Option structs start with a
+//! `size` field (the caller's `sizeof`); later ABI versions only append fields and read them when
+//! `size` covers them.
+#![allow(non_camel_case_types)]
+
+use crate::backend::Device;
+use crate::dataset;
+use crate::models::adapter::Adapter;
+use crate::pipeline::image_prompt::{image_prompt, load_encoder};
+use crate::pipeline::noise::NoiseSource;
+use crate::pipeline::score::{ImageEncoder, Mask, ScoreInput, Scorer};
+use crate::pipeline::view::{Pose, View, ViewGenerator, ViewRequest};
+use crate::pipeline::{Control, Generator, ImagePrompt, Init, Request};
+use crate::tensor::Tensor;
+use std::cell::RefCell;
+use std::ffi::{c_char, c_void, CStr, CString};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// Incremented on every incompatible change of this header.
+pub const TOFFEE_ABI_VERSION: u32 = 1;
+
+/// The result of every call.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum toffee_status {
+    TOFFEE_OK = 0,
+    /// The engine failed (a model, a file, the device); see toffee_last_error().
+    TOFFEE_ERROR = 1,
+    /// A null pointer, bad UTF-8, an out-of-range value or a struct `size` too small.
+    TOFFEE_INVALID_ARGUMENT = 2,
+    /// A caller-provided buffer is too small; the message says how large it must be.
+    TOFFEE_BUFFER_TOO_SMALL = 3,
+    /// Stopped through the cancellation flag or the progress callback.
+    TOFFEE_CANCELLED = 4,
+    /// A bug inside the engine was caught at the boundary; the engine should be closed.
+    TOFFEE_PANIC = 5,
+}
+
+use toffee_status::*;
+
+/// An 8-bit image, row-major, `channels` interleaved (3: RGB, 1: a mask, white = inside).
+/// Images the engine returns own `data` until `toffee_image_free`; images the caller passes in
+/// stay the caller's.
+#[repr(C)]
+pub struct toffee_image {
+    pub width: u32,
+    pub height: u32,
+    pub channels: u32,
+    pub data: *mut u8,
+}
+
+/// Which models an engine opens. Null paths are absent models; with `model` null the built-in
+/// demo text-to-image model is used.
+#[repr(C)]
+pub struct toffee_engine_options {
+    /// sizeof(toffee_engine_options).
+    pub size: u32,
+    /// "cpu", "cuda", "cuda:N"; null: "cpu".
+    pub device: *const c_char,
+    /// A diffusers pipeline folder (text-to-image, img2img, inpainting).
+    pub model: *const c_char,
+    pub controlnet: *const c_char,
+    /// An IP-Adapter file or a Toffee adapter folder, attached to the model's UNet.
+    pub adapter: *const c_char,
+    /// The adapter's image encoder (null: found beside the adapter).
+    pub adapter_encoder: *const c_char,
+    /// A Zero1to3-layout View Generator folder.
+    pub view_model: *const c_char,
+    /// DINO (v1 or v2) and CLIPModel folders, for embeddings and scores (both or neither).
+    pub dino: *const c_char,
+    pub clip: *const c_char,
+}
+
+/// An open engine: models loaded on one device. Calls on one engine are serialised (it may be
+/// used from several threads); several engines may run at once.
+pub struct toffee_engine {
+    inner: Mutex<Engine>,
+}
+
+struct Engine {
+    gen: Generator,
+    adapter_encoder: Option<ImageEncoder>,
+    view: Option<ViewGenerator>,
+    scorer: Option<Scorer>,
+}
+
+/// What to generate. `mode`: 0 text-to-image, 1 img2img (`init_image`, `strength`; with `mask`,
+/// only inside it), 2 inpainting (`init_image`, `mask`).
+#[repr(C)]
+pub struct toffee_generate_options {
+    /// sizeof(toffee_generate_options).
+    pub size: u32,
+    pub mode: u32,
+    pub prompt: *const c_char,
+    /// Null: none.
+    pub negative_prompt: *const c_char,
+    /// Images to make; image i uses seed + i (as the CLI does).
+    pub num_images: u32,
+    pub steps: u32,
+    pub guidance: f32,
+    pub seed: u64,
+    /// 0: the model's default size (img2img/inpainting: the init image's size).
+    pub width: u32,
+    pub height: u32,
+    /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, pndm; null: the model's own.
+    pub scheduler: *const c_char,
+    pub init_image: *const toffee_image,
+    pub mask: *const toffee_image,
+    /// img2img / inpainting strength; ≤ 0: the default (0.8 img2img, 1.0 inpainting).
+    pub strength: f32,
+    /// ControlNet conditioning image (engines opened with a ControlNet).
+    pub control_image: *const toffee_image,
+    pub control_scale: f32,
+    /// The adapter's subject image (engines opened with an adapter).
+    pub adapter_image: *const toffee_image,
+    /// λ; < 0: the adapter's default.
+    pub adapter_scale: f32,
+}
+
+/// DINO, CLIP-I and CLIP-T (raw cosines).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct toffee_scores {
+    pub dino: f32,
+    pub clip_i: f32,
+    pub clip_t: f32,
+}
+
+/// Which image encoder `toffee_embed_image` uses.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum toffee_encoder {
+    TOFFEE_ENCODER_DINO = 0,
+    TOFFEE_ENCODER_CLIP = 1,
+}
+
+/// Called after every finished shard with (user, records done, records to do); a nonzero return
+/// cancels the run after the batch in flight.
+pub type toffee_progress_fn =
+    Option<unsafe extern "C" fn(user: *mut c_void, done: u64, total: u64) -> i32>;
+
+/// A pairs job (see `toffee pairs --help`).
+#[repr(C)]
+pub struct toffee_pairs_options {
+    /// sizeof(toffee_pairs_options).
+    pub size: u32,
+    /// pairs.toml; null: built-in models.
+    pub config: *const c_char,
+    /// A subjects folder or JSONL; null: built-in subjects.
+    pub subjects: *const c_char,
+    pub out_dir: *const c_char,
+    /// Comma-separated devices; null: "cpu".
+    pub devices: *const c_char,
+    /// This process's slice; num_shards 0: from the environment, else 0 of 1.
+    pub shard_index: u32,
+    pub num_shards: u32,
+    pub keep_rejected: bool,
+    pub progress: toffee_progress_fn,
+    pub user: *mut c_void,
+    /// Polled during the run; set it nonzero (from any thread) to stop after the batch in flight.
+    pub cancel: *const i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct toffee_pairs_summary {
+    pub records: u64,
+    pub kept: u64,
+    pub rejected: u64,
+    pub shards_built: u64,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<Option<CString>> = const { RefCell::new(None) };
+}
+
+struct Fail(toffee_status, String);
+
+impl From<anyhow::Error> for Fail {
+    fn from(e: anyhow::Error) -> Fail {
+        Fail(TOFFEE_ERROR, format!("{e:#}"))
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Fail {
+    Fail(TOFFEE_INVALID_ARGUMENT, msg.into())
+}
+
+/// Runs an entry point: catches panics, records the error message of this thread.
+fn guard(f: impl FnOnce() -> Result<(), Fail>) -> toffee_status {
+    let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    let (status, msg) = match r {
+        Ok(Ok(())) => (TOFFEE_OK, None),
+        Ok(Err(Fail(s, m))) => (s, Some(m)),
+        Err(p) => {
+            let what = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            (
+                TOFFEE_PANIC,
+                Some(format!("internal error (panic): {what}")),
+            )
+        }
+    };
+    LAST_ERROR.with(|l| {
+        *l.borrow_mut() = msg.map(|m| CString::new(m.replace('\0', " ")).expect("no NUL"));
+    });
+    status
+}
+
+/// A required string argument.
+unsafe fn text(p: *const c_char, what: &str) -> Result<String, Fail> {
+    opt_text(p, what)?.ok_or_else(|| invalid(format!("{what} is null")))
+}
+
+/// An optional string argument (null: None).
+unsafe fn opt_text(p: *const c_char, what: &str) -> Result<Option<String>, Fail> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // Safety: the caller passes a NUL-terminated string (the header's contract).
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str()
+        .map(|s| Some(s.to_string()))
+        .map_err(|_| invalid(format!("{what} is not valid UTF-8")))
+}
+
+unsafe fn opt_path(p: *const c_char, what: &str) -> Result<Option<PathBuf>, Fail> {
+    Ok(opt_text(p, what)?.map(PathBuf::from))
+}
+
+/// A struct pointer whose `size` covers this version's fields.
+unsafe fn options<'a, T>(p: *const T, size: impl Fn(&T) -> u32, what: &str) -> Result<&'a T, Fail> {
+    if p.is_null() {
+        return Err(invalid(format!("{what} is null")));
+    }
+    // Safety: non-null, and the caller passes a valid struct (the header's contract).
+    let o = unsafe { &*p };
+    let need = std::mem::size_of::<T>() as u32;
+    if size(o) < need {
+        return Err(invalid(format!(
+            "{what}.size is {} but this library needs {need} (set it to sizeof({what}))",
+            size(o)
+        )));
+    }
+    Ok(o)
+}
+
+/// A caller image as a [1, H, W, C] tensor in [0, 1].
+unsafe fn image_tensor(
+    p: *const toffee_image,
+    what: &str,
+    channels: u32,
+) -> Result<Option<Tensor>, Fail> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // Safety: non-null; the header requires data to hold width·height·channels bytes.
+    let img = unsafe { &*p };
+    if img.channels != channels {
+        return Err(invalid(format!(
+            "{what} has {} channels, expected {channels}",
+            img.channels
+        )));
+    }
+    let n = (img.width as usize)
+        .checked_mul(img.height as usize)
+        .and_then(|x| x.checked_mul(channels as usize))
+        .filter(|&n| n > 0)
+        .ok_or_else(|| invalid(format!("{what} is {}x{}", img.width, img.height)))?;
+    if img.data.is_null() {
+        return Err(invalid(format!("{what}.data is null")));
+    }
+    // Safety: data holds n bytes (checked above against the declared size; the caller's contract).
+    let bytes = unsafe { std::slice::from_raw_parts(img.data, n) };
+    Ok(Some(Tensor::new(
+        vec![
+            1,
+            img.height as usize,
+            img.width as usize,
+            channels as usize,
+        ],
+        bytes.iter().map(|&b| b as f32 / 255.0).collect(),
+    )))
+}
+
+fn to_bytes(t: &Tensor) -> Vec<u8> {
+    t.data()
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect()
+}
+
+/// The ABI version this library implements (TOFFEE_ABI_VERSION of its header).
+#[no_mangle]
+pub extern "C" fn toffee_abi_version() -> u32 {
+    TOFFEE_ABI_VERSION
+}
+
+/// The library version, e.g. "0.1.0" (static storage).
+#[no_mangle]
+pub extern "C" fn toffee_version_string() -> *const c_char {
+    concat!(env!("CARGO_PKG_VERSION"), "\0").as_ptr() as *const c_char
+}
+
+/// The message of the last failed call on this thread, or null after a successful one; valid
+/// until the next call on this thread.
+#[no_mangle]
+pub extern "C" fn toffee_last_error() -> *const c_char {
+    LAST_ERROR.with(|l| l.borrow().as_ref().map_or(std::ptr::null(), |c| c.as_ptr()))
+}
+
+/// Opens an engine; `*out` receives it (close it with toffee_engine_close).
+///
+/// # Safety
+/// `opts` points to a valid toffee_engine_options whose strings are NUL-terminated; `out` is
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn toffee_engine_open(
+    opts: *const toffee_engine_options,
+    out: *mut *mut toffee_engine,
+) -> toffee_status {
+    guard(|| {
+        if out.is_null() {
+            return Err(invalid("out is null"));
+        }
+        // Safety: see the function's contract.
+        let o = unsafe { options(opts, |o| o.size, "toffee_engine_options")? };
+        let dev_name = unsafe { opt_text(o.device, "device")? }.unwrap_or_else(|| "cpu".into());
+        let model = unsafe { opt_path(o.model, "model")? };
+        let controlnet = unsafe { opt_path(o.controlnet, "controlnet")? };
+        let adapter = unsafe { opt_path(o.adapter, "adapter")? };
+        let adapter_encoder = unsafe { opt_path(o.adapter_encoder, "adapter_encoder")? };
+        let view = unsafe { opt_path(o.view_model, "view_model")? };
+        let dino = unsafe { opt_path(o.dino, "dino")? };
+        let clip = unsafe { opt_path(o.clip, "clip")? };
+        let bf16 = model
+            .as_ref()
+            .is_some_and(|m| crate::models::load::is_bf16(m, "unet").unwrap_or(false));
+        let dev = Device::open(&dev_name, bf16)?;
+        let mut gen = match &model {
+            Some(m) => Generator::load(m, controlnet.as_deref(), &dev)?,
+            None => {
+                if controlnet.is_some() || adapter.is_some() {
+                    return Err(invalid("controlnet and adapter need a model folder"));
+                }
+                crate::builtin::generator(&dev)?
+            }
+        };
+        let adapter_encoder = match &adapter {
+            Some(a) => {
+                let ad = Adapter::load(a, &dev)?;
+                let enc = load_encoder(&ad, adapter_encoder.as_deref(), &dev)?;
+                gen.attach_adapter(ad)?;
+                Some(enc)
+            }
+            None => None,
+        };
+        let scorer = match (&dino, &clip) {
+            (Some(d), Some(c)) => Some(Scorer::load(d, c, &dev)?),
+            (None, None) => None,
+            _ => return Err(invalid("dino and clip go together")),
+        };
+        let view = view.map(|v| ViewGenerator::load(&v, &dev)).transpose()?;
+        let engine = Box::new(toffee_engine {
+            inner: Mutex::new(Engine {
+                gen,
+                adapter_encoder,
+                view,
+                scorer,
+            }),
+        });
+        // Safety: `out` is writable (checked non-null).
+        unsafe { *out = Box::into_raw(engine) };
+        Ok(())
+    })
+}
+
+/// Closes an engine and frees its memory (host and device); null is allowed.
+///
+/// # Safety
+/// `e` comes from toffee_engine_open and is not used afterwards.
+#[no_mangle]
+pub unsafe extern "C" fn toffee_engine_close(e: *mut toffee_engine) {
+    if !e.is_null() {
+        // Safety: allocated by Box::into_raw in toffee_engine_open; dropping it cannot unwind
+        // into C because drop of the models does not panic.
+        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            drop(unsafe { Box::from_raw(e) })
+        }));
+    }
+}
+
+fn lock(e: &toffee_engine) -> std::sync::MutexGuard<'_, Engine> {
+    e.inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+unsafe fn engine<'a>(e: *const toffee_engine) -> Result<&'a toffee_engine, Fail> {
+    if e.is_null() {
+        return Err(invalid("engine is null"));
+    }
+    // Safety: a live engine from toffee_engine_open (the caller's contract).
+    Ok(unsafe { &*e })
+}
+
+/// Runs a generation request; returns the images [N, H, W, 3] in [0, 1].
+unsafe fn run_generate(e: &Engine, o: &toffee_generate_options) -> Result<Tensor, Fail> {
+    let prompt = unsafe { text(o.prompt, "prompt")? };
+    let negative = unsafe { opt_text(o.negative_prompt, "negative_prompt")? };
+    let scheduler = match unsafe { opt_text(o.scheduler, "scheduler")? } {
+        Some(s) => Some(
+            s.parse()
+                .map_err(|err: anyhow::Error| invalid(format!("{err:#}")))?,
+        ),
+        None => None,
+    };
+    if o.num_images == 0 || o.steps == 0 || !o.guidance.is_finite() {
+        return Err(invalid(
+            "num_images and steps must be at least 1, guidance finite",
+        ));
+    }
+    let gen = &e.gen;
+    let f = gen.vae.downscale();
+    let init_image = unsafe { image_tensor(o.init_image, "init_image", 3)? };
+    let mask = unsafe { image_tensor(o.mask, "mask", 1)? };
+    let (w, h) = match (o.width, o.height, &init_image) {
+        (0, 0, Some(i)) => (i.shape()[2], i.shape()[1]),
+        (0, 0, None) => (gen.default_size, gen.default_size),
+        (w, h, _) => (w as usize, h as usize),
+    };
+    if w == 0 || h == 0 || w % f != 0 || h % f != 0 {
+        return Err(invalid(format!(
+            "width and height must be positive multiples of {f} (got {w}x{h})"
+        )));
+    }
+    let fit = |t: Tensor| crate::image_io::fit(&t, w, h);
+    let strength = |default: f64| {
+        if o.strength > 0.0 {
+            o.strength as f64
+        } else {
+            default
+        }
+    };
+    let init = match (o.mode, init_image, mask) {
+        (0, None, None) => Init::Noise,
+        (0, _, _) => {
+            return Err(invalid(
+                "text-to-image (mode 0) takes no init_image or mask",
+            ))
+        }
+        (1, Some(i), None) => Init::Image {
+            image: fit(i),
+            strength: strength(0.8),
+        },
+        (1, Some(i), Some(m)) | (2, Some(i), Some(m)) => Init::Inpaint {
+            image: fit(i),
+            mask: fit(m),
+            strength: strength(if o.mode == 1 { 0.8 } else { 1.0 }),
+        },
+        (1 | 2, _, _) => {
+            return Err(invalid(
+                "img2img needs init_image; inpainting needs init_image and mask",
+            ))
+        }
+        (m, _, _) => return Err(invalid(format!("mode {m} is not 0, 1 or 2"))),
+    };
+    let control = match (
+        unsafe { image_tensor(o.control_image, "control_image", 3)? },
+        gen.controlnet.is_some(),
+    ) {
+        (Some(c), true) => Some(Control {
+            image: fit(c),
+            scale: o.control_scale,
+        }),
+        (None, false) => None,
+        (Some(_), false) => {
+            return Err(invalid(
+                "control_image given but the engine has no ControlNet",
+            ))
+        }
+        (None, true) => return Err(invalid("the engine has a ControlNet: give control_image")),
+    };
+    let image_prompts: Vec<ImagePrompt> = match (&e.adapter_encoder, unsafe {
+        image_tensor(o.adapter_image, "adapter_image", 3)?
+    }) {
+        (Some(enc), Some(img)) => {
+            let a = &gen.adapters[0];
+            let scale = if o.adapter_scale >= 0.0 {
+                o.adapter_scale
+            } else {
+                a.default_scale
+            };
+            let rgb = crate::dataset::stages::to_rgb8(&img);
+            vec![image_prompt(
+                a,
+                enc,
+                &rgb,
+                scale,
+                gen.unet.cross_attention_layers(),
+            )?]
+        }
+        (None, None) => Vec::new(),
+        (Some(_), None) => return Err(invalid("the engine has an adapter: give adapter_image")),
+        (None, Some(_)) => {
+            return Err(invalid("adapter_image given but the engine has no adapter"))
+        }
+    };
+    let n = o.num_images as usize;
+    let req = Request {
+        prompts: vec![prompt],
+        negative: negative.map(|n| vec![n]),
+        images_per_prompt: n,
+        steps: o.steps as usize,
+        guidance: o.guidance,
+        width: w,
+        height: h,
+        scheduler,
+        seed: o.seed,
+        batch: n,
+        init,
+        control,
+        init_latents: None,
+        image_prompts,
+    };
+    Ok(gen.run(&req, &mut |_, _| {})?.images)
+}
+
+/// Generates `opts->num_images` images into `out[0..num_images]` (the engine allocates each
+/// image's data; free it with toffee_image_free).
+///
+/// # Safety
+/// `e` is an open engine, `opts` a valid toffee_generate_options, `out` an array of
+/// `opts->num_images` toffee_image.
+#[no_mangle]
+pub unsafe extern "C" fn toffee_generate(
+    e: *const toffee_engine,
+    opts: *const toffee_generate_options,
+    out: *mut toffee_image,
+) -> toffee_status {
+    guard(|| {
+        let eng = unsafe { engine(e)? };
+        let o = unsafe { options(opts, |o| o.size, "toffee_generate_options")? };
+        if out.is_null() {
+            return Err(invalid("out is null"));
+        }
+        let images = unsafe { run_generate(&lock(eng), o)? };
+        let (n, h, w, _) = images.dims4();
+        for i in 0..n {
+            let data = to_bytes(&images.narrow0(i, 1)).into_boxed_slice();
+            let img = toffee_image {
+                width: w as u32,
+                height: h as u32,
+                channels: 3,
+                data: Box::into_raw(data) as *mut u8,
+            };
+            // Safety: out holds num_images entries (the caller's contract).
+            unsafe { out.add(i).write(img) };
+        }
+        Ok(())
+    })
+}
+
+/// Generates into a caller buffer of `len` bytes: num_images RGB8 images one after another.
+///
+/// # Safety
+/// `buf` is writable for `len` bytes.
+#[no_mangle]
+pub unsafe extern "C" fn toffee_generate_into(
+    e: *const toffee_engine,
+    opts: *const toffee_generate_options,
+    buf: *mut u8,
+    len: usize,
+) -> toffee_status {
+    guard(|| {
+        let eng = unsafe { engine(e)? };
+        let o = unsafe { options(opts, |o| o.size, "toffee_generate_options")? };
+        if buf.is_null() {
+            return Err(invalid("buf is null"));
+        }
+        let images = unsafe { run_generate(&lock(eng), o)? };
+        let bytes = to_bytes(&images);
+        if bytes.len() > len {
+            return Err(Fail(
+                TOFFEE_BUFFER_TOO_SMALL,
+                format!(
+                    "the images need {} bytes, the buffer has {len}",
+                    bytes.len()
+                ),
+            ));
+        }
+        // Safety: buf is writable for len ≥ bytes.len() bytes.
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, bytes.len()) };
+        Ok(())
+    })
+}
+
+/// Frees the data of an image the engine returned (sets it to null); null is allowed.
+///
+/// # Safety
+/// `img` was filled by toffee_generate or toffee_view, or its data is null.
+#[no_mangle]
+pub unsafe extern "C" fn toffee_image_free(img: *mut toffee_image) {
+    if img.is_null() {
+        return;
+    }
+    // Safety: see the contract; the length is what toffee allocated.
+    let i = unsafe { &mut *img };
+    if !i.data.is_null() {
+        let n = i.width as usize * i.height as usize * i.channels as usize;
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(i.data, n)) });
+        i.data = std::ptr::null_mut();
+    }
+}
+
+/// A novel view of `subject` (RGB; `mask` optional, 1 channel) with the engine's View Generator:
+/// polar/azimuth in degrees, radius change; the image is allocated as by toffee_generate.
+///
+/// # Safety
+/// Pointers as in toffee_generate.
+#[no_mangle]
+pub unsafe extern "C" fn toffee_view(
+    e: *const toffee_engine,
+    subject: *const toffee_image,
+    mask: *const toffee_image,
+    polar: f32,
+    azimuth: f32,
+    radius: f32,
+    steps: u32,
+    guidance: f32,
+    seed: u64,
+    out: *mut toffee_image,
+) -> toffee_status {
+    guard(|| {
+        let eng = unsafe { engine(e)? };
+        if out.is_null() {
+            return Err(invalid("out is null"));
+        }
+        if !(polar.is_finite() && azimuth.is_finite() && radius.is_finite() && guidance.is_finite())
+            || steps == 0
+        {
+            return Err(invalid(
+                "angles and guidance must be finite numbers, steps at least 1",
+            ));
+        }
+        let e = lock(eng);
+        let Some(vg) = &e.view else {
+            return Err(invalid("the engine was opened without view_model"));
+        };
+        let rgb = unsafe { image_tensor(subject, "subject", 3)? }
+            .ok_or_else(|| invalid("subject is null"))?;
+        let m = unsafe { image_tensor(mask, "mask", 1)? };
+        let on_white = match m {
+            Some(m) => {
+                if m.shape()[1..3] != rgb.shape()[1..3] {
+                    return Err(invalid("mask and subject sizes differ"));
+                }
+                let d = rgb
+                    .data()
+                    .chunks(3)
+                    .zip(m.data())
+                    .flat_map(|(p, &a)| p.iter().map(move |c| c * a + 1.0 - a).collect::<Vec<_>>())
+                    .collect();
+                Tensor::new(rgb.shape().to_vec(), d)
+            }
+            None => rgb,
+        };
+        let s = vg.default_size;
+        let fitted = crate::image_io::fit(&on_white, s, s);
+        let subject = Tensor::new(
+            fitted.shape().to_vec(),
+            fitted
+                .data()
+                .iter()
+                .map(|v| (v * 255.0).round() / 255.0)
+                .collect(),
+        );
+        let req = ViewRequest {
+            subjects: vec![subject],
+            views: vec![View {
+                subject: 0,
+                pose: Pose {
+                    polar,
+                    azimuth,
+                    radius,
+                },
+            }],
+            steps: steps as usize,
+            guidance,
+            scheduler: None,
+            seed,
+            batch: 1,
+        };
+        let (_, img) = vg.run_chunk(
+            &req,
+            0,
+            1,
+            &mut NoiseSource::seeded(vec![seed]),
+            &mut |_, _| {},
+        )?;
+        let data = to_bytes(&img).into_boxed_slice();
+        // Safety: out is writable (checked non-null).
+        unsafe {
+            out.write(toffee_image {
+                width: s as u32,
+                height: s as u32,
+                channels: 3,
+                data: Box::into_raw(data) as *mut u8,
+            })
+        };
+        Ok(())
+    })
+}
+
+fn write_vec(v: &[f32], out: *mut f32, len: usize, dim: *mut usize) -> Result<(), Fail> {
+    if !dim.is_null() {
+        // Safety: writable when non-null (the caller's contract).
+        unsafe { *dim = v.len() };
+    }
+    if out.is_null() || v.len() > len {
+        return Err(Fail(
+            TOFFEE_BUFFER_TOO_SMALL,
+            format!("the embedding has {} values, the buffer {len}", v.len()),
+        ));
+    }
+    // Safety: out is writable for len ≥ v.len() floats.
+    unsafe { std::ptr::copy_nonoverlapping(v.as_ptr(), out, v.len()) };
+    Ok(())
+}
+
+/// The score embedding of an image (DINO: the CLS token; CLIP: the projected image embedding)
+/// into `out[0..len]`; `*dim` receives its length (also when the buffer is too small).
+///
+/// # Safety
+/// Pointers as documented; `out` writable for `len` floats.
+#[no_mangle]
+pub unsafe extern "C" fn toffee_embed_image(
+    e: *const toffee_engine,
+    encoder: u32,
+    image: *const toffee_image,
+    out: *mut f32,
+    len: usize,
+    dim: *mut usize,
+) -> toffee_status {
+    guard(|| {
+        let eng = unsafe { engine(e)? };
+        let e = lock(eng);
+        let s = e
+            .scorer
+            .as_ref()
+            .ok_or_else(|| invalid("the engine was opened without dino and clip"))?;
+        let enc = match encoder {
+            0 => &s.dino,
+            1 => &s.clip,
+            x => {
+                return Err(invalid(format!(
+                    "encoder {x} is not TOFFEE_ENCODER_DINO (0) or TOFFEE_ENCODER_CLIP (1)"
+                )))
+            }
+        };
+        let img =
+            unsafe { image_tensor(image, "image", 3)? }.ok_or_else(|| invalid("image is null"))?;
+        let v = enc.embed(&[crate::dataset::stages::to_rgb8(&img)])?;
+        write_vec(&v[0], out, len, dim)
+    })
+}
+
+/// The CLIP text embedding of `text` (projected), as toffee_embed_image.
+///
+/// # Safety
+/// As toffee_embed_image.
+#[no_mangle]
+pub unsafe extern "C" fn toffee_embed_text(
+    e: *const toffee_engine,
+    text_: *const c_char,
+    out: *mut f32,
+    len: usize,
+    dim: *mut usize,
+) -> toffee_status {
+    guard(|| {
+        let eng = unsafe { engine(e)? };
+        let t = unsafe { text(text_, "text")? };
+        let e = lock(eng);
+        let s = e
+            .scorer
+            .as_ref()
+            .ok_or_else(|| invalid("the engine was opened without dino and clip"))?;
+        let v = s.text_embeddings(&[t.as_str()])?;
+        write_vec(&v[0], out, len, dim)
+    })
+}
+
+/// DINO, CLIP-I and CLIP-T of a subject and a target (masks optional, 1 channel, the size of
+/// their image).
+///
+/// # Safety
+/// As toffee_embed_image; `out` writable.
+#[no_mangle]
+pub unsafe extern "C" fn toffee_score(
+    e: *const toffee_engine,
+    subject: *const toffee_image,
+    subject_mask: *const toffee_image,
+    target: *const toffee_image,
+    target_mask: *const toffee_image,
+    prompt: *const c_char,
+    out: *mut toffee_scores,
+) -> toffee_status {
+    guard(|| {
+        let eng = unsafe { engine(e)? };
+        if out.is_null() {
+            return Err(invalid("out is null"));
+        }
+        let p = unsafe { text(prompt, "prompt")? };
+        let rgb = |x, w| -> Result<image::RgbImage, Fail> {
+            let t =
+                unsafe { image_tensor(x, w, 3)? }.ok_or_else(|| invalid(format!("{w} is null")))?;
+            Ok(crate::dataset::stages::to_rgb8(&t))
+        };
+        let mask = |x, w| -> Result<Option<Mask>, Fail> {
+            Ok(unsafe { image_tensor(x, w, 1)? }.map(|t| Mask::from_tensor(&t)))
+        };
+        let input = ScoreInput {
+            subject: rgb(subject, "subject")?,
+            subject_mask: mask(subject_mask, "subject_mask")?,
+            target: rgb(target, "target")?,
+            target_mask: mask(target_mask, "target_mask")?,
+            prompt: p,
+            name: "toffee_score".into(),
+        };
+        let e = lock(eng);
+        let s = e
+            .scorer
+            .as_ref()
+            .ok_or_else(|| invalid("the engine was opened without dino and clip"))?;
+        let r = s.score(std::slice::from_ref(&input))?[0];
+        // Safety: out is writable (checked non-null).
+        unsafe {
+            *out = toffee_scores {
+                dino: r.dino,
+                clip_i: r.clip_i,
+                clip_t: r.clip_t,
+            }
+        };
+        Ok(())
+    })
+}
+
+/// Runs (or resumes) a pairs job to completion, cancellation or error.
+///
+/// # Safety
+/// `opts` is valid; `cancel`, when non-null, stays readable during the call; `summary` is
+/// writable or null.
+#[no_mangle]
+pub unsafe extern "C" fn toffee_pairs_run(
+    opts: *const toffee_pairs_options,
+    summary: *mut toffee_pairs_summary,
+) -> toffee_status {
+    guard(|| {
+        let o = unsafe { options(opts, |o| o.size, "toffee_pairs_options")? };
+        let out = unsafe { text(o.out_dir, "out_dir")? };
+        let devices = unsafe { opt_text(o.devices, "devices")? }.unwrap_or_else(|| "cpu".into());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (progress, user, cancel) = (o.progress, o.user as usize, o.cancel as usize);
+        let stop_cb = stop.clone();
+        let callback: dataset::run::ShardCallback = Arc::new(move |done, total| {
+            if let Some(f) = progress {
+                // Safety: the caller's callback with its own user pointer.
+                if unsafe { f(user as *mut c_void, done as u64, total as u64) } != 0 {
+                    stop_cb.store(true, Ordering::SeqCst);
+                }
+            }
+        });
+        // The cancellation flag is polled by a watcher until the run returns.
+        let finished = Arc::new(AtomicBool::new(false));
+        let watcher = (cancel != 0).then(|| {
+            let (stop, finished) = (stop.clone(), finished.clone());
+            std::thread::spawn(move || {
+                while !finished.load(Ordering::SeqCst) {
+                    // Safety: readable for the duration of the call (the contract).
+                    if unsafe { std::ptr::read_volatile(cancel as *const i32) } != 0 {
+                        stop.store(true, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+            })
+        });
+        let r = dataset::run(&dataset::Options {
+            config: unsafe { opt_path(o.config, "config")? },
+            subjects: unsafe { opt_path(o.subjects, "subjects")? },
+            templates: None,
+            out: PathBuf::from(out),
+            shard_index: (o.num_shards > 0).then_some(o.shard_index as usize),
+            num_shards: (o.num_shards > 0).then_some(o.num_shards as usize),
+            devices: devices.split(',').map(|s| s.trim().to_string()).collect(),
+            batch: None,
+            keep_rejected: o.keep_rejected,
+            progress: false,
+            stop,
+            on_shard: Some(callback),
+        });
+        finished.store(true, Ordering::SeqCst);
+        if let Some(w) = watcher {
+            let _ = w.join();
+        }
+        let s = r?;
+        if !summary.is_null() {
+            // Safety: writable when non-null.
+            unsafe {
+                *summary = toffee_pairs_summary {
+                    records: s.stats.records as u64,
+                    kept: s.stats.kept as u64,
+                    rejected: s.stats.rejected as u64,
+                    shards_built: s.shards_done as u64,
+                }
+            };
+        }
+        if s.stopped {
+            return Err(Fail(
+                TOFFEE_CANCELLED,
+                "cancelled; finished shards are intact, run again to continue".into(),
+            ));
+        }
+        Ok(())
+    })
+}
