@@ -261,3 +261,43 @@ fn cli_toffeenet_generation_editing_and_refiner() {
         "{bad}"
     );
 }
+
+/// ToffeeNet generation with its optional depth ControlNet through the CLI.
+#[test]
+fn cli_toffeenet_with_depth_controlnet() {
+    let dir = tempfile::tempdir().unwrap();
+    let depth = dir.path().join("depth.png");
+    image::GrayImage::from_fn(64, 64, |x, y| image::Luma([((x + y) * 2) as u8]))
+        .save(&depth)
+        .unwrap();
+    let out = dir.path().join("g.png");
+    let net = fixtures().join("toffee/toffeenet");
+    let cn = fixtures().join("toffee/depth-controlnet");
+    let ad = fixtures().join("toffee/adapter-resampler");
+    let subject = fixtures().join("toffee/subject.png");
+    let o = common::toffee(&[
+        "txt2img",
+        "--model",
+        net.to_str().unwrap(),
+        "--prompt",
+        "a toy in a room",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--controlnet",
+        cn.to_str().unwrap(),
+        "--control-image",
+        depth.to_str().unwrap(),
+        "--adapter",
+        ad.to_str().unwrap(),
+        "--adapter-image",
+        subject.to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert_eq!(image::open(&out).unwrap().width(), 64);
+}
