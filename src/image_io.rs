@@ -24,6 +24,31 @@ pub struct LoadedImage {
     pub alpha: Option<Tensor>,
 }
 
+/// Images larger than this many pixels are refused before decoding (a decompression bomb of a few
+/// kilobytes can claim 65500×65500). 64 Mpx by default: far above any model input (a 1024² SDXL
+/// image is 1 Mpx) with headroom for large photographs; `TOFFEE_MAX_IMAGE_PIXELS` overrides it.
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 64 * 1024 * 1024;
+
+fn max_image_pixels() -> u64 {
+    std::env::var("TOFFEE_MAX_IMAGE_PIXELS")
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX_IMAGE_PIXELS)
+}
+
+#[derive(Debug)]
+struct TooLarge(u32, u32, u64);
+
+impl std::fmt::Display for TooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the image is {}x{} pixels, more than the limit of {} (set TOFFEE_MAX_IMAGE_PIXELS to raise it)",
+            self.0, self.1, self.2
+        )
+    }
+}
+
 /// Decodes a PNG or JPEG (format from the content, not the extension), applying the EXIF orientation
 /// like diffusers' `load_image` (`ImageOps.exif_transpose`). 16-bit PNGs keep their precision.
 pub(crate) fn decode(path: &Path) -> Result<DynamicImage> {
@@ -38,8 +63,20 @@ pub(crate) fn decode(path: &Path) -> Result<DynamicImage> {
     if reader.format().is_none() {
         bail!("cannot load image {p}: not a PNG or JPEG file");
     }
+    let max_pixels = max_image_pixels();
+    let mut reader = reader;
+    let mut limits = image::Limits::default();
+    // The decoder's own allocation cap backs up the header check below (e.g. for huge ICC or EXIF
+    // chunks): 16 bytes per allowed pixel.
+    limits.max_alloc = Some(max_pixels.saturating_mul(16));
+    reader.limits(limits);
     let decoded = (|| {
         let mut decoder = reader.into_decoder()?;
+        let (w, h) = decoder.dimensions();
+        if w as u64 * h as u64 > max_pixels {
+            let msg = TooLarge(w, h, max_pixels).to_string();
+            return Err(image::ImageError::IoError(std::io::Error::other(msg)));
+        }
         let orientation = decoder.orientation()?;
         let mut img = DynamicImage::from_decoder(decoder)?;
         img.apply_orientation(orientation);

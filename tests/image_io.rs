@@ -603,3 +603,47 @@ fn unwritable_outputs_give_errors_and_leave_nothing_behind() {
     }
     fs::set_permissions(&ro, fs::Permissions::from_mode(0o755)).unwrap();
 }
+
+/// CRC-32 (PNG chunks).
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 != 0 {
+                0xedb8_8320 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
+        }
+    }
+    !c
+}
+
+/// A 70-byte PNG claiming 65500×65500 pixels (12 GB decoded) is refused before anything is allocated.
+#[test]
+fn decompression_bombs_are_refused_before_decoding() {
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    let mut ihdr = b"IHDR".to_vec();
+    ihdr.extend(65500u32.to_be_bytes());
+    ihdr.extend(65500u32.to_be_bytes());
+    ihdr.extend([8, 2, 0, 0, 0]);
+    png.extend((13u32).to_be_bytes());
+    png.extend(&ihdr);
+    png.extend(crc32(&ihdr).to_be_bytes());
+    let mut idat = b"IDAT".to_vec();
+    idat.extend([0x78, 0x9c, 0x03, 0x00, 0x00, 0x00, 0x00, 0x01]);
+    png.extend((8u32).to_be_bytes());
+    png.extend(&idat);
+    png.extend(crc32(&idat).to_be_bytes());
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("bomb.png");
+    std::fs::write(&p, &png).unwrap();
+    let e = format!("{:#}", load(&p).err().expect("refused"));
+    assert!(
+        e.contains("bomb.png")
+            && e.contains("65500x65500")
+            && e.contains("TOFFEE_MAX_IMAGE_PIXELS"),
+        "{e}"
+    );
+}
