@@ -393,3 +393,59 @@ fn ctrl_c_stops_cleanly_and_the_rerun_completes() {
     ok(pairs(&whole, &[]));
     assert_same_records(&out, &whole);
 }
+
+/// A pairs job on checkpoints from disk (the SD1 fixture pipeline + its ControlNet, an
+/// IP-Adapter as the Refiner's adapter, DINOv2 and CLIP for the filter), subjects from a folder.
+#[test]
+fn pairs_on_model_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::fixtures();
+    let p = |s: &str| f.join(s).display().to_string();
+    let cfg = dir.path().join("pairs.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[models]\ndraft = \"{}\"\ncontrolnet = \"{}\"\nrefiner_adapter = \"{}\"\nrefiner_adapter_encoder = \"{}\"\n\
+             dino = \"{}\"\nclip = \"{}\"\n\n[job]\nresolution = 64\nprompts_per_subject = 2\nshard_size = 2\nbatch = 2\n\n\
+             [draft]\nsteps = 2\n\n[refine]\nsteps = 4\nmask_dilation = 2\n\n[filter]\ndino = -1.0\nclip_i = -1.0\nclip_t = -1.0\n",
+            p("sd1"),
+            p("controlnet-sd1"),
+            p("adapters/ip-adapter-sd1.safetensors"),
+            p("vision/clip-vision-proj"),
+            p("vision/dinov2"),
+            p("vision/clip"),
+        ),
+    )
+    .unwrap();
+    let subjects = dir.path().join("subjects");
+    std::fs::create_dir(&subjects).unwrap();
+    std::fs::copy(
+        f.join("zero123/subject.png"),
+        subjects.join("toy_robot.png"),
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    ok(pairs(
+        &out,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--subjects",
+            subjects.to_str().unwrap(),
+        ],
+    ));
+    let idx = index(&out);
+    assert_eq!(idx.len(), 2);
+    assert!(idx
+        .values()
+        .all(|l| l["kept"] == true && l["prompt"].as_str().unwrap().contains("toy robot")));
+    let files = shard_files(&out);
+    let k = idx.keys().next().unwrap();
+    let meta: serde_json::Value = serde_json::from_slice(&files[&format!("{k}.json")]).unwrap();
+    assert!(
+        meta["models"]["draft"].as_str().unwrap().ends_with("sd1"),
+        "{meta}"
+    );
+    let t = image::load_from_memory(&files[&format!("{k}.target.png")]).unwrap();
+    assert_eq!((t.width(), t.height()), (64, 64));
+}

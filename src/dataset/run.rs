@@ -371,7 +371,8 @@ pub fn load_models(cfg: &PairsConfig, device: &Device) -> Result<StageModels> {
         return Ok(StageModels {
             draft,
             refiner: None,
-            adapter_encoder: super::builtin::dino(device)?,
+            // The built-in adapter reads the built-in DINO's tokens: one model for both stages.
+            adapter_encoder: None,
             view: Some(super::builtin::view_generator(device)?),
             scorer: super::builtin::scorer(device)?,
         });
@@ -379,7 +380,15 @@ pub fn load_models(cfg: &PairsConfig, device: &Device) -> Result<StageModels> {
     let mut draft = Generator::load(draft_dir, m.controlnet.as_deref(), device)?;
     let adapter_path = m.refiner_adapter.as_ref().expect("checked in resolve");
     let adapter = Adapter::load(adapter_path, device)?;
-    let adapter_encoder = load_encoder(&adapter, m.refiner_adapter_encoder.as_deref(), device)?;
+    let dino_dir = m.dino.as_ref().expect("checked in resolve");
+    let enc_dir =
+        crate::pipeline::image_prompt::encoder_dir(&adapter, m.refiner_adapter_encoder.as_deref())?;
+    // The Refiner usually reads the same DINO the filter scores with: load it once.
+    let adapter_encoder = if same_path(&enc_dir, dino_dir) {
+        None
+    } else {
+        Some(load_encoder(&adapter, Some(&enc_dir), device)?)
+    };
     let same = m.refiner.as_ref().is_none_or(|r| same_path(r, draft_dir));
     let refiner = if same {
         draft.attach_adapter(adapter)?;
@@ -394,11 +403,7 @@ pub fn load_models(cfg: &PairsConfig, device: &Device) -> Result<StageModels> {
         .as_ref()
         .map(|v| ViewGenerator::load(v, device))
         .transpose()?;
-    let scorer = Scorer::load(
-        m.dino.as_ref().expect("checked"),
-        m.clip.as_ref().expect("checked"),
-        device,
-    )?;
+    let scorer = Scorer::load(dino_dir, m.clip.as_ref().expect("checked"), device)?;
     Ok(StageModels {
         draft,
         refiner,

@@ -27,7 +27,9 @@ pub struct StageModels {
     pub draft: Generator,
     /// A separate Refiner pipeline (with the adapter attached), when it is another folder.
     pub refiner: Option<Generator>,
-    pub adapter_encoder: ImageEncoder,
+    /// The adapter's image encoder; None when it is the DINO model of the scores (one folder
+    /// named by two stages is loaded once).
+    pub adapter_encoder: Option<ImageEncoder>,
     pub view: Option<ViewGenerator>,
     pub scorer: Scorer,
 }
@@ -35,6 +37,10 @@ pub struct StageModels {
 impl StageModels {
     fn refiner(&self) -> &Generator {
         self.refiner.as_ref().unwrap_or(&self.draft)
+    }
+
+    fn adapter_encoder(&self) -> &ImageEncoder {
+        self.adapter_encoder.as_ref().unwrap_or(&self.scorer.dino)
     }
 }
 
@@ -373,6 +379,20 @@ fn views(
     Ok(poses)
 }
 
+/// Text-to-image from noise; for an inpainting-style (9-channel) draft UNet such as ToffeeNet, the
+/// full-mask convention (everything repainted, empty source), as `toffee txt2img` does.
+fn draft_init(g: &Generator, n: usize, r: usize) -> Init {
+    if g.unet.config.in_channels == 2 * g.vae.latent_channels + 1 {
+        Init::Inpaint {
+            image: Tensor::zeros(vec![n, r, r, 3]),
+            mask: Tensor::new(vec![n, r, r, 1], vec![1.0; n * r * r]),
+            strength: 1.0,
+        }
+    } else {
+        Init::Noise
+    }
+}
+
 /// Runs every stage for a batch of records whose subjects loaded.
 pub fn run_batch(
     models: &StageModels,
@@ -425,7 +445,7 @@ pub fn run_batch(
         scheduler: scheduler(&cfg.draft.scheduler),
         seed: 0,
         batch: n,
-        init: Init::Noise,
+        init: draft_init(&models.draft, n, r),
         control,
         init_latents: None,
         image_prompts: models
@@ -455,7 +475,7 @@ pub fn run_batch(
         subjects.iter().map(|s| to_rgb8(&on_white(s))).collect();
     let prompt = image_prompts(
         adapter,
-        &models.adapter_encoder,
+        models.adapter_encoder(),
         &subject_images,
         cfg.refine.scale,
         refiner.unet.cross_attention_layers(),
