@@ -805,6 +805,10 @@ pub fn run(o: &Options) -> Result<Summary> {
     });
     progress.finish();
     let stats = write_totals(&o.out, plan.shards)?;
+    // The page about the run so far (a failure here never fails the run).
+    if let Err(e) = super::report::write_report(&o.out, &o.out.join("report.html")) {
+        eprintln!("toffee: warning: report.html not written: {e:#}");
+    }
     let mut done = 0;
     let mut stopped = false;
     for r in results {
