@@ -84,6 +84,8 @@ fn read_prompts(o: &Options) -> Result<Vec<String>> {
     if let Some(f) = &o.prompts_file {
         let text = std::fs::read_to_string(f)
             .with_context(|| format!("{}: cannot read the prompts file", f.display()))?;
+        // Editors on Windows start UTF-8 files with a byte-order mark; it is not part of a prompt.
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
         prompts.extend(
             text.lines()
                 .map(str::trim)
@@ -196,9 +198,35 @@ pub fn run(o: &Options) -> Result<Summary> {
     if o.images_per_prompt == 0 || o.batch == 0 || o.steps == 0 {
         bail!("--images-per-prompt, --batch and --steps must be at least 1");
     }
-    let total = prompts.len() * o.images_per_prompt;
+    for (flag, v) in [
+        ("--guidance", Some(o.guidance)),
+        ("--control-scale", Some(o.control_scale)),
+        ("--strength", o.strength.map(|s| s as f32)),
+    ]
+    .into_iter()
+    .chain(
+        o.adapter_scale
+            .iter()
+            .map(|&s| ("--adapter-scale", Some(s))),
+    ) {
+        if let Some(v) = v.filter(|v| !v.is_finite()) {
+            bail!("{flag} {v} is not a finite number");
+        }
+    }
+    let total = prompts
+        .len()
+        .checked_mul(o.images_per_prompt)
+        .filter(|&t| t <= 1_000_000)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} prompts × {} images per prompt is too many images",
+                prompts.len(),
+                o.images_per_prompt
+            )
+        })?;
     let paths = output_paths(&o.out, total);
     check_writable(&paths)?;
+    image_io::check_output_format(&o.out)?;
     if let Some(p) = &o.save_latents {
         check_writable(std::slice::from_ref(p))?;
     }

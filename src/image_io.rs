@@ -311,6 +311,32 @@ static TMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// Writes `[H*W*3]` 8-bit RGB to `path` via a temporary file in the same directory, fsynced and
 /// then renamed over `path`: the rename is atomic, so readers and crashes see either no file / the
 /// old file or the complete new one. On any failure the temporary file is removed.
+enum OutFormat {
+    Png,
+    Jpeg,
+}
+
+/// The output format an image path asks for: `.png` (or no extension) or `.jpg` / `.jpeg`.
+fn format_of(path: &Path) -> Result<OutFormat> {
+    match path
+        .extension()
+        .map(|e| e.to_string_lossy().to_lowercase())
+        .as_deref()
+    {
+        None | Some("png") => Ok(OutFormat::Png),
+        Some("jpg" | "jpeg") => Ok(OutFormat::Jpeg),
+        Some(other) => bail!(
+            "cannot write image {}: `.{other}` is not a supported output format (use .png or .jpg)",
+            path.display()
+        ),
+    }
+}
+
+/// Checks that `path` names a format the image writer supports (before any work starts).
+pub fn check_output_format(path: &Path) -> Result<()> {
+    format_of(path).map(|_| ())
+}
+
 fn write_png_atomic(path: &Path, rgb: &[u8], w: usize, h: usize) -> Result<()> {
     let p = path.display();
     let name = path
@@ -329,7 +355,13 @@ fn write_png_atomic(path: &Path, rgb: &[u8], w: usize, h: usize) -> Result<()> {
             .create_new(true)
             .open(&tmp)?;
         let mut out = BufWriter::new(file);
-        PngEncoder::new(&mut out).write_image(rgb, w32, h32, ExtendedColorType::Rgb8)?;
+        match format_of(path)? {
+            OutFormat::Png => {
+                PngEncoder::new(&mut out).write_image(rgb, w32, h32, ExtendedColorType::Rgb8)?
+            }
+            OutFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95)
+                .write_image(rgb, w32, h32, ExtendedColorType::Rgb8)?,
+        }
         out.flush()?;
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         fs::rename(&tmp, path)?;

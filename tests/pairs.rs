@@ -103,7 +103,10 @@ fn demo_run_writes_webdataset_shards() {
     let idx = index(&out);
     assert_eq!(idx.len(), 6);
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
-    assert!(html.contains("data:image/png;base64"), "the run writes its report page");
+    assert!(
+        html.contains("data:image/png;base64"),
+        "the run writes its report page"
+    );
     let files = shard_files(&out);
     for (k, line) in &idx {
         assert_eq!(k.len(), 16);

@@ -124,6 +124,7 @@ pub fn run(o: &Options) -> Result<Vec<PathBuf>> {
     }
     let paths = output_paths(&o.out, poses.len());
     check_writable(&paths)?;
+    image_io::check_output_format(&o.out)?;
     let dev = Device::open(&o.device, false)?;
     let gen = ViewGenerator::load(&o.model, &dev)?;
     let subject = prepare_subject(&o.image, o.mask.as_deref(), gen.default_size)?;

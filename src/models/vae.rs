@@ -167,7 +167,13 @@ impl Vae {
         let last = ch[nb - 1];
         Ok(Vae {
             latent_channels: lat,
-            scaling_factor: cfg.f64_or("scaling_factor", 0.18215)?,
+            scaling_factor: {
+                let f = cfg.f64_or("scaling_factor", 0.18215)?;
+                if !(f.is_finite() && f > 0.0) {
+                    return Err(cfg.unsupported("scaling_factor", f, "a positive number"));
+                }
+                f
+            },
             shift_factor: cfg
                 .get("shift_factor")
                 .map(|_| cfg.f64_or("shift_factor", 0.0))

@@ -583,7 +583,9 @@ impl Generator {
         drop(graphs);
         dev.check()?;
         let latents = latents.to_host()?;
+        check_finite(&latents, "the latents after denoising", timesteps.len())?;
         let images = self.decode(&latents)?;
+        check_finite(&images, "the decoded images", timesteps.len())?;
         Ok(Output { latents, images })
     }
 
@@ -703,6 +705,18 @@ fn to_model_range(t: &Tensor) -> Tensor {
         t.shape().to_vec(),
         t.data().iter().map(|v| 2.0 * v - 1.0).collect(),
     )
+}
+
+/// A run whose numbers went non-finite (fp16 overflow, a broken checkpoint) stops with an error
+/// instead of writing a black image. One pass over a host tensor per batch.
+pub fn check_finite(t: &Tensor, what: &str, steps: usize) -> Result<()> {
+    if let Some(i) = t.data().iter().position(|v| !v.is_finite()) {
+        bail!(
+            "{what} hold a non-finite value ({} at element {i}) after {steps} steps: the model or its inputs produce NaN/inf",
+            t.data()[i]
+        );
+    }
+    Ok(())
 }
 
 /// diffusers' mask processor: values ≥ 0.5 become 1, the rest 0.

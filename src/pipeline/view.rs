@@ -329,6 +329,7 @@ impl ViewGenerator {
         }
         dev.check()?;
         let latents = latents.to_host()?;
+        super::check_finite(&latents, "the view latents", timesteps.len())?;
         let x = ops::scale(
             &dev.put(latents.clone()),
             1.0 / self.vae.scaling_factor as f32,

@@ -278,8 +278,21 @@ impl Scheduler {
         };
 
         let num_train = cfg.usize_or("num_train_timesteps", 1000)?;
-        if num_train < 2 {
-            return Err(cfg.unsupported("num_train_timesteps", num_train, "2 or more"));
+        // A schedule is num_train floats per table: bound it before allocating.
+        if !(2..=100_000).contains(&num_train) {
+            return Err(cfg.unsupported("num_train_timesteps", num_train, "2 to 100000"));
+        }
+        let (beta_start, beta_end) = (
+            cfg.f64_or("beta_start", 0.0001)?,
+            cfg.f64_or("beta_end", 0.02)?,
+        );
+        for (field, v) in [("beta_start", beta_start), ("beta_end", beta_end)] {
+            if !(v > 0.0 && v < 1.0) {
+                return Err(cfg.unsupported(field, v, "a number in (0, 1)"));
+            }
+        }
+        if beta_end < beta_start {
+            return Err(cfg.unsupported("beta_end", beta_end, "beta_start or more"));
         }
         let beta_schedule = choice(
             cfg,
@@ -292,12 +305,7 @@ impl Scheduler {
             ],
         )?;
         require_null(cfg, "trained_betas")?;
-        let mut betas = schedule::betas(
-            beta_schedule,
-            cfg.f64_or("beta_start", 0.0001)?,
-            cfg.f64_or("beta_end", 0.02)?,
-            num_train,
-        );
+        let mut betas = schedule::betas(beta_schedule, beta_start, beta_end, num_train);
         // PNDMScheduler has no `rescale_betas_zero_snr`; from_config drops it.
         let zero_snr = kind != Pndm && cfg.bool_or("rescale_betas_zero_snr", false)?;
         if zero_snr {

@@ -1,0 +1,156 @@
+//! Hostile input (part of the hardening issue): numbers that cannot make a picture are errors,
+//! output formats are what the name says, schedules and configs are checked before allocating.
+
+mod common;
+
+use common::{expect_error, fixtures, stderr, toffee};
+
+fn txt2img(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
+    let mut a = vec![
+        "txt2img",
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    a.extend_from_slice(extra);
+    toffee(&a)
+}
+
+#[test]
+fn non_finite_values_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    for (flag, v) in [
+        ("--guidance", "nan"),
+        ("--guidance", "inf"),
+        ("--control-scale", "NaN"),
+        ("--adapter-scale", "-inf"),
+    ] {
+        let arg = format!("{flag}={v}");
+        let e = expect_error(&txt2img(&out, &[&arg]));
+        assert!(e.contains(flag) && e.contains("finite"), "{flag} {v}: {e}");
+    }
+    assert!(!out.exists());
+}
+
+#[test]
+fn output_format_follows_the_extension() {
+    let dir = tempfile::tempdir().unwrap();
+    let jpg = dir.path().join("o.jpg");
+    let o = txt2img(&jpg, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        &std::fs::read(&jpg).unwrap()[..2],
+        &[0xff, 0xd8],
+        "a JPEG file"
+    );
+    let png = dir.path().join("o.png");
+    assert!(txt2img(&png, &[]).status.success());
+    assert_eq!(&std::fs::read(&png).unwrap()[1..4], b"PNG");
+    let e = expect_error(&txt2img(&dir.path().join("o.gif"), &[]));
+    assert!(e.contains(".gif") && e.contains(".png"), "{e}");
+    assert!(!dir.path().join("o.gif").exists());
+}
+
+#[test]
+fn a_prompts_file_byte_order_mark_is_not_part_of_the_prompt() {
+    let dir = tempfile::tempdir().unwrap();
+    let with_bom = dir.path().join("bom.txt");
+    std::fs::write(&with_bom, "\u{feff}a cat\n").unwrap();
+    let plain = dir.path().join("plain.txt");
+    std::fs::write(&plain, "a cat\n").unwrap();
+    let (a, b) = (dir.path().join("a.png"), dir.path().join("b.png"));
+    let run = |f: &std::path::Path, out: &std::path::Path| {
+        let o = toffee(&[
+            "txt2img",
+            "--prompts-file",
+            f.to_str().unwrap(),
+            "--steps",
+            "2",
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "{}", stderr(&o));
+    };
+    run(&with_bom, &a);
+    run(&plain, &b);
+    assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+}
+
+/// Broken schedules and VAE scaling factors are errors naming the file and the field.
+#[test]
+fn config_values_that_cannot_work_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sd1");
+    common::copy_tree(&fixtures().join("sd1"), &model);
+    let sched = model.join("scheduler/scheduler_config.json");
+    let original = std::fs::read_to_string(&sched).unwrap();
+    let out = dir.path().join("o.png");
+    for (field, value, want) in [
+        ("beta_start", "1.5", "beta_start"),
+        ("beta_end", "0.00001", "beta_end"),
+        ("num_train_timesteps", "1000000000", "num_train_timesteps"),
+    ] {
+        let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
+        v[field] = serde_json::from_str(value).unwrap();
+        std::fs::write(&sched, v.to_string()).unwrap();
+        let e = expect_error(&toffee(&[
+            "txt2img",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        assert!(
+            e.contains("scheduler_config.json") && e.contains(want),
+            "{field}: {e}"
+        );
+    }
+    std::fs::write(&sched, &original).unwrap();
+    let vae = model.join("vae/config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&vae).unwrap()).unwrap();
+    v["scaling_factor"] = serde_json::json!(0.0);
+    std::fs::write(&vae, v.to_string()).unwrap();
+    let e = expect_error(&toffee(&[
+        "txt2img",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(
+        e.contains("vae/config.json") && e.contains("scaling_factor"),
+        "{e}"
+    );
+}
+
+/// A non-finite latent stops the run with an error instead of writing a black image.
+#[test]
+fn non_finite_latents_stop_the_run() {
+    use toffee::pipeline::check_finite;
+    use toffee::tensor::Tensor;
+    let t = Tensor::new(vec![1, 2], vec![0.5, f32::NAN]);
+    let e = check_finite(&t, "the latents", 20).unwrap_err().to_string();
+    assert!(e.contains("non-finite") && e.contains("20 steps"), "{e}");
+    assert!(check_finite(&Tensor::new(vec![1], vec![1.0]), "x", 1).is_ok());
+}
