@@ -213,6 +213,17 @@ pub fn run(o: &Options) -> Result<Summary> {
             bail!("{flag} {v} is not a finite number");
         }
     }
+    for (flag, v, max) in [
+        ("--width", o.width.unwrap_or(0), 16_384),
+        ("--height", o.height.unwrap_or(0), 16_384),
+        ("--steps", o.steps, 10_000),
+        ("--batch", o.batch, 4_096),
+        ("--images-per-prompt", o.images_per_prompt, 100_000),
+    ] {
+        if v > max {
+            bail!("{flag} {v} is larger than {max}");
+        }
+    }
     let total = prompts
         .len()
         .checked_mul(o.images_per_prompt)
@@ -257,6 +268,9 @@ pub fn run(o: &Options) -> Result<Summary> {
         (None, None) => None,
         (w, h) => Some((w.unwrap_or(gen.default_size), h.unwrap_or(gen.default_size))),
     };
+    if o.canny && gen.controlnet.is_none() {
+        bail!("--canny prepares a ControlNet image: it needs a ControlNet (--controlnet) and --control-image");
+    }
     let image_prompts = attach_adapters(o, &mut gen)?;
     let (init, width, height) = match o.mode {
         Mode::Txt2Img => {

@@ -154,3 +154,88 @@ fn non_finite_latents_stop_the_run() {
     assert!(e.contains("non-finite") && e.contains("20 steps"), "{e}");
     assert!(check_finite(&Tensor::new(vec![1], vec![1.0]), "x", 1).is_ok());
 }
+
+#[test]
+fn inputs_that_would_be_ignored_or_misplaced_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    // --canny without a ControlNet.
+    let e = expect_error(&txt2img(&out, &["--canny"]));
+    assert!(e.contains("--canny"), "{e}");
+    // Absurd sizes are refused before anything is allocated.
+    let e = expect_error(&toffee(&[
+        "txt2img",
+        "--prompt",
+        "x",
+        "--width",
+        "1000000",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(e.contains("--width") && e.contains("1000000"), "{e}");
+    let e = expect_error(&toffee(&[
+        "txt2img",
+        "--prompt",
+        "x",
+        "--steps",
+        "99999999",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(e.contains("--steps"), "{e}");
+    // A VAE folder where the UNet should be.
+    let model = dir.path().join("sd1");
+    common::copy_tree(&fixtures().join("sd1"), &model);
+    std::fs::copy(
+        fixtures().join("sd1/vae/config.json"),
+        model.join("unet/config.json"),
+    )
+    .unwrap();
+    let e = expect_error(&toffee(&[
+        "txt2img",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(
+        e.contains("unet/config.json")
+            && e.contains("AutoencoderKL")
+            && e.contains("UNet2DConditionModel"),
+        "{e}"
+    );
+    // A sharded index whose shard leaves the model folder.
+    let sd2 = dir.path().join("sd2");
+    common::copy_tree(&fixtures().join("sd2"), &sd2);
+    let idx = sd2.join("unet/diffusion_pytorch_model.safetensors.index.json");
+    let text = std::fs::read_to_string(&idx).unwrap();
+    let first = text
+        .split("\"weight_map\"")
+        .nth(1)
+        .unwrap()
+        .split('"')
+        .nth(3)
+        .unwrap()
+        .to_string();
+    std::fs::write(&idx, text.replace(&first, "../../../etc/passwd")).unwrap();
+    let e = expect_error(&toffee(&[
+        "txt2img",
+        "--model",
+        sd2.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(
+        e.contains("../../../etc/passwd") && e.contains("inside the model folder"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}

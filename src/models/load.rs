@@ -34,20 +34,36 @@ impl Checkpoint {
     }
 }
 
+/// A folder's config must name the class the command loads (diffusers `_class_name`), when it
+/// names one: a VAE folder given as the UNet is an error, not a confusing missing field.
+fn expect_class(ck: &Checkpoint, classes: &[&str]) -> Result<()> {
+    match ck.config.opt_str("_class_name")? {
+        Some(c) if !classes.contains(&c) => bail!(
+            "{}: `_class_name` is {c}, but {} was expected here",
+            ck.config.path.display(),
+            classes.join(" or ")
+        ),
+        _ => Ok(()),
+    }
+}
+
 pub fn load_unet(path: &Path, device: &Device) -> Result<Unet> {
     let ck = Checkpoint::open(path, "unet")?;
+    expect_class(&ck, &["UNet2DConditionModel"])?;
     Unet::load(&ck.config, &ck.weights, device)
         .with_context(|| format!("loading the UNet from {}", ck.dir.display()))
 }
 
 pub fn load_controlnet(path: &Path, device: &Device) -> Result<ControlNet> {
     let ck = Checkpoint::open(path, "controlnet")?;
+    expect_class(&ck, &["ControlNetModel"])?;
     ControlNet::load(&ck.config, &ck.weights, device)
         .with_context(|| format!("loading the ControlNet from {}", ck.dir.display()))
 }
 
 pub fn load_vae(path: &Path, device: &Device) -> Result<Vae> {
     let mut ck = Checkpoint::open(path, "vae")?;
+    expect_class(&ck, &["AutoencoderKL"])?;
     ck.weights.normalise_names(vae::normalise_legacy_name);
     Vae::load(&ck.config, &ck.weights, device)
         .with_context(|| format!("loading the VAE from {}", ck.dir.display()))

@@ -57,6 +57,18 @@ impl WeightStore {
             let shard = shard
                 .as_str()
                 .ok_or_else(|| anyhow!("{}: shard of `{name}` is not a string", index.display()))?;
+            // Shards live in the model folder: a name that leaves it is refused.
+            let sp = Path::new(shard);
+            if sp.is_absolute()
+                || sp
+                    .components()
+                    .any(|c| !matches!(c, std::path::Component::Normal(_)))
+            {
+                bail!(
+                    "{}: shard `{shard}` of `{name}` is not a file name inside the model folder",
+                    index.display()
+                );
+            }
             let id = match shard_ids.get(shard) {
                 Some(&id) => id,
                 None => {
