@@ -239,3 +239,65 @@ fn inputs_that_would_be_ignored_or_misplaced_are_errors() {
     );
     assert!(!out.exists());
 }
+
+/// A safetensors file from a header and a data section.
+fn safetensors(header: &str, data: usize) -> Vec<u8> {
+    let mut h = header.as_bytes().to_vec();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut f = (h.len() as u64).to_le_bytes().to_vec();
+    f.extend(h);
+    f.extend(vec![0u8; data]);
+    f
+}
+
+#[test]
+fn malformed_safetensors_headers_are_errors_not_panics() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, header, data, want) in [
+        (
+            "dup",
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+            8,
+            "appears twice",
+        ),
+        (
+            "overlap",
+            r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+            8,
+            "overlaps",
+        ),
+        (
+            "gap",
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#,
+            8,
+            "gap",
+        ),
+        (
+            "overflow",
+            r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296,16],"data_offsets":[0,4]}}"#,
+            4,
+            "overflows",
+        ),
+        (
+            "trailing",
+            r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}"#,
+            12,
+            "after the last tensor",
+        ),
+    ] {
+        let p = dir.path().join(format!("{name}.safetensors"));
+        std::fs::write(&p, safetensors(header, data)).unwrap();
+        let e = format!(
+            "{:#}",
+            toffee::weights::safetensors::read_all(&p)
+                .err()
+                .unwrap_or_else(|| panic!("{name}: accepted"))
+        );
+        assert!(
+            e.contains(&format!("{name}.safetensors")) && e.contains(want),
+            "{name}: {e}"
+        );
+    }
+}

@@ -143,8 +143,9 @@ fn parse_header(buf: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
         );
     }
     let n = n as usize;
-    let header: serde_json::Map<String, serde_json::Value> =
+    let header: Entries =
         serde_json::from_slice(&buf[8..8 + n]).context("header is not a JSON object")?;
+    let header = header.0;
     let data_len = buf.len() - 8 - n;
     let mut out = BTreeMap::new();
     for (name, v) in header {
@@ -173,8 +174,13 @@ fn parse_header(buf: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
         if offs[1] > data_len {
             bail!("tensor `{name}` needs bytes {}..{} of the data section but the file holds only {data_len} (truncated)", offs[0], offs[1]);
         }
-        let numel: usize = shape.iter().product();
-        if numel * dtype.size() != offs[1] - offs[0] {
+        let bytes = shape
+            .iter()
+            .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+            .ok_or_else(|| {
+                anyhow!("tensor `{name}`: shape {shape:?} overflows the element count")
+            })?;
+        if bytes != offs[1] - offs[0] {
             bail!(
                 "tensor `{name}`: shape {shape:?} of {} does not fit its {} bytes",
                 dtype.name(),
@@ -191,7 +197,69 @@ fn parse_header(buf: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
             },
         );
     }
+    // The data section is the tensors back to back: an overlap would alias two tensors, a gap
+    // hides bytes (the safetensors format forbids both).
+    let mut spans: Vec<(usize, usize, &str)> = out
+        .iter()
+        .map(|(k, i)| (i.start, i.end, k.as_str()))
+        .collect();
+    spans.sort();
+    let mut at = 8 + n;
+    for (start, end, name) in spans {
+        if start != at {
+            bail!(
+                "tensor `{name}` starts at byte {} of the data section, expected {} ({})",
+                start - 8 - n,
+                at - 8 - n,
+                if start < at {
+                    "it overlaps the previous tensor"
+                } else {
+                    "a gap before it"
+                }
+            );
+        }
+        at = end;
+    }
+    if at != buf.len() {
+        bail!(
+            "{} bytes after the last tensor are not covered by the header",
+            buf.len() - at
+        );
+    }
     Ok(out)
+}
+
+/// The header's entries, refusing a name that appears twice (JSON parsers keep the last one
+/// silently; two readers could then disagree on the tensor).
+struct Entries(Vec<(String, serde_json::Value)>);
+
+impl<'de> serde::Deserialize<'de> for Entries {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Entries;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut m: A,
+            ) -> std::result::Result<Entries, A::Error> {
+                let mut seen = std::collections::HashSet::new();
+                let mut v = Vec::new();
+                while let Some((k, val)) = m.next_entry::<String, serde_json::Value>()? {
+                    if !seen.insert(k.clone()) {
+                        return Err(serde::de::Error::custom(format!(
+                            "`{k}` appears twice in the header"
+                        )));
+                    }
+                    v.push((k, val));
+                }
+                Ok(Entries(v))
+            }
+        }
+        d.deserialize_map(V)
+    }
 }
 
 fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
