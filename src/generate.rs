@@ -235,8 +235,18 @@ pub fn run(o: &Options) -> Result<Summary> {
                 o.images_per_prompt
             )
         })?;
+    if o.seed.checked_add(total as u64 - 1).is_none() {
+        bail!(
+            "--seed {}: image i uses seed + i, which overflows for {total} images",
+            o.seed
+        );
+    }
     let paths = output_paths(&o.out, total);
     check_writable(&paths)?;
+    let stale = image_io::remove_stale_temporaries(&paths);
+    if stale > 0 {
+        eprintln!("toffee: removed {stale} temporary file(s) left by an earlier interrupted run");
+    }
     image_io::check_output_format(&o.out)?;
     if let Some(p) = &o.save_latents {
         check_writable(std::slice::from_ref(p))?;

@@ -311,6 +311,47 @@ static TMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// Writes `[H*W*3]` 8-bit RGB to `path` via a temporary file in the same directory, fsynced and
 /// then renamed over `path`: the rename is atomic, so readers and crashes see either no file / the
 /// old file or the complete new one. On any failure the temporary file is removed.
+/// Removes the temporary files an interrupted write of `paths` left behind
+/// (`.NAME.<pid>-<n>.tmp` beside each); returns how many.
+pub fn remove_stale_temporaries<P: AsRef<Path>>(paths: &[P]) -> usize {
+    let mut removed = 0;
+    let mut dirs: std::collections::BTreeMap<&Path, Vec<String>> =
+        std::collections::BTreeMap::new();
+    for p in paths {
+        let p = p.as_ref();
+        if let Some(name) = p.file_name() {
+            let dir = p
+                .parent()
+                .filter(|d| !d.as_os_str().is_empty())
+                .unwrap_or(Path::new("."));
+            dirs.entry(dir)
+                .or_default()
+                .push(format!(".{}.", name.to_string_lossy()));
+        }
+    }
+    for (dir, prefixes) in dirs {
+        let Ok(entries) = fs::read_dir(dir) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let stale = n.ends_with(".tmp")
+                && prefixes.iter().any(|p| {
+                    n.strip_prefix(p.as_str())
+                        .and_then(|rest| rest.strip_suffix(".tmp"))
+                        .is_some_and(|mid| {
+                            mid.split('-')
+                                .all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()))
+                        })
+                });
+            if stale && fs::remove_file(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 enum OutFormat {
     Png,
     Jpeg,

@@ -301,3 +301,34 @@ fn malformed_safetensors_headers_are_errors_not_panics() {
         );
     }
 }
+
+#[test]
+fn seeds_do_not_wrap_and_stale_temporaries_are_cleaned() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    let e = expect_error(&toffee(&[
+        "txt2img",
+        "--prompt",
+        "x",
+        "-n",
+        "2",
+        "--seed",
+        "18446744073709551615",
+        "--out",
+        out.to_str().unwrap(),
+    ]));
+    assert!(e.contains("--seed") && e.contains("overflows"), "{e}");
+    // A temporary file an interrupted run left beside the output is removed (and said).
+    let stale = dir.path().join(".o.png.12345-0.tmp");
+    std::fs::write(&stale, b"half").unwrap();
+    let unrelated = dir.path().join(".other.png.1-0.tmp");
+    std::fs::write(&unrelated, b"x").unwrap();
+    let o = txt2img(&out, &[]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains("removed 1 temporary file"),
+        "{}",
+        stderr(&o)
+    );
+    assert!(!stale.exists() && unrelated.exists());
+}

@@ -304,7 +304,7 @@ impl Generator {
         while start < total {
             let n = batch.min(total - start);
             let seeds = (start..start + n)
-                .map(|i| req.seed.wrapping_add(i as u64))
+                .map(|i| req.seed.wrapping_add(i as u64)) // overflow refused by the commands
                 .collect();
             let mut noise = NoiseSource::seeded(seeds);
             let o = self.run_chunk(req, start, n, &mut noise, progress)?;
