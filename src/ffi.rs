@@ -664,13 +664,7 @@ pub unsafe extern "C" fn toffee_view(
                 if m.shape()[1..3] != rgb.shape()[1..3] {
                     return Err(invalid("mask and subject sizes differ"));
                 }
-                let d = rgb
-                    .data()
-                    .chunks(3)
-                    .zip(m.data())
-                    .flat_map(|(p, &a)| p.iter().map(move |c| c * a + 1.0 - a).collect::<Vec<_>>())
-                    .collect();
-                Tensor::new(rgb.shape().to_vec(), d)
+                crate::image_io::on_white(&rgb, &m)
             }
             None => rgb,
         };

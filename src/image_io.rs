@@ -311,6 +311,25 @@ static TMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
 /// Writes `[H*W*3]` 8-bit RGB to `path` via a temporary file in the same directory, fsynced and
 /// then renamed over `path`: the rename is atomic, so readers and crashes see either no file / the
 /// old file or the complete new one. On any failure the temporary file is removed.
+/// `rgb` [N, H, W, 3] composited on white by `mask` [N, H, W, 1] (float alpha blending; the
+/// View Generator, the pairs stages and the C ABI all put subjects on white this way).
+pub fn on_white(rgb: &Tensor, mask: &Tensor) -> Tensor {
+    let data = rgb
+        .data()
+        .chunks(3)
+        .zip(mask.data())
+        .flat_map(|(px, &a)| {
+            let a = a.clamp(0.0, 1.0);
+            [
+                px[0] * a + (1.0 - a),
+                px[1] * a + (1.0 - a),
+                px[2] * a + (1.0 - a),
+            ]
+        })
+        .collect();
+    Tensor::new(rgb.shape().to_vec(), data)
+}
+
 /// Removes the temporary files an interrupted write of `paths` left behind
 /// (`.NAME.<pid>-<n>.tmp` beside each); returns how many.
 pub fn remove_stale_temporaries<P: AsRef<Path>>(paths: &[P]) -> usize {

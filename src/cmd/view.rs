@@ -86,20 +86,7 @@ pub fn prepare_subject(image: &Path, mask: Option<&Path>, size: usize) -> Result
                     .collect(),
             )
         }
-        (Some(a), Some(_)) => {
-            let data = img
-                .rgb
-                .data()
-                .chunks(3)
-                .zip(a.data())
-                .flat_map(|(px, &al)| {
-                    px.iter()
-                        .map(move |c| c * al + (1.0 - al))
-                        .collect::<Vec<_>>()
-                })
-                .collect();
-            Tensor::new(vec![1, h, w, 3], data)
-        }
+        (Some(a), Some(_)) => image_io::on_white(&img.rgb, &a),
     };
     let fitted = if (h, w) == (size, size) {
         on_white

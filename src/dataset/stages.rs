@@ -185,18 +185,7 @@ fn bbox(mask: &Tensor) -> Option<(usize, usize, usize, usize)> {
 
 /// The subject composited on white by its mask.
 fn on_white(s: &SubjectData) -> Tensor {
-    let data = s
-        .rgb
-        .data()
-        .chunks(3)
-        .zip(s.mask.data())
-        .flat_map(|(px, &a)| {
-            px.iter()
-                .map(move |c| c * a + (1.0 - a))
-                .collect::<Vec<_>>()
-        })
-        .collect();
-    Tensor::new(s.rgb.shape().to_vec(), data)
+    image_io::on_white(&s.rgb, &s.mask)
 }
 
 /// (x, y, width, height) of a placed subject on the canvas.
