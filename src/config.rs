@@ -73,6 +73,40 @@ impl Config {
         }
     }
 
+    /// Sizes a config claims, bounded before anything is built from them (random-weight stores
+    /// synthesise whatever a config asks for, and real loaders size buffers from it): a number or
+    /// each number of a list in `field` must be at most its limit.
+    pub fn check_sizes(&self, limits: &[(&str, u64)]) -> Result<()> {
+        for &(field, max) in limits {
+            let Some(v) = self.get(field) else { continue };
+            let vals: Vec<&Value> = match v {
+                Value::Array(a) => a.iter().collect(),
+                _ => vec![v],
+            };
+            for x in vals {
+                if let Some(n) = x.as_u64() {
+                    if n > max {
+                        return Err(self.err(
+                            field,
+                            &format!("is {n}, above {max} (far beyond any released model)"),
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// A normalisation epsilon: finite and > 0 (a negative one makes rsqrt of a possibly negative
+    /// variance: NaN images).
+    pub fn eps_or(&self, field: &str, default: f64) -> Result<f64> {
+        let v = self.f64_or(field, default)?;
+        if !(v.is_finite() && v > 0.0 && v < 1.0) {
+            return Err(self.err(field, &format!("must be a small positive number, got {v}")));
+        }
+        Ok(v)
+    }
+
     pub fn bool_or(&self, field: &str, default: bool) -> Result<bool> {
         match self.get(field) {
             None => Ok(default),

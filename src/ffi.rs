@@ -294,10 +294,11 @@ unsafe fn image_tensor(
     )))
 }
 
+/// The same 8-bit conversion as the CLI's image files (ties to even, as numpy).
 fn to_bytes(t: &Tensor) -> Vec<u8> {
     t.data()
         .iter()
-        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .map(|&v| crate::image_io::quantize(v))
         .collect()
 }
 

@@ -159,6 +159,23 @@ pub fn run_with_adapters(
     if !adapters.is_empty() && component != Component::Unet {
         bail!("--adapter works with --component unet only");
     }
+    // A NaN or infinity in an input only ever produces garbage downstream: refuse it by name.
+    for (name, t) in inputs {
+        if let Some(i) = t.data().iter().position(|v| !v.is_finite()) {
+            bail!(
+                "{}: input `{name}` holds a non-finite value ({}) at element {i}",
+                inputs_file.display(),
+                t.data()[i]
+            );
+        }
+        if t.shape().contains(&0) {
+            bail!(
+                "{}: input `{name}` has an empty dimension (shape {:?})",
+                inputs_file.display(),
+                t.shape()
+            );
+        }
+    }
     let out = if adapters.is_empty() {
         run_on(model, component, inputs, inputs_file, device)?
     } else {

@@ -61,8 +61,20 @@ pub struct Options {
     pub adapter_encoder: Vec<PathBuf>,
 }
 
-/// Output file names: `out` itself for one image, else `stem-0000.ext`, `stem-0001.ext`, ….
+/// Whether `--out` names a folder: a trailing `/` or an existing directory.
+pub fn is_dir_target(out: &Path) -> bool {
+    out.as_os_str()
+        .to_string_lossy()
+        .ends_with(std::path::MAIN_SEPARATOR)
+        || out.is_dir()
+}
+
+/// Output file names: `out` itself for one image, else `stem-0000.ext`, `stem-0001.ext`, …; in a
+/// folder (`--out dir/`), `dir/0000.png`, `dir/0001.png`, ….
 pub fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
+    if is_dir_target(out) {
+        return (0..n).map(|i| out.join(format!("{i:04}.png"))).collect();
+    }
     if n == 1 {
         return vec![out.to_path_buf()];
     }
@@ -102,8 +114,10 @@ fn read_prompts(o: &Options) -> Result<Vec<String>> {
     Ok(prompts)
 }
 
-/// Checks that output files can be created before spending minutes on generation.
+/// Checks that output files can be created before spending minutes on generation: the folder
+/// exists (a `dir/` target is created) and a file can be made in it.
 pub fn check_writable(paths: &[PathBuf]) -> Result<()> {
+    let mut probed: Vec<PathBuf> = Vec::new();
     for p in paths {
         let dir = match p.parent() {
             Some(d) if !d.as_os_str().is_empty() => d,
@@ -119,8 +133,43 @@ pub fn check_writable(paths: &[PathBuf]) -> Result<()> {
         if p.is_dir() {
             bail!("cannot write {}: it is a directory", p.display());
         }
+        if !probed.iter().any(|d| d == dir) {
+            let probe = dir.join(format!(".toffee-write-check.{}", std::process::id()));
+            std::fs::File::create(&probe).with_context(|| {
+                format!(
+                    "cannot write {}: no permission to create files in {}",
+                    p.display(),
+                    dir.display()
+                )
+            })?;
+            let _ = std::fs::remove_file(&probe);
+            probed.push(dir.to_path_buf());
+        }
     }
     Ok(())
+}
+
+/// `what` written to `paths` so far, for an error that happens part-way: exactly which files
+/// exist (the first few named).
+pub fn written_report(paths: &[PathBuf]) -> String {
+    if paths.is_empty() {
+        return "no image was written".into();
+    }
+    let shown: Vec<String> = paths
+        .iter()
+        .take(5)
+        .map(|p| p.display().to_string())
+        .collect();
+    format!(
+        "{} image(s) were written before the error: {}{}",
+        paths.len(),
+        shown.join(", "),
+        if paths.len() > 5 {
+            format!(", … {}", paths.last().unwrap().display())
+        } else {
+            String::new()
+        }
+    )
 }
 
 fn load_image_fit(
@@ -241,13 +290,17 @@ pub fn run(o: &Options) -> Result<Summary> {
             o.seed
         );
     }
+    if is_dir_target(&o.out) && !o.out.is_dir() {
+        std::fs::create_dir_all(&o.out)
+            .with_context(|| format!("{}: cannot create the output folder", o.out.display()))?;
+    }
     let paths = output_paths(&o.out, total);
     check_writable(&paths)?;
     let stale = image_io::remove_stale_temporaries(&paths);
     if stale > 0 {
         eprintln!("toffee: removed {stale} temporary file(s) left by an earlier interrupted run");
     }
-    image_io::check_output_format(&o.out)?;
+    image_io::check_output_format(&paths[0])?;
     if let Some(p) = &o.save_latents {
         check_writable(std::slice::from_ref(p))?;
     }
@@ -432,17 +485,30 @@ pub fn run(o: &Options) -> Result<Summary> {
     // Each batch's PNGs are written as soon as it is done; the latents (small) are kept for
     // --save-latents, written at the end.
     let mut latents = Vec::new();
-    gen.run_batches(&req, &mut progress, &mut |first, out| {
+    let mut written: Vec<PathBuf> = Vec::new();
+    let run = gen.run_batches(&req, &mut progress, &mut |first, out| {
         let n = out.images.shape()[0];
-        image_io::save_pngs(&paths[first..first + n], &out.images)?;
+        let batch = &paths[first..first + n];
+        let saved = image_io::save_pngs(batch, &out.images);
+        // save_pngs writes through temporaries and renames: whatever exists is complete.
+        written.extend(batch.iter().filter(|p| p.is_file()).cloned());
+        saved?;
         if o.save_latents.is_some() {
             latents.push(out.latents);
         }
         Ok(())
-    })?;
+    });
+    if let Err(e) = run {
+        return Err(e.context(written_report(&written)));
+    }
     if let Some(p) = &o.save_latents {
         let all = Tensor::cat0(&latents.iter().collect::<Vec<_>>());
-        write_f32(p, &[("latents".into(), all.to_nchw())])?;
+        write_f32(p, &[("latents".into(), all.to_nchw())]).with_context(|| {
+            format!(
+                "all {} images were written; the latents were not",
+                paths.len()
+            )
+        })?;
     }
     Ok(Summary {
         paths,

@@ -297,7 +297,7 @@ pub fn from_model_range(t: &Tensor) -> Tensor {
 
 /// [0,1] -> u8 like diffusers' `numpy_to_pil`: clamp, `(x * 255).round()` (numpy rounds half to
 /// even). NaN becomes 0.
-fn quantize(v: f32) -> u8 {
+pub fn quantize(v: f32) -> u8 {
     if v.is_nan() {
         0
     } else {

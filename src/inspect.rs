@@ -2,8 +2,9 @@
 
 use crate::backend::Device;
 use crate::config::Config;
-use crate::models::load::{self, normalise_text_encoder};
+use crate::models::load::{self, normalise_text_encoder, Checkpoint};
 use crate::weights::layout::open_weights;
+use crate::weights::single_file::SingleFile;
 use crate::weights::WeightStore;
 use anyhow::{bail, Context, Result};
 use std::fmt::Write;
@@ -262,6 +263,9 @@ pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
         }
         return Ok(out);
     }
+    if path.is_file() && looks_original(&WeightStore::open_file(path)?) {
+        return describe_single_file(path, load_model);
+    }
     if path.is_file() {
         let w = WeightStore::open_file(path)?;
         let kind = guess_from_names(&w);
@@ -308,10 +312,115 @@ pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
     bail!("{}: cannot recognise: neither a diffusers pipeline (model_index.json), a model folder (config.json), nor a safetensors file", path.display())
 }
 
+/// Tensor names of the original (LDM / SGM) layouts.
+fn looks_original(w: &WeightStore) -> bool {
+    w.names().any(|n| {
+        [
+            "model.diffusion_model.",
+            "first_stage_model.",
+            "cond_stage_model.",
+            "conditioner.embedders.",
+            "control_model.",
+            "input_hint_block.",
+            "encoder.down.",
+        ]
+        .iter()
+        .any(|p| n.starts_with(p))
+    })
+}
+
+/// A single-file checkpoint: its family, and per component where the config comes from, the
+/// parameter count and what would be loaded.
+fn describe_single_file(path: &Path, load_model: bool) -> Result<String> {
+    let mut out = String::new();
+    let sf = SingleFile::open(path)?;
+    writeln!(
+        out,
+        "{}: single-file checkpoint — {}{}",
+        path.display(),
+        sf.family.describe(),
+        if sf.is_inpaint() {
+            ", inpainting (9-channel UNet)"
+        } else {
+            ""
+        }
+    )
+    .unwrap();
+    match sf.config_dir() {
+        Some(d) => writeln!(out, "  configs: from {} (sidecar)", d.display()).unwrap(),
+        None => writeln!(out, "  configs: inferred from the tensor shapes").unwrap(),
+    }
+    let mut total = 0;
+    for sub in sf.components() {
+        let ck = Checkpoint::open(path, sub)?;
+        let n = ck.weights.param_count();
+        total += n;
+        writeln!(
+            out,
+            "{sub}: {} parameters — {}",
+            grouped(n),
+            weights_summary(&ck.weights)
+        )
+        .unwrap();
+        let public: serde_json::Map<String, serde_json::Value> = ck
+            .config
+            .json
+            .iter()
+            .filter(|(k, _)| !k.starts_with('_'))
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        writeln!(out, "  config: {}", serde_json::Value::Object(public)).unwrap();
+        if load_model {
+            match sub {
+                "unet" => drop(load::load_unet(path, &Device::Cpu)?),
+                "controlnet" => drop(load::load_controlnet(path, &Device::Cpu)?),
+                "vae" => drop(load::load_vae(path, &Device::Cpu)?),
+                _ => drop(load::load_text_encoder(path, sub, &Device::Cpu)?),
+            }
+            writeln!(out, "  loaded: ok").unwrap();
+        }
+    }
+    if sf.components().contains(&"unet") {
+        let sched = sf.scheduler_config()?;
+        writeln!(
+            out,
+            "scheduler: {} ({}), prediction_type {}",
+            sched.str_or("_class_name", "?")?,
+            if sf.config_dir().is_some() {
+                "config folder"
+            } else {
+                "built-in default for the family"
+            },
+            sched.str_or("prediction_type", "epsilon")?
+        )
+        .unwrap();
+        writeln!(
+            out,
+            "tokenizer: {}",
+            if sf.config_dir().is_some() {
+                "config folder"
+            } else {
+                "built-in CLIP vocabulary"
+            }
+        )
+        .unwrap();
+    }
+    let unused = sf.unused_tensors();
+    if unused > 0 {
+        writeln!(
+            out,
+            "unused: {unused} tensors outside the components (not loaded)"
+        )
+        .unwrap();
+    }
+    writeln!(out, "total: {} parameters", grouped(total)).unwrap();
+    Ok(out)
+}
+
 fn guess_from_names(w: &WeightStore) -> &'static str {
     let has = |p: &str| w.names().any(|n| n.starts_with(p));
     if has("model.diffusion_model.") {
-        "original (LDM) single-file Stable Diffusion checkpoint (not loadable yet: use a diffusers folder)"
+        "original (LDM) single-file Stable Diffusion checkpoint"
     } else if has("controlnet_cond_embedding.") {
         "ControlNetModel weights (diffusers names)"
     } else if has("encoder.conv_in.") && has("decoder.") {

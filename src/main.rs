@@ -202,6 +202,14 @@ enum Cmd {
         #[arg(long, default_value = "report.html")]
         out: PathBuf,
     },
+    /// Write a single-file checkpoint (A1111 / ComfyUI layout) as a diffusers folder.
+    Convert {
+        /// The .safetensors file (SD 1.x / 2.x / XL, a ControlNet or a VAE).
+        file: PathBuf,
+        /// A new (or empty) folder.
+        #[arg(long)]
+        out: PathBuf,
+    },
     /// Describe a checkpoint: family, variant, config, parameter count, dtypes and size.
     Inspect {
         /// A pipeline folder, a model folder or a .safetensors file.
@@ -569,6 +577,17 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Report { dir, out } => {
             let r = toffee::dataset::report::write_report(&dir, &out)?;
             eprintln!("wrote {} ({r:?})", out.display());
+            Ok(())
+        }
+        Cmd::Convert { file, out } => {
+            let c = toffee::cmd::convert::convert(&file, &out)
+                .with_context(|| format!("converting {}", file.display()))?;
+            eprintln!(
+                "wrote {} ({}; {} tensors)",
+                out.display(),
+                c.components.join(", "),
+                c.tensors
+            );
             Ok(())
         }
         Cmd::Inspect { path, load } => {

@@ -92,6 +92,17 @@ impl ClipTokenizer {
             .map_err(|e| anyhow!("{}: {e}", merges.display()))
     }
 
+    /// The real CLIP vocabulary built into the engine (OpenAI's BPE merges, `assets/clip/`), for
+    /// single-file checkpoints that carry no tokenizer: the vocabulary is derived from the merges
+    /// as CLIP's own tokenizer derives it (256 byte symbols, the same with `</w>`, one token per
+    /// merge, then the two specials), which is exactly the `vocab.json` SD checkpoints ship.
+    pub fn builtin(pad_token: &str) -> Result<Self> {
+        let (vocab, merges) = builtin_vocab_merges()?;
+        let specials = resolve_specials(pad_config(pad_token), None, Vec::new());
+        Self::build(vocab, merges, specials, DEFAULT_MAX_LENGTH)
+            .map_err(|e| anyhow!("the built-in CLIP vocabulary: {e}"))
+    }
+
     /// A `tokenizer.json` alone, as `CLIPTokenizer.from_pretrained` sees a folder without configs.
     pub fn from_tokenizer_json(path: &Path, pad_token: &str) -> Result<Self> {
         let (vocab, merges, json_added) = read_tokenizer_json(path)?;
@@ -330,6 +341,91 @@ fn vocab_from(value: Option<Value>, path: &Path) -> Result<Vocab> {
             },
         )
         .collect()
+}
+
+/// OpenAI CLIP's `bpe_simple_vocab_16e6.txt.gz` (MIT licence; see assets/clip/README.md).
+const CLIP_BPE_GZ: &[u8] = include_bytes!("../assets/clip/bpe_simple_vocab_16e6.txt.gz");
+/// CLIP keeps the first 49152 − 256 − 2 merges of the file (after its version line).
+const CLIP_MERGES: usize = 49152 - 256 - 2;
+
+/// GPT-2's byte symbols in the order CLIP lists them in its vocabulary (the dict order of
+/// `bytes_to_unicode()`: the printable Latin-1 bytes first, then the rest as U+0100 onwards).
+fn byte_symbols_in_vocab_order() -> Vec<char> {
+    let mut bs: Vec<u32> = (b'!' as u32..=b'~' as u32)
+        .chain(0xA1..=0xAC)
+        .chain(0xAE..=0xFF)
+        .collect();
+    let mut cs = bs.clone();
+    let mut n = 0;
+    for b in 0..256u32 {
+        if !bs.contains(&b) {
+            bs.push(b);
+            cs.push(256 + n);
+            n += 1;
+        }
+    }
+    cs.into_iter()
+        .map(|c| char::from_u32(c).expect("valid code point"))
+        .collect()
+}
+
+/// The built-in vocabulary as the `vocab.json` and `merges.txt` of a tokenizer folder.
+pub fn builtin_files() -> Result<(String, String)> {
+    let (vocab, merges) = builtin_vocab_merges()?;
+    let mut by_id: Vec<(&String, &u32)> = vocab.iter().collect();
+    by_id.sort_by_key(|(_, id)| **id);
+    let map: Map<String, Value> = by_id
+        .into_iter()
+        .map(|(t, id)| (t.clone(), Value::from(*id)))
+        .collect();
+    let mut m = String::from("#version: 0.2\n");
+    for (a, b) in &merges {
+        m.push_str(a);
+        m.push(' ');
+        m.push_str(b);
+        m.push('\n');
+    }
+    Ok((serde_json::to_string(&Value::Object(map))?, m))
+}
+
+fn builtin_vocab_merges() -> Result<(Vocab, Merges)> {
+    use std::io::Read;
+    let mut text = String::new();
+    flate2::read::GzDecoder::new(CLIP_BPE_GZ)
+        .read_to_string(&mut text)
+        .map_err(|e| anyhow!("the built-in CLIP merges cannot be decompressed: {e}"))?;
+    let lines: Vec<&str> = text.split('\n').skip(1).take(CLIP_MERGES).collect();
+    if lines.len() != CLIP_MERGES {
+        bail!(
+            "the built-in CLIP merges hold {} merges, not {CLIP_MERGES}",
+            lines.len()
+        );
+    }
+    let merges: Merges = lines
+        .iter()
+        .enumerate()
+        .map(|(n, l)| {
+            split_merge(l).ok_or_else(|| bad_merge(Path::new("<built-in CLIP merges>"), n + 2, l))
+        })
+        .collect::<Result<_>>()?;
+    let symbols = byte_symbols_in_vocab_order();
+    let mut tokens: Vec<String> = symbols.iter().map(|c| c.to_string()).collect();
+    tokens.extend(symbols.iter().map(|c| format!("{c}</w>")));
+    tokens.extend(merges.iter().map(|(a, b)| format!("{a}{b}")));
+    tokens.push(BOS.into());
+    tokens.push(EOS.into());
+    let json: Map<String, Value> = tokens
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (t, Value::from(i as u64)))
+        .collect();
+    Ok((
+        vocab_from(
+            Some(Value::Object(json)),
+            Path::new("<built-in CLIP vocabulary>"),
+        )?,
+        merges,
+    ))
 }
 
 fn read_vocab(path: &Path) -> Result<Vocab> {

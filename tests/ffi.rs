@@ -539,3 +539,22 @@ fn pairs_progress_and_cancel() {
     );
     assert_eq!(s.records, 6);
 }
+
+/// An engine opened on a single-file checkpoint generates what the folder it was made from does.
+#[test]
+fn engine_on_a_single_file_equals_the_folder() {
+    let f = common::fixtures();
+    let mut images = Vec::new();
+    for m in [f.join("single_file/sd1.safetensors"), f.join("sd1")] {
+        let path = CString::new(m.to_str().unwrap()).unwrap();
+        let mut o = engine_options();
+        o.model = path.as_ptr();
+        let e = open(&o);
+        images.push(generate(e, 5));
+        unsafe { toffee_engine_close(e) };
+    }
+    assert!(
+        images[0] == images[1],
+        "single-file and folder engines differ"
+    );
+}

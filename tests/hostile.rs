@@ -332,3 +332,170 @@ fn seeds_do_not_wrap_and_stale_temporaries_are_cleaned() {
     );
     assert!(!stale.exists() && unrelated.exists());
 }
+
+/// Runs toffee under `ulimit -v 8G` and returns (exit code, stderr, peak RSS in bytes).
+fn toffee_bounded(args: &[&str]) -> (Option<i32>, String, u64) {
+    use std::io::Read;
+    let bin = std::env::var_os("TOFFEE_BIN")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_toffee")));
+    #[allow(clippy::zombie_processes)] // reaped by wait4 below
+    let mut child = std::process::Command::new("bash")
+        .arg("-c")
+        .arg("ulimit -v 8388608 && exec \"$0\" \"$@\"")
+        .arg(bin)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let mut status = 0;
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // wait4 (not Child::wait) to get the child's own peak RSS; it reaps the child.
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert_eq!(pid, child.id() as i32);
+    let code = if libc::WIFEXITED(status) {
+        Some(libc::WEXITSTATUS(status))
+    } else {
+        None
+    };
+    (code, err, ru.ru_maxrss as u64 * 1024)
+}
+
+/// A JPEG whose frame header claims 65500×65500 (a few KB on disk, 12 GB decoded).
+fn jpeg_bomb() -> Vec<u8> {
+    let mut b = std::fs::read(fixtures().join("images/photo.jpg")).unwrap();
+    let sof = (0..b.len() - 1)
+        .find(|&i| b[i] == 0xFF && matches!(b[i + 1], 0xC0..=0xC2))
+        .expect("a SOF marker");
+    // FF Cx, length (2), precision (1), height (2), width (2)
+    b[sof + 5..sof + 7].copy_from_slice(&65500u16.to_be_bytes());
+    b[sof + 7..sof + 9].copy_from_slice(&65500u16.to_be_bytes());
+    b
+}
+
+/// Decompression bombs and absurd sizes under `ulimit -v 8G`: clean errors (exit 1, the message
+/// naming the file or flag) with the process never above 4 GB of RSS.
+#[test]
+fn memory_bounded_runs_of_bombs_and_huge_sizes() {
+    let d = tempfile::tempdir().unwrap();
+    let bomb = d.path().join("bomb.jpg");
+    std::fs::write(&bomb, jpeg_bomb()).unwrap();
+    let out = d.path().join("o.png");
+    let (o, b) = (out.to_str().unwrap(), bomb.to_str().unwrap());
+    let dino = fixtures().join("vision/dinov2");
+    let dino = dino.to_str().unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["img2img", "--prompt", "x", "--image", b, "--out", o],
+            "TOFFEE_MAX_IMAGE_PIXELS",
+        ),
+        (
+            vec![
+                "inpaint", "--prompt", "x", "--image", b, "--mask", b, "--out", o,
+            ],
+            "TOFFEE_MAX_IMAGE_PIXELS",
+        ),
+        (
+            vec![
+                "txt2img", "--prompt", "x", "--width", "1048576", "--height", "1048576", "--out", o,
+            ],
+            "--width",
+        ),
+        (
+            vec!["txt2img", "--prompt", "x", "-n", "4294967295", "--out", o],
+            "--images-per-prompt",
+        ),
+        (
+            vec![
+                "txt2img",
+                "--prompt",
+                "x",
+                "--steps",
+                "4000000000",
+                "--out",
+                o,
+            ],
+            "--steps",
+        ),
+        (
+            vec!["embed", "--model", dino, "--images", b, "--out", o],
+            "TOFFEE_MAX_IMAGE_PIXELS",
+        ),
+    ];
+    for (args, needle) in cases {
+        let (code, err, rss) = toffee_bounded(&args);
+        assert_eq!(code, Some(1), "{args:?}: not a clean failure: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert!(
+            err.contains(needle),
+            "{args:?}: the error does not name {needle}: {err}"
+        );
+        assert!(rss < 4 << 30, "{args:?}: peak RSS {} MB", rss >> 20);
+        assert!(!out.exists(), "{args:?}: wrote an output");
+    }
+}
+
+/// `--out dir/` writes numbered images into the folder (created if missing); a folder that
+/// cannot be written is refused before any model loads; NaN/empty `forward` inputs are named.
+#[test]
+fn output_folders_and_forward_inputs() {
+    let d = tempfile::tempdir().unwrap();
+    let dir = format!("{}/imgs/", d.path().display());
+    let o = txt2img(std::path::Path::new(&dir), &["-n", "2"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(d.path().join("imgs/0000.png").is_file() && d.path().join("imgs/0001.png").is_file());
+    // read-only folder: refused up front (root ignores permissions, so only check as a user)
+    if unsafe { libc::geteuid() } != 0 {
+        use std::os::unix::fs::PermissionsExt;
+        let ro = d.path().join("ro");
+        std::fs::create_dir(&ro).unwrap();
+        std::fs::set_permissions(&ro, std::fs::Permissions::from_mode(0o555)).unwrap();
+        let e = expect_error(&txt2img(&ro.join("x.png"), &[]));
+        assert!(e.contains("no permission"), "{e}");
+    }
+    // a NaN in a forward input
+    let inp = d.path().join("in.safetensors");
+    let mut ids = toffee::tensor::Tensor::new(vec![1, 77], vec![1.0; 77]);
+    ids.data_mut()[5] = f32::NAN;
+    toffee::weights::safetensors::write_f32(&inp, &[("input_ids".into(), ids)]).unwrap();
+    let o = common::forward_at(
+        &fixtures().join("sd1"),
+        "text-encoder",
+        &inp,
+        &d.path().join("out.safetensors"),
+        &[],
+    );
+    let e = expect_error(&o);
+    assert!(e.contains("input_ids") && e.contains("non-finite"), "{e}");
+}
+
+/// Init latents for more images than requested would be silently dropped: an error.
+#[test]
+fn init_latents_must_match_the_image_count() {
+    let d = tempfile::tempdir().unwrap();
+    let l = d.path().join("l.safetensors");
+    let t = toffee::tensor::Tensor::new(vec![3, 4, 8, 8], vec![0.1; 3 * 4 * 64]);
+    toffee::weights::safetensors::write_f32(&l, &[("latents".into(), t)]).unwrap();
+    let o = txt2img(
+        &d.path().join("x.png"),
+        &[
+            "--model",
+            fixtures().join("sd1").to_str().unwrap(),
+            "--init-latents",
+            l.to_str().unwrap(),
+        ],
+    );
+    let e = expect_error(&o);
+    assert!(
+        e.contains("3 images' noise") && e.contains("1 images are requested"),
+        "{e}"
+    );
+}

@@ -399,22 +399,21 @@ fn ctrl_c_stops_cleanly_and_the_rerun_completes() {
     assert_same_records(&out, &whole);
 }
 
-/// A pairs job on checkpoints from disk (the SD1 fixture pipeline + its ControlNet, an
-/// IP-Adapter as the Refiner's adapter, DINOv2 and CLIP for the filter), subjects from a folder.
-#[test]
-fn pairs_on_model_folders() {
-    let dir = tempfile::tempdir().unwrap();
+/// A pairs job on checkpoints from disk (`draft`, `controlnet`: the SD1 fixture pipeline and its
+/// ControlNet as folders or single files; an IP-Adapter as the Refiner's adapter, DINOv2 and CLIP
+/// for the filter), subjects from a folder. Returns the output folder's shard files.
+fn pairs_job(dir: &Path, draft: &Path, controlnet: &Path) -> BTreeMap<String, Vec<u8>> {
     let f = common::fixtures();
     let p = |s: &str| f.join(s).display().to_string();
-    let cfg = dir.path().join("pairs.toml");
+    let cfg = dir.join("pairs.toml");
     std::fs::write(
         &cfg,
         format!(
             "[models]\ndraft = \"{}\"\ncontrolnet = \"{}\"\nrefiner_adapter = \"{}\"\nrefiner_adapter_encoder = \"{}\"\n\
              dino = \"{}\"\nclip = \"{}\"\n\n[job]\nresolution = 64\nprompts_per_subject = 2\nshard_size = 2\nbatch = 2\n\n\
              [draft]\nsteps = 2\n\n[refine]\nsteps = 4\nmask_dilation = 2\n\n[filter]\ndino = -1.0\nclip_i = -1.0\nclip_t = -1.0\n",
-            p("sd1"),
-            p("controlnet-sd1"),
+            draft.display(),
+            controlnet.display(),
             p("adapters/ip-adapter-sd1.safetensors"),
             p("vision/clip-vision-proj"),
             p("vision/dinov2"),
@@ -422,14 +421,14 @@ fn pairs_on_model_folders() {
         ),
     )
     .unwrap();
-    let subjects = dir.path().join("subjects");
+    let subjects = dir.join("subjects");
     std::fs::create_dir(&subjects).unwrap();
     std::fs::copy(
         f.join("zero123/subject.png"),
         subjects.join("toy_robot.png"),
     )
     .unwrap();
-    let out = dir.path().join("out");
+    let out = dir.join("out");
     ok(pairs(
         &out,
         &[
@@ -447,10 +446,41 @@ fn pairs_on_model_folders() {
     let files = shard_files(&out);
     let k = idx.keys().next().unwrap();
     let meta: serde_json::Value = serde_json::from_slice(&files[&format!("{k}.json")]).unwrap();
-    assert!(
-        meta["models"]["draft"].as_str().unwrap().ends_with("sd1"),
+    assert_eq!(
+        meta["models"]["draft"].as_str().unwrap(),
+        draft.display().to_string(),
         "{meta}"
     );
     let t = image::load_from_memory(&files[&format!("{k}.target.png")]).unwrap();
     assert_eq!((t.width(), t.height()), (64, 64));
+    files
+}
+
+#[test]
+fn pairs_on_model_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = common::fixtures();
+    pairs_job(dir.path(), &f.join("sd1"), &f.join("controlnet-sd1"));
+}
+
+/// The same job on single-file checkpoints (the draft pipeline and the ControlNet) gives the same
+/// images as on the folders they were made from.
+#[test]
+fn pairs_on_single_files_equal_pairs_on_folders() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let f = common::fixtures();
+    let folder = pairs_job(a.path(), &f.join("sd1"), &f.join("controlnet-sd1"));
+    let single = pairs_job(
+        b.path(),
+        &f.join("single_file/sd1.safetensors"),
+        &f.join("single_file/controlnet-sd1.safetensors"),
+    );
+    let pngs: Vec<&String> = folder.keys().filter(|k| k.ends_with(".png")).collect();
+    assert!(pngs.len() >= 4, "{pngs:?}");
+    for k in pngs {
+        assert!(
+            folder[k] == single[k],
+            "{k} differs between folder and single-file models"
+        );
+    }
 }

@@ -1,6 +1,7 @@
 //! Library halves of the subcommands that read and write files (the CLI and the C ABI call
 //! these; `main.rs` only parses arguments).
 
+pub mod convert;
 pub mod embed;
 pub mod score;
 pub mod view;

@@ -54,13 +54,22 @@ pub fn normalise_name(name: &str) -> Option<String> {
 impl ClipText {
     pub fn load(cfg: &Config, store: &WeightStore, device: &Device) -> Result<Self> {
         // A full CLIPConfig nests the text part under text_config; SD checkpoints use the flat form.
+        cfg.check_sizes(&[
+            ("vocab_size", 1 << 22),
+            ("hidden_size", 16384),
+            ("intermediate_size", 65536),
+            ("num_hidden_layers", 256),
+            ("num_attention_heads", 1024),
+            ("max_position_embeddings", 65536),
+            ("projection_dim", 16384),
+        ])?;
         let vocab_size = cfg.usize("vocab_size")?;
         let hidden = cfg.usize("hidden_size")?;
         let inter = cfg.usize("intermediate_size")?;
         let layers_n = cfg.usize("num_hidden_layers")?;
         let heads = cfg.usize("num_attention_heads")?;
         let max_positions = cfg.usize_or("max_position_embeddings", 77)?;
-        let eps = cfg.f64_or("layer_norm_eps", 1e-5)?;
+        let eps = cfg.eps_or("layer_norm_eps", 1e-5)?;
         let act_name = cfg.str_or("hidden_act", "quick_gelu")?;
         let act = match Activation::parse(act_name) {
             Some(a @ (Activation::Gelu | Activation::QuickGelu)) => a,

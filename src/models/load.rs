@@ -9,6 +9,7 @@ use super::vit::{self, Vit};
 use crate::backend::Device;
 use crate::config::Config;
 use crate::weights::layout::{component_dir, open_weights};
+use crate::weights::single_file::{is_single_file, SingleFile};
 use crate::weights::WeightStore;
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -21,8 +22,19 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// `path` is a pipeline folder (the `subfolder` component is used) or a model folder.
+    /// `path` is a pipeline folder (the `subfolder` component is used), a model folder, or a
+    /// single-file checkpoint (its `subfolder` component).
     pub fn open(path: &Path, subfolder: &str) -> Result<Checkpoint> {
+        if is_single_file(path) {
+            let sf = SingleFile::open(path)?;
+            let config = sf.config(subfolder)?;
+            let weights = sf.weights(subfolder, &config)?;
+            return Ok(Checkpoint {
+                dir: path.to_path_buf(),
+                config,
+                weights,
+            });
+        }
         let dir = component_dir(path, subfolder)?;
         let config = Config::read_dir(&dir)?;
         let weights = open_weights(&dir)?;

@@ -48,6 +48,21 @@ impl UnetConfig {
 
     /// Parses and validates; `controlnet` skips the decoder (up blocks) fields.
     pub fn parse(cfg: &Config, controlnet: bool) -> Result<Self> {
+        cfg.check_sizes(&[
+            ("block_out_channels", 16384),
+            ("in_channels", 1024),
+            ("out_channels", 1024),
+            ("layers_per_block", 64),
+            ("transformer_layers_per_block", 128),
+            ("cross_attention_dim", 16384),
+            ("attention_head_dim", 4096),
+            ("num_attention_heads", 4096),
+            ("norm_num_groups", 16384),
+            ("addition_time_embed_dim", 16384),
+            ("projection_class_embeddings_input_dim", 65536),
+            ("conditioning_channels", 1024),
+            ("conditioning_embedding_out_channels", 16384),
+        ])?;
         let block_out_channels = cfg.usize_list("block_out_channels")?;
         let nb = block_out_channels.len();
         if nb == 0 {
@@ -234,7 +249,7 @@ impl UnetConfig {
             transformer_layers,
             reverse_transformer_layers,
             norm_num_groups: cfg.usize_or("norm_num_groups", 32)?,
-            norm_eps: cfg.f64_or("norm_eps", 1e-5)?,
+            norm_eps: cfg.eps_or("norm_eps", 1e-5)?,
             flip_sin_to_cos: cfg.bool_or("flip_sin_to_cos", true)?,
             freq_shift: cfg.f64_or("freq_shift", 0.0)?,
             downsample_padding: cfg.usize_or("downsample_padding", 1)?,
@@ -302,7 +317,11 @@ impl Embeddings {
         let t = ops::timestep_embedding(cond.timesteps, self.time_channels, self.flip, self.shift);
         let emb = self.time.forward(&t);
         let aug = match (&self.add, cond.text_time) {
-            (None, _) => None,
+            (None, None) => None,
+            (None, Some(_)) => bail!(
+                "this UNet has no SDXL size conditioning (addition_embed_type is not text_time): \
+                 text_embeds and time_ids would be ignored"
+            ),
             (Some(_), None) => bail!(
                 "this UNet (addition_embed_type text_time, SDXL) needs text_embeds and time_ids"
             ),

@@ -102,6 +102,14 @@ pub struct Vae {
 
 impl Vae {
     pub fn load(cfg: &Config, store: &WeightStore, device: &Device) -> Result<Self> {
+        cfg.check_sizes(&[
+            ("block_out_channels", 16384),
+            ("in_channels", 1024),
+            ("out_channels", 1024),
+            ("latent_channels", 1024),
+            ("layers_per_block", 64),
+            ("norm_num_groups", 16384),
+        ])?;
         let ch = cfg.usize_list("block_out_channels")?;
         let nb = ch.len();
         if nb == 0 {

@@ -97,6 +97,17 @@ impl VitConfig {
     }
 
     fn parse_kind(cfg: &Config, kind: VitKind) -> Result<VitConfig> {
+        cfg.check_sizes(&[
+            ("hidden_size", 16384),
+            ("intermediate_size", 65536),
+            ("num_hidden_layers", 256),
+            ("num_attention_heads", 1024),
+            ("image_size", 8192),
+            ("patch_size", 1024),
+            ("num_channels", 64),
+            ("num_register_tokens", 1024),
+            ("projection_dim", 16384),
+        ])?;
         let hidden = cfg.usize("hidden_size")?;
         let heads = cfg.usize("num_attention_heads")?;
         let layers = cfg.usize("num_hidden_layers")?;
@@ -147,7 +158,7 @@ impl VitConfig {
             patch,
             image_size,
             channels: cfg.usize_or("num_channels", 3)?,
-            eps: cfg.f64_or("layer_norm_eps", default_eps)?,
+            eps: cfg.eps_or("layer_norm_eps", default_eps)?,
             act,
             qkv_bias: kind == VitKind::ClipVision || cfg.bool_or("qkv_bias", true)?,
             layer_scale: kind == VitKind::Dinov2,

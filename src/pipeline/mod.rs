@@ -20,11 +20,12 @@ use crate::models::vae::Vae;
 use crate::sched::{Scheduler, SchedulerKind};
 use crate::tensor::Tensor;
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::single_file::{is_single_file, SingleFile};
 use anyhow::{bail, Context, Result};
 use graph::StepGraph;
 use noise::NoiseSource;
 use prompt::{Embeds, TextEncoders};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// A loaded generator: text encoder(s), UNet, VAE, scheduler config, optional ControlNet.
 pub struct Generator {
@@ -131,20 +132,75 @@ pub struct Output {
     pub images: Tensor,
 }
 
-impl Generator {
-    /// A diffusers pipeline folder, optionally with a ControlNet folder (or the pipeline's own).
-    pub fn load(path: &Path, controlnet: Option<&Path>, device: &Device) -> Result<Generator> {
-        let index = path.join("model_index.json");
+/// What a pipeline needs besides its models: a diffusers folder's model index, tokenizers and
+/// scheduler config, or a single-file checkpoint's (from its config folder or built in).
+struct PipelineParts {
+    path: PathBuf,
+    model_index: Config,
+    single: Option<SingleFile>,
+}
+
+impl PipelineParts {
+    fn open(path: &Path) -> Result<PipelineParts> {
+        if is_single_file(path) {
+            let sf = SingleFile::open(path)?;
+            sf.check_complete()?;
+            if !sf.components().contains(&"unet") {
+                bail!(
+                    "{}: a {} file, not a full Stable Diffusion checkpoint (UNet, VAE and text encoders)",
+                    path.display(),
+                    sf.family.describe()
+                );
+            }
+            return Ok(PipelineParts {
+                path: path.to_path_buf(),
+                model_index: sf.model_index()?,
+                single: Some(sf),
+            });
+        }
         if !path.is_dir() {
             bail!("{}: model folder not found", path.display());
         }
-        let model_index = Config::read(&index)
+        let model_index = Config::read(&path.join("model_index.json"))
             .with_context(|| format!("{}: not a diffusers pipeline folder", path.display()))?;
-        let tok = ClipTokenizer::from_dir(&path.join("tokenizer"))?;
+        Ok(PipelineParts {
+            path: path.to_path_buf(),
+            model_index,
+            single: None,
+        })
+    }
+
+    fn tokenizer(&self, sub: &str) -> Result<ClipTokenizer> {
+        match &self.single {
+            Some(sf) => sf.tokenizer(sub),
+            None => ClipTokenizer::from_dir(&self.path.join(sub)),
+        }
+    }
+
+    fn has_second_encoder(&self) -> bool {
+        match &self.single {
+            Some(sf) => sf.components().contains(&"text_encoder_2"),
+            None => self.path.join("text_encoder_2").is_dir(),
+        }
+    }
+
+    fn scheduler_config(&self) -> Result<Config> {
+        match &self.single {
+            Some(sf) => sf.scheduler_config(),
+            None => crate::sched::read_config(&self.path.join("scheduler/scheduler_config.json")),
+        }
+    }
+}
+
+impl Generator {
+    /// A diffusers pipeline folder or a single-file checkpoint, optionally with a ControlNet folder (or the pipeline's own).
+    pub fn load(path: &Path, controlnet: Option<&Path>, device: &Device) -> Result<Generator> {
+        let parts = PipelineParts::open(path)?;
+        let tok = parts.tokenizer("tokenizer")?;
         let te = load::load_text_encoder(path, "text_encoder", device)?;
-        let second = if path.join("text_encoder_2").is_dir() {
+        let second = if parts.has_second_encoder() {
             Some((
-                ClipTokenizer::from_dir(&path.join("tokenizer_2"))?,
+                parts.tokenizer("tokenizer_2")?,
                 load::load_text_encoder(path, "text_encoder_2", device)?,
             ))
         } else {
@@ -157,14 +213,14 @@ impl Generator {
             None if path.join("controlnet").is_dir() => Some(load::load_controlnet(path, device)?),
             None => None,
         };
-        let scheduler_config =
-            crate::sched::read_config(&path.join("scheduler/scheduler_config.json"))?;
+        let scheduler_config = parts.scheduler_config()?;
         let sample = Checkpoint::open(path, "unet")?
             .config
             .usize_or("sample_size", 64)?;
         let g = Generator {
             name: path.display().to_string(),
-            force_zeros_for_empty_prompt: model_index
+            force_zeros_for_empty_prompt: parts
+                .model_index
                 .bool_or("force_zeros_for_empty_prompt", true)?,
             default_size: sample * vae.downscale(),
             text: TextEncoders { tok, te, second },
@@ -299,6 +355,16 @@ impl Generator {
         done: &mut dyn FnMut(usize, Output) -> Result<()>,
     ) -> Result<()> {
         let total = req.total_images();
+        if let Some(l) = &req.init_latents {
+            // More latents than images would be silently ignored; fewer cannot start the run.
+            if l.shape().first() != Some(&total) {
+                bail!(
+                    "init latents hold {} images' noise ({:?}), but {total} images are requested",
+                    l.shape().first().copied().unwrap_or(0),
+                    l.shape()
+                );
+            }
+        }
         let batch = req.batch.max(1);
         let mut start = 0;
         while start < total {

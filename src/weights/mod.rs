@@ -3,6 +3,7 @@
 
 pub mod layout;
 pub mod safetensors;
+pub mod single_file;
 
 use crate::backend::{Conv2dW, Device, LinearW};
 use crate::tensor::Tensor;
@@ -11,13 +12,88 @@ use safetensors::{Dtype, SafetensorsFile, TensorInfo};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
+/// How a stored tensor becomes the tensor a model reads. Single-file checkpoints store some
+/// weights fused or transposed relative to the diffusers layout (OpenCLIP's `in_proj_weight` holds
+/// q, k and v; its `text_projection` is the transpose of a Linear weight).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Op {
+    Whole,
+    /// Rows `start..start + len` of dimension 0.
+    Rows {
+        start: usize,
+        len: usize,
+    },
+    /// The transpose of a 2-D tensor.
+    Transpose,
+    /// A 1×1 convolution weight [O, I, 1, 1] read as the Linear weight [O, I].
+    SqueezeConv1x1,
+}
+
+impl Op {
+    fn shape(self, stored: &[usize]) -> Vec<usize> {
+        match self {
+            Op::Whole => stored.to_vec(),
+            Op::Rows { len, .. } => {
+                let mut s = stored.to_vec();
+                if let Some(d) = s.first_mut() {
+                    *d = len;
+                }
+                s
+            }
+            Op::Transpose => stored.iter().rev().copied().collect(),
+            Op::SqueezeConv1x1 => match stored {
+                [o, i, 1, 1] => vec![*o, *i],
+                _ => stored.to_vec(),
+            },
+        }
+    }
+
+    fn apply(self, t: Tensor, what: &str) -> Result<Tensor> {
+        match self {
+            Op::Whole => Ok(t),
+            Op::SqueezeConv1x1 => {
+                let shape = self.shape(t.shape());
+                Ok(t.reshape(shape))
+            }
+            Op::Rows { start, len } => {
+                let shape = t.shape().to_vec();
+                let rows = *shape.first().unwrap_or(&0);
+                if start + len > rows {
+                    bail!(
+                        "{what}: rows {start}..{} of a tensor with {rows}",
+                        start + len
+                    );
+                }
+                let row: usize = shape[1..].iter().product();
+                let data = t.data()[start * row..(start + len) * row].to_vec();
+                Ok(Tensor::new(self.shape(&shape), data))
+            }
+            Op::Transpose => {
+                let shape = t.shape().to_vec();
+                if shape.len() != 2 {
+                    bail!("{what}: a transpose needs a 2-D tensor, this one is {shape:?}");
+                }
+                let (r, c) = (shape[0], shape[1]);
+                let d = t.data();
+                let mut out = vec![0f32; r * c];
+                for i in 0..r {
+                    for j in 0..c {
+                        out[j * r + i] = d[i * c + j];
+                    }
+                }
+                Ok(Tensor::new(vec![c, r], out))
+            }
+        }
+    }
+}
+
 /// All tensors of one model (one or more safetensors files), addressed by normalised name.
 pub struct WeightStore {
     /// What the user pointed at (a file or a folder), for error messages.
     pub origin: PathBuf,
     files: Vec<SafetensorsFile>,
-    /// normalised name -> (file index, name inside the file)
-    names: BTreeMap<String, (usize, String)>,
+    /// normalised name -> (file index, name inside the file, how the stored tensor becomes this one)
+    names: BTreeMap<String, (usize, String, Op)>,
     /// Synthesised weights (no files): every requested tensor is made from this seed and its name.
     random: Option<u64>,
 }
@@ -29,7 +105,7 @@ impl WeightStore {
         let names = f
             .tensors
             .keys()
-            .map(|k| (k.clone(), (0, k.clone())))
+            .map(|k| (k.clone(), (0, k.clone(), Op::Whole)))
             .collect();
         Ok(WeightStore {
             origin: path.to_path_buf(),
@@ -83,7 +159,7 @@ impl WeightStore {
                     index.display()
                 );
             }
-            names.insert(name.clone(), (id, name.clone()));
+            names.insert(name.clone(), (id, name.clone(), Op::Whole));
         }
         Ok(WeightStore {
             origin: index.to_path_buf(),
@@ -96,6 +172,29 @@ impl WeightStore {
     /// Random weights for any configuration (benchmarks, the built-in demo model): each tensor is
     /// drawn from `seed` and its name, scaled like a trained network's (norm scales near 1, small
     /// biases, weights ~ 1/sqrt(fan_in)) so activations stay in a realistic range.
+    /// Selected tensors of one file under new names (a single-file checkpoint's component):
+    /// `map` is (name the model reads, name in the file, op).
+    pub fn open_mapped(
+        path: &Path,
+        origin: &str,
+        map: impl IntoIterator<Item = (String, String, Op)>,
+    ) -> Result<Self> {
+        let f = SafetensorsFile::open(path)?;
+        let mut names = BTreeMap::new();
+        for (name, stored, op) in map {
+            if f.info(&stored).is_none() {
+                bail!("{}: no tensor named `{stored}`", path.display());
+            }
+            names.insert(name, (0, stored, op));
+        }
+        Ok(WeightStore {
+            origin: PathBuf::from(origin),
+            files: vec![f],
+            names,
+            random: None,
+        })
+    }
+
     pub fn random(seed: u64) -> Self {
         WeightStore {
             origin: PathBuf::from("<random weights>"),
@@ -150,25 +249,83 @@ impl WeightStore {
         self.names.keys().map(|s| s.as_str())
     }
 
+    /// The stored tensor behind `name` (before any op) and its file.
     pub fn info(&self, name: &str) -> Option<(&TensorInfo, &Path)> {
-        let (fi, stored) = self.names.get(name)?;
+        let (fi, stored, _) = self.names.get(name)?;
         Some((self.files[*fi].info(stored)?, &self.files[*fi].path))
+    }
+
+    /// The shape the model reads under `name` (after the op).
+    pub fn shape(&self, name: &str) -> Option<Vec<usize>> {
+        let (fi, stored, op) = self.names.get(name)?;
+        Some(op.shape(&self.files[*fi].info(stored)?.shape))
     }
 
     fn file_of(&self, name: &str) -> &Path {
         self.names
             .get(name)
-            .map(|(fi, _)| self.files[*fi].path.as_path())
+            .map(|(fi, _, _)| self.files[*fi].path.as_path())
             .unwrap_or(&self.origin)
     }
 
     /// A tensor as f32, any shape.
     pub fn get_any(&self, name: &str) -> Result<Tensor> {
-        let (fi, stored) = self
+        let (fi, stored, op) = self
             .names
             .get(name)
             .ok_or_else(|| anyhow!("{}: missing tensor `{name}`", self.origin.display()))?;
-        self.files[*fi].read_f32(stored)
+        let t = self.files[*fi].read_f32(stored)?;
+        op.apply(
+            t,
+            &format!("{}: `{stored}`", self.files[*fi].path.display()),
+        )
+    }
+
+    /// A tensor in its stored dtype (op applied), for writing it elsewhere unchanged.
+    pub fn get_raw(&self, name: &str) -> Result<safetensors::RawTensor> {
+        let (fi, stored, op) = self
+            .names
+            .get(name)
+            .ok_or_else(|| anyhow!("{}: missing tensor `{name}`", self.origin.display()))?;
+        let f = &self.files[*fi];
+        let (info, bytes) = f
+            .bytes(stored)
+            .ok_or_else(|| anyhow!("{}: no tensor named `{stored}`", f.path.display()))?;
+        let e = info.dtype.size();
+        let shape = op.shape(&info.shape);
+        let bytes = match *op {
+            Op::Whole | Op::SqueezeConv1x1 => bytes.to_vec(),
+            Op::Rows { start, len } => {
+                let row = info.shape[1..].iter().product::<usize>() * e;
+                if (start + len) * row > bytes.len() {
+                    bail!(
+                        "{}: `{stored}` has fewer than {} rows",
+                        f.path.display(),
+                        start + len
+                    );
+                }
+                bytes[start * row..(start + len) * row].to_vec()
+            }
+            Op::Transpose => {
+                let [r, c] = info.shape[..] else {
+                    bail!("{}: `{stored}` is not 2-D", f.path.display());
+                };
+                let mut out = vec![0u8; bytes.len()];
+                for i in 0..r {
+                    for j in 0..c {
+                        out[(j * r + i) * e..(j * r + i + 1) * e]
+                            .copy_from_slice(&bytes[(i * c + j) * e..(i * c + j + 1) * e]);
+                    }
+                }
+                out
+            }
+        };
+        Ok(safetensors::RawTensor {
+            name: name.to_string(),
+            dtype: info.dtype,
+            shape,
+            bytes,
+        })
     }
 
     /// A tensor as f32 that must have `shape`.
@@ -198,8 +355,8 @@ impl WeightStore {
     pub fn param_count(&self) -> usize {
         self.names
             .keys()
-            .filter_map(|n| self.info(n))
-            .map(|(i, _)| i.numel())
+            .filter_map(|n| self.shape(n))
+            .map(|s| s.iter().product::<usize>())
             .sum()
     }
 
@@ -207,10 +364,11 @@ impl WeightStore {
     pub fn dtype_summary(&self) -> BTreeMap<Dtype, (usize, usize)> {
         let mut m = BTreeMap::new();
         for n in self.names.keys() {
-            if let Some((i, _)) = self.info(n) {
+            if let (Some((i, _)), Some(s)) = (self.info(n), self.shape(n)) {
+                let numel: usize = s.iter().product();
                 let e = m.entry(i.dtype).or_insert((0, 0));
-                e.0 += i.end - i.start;
-                e.1 += i.numel();
+                e.0 += numel * i.dtype.size();
+                e.1 += numel;
             }
         }
         m

@@ -45,6 +45,20 @@ impl Dtype {
             Dtype::U8 | Dtype::Bool => 1,
         }
     }
+    /// The dtype as safetensors headers spell it.
+    pub fn file_name(self) -> &'static str {
+        match self {
+            Dtype::F32 => "F32",
+            Dtype::F16 => "F16",
+            Dtype::BF16 => "BF16",
+            Dtype::F64 => "F64",
+            Dtype::I64 => "I64",
+            Dtype::I32 => "I32",
+            Dtype::U8 => "U8",
+            Dtype::Bool => "BOOL",
+        }
+    }
+
     pub fn name(self) -> &'static str {
         match self {
             Dtype::F32 => "f32",
@@ -99,6 +113,12 @@ impl SafetensorsFile {
 
     pub fn info(&self, name: &str) -> Option<&TensorInfo> {
         self.tensors.get(name)
+    }
+
+    /// The tensor's stored bytes.
+    pub fn bytes(&self, name: &str) -> Option<(&TensorInfo, &[u8])> {
+        let info = self.tensors.get(name)?;
+        Some((info, &self.mmap[info.start..info.end]))
     }
 
     /// The tensor converted to f32. The mapped pages are released afterwards.
@@ -303,18 +323,48 @@ pub fn read_all(path: &Path) -> Result<BTreeMap<String, Tensor>> {
         .collect()
 }
 
+/// One tensor to write: name, dtype, shape and its little-endian bytes.
+pub struct RawTensor {
+    pub name: String,
+    pub dtype: Dtype,
+    pub shape: Vec<usize>,
+    pub bytes: Vec<u8>,
+}
+
 /// Writes f32 tensors to `path` through a temporary file and a rename, so a failure never leaves a
 /// half-written file behind.
 pub fn write_f32(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let raw: Vec<RawTensor> = tensors
+        .iter()
+        .map(|(name, t)| RawTensor {
+            name: name.clone(),
+            dtype: Dtype::F32,
+            shape: t.shape().to_vec(),
+            bytes: t.data().iter().flat_map(|v| v.to_le_bytes()).collect(),
+        })
+        .collect();
+    write_raw(path, &raw)
+}
+
+/// Writes tensors of any dtype, sorted by name, through a temporary file and a rename.
+pub fn write_raw(path: &Path, tensors: &[RawTensor]) -> Result<()> {
     let mut header = serde_json::Map::new();
     let mut offset = 0usize;
-    let mut sorted: Vec<&(String, Tensor)> = tensors.iter().collect();
-    sorted.sort_by(|a, b| a.0.cmp(&b.0));
-    for (name, t) in &sorted {
-        let len = t.numel() * 4;
+    let mut sorted: Vec<&RawTensor> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.name.cmp(&b.name));
+    for t in &sorted {
+        let len = t.bytes.len();
+        if len != t.shape.iter().product::<usize>() * t.dtype.size() {
+            bail!(
+                "{}: tensor `{}` has {len} bytes for shape {:?}",
+                path.display(),
+                t.name,
+                t.shape
+            );
+        }
         header.insert(
-            name.clone(),
-            serde_json::json!({"dtype": "F32", "shape": t.shape(), "data_offsets": [offset, offset + len]}),
+            t.name.clone(),
+            serde_json::json!({"dtype": t.dtype.file_name(), "shape": t.shape, "data_offsets": [offset, offset + len]}),
         );
         offset += len;
     }
@@ -327,10 +377,8 @@ pub fn write_f32(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
         let mut f = std::io::BufWriter::new(File::create(&tmp)?);
         f.write_all(&(h.len() as u64).to_le_bytes())?;
         f.write_all(&h)?;
-        for (_, t) in &sorted {
-            for v in t.data() {
-                f.write_all(&v.to_le_bytes())?;
-            }
+        for t in &sorted {
+            f.write_all(&t.bytes)?;
         }
         f.into_inner().map_err(|e| e.into_error())?.sync_all()
     };
