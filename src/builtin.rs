@@ -73,6 +73,7 @@ pub fn generator(device: &Device) -> Result<Generator> {
         graphs: crate::pipeline::Graphs::new(device),
         tensor_scheduler: false,
         adapters: Vec::new(),
+        evaluations: Default::default(),
     };
     g.check()?;
     Ok(g)

@@ -59,6 +59,8 @@ pub struct Options {
     pub adapter_scale: Vec<f32>,
     /// The adapters' image encoders (none, or one per adapter), when not found beside them.
     pub adapter_encoder: Vec<PathBuf>,
+    /// LoRAs fused into the weights at load.
+    pub loras: Vec<crate::weights::lora::LoraSpec>,
 }
 
 /// Whether `--out` names a folder: a trailing `/` or an existing directory.
@@ -310,9 +312,12 @@ pub fn run(o: &Options) -> Result<Summary> {
                 &o.device,
                 crate::models::load::is_bf16(m, "unet").unwrap_or(false),
             )?;
-            Generator::load(m, o.controlnet.as_deref(), &device)?
+            Generator::load_with_loras(m, o.controlnet.as_deref(), &o.loras, &device)?
         }
         None => {
+            if !o.loras.is_empty() {
+                bail!("--lora needs --model (a LoRA is made for one base model)");
+            }
             if o.controlnet.is_some() {
                 bail!("--controlnet needs --model (the built-in demo model has no ControlNet)");
             }

@@ -347,6 +347,10 @@ struct GenArgs {
     /// An adapter's image encoder folder (none, or one per --adapter; default: found beside it).
     #[arg(long)]
     adapter_encoder: Vec<PathBuf>,
+    /// A LoRA fused into the UNet / text encoder weights at load: FILE[:WEIGHT] (diffusers/PEFT
+    /// or kohya layout; repeat for several, each with its own weight).
+    #[arg(long, value_name = "FILE[:WEIGHT]")]
+    lora: Vec<toffee::weights::lora::LoraSpec>,
 }
 
 impl GenArgs {
@@ -381,6 +385,7 @@ impl GenArgs {
             adapter_image: self.adapter_image,
             adapter_scale: self.adapter_scale,
             adapter_encoder: self.adapter_encoder,
+            loras: self.lora,
         }
     }
 }
@@ -654,7 +659,9 @@ fn pairs(action: Option<PairsCmd>, a: PairsArgs) -> Result<()> {
             "{}",
             serde_json::json!({"stage_seconds": s.stats.stage_seconds, "seconds": s.stats.seconds,
                                "records": s.stats.records, "kept": s.stats.kept,
-                               "pairs_per_hour": s.stats.pairs_per_hour, "device": s.stats.device})
+                               "pairs_per_hour": s.stats.pairs_per_hour, "device": s.stats.device,
+                               "unet_evaluations": s.stats.unet_evaluations,
+                               "unet_evaluations_per_record": s.stats.unet_evaluations as f64 / s.stats.records.max(1) as f64})
         );
     }
     if s.stopped {

@@ -484,3 +484,38 @@ fn pairs_on_single_files_equal_pairs_on_folders() {
         );
     }
 }
+
+/// `--bench` counts UNet evaluations per record (per sample: a CFG step counts 2): the default
+/// recipe's shape with CFG, and the same with guidance 1 (one UNet batch per step) — the few-step
+/// recipes' other saving.
+#[test]
+fn bench_counts_unet_evaluations_per_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |name: &str, guidance: f32| -> serde_json::Value {
+        let cfg = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[job]\nresolution = 64\nprompts_per_subject = 1\nshard_size = 4\nbatch = 4\n\n\
+                 [draft]\nsteps = 3\nscheduler = \"ddim\"\nguidance = {guidance}\n\n\
+                 [refine]\nsteps = 4\nstrength = 0.5\nscheduler = \"ddim\"\nguidance = {guidance}\n\n\
+                 [view]\nprobability = 0.0\n\n[filter]\ndino = -1.0\nclip_i = -1.0\nclip_t = -1.0\n"
+            ),
+        )
+        .unwrap();
+        let o = ok(pairs(
+            &dir.path().join(name),
+            &["--config", cfg.to_str().unwrap(), "--bench"],
+        ));
+        serde_json::from_str(String::from_utf8_lossy(&o.stdout).trim()).unwrap()
+    };
+    // draft 3 steps + refine 4 × 0.5 = 2 steps, each ×2 with CFG
+    let cfg = run("cfg", 7.5);
+    assert_eq!(cfg["unet_evaluations_per_record"], 10.0, "{cfg}");
+    let no_cfg = run("nocfg", 1.0);
+    assert_eq!(no_cfg["unet_evaluations_per_record"], 5.0, "{no_cfg}");
+    assert_eq!(
+        cfg["unet_evaluations"].as_u64().unwrap(),
+        10 * cfg["records"].as_u64().unwrap()
+    );
+}

@@ -627,3 +627,60 @@ fn bad_files_are_clear_errors() {
         "{e}"
     );
 }
+
+/// The sidecar's overrides: prediction type (nothing in an SD 2.x file says v or epsilon) and the
+/// VAE scaling factor; without a sidecar SD 2.x gets SD 2.1's v-prediction scheduler.
+#[test]
+fn sidecar_overrides_and_family_defaults() {
+    let (d, p) = bare_copy(&sf("sd2.safetensors"));
+    let s = SingleFile::open(&p).unwrap();
+    let sched = s.scheduler_config().unwrap();
+    assert_eq!(sched.str("prediction_type").unwrap(), "v_prediction");
+    assert_eq!(sched.str("_class_name").unwrap(), "DDIMScheduler");
+    let cfg_dir = fixtures().join("single_file/configs/sd2");
+    std::fs::write(
+        d.path().join("sd2.toffee.json"),
+        format!(
+            r#"{{"config": "{}", "prediction_type": "epsilon", "scaling_factor": 0.5}}"#,
+            cfg_dir.display()
+        ),
+    )
+    .unwrap();
+    let s = SingleFile::open(&p).unwrap();
+    assert_eq!(
+        s.scheduler_config()
+            .unwrap()
+            .str("prediction_type")
+            .unwrap(),
+        "epsilon"
+    );
+    assert_eq!(
+        s.config("vae")
+            .unwrap()
+            .f64_or("scaling_factor", 0.0)
+            .unwrap(),
+        0.5
+    );
+    // the config folder's UNet config is used (the tiny model's heads), not the inferred one
+    let want = Checkpoint::open(&fixtures().join("sd2"), "unet")
+        .unwrap()
+        .config;
+    assert_eq!(
+        s.config("unet").unwrap().get("attention_head_dim"),
+        want.get("attention_head_dim")
+    );
+    std::fs::write(
+        d.path().join("sd2.toffee.json"),
+        r#"{"prediction_type": "vee"}"#,
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        SingleFile::open(&p)
+            .unwrap()
+            .scheduler_config()
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("sd2.toffee.json") && e.contains("vee"), "{e}");
+}

@@ -211,6 +211,7 @@ pub fn view_generator(device: &Device) -> Result<ViewGenerator> {
         )?,
         device: device.clone(),
         tensor_scheduler: false,
+        evaluations: Default::default(),
     })
 }
 

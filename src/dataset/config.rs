@@ -39,6 +39,9 @@ pub struct Draft {
     /// Canny thresholds on the placed subject.
     pub canny_low: f32,
     pub canny_high: f32,
+    /// LoRAs fused into the draft model, "FILE[:WEIGHT]" (e.g. an LCM-LoRA with
+    /// scheduler = "lcm", steps = 4, guidance = 1).
+    pub lora: Vec<String>,
 }
 
 impl Default for Draft {
@@ -50,6 +53,7 @@ impl Default for Draft {
             controlnet_scale: 1.0,
             canny_low: 100.0,
             canny_high: 200.0,
+            lora: Vec::new(),
         }
     }
 }
@@ -67,6 +71,9 @@ pub struct Refine {
     pub scale: f32,
     /// The target mask is dilated by this many pixels before it restricts the refinement.
     pub mask_dilation: usize,
+    /// LoRAs fused into the Refiner's model, "FILE[:WEIGHT]" (a Refiner with other LoRAs than
+    /// the draft's loads its own copy of the model).
+    pub lora: Vec<String>,
 }
 
 impl Default for Refine {
@@ -78,6 +85,7 @@ impl Default for Refine {
             strength: 0.5,
             scale: 0.8,
             mask_dilation: 8,
+            lora: Vec::new(),
         }
     }
 }
@@ -211,6 +219,12 @@ impl PairsConfig {
                 *p = base.join(&*p);
             }
         }
+        for l in c.draft.lora.iter_mut().chain(c.refine.lora.iter_mut()) {
+            let spec: crate::weights::lora::LoraSpec = l.parse()?;
+            if spec.path.is_relative() {
+                *l = format!("{}:{}", base.join(&spec.path).display(), spec.scale);
+            }
+        }
         if let Some(t) = &mut c.job.templates {
             if t.is_relative() {
                 *t = base.join(&*t);
@@ -285,6 +299,14 @@ impl PairsConfig {
             && (self.view.elevations.is_empty() || self.view.azimuths.is_empty())
         {
             bail!("{origin}: view.elevations and view.azimuths need at least one angle each");
+        }
+        for l in self.draft.lora.iter().chain(&self.refine.lora) {
+            let spec: crate::weights::lora::LoraSpec = l
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{origin}: lora `{l}`: {e}"))?;
+            if !spec.path.is_file() {
+                bail!("{origin}: lora `{}`: no such file", spec.path.display());
+            }
         }
         for s in [&self.draft.scheduler, &self.refine.scheduler] {
             if !s.is_empty() {

@@ -11,6 +11,7 @@ use crate::pipeline::image_prompt::load_encoder;
 use crate::pipeline::score::Scorer;
 use crate::pipeline::view::ViewGenerator;
 use crate::pipeline::Generator;
+use crate::weights::lora::LoraSpec;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -85,6 +86,9 @@ pub struct Stats {
     pub seconds: f64,
     pub pairs_per_hour: f64,
     pub device: String,
+    /// UNet evaluations (per sample: a CFG step counts 2) spent on these records.
+    #[serde(default)]
+    pub unet_evaluations: u64,
 }
 
 impl Stats {
@@ -100,6 +104,7 @@ impl Stats {
             *self.skipped_subjects.entry(k.clone()).or_default() += v;
         }
         self.stage_seconds.add(&o.stage_seconds);
+        self.unet_evaluations += o.unet_evaluations;
         self.seconds += o.seconds;
         self.thresholds = o.thresholds.clone();
         if self.device.is_empty() {
@@ -363,7 +368,14 @@ fn builtin_subjects() -> Vec<Subject> {
 /// folder named by two stages is loaded once.
 pub fn load_models(cfg: &PairsConfig, device: &Device) -> Result<StageModels> {
     let m = &cfg.models;
+    let specs = |l: &[String]| -> Result<Vec<LoraSpec>> { l.iter().map(|s| s.parse()).collect() };
+    let (draft_loras, refine_loras) = (specs(&cfg.draft.lora)?, specs(&cfg.refine.lora)?);
     let Some(draft_dir) = &m.draft else {
+        if !draft_loras.is_empty() || !refine_loras.is_empty() {
+            bail!(
+                "draft.lora / refine.lora need [models] draft: a LoRA is made for one base model"
+            );
+        }
         let mut draft = crate::builtin::generator(device)?;
         draft.controlnet = Some(super::builtin::controlnet(device)?);
         let adapter = super::builtin::refiner_adapter(&mut draft.unet, device)?;
@@ -377,7 +389,8 @@ pub fn load_models(cfg: &PairsConfig, device: &Device) -> Result<StageModels> {
             scorer: super::builtin::scorer(device)?,
         });
     };
-    let mut draft = Generator::load(draft_dir, m.controlnet.as_deref(), device)?;
+    let mut draft =
+        Generator::load_with_loras(draft_dir, m.controlnet.as_deref(), &draft_loras, device)?;
     let adapter_path = m.refiner_adapter.as_ref().expect("checked in resolve");
     let adapter = Adapter::load(adapter_path, device)?;
     let dino_dir = m.dino.as_ref().expect("checked in resolve");
@@ -389,12 +402,14 @@ pub fn load_models(cfg: &PairsConfig, device: &Device) -> Result<StageModels> {
     } else {
         Some(load_encoder(&adapter, Some(&enc_dir), device)?)
     };
-    let same = m.refiner.as_ref().is_none_or(|r| same_path(r, draft_dir));
+    let refiner_dir = m.refiner.as_deref().unwrap_or(draft_dir);
+    // One model for both stages only when they also fuse the same LoRAs.
+    let same = same_path(refiner_dir, draft_dir) && draft_loras == refine_loras;
     let refiner = if same {
         draft.attach_adapter(adapter)?;
         None
     } else {
-        let mut r = Generator::load(m.refiner.as_ref().expect("not same"), None, device)?;
+        let mut r = Generator::load_with_loras(refiner_dir, None, &refine_loras, device)?;
         r.attach_adapter(adapter)?;
         Some(r)
     };
@@ -483,6 +498,9 @@ fn build_shard(
     device: &str,
 ) -> Result<Option<Stats>> {
     let clock = Instant::now();
+    // Shards of one device share its models sequentially, so the counter's growth over this
+    // call is this shard's.
+    let evaluations_before = models.evaluations();
     let cfg = &plan.cfg;
     let name = plan::shard_name(shard);
     let recs = shard_records(plan, shard);
@@ -651,6 +669,7 @@ fn build_shard(
         seconds: clock.elapsed().as_secs_f64(),
         pairs_per_hour: 0.0,
         device: device.into(),
+        unet_evaluations: models.evaluations() - evaluations_before,
     };
     stats.pairs_per_hour = stats.kept as f64 / stats.seconds.max(1e-9) * 3600.0;
     write_text(

@@ -22,6 +22,22 @@ use anyhow::{bail, Result};
 use std::time::Instant;
 
 /// Every model the job uses, loaded once per worker.
+impl StageModels {
+    /// UNet evaluations (per sample) of every stage's models so far.
+    pub fn evaluations(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.draft.evaluations.load(Relaxed)
+            + self
+                .refiner
+                .as_ref()
+                .map_or(0, |r| r.evaluations.load(Relaxed))
+            + self
+                .view
+                .as_ref()
+                .map_or(0, |v| v.evaluations.load(Relaxed))
+    }
+}
+
 pub struct StageModels {
     /// The draft pipeline with its ControlNet (and the adapter, when the Refiner shares it).
     pub draft: Generator,

@@ -9,6 +9,7 @@ use super::vit::{self, Vit};
 use crate::backend::Device;
 use crate::config::Config;
 use crate::weights::layout::{component_dir, open_weights};
+use crate::weights::lora::{unet_ldm_namer, Lora};
 use crate::weights::single_file::{is_single_file, SingleFile};
 use crate::weights::WeightStore;
 use anyhow::{bail, Context, Result};
@@ -60,7 +61,26 @@ fn expect_class(ck: &Checkpoint, classes: &[&str]) -> Result<()> {
 }
 
 pub fn load_unet(path: &Path, device: &Device) -> Result<Unet> {
-    let ck = Checkpoint::open(path, "unet")?;
+    load_unet_with(path, device, &[])
+}
+
+/// Adds the deltas of every LoRA that adapts `component` to the checkpoint's weights.
+fn apply_loras(ck: &mut Checkpoint, component: &str, loras: &[Lora]) -> Result<()> {
+    let ldm = unet_ldm_namer(&ck.weights);
+    let none = |_: &str| None;
+    for l in loras.iter().filter(|l| l.touches(component)) {
+        let namer: &dyn Fn(&str) -> Option<String> = if component == "unet" { &ldm } else { &none };
+        for (name, d) in l.deltas(component, &ck.weights, namer)? {
+            ck.weights.add_delta(&name, d)?;
+        }
+    }
+    Ok(())
+}
+
+/// The UNet with LoRAs fused into its weights.
+pub fn load_unet_with(path: &Path, device: &Device, loras: &[Lora]) -> Result<Unet> {
+    let mut ck = Checkpoint::open(path, "unet")?;
+    apply_loras(&mut ck, "unet", loras)?;
     expect_class(&ck, &["UNet2DConditionModel"])?;
     Unet::load(&ck.config, &ck.weights, device)
         .with_context(|| format!("loading the UNet from {}", ck.dir.display()))
@@ -83,8 +103,19 @@ pub fn load_vae(path: &Path, device: &Device) -> Result<Vae> {
 
 /// `subfolder` is "text_encoder" or "text_encoder_2".
 pub fn load_text_encoder(path: &Path, subfolder: &str, device: &Device) -> Result<ClipText> {
+    load_text_encoder_with(path, subfolder, device, &[])
+}
+
+/// A text encoder with LoRAs fused into its weights.
+pub fn load_text_encoder_with(
+    path: &Path,
+    subfolder: &str,
+    device: &Device,
+    loras: &[Lora],
+) -> Result<ClipText> {
     let mut ck = Checkpoint::open(path, subfolder)?;
     normalise_text_encoder(&mut ck.weights);
+    apply_loras(&mut ck, subfolder, loras)?;
     ClipText::load(&ck.config, &ck.weights, device)
         .with_context(|| format!("loading the text encoder from {}", ck.dir.display()))
 }

@@ -20,6 +20,7 @@ use crate::models::vae::Vae;
 use crate::sched::{Scheduler, SchedulerKind};
 use crate::tensor::Tensor;
 use crate::tokenizer::ClipTokenizer;
+use crate::weights::lora::{Lora, LoraSpec};
 use crate::weights::single_file::{is_single_file, SingleFile};
 use anyhow::{bail, Context, Result};
 use graph::StepGraph;
@@ -49,6 +50,9 @@ pub struct Generator {
     /// Image-prompt adapters attached to the UNet (their projections; the layer weights live in
     /// the UNet), in attachment order.
     pub adapters: Vec<Adapter>,
+    /// UNet evaluations so far, counted per sample (a CFG step of n images counts 2n): what a
+    /// pair costs, for `pairs --bench`.
+    pub evaluations: std::sync::atomic::AtomicU64,
 }
 
 pub struct Graphs {
@@ -195,18 +199,39 @@ impl PipelineParts {
 impl Generator {
     /// A diffusers pipeline folder or a single-file checkpoint, optionally with a ControlNet folder (or the pipeline's own).
     pub fn load(path: &Path, controlnet: Option<&Path>, device: &Device) -> Result<Generator> {
+        Self::load_with_loras(path, controlnet, &[], device)
+    }
+
+    /// `load` with LoRAs fused into the UNet and text encoder weights (in order, each with its
+    /// own weight).
+    pub fn load_with_loras(
+        path: &Path,
+        controlnet: Option<&Path>,
+        loras: &[LoraSpec],
+        device: &Device,
+    ) -> Result<Generator> {
         let parts = PipelineParts::open(path)?;
+        let loras = loras.iter().map(Lora::open).collect::<Result<Vec<_>>>()?;
+        if !parts.has_second_encoder() {
+            if let Some(l) = loras.iter().find(|l| l.touches("text_encoder_2")) {
+                bail!(
+                    "{}: adapts a second text encoder (SDXL), which {} does not have: a LoRA for another model",
+                    l.path.display(),
+                    path.display()
+                );
+            }
+        }
         let tok = parts.tokenizer("tokenizer")?;
-        let te = load::load_text_encoder(path, "text_encoder", device)?;
+        let te = load::load_text_encoder_with(path, "text_encoder", device, &loras)?;
         let second = if parts.has_second_encoder() {
             Some((
                 parts.tokenizer("tokenizer_2")?,
-                load::load_text_encoder(path, "text_encoder_2", device)?,
+                load::load_text_encoder_with(path, "text_encoder_2", device, &loras)?,
             ))
         } else {
             None
         };
-        let unet = load::load_unet(path, device)?;
+        let unet = load::load_unet_with(path, device, &loras)?;
         let vae = load::load_vae(path, device)?;
         let cn = match controlnet {
             Some(p) => Some(load::load_controlnet(p, device)?),
@@ -232,6 +257,7 @@ impl Generator {
             graphs: Graphs::new(device),
             tensor_scheduler: false,
             adapters: Vec::new(),
+            evaluations: Default::default(),
         };
         g.check()?;
         Ok(g)
@@ -707,6 +733,10 @@ impl Generator {
         };
         let res = residuals.as_ref().map(|r| (r.down.as_slice(), &r.mid));
         let pred = self.unet.forward(&unet_in, &cond, res, None)?;
+        self.evaluations.fetch_add(
+            unet_in.shape()[0] as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(match call.guidance {
             Some(g) => ops::cfg_combine(&pred, g),
             None => pred,

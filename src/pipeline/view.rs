@@ -65,6 +65,8 @@ pub struct ViewGenerator {
     pub default_size: usize,
     /// Run the scheduler as tensor ops even on the CPU (tests of the GPU loop).
     pub tensor_scheduler: bool,
+    /// UNet evaluations so far, per sample (see `Generator::evaluations`).
+    pub evaluations: std::sync::atomic::AtomicU64,
 }
 
 /// One view to render: which subject and which pose.
@@ -144,6 +146,7 @@ impl ViewGenerator {
             scheduler_config,
             device: device.clone(),
             tensor_scheduler: false,
+            evaluations: Default::default(),
         })
     }
 
@@ -314,6 +317,8 @@ impl ViewGenerator {
                 ip: &no_ip,
             };
             let pred = self.unet.forward(&x_in, &cond, None, None)?;
+            self.evaluations
+                .fetch_add(x_in.shape()[0] as u64, std::sync::atomic::Ordering::Relaxed);
             let pred = if guided {
                 ops::cfg_combine(&pred, req.guidance)
             } else {

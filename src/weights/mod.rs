@@ -2,6 +2,7 @@
 //! the name normalisations real checkpoints need, and a path-prefix builder the models load through.
 
 pub mod layout;
+pub mod lora;
 pub mod safetensors;
 pub mod single_file;
 
@@ -96,6 +97,8 @@ pub struct WeightStore {
     names: BTreeMap<String, (usize, String, Op)>,
     /// Synthesised weights (no files): every requested tensor is made from this seed and its name.
     random: Option<u64>,
+    /// LoRA deltas fused into weights as they are read (name → deltas, in file order).
+    deltas: BTreeMap<String, Vec<lora::Delta>>,
 }
 
 impl WeightStore {
@@ -112,6 +115,7 @@ impl WeightStore {
             files: vec![f],
             names,
             random: None,
+            deltas: BTreeMap::new(),
         })
     }
 
@@ -166,6 +170,7 @@ impl WeightStore {
             files,
             names,
             random: None,
+            deltas: BTreeMap::new(),
         })
     }
 
@@ -192,6 +197,7 @@ impl WeightStore {
             files: vec![f],
             names,
             random: None,
+            deltas: BTreeMap::new(),
         })
     }
 
@@ -201,6 +207,7 @@ impl WeightStore {
             files: Vec::new(),
             names: BTreeMap::new(),
             random: Some(seed),
+            deltas: BTreeMap::new(),
         }
     }
 
@@ -279,6 +286,27 @@ impl WeightStore {
             t,
             &format!("{}: `{stored}`", self.files[*fi].path.display()),
         )
+    }
+
+    /// Adds a LoRA delta to the weight `name` (fused when the weight is read). Shapes are checked
+    /// here, before any model is built.
+    pub fn add_delta(&mut self, name: &str, d: lora::Delta) -> Result<()> {
+        let shape = self
+            .shape(name)
+            .ok_or_else(|| anyhow!("{}: no weight `{name}` for the LoRA", self.origin.display()))?;
+        let (o, k) = (
+            d.up.shape()[0],
+            d.down.shape()[1..].iter().product::<usize>(),
+        );
+        if shape.first() != Some(&o) || shape.iter().product::<usize>() != o * k {
+            bail!(
+                "{}: the LoRA for `{name}` makes a {o}×{k} update, the weight is {:?}: a LoRA for another model?",
+                self.origin.display(),
+                shape
+            );
+        }
+        self.deltas.entry(name.to_string()).or_default().push(d);
+        Ok(())
     }
 
     /// A tensor in its stored dtype (op applied), for writing it elsewhere unchanged.

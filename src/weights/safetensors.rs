@@ -148,6 +148,35 @@ impl SafetensorsFile {
     }
 }
 
+/// The header's `__metadata__` string map (empty when absent).
+pub fn metadata(path: &Path) -> Result<BTreeMap<String, String>> {
+    use std::io::Read;
+    let mut f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)
+        .with_context(|| format!("{}: shorter than a safetensors header", path.display()))?;
+    let n = u64::from_le_bytes(len);
+    let size = f.metadata()?.len();
+    if n > size.saturating_sub(8) || n > 100 << 20 {
+        bail!(
+            "{}: header length {n} exceeds the file size {size}",
+            path.display()
+        );
+    }
+    let mut h = vec![0u8; n as usize];
+    f.read_exact(&mut h)?;
+    let v: serde_json::Value = serde_json::from_slice(&h)
+        .with_context(|| format!("{}: header is not JSON", path.display()))?;
+    Ok(v.get("__metadata__")
+        .and_then(|m| m.as_object())
+        .map(|m| {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
 fn parse_header(buf: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
     if buf.len() < 8 {
         bail!(

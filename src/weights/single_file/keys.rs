@@ -284,3 +284,73 @@ pub fn open_clip(names: &[&str], width: usize, layers: usize, projection: bool) 
     }
     Ok(out)
 }
+
+/// A diffusers UNet module name in SGM/LDM naming (the inverse of `unet`), for kohya LoRAs written
+/// against original-layout models: `down_blocks.1.attentions.0.proj_in` → `input_blocks.4.1.proj_in`.
+pub fn unet_to_ldm(module: &str, layers: usize, up_attn: &[bool]) -> Option<String> {
+    let per = layers + 1;
+    let p: Vec<&str> = module.splitn(5, '.').collect();
+    let resnet = |rest: &str| -> Option<String> {
+        let (head, tail) = rest.split_once('.').unwrap_or((rest, ""));
+        let new = match head {
+            "norm1" => "in_layers.0",
+            "conv1" => "in_layers.2",
+            "time_emb_proj" => "emb_layers.1",
+            "norm2" => "out_layers.0",
+            "conv2" => "out_layers.3",
+            "conv_shortcut" => "skip_connection",
+            _ => return None,
+        };
+        Some(if tail.is_empty() {
+            new.to_string()
+        } else {
+            format!("{new}.{tail}")
+        })
+    };
+    let num = |s: &str| s.parse::<usize>().ok();
+    match p.as_slice() {
+        ["down_blocks", b, "resnets", l, rest] => {
+            let i = 1 + num(b)? * per + num(l)?;
+            Some(format!("input_blocks.{i}.0.{}", resnet(rest)?))
+        }
+        ["down_blocks", b, "attentions", l, rest] => {
+            let i = 1 + num(b)? * per + num(l)?;
+            Some(format!("input_blocks.{i}.1.{rest}"))
+        }
+        ["down_blocks", b, "downsamplers", "0", "conv"] => {
+            Some(format!("input_blocks.{}.0.op", 1 + num(b)? * per + layers))
+        }
+        ["up_blocks", b, "resnets", l, rest] => {
+            let j = num(b)? * per + num(l)?;
+            Some(format!("output_blocks.{j}.0.{}", resnet(rest)?))
+        }
+        ["up_blocks", b, "attentions", l, rest] => {
+            let j = num(b)? * per + num(l)?;
+            Some(format!("output_blocks.{j}.1.{rest}"))
+        }
+        ["up_blocks", b, "upsamplers", "0", "conv"] => {
+            let b = num(b)?;
+            let slot = if *up_attn.get(b)? { 2 } else { 1 };
+            Some(format!("output_blocks.{}.{slot}.conv", b * per + layers))
+        }
+        ["mid_block", "resnets", k, rest @ ..] => {
+            let slot = if num(k)? == 0 { 0 } else { 2 };
+            Some(format!("middle_block.{slot}.{}", resnet(&rest.join("."))?))
+        }
+        ["mid_block", "attentions", "0", rest @ ..] => {
+            Some(format!("middle_block.1.{}", rest.join(".")))
+        }
+        ["time_embedding", l] => Some(format!(
+            "time_embed.{}",
+            if *l == "linear_1" { 0 } else { 2 }
+        )),
+        ["add_embedding", l] => Some(format!(
+            "label_emb.0.{}",
+            if *l == "linear_1" { 0 } else { 2 }
+        )),
+        ["conv_in"] => Some("input_blocks.0.0".into()),
+        ["conv_out"] => Some("out.2".into()),
+        ["conv_norm_out"] => Some("out.0".into()),
+        _ => None,
+    }
+}
