@@ -89,12 +89,14 @@ impl DpmMultistep {
     }
 }
 
-/// Integer timesteps (`lambda_min_clipped` -inf, so the full training range) and their sigmas.
-fn dpm_schedule(
+/// Integer timesteps (`lambda_min_clipped` -inf, so the full training range) and their sigmas
+/// (shared with UniPC, which rounds Karras timesteps under every beta schedule).
+pub(super) fn dpm_schedule(
     c: &Common,
     n: usize,
     karras: Option<(Option<f64>, Option<f64>)>,
     final_sigma_min: bool,
+    round_cosine: bool,
 ) -> (Vec<f32>, Vec<f32>) {
     let nt = c.num_train;
     let mut ts: Vec<f64> = match c.spacing {
@@ -114,8 +116,8 @@ fn dpm_schedule(
         let (lo, hi) = (c.train_sigmas[0] as f64, c.train_sigmas[nt - 1] as f64);
         let sigmas = schedule::karras(sigma_min.unwrap_or(lo), sigma_max.unwrap_or(hi), n);
         let log_sigmas = c.log_sigmas();
-        let cosine = c.beta_schedule == BetaSchedule::SquaredcosCapV2;
-        // Rounded, except for the cosine schedule; then truncated by the cast to int64.
+        let cosine = !round_cosine && c.beta_schedule == BetaSchedule::SquaredcosCapV2;
+        // Rounded, except for DPM's cosine schedule; then truncated by the cast to int64.
         ts = sigmas
             .iter()
             .map(|&s| schedule::sigma_to_t(s, &log_sigmas))
@@ -136,7 +138,7 @@ fn dpm_schedule(
 impl Sampler for DpmMultistep {
     fn schedule(&self, c: &Common, n: usize) -> Result<(Vec<f32>, Vec<f32>)> {
         let karras = self.karras.then_some((self.sigma_min, self.sigma_max));
-        Ok(dpm_schedule(c, n, karras, self.final_sigma_min))
+        Ok(dpm_schedule(c, n, karras, self.final_sigma_min, false))
     }
 
     fn reset(&mut self) {

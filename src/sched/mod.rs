@@ -1,7 +1,8 @@
 //! Diffusion schedulers built from a diffusers `scheduler/scheduler_config.json`, matching
 //! diffusers 0.42.1 step for step, one file per scheduler: DDIM (`ddim`), Euler (`euler`),
 //! Euler ancestral (`euler_ancestral`), DPM++ 2M with or without Karras sigmas
-//! (`dpm_multistep`) and PNDM (`pndm`).
+//! (`dpm_multistep`), PNDM (`pndm`), UniPC (`unipc`), and the few-step samplers of distilled
+//! models, LCM (`lcm`) and TCD (`tcd`).
 //!
 //! Schedule constants follow diffusers' own float path (see `schedule`); the per-step updates
 //! run elementwise in f32 with the coefficients computed the way torch computes them on 0-dim
@@ -23,8 +24,11 @@ mod ddim;
 mod dpm_multistep;
 mod euler;
 mod euler_ancestral;
+mod lcm;
 mod pndm;
 mod schedule;
+mod tcd;
+mod unipc;
 
 use crate::backend as ops;
 use crate::config::Config;
@@ -48,16 +52,25 @@ pub enum SchedulerKind {
     DpmPp2mKarras,
     /// PNDMScheduler: PLMS steps, after Runge-Kutta ones unless `skip_prk_steps` (SD1.5's default).
     Pndm,
+    /// UniPCMultistepScheduler: predict_x0, bh1 / bh2, solver order 1 to 3, with the corrector.
+    UniPc,
+    /// LCMScheduler: multi-step consistency sampling for LCM-distilled models.
+    Lcm,
+    /// TCDScheduler: trajectory consistency sampling; γ is the pipelines' `eta`.
+    Tcd,
 }
 
 impl SchedulerKind {
-    pub const ALL: [SchedulerKind; 6] = [
+    pub const ALL: [SchedulerKind; 9] = [
         Self::Ddim,
         Self::Euler,
         Self::EulerAncestral,
         Self::DpmPp2m,
         Self::DpmPp2mKarras,
         Self::Pndm,
+        Self::UniPc,
+        Self::Lcm,
+        Self::Tcd,
     ];
 
     pub fn name(self) -> &'static str {
@@ -68,6 +81,9 @@ impl SchedulerKind {
             Self::DpmPp2m => "dpmpp-2m",
             Self::DpmPp2mKarras => "dpmpp-2m-karras",
             Self::Pndm => "pndm",
+            Self::UniPc => "unipc",
+            Self::Lcm => "lcm",
+            Self::Tcd => "tcd",
         }
     }
 
@@ -79,13 +95,25 @@ impl SchedulerKind {
             Self::EulerAncestral => "EulerAncestralDiscreteScheduler",
             Self::DpmPp2m | Self::DpmPp2mKarras => "DPMSolverMultistepScheduler",
             Self::Pndm => "PNDMScheduler",
+            Self::UniPc => "UniPCMultistepScheduler",
+            Self::Lcm => "LCMScheduler",
+            Self::Tcd => "TCDScheduler",
         }
     }
 
     /// Integer timesteps that index ᾱ directly (no sigmas); these keep ᾱ_T = 0 under zero SNR
     /// and default to "leading" spacing.
     fn indexes_alphas(self) -> bool {
-        matches!(self, Self::Ddim | Self::Pndm)
+        matches!(self, Self::Ddim | Self::Pndm | Self::Lcm | Self::Tcd)
+    }
+
+    /// The class defaults of (beta_start, beta_end, beta_schedule): the distilled-model
+    /// schedulers default to Stable Diffusion's, the others to DDPM's.
+    fn default_betas(self) -> (f64, f64, &'static str) {
+        match self {
+            Self::Lcm | Self::Tcd => (0.00085, 0.012, "scaled_linear"),
+            _ => (0.0001, 0.02, "linear"),
+        }
     }
 
     /// The kind a config's `_class_name` names (DPM: the Karras variant when the config asks).
@@ -267,6 +295,9 @@ enum Algo {
     EulerAncestral(euler_ancestral::EulerAncestral),
     Dpm(dpm_multistep::DpmMultistep),
     Pndm(pndm::Pndm),
+    UniPc(unipc::UniPc),
+    Lcm(lcm::Lcm),
+    Tcd(tcd::Tcd),
 }
 
 impl Algo {
@@ -277,6 +308,9 @@ impl Algo {
             Algo::EulerAncestral(s) => s,
             Algo::Dpm(s) => s,
             Algo::Pndm(s) => s,
+            Algo::UniPc(s) => s,
+            Algo::Lcm(s) => s,
+            Algo::Tcd(s) => s,
         }
     }
 
@@ -287,6 +321,9 @@ impl Algo {
             Algo::EulerAncestral(s) => s,
             Algo::Dpm(s) => s,
             Algo::Pndm(s) => s,
+            Algo::UniPc(s) => s,
+            Algo::Lcm(s) => s,
+            Algo::Tcd(s) => s,
         }
     }
 
@@ -302,6 +339,9 @@ impl Algo {
                 overridden,
             )?),
             Pndm => Algo::Pndm(pndm::Pndm::new(cfg, c)?),
+            UniPc => Algo::UniPc(unipc::UniPc::new(cfg)?),
+            Lcm => Algo::Lcm(lcm::Lcm::new(cfg, c)?),
+            Tcd => Algo::Tcd(tcd::Tcd::new(cfg, c)?),
         })
     }
 }
@@ -409,7 +449,7 @@ impl Scheduler {
         if !(2..=100_000).contains(&num_train) {
             return Err(cfg.unsupported("num_train_timesteps", num_train, "2 to 100000"));
         }
-        let (start, end, beta_default) = (0.0001, 0.02, "linear");
+        let (start, end, beta_default) = kind.default_betas();
         let (beta_start, beta_end) = (
             cfg.f64_or("beta_start", start)?,
             cfg.f64_or("beta_end", end)?,
@@ -509,13 +549,15 @@ impl Scheduler {
         &self.c.alphas_cumprod
     }
 
-    /// DDIM's η (the pipelines' `eta`): 0 is deterministic DDIM; with η > 0 `step` needs noise.
-    /// Ignored by the other kinds, as diffusers pipelines pass `eta` only to schedulers taking it.
+    /// The pipelines' `eta`: DDIM's η (0 is deterministic DDIM) and TCD's γ (0 is
+    /// deterministic, at most 1); with η > 0 `step` needs noise. Ignored by the other kinds, as
+    /// diffusers pipelines pass `eta` only to schedulers taking it.
     pub fn set_eta(&mut self, eta: f32) {
         self.c.eta = eta;
     }
 
-    /// Whether `step` needs a standard-normal noise tensor (Euler ancestral, DDIM with η > 0).
+    /// Whether `step` needs a standard-normal noise tensor (Euler ancestral, LCM, DDIM and TCD
+    /// with η > 0). LCM and TCD add none on the last step but take one there too.
     pub fn needs_step_noise(&self) -> bool {
         self.algo.get().needs_step_noise(&self.c)
     }
