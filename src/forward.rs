@@ -229,6 +229,7 @@ fn run_on(
                 context: &ctx,
                 text_time: tt.as_ref().map(|(a, b)| (a, b)),
                 ip: &[],
+                timestep_cond: None,
             };
             let out = unet.forward(&sample, &cond, residuals, None)?;
             Ok(vec![("out".into(), out)])
@@ -264,6 +265,7 @@ fn run_on(
                 context: &ctx,
                 text_time: tt.as_ref().map(|(a, b)| (a, b)),
                 ip: &[],
+                timestep_cond: None,
             };
             let out = cn.forward(&sample, &cond, &image, scale)?;
             let mut v: Vec<(String, Tensor)> = out
@@ -450,6 +452,7 @@ fn run_unet_adapters(
         context: &ctx,
         text_time: tt.as_ref().map(|(a, c)| (a, c)),
         ip: &ip,
+        timestep_cond: None,
     };
     let out = unet.forward(&sample, &cond, None, None)?;
     outputs.insert(0, ("out".into(), out));
