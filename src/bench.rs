@@ -200,6 +200,7 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
                         context: &v[2],
                         text_time: tt,
                         ip: &[],
+                        timestep_cond: None,
                     };
                     match &model {
                         UnetLike::Unet(u) => u.forward(&v[0], &cond, None, None),

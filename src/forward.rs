@@ -246,6 +246,7 @@ fn run_on(
                 context: &ctx,
                 text_time: tt.as_ref().map(|(a, b)| (a, b)),
                 ip: &[],
+                timestep_cond: None,
             };
             let out = unet.forward(&sample, &cond, residuals, None)?;
             Ok(vec![("out".into(), out)])
@@ -281,6 +282,7 @@ fn run_on(
                 context: &ctx,
                 text_time: tt.as_ref().map(|(a, b)| (a, b)),
                 ip: &[],
+                timestep_cond: None,
             };
             let out = cn.forward(&sample, &cond, &image, scale)?;
             let mut v: Vec<(String, Tensor)> = out
@@ -467,6 +469,7 @@ fn run_unet_adapters(
         context: &ctx,
         text_time: tt.as_ref().map(|(a, c)| (a, c)),
         ip: &ip,
+        timestep_cond: None,
     };
     let out = unet.forward(&sample, &cond, None, None)?;
     outputs.insert(0, ("out".into(), out));

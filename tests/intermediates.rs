@@ -22,6 +22,7 @@ fn check(case: &str, model: &str) {
         context: &inputs["encoder_hidden_states"],
         text_time: tt,
         ip: &[],
+        timestep_cond: None,
     };
     let mut trace: Trace = Vec::new();
     unet.forward(&sample, &cond, None, Some(&mut trace))

@@ -252,3 +252,63 @@ toffee_cases!(
     toffeenet_depth,
     refiner_img2img
 );
+
+/// An LCM-distilled UNet (`time_cond_proj_dim`) against diffusers' LatentConsistencyModelPipeline
+/// (tools/fixtures/few_step.py): guidance 8 goes in as the w-embedding through `cond_proj`, in one
+/// batch without classifier-free guidance, 4 LCM steps; through the reference and the tensor-op
+/// scheduler paths.
+#[test]
+fn sd1_lcm_unet() {
+    let dir = fixtures().join("golden/few_step");
+    let case: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("sd1_lcm_unet.json")).unwrap())
+            .unwrap();
+    let t = read_all(&dir.join("sd1_lcm_unet.safetensors")).unwrap();
+    let root = fixtures();
+    for tensor_scheduler in [false, true] {
+        let mut gen = Generator::load(
+            &root.join(case["model"].as_str().unwrap()),
+            None,
+            &Device::Cpu,
+        )
+        .unwrap();
+        gen.tensor_scheduler = tensor_scheduler;
+        gen.unet = load_unet(&root.join(case["unet"].as_str().unwrap()), &Device::Cpu).unwrap();
+        let steps = case["steps"].as_u64().unwrap() as usize;
+        let req = Request {
+            prompts: vec![case["prompt"].as_str().unwrap().to_string()],
+            negative: None,
+            images_per_prompt: 1,
+            steps,
+            guidance: case["guidance_scale"].as_f64().unwrap() as f32,
+            width: case["width"].as_u64().unwrap() as usize,
+            height: case["height"].as_u64().unwrap() as usize,
+            scheduler: Some(case["scheduler"].as_str().unwrap().parse().unwrap()),
+            seed: 0,
+            batch: 64,
+            init: Init::Noise,
+            control: None,
+            init_latents: None,
+            image_prompts: Vec::new(),
+        };
+        // Initial latents, then one noise per step: diffusers draws none for the last LCM step,
+        // which the engine draws but does not use; a NaN tensor there proves it unused.
+        let mut noise: VecDeque<Tensor> = (0..steps)
+            .map(|i| t[&format!("noise.{i}")].clone())
+            .collect();
+        let last = &t["noise.0"];
+        noise.push_back(Tensor::new(last.shape(), vec![f32::NAN; last.numel()]));
+        let mut source = NoiseSource::Recorded(noise);
+        let out = gen
+            .run_chunk(&req, 0, 1, &mut source, &mut |_, _| {})
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        assert_eq!(source.remaining(), 0);
+        let err = out.latents.to_nchw().max_abs_diff(&t["latents"]);
+        let scale = t["latents"]
+            .data()
+            .iter()
+            .fold(0.0f32, |a, v| a.max(v.abs()));
+        eprintln!("sd1_lcm_unet (tensor scheduler {tensor_scheduler}): latents max abs err {err:.2e} (max |x| {scale:.2})");
+        assert!(err <= 1e-3, "final latents differ by {err:e}");
+    }
+}

@@ -250,6 +250,20 @@ golden_cases!(
     pndm_prk_sd1_4,
     pndm_prk_sd2_v,
     pndm_prk_trailing_zsnr_v,
+    unipc_sd1,
+    unipc_from_sdxl,
+    unipc_o3,
+    unipc_o1_trailing,
+    unipc_bh1_sigma_min,
+    unipc_karras_v,
+    unipc_sigma_min_o3,
+    lcm_sd15_4,
+    lcm_sd15_8,
+    lcm_o100_ts5_v_clip_6,
+    lcm_from_sd1,
+    tcd_gamma03_4,
+    tcd_gamma0_4,
+    tcd_sd2_v_gamma07_6,
 );
 
 #[test]
@@ -474,6 +488,37 @@ fn config_errors_name_file_and_field() {
             Some(SchedulerKind::EulerAncestral),
             "prediction_type",
         ),
+        (
+            r#"{"_class_name": "LCMScheduler", "original_inference_steps": 2000}"#,
+            None,
+            "original_inference_steps",
+        ),
+        (
+            r#"{"_class_name": "LCMScheduler", "thresholding": true}"#,
+            None,
+            "thresholding",
+        ),
+        (
+            r#"{"_class_name": "UniPCMultistepScheduler", "predict_x0": false}"#,
+            None,
+            "predict_x0",
+        ),
+        (
+            r#"{"_class_name": "UniPCMultistepScheduler", "solver_order": 4}"#,
+            None,
+            "solver_order",
+        ),
+        (
+            r#"{"_class_name": "UniPCMultistepScheduler", "disable_corrector": [0]}"#,
+            None,
+            "disable_corrector",
+        ),
+        // diffusers' last step is NaN with bh1 down to sigma 0.
+        (
+            r#"{"_class_name": "UniPCMultistepScheduler", "solver_type": "bh1"}"#,
+            None,
+            "solver_type",
+        ),
         // An override still validates the fields its class reads.
         (
             r#"{"_class_name": "PNDMScheduler", "timestep_spacing": "bar"}"#,
@@ -545,6 +590,18 @@ fn step_count_errors() {
                 err.contains("sd1_ddim.json") && err.contains("inference steps"),
                 "{kind} {n}: {err}"
             );
+        }
+        // LCM / TCD take at most original_inference_steps (50 by default).
+        if matches!(kind, SchedulerKind::Lcm | SchedulerKind::Tcd) {
+            let err = format!("{:#}", s.set_timesteps(51).unwrap_err());
+            assert!(
+                err.contains("sd1_ddim.json") && err.contains("`original_inference_steps`"),
+                "{kind}: {err}"
+            );
+            s.set_timesteps(50).unwrap();
+            s.set_timesteps(1).unwrap();
+            assert_eq!(s.timesteps(), [999.0]);
+            continue;
         }
         // leading + steps_offset 1 would index ᾱ[1000] for DDIM / PNDM; the others interpolate.
         let indexes_alphas = matches!(kind, SchedulerKind::Ddim | SchedulerKind::Pndm);
@@ -647,6 +704,21 @@ fn misuse_is_an_error_not_a_panic() {
     }
     assert_eq!(s.set_timesteps_img2img(10, 1.0).unwrap(), 901.0);
     assert_eq!(s.timesteps().len(), 10);
+}
+
+/// TCD's γ is the pipelines' eta, which diffusers asserts is in [0, 1].
+#[test]
+fn tcd_gamma_out_of_range_is_an_error() {
+    let path = golden_dir().join("configs/tcd.json");
+    let mut s = Scheduler::from_config(&path, None).unwrap();
+    assert_eq!(s.kind(), SchedulerKind::Tcd);
+    s.set_timesteps(4).unwrap();
+    let x = Tensor::zeros([1, 4, 2, 2]);
+    s.set_eta(1.5);
+    let err = format!("{:#}", s.step(&x, 0, &x, Some(&x)).unwrap_err());
+    assert!(err.contains("tcd.json") && err.contains("gamma"), "{err}");
+    s.set_eta(1.0);
+    s.step(&x, 0, &x, Some(&x)).unwrap();
 }
 
 /// SD1.5's own config runs as PNDM without an override; schedule edge cases and misuse.

@@ -18,9 +18,15 @@ fn rand(seed: u64, n: usize, scale: f32) -> Tensor {
 
 /// Runs `step` and `step_ops` side by side over a 6-step schedule (img2img with `strength`).
 fn check(cfg: &Path, kind: SchedulerKind, strength: Option<f64>) {
-    let what = format!("{} {kind} strength {strength:?}", cfg.display());
+    check_eta(cfg, kind, strength, 0.0)
+}
+
+fn check_eta(cfg: &Path, kind: SchedulerKind, strength: Option<f64>, eta: f32) {
+    let what = format!("{} {kind} strength {strength:?} eta {eta}", cfg.display());
     let mut a = Scheduler::from_config(cfg, Some(kind)).unwrap();
     let mut b = Scheduler::from_config(cfg, Some(kind)).unwrap();
+    a.set_eta(eta);
+    b.set_eta(eta);
     let t0 = match strength {
         None => {
             a.set_timesteps(6).unwrap();
@@ -85,6 +91,30 @@ fn pndm_step_ops_matches_step() {
         let cfg = golden.join(format!("{config}.json"));
         for strength in [None, Some(0.6), Some(0.3)] {
             check(&cfg, SchedulerKind::Pndm, strength);
+        }
+    }
+}
+
+/// The new schedulers' golden configs: UniPC orders 1 to 3 (bh1, Karras, sigma_min end),
+/// LCM with clipping and v-prediction, TCD with γ > 0 (step noise) and DDIM with η > 0.
+#[test]
+fn few_step_and_unipc_step_ops_match_step() {
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/golden/sched/configs");
+    let cases: &[(&str, SchedulerKind, f32)] = &[
+        ("unipc_o3", SchedulerKind::UniPc, 0.0),
+        ("unipc_o1_trailing", SchedulerKind::UniPc, 0.0),
+        ("unipc_bh1_sigma_min", SchedulerKind::UniPc, 0.0),
+        ("unipc_karras_v", SchedulerKind::UniPc, 0.0),
+        ("unipc_sigma_min_o3", SchedulerKind::UniPc, 0.0),
+        ("lcm_o100_ts5_v_clip", SchedulerKind::Lcm, 0.0),
+        ("tcd", SchedulerKind::Tcd, 0.3),
+        ("sd2_ddim_v", SchedulerKind::Tcd, 1.0),
+        ("sd1_ddim", SchedulerKind::Ddim, 0.7),
+    ];
+    for &(config, kind, eta) in cases {
+        let cfg = golden.join(format!("{config}.json"));
+        for strength in [None, Some(0.6)] {
+            check_eta(&cfg, kind, strength, eta);
         }
     }
 }

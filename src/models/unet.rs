@@ -39,6 +39,9 @@ pub struct UnetConfig {
     pub text_time: Option<(usize, usize)>,
     pub use_linear_projection: bool,
     pub upcast_attention: bool,
+    /// LCM-distilled UNets: the width of the guidance-scale embedding that
+    /// `time_embedding.cond_proj` adds to the timestep embedding's input.
+    pub time_cond_proj_dim: Option<usize>,
 }
 
 impl UnetConfig {
@@ -157,7 +160,6 @@ impl UnetConfig {
         for (field, ok) in [
             ("class_embed_type", None::<&str>),
             ("encoder_hid_dim_type", None),
-            ("time_cond_proj_dim", None),
             ("timestep_post_act", None),
             ("cross_attention_norm", None),
         ] {
@@ -259,6 +261,14 @@ impl UnetConfig {
             text_time,
             use_linear_projection: cfg.bool_or("use_linear_projection", false)?,
             upcast_attention: cfg.bool_or("upcast_attention", false)?,
+            time_cond_proj_dim: match cfg.get("time_cond_proj_dim") {
+                None | Some(serde_json::Value::Null) => None,
+                // ControlNetModel has the same option; no distilled ControlNet is supported yet.
+                Some(v) if controlnet => {
+                    return Err(cfg.unsupported("time_cond_proj_dim", v, "null"))
+                }
+                Some(_) => Some(cfg.usize("time_cond_proj_dim")?),
+            },
             block_out_channels,
         })
     }
@@ -274,6 +284,9 @@ pub struct Cond<'a> {
     pub text_time: Option<(&'a Tensor, &'a Tensor)>,
     /// One entry per attached image-prompt adapter (empty without adapters).
     pub ip: &'a [IpInput],
+    /// LCM-distilled UNets: the guidance-scale embedding [B, time_cond_proj_dim]
+    /// (`guidance_scale_embedding`); without it `cond_proj` is skipped, as in diffusers.
+    pub timestep_cond: Option<&'a Tensor>,
 }
 
 impl Cond<'_> {
@@ -291,6 +304,8 @@ pub struct Embeddings {
     flip: bool,
     shift: f32,
     time: TimestepEmbedding,
+    /// `time_embedding.cond_proj` (no bias) of LCM-distilled UNets.
+    cond_proj: Option<LinearW>,
     add: Option<(usize, TimestepEmbedding)>,
 }
 
@@ -302,6 +317,10 @@ impl Embeddings {
             flip: c.flip_sin_to_cos,
             shift: c.freq_shift as f32,
             time: TimestepEmbedding::load(&vb.pp("time_embedding"), ch, c.time_embed_dim())?,
+            cond_proj: c
+                .time_cond_proj_dim
+                .map(|d| vb.pp("time_embedding").pp("cond_proj").linear(d, ch, false))
+                .transpose()?,
             add: match c.text_time {
                 None => None,
                 Some((td, proj)) => Some((
@@ -314,7 +333,11 @@ impl Embeddings {
 
     /// Returns (time_emb, aug_emb or None); their sum is what the resnets see.
     pub fn forward(&self, cond: &Cond) -> Result<(Tensor, Option<Tensor>)> {
-        let t = ops::timestep_embedding(cond.timesteps, self.time_channels, self.flip, self.shift);
+        let mut t =
+            ops::timestep_embedding(cond.timesteps, self.time_channels, self.flip, self.shift);
+        if let (Some(proj), Some(w)) = (&self.cond_proj, cond.timestep_cond) {
+            t = ops::add(&t, &ops::linear(w, proj));
+        }
         let emb = self.time.forward(&t);
         let aug = match (&self.add, cond.text_time) {
             (None, None) => None,
@@ -830,4 +853,22 @@ pub(crate) fn check_cond(cond: &Cond, b: usize, ctx_dims: &[usize]) -> Result<()
         );
     }
     Ok(())
+}
+
+/// diffusers' `get_guidance_scale_embedding` (LatentConsistencyModelPipeline): a sinusoidal
+/// embedding of `(guidance − 1)·1000`, [sin | cos] over `dim / 2` frequencies
+/// `exp(−i·ln(10⁴)/(dim/2 − 1))`, zero-padded to an odd `dim`; float32 like torch. One row per
+/// sample.
+pub fn guidance_scale_embedding(guidance: f32, dim: usize, rows: usize) -> Tensor {
+    let w = (guidance - 1.0) * 1000.0;
+    let half = dim / 2;
+    let step = 10000f32.ln() / (half as f32 - 1.0);
+    let args: Vec<f32> = (0..half).map(|i| w * (i as f32 * -step).exp()).collect();
+    let row: Vec<f32> = args
+        .iter()
+        .map(|a| a.sin())
+        .chain(args.iter().map(|a| a.cos()))
+        .chain((dim % 2 == 1).then_some(0.0))
+        .collect();
+    Tensor::new(vec![rows, dim], row.repeat(rows))
 }

@@ -15,7 +15,7 @@ use crate::models::adapter::Adapter;
 use crate::models::blocks::IpInput;
 use crate::models::controlnet::ControlNet;
 use crate::models::load::{self, Checkpoint};
-use crate::models::unet::{Cond, Unet};
+use crate::models::unet::{guidance_scale_embedding, Cond, Unet};
 use crate::models::vae::Vae;
 use crate::sched::{Scheduler, SchedulerKind};
 use crate::tensor::Tensor;
@@ -428,7 +428,10 @@ impl Generator {
             );
         }
         let (h, w, c) = (req.height / f, req.width / f, self.vae.latent_channels);
-        let cfg = req.guidance > 1.0;
+        // LCM-distilled UNets take the guidance scale as an embedding instead, in one batch
+        // (LatentConsistencyModelPipeline): no classifier-free guidance whatever its value.
+        let distilled = self.unet.config.time_cond_proj_dim;
+        let cfg = req.guidance > 1.0 && distilled.is_none();
         // Only this chunk's prompts are encoded (a prompts file can hold thousands).
         let mut needed: Vec<usize> = (first..first + n)
             .map(|i| i / req.images_per_prompt)
@@ -596,7 +599,9 @@ impl Generator {
         };
 
         let ip_tokens = self.image_tokens(req, first, n, cfg)?;
+        let w_embed = distilled.map(|d| dev.put(guidance_scale_embedding(req.guidance, d, rows)));
         let call = ModelCall {
+            w_embed: w_embed.is_some(),
             pooled: embeds.pooled.is_some(),
             control: control.as_ref().map(|(net, _, s)| (*net, *s)),
             mask: mask_input.is_some(),
@@ -650,6 +655,7 @@ impl Generator {
                 inputs.push(ml.clone());
             }
             inputs.extend(ip_tokens.iter().cloned());
+            inputs.extend(w_embed.iter().cloned());
             let pred = graphs
                 .step
                 .run(&key, &inputs, |v| {
@@ -717,11 +723,13 @@ impl Generator {
                 scales: scales.clone(),
             })
             .collect();
+        let timestep_cond = if call.w_embed { Some(next()) } else { None };
         let cond = Cond {
             timesteps: &v[1],
             context: &v[2],
             text_time,
             ip: &ip,
+            timestep_cond,
         };
         let residuals = match (call.control, image) {
             (Some((net, scale)), Some(im)) => Some(net.forward(&v[0], &cond, im, scale)?),
@@ -781,6 +789,8 @@ impl Generator {
 /// What one denoising model call consists of.
 struct ModelCall<'a> {
     pooled: bool,
+    /// LCM-distilled UNet: the guidance-scale embedding is the last input.
+    w_embed: bool,
     control: Option<(&'a ControlNet, f32)>,
     mask: bool,
     guidance: Option<f32>,

@@ -315,6 +315,7 @@ impl ViewGenerator {
                 context: &context,
                 text_time: None,
                 ip: &no_ip,
+                timestep_cond: None,
             };
             let pred = self.unet.forward(&x_in, &cond, None, None)?;
             self.evaluations
