@@ -12,6 +12,7 @@ use toffee::models::load::load_unet;
 use toffee::pipeline::noise::NoiseSource;
 use toffee::pipeline::{Control, Generator, ImagePrompt, Init, Request};
 use toffee::tensor::Tensor;
+use toffee::weights::lora::LoraSpec;
 use toffee::weights::safetensors::read_all;
 
 fn run_case(name: &str) {
@@ -110,9 +111,30 @@ fn run_case_with(golden_dir: &str, name: &str, tensor_scheduler: bool) {
         .get("controlnet")
         .and_then(Value::as_str)
         .map(|c| root.join(c));
-    let mut gen = Generator::load(
+    // LoRA cases (golden/lora): diffusers' fuse_lora(lora_scale) × each adapter's weight.
+    let lora_scale = case
+        .get("lora_scale")
+        .and_then(Value::as_f64)
+        .unwrap_or(1.0);
+    let loras: Vec<LoraSpec> = case
+        .get("loras")
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .map(|l| LoraSpec {
+                    path: root.join(l["file"].as_str().unwrap()),
+                    scale: (lora_scale
+                        * l.get("adapter_weight")
+                            .and_then(Value::as_f64)
+                            .unwrap_or(1.0)) as f32,
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let mut gen = Generator::load_with_loras(
         &root.join(case["model"].as_str().unwrap()),
         cn.as_deref(),
+        &loras,
         &toffee::backend::Device::Cpu,
     )
     .unwrap();
@@ -167,9 +189,15 @@ fn run_case_with(golden_dir: &str, name: &str, tensor_scheduler: bool) {
         image_prompts: attach_adapters(&mut gen, &case, &t),
     };
     let calls = case["noise_calls"].as_array().unwrap().len();
-    let noise: VecDeque<Tensor> = (0..calls)
+    let mut noise: VecDeque<Tensor> = (0..calls)
         .map(|i| t[&format!("noise.{i}")].clone())
         .collect();
+    if case["scheduler"]["override"] == "lcm" {
+        // diffusers draws no noise for LCM's last step; the engine draws one it does not use
+        // (NaN proves it unused).
+        let l = &t["noise.0"];
+        noise.push_back(Tensor::new(l.shape(), vec![f32::NAN; l.numel()]));
+    }
     let mut source = NoiseSource::Recorded(noise);
     let total = req.total_images();
     let mut steps_seen = 0;
@@ -312,3 +340,14 @@ fn sd1_lcm_unet() {
         assert!(err <= 1e-3, "final latents differ by {err:e}");
     }
 }
+
+macro_rules! lora_cases {
+    ($($name:ident),* $(,)?) => { $( #[test] fn $name() {
+        run_case_with("golden/lora", stringify!($name), false);
+        run_case_with("golden/lora", stringify!($name), true);
+    } )* };
+}
+
+// LoRAs fused at load against diffusers' load_lora_weights + fuse_lora (tools/fixtures/lora.py);
+// lcm_lora: an LCM-LoRA-style run, 4 LCM steps without CFG.
+lora_cases!(lora_sd1_txt2img, lora_sdxl_txt2img, lcm_lora);

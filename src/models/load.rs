@@ -77,6 +77,17 @@ fn apply_loras(ck: &mut Checkpoint, component: &str, loras: &[Lora]) -> Result<(
     Ok(())
 }
 
+/// A component's checkpoint with LoRA deltas attached (text encoders' names normalised), as the
+/// loaders below build it: for tests and tools that read the fused weights themselves.
+pub fn checkpoint_with_loras(path: &Path, component: &str, loras: &[Lora]) -> Result<Checkpoint> {
+    let mut ck = Checkpoint::open(path, component)?;
+    if component.starts_with("text_encoder") {
+        normalise_text_encoder(&mut ck.weights);
+    }
+    apply_loras(&mut ck, component, loras)?;
+    Ok(ck)
+}
+
 /// The UNet with LoRAs fused into its weights.
 pub fn load_unet_with(path: &Path, device: &Device, loras: &[Lora]) -> Result<Unet> {
     let mut ck = Checkpoint::open(path, "unet")?;

@@ -149,9 +149,9 @@ pub struct Lora {
     pub scale: f32,
     file: SafetensorsFile,
     modules: BTreeMap<(&'static str, String), Factors>,
-    /// α per module key from diffusers' `lora_adapter_metadata` (PEFT `lora_alpha` /
-    /// `alpha_pattern`), when present.
-    peft_alpha: Option<(f32, HashMap<String, f32>)>,
+    /// Per component, α from diffusers' `lora_adapter_metadata` (PEFT `lora_alpha`,
+    /// `alpha_pattern` by module), when present.
+    peft_alpha: HashMap<String, PeftAlpha>,
 }
 
 impl Lora {
@@ -268,19 +268,30 @@ impl Lora {
             if rank == 0 {
                 bail!("{}: `{m}` has rank 0", self.path.display());
             }
-            let alpha = match (&f.alpha, &self.peft_alpha) {
+            let (alpha, rs) = match (&f.alpha, self.peft_alpha.get(component)) {
                 (Some(a), _) => {
                     let t = self.file.read_f32(a)?;
-                    *t.data()
+                    let v = *t
+                        .data()
                         .first()
-                        .ok_or_else(|| anyhow!("{}: `{a}` is empty", self.path.display()))?
+                        .ok_or_else(|| anyhow!("{}: `{a}` is empty", self.path.display()))?;
+                    (v, false)
                 }
-                (None, Some((default, pattern))) => pattern
-                    .iter()
-                    .find(|(k, _)| m.ends_with(k.as_str()))
-                    .map(|(_, v)| *v)
-                    .unwrap_or(*default),
-                (None, None) => rank as f32,
+                (None, Some(p)) => (
+                    p.pattern
+                        .iter()
+                        .find(|(k, _)| m == k.as_str() || m.ends_with(&format!(".{k}")))
+                        .map(|(_, v)| *v)
+                        .unwrap_or(p.alpha),
+                    p.rslora,
+                ),
+                (None, None) => (rank as f32, false),
+            };
+            // rsLoRA scales by α/√r instead of α/r.
+            let denom = if rs {
+                (rank as f32).sqrt()
+            } else {
+                rank as f32
             };
             if !alpha.is_finite() {
                 bail!(
@@ -293,7 +304,7 @@ impl Lora {
                 Delta {
                     up,
                     down,
-                    scale: self.scale * alpha / rank as f32,
+                    scale: self.scale * alpha / denom,
                 },
             ));
         }
@@ -309,29 +320,50 @@ impl Lora {
     }
 }
 
-/// diffusers writes PEFT's LoraConfig of each component as JSON in the safetensors metadata.
-fn peft_metadata(path: &Path) -> Result<Option<(f32, HashMap<String, f32>)>> {
+/// PEFT's α settings of one component.
+struct PeftAlpha {
+    alpha: f32,
+    pattern: HashMap<String, f32>,
+    rslora: bool,
+}
+
+/// diffusers writes PEFT's LoraConfig of each component into the safetensors metadata, as JSON
+/// with keys `<component>.<field>` (`unet.lora_alpha`, `text_encoder.alpha_pattern`, …).
+fn peft_metadata(path: &Path) -> Result<HashMap<String, PeftAlpha>> {
     let meta = super::safetensors::metadata(path)?;
     let Some(text) = meta.get("lora_adapter_metadata") else {
-        return Ok(None);
+        return Ok(HashMap::new());
     };
     let v: serde_json::Value = serde_json::from_str(text)
         .with_context(|| format!("{}: `lora_adapter_metadata` is not JSON", path.display()))?;
-    // One entry per component ("unet.lora_alpha" …) or a flat LoraConfig.
-    let get =
-        |k: &str| -> Option<&serde_json::Value> { v.get(k).or_else(|| v.get(format!("unet.{k}"))) };
-    let Some(alpha) = get("lora_alpha").and_then(|a| a.as_f64()) else {
-        return Ok(None);
-    };
-    let pattern = get("alpha_pattern")
-        .and_then(|p| p.as_object())
-        .map(|o| {
-            o.iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()? as f32)))
-                .collect()
-        })
-        .unwrap_or_default();
-    Ok(Some((alpha as f32, pattern)))
+    let mut out = HashMap::new();
+    for comp in COMPONENTS {
+        let get = |k: &str| v.get(format!("{comp}.{k}"));
+        let Some(alpha) = get("lora_alpha").and_then(|a| a.as_f64()) else {
+            continue;
+        };
+        if get("use_dora").and_then(|d| d.as_bool()) == Some(true) {
+            bail!("{}: {comp}: DoRA LoRAs are not supported", path.display());
+        }
+        let pattern = get("alpha_pattern")
+            .and_then(|p| p.as_object())
+            .map(|o| {
+                o.iter()
+                    .filter_map(|(k, v)| Some((k.clone(), v.as_f64()? as f32)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let rslora = get("use_rslora").and_then(|d| d.as_bool()) == Some(true);
+        out.insert(
+            comp.to_string(),
+            PeftAlpha {
+                alpha: alpha as f32,
+                pattern,
+                rslora,
+            },
+        );
+    }
+    Ok(out)
 }
 
 /// The UNet's diffusers module names in SGM/LDM naming, for kohya files that use it.

@@ -282,10 +282,21 @@ impl WeightStore {
             .get(name)
             .ok_or_else(|| anyhow!("{}: missing tensor `{name}`", self.origin.display()))?;
         let t = self.files[*fi].read_f32(stored)?;
-        op.apply(
+        let mut t = op.apply(
             t,
             &format!("{}: `{stored}`", self.files[*fi].path.display()),
-        )
+        )?;
+        if let Some(ds) = self.deltas.get(name) {
+            for d in ds {
+                let p = d
+                    .product(t.shape())
+                    .with_context(|| format!("{}: LoRA on `{name}`", self.origin.display()))?;
+                for (w, x) in t.data_mut().iter_mut().zip(p.data()) {
+                    *w += x;
+                }
+            }
+        }
+        Ok(t)
     }
 
     /// Adds a LoRA delta to the weight `name` (fused when the weight is read). Shapes are checked
@@ -307,6 +318,11 @@ impl WeightStore {
         }
         self.deltas.entry(name.to_string()).or_default().push(d);
         Ok(())
+    }
+
+    /// Names of the weights a LoRA changes.
+    pub fn adapted(&self) -> impl Iterator<Item = &str> {
+        self.deltas.keys().map(|s| s.as_str())
     }
 
     /// A tensor in its stored dtype (op applied), for writing it elsewhere unchanged.
