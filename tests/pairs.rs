@@ -403,6 +403,16 @@ fn ctrl_c_stops_cleanly_and_the_rerun_completes() {
 /// ControlNet as folders or single files; an IP-Adapter as the Refiner's adapter, DINOv2 and CLIP
 /// for the filter), subjects from a folder. Returns the output folder's shard files.
 fn pairs_job(dir: &Path, draft: &Path, controlnet: &Path) -> BTreeMap<String, Vec<u8>> {
+    pairs_job_with(dir, draft, controlnet, "")
+}
+
+/// `pairs_job` with TOML lines added to the [draft] table (and any tables after them).
+fn pairs_job_with(
+    dir: &Path,
+    draft: &Path,
+    controlnet: &Path,
+    draft_extra: &str,
+) -> BTreeMap<String, Vec<u8>> {
     let f = common::fixtures();
     let p = |s: &str| f.join(s).display().to_string();
     let cfg = dir.join("pairs.toml");
@@ -411,7 +421,7 @@ fn pairs_job(dir: &Path, draft: &Path, controlnet: &Path) -> BTreeMap<String, Ve
         format!(
             "[models]\ndraft = \"{}\"\ncontrolnet = \"{}\"\nrefiner_adapter = \"{}\"\nrefiner_adapter_encoder = \"{}\"\n\
              dino = \"{}\"\nclip = \"{}\"\n\n[job]\nresolution = 64\nprompts_per_subject = 2\nshard_size = 2\nbatch = 2\n\n\
-             [draft]\nsteps = 2\n\n[refine]\nsteps = 4\nmask_dilation = 2\n\n[filter]\ndino = -1.0\nclip_i = -1.0\nclip_t = -1.0\n",
+             [draft]\nsteps = 2\n{draft_extra}\n\n[refine]\nsteps = 4\nmask_dilation = 2\n\n[filter]\ndino = -1.0\nclip_i = -1.0\nclip_t = -1.0\n",
             draft.display(),
             controlnet.display(),
             p("adapters/ip-adapter-sd1.safetensors"),
@@ -517,5 +527,49 @@ fn bench_counts_unet_evaluations_per_record() {
     assert_eq!(
         cfg["unet_evaluations"].as_u64().unwrap(),
         10 * cfg["records"].as_u64().unwrap()
+    );
+}
+
+/// Per-stage LoRAs: the draft fuses one (relative to the config), the Refiner none, so it gets
+/// its own copy of the model; the targets (refined drafts) change, the job completes.
+#[test]
+fn pairs_with_a_draft_lora() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let f = common::fixtures();
+    std::fs::copy(
+        f.join("lora/sd1-peft.safetensors"),
+        b.path().join("style.safetensors"),
+    )
+    .unwrap();
+    let plain = pairs_job(a.path(), &f.join("sd1"), &f.join("controlnet-sd1"));
+    let lora = pairs_job_with(
+        b.path(),
+        &f.join("sd1"),
+        &f.join("controlnet-sd1"),
+        "lora = [\"style.safetensors:0.8\"]",
+    );
+    let targets: Vec<&String> = plain
+        .keys()
+        .filter(|k| k.ends_with(".target.png"))
+        .collect();
+    assert!(
+        !targets.is_empty(),
+        "{:?}",
+        plain.keys().collect::<Vec<_>>()
+    );
+    assert!(
+        targets.iter().any(|k| plain[*k] != lora[*k]),
+        "the draft LoRA changed no target"
+    );
+    // a missing LoRA file is a config error before any work
+    let cfg = b.path().join("bad.toml");
+    std::fs::write(&cfg, "[draft]\nlora = [\"nope.safetensors\"]\n").unwrap();
+    let e = expect_error(&pairs(
+        &b.path().join("o2"),
+        &["--config", cfg.to_str().unwrap()],
+    ));
+    assert!(
+        e.contains("bad.toml") && e.contains("nope.safetensors"),
+        "{e}"
     );
 }
