@@ -547,6 +547,30 @@ fn pipelines_match_the_cpu_backend() {
             Init::Noise,
             None,
         ),
+        (
+            "sd1 txt2img unipc",
+            "sd1",
+            None,
+            Some("unipc"),
+            Init::Noise,
+            None,
+        ),
+        (
+            "sd1 txt2img lcm",
+            "sd1",
+            None,
+            Some("lcm"),
+            Init::Noise,
+            None,
+        ),
+        (
+            "sd1 txt2img tcd",
+            "sd1",
+            None,
+            Some("tcd"),
+            Init::Noise,
+            None,
+        ),
         ("sd2 txt2img v-pred", "sd2", None, None, Init::Noise, None),
         ("sdxl txt2img", "sdxl", None, None, Init::Noise, None),
         (
@@ -615,6 +639,27 @@ fn pipelines_match_the_cpu_backend() {
             }
             Err(e) => fail(format!("{name}: {e:#}")),
         }
+    }
+    // A single-file checkpoint with a LoRA fused at load: the GPU sees ordinary weights.
+    let file = fixtures().join("single_file/sd1.safetensors");
+    let loras = [toffee::weights::lora::LoraSpec {
+        path: fixtures().join("lora/sd1-peft.safetensors"),
+        scale: 0.8,
+    }];
+    let req = request(Init::Noise, None);
+    let want = Generator::load_with_loras(&file, None, &loras, &Device::Cpu)
+        .and_then(|g| g.run(&req, &mut |_, _| {}))
+        .unwrap();
+    match Generator::load_with_loras(&file, None, &loras, &d)
+        .and_then(|g| g.run(&req, &mut |_, _| {}))
+    {
+        Ok(got) => close(
+            "single file + LoRA latents",
+            &got.latents,
+            &want.latents,
+            &d,
+        ),
+        Err(e) => fail(format!("single file + LoRA: {e:#}")),
     }
     finish();
 }
