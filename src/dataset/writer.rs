@@ -11,10 +11,11 @@ use std::path::{Path, PathBuf};
 /// 8-bit PNG bytes of one [1, H, W, C] image in [0, 1] (C = 1 or 3).
 pub fn png_bytes(img: &Tensor) -> Result<Vec<u8>> {
     let (_, h, w, c) = img.dims4();
+    // The CLI's 8-bit conversion (ties to even, NaN → 0), so a pair's PNG equals `txt2img`'s.
     let px: Vec<u8> = img
         .data()
         .iter()
-        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .map(|&v| crate::image_io::quantize(v))
         .collect();
     let mut out = Vec::new();
     let color = if c == 1 {
