@@ -108,3 +108,29 @@ fn film_relu_and_sigmoid() {
     assert_eq!(Activation::parse("relu"), Some(Activation::Relu));
     assert_eq!(Activation::parse("sigmoid"), Some(Activation::Sigmoid));
 }
+
+#[test]
+fn a_store_view_renames_and_draws_like_the_whole() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/segment_depth/clipseg/model.safetensors");
+    let whole = WeightStore::open_file(&dir).unwrap();
+    let clip = whole.view("clip.");
+    let name = "vision_model.embeddings.class_embedding";
+    assert!(clip.contains(name));
+    assert!(!clip.contains("decoder.film_mul.weight"));
+    assert_eq!(
+        clip.get_any(name).unwrap().data(),
+        whole.get_any(&format!("clip.{name}")).unwrap().data()
+    );
+    // A view of a view strips both prefixes.
+    assert!(clip
+        .view("vision_model.")
+        .contains("embeddings.class_embedding"));
+    // Random stores: a view synthesises the tensor the whole store would under the full name.
+    let r = WeightStore::random(7);
+    let shape = [4usize, 3];
+    assert_eq!(
+        r.view("a.").view("b.").get("w", &shape).unwrap().data(),
+        r.get("a.b.w", &shape).unwrap().data()
+    );
+}

@@ -89,16 +89,20 @@ impl Op {
 }
 
 /// All tensors of one model (one or more safetensors files), addressed by normalised name.
+#[derive(Clone)]
 pub struct WeightStore {
     /// What the user pointed at (a file or a folder), for error messages.
     pub origin: PathBuf,
-    files: Vec<SafetensorsFile>,
+    /// Shared so that `view` can hand one model's sub-models their own stores without a copy.
+    files: std::sync::Arc<Vec<SafetensorsFile>>,
     /// normalised name -> (file index, name inside the file, how the stored tensor becomes this one)
     names: BTreeMap<String, (usize, String, Op)>,
     /// Synthesised weights (no files): every requested tensor is made from this seed and its name.
     random: Option<u64>,
     /// LoRA deltas fused into weights as they are read (name → deltas, in file order).
     deltas: BTreeMap<String, Vec<lora::Delta>>,
+    /// What a `view` stripped: synthesised weights are drawn under the full name.
+    random_prefix: String,
 }
 
 impl WeightStore {
@@ -112,10 +116,11 @@ impl WeightStore {
             .collect();
         Ok(WeightStore {
             origin: path.to_path_buf(),
-            files: vec![f],
+            files: std::sync::Arc::new(vec![f]),
             names,
             random: None,
             deltas: BTreeMap::new(),
+            random_prefix: String::new(),
         })
     }
 
@@ -167,10 +172,11 @@ impl WeightStore {
         }
         Ok(WeightStore {
             origin: index.to_path_buf(),
-            files,
+            files: std::sync::Arc::new(files),
             names,
             random: None,
             deltas: BTreeMap::new(),
+            random_prefix: String::new(),
         })
     }
 
@@ -194,20 +200,22 @@ impl WeightStore {
         }
         Ok(WeightStore {
             origin: PathBuf::from(origin),
-            files: vec![f],
+            files: std::sync::Arc::new(vec![f]),
             names,
             random: None,
             deltas: BTreeMap::new(),
+            random_prefix: String::new(),
         })
     }
 
     pub fn random(seed: u64) -> Self {
         WeightStore {
             origin: PathBuf::from("<random weights>"),
-            files: Vec::new(),
+            files: std::sync::Arc::new(Vec::new()),
             names: BTreeMap::new(),
             random: Some(seed),
             deltas: BTreeMap::new(),
+            random_prefix: String::new(),
         }
     }
 
@@ -232,6 +240,27 @@ impl WeightStore {
             *x = *x * scale + shift;
         }
         Tensor::new(shape.to_vec(), v)
+    }
+
+    /// The tensors under `prefix` (`clip.vision_model.`), renamed without it, as a store of their
+    /// own: a composite model (CLIPSeg's two CLIP towers, Depth Anything's backbone) hands each
+    /// part the bare names its loader expects. The files stay shared and mapped once.
+    pub fn view(&self, prefix: &str) -> WeightStore {
+        fn under<V: Clone>(m: &BTreeMap<String, V>, prefix: &str) -> BTreeMap<String, V> {
+            m.iter()
+                .filter_map(|(k, v)| Some((k.strip_prefix(prefix)?.to_string(), v.clone())))
+                .collect()
+        }
+        let (names, deltas) = (under(&self.names, prefix), under(&self.deltas, prefix));
+        WeightStore {
+            origin: self.origin.clone(),
+            files: self.files.clone(),
+            names,
+            // Synthesised weights keep the full name, so a view draws what the whole would.
+            random: self.random,
+            deltas,
+            random_prefix: format!("{}{prefix}", self.random_prefix),
+        }
     }
 
     /// Renames tensors: `f` returns the normalised name for a stored one, or None to keep it.
@@ -380,7 +409,11 @@ impl WeightStore {
     /// A tensor as f32 with one of `shapes` (stored layouts vary); random stores use the first.
     pub fn get_one_of(&self, name: &str, shapes: &[&[usize]]) -> Result<Tensor> {
         if let Some(seed) = self.random {
-            return Ok(Self::synthesise(seed, name, shapes[0]));
+            return Ok(Self::synthesise(
+                seed,
+                &format!("{}{name}", self.random_prefix),
+                shapes[0],
+            ));
         }
         let t = self.get_any(name)?;
         if !shapes.contains(&t.shape()) {
