@@ -5,9 +5,10 @@
 
 #define GRID_STRIDE(i, n) for (long i = (long)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (long)gridDim.x * blockDim.x)
 
-// kind: 0 silu, 1 gelu (erf), 2 quick_gelu, 3 identity, 4 tanh.
+// kind: 0 silu, 1 gelu (erf), 2 quick_gelu, 3 identity, 4 tanh, 5 relu, 6 sigmoid.
 __device__ __forceinline__ float act_f(float v, int kind) {
-    return kind == 0 ? silu_f(v) : kind == 1 ? gelu_f(v) : kind == 2 ? quick_gelu_f(v) : kind == 4 ? tanhf(v) : v;
+    return kind == 0 ? silu_f(v) : kind == 1 ? gelu_f(v) : kind == 2 ? quick_gelu_f(v) : kind == 4 ? tanhf(v)
+         : kind == 5 ? fmaxf(v, 0.0f) : kind == 6 ? 1.0f / (1.0f + expf(-v)) : v;
 }
 
 // y = act(a·x + b).
@@ -137,6 +138,51 @@ template <typename T> __device__ void affine_clamp(const T* x, T* y, long n, flo
     GRID_STRIDE(i, n) y[i] = from_f<T>(fminf(fmaxf(a * to_f(x[i]) + b, lo), hi));
 }
 
+// Pixel shuffle of a stride-k transposed convolution's GEMM output: x [n, h, w, k·k·c] with channel
+// (ky·k + kx)·c + ch → y [n, h·k, w·k, c].
+template <typename T> __device__ void depth_to_space(const T* x, T* y, int n, int h, int w, int c, int k) {
+    int ow = w * k, oh = h * k;
+    GRID_STRIDE(i, (long)n * oh * ow * c) {
+        int ch = (int)(i % c);
+        long p = i / c;
+        int ox = (int)(p % ow), oy = (int)((p / ow) % oh), b = (int)(p / ((long)ow * oh));
+        int iy = oy / k, ix = ox / k, ky = oy % k, kx = ox % k;
+        y[i] = x[(((long)b * h + iy) * w + ix) * ((long)k * k * c) + (ky * k + kx) * c + ch];
+    }
+}
+
+// torch's source coordinate for bilinear interpolation (no antialias).
+__device__ __forceinline__ float bilinear_src(int o, int in, int out, int align) {
+    if (align) return out > 1 ? (float)o * (float)(in - 1) / (float)(out - 1) : 0.0f;
+    float s = ((float)o + 0.5f) * (float)in / (float)out - 0.5f;
+    return s < 0.0f ? 0.0f : s;
+}
+
+// Bilinear resize of NHWC with F.interpolate(mode="bilinear", align_corners=align) index rules.
+template <typename T> __device__ void resize_bilinear(const T* x, T* y, int n, int h, int w, int c, int oh, int ow, int align) {
+    GRID_STRIDE(i, (long)n * oh * ow * c) {
+        int ch = (int)(i % c);
+        long p = i / c;
+        int ox = (int)(p % ow), oy = (int)((p / ow) % oh), b = (int)(p / ((long)ow * oh));
+        float sy = bilinear_src(oy, h, oh, align), sx = bilinear_src(ox, w, ow, align);
+        int y0 = min((int)sy, h - 1), x0 = min((int)sx, w - 1);
+        int y1 = min(y0 + 1, h - 1), x1 = min(x0 + 1, w - 1);
+        float ly = sy - y0, lx = sx - x0;
+        const T* base = x + (long)b * h * w * c + ch;
+        float v00 = to_f(base[((long)y0 * w + x0) * c]), v01 = to_f(base[((long)y0 * w + x1) * c]);
+        float v10 = to_f(base[((long)y1 * w + x0) * c]), v11 = to_f(base[((long)y1 * w + x1) * c]);
+        y[i] = from_f<T>((1.0f - ly) * ((1.0f - lx) * v00 + lx * v01) + ly * ((1.0f - lx) * v10 + lx * v11));
+    }
+}
+
+// FiLM: y[n, p, c] = mul[n, c]·x[n, p, c] + add[n, c].
+template <typename T> __device__ void film(const T* x, const T* mul, const T* add, T* y, long total, long per, int c) {
+    GRID_STRIDE(i, total) {
+        long v = (i / per) * c + i % c;
+        y[i] = from_f<T>(to_f(mul[v]) * to_f(x[i]) + to_f(add[v]));
+    }
+}
+
 #define ELEMENTWISE(S, T)                                                                                            \
     extern "C" __global__ void act_##S(const T* x, T* y, long n, int kind, float a, float b) { act<T>(x, y, n, kind, a, b); } \
     extern "C" __global__ void glu_##S(const T* x, T* y, long rows, int c, int kind) { glu<T>(x, y, rows, c, kind); } \
@@ -149,6 +195,16 @@ template <typename T> __device__ void affine_clamp(const T* x, T* y, long n, flo
     }                                                                                                                \
     extern "C" __global__ void slice_channels_##S(const T* s, int cs, T* d, int cd, int off, long rows) {           \
         slice_channels<T>(s, cs, d, cd, off, rows);                                                                  \
+    }                                                                                                                \
+    extern "C" __global__ void depth_to_space_##S(const T* x, T* y, int n, int h, int w, int c, int k) {          \
+        depth_to_space<T>(x, y, n, h, w, c, k);                                                                      \
+    }                                                                                                                \
+    extern "C" __global__ void resize_bilinear_##S(const T* x, T* y, int n, int h, int w, int c, int oh, int ow,     \
+                                                   int align) {                                                      \
+        resize_bilinear<T>(x, y, n, h, w, c, oh, ow, align);                                                         \
+    }                                                                                                                \
+    extern "C" __global__ void film_##S(const T* x, const T* m, const T* a, T* y, long total, long per, int c) {    \
+        film<T>(x, m, a, y, total, per, c);                                                                          \
     }                                                                                                                \
     extern "C" __global__ void upsample_nearest_##S(const T* x, T* y, int n, int h, int w, int c, int oh, int ow) {  \
         upsample_nearest<T>(x, y, n, h, w, c, oh, ow);                                                               \

@@ -303,6 +303,33 @@ fn ops_match_the_cpu_backend() {
             &d,
         );
     }
+    // The segmentation / depth models' glue: transposed-conv pixel shuffle, bilinear resizes
+    // (both corner rules, up and down, odd sizes), FiLM, ReLU and sigmoid.
+    let s2d = rand(&[2, 3, 5, 4 * 6], 18);
+    close(
+        "depth_to_space",
+        &ops::depth_to_space(&put(&s2d), 2),
+        &ops::depth_to_space(&s2d, 2),
+        &d,
+    );
+    for (oh, ow, align) in [(10, 14, true), (9, 13, false), (3, 2, false), (11, 3, true)] {
+        close(
+            &format!("resize_bilinear {oh}x{ow} align {align}"),
+            &ops::resize_bilinear(&put(&x), oh, ow, align),
+            &ops::resize_bilinear(&x, oh, ow, align),
+            &d,
+        );
+    }
+    let (fm, fa) = (rand(&[2, 12], 19), rand(&[2, 12], 20));
+    close(
+        "film",
+        &ops::film(&put(&x), &put(&fm), &put(&fa)),
+        &ops::film(&x, &fm, &fa),
+        &d,
+    );
+    for a in [Activation::Relu, Activation::Sigmoid] {
+        close(&format!("{a:?}"), &a.apply(&put(&x)), &a.apply(&x), &d);
+    }
     close("narrow0", &put(&x).narrow0(1, 1), &x.narrow0(1, 1), &d);
     close(
         "cat0",

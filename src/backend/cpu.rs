@@ -519,6 +519,9 @@ pub enum Activation {
     QuickGelu,
     /// The ViT pooler's activation.
     Tanh,
+    /// Decoders and heads of the segmentation and depth models.
+    Relu,
+    Sigmoid,
 }
 
 impl Activation {
@@ -528,6 +531,8 @@ impl Activation {
             "gelu" => Some(Activation::Gelu),
             "quick_gelu" => Some(Activation::QuickGelu),
             "tanh" => Some(Activation::Tanh),
+            "relu" => Some(Activation::Relu),
+            "sigmoid" => Some(Activation::Sigmoid),
             _ => None,
         }
     }
@@ -650,6 +655,85 @@ pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Tensor {
     Tensor::new(vec![n, out_h, out_w, c], out)
 }
 
+/// The pixel shuffle after a stride-k transposed convolution's GEMM: x [N, H, W, k·k·C] with
+/// channel (ky·k + kx)·C + c → [N, H·k, W·k, C].
+pub fn depth_to_space(x: &Tensor, k: usize) -> Tensor {
+    let (n, h, w, ckk) = x.dims4();
+    let c = ckk / (k * k);
+    let (oh, ow) = (h * k, w * k);
+    let mut out = vec![0.0f32; x.numel()];
+    out.par_chunks_mut(ow * c).enumerate().for_each(|(row, o)| {
+        let (b, oy) = (row / oh, row % oh);
+        let (iy, ky) = (oy / k, oy % k);
+        for ox in 0..ow {
+            let (ix, kx) = (ox / k, ox % k);
+            let s = ((b * h + iy) * w + ix) * ckk + (ky * k + kx) * c;
+            o[ox * c..(ox + 1) * c].copy_from_slice(&x.data()[s..s + c]);
+        }
+    });
+    Tensor::new(vec![n, oh, ow, c], out)
+}
+
+/// torch's source coordinate and weights along one axis of a bilinear resize (no antialias).
+fn bilinear_taps(inp: usize, out: usize, align_corners: bool) -> Vec<(usize, usize, f32)> {
+    (0..out)
+        .map(|o| {
+            let src = if align_corners {
+                if out > 1 {
+                    o as f32 * (inp as f32 - 1.0) / (out as f32 - 1.0)
+                } else {
+                    0.0
+                }
+            } else {
+                ((o as f32 + 0.5) * inp as f32 / out as f32 - 0.5).max(0.0)
+            };
+            let i0 = (src as usize).min(inp - 1);
+            let i1 = (i0 + 1).min(inp - 1);
+            (i0, i1, src - i0 as f32)
+        })
+        .collect()
+}
+
+/// Bilinear resize of NHWC as `F.interpolate(mode="bilinear", align_corners=…)`.
+pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize, align_corners: bool) -> Tensor {
+    let (n, h, w, c) = x.dims4();
+    let ty = bilinear_taps(h, oh, align_corners);
+    let tx = bilinear_taps(w, ow, align_corners);
+    let d = x.data();
+    let mut out = vec![0.0f32; n * oh * ow * c];
+    out.par_chunks_mut(ow * c).enumerate().for_each(|(row, o)| {
+        let (b, oy) = (row / oh, row % oh);
+        let (y0, y1, ly) = ty[oy];
+        let at = |y: usize, xx: usize, ch: usize| d[((b * h + y) * w + xx) * c + ch];
+        for (ox, &(x0, x1, lx)) in tx.iter().enumerate() {
+            for ch in 0..c {
+                let top = (1.0 - lx) * at(y0, x0, ch) + lx * at(y0, x1, ch);
+                let bot = (1.0 - lx) * at(y1, x0, ch) + lx * at(y1, x1, ch);
+                o[ox * c + ch] = (1.0 - ly) * top + ly * bot;
+            }
+        }
+    });
+    Tensor::new(vec![n, oh, ow, c], out)
+}
+
+/// FiLM: mul[N, C]·x[N, ..., C] + add[N, C].
+pub fn film(x: &Tensor, mul: &Tensor, add: &Tensor) -> Tensor {
+    let n = x.shape()[0];
+    let c = x.last_dim();
+    let per = x.numel() / n;
+    let mut out = x.data().to_vec();
+    out.par_chunks_mut(per).enumerate().for_each(|(b, img)| {
+        let m = &mul.data()[b * c..(b + 1) * c];
+        let a = &add.data()[b * c..(b + 1) * c];
+        for px in img.chunks_mut(c) {
+            for ((o, m), a) in px.iter_mut().zip(m).zip(a) {
+                *o = m * *o + a;
+            }
+        }
+    });
+    Tensor::new(x.shape().to_vec(), out)
+}
+
 /// Sinusoidal timestep embedding as diffusers' `get_timestep_embedding` (scale 1, max period 10000).
 pub fn timestep_embedding(t: &[f32], dim: usize, flip_sin_to_cos: bool, freq_shift: f32) -> Tensor {
     let half = dim / 2;
@@ -699,6 +783,8 @@ impl Activation {
             Activation::Gelu => gelu1,
             Activation::QuickGelu => quick_gelu1,
             Activation::Tanh => f32::tanh,
+            Activation::Relu => |v| v.max(0.0),
+            Activation::Sigmoid => |v| 1.0 / (1.0 + (-v).exp()),
         }
     }
 }

@@ -340,6 +340,49 @@ pub fn upsample_nearest(x: &Tensor, out_h: usize, out_w: usize) -> Tensor {
     )
 }
 
+/// [N, H, W, k·k·C] with channel (ky·k + kx)·C + c → [N, H·k, W·k, C]: the pixel shuffle that
+/// turns a GEMM into a transposed convolution whose kernel equals its stride.
+pub fn depth_to_space(x: &Tensor, k: usize) -> Tensor {
+    assert!(
+        k > 0 && x.rank() == 4 && x.last_dim().is_multiple_of(k * k),
+        "depth_to_space: {:?} by {k}",
+        x.shape()
+    );
+    dispatch!(
+        x,
+        cpu::depth_to_space(x, k),
+        cuda::ops::depth_to_space(x, k)
+    )
+}
+
+/// Bilinear resize of NHWC with torch's `F.interpolate(mode="bilinear")` index rules (no
+/// antialias).
+pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize, align_corners: bool) -> Tensor {
+    assert!(
+        x.rank() == 4 && x.numel() > 0 && out_h > 0 && out_w > 0,
+        "resize_bilinear: {:?} to {out_h}x{out_w}",
+        x.shape()
+    );
+    dispatch!(
+        x,
+        cpu::resize_bilinear(x, out_h, out_w, align_corners),
+        cuda::ops::resize_bilinear(x, out_h, out_w, align_corners)
+    )
+}
+
+/// FiLM conditioning: mul[N, C]·x[N, ..., C] + add[N, C].
+pub fn film(x: &Tensor, mul: &Tensor, add: &Tensor) -> Tensor {
+    let want = [x.shape()[0], x.last_dim()];
+    assert!(
+        mul.shape() == want && add.shape() == want,
+        "film: {:?} with {:?} and {:?}",
+        x.shape(),
+        mul.shape(),
+        add.shape()
+    );
+    dispatch!(x, cpu::film(x, mul, add), cuda::ops::film(x, mul, add))
+}
+
 /// Sinusoidal embedding of f32 timesteps `t` [B] (host or device; the result lives with them).
 pub fn timestep_embedding(
     t: &Tensor,

@@ -1,6 +1,6 @@
 //! Normalisation layers shared by the model families, loaded by path prefix.
 
-use crate::backend as ops;
+use crate::backend::{self as ops, LinearW};
 use crate::tensor::Tensor;
 use crate::weights::Vb;
 use anyhow::Result;
@@ -53,5 +53,49 @@ impl LayerNorm {
     }
     pub fn forward(&self, x: &Tensor) -> Tensor {
         ops::layer_norm(x, &self.gamma, &self.beta, self.eps)
+    }
+}
+
+/// torch's `ConvTranspose2d(cin, cout, kernel_size=k, stride=k)` (no padding) on NHWC: with the
+/// kernel equal to the stride every output pixel has exactly one input pixel, so it is a GEMM to
+/// k·k·cout channels followed by a pixel shuffle — no scatter-add, and the GEMM is the backend's.
+#[derive(Clone, Debug)]
+pub struct ConvTranspose {
+    /// [k·k·cout, cin], output channel (ky·k + kx)·cout + co; the bias repeated per (ky, kx).
+    lin: LinearW,
+    k: usize,
+}
+
+impl ConvTranspose {
+    pub fn load(vb: &Vb, cin: usize, cout: usize, k: usize, bias: bool) -> Result<Self> {
+        let w = vb
+            .store()
+            .get(&format!("{}.weight", vb.prefix()), &[cin, cout, k, k])?;
+        let w = w.data();
+        let rows = k * k * cout;
+        let mut weight = vec![0.0f32; rows * cin];
+        for ci in 0..cin {
+            for co in 0..cout {
+                for kk in 0..k * k {
+                    weight[(kk * cout + co) * cin + ci] = w[(ci * cout + co) * k * k + kk];
+                }
+            }
+        }
+        let bias = if bias {
+            let b = vb.store().get(&format!("{}.bias", vb.prefix()), &[cout])?;
+            Some(Tensor::new(vec![rows], b.data().repeat(k * k)))
+        } else {
+            None
+        };
+        let lin = vb.put_linear(LinearW {
+            weight: Tensor::new(vec![rows, cin], weight),
+            bias,
+        });
+        Ok(ConvTranspose { lin, k })
+    }
+
+    /// [N, H, W, cin] → [N, H·k, W·k, cout].
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        ops::depth_to_space(&ops::linear(x, &self.lin), self.k)
     }
 }

@@ -585,6 +585,18 @@ impl Vit {
 
     /// pixel_values as NHWC [B, H, W, C] on the model's device (`check_input` first).
     pub fn forward(&self, pixels: &Tensor) -> VitOutput {
+        self.forward_hidden(pixels, &[]).0
+    }
+
+    /// `forward`, also returning transformers' `hidden_states[i]` for every i in `keep`, in that
+    /// order: 0 is the embeddings (after CLIP's `pre_layrnorm`), i the output of layer i, without
+    /// the final norm. Indices past the last layer are a caller's bug (configs are checked first).
+    pub fn forward_hidden(&self, pixels: &Tensor, keep: &[usize]) -> (VitOutput, Vec<Tensor>) {
+        assert!(
+            keep.iter().all(|&i| i <= self.layers.len()),
+            "hidden state {keep:?} of {} layers",
+            self.layers.len()
+        );
         let c = &self.config;
         let (b, h, w, _) = pixels.dims4();
         let (gh, gw) = (h / c.patch, w / c.patch);
@@ -611,13 +623,35 @@ impl Vit {
         if let Some(norm) = &self.pre_norm {
             x = norm.forward(&x);
         }
+        let mut kept: Vec<Option<Tensor>> = vec![None; keep.len()];
+        let mut record = |i: usize, x: &Tensor| {
+            for (slot, _) in kept.iter_mut().zip(keep).filter(|(_, &k)| k == i) {
+                *slot = Some(x.clone());
+            }
+        };
+        record(0, &x);
         let mut penultimate = x.clone();
         for (i, layer) in self.layers.iter().enumerate() {
             if i + 1 == self.layers.len() {
                 penultimate = x.clone();
             }
             x = layer.forward(&x, c.heads, c.act);
+            record(i + 1, &x);
         }
+        let kept = kept.into_iter().map(|t| t.expect("recorded")).collect();
+        (self.head_forward(x, penultimate), kept)
+    }
+
+    /// The family's final LayerNorm over a sequence (`layernorm` of ViT / DINOv2, CLIP's
+    /// `post_layernorm`): what a DINOv2 backbone with `apply_layernorm` does to each feature map.
+    pub fn final_norm(&self, x: &Tensor) -> Tensor {
+        match &self.head {
+            Head::Vit { norm, .. } | Head::Dinov2 { norm } => norm.forward(x),
+            Head::Clip { post_norm, .. } => post_norm.forward(x),
+        }
+    }
+
+    fn head_forward(&self, x: Tensor, penultimate: Tensor) -> VitOutput {
         match &self.head {
             Head::Vit { norm, pooler } => {
                 let last = norm.forward(&x);

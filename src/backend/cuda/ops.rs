@@ -489,6 +489,8 @@ fn act_kind(a: Activation) -> i32 {
         Activation::Gelu => 1,
         Activation::QuickGelu => 2,
         Activation::Tanh => 4,
+        Activation::Relu => 5,
+        Activation::Sigmoid => 6,
     }
 }
 
@@ -642,6 +644,73 @@ pub fn upsample_nearest(x: &Tensor, oh: usize, ow: usize) -> Tensor {
             Arg::I(c as i32),
             Arg::I(oh as i32),
             Arg::I(ow as i32),
+        ],
+    );
+    t
+}
+
+pub fn depth_to_space(x: &Tensor, k: usize) -> Tensor {
+    let (n, h, w, ckk) = x.dims4();
+    let c = ckk / (k * k);
+    let xd = dev(x);
+    let (t, o) = out(xd, vec![n, h * k, w * k, c]);
+    xd.gpu().launch(
+        &name("depth_to_space", xd.dtype),
+        grid(x.numel()),
+        256,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::P(o.ptr()),
+            Arg::I(n as i32),
+            Arg::I(h as i32),
+            Arg::I(w as i32),
+            Arg::I(c as i32),
+            Arg::I(k as i32),
+        ],
+    );
+    t
+}
+
+pub fn resize_bilinear(x: &Tensor, oh: usize, ow: usize, align_corners: bool) -> Tensor {
+    let (n, h, w, c) = x.dims4();
+    let xd = dev(x);
+    let (t, o) = out(xd, vec![n, oh, ow, c]);
+    xd.gpu().launch(
+        &name("resize_bilinear", xd.dtype),
+        grid(n * oh * ow * c),
+        256,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::P(o.ptr()),
+            Arg::I(n as i32),
+            Arg::I(h as i32),
+            Arg::I(w as i32),
+            Arg::I(c as i32),
+            Arg::I(oh as i32),
+            Arg::I(ow as i32),
+            Arg::I(align_corners as i32),
+        ],
+    );
+    t
+}
+
+pub fn film(x: &Tensor, mul: &Tensor, add: &Tensor) -> Tensor {
+    let n = x.shape()[0];
+    let c = x.last_dim();
+    let xd = dev(x);
+    let (t, o) = out(xd, x.shape().to_vec());
+    xd.gpu().launch(
+        &name("film", xd.dtype),
+        grid(x.numel()),
+        256,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::P(dev(mul).ptr()),
+            Arg::P(dev(add).ptr()),
+            Arg::P(o.ptr()),
+            Arg::L(x.numel() as i64),
+            Arg::L((x.numel() / n) as i64),
+            Arg::I(c as i32),
         ],
     );
     t
