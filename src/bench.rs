@@ -96,6 +96,7 @@ fn model_source(src: &Source, comp: Component) -> Result<(Config, WeightStore, S
                 Component::Controlnet => k.controlnet(),
                 Component::VaeEncode | Component::VaeDecode => k.vae(),
                 Component::TextEncoder | Component::TextEncoder2 => k.text_encoder(),
+                Component::Depth => bail!("--component depth has no benchmark yet"),
                 Component::ImageEncoder => bail!(
                     "--config {}: no image encoder in this configuration (use dinov2-b14 or clip-l14)",
                     k.name()
@@ -139,6 +140,9 @@ enum UnetLike {
 pub fn run(o: &Options, dev: &Device) -> Result<Report> {
     if o.batch == 0 || o.iters == 0 {
         bail!("--batch and --iters must be at least 1");
+    }
+    if o.component == Component::Depth {
+        bail!("--component depth has no benchmark yet");
     }
     let (cfg, store, name) = model_source(&o.source, o.component)?;
     let b = o.batch;
@@ -233,6 +237,7 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
                 Box::new(|v: &[Tensor]| Ok(vit.forward(&v[0]).last_hidden_state)),
             )
         }
+        Component::Depth => bail!("--component depth has no benchmark yet"),
         Component::TextEncoder | Component::TextEncoder2 => {
             te = ClipText::load(&cfg, &store, dev)?;
             let ids: Vec<Vec<u32>> = (0..b)

@@ -21,6 +21,8 @@ pub enum Component {
     TextEncoder2,
     /// ViT / DINOv2 / CLIP vision (a pipeline's image_encoder folder, or a model folder).
     ImageEncoder,
+    /// Depth Anything (`DepthAnythingForDepthEstimation` folder): pixel_values -> predicted_depth.
+    Depth,
 }
 
 impl Component {
@@ -34,6 +36,7 @@ impl Component {
             Component::TextEncoder => "text-encoder",
             Component::TextEncoder2 => "text-encoder-2",
             Component::ImageEncoder => "image-encoder",
+            Component::Depth => "depth",
         }
     }
 
@@ -46,6 +49,7 @@ impl Component {
             Component::TextEncoder => "text_encoder",
             Component::TextEncoder2 => "text_encoder_2",
             Component::ImageEncoder => "image_encoder",
+            Component::Depth => "depth",
         }
     }
 }
@@ -331,6 +335,21 @@ fn run_on(
             enc.check_input(h, w)
                 .map_err(|e| anyhow::anyhow!("{}: {e}", inputs_file.display()))?;
             Ok(vit_outputs(enc.forward(&dev.put(pixels))))
+        }
+        Component::Depth => {
+            let pixels = inp.image("pixel_values")?;
+            let (_, h, w, c) = pixels.dims4();
+            let model = crate::models::depth_anything::DepthAnything::load_dir(
+                &crate::weights::layout::component_dir(model, "depth")?,
+                dev,
+            )?;
+            model
+                .check_input(h, w, c)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", inputs_file.display()))?;
+            Ok(vec![(
+                "predicted_depth".into(),
+                model.forward(&dev.put(pixels)),
+            )])
         }
         Component::TextEncoder | Component::TextEncoder2 => {
             let ids_t = inp.rank("input_ids", 2, "[N, tokens]")?;

@@ -90,6 +90,31 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Depth maps with a Depth Anything model: NAME.png (16-bit: relative models min-max
+    /// normalised, metric models in millimetres) and NAME.preview.png (8-bit) per image.
+    Depth {
+        /// A Depth Anything folder (config.json, safetensors, preprocessor_config.json).
+        #[arg(long)]
+        model: PathBuf,
+        /// One image (with --out).
+        #[arg(long, conflicts_with = "images", required_unless_present = "images")]
+        image: Option<PathBuf>,
+        /// Several images or folders of images (with --out-dir).
+        #[arg(long, num_args = 1..)]
+        images: Vec<PathBuf>,
+        /// The 16-bit depth PNG for --image; the preview goes beside it as NAME.preview.png.
+        #[arg(
+            long,
+            requires = "image",
+            default_value_if("image", clap::builder::ArgPredicate::IsPresent, "depth.png")
+        )]
+        out: Option<PathBuf>,
+        /// Output folder for --images: DIR/<image stem>.png and .preview.png.
+        #[arg(long, conflicts_with = "image", required_unless_present = "image")]
+        out_dir: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
     /// DINO, CLIP-I and CLIP-T scores (raw cosines) of a subject, a target and a prompt, or of
     /// every line of --pairs.
     Score {
@@ -491,6 +516,34 @@ fn run(cli: Cli) -> Result<()> {
                 device,
             })?;
             eprintln!("wrote {} ({})", out.display(), names.join(", "));
+            Ok(())
+        }
+        Cmd::Depth {
+            model,
+            image,
+            images,
+            out,
+            out_dir,
+            device,
+        } => {
+            let images = match image {
+                Some(i) => vec![i],
+                None => images,
+            };
+            let written = toffee::cmd::depth::run(&toffee::cmd::depth::Options {
+                model,
+                images,
+                out,
+                out_dir,
+                device,
+            })?;
+            let n = written.len();
+            eprintln!(
+                "wrote {n} depth map{} ({}{}) and previews",
+                if n == 1 { "" } else { "s" },
+                written[0].display(),
+                if n > 1 { " …" } else { "" }
+            );
             Ok(())
         }
         Cmd::Score {

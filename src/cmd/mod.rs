@@ -2,6 +2,7 @@
 //! these; `main.rs` only parses arguments).
 
 pub mod convert;
+pub mod depth;
 pub mod embed;
 pub mod score;
 pub mod view;

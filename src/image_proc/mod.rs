@@ -11,6 +11,7 @@
 //! resize on tensors (different antialiasing and rounding) and are *not* what this module
 //! reproduces. Class names ending in `Fast` are accepted but processed the PIL way.
 
+pub mod dpt;
 mod resample;
 
 pub use resample::{resize_rgb8, Resample};

@@ -4,6 +4,7 @@ pub mod adapter;
 pub mod blocks;
 pub mod clip_text;
 pub mod controlnet;
+pub mod depth_anything;
 pub mod interp;
 pub mod load;
 pub mod nn;

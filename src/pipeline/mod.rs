@@ -2,6 +2,7 @@
 //! UNets, and latent blending for 4-channel ones) and ControlNet, for SD1.x, SD2.x and SDXL,
 //! matching diffusers' pipelines step for step.
 
+pub mod depth;
 pub mod graph;
 pub mod image_prompt;
 pub mod noise;
