@@ -242,9 +242,12 @@ fn load_err(edit: impl Fn(&mut serde_json::Value)) -> String {
     }
 }
 
+/// A config key and how to break it.
+type ConfigBreak = (&'static str, Box<dyn Fn(&mut serde_json::Value)>);
+
 #[test]
 fn config_errors_name_the_key() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+    let cases: Vec<ConfigBreak> = vec![
         (
             "reassemble_factors",
             Box::new(|v| v["reassemble_factors"] = serde_json::json!([4, 2, 1, 3])),

@@ -405,6 +405,38 @@ fn image_encoders_match_the_cpu_backend() {
     finish();
 }
 
+/// Depth Anything (relative and metric, three input sizes each) on the GPU against the CPU.
+#[test]
+fn depth_models_match_the_cpu_backend() {
+    let Some(d) = gpu() else { return };
+    let root = fixtures().join("golden/segment_depth");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap())
+            .unwrap();
+    let cases = manifest["cases"].as_array().unwrap();
+    let depth = cases.iter().filter(|c| {
+        let n = c["name"].as_str().unwrap();
+        n.starts_with("depth-anything")
+    });
+    for case in depth {
+        let name = case["name"].as_str().unwrap();
+        let model = fixtures().join(case["model"].as_str().unwrap());
+        let in_path = root.join(case["inputs"].as_str().unwrap());
+        let inputs = read_all(&in_path).unwrap();
+        let comp = Component::Depth;
+        let cpu = forward::run(&model, comp, &inputs, &in_path, &Device::Cpu).unwrap();
+        match forward::run(&model, comp, &inputs, &in_path, &d) {
+            Ok(got) => {
+                for ((n, g), (_, c)) in got.iter().zip(&cpu) {
+                    close(&format!("{name}/{n}"), g, c, &d);
+                }
+            }
+            Err(e) => fail(format!("{name}: {e:#}")),
+        }
+    }
+    finish();
+}
+
 /// The UNet with IP-Adapter / Toffee adapters attached (golden inputs) on the GPU against the CPU.
 #[test]
 fn adapters_match_the_cpu_backend() {
