@@ -7,6 +7,7 @@ pub mod controlnet;
 pub mod interp;
 pub mod load;
 pub mod nn;
+pub mod sam;
 pub mod unet;
 pub mod vae;
 pub mod vit;

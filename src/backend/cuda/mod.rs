@@ -594,6 +594,7 @@ fn kernel_names(module: &str) -> Vec<String> {
             );
             v
         }
+        "sam" => typed(&["rel_pos_bias"], &["f16", "bf16"]),
         _ => Vec::new(),
     }
 }
@@ -614,8 +615,8 @@ mod tests {
         }
         assert_eq!(
             super::embedded::MODULES.len(),
-            3,
-            "norm, attention, elementwise"
+            4,
+            "norm, attention, elementwise, sam"
         );
     }
 }
