@@ -100,6 +100,7 @@ fn model_source(src: &Source, comp: Component) -> Result<(Config, WeightStore, S
                     "--config {}: no image encoder in this configuration (use dinov2-b14 or clip-l14)",
                     k.name()
                 ),
+                Component::Sam => bail!("bench does not support --component sam yet"),
             };
             Ok((
                 Config::from_json(
@@ -139,6 +140,9 @@ enum UnetLike {
 pub fn run(o: &Options, dev: &Device) -> Result<Report> {
     if o.batch == 0 || o.iters == 0 {
         bail!("--batch and --iters must be at least 1");
+    }
+    if o.component == Component::Sam {
+        bail!("bench does not support --component sam yet");
     }
     let (cfg, store, name) = model_source(&o.source, o.component)?;
     let b = o.batch;
@@ -225,6 +229,7 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
                 Box::new(|v: &[Tensor]| vae.decode(&v[0])),
             )
         }
+        Component::Sam => bail!("bench does not support --component sam yet"),
         Component::ImageEncoder => {
             vit = Vit::load(&cfg, &store, dev)?;
             vit.check_input(res, res)?;

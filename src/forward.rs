@@ -21,6 +21,8 @@ pub enum Component {
     TextEncoder2,
     /// ViT / DINOv2 / CLIP vision (a pipeline's image_encoder folder, or a model folder).
     ImageEncoder,
+    /// Segment Anything (transformers `SamModel` folder): image + box / point prompts -> masks.
+    Sam,
 }
 
 impl Component {
@@ -34,6 +36,7 @@ impl Component {
             Component::TextEncoder => "text-encoder",
             Component::TextEncoder2 => "text-encoder-2",
             Component::ImageEncoder => "image-encoder",
+            Component::Sam => "sam",
         }
     }
 
@@ -46,6 +49,7 @@ impl Component {
             Component::TextEncoder => "text_encoder",
             Component::TextEncoder2 => "text_encoder_2",
             Component::ImageEncoder => "image_encoder",
+            Component::Sam => "sam",
         }
     }
 }
@@ -332,6 +336,7 @@ fn run_on(
                 .map_err(|e| anyhow::anyhow!("{}: {e}", inputs_file.display()))?;
             Ok(vit_outputs(enc.forward(&dev.put(pixels))))
         }
+        Component::Sam => run_sam(model, &inp, dev),
         Component::TextEncoder | Component::TextEncoder2 => {
             let ids_t = inp.rank("input_ids", 2, "[N, tokens]")?;
             let (b, l) = (ids_t.shape()[0], ids_t.shape()[1]);
@@ -367,6 +372,43 @@ fn run_on(
             Ok(v)
         }
     }
+}
+
+/// `SamModel.forward`: `pixel_values` [B, 3, S, S], `input_boxes` [B, n, 4] and / or `input_points`
+/// [B, n, k, 2] with `input_labels` [B, n, k] (all 1 when absent), optional `multimask_output`
+/// scalar (default 1). Outputs `pred_masks` [B, n, M, h, w], `iou_scores` [B, n, M] and
+/// `image_embeddings` [B, C, g, g].
+fn run_sam(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    let file = inp.file.display();
+    let pixels = inp.image("pixel_values")?;
+    let b = pixels.shape()[0];
+    let multimask = match inp.get("multimask_output") {
+        None => true,
+        Some(t) if t.numel() == 1 => t.data()[0] != 0.0,
+        Some(t) => bail!(
+            "{file}: `multimask_output` has shape {:?}; expected a scalar",
+            t.shape()
+        ),
+    };
+    let prompts = crate::models::sam::Prompts::new(
+        b,
+        inp.get("input_points"),
+        inp.get("input_labels"),
+        inp.get("input_boxes"),
+    )
+    .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    let sam = crate::models::sam::Sam::load_dir(
+        &crate::weights::layout::component_dir(model, "sam")?,
+        dev,
+    )?;
+    let out = sam
+        .forward(&pixels, &prompts, multimask)
+        .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    Ok(vec![
+        ("pred_masks".into(), out.pred_masks),
+        ("iou_scores".into(), out.iou_scores),
+        ("image_embeddings".into(), out.image_embeddings),
+    ])
 }
 
 /// An image encoder's outputs by their transformers names.

@@ -12,6 +12,7 @@
 //! reproduces. Class names ending in `Fast` are accepted but processed the PIL way.
 
 mod resample;
+pub mod sam;
 
 pub use resample::{resize_rgb8, Resample};
 

@@ -563,13 +563,12 @@ impl PromptEncoder {
     fn load(store: &WeightStore, c: &SamConfig) -> Result<PromptEncoder> {
         let f = c.vision.num_pos_feats;
         let h = c.prompt.hidden;
-        let fourier_name = if store.contains("shared_image_embedding.positional_embedding")
-            || store.is_random()
-        {
-            "shared_image_embedding.positional_embedding"
-        } else {
-            "prompt_encoder.shared_embedding.positional_embedding"
-        };
+        let fourier_name =
+            if store.contains("shared_image_embedding.positional_embedding") || store.is_random() {
+                "shared_image_embedding.positional_embedding"
+            } else {
+                "prompt_encoder.shared_embedding.positional_embedding"
+            };
         let row = |name: &str| -> Result<Vec<f32>> { Ok(store.get(name, &[1, h])?.into_vec()) };
         Ok(PromptEncoder {
             fourier: store.get(fourier_name, &[2, f])?.into_vec(),
@@ -829,14 +828,16 @@ impl TwoWayBlock {
         };
         let q = self.ln1.forward(&q);
         let kk = ops::add(keys, kpe);
-        let q = self
-            .ln2
-            .forward(&ops::add(&q, &self.t2i.forward(&ops::add(&q, qpe), &kk, keys)));
+        let q = self.ln2.forward(&ops::add(
+            &q,
+            &self.t2i.forward(&ops::add(&q, qpe), &kk, keys),
+        ));
         let m = ops::linear(&act.apply(&ops::linear(&q, &self.lin1)), &self.lin2);
         let q = self.ln3.forward(&ops::add(&q, &m));
-        let k = self
-            .ln4
-            .forward(&ops::add(keys, &self.i2t.forward(&kk, &ops::add(&q, qpe), &q)));
+        let k = self.ln4.forward(&ops::add(
+            keys,
+            &self.i2t.forward(&kk, &ops::add(&q, qpe), &q),
+        ));
         (q, k)
     }
 }
@@ -880,9 +881,7 @@ impl ConvT {
         let w = vb
             .store()
             .get(&format!("{}.weight", vb.prefix()), &[cin, cout, k, k])?;
-        let b = vb
-            .store()
-            .get(&format!("{}.bias", vb.prefix()), &[cout])?;
+        let b = vb.store().get(&format!("{}.bias", vb.prefix()), &[cout])?;
         let (w, b) = (w.data(), b.data());
         let rows = k * k * cout;
         let mut lw = vec![0.0f32; rows * cin];
@@ -1017,10 +1016,7 @@ impl Sam {
         let mut pe = Vec::with_capacity(g * g * c.prompt.hidden);
         for y in 0..g {
             for x in 0..g {
-                let (fx, fy) = (
-                    (x as f32 + 0.5) / g as f32,
-                    (y as f32 + 0.5) / g as f32,
-                );
+                let (fx, fy) = ((x as f32 + 0.5) / g as f32, (y as f32 + 0.5) / g as f32);
                 pe.extend(prompt.encode(fx, fy));
             }
         }
@@ -1055,7 +1051,10 @@ impl Sam {
     pub fn image_embeddings(&self, pixels: &Tensor) -> Result<Tensor> {
         let c = &self.config.vision;
         if pixels.rank() != 4 {
-            bail!("pixel_values has shape {:?}; expected rank 4", pixels.shape());
+            bail!(
+                "pixel_values has shape {:?}; expected rank 4",
+                pixels.shape()
+            );
         }
         let (_, h, w, ch) = pixels.dims4();
         if h != c.image_size || w != c.image_size || ch != c.channels {
@@ -1083,11 +1082,7 @@ impl Sam {
         let dev = &self.device;
         let (b, g, _, ch) = image_embeddings.dims4();
         if prompts.batch != b {
-            bail!(
-                "{} images but prompts for {} images",
-                b,
-                prompts.batch
-            );
+            bail!("{} images but prompts for {} images", b, prompts.batch);
         }
         let sparse = self.prompt.sparse(prompts);
         let n = sparse.shape()[1];
@@ -1128,7 +1123,10 @@ impl Sam {
             .forward(&ops::add(&queries, &a))
             .reshape(vec![nn, t * ch]);
         // Upscaled embeddings [N, 4g, 4g, C/8].
-        let up = self.decoder.up1.forward(&keys.reshape(vec![nn, g, g, ch]), dev);
+        let up = self
+            .decoder
+            .up1
+            .forward(&keys.reshape(vec![nn, g, g, ch]), dev);
         let up = Activation::Gelu.apply(&self.decoder.up_ln.forward(&up));
         let up = Activation::Gelu.apply(&self.decoder.up2.forward(&up, dev));
         let (hw, c8) = (up.shape()[1] * up.shape()[2], ch / 8);
@@ -1180,7 +1178,12 @@ impl Sam {
     }
 
     /// `SamModel.forward` on pixel_values NHWC [B, S, S, C] and prompts.
-    pub fn forward(&self, pixels: &Tensor, prompts: &Prompts, multimask: bool) -> Result<SamOutput> {
+    pub fn forward(
+        &self,
+        pixels: &Tensor,
+        prompts: &Prompts,
+        multimask: bool,
+    ) -> Result<SamOutput> {
         let emb = self.image_embeddings(pixels)?;
         let (pred_masks, iou_scores) = self.decode(&emb, prompts, multimask)?;
         Ok(SamOutput {
@@ -1189,4 +1192,85 @@ impl Sam {
             image_embeddings: emb,
         })
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Image + boxes -> masks
+
+/// The masks SAM predicts for one box, at the image's size.
+#[derive(Clone, Debug)]
+pub struct BoxMasks {
+    pub width: usize,
+    pub height: usize,
+    /// M masks (3 with multimask output, else 1), each row-major height × width.
+    pub masks: Vec<Vec<bool>>,
+    /// The predicted IoU of each mask.
+    pub iou: Vec<f32>,
+}
+
+impl BoxMasks {
+    /// The mask with the highest predicted IoU (the first of equals) and its score.
+    pub fn best(&self) -> (&[bool], f32) {
+        let mut best = 0;
+        for (i, s) in self.iou.iter().enumerate() {
+            if *s > self.iou[best] {
+                best = i;
+            }
+        }
+        (&self.masks[best], self.iou[best])
+    }
+}
+
+/// Checks boxes (x0, y0, x1, y1) in the pixels of a `w`×`h` image: finite, inside it, not empty.
+pub fn check_boxes(boxes: &[[f32; 4]], w: usize, h: usize) -> Result<()> {
+    for (i, b) in boxes.iter().enumerate() {
+        let [x0, y0, x1, y1] = *b;
+        if b.iter().any(|v| !v.is_finite()) {
+            bail!("box {i} {b:?}: not finite");
+        }
+        if x0 < 0.0 || y0 < 0.0 || x1 > w as f32 || y1 > h as f32 {
+            bail!("box {i} {b:?} (x0, y0, x1, y1) is outside the {w}x{h} image");
+        }
+        if x1 <= x0 || y1 <= y0 {
+            bail!("box {i} {b:?} is empty: expected x0 < x1 and y0 < y1");
+        }
+    }
+    Ok(())
+}
+
+/// SAM on one image with box prompts, as transformers' processor + model + `post_process_masks`:
+/// one `BoxMasks` per box, masks at the image size.
+pub fn segment_boxes(
+    sam: &Sam,
+    proc: &crate::image_proc::sam::SamProcessor,
+    img: &image::RgbImage,
+    boxes: &[[f32; 4]],
+    multimask: bool,
+) -> Result<Vec<BoxMasks>> {
+    let (w, h) = (img.width() as usize, img.height() as usize);
+    if boxes.is_empty() {
+        bail!("no boxes to segment");
+    }
+    check_boxes(boxes, w, h)?;
+    let inp = proc.preprocess(img)?;
+    let scaled = proc.rescale_boxes(boxes, inp.original_size);
+    let bt = Tensor::new(
+        vec![1, boxes.len(), 4],
+        scaled.iter().flatten().copied().collect(),
+    );
+    let prompts = Prompts::new(1, None, None, Some(&bt))?;
+    let out = sam.forward(&inp.pixel_values.to_nhwc(), &prompts, multimask)?;
+    let logits = proc.post_process_masks(&out.pred_masks, inp.original_size, inp.reshaped_size)?;
+    let m = out.iou_scores.shape()[2];
+    let plane = w * h;
+    Ok((0..boxes.len())
+        .map(|i| BoxMasks {
+            width: w,
+            height: h,
+            masks: (0..m)
+                .map(|j| proc.binarize(&logits.data()[(i * m + j) * plane..][..plane]))
+                .collect(),
+            iou: out.iou_scores.data()[i * m..(i + 1) * m].to_vec(),
+        })
+        .collect())
 }
