@@ -390,6 +390,20 @@ fn run_sam(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Tens
             t.shape()
         ),
     };
+    // Boxes are in the model's input frame (the resized image before padding lies inside it):
+    // one outside it is a caller's mistake that transformers would silently run with.
+    if let Some(bt) = inp.get("input_boxes") {
+        if bt.rank() == 3 && bt.shape()[2] == 4 {
+            let (h, w) = (pixels.shape()[1], pixels.shape()[2]);
+            let boxes: Vec<[f32; 4]> = bt
+                .data()
+                .chunks(4)
+                .map(|c| [c[0], c[1], c[2], c[3]])
+                .collect();
+            crate::models::sam::check_boxes(&boxes, w, h)
+                .map_err(|e| anyhow::anyhow!("{file}: `input_boxes`: {e}"))?;
+        }
+    }
     let prompts = crate::models::sam::Prompts::new(
         b,
         inp.get("input_points"),

@@ -439,3 +439,138 @@ fn cli_forward_component_sam() {
     let e = common::expect_error(&o);
     assert!(e.contains("pixel_values"), "{e}");
 }
+
+/// `forward --component sam` with point prompts and the default multimask_output (true).
+#[test]
+fn cli_forward_component_sam_points() {
+    let dir = tempfile::tempdir().unwrap();
+    let inp = read("sam.in.safetensors");
+    let in_path = dir.path().join("in.safetensors");
+    write_f32(
+        &in_path,
+        &[
+            ("pixel_values".into(), inp["pixel_values"].clone()),
+            ("input_points".into(), inp["input_points"].clone()),
+            ("input_labels".into(), inp["input_labels"].clone()),
+        ],
+    )
+    .unwrap();
+    let out = dir.path().join("out.safetensors");
+    let o = common::forward_at(&model_dir(), "sam", &in_path, &out, &[]);
+    assert!(o.status.success(), "{}", common::stderr(&o));
+    let got = read_all(&out).unwrap();
+    let want = read("sam_points_multimask_true.out.safetensors");
+    for n in ["pred_masks", "iou_scores"] {
+        close(&format!("cli-points/{n}"), &got[n], &want[n], 1e-4);
+    }
+}
+
+/// A box outside the 64×64 input frame, a non-scalar multimask_output and a NaN coordinate are
+/// clean CLI errors naming the inputs file and the tensor; no output file is left behind.
+#[test]
+fn cli_sam_bad_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let inp = read("sam.in.safetensors");
+    let in_path = dir.path().join("in.safetensors");
+    let out = dir.path().join("out.safetensors");
+    let cases: [(&str, Tensor, Option<Tensor>, &str); 3] = [
+        (
+            "input_boxes",
+            Tensor::new(vec![1, 1, 4], vec![10.0, 10.0, 70.0, 20.0]),
+            None,
+            "outside",
+        ),
+        (
+            "input_boxes",
+            Tensor::new(vec![1, 1, 4], vec![10.0, f32::NAN, 30.0, 20.0]),
+            None,
+            "non-finite",
+        ),
+        (
+            "multimask_output",
+            Tensor::new(vec![2], vec![1.0, 1.0]),
+            Some(inp["input_boxes"].clone()),
+            "scalar",
+        ),
+    ];
+    for (name, t, boxes, what) in cases {
+        let mut v = vec![("pixel_values".to_string(), inp["pixel_values"].clone())];
+        if let Some(b) = boxes {
+            v.push(("input_boxes".into(), b));
+        }
+        v.push((name.into(), t));
+        write_f32(&in_path, &v).unwrap();
+        let o = common::forward_at(&model_dir(), "sam", &in_path, &out, &[]);
+        let e = common::expect_error(&o);
+        assert!(
+            e.contains("in.safetensors") && e.contains(name) && e.contains(what),
+            "{name}/{what}: {e}"
+        );
+        assert!(!out.exists(), "no output file after a failure");
+    }
+}
+
+/// A damaged copy of the fixture folder: the CLI's errors name the file and the tensor / field.
+#[test]
+fn cli_sam_damaged_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("sam");
+    common::copy_tree(&model_dir(), &model);
+    let weights = model.join("model.safetensors");
+    let mut t: Vec<_> = read_all(&weights).unwrap().into_iter().collect();
+    t.retain(|(k, _)| k != "mask_decoder.iou_prediction_head.proj_out.bias");
+    write_f32(&weights, &t).unwrap();
+    let out = dir.path().join("out.safetensors");
+    let inp = read("sam.in.safetensors");
+    let case = dir.path().join("in.safetensors");
+    write_f32(
+        &case,
+        &[
+            ("pixel_values".into(), inp["pixel_values"].clone()),
+            ("input_boxes".into(), inp["input_boxes"].clone()),
+        ],
+    )
+    .unwrap();
+    let o = common::forward_at(&model, "sam", &case, &out, &[]);
+    let e = common::expect_error(&o);
+    assert!(
+        e.contains("mask_decoder.iou_prediction_head.proj_out.bias")
+            && e.contains("model.safetensors"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    let cfg_path = model.join("config.json");
+    let mut j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
+    j["vision_config"]["hidden_act"] = "swish-ish".into();
+    std::fs::write(&cfg_path, j.to_string()).unwrap();
+    let o = common::forward_at(&model, "sam", &case, &out, &[]);
+    let e = common::expect_error(&o);
+    assert!(
+        e.contains("config.json") && e.contains("hidden_act") && e.contains("swish-ish"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
+
+/// `builtin_config()` with `WeightStore::random` (the built-in demo model): loads, runs, and is
+/// a function of the seed.
+#[test]
+fn builtin_config_with_random_weights() {
+    let c = Config::from_json("<builtin sam>/config.json", builtin_config()).unwrap();
+    let run = |seed: u64| {
+        let sam = Sam::load(&c, &WeightStore::random(seed), &Device::Cpu).unwrap();
+        assert_eq!(sam.input_size(), 64);
+        let inp = read("sam.in.safetensors");
+        let pr = Prompts::new(1, None, None, Some(&inp["input_boxes"])).unwrap();
+        sam.forward(&inp["pixel_values"].to_nhwc(), &pr, true)
+            .unwrap()
+    };
+    let (a, b, c2) = (run(7), run(7), run(8));
+    assert_eq!(a.pred_masks.shape(), [1, 2, 3, 16, 16]);
+    assert_eq!(a.iou_scores.shape(), [1, 2, 3]);
+    assert!(a.pred_masks.data().iter().all(|v| v.is_finite()));
+    assert!(a.pred_masks.data().iter().any(|v| *v != 0.0));
+    assert_eq!(a.pred_masks.data(), b.pred_masks.data());
+    assert_ne!(a.pred_masks.data(), c2.pred_masks.data());
+}
