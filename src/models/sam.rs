@@ -197,7 +197,7 @@ impl SamConfig {
             Some(m) => m,
             None => {
                 let m = hidden as f64 * ratio;
-                if !(m.is_finite() && m >= 1.0 && m <= 65536.0) {
+                if !(m.is_finite() && (1.0..=65536.0).contains(&m)) {
                     bail!("{p}: mlp_ratio {ratio} gives no usable MLP width");
                 }
                 m as usize
