@@ -574,3 +574,16 @@ fn builtin_config_with_random_weights() {
     assert_eq!(a.pred_masks.data(), b.pred_masks.data());
     assert_ne!(a.pred_masks.data(), c2.pred_masks.data());
 }
+
+/// `bench --component sam` is not supported yet: a clean error, not a panic.
+#[test]
+fn bench_component_sam_is_a_clean_error() {
+    let e = common::expect_error(&common::toffee(&[
+        "bench",
+        "--config",
+        model_dir().to_str().unwrap(),
+        "--component",
+        "sam",
+    ]));
+    assert!(e.contains("--component sam"), "{e}");
+}
