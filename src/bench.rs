@@ -101,6 +101,7 @@ fn model_source(src: &Source, comp: Component) -> Result<(Config, WeightStore, S
                     "--config {}: no image encoder in this configuration (use dinov2-b14 or clip-l14)",
                     k.name()
                 ),
+                Component::Sam => bail!("bench does not support --component sam yet"),
             };
             Ok((
                 Config::from_json(
@@ -143,6 +144,9 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
     }
     if o.component == Component::Depth {
         bail!("--component depth has no benchmark yet");
+    }
+    if o.component == Component::Sam {
+        bail!("bench does not support --component sam yet");
     }
     let (cfg, store, name) = model_source(&o.source, o.component)?;
     let b = o.batch;
@@ -229,6 +233,7 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
                 Box::new(|v: &[Tensor]| vae.decode(&v[0])),
             )
         }
+        Component::Sam => bail!("bench does not support --component sam yet"),
         Component::ImageEncoder => {
             vit = Vit::load(&cfg, &store, dev)?;
             vit.check_input(res, res)?;

@@ -23,6 +23,8 @@ pub enum Component {
     ImageEncoder,
     /// Depth Anything (`DepthAnythingForDepthEstimation` folder): pixel_values -> predicted_depth.
     Depth,
+    /// Segment Anything (transformers `SamModel` folder): image + box / point prompts -> masks.
+    Sam,
 }
 
 impl Component {
@@ -37,6 +39,7 @@ impl Component {
             Component::TextEncoder2 => "text-encoder-2",
             Component::ImageEncoder => "image-encoder",
             Component::Depth => "depth",
+            Component::Sam => "sam",
         }
     }
 
@@ -50,6 +53,7 @@ impl Component {
             Component::TextEncoder2 => "text_encoder_2",
             Component::ImageEncoder => "image_encoder",
             Component::Depth => "depth",
+            Component::Sam => "sam",
         }
     }
 }
@@ -351,6 +355,7 @@ fn run_on(
                 model.forward(&dev.put(pixels)),
             )])
         }
+        Component::Sam => run_sam(model, &inp, dev),
         Component::TextEncoder | Component::TextEncoder2 => {
             let ids_t = inp.rank("input_ids", 2, "[N, tokens]")?;
             let (b, l) = (ids_t.shape()[0], ids_t.shape()[1]);
@@ -386,6 +391,57 @@ fn run_on(
             Ok(v)
         }
     }
+}
+
+/// `SamModel.forward`: `pixel_values` [B, 3, S, S], `input_boxes` [B, n, 4] and / or `input_points`
+/// [B, n, k, 2] with `input_labels` [B, n, k] (all 1 when absent), optional `multimask_output`
+/// scalar (default 1). Outputs `pred_masks` [B, n, M, h, w], `iou_scores` [B, n, M] and
+/// `image_embeddings` [B, C, g, g].
+fn run_sam(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    let file = inp.file.display();
+    let pixels = inp.image("pixel_values")?;
+    let b = pixels.shape()[0];
+    let multimask = match inp.get("multimask_output") {
+        None => true,
+        Some(t) if t.numel() == 1 => t.data()[0] != 0.0,
+        Some(t) => bail!(
+            "{file}: `multimask_output` has shape {:?}; expected a scalar",
+            t.shape()
+        ),
+    };
+    // Boxes are in the model's input frame (the resized image before padding lies inside it):
+    // one outside it is a caller's mistake that transformers would silently run with.
+    if let Some(bt) = inp.get("input_boxes") {
+        if bt.rank() == 3 && bt.shape()[2] == 4 {
+            let (h, w) = (pixels.shape()[1], pixels.shape()[2]);
+            let boxes: Vec<[f32; 4]> = bt
+                .data()
+                .chunks(4)
+                .map(|c| [c[0], c[1], c[2], c[3]])
+                .collect();
+            crate::models::sam::check_boxes(&boxes, w, h)
+                .map_err(|e| anyhow::anyhow!("{file}: `input_boxes`: {e}"))?;
+        }
+    }
+    let prompts = crate::models::sam::Prompts::new(
+        b,
+        inp.get("input_points"),
+        inp.get("input_labels"),
+        inp.get("input_boxes"),
+    )
+    .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    let sam = crate::models::sam::Sam::load_dir(
+        &crate::weights::layout::component_dir(model, "sam")?,
+        dev,
+    )?;
+    let out = sam
+        .forward(&pixels, &prompts, multimask)
+        .map_err(|e| anyhow::anyhow!("{file}: {e}"))?;
+    Ok(vec![
+        ("pred_masks".into(), out.pred_masks),
+        ("iou_scores".into(), out.iou_scores),
+        ("image_embeddings".into(), out.image_embeddings),
+    ])
 }
 
 /// An image encoder's outputs by their transformers names.

@@ -759,3 +759,106 @@ fn cli_runs_on_the_gpu() {
     let o = toffee(&["devices"]);
     assert!(stdout(&o).contains("cuda:0"), "{}", stdout(&o));
 }
+
+/// SAM on the GPU against the CPU backend: the rel_pos_attention op over several grids (odd,
+/// non-square, SAM-B's 14×14 window and a 32×32 global grid), the four sam_* goldens' inputs
+/// through `forward --component sam`, and the built-in random-weight config at batch 2.
+#[test]
+fn sam_matches_the_cpu_backend() {
+    let Some(d) = gpu() else { return };
+    let put = |t: &Tensor| d.put(t.clone());
+    for (b, gh, gw, heads, dh) in [
+        (2, 3, 3, 2, 16),
+        (1, 5, 7, 3, 8),
+        (1, 14, 14, 12, 64),
+        (1, 32, 32, 12, 64),
+    ] {
+        let l = gh * gw;
+        let (q, k, v) = (
+            rand(&[b, l, heads * dh], 41),
+            rand(&[b, l, heads * dh], 42),
+            rand(&[b, l, heads * dh], 43),
+        );
+        let (rh, rw) = (rand(&[2 * gh - 1, dh], 44), rand(&[2 * gw - 1, dh], 45));
+        close(
+            &format!("rel_pos_attention b{b} {gh}x{gw} h{heads} d{dh}"),
+            &ops::rel_pos_attention(
+                &put(&q),
+                &put(&k),
+                &put(&v),
+                heads,
+                (gh, gw),
+                &put(&rh),
+                &put(&rw),
+            ),
+            &ops::rel_pos_attention(&q, &k, &v, heads, (gh, gw), &rh, &rw),
+            &d,
+        );
+    }
+    let model = fixtures().join("segment_depth/sam");
+    let in_path = golden("segment_depth/sam.in.safetensors");
+    let all = read_all(&in_path).unwrap();
+    for (name, keys, multimask) in [
+        ("sam_boxes_multimask_true", &["input_boxes"][..], 1.0),
+        ("sam_boxes_multimask_false", &["input_boxes"][..], 0.0),
+        (
+            "sam_points_multimask_true",
+            &["input_points", "input_labels"][..],
+            1.0,
+        ),
+        (
+            "sam_points_multimask_false",
+            &["input_points", "input_labels"][..],
+            0.0,
+        ),
+    ] {
+        let mut inputs = all.clone();
+        inputs.retain(|k, _| k == "pixel_values" || keys.contains(&k.as_str()));
+        inputs.insert("multimask_output".into(), Tensor::scalar(multimask));
+        let cpu = forward::run(&model, Component::Sam, &inputs, &in_path, &Device::Cpu).unwrap();
+        let d = gpu().unwrap_or(d.clone());
+        match forward::run(&model, Component::Sam, &inputs, &in_path, &d) {
+            Ok(got) => {
+                for ((n, g), (_, c)) in got.iter().zip(&cpu) {
+                    close(&format!("{name}/{n}"), g, &c.to_host().unwrap(), &d);
+                }
+            }
+            Err(e) => fail(format!("{name}: {e:#}")),
+        }
+    }
+    let cfg = toffee::config::Config::from_json(
+        "<builtin sam>/config.json",
+        toffee::models::sam::builtin_config(),
+    )
+    .unwrap();
+    let store = toffee::weights::WeightStore::random(5);
+    let px = rand(&[2, 64, 64, 3], 46);
+    let boxes = Tensor::new(
+        vec![2, 2, 4],
+        vec![
+            1.0, 2.0, 30.0, 40.0, 20.0, 5.0, 60.0, 50.0, 10.0, 10.0, 60.0, 50.0, 0.0, 0.0, 64.0,
+            64.0,
+        ],
+    );
+    let pr = toffee::models::sam::Prompts::new(2, None, None, Some(&boxes)).unwrap();
+    let run = |dev: &Device| -> anyhow::Result<toffee::models::sam::SamOutput> {
+        let sam = toffee::models::sam::Sam::load(&cfg, &store, dev)?;
+        sam.forward(&dev.put(px.clone()), &pr, true)
+    };
+    let cpu = run(&Device::Cpu).unwrap();
+    let d = gpu().unwrap_or(d.clone());
+    match run(&d) {
+        Ok(g) => {
+            close("sam builtin/pred_masks", &g.pred_masks, &cpu.pred_masks, &d);
+            close("sam builtin/iou_scores", &g.iou_scores, &cpu.iou_scores, &d);
+            close(
+                "sam builtin/image_embeddings",
+                &g.image_embeddings,
+                &cpu.image_embeddings,
+                &d,
+            );
+        }
+        Err(e) => fail(format!("sam builtin: {e:#}")),
+    }
+    finish();
+}

@@ -847,3 +847,61 @@ pub fn gauss_sample(mean: &Tensor, logvar: &Tensor, noise: &Tensor, scale: f32) 
         .collect();
     Tensor::new(mean.shape().to_vec(), out)
 }
+
+/// SAM's attention with decomposed relative positions (transformers' `SamVisionAttention`): q, k,
+/// v [B, gh·gw, heads·D] over a gh×gw token grid; per head the logits are
+/// `scale·q·k + q·rel_h[qy − ky + gh − 1] + q·rel_w[qx − kx + gw − 1]` with the UNSCALED query in
+/// the relative terms, `rel_h` [2·gh − 1, D] and `rel_w` [2·gw − 1, D] already resized to the grid.
+pub fn rel_pos_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    grid: (usize, usize),
+    rel_h: &Tensor,
+    rel_w: &Tensor,
+) -> Tensor {
+    let (b, l, hd) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let (gh, gw) = grid;
+    let d = hd / heads;
+    let scale = 1.0 / (d as f32).sqrt();
+    let (qd, kd, vd) = (q.data(), k.data(), v.data());
+    let (rh, rw) = (rel_h.data(), rel_w.data());
+    let dot = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| x * y).sum::<f32>();
+    let mut out = vec![0.0f32; b * l * hd];
+    // One task per (batch, query token); it writes that token's row of every head.
+    out.par_chunks_mut(hd).enumerate().for_each(|(row, o)| {
+        let (bi, i) = (row / l, row % l);
+        let (qy, qx) = (i / gw, i % gw);
+        let mut s = vec![0.0f32; l];
+        for h in 0..heads {
+            let qr = &qd[row * hd + h * d..][..d];
+            let th: Vec<f32> = (0..gh)
+                .map(|ky| dot(qr, &rh[(qy + gh - 1 - ky) * d..][..d]))
+                .collect();
+            let tw: Vec<f32> = (0..gw)
+                .map(|kx| dot(qr, &rw[(qx + gw - 1 - kx) * d..][..d]))
+                .collect();
+            let mut mx = f32::NEG_INFINITY;
+            for (j, sj) in s.iter_mut().enumerate() {
+                let kr = &kd[(bi * l + j) * hd + h * d..][..d];
+                *sj = scale * dot(qr, kr) + th[j / gw] + tw[j % gw];
+                mx = mx.max(*sj);
+            }
+            let mut sum = 0.0f32;
+            for sj in s.iter_mut() {
+                *sj = (*sj - mx).exp();
+                sum += *sj;
+            }
+            let oh = &mut o[h * d..(h + 1) * d];
+            for (j, sj) in s.iter().enumerate() {
+                let p = sj / sum;
+                let vr = &vd[(bi * l + j) * hd + h * d..][..d];
+                for (x, y) in oh.iter_mut().zip(vr) {
+                    *x += p * y;
+                }
+            }
+        }
+    });
+    Tensor::new(vec![b, l, hd], out)
+}

@@ -453,3 +453,35 @@ pub fn gauss_sample(mean: &Tensor, logvar: &Tensor, noise: &Tensor, scale: f32) 
         cuda::ops::gauss_sample(mean, logvar, noise, scale)
     )
 }
+
+/// SAM's vision attention with decomposed relative positions: q, k, v [B, gh·gw, heads·D] over a
+/// gh×gw token grid, `rel_h` [2·gh − 1, D], `rel_w` [2·gw − 1, D] (already resized to the grid).
+/// Logits: `q·k/√D + q·rel_h[qy − ky + gh − 1] + q·rel_w[qx − kx + gw − 1]`, unscaled q in the
+/// relative terms (transformers' `add_decomposed_rel_pos`).
+pub fn rel_pos_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    grid: (usize, usize),
+    rel_h: &Tensor,
+    rel_w: &Tensor,
+) -> Tensor {
+    let (gh, gw) = grid;
+    assert_eq!(q.shape(), k.shape(), "rel_pos_attention: q and k differ");
+    assert_eq!(k.shape(), v.shape(), "rel_pos_attention: k and v differ");
+    assert_eq!(q.shape()[1], gh * gw, "rel_pos_attention: tokens vs grid");
+    assert_eq!(
+        q.shape()[2] % heads,
+        0,
+        "rel_pos_attention: width not divisible by {heads} heads"
+    );
+    let d = q.shape()[2] / heads;
+    assert_eq!(rel_h.shape(), [2 * gh - 1, d], "rel_pos_attention: rel_h");
+    assert_eq!(rel_w.shape(), [2 * gw - 1, d], "rel_pos_attention: rel_w");
+    dispatch!(
+        q,
+        cpu::rel_pos_attention(q, k, v, heads, grid, rel_h, rel_w),
+        cuda::ops::rel_pos_attention(q, k, v, heads, grid, rel_h, rel_w)
+    )
+}

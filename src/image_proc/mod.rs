@@ -13,6 +13,7 @@
 
 pub mod dpt;
 mod resample;
+pub mod sam;
 
 pub use resample::{resize_rgb8, Resample};
 

@@ -8,6 +8,7 @@ pub mod depth_anything;
 pub mod interp;
 pub mod load;
 pub mod nn;
+pub mod sam;
 pub mod unet;
 pub mod vae;
 pub mod vit;

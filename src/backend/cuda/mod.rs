@@ -597,6 +597,7 @@ fn kernel_names(module: &str) -> Vec<String> {
             );
             v
         }
+        "sam" => typed(&["rel_pos_bias"], &["f16", "bf16"]),
         _ => Vec::new(),
     }
 }
@@ -617,8 +618,8 @@ mod tests {
         }
         assert_eq!(
             super::embedded::MODULES.len(),
-            3,
-            "norm, attention, elementwise"
+            4,
+            "norm, attention, elementwise, sam"
         );
     }
 }

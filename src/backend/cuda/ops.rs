@@ -882,3 +882,82 @@ pub fn cast(x: &Tensor, dtype: DType) -> Tensor {
     );
     Tensor::from_device(x.shape().to_vec(), o)
 }
+
+/// SAM's decomposed relative-position attention (see backend::rel_pos_attention): the generic
+/// scores / softmax / P·V path of `attention_any` with the relative terms added to the f32 scores
+/// in between (kernels/sam.cu).
+pub fn rel_pos_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    grid: (usize, usize),
+    rel_h: &Tensor,
+    rel_w: &Tensor,
+) -> Tensor {
+    let (b, l, hd) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let d = hd / heads;
+    let qd = dev(q);
+    let g = qd.gpu();
+    let (t, o) = out(qd, vec![b, l, hd]);
+    let bh = b * heads;
+    let s = g.alloc(bh * l * l, DType::F32);
+    let ld = hd as i64;
+    let blocks = ((l * l).div_ceil(256).clamp(1, 65535) as u32, bh as u32);
+    g.launch(
+        &name("attn_scores", qd.dtype),
+        blocks,
+        256,
+        &[
+            Arg::P(qd.ptr()),
+            Arg::P(dev(k).ptr()),
+            Arg::P(s.ptr()),
+            Arg::I(heads as i32),
+            Arg::I(l as i32),
+            Arg::I(l as i32),
+            Arg::I(d as i32),
+            Arg::L(ld),
+            Arg::L(ld),
+            Arg::F(1.0 / (d as f32).sqrt()),
+            Arg::I(0),
+        ],
+    );
+    g.launch(
+        &name("rel_pos_bias", qd.dtype),
+        blocks,
+        256,
+        &[
+            Arg::P(qd.ptr()),
+            Arg::P(dev(rel_h).ptr()),
+            Arg::P(dev(rel_w).ptr()),
+            Arg::P(s.ptr()),
+            Arg::I(heads as i32),
+            Arg::I(grid.0 as i32),
+            Arg::I(grid.1 as i32),
+            Arg::I(d as i32),
+        ],
+    );
+    g.launch(
+        "softmax_rows_f32",
+        ((bh * l) as u32, 1),
+        256,
+        &[Arg::P(s.ptr()), Arg::I(l as i32)],
+    );
+    g.launch(
+        &name("attn_pv", qd.dtype),
+        ((l * d).div_ceil(256).clamp(1, 65535) as u32, bh as u32),
+        256,
+        &[
+            Arg::P(s.ptr()),
+            Arg::P(dev(v).ptr()),
+            Arg::P(o.ptr()),
+            Arg::I(heads as i32),
+            Arg::I(l as i32),
+            Arg::I(l as i32),
+            Arg::I(d as i32),
+            Arg::L(ld),
+            Arg::L(ld),
+        ],
+    );
+    t
+}
