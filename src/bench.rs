@@ -76,6 +76,9 @@ fn rand(shape: Vec<usize>, seed: u64, scale: f32) -> Tensor {
 
 /// Config and weights for the component: random weights for known configs, the folder's otherwise.
 fn model_source(src: &Source, comp: Component) -> Result<(Config, WeightStore, String)> {
+    if comp == Component::Clipseg {
+        return Err(no_benchmark(comp));
+    }
     match src {
         Source::KnownVision(k) => {
             if comp != Component::ImageEncoder {
@@ -100,6 +103,7 @@ fn model_source(src: &Source, comp: Component) -> Result<(Config, WeightStore, S
                     "--config {}: no image encoder in this configuration (use dinov2-b14 or clip-l14)",
                     k.name()
                 ),
+                Component::Clipseg => return Err(no_benchmark(comp)),
             };
             Ok((
                 Config::from_json(
@@ -136,7 +140,19 @@ enum UnetLike {
     Control(Box<ControlNet>),
 }
 
+/// Components `bench` cannot time yet: a clear error rather than a wrong model.
+fn no_benchmark(comp: Component) -> anyhow::Error {
+    anyhow::anyhow!(
+        "--component {}: no benchmark yet (run it with `toffee forward --component {}`)",
+        comp.name(),
+        comp.name()
+    )
+}
+
 pub fn run(o: &Options, dev: &Device) -> Result<Report> {
+    if o.component == Component::Clipseg {
+        return Err(no_benchmark(o.component));
+    }
     if o.batch == 0 || o.iters == 0 {
         bail!("--batch and --iters must be at least 1");
     }
@@ -233,6 +249,7 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
                 Box::new(|v: &[Tensor]| Ok(vit.forward(&v[0]).last_hidden_state)),
             )
         }
+        Component::Clipseg => return Err(no_benchmark(o.component)),
         Component::TextEncoder | Component::TextEncoder2 => {
             te = ClipText::load(&cfg, &store, dev)?;
             let ids: Vec<Vec<u32>> = (0..b)
