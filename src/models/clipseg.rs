@@ -164,11 +164,14 @@ impl DecoderLayer {
 /// `decoder.transposed_convolution`.
 enum Upsample {
     Simple(ConvTranspose),
-    Complex {
-        conv: Conv2dW,
-        up1: ConvTranspose,
-        up2: ConvTranspose,
-    },
+    Complex(Box<ComplexHead>),
+}
+
+/// `use_complex_transposed_convolution`: `transposed_convolution.{0, 2, 4}`.
+struct ComplexHead {
+    conv: Conv2dW,
+    up1: ConvTranspose,
+    up2: ConvTranspose,
 }
 
 impl Upsample {
@@ -176,10 +179,10 @@ impl Upsample {
     fn forward(&self, x: &Tensor) -> Tensor {
         match self {
             Upsample::Simple(t) => t.forward(x),
-            Upsample::Complex { conv, up1, up2 } => {
-                let x = Activation::Relu.apply(&ops::conv2d(x, conv));
-                let x = Activation::Relu.apply(&up1.forward(&x));
-                up2.forward(&x)
+            Upsample::Complex(h) => {
+                let x = Activation::Relu.apply(&ops::conv2d(x, &h.conv));
+                let x = Activation::Relu.apply(&h.up1.forward(&x));
+                h.up2.forward(&x)
             }
         }
     }
@@ -271,11 +274,11 @@ impl ClipSeg {
         let tc = vb.pp("transposed_convolution");
         let upsample = if dc.complex {
             let k = vc.patch / 4;
-            Upsample::Complex {
+            Upsample::Complex(Box::new(ComplexHead {
                 conv: tc.pp("0").conv2d(rd, rd, 3, 1, 1)?,
                 up1: ConvTranspose::load(&tc.pp("2"), rd, rd / 2, k, true)?,
                 up2: ConvTranspose::load(&tc.pp("4"), rd / 2, 1, k, true)?,
-            }
+            }))
         } else {
             Upsample::Simple(ConvTranspose::load(&tc, rd, 1, vc.patch, true)?)
         };
