@@ -76,6 +76,9 @@ fn rand(shape: Vec<usize>, seed: u64, scale: f32) -> Tensor {
 
 /// Config and weights for the component: random weights for known configs, the folder's otherwise.
 fn model_source(src: &Source, comp: Component) -> Result<(Config, WeightStore, String)> {
+    if matches!(comp, Component::Clipseg | Component::Sam | Component::Depth) {
+        return Err(no_benchmark(comp));
+    }
     match src {
         Source::KnownVision(k) => {
             if comp != Component::ImageEncoder {
@@ -96,12 +99,13 @@ fn model_source(src: &Source, comp: Component) -> Result<(Config, WeightStore, S
                 Component::Controlnet => k.controlnet(),
                 Component::VaeEncode | Component::VaeDecode => k.vae(),
                 Component::TextEncoder | Component::TextEncoder2 => k.text_encoder(),
-                Component::Depth => bail!("--component depth has no benchmark yet"),
                 Component::ImageEncoder => bail!(
                     "--config {}: no image encoder in this configuration (use dinov2-b14 or clip-l14)",
                     k.name()
                 ),
-                Component::Sam => bail!("bench does not support --component sam yet"),
+                Component::Depth | Component::Sam | Component::Clipseg => {
+                    return Err(no_benchmark(comp))
+                }
             };
             Ok((
                 Config::from_json(
@@ -138,15 +142,24 @@ enum UnetLike {
     Control(Box<ControlNet>),
 }
 
+/// Components `bench` cannot time yet: a clear error rather than a wrong model.
+fn no_benchmark(comp: Component) -> anyhow::Error {
+    anyhow::anyhow!(
+        "--component {}: no benchmark yet (run it with `toffee forward --component {}`)",
+        comp.name(),
+        comp.name()
+    )
+}
+
 pub fn run(o: &Options, dev: &Device) -> Result<Report> {
+    if matches!(
+        o.component,
+        Component::Clipseg | Component::Sam | Component::Depth
+    ) {
+        return Err(no_benchmark(o.component));
+    }
     if o.batch == 0 || o.iters == 0 {
         bail!("--batch and --iters must be at least 1");
-    }
-    if o.component == Component::Depth {
-        bail!("--component depth has no benchmark yet");
-    }
-    if o.component == Component::Sam {
-        bail!("bench does not support --component sam yet");
     }
     let (cfg, store, name) = model_source(&o.source, o.component)?;
     let b = o.batch;
@@ -233,7 +246,6 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
                 Box::new(|v: &[Tensor]| vae.decode(&v[0])),
             )
         }
-        Component::Sam => bail!("bench does not support --component sam yet"),
         Component::ImageEncoder => {
             vit = Vit::load(&cfg, &store, dev)?;
             vit.check_input(res, res)?;
@@ -242,7 +254,9 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
                 Box::new(|v: &[Tensor]| Ok(vit.forward(&v[0]).last_hidden_state)),
             )
         }
-        Component::Depth => bail!("--component depth has no benchmark yet"),
+        Component::Depth | Component::Sam | Component::Clipseg => {
+            return Err(no_benchmark(o.component))
+        }
         Component::TextEncoder | Component::TextEncoder2 => {
             te = ClipText::load(&cfg, &store, dev)?;
             let ids: Vec<Vec<u32>> = (0..b)

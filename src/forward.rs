@@ -2,6 +2,7 @@
 //! checkpoint against their own PyTorch outputs.
 
 use crate::backend::Device;
+use crate::models::clipseg::ClipSeg;
 use crate::models::load;
 use crate::models::unet::Cond;
 use crate::tensor::Tensor;
@@ -25,6 +26,8 @@ pub enum Component {
     Depth,
     /// Segment Anything (transformers `SamModel` folder): image + box / point prompts -> masks.
     Sam,
+    /// CLIPSegForImageSegmentation (a model folder): input_ids + pixel_values -> logits.
+    Clipseg,
 }
 
 impl Component {
@@ -40,6 +43,7 @@ impl Component {
             Component::ImageEncoder => "image-encoder",
             Component::Depth => "depth",
             Component::Sam => "sam",
+            Component::Clipseg => "clipseg",
         }
     }
 
@@ -54,6 +58,7 @@ impl Component {
             Component::ImageEncoder => "image_encoder",
             Component::Depth => "depth",
             Component::Sam => "sam",
+            Component::Clipseg => "clipseg",
         }
     }
 }
@@ -108,6 +113,23 @@ impl Inputs<'_> {
             );
         }
         Ok(t)
+    }
+    /// `input_ids` [N, tokens] as token ids (stored as integers; read as f32 by safetensors).
+    fn ids(&self) -> Result<Vec<Vec<u32>>> {
+        let ids_t = self.rank("input_ids", 2, "[N, tokens]")?;
+        let (b, l) = (ids_t.shape()[0], ids_t.shape()[1]);
+        let mut ids = Vec::with_capacity(b);
+        for r in 0..b {
+            let row = &ids_t.data()[r * l..(r + 1) * l];
+            if let Some(bad) = row.iter().find(|v| **v < 0.0 || v.fract() != 0.0) {
+                bail!(
+                    "{}: `input_ids` holds {bad}, not a token id",
+                    self.file.display()
+                );
+            }
+            ids.push(row.iter().map(|v| *v as u32).collect::<Vec<u32>>());
+        }
+        Ok(ids)
     }
     /// One timestep per sample: a scalar or a 1-element tensor is broadcast.
     fn timesteps(&self, batch: usize) -> Result<Vec<f32>> {
@@ -357,19 +379,7 @@ fn run_on(
         }
         Component::Sam => run_sam(model, &inp, dev),
         Component::TextEncoder | Component::TextEncoder2 => {
-            let ids_t = inp.rank("input_ids", 2, "[N, tokens]")?;
-            let (b, l) = (ids_t.shape()[0], ids_t.shape()[1]);
-            let mut ids = Vec::with_capacity(b);
-            for r in 0..b {
-                let row = &ids_t.data()[r * l..(r + 1) * l];
-                if let Some(bad) = row.iter().find(|v| **v < 0.0 || v.fract() != 0.0) {
-                    bail!(
-                        "{}: `input_ids` holds {bad}, not a token id",
-                        inputs_file.display()
-                    );
-                }
-                ids.push(row.iter().map(|v| *v as u32).collect::<Vec<u32>>());
-            }
+            let ids = inp.ids()?;
             let sub = if component == Component::TextEncoder {
                 "text_encoder"
             } else {
@@ -387,6 +397,26 @@ fn run_on(
             ];
             if let Some(t) = o.text_embeds {
                 v.push(("text_embeds".into(), t));
+            }
+            Ok(v)
+        }
+        Component::Clipseg => {
+            let ids = inp.ids()?;
+            let pixels = inp.rank("pixel_values", 4, "[N, 3, H, W]")?;
+            let model = ClipSeg::load_dir(model, dev)?;
+            let o = model
+                .forward(&ids, pixels)
+                .map_err(|e| anyhow::anyhow!("{}: {e:#}", inputs_file.display()))?;
+            let mut v = vec![
+                ("logits".to_string(), o.logits),
+                (
+                    "conditional_embeddings".to_string(),
+                    o.conditional_embeddings,
+                ),
+                ("pooled_output".to_string(), o.pooled_output),
+            ];
+            for (j, a) in o.activations.into_iter().enumerate() {
+                v.push((format!("activations.{j}"), a));
             }
             Ok(v)
         }

@@ -437,6 +437,52 @@ fn depth_models_match_the_cpu_backend() {
     finish();
 }
 
+/// CLIPSeg (tests/fixtures/golden/segment_depth): every logits case (simple and complex heads,
+/// interpolated position embeddings) through `forward --component clipseg` on the GPU against the
+/// CPU, every output; then image + prompts → probabilities through the segmenter.
+#[test]
+fn clipseg_matches_the_cpu_backend() {
+    let Some(d) = gpu() else { return };
+    let root = fixtures().join("golden/segment_depth");
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap())
+            .unwrap();
+    let comp = Component::Clipseg;
+    for case in manifest["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        if case["class"] != "CLIPSegForImageSegmentation" || !name.contains("_logits") {
+            continue;
+        }
+        let model = fixtures().join(case["model"].as_str().unwrap());
+        let in_path = root.join(case["inputs"].as_str().unwrap());
+        let inputs = read_all(&in_path).unwrap();
+        let cpu = forward::run(&model, comp, &inputs, &in_path, &Device::Cpu).unwrap();
+        let d = gpu().unwrap_or(d.clone());
+        match forward::run(&model, comp, &inputs, &in_path, &d) {
+            Ok(got) => {
+                for ((n, g), (_, c)) in got.iter().zip(&cpu) {
+                    close(&format!("{name}/{n}"), g, c, &d);
+                }
+            }
+            Err(e) => fail(format!("{name}: {e:#}")),
+        }
+    }
+    use toffee::models::clipseg::ClipSegSegmenter;
+    let dir = fixtures().join("segment_depth/clipseg");
+    let img = image::RgbImage::from_fn(40, 30, |x, y| image::Rgb([x as u8 * 6, y as u8 * 8, 90]));
+    let prompts = vec!["a photo of a cat".to_string(), "a red square".into()];
+    let cpu = ClipSegSegmenter::from_dir(&dir, &Device::Cpu)
+        .unwrap()
+        .probs(&img, &prompts)
+        .unwrap();
+    let d = gpu().unwrap_or(d.clone());
+    match ClipSegSegmenter::from_dir(&dir, &d).and_then(|s| s.probs(&img, &prompts)) {
+        Ok(got) => close("clipseg probs", &got, &cpu, &d),
+        Err(e) => fail(format!("clipseg probs: {e:#}")),
+    }
+    finish();
+}
+
 /// The UNet with IP-Adapter / Toffee adapters attached (golden inputs) on the GPU against the CPU.
 #[test]
 fn adapters_match_the_cpu_backend() {

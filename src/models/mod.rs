@@ -3,6 +3,7 @@
 pub mod adapter;
 pub mod blocks;
 pub mod clip_text;
+pub mod clipseg;
 pub mod controlnet;
 pub mod depth_anything;
 pub mod interp;
