@@ -93,9 +93,10 @@ enum Cmd {
     /// Depth maps with a Depth Anything model: NAME.png (16-bit: relative models min-max
     /// normalised, metric models in millimetres) and NAME.preview.png (8-bit) per image.
     Depth {
-        /// A Depth Anything folder (config.json, safetensors, preprocessor_config.json).
+        /// A Depth Anything folder (config.json, safetensors, preprocessor_config.json);
+        /// without it a built-in tiny random-weight model runs (a demo, not real depth).
         #[arg(long)]
-        model: PathBuf,
+        model: Option<PathBuf>,
         /// One image (with --out).
         #[arg(long, conflicts_with = "images", required_unless_present = "images")]
         image: Option<PathBuf>,
@@ -110,6 +111,46 @@ enum Cmd {
         )]
         out: Option<PathBuf>,
         /// Output folder for --images: DIR/<image stem>.png and .preview.png.
+        #[arg(long, conflicts_with = "image", required_unless_present = "image")]
+        out_dir: Option<PathBuf>,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Subject masks from a text: CLIPSeg, optionally sharpened by SAM prompted with the box of
+    /// CLIPSeg's mask. Writes an 8-bit PNG (255 = subject) per image and prints one JSON line
+    /// per image (area, verdict ok / empty / whole_image, box, SAM IoU). Without --model,
+    /// built-in tiny random-weight models run (a demo, not real masks).
+    Mask {
+        /// A CLIPSeg folder (CLIPSegForImageSegmentation, tokenizer, preprocessor config).
+        #[arg(long)]
+        model: Option<PathBuf>,
+        /// A SAM folder (SamModel): refines CLIPSeg's mask from its bounding box.
+        #[arg(long)]
+        sam: Option<PathBuf>,
+        /// With the built-in CLIPSeg (no --model): also run the built-in SAM.
+        #[arg(long, conflicts_with = "sam")]
+        builtin_sam: bool,
+        /// One image (with --out).
+        #[arg(long, conflicts_with = "images", required_unless_present = "images")]
+        image: Option<PathBuf>,
+        /// Several images or folders of images (with --out-dir).
+        #[arg(long, num_args = 1..)]
+        images: Vec<PathBuf>,
+        /// What to find ("a teapot"); default: each image's file name (red_teapot.png -> "red
+        /// teapot").
+        #[arg(long)]
+        text: Option<String>,
+        /// CLIPSeg probability above which a pixel is the subject.
+        #[arg(long, default_value_t = 0.5)]
+        threshold: f32,
+        /// The mask PNG for --image.
+        #[arg(
+            long,
+            requires = "image",
+            default_value_if("image", clap::builder::ArgPredicate::IsPresent, "mask.png")
+        )]
+        out: Option<PathBuf>,
+        /// Output folder for --images: DIR/<image stem>.png.
         #[arg(long, conflicts_with = "image", required_unless_present = "image")]
         out_dir: Option<PathBuf>,
         #[arg(long, default_value = "cpu")]
@@ -543,6 +584,59 @@ fn run(cli: Cli) -> Result<()> {
                 if n == 1 { "" } else { "s" },
                 written[0].display(),
                 if n > 1 { " …" } else { "" }
+            );
+            Ok(())
+        }
+        Cmd::Mask {
+            model,
+            sam,
+            builtin_sam,
+            image,
+            images,
+            text,
+            threshold,
+            out,
+            out_dir,
+            device,
+        } => {
+            let images = match image {
+                Some(i) => vec![i],
+                None => images,
+            };
+            let settings = toffee::pipeline::mask::MaskSettings {
+                threshold,
+                ..Default::default()
+            };
+            let reports = toffee::cmd::mask::run(&toffee::cmd::mask::Options {
+                model,
+                sam,
+                builtin_sam,
+                images,
+                text,
+                settings,
+                out,
+                out_dir,
+                device,
+            })?;
+            for r in &reports {
+                println!("{}", serde_json::to_string(r)?);
+                if r.verdict != toffee::pipeline::mask::MaskVerdict::Ok {
+                    eprintln!(
+                        "toffee: warning: {}: the mask for `{}` is {} ({:.1}% of the image)",
+                        r.image.display(),
+                        r.text,
+                        match r.verdict {
+                            toffee::pipeline::mask::MaskVerdict::Empty => "empty",
+                            _ => "the whole image",
+                        },
+                        100.0 * r.area
+                    );
+                }
+            }
+            eprintln!(
+                "wrote {} mask{}",
+                reports.len(),
+                if reports.len() == 1 { "" } else { "s" }
             );
             Ok(())
         }

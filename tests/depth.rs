@@ -581,3 +581,48 @@ fn cli_forward_component_depth() {
         &want["predicted_depth"],
     );
 }
+
+#[test]
+fn cli_depth_builtin_model_without_a_folder() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("d.png");
+    let o = toffee(&[
+        "depth",
+        "--image",
+        coffee().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (w, h, px) = read_png16(&out);
+    assert_eq!((w, h), (41, 55));
+    // Min–max normalised: both ends are present.
+    assert!(px.contains(&0) && px.contains(&65535));
+    assert!(tmp.path().join("d.preview.png").is_file());
+}
+
+/// A depth map feeds a depth ControlNet as its control image: the 16-bit gray file loads as RGB
+/// in [0, 1] with the full 16-bit precision in every channel.
+#[test]
+fn depth_png_loads_as_a_control_image() {
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("d.png");
+    let o = toffee(&[
+        "depth",
+        "--model",
+        model_dir("depth-anything").to_str().unwrap(),
+        "--image",
+        coffee().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let (w, h, px) = read_png16(&out);
+    let img = toffee::image_io::load(&out).unwrap();
+    assert_eq!(img.rgb.dims4(), (1, h, w, 3));
+    assert!(img.alpha.is_none());
+    for (i, p) in img.rgb.data().chunks_exact(3).enumerate() {
+        let want = px[i] as f32 / 65535.0;
+        assert!(p.iter().all(|&v| v == want), "pixel {i}: {p:?} vs {want}");
+    }
+}

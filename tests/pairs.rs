@@ -573,3 +573,81 @@ fn pairs_with_a_draft_lora() {
         "{e}"
     );
 }
+
+/// Subjects without a mask file or alpha get one from their name when a segmenter is configured
+/// (CLIPSeg + SAM fixtures with the built-in generation models); masks that are empty or cover
+/// the whole image skip the subject with that reason.
+#[test]
+fn unmasked_subjects_are_masked_from_their_name() {
+    use toffee::pipeline::mask::{MaskSettings, MaskVerdict, Segmenter};
+    let f = common::fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let subjects = dir.path().join("subjects");
+    std::fs::create_dir(&subjects).unwrap();
+    std::fs::copy(f.join("images/photo.jpg"), subjects.join("cat.jpg")).unwrap();
+    image::RgbImage::from_pixel(30, 20, image::Rgb([10, 200, 10]))
+        .save(subjects.join("box.png"))
+        .unwrap();
+    image::GrayImage::from_pixel(30, 20, image::Luma([255]))
+        .save(subjects.join("box.mask.png"))
+        .unwrap();
+    let seg_dir = f.join("segment_depth/clipseg");
+    let sam_dir = f.join("segment_depth/sam");
+    let run = |name: &str, mask_toml: &str| -> (std::path::PathBuf, serde_json::Value) {
+        let cfg = dir.path().join(format!("{name}.toml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "[models]\nsegmenter = \"{}\"\nsam = \"{}\"\n\n[mask]\n{mask_toml}\n\n\
+                 [job]\nresolution = 64\nprompts_per_subject = 1\nshard_size = 2\nbatch = 2\n\n\
+                 [draft]\nsteps = 2\n\n[refine]\nsteps = 2\n\n[view]\nprobability = 0.0\n\n\
+                 [filter]\ndino = -1.0\nclip_i = -1.0\nclip_t = -1.0\n",
+                seg_dir.display(),
+                sam_dir.display()
+            ),
+        )
+        .unwrap();
+        let out = dir.path().join(name);
+        ok(pairs(
+            &out,
+            &[
+                "--config",
+                cfg.to_str().unwrap(),
+                "--subjects",
+                subjects.to_str().unwrap(),
+            ],
+        ));
+        let stats = serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap())
+            .unwrap();
+        (out, stats)
+    };
+
+    // The default settings: the made mask is the recipe's, written as the record's subject mask.
+    let seg = Segmenter::load(
+        &seg_dir,
+        Some(&sam_dir),
+        MaskSettings::default(),
+        &toffee::backend::Device::Cpu,
+    )
+    .unwrap();
+    let img = toffee::image_proc::load_rgb8(&subjects.join("cat.jpg")).unwrap();
+    let want = seg.segment(&img, "cat").unwrap();
+    assert_eq!(want.verdict, MaskVerdict::Ok, "area {}", want.area());
+    let (out, stats) = run("made", "");
+    assert_eq!(stats["records"], 2, "{stats}");
+    let files = shard_files(&out);
+    let idx = index(&out);
+    let (key, _) = idx.iter().find(|(_, l)| l["subject"] == "cat").unwrap();
+    let got = image::load_from_memory(&files[&format!("{key}.subject_mask.png")])
+        .unwrap()
+        .to_luma8();
+    assert_eq!(got.into_raw(), want.to_gray().into_raw());
+
+    // Nothing reaches the threshold: the cat is skipped as empty, the masked box still runs.
+    let (_, stats) = run("empty", "threshold = 0.99999");
+    assert_eq!(stats["skipped_subjects"]["empty_mask"], 1, "{stats}");
+    assert_eq!(stats["records"], 1);
+    // Everything does, and the bound is below it: the cat is skipped as the whole image.
+    let (_, stats) = run("whole", "threshold = 0.0\nmin_area = 0.0\nmax_area = 0.001");
+    assert_eq!(stats["skipped_subjects"]["mask_whole_image"], 1, "{stats}");
+}

@@ -21,7 +21,8 @@ use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
 pub struct Options {
-    pub model: PathBuf,
+    /// None: the built-in tiny random-weight model (a demo of the command, not real depth).
+    pub model: Option<PathBuf>,
     /// Images or folders of images.
     pub images: Vec<PathBuf>,
     /// The output for a single image (`--image`).
@@ -66,16 +67,34 @@ pub fn expand_images(paths: &[PathBuf]) -> Result<Vec<PathBuf>> {
 
 /// (depth file, preview file) per image.
 fn outputs(o: &Options, images: &[PathBuf]) -> Result<Vec<(PathBuf, PathBuf)>> {
+    let outs = png_outputs(o.out.as_deref(), o.out_dir.as_deref(), images, "depth maps")?;
+    Ok(outs
+        .into_iter()
+        .map(|out| {
+            let preview = preview_path(&out);
+            (out, preview)
+        })
+        .collect())
+}
+
+/// The PNG file per image: `out` for one image, else `out_dir/<stem>.png` (two images of one
+/// stem are an error, not an overwrite). `what` names the files in errors.
+pub fn png_outputs(
+    out: Option<&Path>,
+    out_dir: Option<&Path>,
+    images: &[PathBuf],
+    what: &str,
+) -> Result<Vec<PathBuf>> {
     let png = |p: &Path| -> Result<()> {
         match p.extension().map(|e| e.to_string_lossy().to_lowercase()) {
             Some(e) if e == "png" => Ok(()),
             _ => bail!(
-                "--out {}: depth maps are written as 16-bit PNG; use a .png name",
+                "--out {}: {what} are written as PNG; use a .png name",
                 p.display()
             ),
         }
     };
-    match (&o.out, &o.out_dir) {
+    match (out, out_dir) {
         (Some(out), None) => {
             if images.len() != 1 {
                 bail!(
@@ -84,7 +103,7 @@ fn outputs(o: &Options, images: &[PathBuf]) -> Result<Vec<(PathBuf, PathBuf)>> {
                 );
             }
             png(out)?;
-            Ok(vec![(out.clone(), preview_path(out))])
+            Ok(vec![out.to_path_buf()])
         }
         (None, Some(dir)) => {
             if !dir.is_dir() {
@@ -108,8 +127,7 @@ fn outputs(o: &Options, images: &[PathBuf]) -> Result<Vec<(PathBuf, PathBuf)>> {
                             dir.join(format!("{stem}.png")).display()
                         );
                     }
-                    let out = dir.join(format!("{stem}.png"));
-                    Ok((out.clone(), preview_path(&out)))
+                    Ok(dir.join(format!("{stem}.png")))
                 })
                 .collect()
         }
@@ -131,8 +149,13 @@ pub fn run(o: &Options) -> Result<Vec<PathBuf>> {
         .collect();
     crate::generate::check_writable(&all)?;
     let dev = Device::open(&o.device, false)?;
-    let model = DepthAnything::load_dir(&o.model, &dev)?;
-    let proc = DptProcessor::from_dir(&o.model)?;
+    let (model, proc) = match &o.model {
+        Some(dir) => (
+            DepthAnything::load_dir(dir, &dev)?,
+            DptProcessor::from_dir(dir)?,
+        ),
+        None => builtin(&dev)?,
+    };
     // Decode and run a few batches' worth at a time, so a long list is not all in memory.
     for (paths, outs) in images.chunks(4 * MAX_BATCH).zip(outs.chunks(4 * MAX_BATCH)) {
         let imgs = paths
@@ -151,6 +174,23 @@ pub fn run(o: &Options) -> Result<Vec<PathBuf>> {
         }
     }
     Ok(outs.into_iter().map(|(d, _)| d).collect())
+}
+
+/// The built-in tiny relative model (random weights) and a processor for its 28-pixel size.
+pub fn builtin(dev: &Device) -> Result<(DepthAnything, DptProcessor)> {
+    let name = "<built-in Depth Anything>";
+    let cfg =
+        crate::config::Config::from_json(name, crate::models::depth_anything::builtin_config())?;
+    let model = DepthAnything::load(&cfg, &crate::weights::WeightStore::random(14), dev)?;
+    let proc = DptProcessor::from_json(
+        name,
+        &serde_json::json!({
+            "size": {"height": 28, "width": 28}, "keep_aspect_ratio": true,
+            "ensure_multiple_of": 14, "resample": 3,
+            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]
+        }),
+    )?;
+    Ok((model, proc))
 }
 
 /// Writes one map: millimetres for metric models, normalised for relative ones.

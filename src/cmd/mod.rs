@@ -4,5 +4,6 @@
 pub mod convert;
 pub mod depth;
 pub mod embed;
+pub mod mask;
 pub mod score;
 pub mod view;

@@ -26,6 +26,11 @@ pub struct Models {
     pub dino: Option<PathBuf>,
     /// CLIPModel folder for CLIP-I and CLIP-T.
     pub clip: Option<PathBuf>,
+    /// CLIPSeg folder: subjects with neither a mask file nor alpha get a mask from their name
+    /// (without it, such subjects are the whole image). The built-in demo uses a built-in one.
+    pub segmenter: Option<PathBuf>,
+    /// SAM folder: sharpens the segmenter's mask (prompted with its box); needs `segmenter`.
+    pub sam: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -190,6 +195,8 @@ pub struct PairsConfig {
     pub view: ViewStage,
     pub place: Place,
     pub filter: Filter,
+    /// How made masks are cut and judged (`segmenter`).
+    pub mask: crate::pipeline::mask::MaskSettings,
     pub job: Job,
 }
 
@@ -211,6 +218,8 @@ impl PairsConfig {
             &mut m.view,
             &mut m.dino,
             &mut m.clip,
+            &mut m.segmenter,
+            &mut m.sam,
         ]
         .into_iter()
         .flatten()
@@ -247,7 +256,9 @@ impl PairsConfig {
              # refiner_adapter_encoder = \"models/dinov2-base\"\n\
              # view = \"models/zero123\"                # optional View Generator\n\
              # dino = \"models/dinov2-base\"\n\
-             # clip = \"models/clip-vit-large-patch14\"\n\n",
+             # clip = \"models/clip-vit-large-patch14\"\n\
+             # segmenter = \"models/clipseg-rd64-refined\" # masks for subjects without one\n\
+             # sam = \"models/sam-vit-base\"          # optional: sharpens the segmenter's masks\n\n",
         );
         let body = toml::to_string(&PairsConfig::default()).expect("the config serialises");
         // Drop the empty [models] table toml writes; it is above, commented.
@@ -307,6 +318,10 @@ impl PairsConfig {
             if !spec.path.is_file() {
                 bail!("{origin}: lora `{}`: no such file", spec.path.display());
             }
+        }
+        self.mask.check(&format!("{origin}: [mask]"))?;
+        if self.models.sam.is_some() && self.models.segmenter.is_none() {
+            bail!("{origin}: models.sam refines the segmenter's masks: it needs models.segmenter");
         }
         for s in [&self.draft.scheduler, &self.refine.scheduler] {
             if !s.is_empty() {

@@ -8,6 +8,7 @@ use super::writer::{jsonl, png_bytes, write_text, ShardWriter};
 use crate::backend::Device;
 use crate::models::adapter::Adapter;
 use crate::pipeline::image_prompt::load_encoder;
+use crate::pipeline::mask::Segmenter;
 use crate::pipeline::score::Scorer;
 use crate::pipeline::view::ViewGenerator;
 use crate::pipeline::Generator;
@@ -215,6 +216,14 @@ pub fn resolve(o: &Options) -> Result<Plan> {
             }
         }
     }
+    for p in [&m.segmenter, &m.sam].into_iter().flatten() {
+        if !p.is_dir() {
+            bail!(
+                "{}: no such model folder (named in the config's [models])",
+                p.display()
+            );
+        }
+    }
     if cfg.view.probability > 0.0 && any && m.view.is_none() {
         bail!(
             "view.probability is {} but [models] names no view model",
@@ -368,6 +377,12 @@ fn builtin_subjects() -> Vec<Subject> {
 /// folder named by two stages is loaded once.
 pub fn load_models(cfg: &PairsConfig, device: &Device) -> Result<StageModels> {
     let m = &cfg.models;
+    let segmenter = match &m.segmenter {
+        Some(dir) => Some(Segmenter::load(dir, m.sam.as_deref(), cfg.mask, device)?),
+        // The demo masks unmasked subjects with the built-in tiny CLIPSeg + SAM.
+        None if m.draft.is_none() => Some(Segmenter::builtin(true, cfg.mask, device)?),
+        None => None,
+    };
     let specs = |l: &[String]| -> Result<Vec<LoraSpec>> { l.iter().map(|s| s.parse()).collect() };
     let (draft_loras, refine_loras) = (specs(&cfg.draft.lora)?, specs(&cfg.refine.lora)?);
     let Some(draft_dir) = &m.draft else {
@@ -387,6 +402,7 @@ pub fn load_models(cfg: &PairsConfig, device: &Device) -> Result<StageModels> {
             adapter_encoder: None,
             view: Some(super::builtin::view_generator(device)?),
             scorer: super::builtin::scorer(device)?,
+            segmenter,
         });
     };
     let mut draft =
@@ -425,6 +441,7 @@ pub fn load_models(cfg: &PairsConfig, device: &Device) -> Result<StageModels> {
         adapter_encoder,
         view,
         scorer,
+        segmenter,
     })
 }
 
@@ -510,6 +527,11 @@ fn build_shard(
     let tar_name = &tar_name;
     let ids = &ids;
     let mut t = Timings::default();
+    // Masks for unmasked subjects come from the device models, so they are made here, on the
+    // device thread, before the reader starts.
+    let made = stages::make_masks(models, &plan.subjects, recs.iter().map(|r| r.subject))
+        .with_context(|| format!("shard {name}: masking subjects"))?;
+    let made = &made;
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<(Vec<Record>, Vec<SubjectData>)>(2);
     let (out_tx, out_rx) = crossbeam_channel::bounded::<Vec<Outcome>>(2);
     let (read, written, worked) = std::thread::scope(|sc| {
@@ -520,7 +542,7 @@ fn build_shard(
             let mut batch = (Vec::new(), Vec::new());
             for r in recs {
                 let l = loaded.entry(r.subject).or_insert_with(|| {
-                    let l = stages::load_subject(&plan.subjects[r.subject]);
+                    let l = stages::load_subject(&plan.subjects[r.subject], made.get(&r.subject));
                     // A bad subject counts once, in the shard that holds its first record.
                     if let Err((reason, msg)) = &l {
                         let first = plan.records.iter().position(|x| x.subject == r.subject);

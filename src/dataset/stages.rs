@@ -12,13 +12,14 @@ use crate::canny;
 use crate::image_io;
 use crate::models::adapter::{Adapter, AdapterKind};
 use crate::pipeline::image_prompt::image_prompts;
+use crate::pipeline::mask::Segmenter;
 use crate::pipeline::noise::NoiseSource;
 use crate::pipeline::score::{ImageEncoder, Mask, ScoreInput, Scorer, Scores};
 use crate::pipeline::view::{Pose, View, ViewGenerator, ViewRequest};
 use crate::pipeline::{Control, Generator, ImagePrompt, Init, Request};
 use crate::sched::SchedulerKind;
 use crate::tensor::Tensor;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::time::Instant;
 
 /// Every model the job uses, loaded once per worker.
@@ -48,6 +49,8 @@ pub struct StageModels {
     pub adapter_encoder: Option<ImageEncoder>,
     pub view: Option<ViewGenerator>,
     pub scorer: Scorer,
+    /// Masks subjects that have neither a mask file nor alpha (None: they are the whole image).
+    pub segmenter: Option<Segmenter>,
 }
 
 impl StageModels {
@@ -74,6 +77,8 @@ pub enum SkipReason {
     Unreadable,
     MaskSize,
     EmptyMask,
+    /// A made mask covers (nearly) the whole image: the segmenter matched everything.
+    MaskWholeImage,
 }
 
 impl SkipReason {
@@ -82,12 +87,77 @@ impl SkipReason {
             SkipReason::Unreadable => "unreadable",
             SkipReason::MaskSize => "mask_size",
             SkipReason::EmptyMask => "empty_mask",
+            SkipReason::MaskWholeImage => "mask_whole_image",
         }
     }
 }
 
-/// Loads a subject: its mask from the given file, else its alpha, else the whole image.
-pub fn load_subject(s: &Subject) -> std::result::Result<SubjectData, (SkipReason, String)> {
+/// A mask made for a subject without one, or why it is unusable.
+pub type MadeMask = std::result::Result<Tensor, (SkipReason, String)>;
+
+/// Masks, by subject index, for the subjects among `subjects` that need one (an image file with
+/// no mask file and no alpha) when a segmenter is loaded; the text is the subject's category.
+/// An empty mask or one covering the whole image (`[mask]` min_area / max_area) is a skip
+/// reason, not an error; an unreadable image is left to `load_subject` to report.
+pub fn make_masks(
+    models: &StageModels,
+    all: &[Subject],
+    subjects: impl Iterator<Item = usize>,
+) -> Result<std::collections::BTreeMap<usize, MadeMask>> {
+    use crate::pipeline::mask::MaskVerdict;
+    let mut made = std::collections::BTreeMap::new();
+    let Some(seg) = &models.segmenter else {
+        return Ok(made);
+    };
+    for i in subjects {
+        if made.contains_key(&i) {
+            continue;
+        }
+        let s = &all[i];
+        let SubjectSource::File { image, mask: None } = &s.source else {
+            continue;
+        };
+        let Ok(img) = image_io::load(image) else {
+            continue;
+        };
+        if img.alpha.is_some() {
+            continue;
+        }
+        let rgb = crate::image_proc::load_rgb8(image)?;
+        let m = seg
+            .segment(&rgb, &s.category)
+            .with_context(|| format!("subject `{}` ({})", s.name, image.display()))?;
+        let why = |what: &str| {
+            format!(
+                "{}: the mask made for `{}` {what} ({:.1}% of the image)",
+                image.display(),
+                s.category,
+                100.0 * m.area()
+            )
+        };
+        made.insert(
+            i,
+            match m.verdict {
+                MaskVerdict::Ok => {
+                    let v = m.mask.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect();
+                    Ok(Tensor::new(vec![1, m.height, m.width, 1], v))
+                }
+                MaskVerdict::Empty => Err((SkipReason::EmptyMask, why("is empty"))),
+                MaskVerdict::WholeImage => {
+                    Err((SkipReason::MaskWholeImage, why("covers the whole image")))
+                }
+            },
+        );
+    }
+    Ok(made)
+}
+
+/// Loads a subject: its mask from the given file, else its alpha, else the `made` one, else the
+/// whole image.
+pub fn load_subject(
+    s: &Subject,
+    made: Option<&MadeMask>,
+) -> std::result::Result<SubjectData, (SkipReason, String)> {
     let (rgb, mask) = match &s.source {
         SubjectSource::Builtin(i) => super::builtin::subject(*i),
         SubjectSource::File { image, mask } => {
@@ -112,7 +182,21 @@ pub fn load_subject(s: &Subject) -> std::result::Result<SubjectData, (SkipReason
                     t
                 }
                 (None, Some(a)) => a,
-                (None, None) => Tensor::new(vec![1, h, w, 1], vec![1.0; h * w]),
+                (None, None) => match made {
+                    Some(Ok(m)) if m.dims4() == (1, h, w, 1) => m.clone(),
+                    Some(Ok(m)) => {
+                        let (_, mh, mw, _) = m.dims4();
+                        return Err((
+                            SkipReason::MaskSize,
+                            format!(
+                                "{}: the made mask is {mw}x{mh} but the image is {w}x{h}",
+                                image.display()
+                            ),
+                        ));
+                    }
+                    Some(Err(e)) => return Err(e.clone()),
+                    None => Tensor::new(vec![1, h, w, 1], vec![1.0; h * w]),
+                },
             };
             (img.rgb, mask)
         }

@@ -5,6 +5,7 @@
 pub mod depth;
 pub mod graph;
 pub mod image_prompt;
+pub mod mask;
 pub mod noise;
 pub mod prompt;
 pub mod score;

@@ -1,0 +1,120 @@
+//! `toffee mask`: subject masks from a text with CLIPSeg, optionally sharpened by SAM prompted
+//! with the CLIPSeg mask's box (see `pipeline::mask` for the recipe).
+//!
+//! Per image: an 8-bit grayscale PNG (255 subject, 0 background), written atomically, and one
+//! JSON line on stdout: `{"image", "mask", "text", "area", "verdict", "box", "sam_iou"}`. A text
+//! that matches nothing writes an all-black mask with verdict `"empty"` and a warning; it is not
+//! an error. Without `--model`, built-in tiny random-weight models run (a demo of the command,
+//! not real masks).
+
+use super::depth::{expand_images, png_outputs};
+use crate::backend::Device;
+use crate::image_proc::load_rgb8_on_white;
+use crate::pipeline::mask::{MaskSettings, MaskVerdict, Segmenter, SubjectMask};
+use anyhow::{bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+pub struct Options {
+    /// CLIPSeg folder; None: the built-in tiny model.
+    pub model: Option<PathBuf>,
+    /// SAM folder: refine CLIPSeg's box. With no `model`, `Some("")` is not allowed; use
+    /// `builtin_sam` for the built-in SAM.
+    pub sam: Option<PathBuf>,
+    pub builtin_sam: bool,
+    /// Images or folders of images.
+    pub images: Vec<PathBuf>,
+    /// The text; None: each image's file name as a noun (`red_teapot.png` -> "red teapot").
+    pub text: Option<String>,
+    pub settings: MaskSettings,
+    pub out: Option<PathBuf>,
+    pub out_dir: Option<PathBuf>,
+    pub device: String,
+}
+
+/// What one image gave.
+#[derive(Debug, serde::Serialize)]
+pub struct MaskReport {
+    pub image: PathBuf,
+    pub mask: PathBuf,
+    pub text: String,
+    pub area: f32,
+    pub verdict: MaskVerdict,
+    #[serde(rename = "box")]
+    pub sam_box: Option<[f32; 4]>,
+    pub sam_iou: Option<f32>,
+}
+
+/// The noun a file name stands for: its stem with `_` and `-` as spaces.
+pub fn text_of(image: &Path) -> String {
+    image
+        .file_stem()
+        .map(|s| s.to_string_lossy().replace(['_', '-'], " "))
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Loads the models `o` names (built-in ones without `model`).
+pub fn segmenter(o: &Options, dev: &Device) -> Result<Segmenter> {
+    match &o.model {
+        Some(m) => {
+            if o.builtin_sam {
+                bail!("the built-in SAM goes with the built-in CLIPSeg: give --sam DIR");
+            }
+            Segmenter::load(m, o.sam.as_deref(), o.settings, dev)
+        }
+        None => {
+            if o.sam.is_some() {
+                bail!("--sam needs --model: a SAM folder refines a CLIPSeg folder's masks");
+            }
+            Segmenter::builtin(o.builtin_sam, o.settings, dev)
+        }
+    }
+}
+
+/// Runs the command: writes a mask per image and returns what each gave.
+pub fn run(o: &Options) -> Result<Vec<MaskReport>> {
+    o.settings.check("toffee mask")?;
+    let images = expand_images(&o.images)?;
+    if images.is_empty() {
+        bail!("--images: give at least one image");
+    }
+    let outs = png_outputs(o.out.as_deref(), o.out_dir.as_deref(), &images, "masks")?;
+    crate::generate::check_writable(&outs)?;
+    let texts: Vec<String> = images
+        .iter()
+        .map(|p| match &o.text {
+            Some(t) => Ok(t.clone()),
+            None => {
+                let t = text_of(p);
+                if t.is_empty() {
+                    bail!("{}: no --text and no name to use as one", p.display());
+                }
+                Ok(t)
+            }
+        })
+        .collect::<Result<_>>()?;
+    if texts.iter().any(|t| t.trim().is_empty()) {
+        bail!("--text is empty: name the subject to find");
+    }
+    let dev = Device::open(&o.device, false)?;
+    let seg = segmenter(o, &dev)?;
+    let mut reports = Vec::new();
+    for ((path, out), text) in images.iter().zip(&outs).zip(&texts) {
+        let img = load_rgb8_on_white(path)?;
+        let m: SubjectMask = seg
+            .segment(&img, text)
+            .with_context(|| format!("{}", path.display()))?;
+        m.save_png(out)?;
+        reports.push(MaskReport {
+            image: path.clone(),
+            mask: out.clone(),
+            text: text.clone(),
+            area: m.area(),
+            verdict: m.verdict,
+            sam_box: m.sam_box,
+            sam_iou: m.sam_iou,
+        });
+    }
+    Ok(reports)
+}
