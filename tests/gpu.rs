@@ -405,6 +405,35 @@ fn image_encoders_match_the_cpu_backend() {
     finish();
 }
 
+/// A captured graph's temporaries stay its own (issue 13, defect 1): tensors allocated eagerly
+/// after the capture keep their values across replays, and replays stay right.
+#[test]
+fn graph_scratch_is_never_handed_to_eager_tensors() {
+    let Some(d) = gpu() else { return };
+    let mut g = toffee::pipeline::graph::StepGraph::new(&d);
+    let f = |v: &[Tensor]| -> anyhow::Result<Vec<Tensor>> {
+        // `t` is a temporary dropped inside the captured call.
+        let t = ops::scale(&v[0], 2.0);
+        let u = ops::add(&t, &v[0]);
+        Ok(vec![ops::silu(&u)])
+    };
+    let x = d.put(rand(&[8, 4096], 1));
+    let want = f(std::slice::from_ref(&x)).unwrap()[0].to_host().unwrap();
+    for _ in 0..2 {
+        g.run("k", std::slice::from_ref(&x), f).unwrap(); // eager, then captured
+    }
+    let eager: Vec<Tensor> = (0..4).map(|i| d.put(rand(&[8, 4096], 10 + i))).collect();
+    let eager_host: Vec<Tensor> = eager.iter().map(|t| t.to_host().unwrap()).collect();
+    for _ in 0..3 {
+        let out = g.run("k", std::slice::from_ref(&x), f).unwrap();
+        close("graph replay", &out[0], &want, &d);
+    }
+    for (e, h) in eager.iter().zip(&eager_host) {
+        close("eager tensor after replays", e, h, &d);
+    }
+    finish();
+}
+
 /// Depth Anything (relative and metric, three input sizes each) on the GPU against the CPU.
 #[test]
 fn depth_models_match_the_cpu_backend() {

@@ -5,6 +5,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod pool;
 
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};

@@ -18,6 +18,8 @@ pub struct StepGraph {
 #[cfg(feature = "cuda")]
 struct Captured {
     graph: cudarc::driver::CudaGraph,
+    /// The graph's private memory: dropped after `graph` (fields drop in order), never before.
+    _reserve: std::sync::Arc<crate::backend::pool::Reserve<crate::backend::cuda::CudaMem>>,
     inputs: Vec<Tensor>,
     outputs: Vec<Tensor>,
     /// The tensors last copied into `inputs`, kept alive so an unchanged one (the text context,
@@ -80,10 +82,11 @@ impl StepGraph {
                 let out = f(&statics);
                 let graph = gpu.end_capture();
                 let outputs = out?;
-                let graph = graph?;
+                let (graph, reserve) = graph?;
                 let last = vec![None; statics.len()];
                 self.captured = Some(Captured {
                     graph,
+                    _reserve: reserve,
                     inputs: statics,
                     outputs,
                     last,

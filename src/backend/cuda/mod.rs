@@ -10,6 +10,7 @@
 
 pub mod ops;
 
+use crate::backend::pool::{Block, Pool, RawAlloc, Reserve};
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{
@@ -83,13 +84,29 @@ pub fn list_devices() -> Result<Vec<DeviceInfo>> {
     Ok(out)
 }
 
-/// Size classes of the caching pool: powers of two up to 64 MiB, then multiples of 64 MiB.
-fn size_class(bytes: usize) -> usize {
-    let b = bytes.max(256);
-    if b <= 64 << 20 {
-        b.next_power_of_two()
-    } else {
-        b.div_ceil(64 << 20) * (64 << 20)
+/// Device memory for the caching pool (`backend::pool`, where its rules are tested).
+pub struct CudaMem {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+}
+
+impl RawAlloc for CudaMem {
+    fn malloc(&self, bytes: usize) -> std::result::Result<u64, String> {
+        self.ctx.bind_to_thread().map_err(|e| e.to_string())?;
+        // Safety: a plain device allocation, owned by the pool until it frees it.
+        unsafe { result::malloc_sync(bytes) }.map_err(|e| e.to_string())
+    }
+
+    fn free(&self, ptr: u64) {
+        if self.ctx.bind_to_thread().is_ok() {
+            // Safety: `ptr` came from `malloc` and the pool hands it out no more; `sync` ran
+            // first, so no queued kernel still uses it.
+            let _ = unsafe { result::free_sync(ptr) };
+        }
+    }
+
+    fn sync(&self) {
+        let _ = self.stream.synchronize();
     }
 }
 
@@ -100,8 +117,9 @@ pub struct Gpu {
     stream: Arc<CudaStream>,
     blas: CudaBlasLT,
     funcs: HashMap<String, CudaFunction>,
-    free: Mutex<HashMap<usize, Vec<u64>>>,
-    allocated: Mutex<usize>,
+    pool: Arc<Pool<CudaMem>>,
+    /// The private memory of the graph being captured, if any.
+    capture: Mutex<Option<Arc<Reserve<CudaMem>>>>,
     error: Mutex<Option<String>>,
     /// Tests: fill every new allocation with 0xFF bytes (NaN in fp16/bf16/f32) so a kernel that
     /// leaves outputs unwritten fails loudly.
@@ -167,6 +185,10 @@ impl Gpu {
                 funcs.insert(f, func);
             }
         }
+        let pool = Pool::new(CudaMem {
+            ctx: ctx.clone(),
+            stream: stream.clone(),
+        });
         Ok(Arc::new(Gpu {
             ordinal,
             dtype,
@@ -174,8 +196,8 @@ impl Gpu {
             stream,
             blas,
             funcs,
-            free: Mutex::new(HashMap::new()),
-            allocated: Mutex::new(0),
+            pool,
+            capture: Mutex::new(None),
             error: Mutex::new(None),
             poison: std::sync::atomic::AtomicBool::new(false),
             cudnn,
@@ -224,39 +246,21 @@ impl Gpu {
 
     /// Bytes held by the pool (in use or cached).
     pub fn pool_bytes(&self) -> usize {
-        *self.allocated.lock().unwrap()
+        self.pool.held()
     }
 
-    fn alloc_raw(&self, bytes: usize) -> u64 {
-        let class = size_class(bytes);
-        if let Some(p) = self
-            .free
-            .lock()
-            .unwrap()
-            .get_mut(&class)
-            .and_then(|v| v.pop())
-        {
-            return p;
-        }
+    /// A pool block (the capture's private memory while a graph is being captured); None after a
+    /// recorded failure, so nothing runs on a null pointer.
+    fn alloc_raw(&self, bytes: usize) -> Option<Block<CudaMem>> {
         if self.failed() {
-            return 0;
+            return None;
         }
-        if let Err(e) = self.ctx.bind_to_thread() {
-            self.fail(e);
-            return 0;
-        }
-        // Safety: a plain device allocation, returned to the pool (never freed) when dropped.
-        match unsafe { result::malloc_sync(class) } {
-            Ok(p) => {
-                *self.allocated.lock().unwrap() += class;
-                p
-            }
+        let reserve = self.capture.lock().unwrap().clone();
+        match self.pool.take(bytes, reserve.as_ref()) {
+            Ok(b) => Some(b),
             Err(e) => {
-                self.fail(format!(
-                    "out of memory allocating {class} bytes ({} held by the pool): {e}",
-                    self.pool_bytes()
-                ));
-                0
+                self.fail(e);
+                None
             }
         }
     }
@@ -268,7 +272,8 @@ impl Gpu {
     /// An uninitialised device buffer of `len` elements of `dtype`.
     pub fn alloc(self: &Arc<Self>, len: usize, dtype: DType) -> DevBuf {
         let bytes = (len * dtype.size()).max(1);
-        let ptr = self.alloc_raw(bytes);
+        let block = self.alloc_raw(bytes);
+        let ptr = block.as_ref().map_or(0, |b| b.ptr);
         if ptr != 0 && self.poison.load(std::sync::atomic::Ordering::Relaxed) {
             // Safety: a live pool buffer of at least `bytes` bytes, on our stream.
             if let Err(e) =
@@ -280,8 +285,7 @@ impl Gpu {
         DevBuf {
             mem: Arc::new(DevMem {
                 gpu: self.clone(),
-                ptr,
-                class: size_class(bytes),
+                block,
             }),
             len,
             dtype,
@@ -384,19 +388,31 @@ impl Gpu {
         }
     }
 
+    /// Starts capturing; until `end_capture`, allocations come from a private reserve that the
+    /// graph keeps (see `backend::pool`).
     pub fn begin_capture(&self) -> Result<()> {
-        self.stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED)
-            .map_err(|e| anyhow!("cuda:{}: begin graph capture: {e}", self.ordinal))
+        *self.capture.lock().unwrap() = Some(self.pool.reserve());
+        let r = self
+            .stream
+            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED);
+        r.map_err(|e| {
+            *self.capture.lock().unwrap() = None;
+            anyhow!("cuda:{}: begin graph capture: {e}", self.ordinal)
+        })
     }
 
-    pub fn end_capture(&self) -> Result<cudarc::driver::CudaGraph> {
+    /// The captured graph and its private memory: keep the reserve as long as the graph (drop it
+    /// after the graph), or an eager allocation could receive an address the graph writes.
+    pub fn end_capture(&self) -> Result<(cudarc::driver::CudaGraph, Arc<Reserve<CudaMem>>)> {
+        let reserve = self.capture.lock().unwrap().take();
         let g = self
             .stream
             .end_capture(sys::CUgraphInstantiate_flags(0))
             .map_err(|e| anyhow!("cuda:{}: end graph capture: {e}", self.ordinal))?;
         self.check()?;
-        g.ok_or_else(|| anyhow!("cuda:{}: graph capture recorded nothing", self.ordinal))
+        let g =
+            g.ok_or_else(|| anyhow!("cuda:{}: graph capture recorded nothing", self.ordinal))?;
+        Ok((g, reserve.expect("begin_capture set it")))
     }
 }
 
@@ -409,25 +425,11 @@ pub enum Arg {
     F(f32),
 }
 
-/// One pool allocation; returns to the pool when the last buffer using it is dropped.
+/// One pool allocation (None after a failure); its block returns to the pool (or to the graph
+/// reserve it came from) when the last buffer using it is dropped.
 pub struct DevMem {
     gpu: Arc<Gpu>,
-    ptr: u64,
-    class: usize,
-}
-
-impl Drop for DevMem {
-    fn drop(&mut self) {
-        if self.ptr != 0 {
-            self.gpu
-                .free
-                .lock()
-                .unwrap()
-                .entry(self.class)
-                .or_default()
-                .push(self.ptr);
-        }
-    }
+    block: Option<Block<CudaMem>>,
 }
 
 /// A device buffer of `len` elements of `dtype`.
@@ -450,7 +452,7 @@ impl fmt::Debug for DevBuf {
 
 impl DevBuf {
     pub fn ptr(&self) -> u64 {
-        self.mem.ptr
+        self.mem.block.as_ref().map_or(0, |b| b.ptr)
     }
 
     pub fn gpu(&self) -> &Arc<Gpu> {
