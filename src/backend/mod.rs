@@ -5,6 +5,7 @@
 pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod fault;
 pub mod pool;
 
 use crate::tensor::Tensor;
@@ -131,6 +132,17 @@ impl Device {
             Device::Cpu => Ok(()),
             #[cfg(feature = "cuda")]
             Device::Cuda(g) => g.check(),
+        }
+    }
+
+    /// Clears an out-of-memory failure (waiting for queued work and returning cached memory) so
+    /// the caller can retry with a smaller batch: Ok(true) when one was cleared, Ok(false) when
+    /// there was none; any other failure is returned.
+    pub fn recover(&self) -> Result<bool> {
+        match self {
+            Device::Cpu => Ok(false),
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => g.recover(),
         }
     }
 

@@ -512,8 +512,10 @@ fn build_shard(
     o: &Options,
     models: &StageModels,
     shard: usize,
-    device: &str,
+    dev: &Device,
 ) -> Result<Option<Stats>> {
+    let device = dev.name();
+    let device = device.as_str();
     let clock = Instant::now();
     // Shards of one device share its models sequentially, so the counter's growth over this
     // call is this shard's.
@@ -633,7 +635,7 @@ fn build_shard(
                 worked = Ok(true);
                 break;
             }
-            match stages::run_batch(models, cfg, &records, &subjects, &mut t) {
+            match run_batch_or_halves(models, cfg, &records, &subjects, &mut t, dev) {
                 Ok(outcomes) => {
                     if out_tx.send(outcomes).is_err() {
                         break; // the writer failed; its error is reported below
@@ -699,6 +701,40 @@ fn build_shard(
         &serde_json::to_string_pretty(&stats)?,
     )?;
     Ok(Some(stats))
+}
+
+/// `run_batch`, and when the device ran out of memory on it, the two halves (recursively): a
+/// record's result does not depend on its batch, so the output is the same, only slower.
+fn run_batch_or_halves(
+    models: &StageModels,
+    cfg: &PairsConfig,
+    records: &[Record],
+    subjects: &[SubjectData],
+    t: &mut Timings,
+    dev: &Device,
+) -> Result<Vec<Outcome>> {
+    match stages::run_batch(models, cfg, records, subjects, t) {
+        Ok(o) => Ok(o),
+        Err(e) if records.len() > 1 && dev.recover()? => {
+            let half = records.len() / 2;
+            eprintln!(
+                "toffee: warning: {e:#}; retrying as batches of {half} and {}",
+                records.len() - half
+            );
+            let mut a =
+                run_batch_or_halves(models, cfg, &records[..half], &subjects[..half], t, dev)?;
+            a.extend(run_batch_or_halves(
+                models,
+                cfg,
+                &records[half..],
+                &subjects[half..],
+                t,
+                dev,
+            )?);
+            Ok(a)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 fn write_record(
@@ -821,7 +857,7 @@ pub fn run(o: &Options) -> Result<Summary> {
                     let models = load_models(&plan.cfg, &dev)?;
                     let mut done = 0;
                     for &shard in todo.iter().skip(w).step_by(workers) {
-                        match build_shard(plan, o, &models, shard, &dev.name())? {
+                        match build_shard(plan, o, &models, shard, &dev)? {
                             Some(s) => {
                                 let (records, total) = progress.shard_done(&s);
                                 if let Some(cb) = &o.on_shard {

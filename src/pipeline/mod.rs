@@ -681,7 +681,12 @@ impl Generator {
             progress(i + 1, timesteps.len());
         }
         drop(graphs);
-        dev.check()?;
+        dev.check().with_context(|| {
+            format!(
+                "denoising a batch of {n} image(s) ({rows} UNet rows) at {}x{}",
+                req.width, req.height
+            )
+        })?;
         let latents = latents.to_host()?;
         check_finite(&latents, "the latents after denoising", timesteps.len())?;
         let images = self.decode(&latents)?;

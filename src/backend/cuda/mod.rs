@@ -10,6 +10,7 @@
 
 pub mod ops;
 
+use crate::backend::fault::Fault;
 use crate::backend::pool::{Block, Pool, RawAlloc, Reserve};
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublaslt::CudaBlasLT;
@@ -120,7 +121,7 @@ pub struct Gpu {
     pool: Arc<Pool<CudaMem>>,
     /// The private memory of the graph being captured, if any.
     capture: Mutex<Option<Arc<Reserve<CudaMem>>>>,
-    error: Mutex<Option<String>>,
+    error: Fault,
     /// Tests: fill every new allocation with 0xFF bytes (NaN in fp16/bf16/f32) so a kernel that
     /// leaves outputs unwritten fails loudly.
     poison: std::sync::atomic::AtomicBool,
@@ -198,7 +199,7 @@ impl Gpu {
             funcs,
             pool,
             capture: Mutex::new(None),
-            error: Mutex::new(None),
+            error: Fault::default(),
             poison: std::sync::atomic::AtomicBool::new(false),
             cudnn,
         }))
@@ -218,22 +219,27 @@ impl Gpu {
 
     /// Records the first failure; later ops become no-ops until `check` reports it.
     pub fn fail(&self, what: impl fmt::Display) {
-        let mut e = self.error.lock().unwrap();
-        if e.is_none() {
-            *e = Some(format!("cuda:{}: {what}", self.ordinal));
-        }
+        self.error
+            .record(format!("cuda:{}: {what}", self.ordinal), false);
     }
 
     pub fn failed(&self) -> bool {
-        self.error.lock().unwrap().is_some()
+        self.error.is_set()
     }
 
     /// The first recorded failure, as an error.
     pub fn check(&self) -> Result<()> {
-        match self.error.lock().unwrap().clone() {
-            Some(e) => Err(anyhow!(e)),
-            None => Ok(()),
-        }
+        self.error.check()
+    }
+
+    /// After an out-of-memory failure: waits for queued work, clears the failure and returns the
+    /// pool's cache, so a smaller batch can run: Ok(true) when a failure was cleared. Any other
+    /// failure stays (Err).
+    pub fn recover(&self) -> Result<bool> {
+        let _ = self.stream.synchronize();
+        let cleared = self.error.clear_recoverable()?;
+        self.pool.trim();
+        Ok(cleared)
     }
 
     /// Waits for all queued work; reports launch-time and asynchronous errors.
@@ -259,7 +265,8 @@ impl Gpu {
         match self.pool.take(bytes, reserve.as_ref()) {
             Ok(b) => Some(b),
             Err(e) => {
-                self.fail(e);
+                self.error
+                    .record(format!("cuda:{}: {e}", self.ordinal), true);
                 None
             }
         }

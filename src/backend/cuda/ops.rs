@@ -181,6 +181,12 @@ pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
     let xd = dev(x);
     let g = xd.gpu();
     let (t, o) = out(xd, vec![n, ho, wo, cout]);
+    // After a recorded failure (an out-of-memory allocation) the buffers are null: launching
+    // cuDNN on them would turn a recoverable error into an illegal address that poisons the
+    // context. The failure is reported by the next `check`.
+    if g.failed() {
+        return t;
+    }
     let symmetric = pt == pb && pl == pr;
     if k > 1 && c.krsc && symmetric {
         if let Some(h) = g.cudnn() {
@@ -288,7 +294,11 @@ fn cudnn_conv(
                 };
                 let algo = op.pick_algorithm()?;
                 let ws_bytes = op.get_workspace_size(algo)?;
-                let ws = g.alloc(ws_bytes.max(1), DType::F32);
+                let ws = g.alloc(ws_bytes.div_ceil(4).max(1), DType::F32);
+                if g.failed() {
+                    // No workspace: nothing may launch (see `conv2d`).
+                    return Ok(());
+                }
                 let mut wsr = Raw {
                     ptr: ws.ptr(),
                     len: ws_bytes,
