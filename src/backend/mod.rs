@@ -6,6 +6,7 @@ pub mod cpu;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod fault;
+pub mod libs;
 pub mod pool;
 
 use crate::tensor::Tensor;

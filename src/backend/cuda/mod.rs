@@ -11,6 +11,7 @@
 pub mod ops;
 
 use crate::backend::fault::Fault;
+use crate::backend::libs::{decide, LibDecision};
 use crate::backend::pool::{Block, Pool, RawAlloc, Reserve};
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublaslt::CudaBlasLT;
@@ -159,15 +160,43 @@ impl Gpu {
         let stream = ctx
             .new_stream()
             .map_err(|e| anyhow!("cuda:{ordinal}: cannot create a stream: {e}"))?;
-        let blas = CudaBlasLT::new(stream.clone())
-            .map_err(|e| anyhow!("cuda:{ordinal}: cuBLASLt: {e:?}"))?;
-        // Safety: only probes for the shared library.
-        let cudnn = if unsafe { cudarc::cudnn::sys::is_culib_present() } {
-            let h = cudarc::cudnn::Cudnn::new(stream.clone())
-                .map_err(|e| anyhow!("cuda:{ordinal}: cuDNN: {e:?}"))?;
-            Some(Mutex::new(CudnnHandle(h)))
+        // Safety (both probes): they only look for the shared libraries; the version calls run
+        // only once a library is known to be present (cudarc panics on a missing one).
+        let blas_present = unsafe { cudarc::cublaslt::sys::is_culib_present() };
+        let blas_version =
+            blas_present.then(|| unsafe { cudarc::cublaslt::sys::cublasLtGetVersion() });
+        let blas = match decide("cuBLASLt", blas_present, blas_version, 13, Ok(()), false) {
+            LibDecision::Use => CudaBlasLT::new(stream.clone())
+                .map_err(|e| anyhow!("cuda:{ordinal}: cuBLASLt does not start: {e:?}"))?,
+            LibDecision::Fail(why) | LibDecision::Skip(why) => bail!(
+                "cuda:{ordinal}: {why}; install CUDA 13's cuBLAS (e.g. the nvidia-cublas wheel) \
+                 and put its lib folder on LD_LIBRARY_PATH"
+            ),
+        };
+        let cudnn_present = unsafe { cudarc::cudnn::sys::is_culib_present() };
+        let cudnn_version = cudnn_present.then(|| unsafe { cudarc::cudnn::sys::cudnnGetVersion() });
+        let version_ok = cudnn_version.is_some_and(|v| v / 10000 == 9);
+        let handle = if version_ok {
+            Some(cudarc::cudnn::Cudnn::new(stream.clone()).map_err(|e| format!("{e:?}")))
         } else {
             None
+        };
+        let started = match &handle {
+            Some(Err(e)) => Err(e.clone()),
+            _ => Ok(()),
+        };
+        let cudnn = match decide("cuDNN", cudnn_present, cudnn_version, 9, started, true) {
+            LibDecision::Use => handle
+                .and_then(|h| h.ok())
+                .map(|h| Mutex::new(CudnnHandle(h))),
+            LibDecision::Skip(why) | LibDecision::Fail(why) => {
+                if cudnn_present {
+                    eprintln!(
+                        "toffee: warning: cuda:{ordinal}: {why}; convolutions use im2col + cuBLASLt"
+                    );
+                }
+                None
+            }
         };
         let mut funcs = HashMap::new();
         for (name, fatbin) in embedded::MODULES {
