@@ -369,6 +369,17 @@ pub fn depth_to_space(x: &Tensor, k: usize) -> Tensor {
     )
 }
 
+/// Batch slices (start, len) of `n` samples of `per_sample` elements each, every slice under
+/// 2^31 elements where one sample allows it (single samples otherwise): 32-bit indexing limits.
+pub fn batch_chunks(n: usize, per_sample: usize) -> Vec<(usize, usize)> {
+    let limit = i32::MAX as usize;
+    let per_chunk = (limit / per_sample.max(1)).clamp(1, n.max(1));
+    (0..n)
+        .step_by(per_chunk)
+        .map(|s| (s, per_chunk.min(n - s)))
+        .collect()
+}
+
 /// Bilinear resize of NHWC with torch's `F.interpolate(mode="bilinear")` index rules (no
 /// antialias).
 pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize, align_corners: bool) -> Tensor {

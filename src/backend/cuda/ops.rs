@@ -178,6 +178,18 @@ pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
     let ho = (h + pt + pb - k) / c.stride + 1;
     let wo = (w + pl + pr - k) / c.stride + 1;
     let cout = c.out_channels();
+    // cuDNN descriptors and our kernels index with 32 bits: a batch past 2^31 elements in any
+    // operand (SDXL's VAE decode at 1024², batch 8) runs as smaller batches, not through a
+    // tens-of-GB im2col buffer.
+    let im2col = if k > 1 { ho * wo * k * k * cin } else { 0 };
+    let chunks = crate::backend::batch_chunks(n, (h * w * cin).max(ho * wo * cout).max(im2col));
+    if chunks.len() > 1 {
+        let parts: Vec<Tensor> = chunks
+            .iter()
+            .map(|&(start, len)| conv2d(&x.narrow0(start, len), c))
+            .collect();
+        return Tensor::cat0(&parts.iter().collect::<Vec<_>>());
+    }
     let xd = dev(x);
     let g = xd.gpu();
     let (t, o) = out(xd, vec![n, ho, wo, cout]);
