@@ -18,6 +18,7 @@ pub mod image_proc;
 pub mod inspect;
 pub mod models;
 pub mod pipeline;
+pub mod profile;
 pub mod rng;
 pub mod sched;
 pub mod tensor;

@@ -16,6 +16,10 @@ use toffee::sched::SchedulerKind;
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Write a Chrome trace (chrome://tracing, ui.perfetto.dev) of the engine's spans: pipeline
+    /// stages, model calls, UNet blocks. CUDA builds always emit them as NVTX ranges for nsys.
+    #[arg(long, global = true, value_name = "TRACE.json")]
+    profile: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -820,7 +824,17 @@ fn pairs(action: Option<PairsCmd>, a: PairsArgs) -> Result<()> {
 
 fn main() {
     let cli = Cli::parse();
-    if let Err(e) = run(cli) {
+    let profile = match toffee::profile::init(cli.profile.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("toffee: error: {e:#}");
+            std::process::exit(1);
+        }
+    };
+    let r = run(cli);
+    // The trace is complete once the guard is gone.
+    drop(profile);
+    if let Err(e) = r {
         eprintln!("toffee: error: {e:#}");
         std::process::exit(1);
     }

@@ -651,3 +651,46 @@ fn unmasked_subjects_are_masked_from_their_name() {
     let (_, stats) = run("whole", "threshold = 0.0\nmin_area = 0.0\nmax_area = 0.001");
     assert_eq!(stats["skipped_subjects"]["mask_whole_image"], 1, "{stats}");
 }
+
+/// `--profile` writes a Chrome trace whose spans read like the job and the model: the stages,
+/// the model calls and the UNet blocks.
+#[test]
+fn profile_writes_a_chrome_trace_of_stages_models_and_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let trace = dir.path().join("trace.json");
+    let out = dir.path().join("out");
+    ok(pairs(&out, &["--profile", trace.to_str().unwrap()]));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace).unwrap()).unwrap();
+    let names: BTreeSet<String> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["name"].as_str().map(String::from))
+        .collect();
+    for want in [
+        "view",
+        "draft",
+        "refine",
+        "score",
+        "generate",
+        "step",
+        "encode_text",
+        "text_encoder",
+        "unet",
+        "down_block",
+        "mid_block",
+        "up_block",
+        "controlnet",
+        "vae.decode",
+        "image_encoder",
+    ] {
+        assert!(names.contains(want), "no `{want}` span in {names:?}");
+    }
+    // A trace file that cannot be created is an error before any work.
+    let e = expect_error(&pairs(
+        &dir.path().join("out2"),
+        &["--profile", "/nonexistent/dir/trace.json"],
+    ));
+    assert!(e.contains("--profile") && e.contains("/nonexistent/dir/trace.json"), "{e}");
+}

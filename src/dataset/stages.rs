@@ -493,11 +493,14 @@ pub fn run_batch(
     let n = records.len();
     let r = cfg.job.resolution;
     let clock = Instant::now();
+    let stage = tracing::info_span!("view").entered();
     let mut placed_from = subjects.to_vec();
     let poses = views(models, cfg, records, &mut placed_from)?;
     t.view += clock.elapsed().as_secs_f64();
+    drop(stage);
 
     let clock = Instant::now();
+    let stage = tracing::info_span!("draft").entered();
     let mut canvases = Vec::new();
     let mut masks = Vec::new();
     let mut placements = Vec::new();
@@ -556,8 +559,10 @@ pub fn run_batch(
         )?
         .images;
     t.draft += clock.elapsed().as_secs_f64();
+    drop(stage);
 
     let clock = Instant::now();
+    let stage = tracing::info_span!("refine").entered();
     let refiner = models.refiner();
     let adapter = &refiner.adapters[0];
     let subject_images: Vec<image::RgbImage> =
@@ -604,8 +609,10 @@ pub fn run_batch(
         )?
         .images;
     t.refine += clock.elapsed().as_secs_f64();
+    drop(stage);
 
     let clock = Instant::now();
+    let stage = tracing::info_span!("score").entered();
     let inputs: Vec<ScoreInput> = (0..n)
         .map(|i| ScoreInput {
             subject: to_rgb8(&subjects[i].rgb),
@@ -618,6 +625,7 @@ pub fn run_batch(
         .collect();
     let scores = models.scorer.score(&inputs)?;
     t.score += clock.elapsed().as_secs_f64();
+    drop(stage);
 
     let f = &cfg.filter;
     Ok((0..n)

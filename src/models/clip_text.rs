@@ -136,6 +136,7 @@ impl ClipText {
 
     /// ids: one row of token ids per prompt, all rows the same length (≤ max_position_embeddings).
     pub fn forward(&self, ids: &[Vec<u32>]) -> Result<ClipTextOutput> {
+        let _span = tracing::info_span!("text_encoder").entered();
         let b = ids.len();
         if b == 0 {
             bail!("no input ids");

@@ -319,6 +319,7 @@ impl ClipSeg {
     /// square size of at least one patch works (position embeddings are interpolated); a
     /// non-square patch grid is an error, as in transformers.
     pub fn forward(&self, ids: &[Vec<u32>], pixels: &Tensor) -> Result<ClipSegOutput> {
+        let _span = tracing::info_span!("clipseg").entered();
         let vc = &self.vision.config;
         if pixels.rank() != 4 {
             bail!(

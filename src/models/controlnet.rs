@@ -112,6 +112,7 @@ impl ControlNet {
         image: &Tensor,
         conditioning_scale: f32,
     ) -> Result<ControlOutput> {
+        let _span = tracing::info_span!("controlnet").entered();
         let c = &self.config;
         let (b, h, w, cin) = x.dims4();
         if cin != c.in_channels {

@@ -516,6 +516,7 @@ impl DepthAnything {
     /// pixel_values NHWC [B, H, W, C] on the model's device (`check_input` first) ->
     /// predicted_depth [B, H, W].
     pub fn forward(&self, pixels: &Tensor) -> Tensor {
+        let _span = tracing::info_span!("depth_anything").entered();
         let c = &self.config;
         let (b, h, w, _) = pixels.dims4();
         let p = c.patch_size;

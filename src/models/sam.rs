@@ -1189,6 +1189,7 @@ impl Sam {
         prompts: &Prompts,
         multimask: bool,
     ) -> Result<SamOutput> {
+        let _span = tracing::info_span!("sam").entered();
         let emb = self.image_embeddings(pixels)?;
         let (pred_masks, iou_scores) = self.decode(&emb, prompts, multimask)?;
         Ok(SamOutput {

@@ -769,6 +769,7 @@ impl Unet {
                 tr.push((name.to_string(), t.clone()));
             }
         };
+        let _unet = tracing::info_span!("unet", batch = b).entered();
         let (emb, aug) = self.enc.emb.forward(cond)?;
         rec("time_emb", &emb);
         let emb = match aug {
@@ -784,6 +785,7 @@ impl Unet {
         rec("conv_in", &h);
         let mut skips = vec![h.clone()];
         for (i, d) in self.enc.down.iter().enumerate() {
+            let _s = tracing::info_span!("down_block", i).entered();
             h = d.forward(&h, &temb, cond.context(), &mut skips);
             rec(&format!("down.{i}"), &h);
         }
@@ -806,7 +808,8 @@ impl Unet {
                 *s = ops::add(s, r);
             }
         }
-        h = self.enc.mid.forward(&h, &temb, cond.context());
+        h = tracing::info_span!("mid_block")
+            .in_scope(|| self.enc.mid.forward(&h, &temb, cond.context()));
         if let Some((_, mid)) = residuals {
             if mid.shape() != h.shape() {
                 bail!(
@@ -819,6 +822,7 @@ impl Unet {
         }
         rec("mid", &h);
         for (i, u) in self.up.iter().enumerate() {
+            let _s = tracing::info_span!("up_block", i).entered();
             for (r, a) in &u.layers {
                 let s = skips.pop().expect("skip count matches the block layout");
                 h = r.forward(&ops::concat_channels(&[&h, &s]), Some(&temb));

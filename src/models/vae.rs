@@ -217,6 +217,7 @@ impl Vae {
 
     /// image: NHWC in [-1, 1] -> (mean, logvar), NHWC latents (logvar clamped to [-30, 20] as diffusers does).
     pub fn encode(&self, image: &Tensor) -> Result<(Tensor, Tensor)> {
+        let _span = tracing::info_span!("vae.encode").entered();
         let (_, h, w, c) = image.dims4();
         if c != self.in_channels {
             bail!(
@@ -250,6 +251,7 @@ impl Vae {
 
     /// latent: NHWC (unscaled, as `vae.decode` takes it) -> image NHWC, nominally [-1, 1].
     pub fn decode(&self, latent: &Tensor) -> Result<Tensor> {
+        let _span = tracing::info_span!("vae.decode").entered();
         let (_, _, _, c) = latent.dims4();
         if c != self.latent_channels {
             bail!(

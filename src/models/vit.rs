@@ -592,6 +592,7 @@ impl Vit {
     /// order: 0 is the embeddings (after CLIP's `pre_layrnorm`), i the output of layer i, without
     /// the final norm. Indices past the last layer are a caller's bug (configs are checked first).
     pub fn forward_hidden(&self, pixels: &Tensor, keep: &[usize]) -> (VitOutput, Vec<Tensor>) {
+        let _span = tracing::info_span!("image_encoder").entered();
         assert!(
             keep.iter().all(|&i| i <= self.layers.len()),
             "hidden state {keep:?} of {} layers",

@@ -220,6 +220,7 @@ impl Segmenter {
 
     /// The subject named `text` in `img` (see the module docs for the recipe).
     pub fn segment(&self, img: &RgbImage, text: &str) -> Result<SubjectMask> {
+        let _span = tracing::info_span!("mask").entered();
         let (w, h) = (img.width() as usize, img.height() as usize);
         let probs = self.clipseg.probs(img, &[text.to_string()])?;
         let probs = probs_at(&probs.to_host()?, w, h);

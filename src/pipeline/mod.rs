@@ -417,6 +417,7 @@ impl Generator {
         noise: &mut NoiseSource,
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<Output> {
+        let _span = tracing::info_span!("generate", batch = n).entered();
         let f = self.vae.downscale();
         if !req.width.is_multiple_of(f)
             || !req.height.is_multiple_of(f)
@@ -634,6 +635,7 @@ impl Generator {
             None
         };
         for i in 0..timesteps.len() {
+            let _step = tracing::info_span!("step", i).entered();
             let x2 = if cfg {
                 Tensor::cat0(&[&latents, &latents])
             } else {
@@ -696,6 +698,7 @@ impl Generator {
 
     /// Text embeddings of `prompts`, the encoders replayed from a CUDA graph on GPUs.
     fn encode_text(&self, prompts: &[String]) -> Result<Embeds> {
+        let _span = tracing::info_span!("encode_text").entered();
         let v = self.text.indices(prompts)?;
         let b = prompts.len();
         let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
