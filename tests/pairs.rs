@@ -692,5 +692,8 @@ fn profile_writes_a_chrome_trace_of_stages_models_and_blocks() {
         &dir.path().join("out2"),
         &["--profile", "/nonexistent/dir/trace.json"],
     ));
-    assert!(e.contains("--profile") && e.contains("/nonexistent/dir/trace.json"), "{e}");
+    assert!(
+        e.contains("--profile") && e.contains("/nonexistent/dir/trace.json"),
+        "{e}"
+    );
 }

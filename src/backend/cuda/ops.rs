@@ -476,28 +476,7 @@ fn attention_any(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool,
             Arg::I(causal as i32),
         ],
     );
-    g.launch(
-        "softmax_rows_f32",
-        ((bh * lq) as u32, 1),
-        256,
-        &[Arg::P(s.ptr()), Arg::I(lk as i32)],
-    );
-    g.launch(
-        &name("attn_pv", qd.dtype),
-        ((lq * d).div_ceil(256).clamp(1, 65535) as u32, bh as u32),
-        256,
-        &[
-            Arg::P(s.ptr()),
-            Arg::P(dev(v).ptr()),
-            Arg::P(o.ptr()),
-            Arg::I(heads as i32),
-            Arg::I(lq as i32),
-            Arg::I(lk as i32),
-            Arg::I(d as i32),
-            Arg::L(ld),
-            Arg::L(ld),
-        ],
-    );
+    softmax_then_pv(g, &s, v, o, qd.dtype, (bh, heads), (lq, lk, d), ld);
 }
 
 /// act(a·x + b): kind 0 SiLU, 1 GELU, 2 quick GELU, 3 identity, 4 tanh.
@@ -959,27 +938,43 @@ pub fn rel_pos_attention(
             Arg::I(d as i32),
         ],
     );
+    softmax_then_pv(g, &s, v, &o, qd.dtype, (bh, heads), (l, l, d), ld);
+    t
+}
+
+/// The second half of the materialised-scores attention: softmax of the fp32 scores `s`
+/// [bh, lq, lk] in place, then `o = s·v` (v and o with row stride `ld`).
+#[allow(clippy::too_many_arguments)]
+fn softmax_then_pv(
+    g: &Gpu,
+    s: &DevBuf,
+    v: &Tensor,
+    o: &DevBuf,
+    dtype: DType,
+    (bh, heads): (usize, usize),
+    (lq, lk, d): (usize, usize, usize),
+    ld: i64,
+) {
     g.launch(
         "softmax_rows_f32",
-        ((bh * l) as u32, 1),
+        ((bh * lq) as u32, 1),
         256,
-        &[Arg::P(s.ptr()), Arg::I(l as i32)],
+        &[Arg::P(s.ptr()), Arg::I(lk as i32)],
     );
     g.launch(
-        &name("attn_pv", qd.dtype),
-        ((l * d).div_ceil(256).clamp(1, 65535) as u32, bh as u32),
+        &name("attn_pv", dtype),
+        ((lq * d).div_ceil(256).clamp(1, 65535) as u32, bh as u32),
         256,
         &[
             Arg::P(s.ptr()),
             Arg::P(dev(v).ptr()),
             Arg::P(o.ptr()),
             Arg::I(heads as i32),
-            Arg::I(l as i32),
-            Arg::I(l as i32),
+            Arg::I(lq as i32),
+            Arg::I(lk as i32),
             Arg::I(d as i32),
             Arg::L(ld),
             Arg::L(ld),
         ],
     );
-    t
 }
