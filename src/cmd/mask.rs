@@ -7,7 +7,7 @@
 //! an error. Without `--model`, built-in tiny random-weight models run (a demo of the command,
 //! not real masks).
 
-use super::depth::{expand_images, png_outputs};
+use super::{expand_images, png_outputs};
 use crate::backend::Device;
 use crate::image_proc::load_rgb8_on_white;
 use crate::pipeline::mask::{MaskSettings, MaskVerdict, Segmenter, SubjectMask};
@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 pub struct Options {
     /// CLIPSeg folder; None: the built-in tiny model.
     pub model: Option<PathBuf>,
-    /// SAM folder: refine CLIPSeg's box. With no `model`, `Some("")` is not allowed; use
-    /// `builtin_sam` for the built-in SAM.
+    /// SAM folder: refines CLIPSeg's mask from its box (needs `model`).
     pub sam: Option<PathBuf>,
+    /// With the built-in CLIPSeg: also the built-in SAM.
     pub builtin_sam: bool,
     /// Images or folders of images.
     pub images: Vec<PathBuf>,
@@ -44,14 +44,15 @@ pub struct MaskReport {
     pub sam_iou: Option<f32>,
 }
 
-/// The noun a file name stands for: its stem with `_` and `-` as spaces.
+/// The noun a file name stands for, as the pairs job reads subject names:
+/// `red_teapot.png` -> "red teapot".
 pub fn text_of(image: &Path) -> String {
-    image
-        .file_stem()
-        .map(|s| s.to_string_lossy().replace(['_', '-'], " "))
-        .unwrap_or_default()
-        .trim()
-        .to_string()
+    crate::dataset::plan::noun_of(
+        &image
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+    )
 }
 
 /// Loads the models `o` names (built-in ones without `model`).

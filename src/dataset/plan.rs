@@ -39,7 +39,8 @@ struct SubjectLine {
     category: Option<String>,
 }
 
-fn noun_of(name: &str) -> String {
+/// The noun a subject name stands for: `_` and `-` as spaces.
+pub fn noun_of(name: &str) -> String {
     name.replace(['_', '-'], " ").trim().to_string()
 }
 

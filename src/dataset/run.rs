@@ -3,7 +3,7 @@
 
 use super::config::PairsConfig;
 use super::plan::{self, Record, Subject, SubjectSource};
-use super::stages::{self, Outcome, SkipReason, StageModels, SubjectData, Timings};
+use super::stages::{self, Outcome, StageModels, SubjectData, Timings};
 use super::writer::{jsonl, png_bytes, write_text, ShardWriter};
 use crate::backend::Device;
 use crate::models::adapter::Adapter;
@@ -477,7 +477,7 @@ pub struct Summary {
 }
 
 /// Subjects of one shard, loaded once each; the failures with their reasons.
-type Loaded = BTreeMap<usize, std::result::Result<SubjectData, (SkipReason, String)>>;
+type Loaded = BTreeMap<usize, stages::LoadedSubject>;
 
 fn shard_records(plan: &Plan, shard: usize) -> &[Record] {
     let size = plan.cfg.job.shard_size;
@@ -529,11 +529,10 @@ fn build_shard(
     let tar_name = &tar_name;
     let ids = &ids;
     let mut t = Timings::default();
-    // Masks for unmasked subjects come from the device models, so they are made here, on the
-    // device thread, before the reader starts.
-    let made = stages::make_masks(models, &plan.subjects, recs.iter().map(|r| r.subject))
+    // Masks for unmasked subjects come from the device models, so those subjects are loaded
+    // and masked here, on the device thread, before the reader starts; the reader takes them.
+    let mut made = stages::load_and_mask(models, &plan.subjects, recs.iter().map(|r| r.subject))
         .with_context(|| format!("shard {name}: masking subjects"))?;
-    let made = &made;
     let (batch_tx, batch_rx) = crossbeam_channel::bounded::<(Vec<Record>, Vec<SubjectData>)>(2);
     let (out_tx, out_rx) = crossbeam_channel::bounded::<Vec<Outcome>>(2);
     let (read, written, worked) = std::thread::scope(|sc| {
@@ -544,7 +543,9 @@ fn build_shard(
             let mut batch = (Vec::new(), Vec::new());
             for r in recs {
                 let l = loaded.entry(r.subject).or_insert_with(|| {
-                    let l = stages::load_subject(&plan.subjects[r.subject], made.get(&r.subject));
+                    let l = made
+                        .remove(&r.subject)
+                        .unwrap_or_else(|| stages::load_subject(&plan.subjects[r.subject]));
                     // A bad subject counts once, in the shard that holds its first record.
                     if let Err((reason, msg)) = &l {
                         let first = plan.records.iter().position(|x| x.subject == r.subject);

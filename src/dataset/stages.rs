@@ -92,18 +92,19 @@ impl SkipReason {
     }
 }
 
-/// A mask made for a subject without one, or why it is unusable.
-pub type MadeMask = std::result::Result<Tensor, (SkipReason, String)>;
+/// A subject ready for the stages, or why it is skipped.
+pub type LoadedSubject = std::result::Result<SubjectData, (SkipReason, String)>;
 
-/// Masks, by subject index, for the subjects among `subjects` that need one (an image file with
-/// no mask file and no alpha) when a segmenter is loaded; the text is the subject's category.
-/// An empty mask or one covering the whole image (`[mask]` min_area / max_area) is a skip
-/// reason, not an error; an unreadable image is left to `load_subject` to report.
-pub fn make_masks(
+/// With a segmenter: the subjects among `subjects` that are image files without a mask file,
+/// loaded here (each decoded once), those without alpha masked from their category by the
+/// segmenter. This runs on the device thread; the reader takes these instead of loading them
+/// again. A made mask that is empty or covers the whole image (`[mask]` min_area / max_area) is a
+/// skip reason, not an error; an unreadable image is left to `load_subject` to report.
+pub fn load_and_mask(
     models: &StageModels,
     all: &[Subject],
     subjects: impl Iterator<Item = usize>,
-) -> Result<std::collections::BTreeMap<usize, MadeMask>> {
+) -> Result<std::collections::BTreeMap<usize, LoadedSubject>> {
     use crate::pipeline::mask::MaskVerdict;
     let mut made = std::collections::BTreeMap::new();
     let Some(seg) = &models.segmenter else {
@@ -120,12 +121,12 @@ pub fn make_masks(
         let Ok(img) = image_io::load(image) else {
             continue;
         };
-        if img.alpha.is_some() {
+        if let Some(alpha) = img.alpha {
+            made.insert(i, checked(s, img.rgb, alpha));
             continue;
         }
-        let rgb = crate::image_proc::load_rgb8(image)?;
         let m = seg
-            .segment(&rgb, &s.category)
+            .segment(&to_rgb8(&img.rgb), &s.category)
             .with_context(|| format!("subject `{}` ({})", s.name, image.display()))?;
         let why = |what: &str| {
             format!(
@@ -135,29 +136,23 @@ pub fn make_masks(
                 100.0 * m.area()
             )
         };
-        made.insert(
-            i,
-            match m.verdict {
-                MaskVerdict::Ok => {
-                    let v = m.mask.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect();
-                    Ok(Tensor::new(vec![1, m.height, m.width, 1], v))
-                }
-                MaskVerdict::Empty => Err((SkipReason::EmptyMask, why("is empty"))),
-                MaskVerdict::WholeImage => {
-                    Err((SkipReason::MaskWholeImage, why("covers the whole image")))
-                }
-            },
-        );
+        let loaded = match m.verdict {
+            MaskVerdict::Ok => {
+                let v = m.mask.iter().map(|&b| if b { 1.0 } else { 0.0 }).collect();
+                checked(s, img.rgb, Tensor::new(vec![1, m.height, m.width, 1], v))
+            }
+            MaskVerdict::Empty => Err((SkipReason::EmptyMask, why("is empty"))),
+            MaskVerdict::WholeImage => {
+                Err((SkipReason::MaskWholeImage, why("covers the whole image")))
+            }
+        };
+        made.insert(i, loaded);
     }
     Ok(made)
 }
 
-/// Loads a subject: its mask from the given file, else its alpha, else the `made` one, else the
-/// whole image.
-pub fn load_subject(
-    s: &Subject,
-    made: Option<&MadeMask>,
-) -> std::result::Result<SubjectData, (SkipReason, String)> {
+/// Loads a subject: its mask from the given file, else its alpha, else the whole image.
+pub fn load_subject(s: &Subject) -> LoadedSubject {
     let (rgb, mask) = match &s.source {
         SubjectSource::Builtin(i) => super::builtin::subject(*i),
         SubjectSource::File { image, mask } => {
@@ -182,25 +177,16 @@ pub fn load_subject(
                     t
                 }
                 (None, Some(a)) => a,
-                (None, None) => match made {
-                    Some(Ok(m)) if m.dims4() == (1, h, w, 1) => m.clone(),
-                    Some(Ok(m)) => {
-                        let (_, mh, mw, _) = m.dims4();
-                        return Err((
-                            SkipReason::MaskSize,
-                            format!(
-                                "{}: the made mask is {mw}x{mh} but the image is {w}x{h}",
-                                image.display()
-                            ),
-                        ));
-                    }
-                    Some(Err(e)) => return Err(e.clone()),
-                    None => Tensor::new(vec![1, h, w, 1], vec![1.0; h * w]),
-                },
+                (None, None) => Tensor::new(vec![1, h, w, 1], vec![1.0; h * w]),
             };
             (img.rgb, mask)
         }
     };
+    checked(s, rgb, mask)
+}
+
+/// The subject, unless its mask is empty.
+fn checked(s: &Subject, rgb: Tensor, mask: Tensor) -> LoadedSubject {
     if !mask.data().iter().any(|&v| v >= 0.5) {
         return Err((
             SkipReason::EmptyMask,

@@ -223,7 +223,7 @@ impl Segmenter {
         let _span = tracing::info_span!("mask").entered();
         let (w, h) = (img.width() as usize, img.height() as usize);
         let probs = self.clipseg.probs(img, &[text.to_string()])?;
-        let probs = probs_at(&probs.to_host()?, w, h);
+        let probs = probs_at(&probs, w, h);
         let mut mask: Vec<bool> = probs.iter().map(|&p| p > self.settings.threshold).collect();
         let (mut sam_box, mut sam_iou) = (None, None);
         if let Some((sam, proc)) = &self.sam {

@@ -408,7 +408,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let g = qd.gpu();
     let (t, o) = out(qd, vec![b, lq, hd]);
     if ![40, 64, 80, 128, 160].contains(&d) {
-        attention_any(q, k, v, heads, causal, &o);
+        attention_any(q, k, v, heads, causal, &o, |_| {});
         return t;
     }
     let rows_per_block = 16;
@@ -448,8 +448,16 @@ fn map(x: &Tensor, kernel: &str, extra: &[Arg]) -> Tensor {
 }
 
 /// Attention for head dims without a flash kernel (the VAE's one 512-wide head, test models):
-/// fp32 scores in memory, row softmax, then P·V.
-fn attention_any(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool, o: &DevBuf) {
+/// fp32 scores in memory, `add_bias` on them (SAM's relative positions), row softmax, then P·V.
+fn attention_any(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    causal: bool,
+    o: &DevBuf,
+    add_bias: impl FnOnce(&DevBuf),
+) {
     let (b, lq, hd) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let lk = k.shape()[1];
     let d = hd / heads;
@@ -476,7 +484,29 @@ fn attention_any(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool,
             Arg::I(causal as i32),
         ],
     );
-    softmax_then_pv(g, &s, v, o, qd.dtype, (bh, heads), (lq, lk, d), ld);
+    add_bias(&s);
+    g.launch(
+        "softmax_rows_f32",
+        ((bh * lq) as u32, 1),
+        256,
+        &[Arg::P(s.ptr()), Arg::I(lk as i32)],
+    );
+    g.launch(
+        &name("attn_pv", qd.dtype),
+        ((lq * d).div_ceil(256).clamp(1, 65535) as u32, bh as u32),
+        256,
+        &[
+            Arg::P(s.ptr()),
+            Arg::P(dev(v).ptr()),
+            Arg::P(o.ptr()),
+            Arg::I(heads as i32),
+            Arg::I(lq as i32),
+            Arg::I(lk as i32),
+            Arg::I(d as i32),
+            Arg::L(ld),
+            Arg::L(ld),
+        ],
+    );
 }
 
 /// act(a·x + b): kind 0 SiLU, 1 GELU, 2 quick GELU, 3 identity, 4 tanh.
@@ -885,8 +915,7 @@ pub fn cast(x: &Tensor, dtype: DType) -> Tensor {
 }
 
 /// SAM's decomposed relative-position attention (see backend::rel_pos_attention): the generic
-/// scores / softmax / P·V path of `attention_any` with the relative terms added to the f32 scores
-/// in between (kernels/sam.cu).
+/// materialised-scores path with the relative terms added to the f32 scores (kernels/sam.cu).
 pub fn rel_pos_attention(
     q: &Tensor,
     k: &Tensor,
@@ -897,84 +926,28 @@ pub fn rel_pos_attention(
     rel_w: &Tensor,
 ) -> Tensor {
     let (b, l, hd) = (q.shape()[0], q.shape()[1], q.shape()[2]);
-    let d = hd / heads;
     let qd = dev(q);
     let g = qd.gpu();
     let (t, o) = out(qd, vec![b, l, hd]);
-    let bh = b * heads;
-    let s = g.alloc(bh * l * l, DType::F32);
-    let ld = hd as i64;
-    let blocks = ((l * l).div_ceil(256).clamp(1, 65535) as u32, bh as u32);
-    g.launch(
-        &name("attn_scores", qd.dtype),
-        blocks,
-        256,
-        &[
-            Arg::P(qd.ptr()),
-            Arg::P(dev(k).ptr()),
-            Arg::P(s.ptr()),
-            Arg::I(heads as i32),
-            Arg::I(l as i32),
-            Arg::I(l as i32),
-            Arg::I(d as i32),
-            Arg::L(ld),
-            Arg::L(ld),
-            Arg::F(1.0 / (d as f32).sqrt()),
-            Arg::I(0),
-        ],
-    );
-    g.launch(
-        &name("rel_pos_bias", qd.dtype),
-        blocks,
-        256,
-        &[
-            Arg::P(qd.ptr()),
-            Arg::P(dev(rel_h).ptr()),
-            Arg::P(dev(rel_w).ptr()),
-            Arg::P(s.ptr()),
-            Arg::I(heads as i32),
-            Arg::I(grid.0 as i32),
-            Arg::I(grid.1 as i32),
-            Arg::I(d as i32),
-        ],
-    );
-    softmax_then_pv(g, &s, v, &o, qd.dtype, (bh, heads), (l, l, d), ld);
+    attention_any(q, k, v, heads, false, &o, |s| {
+        g.launch(
+            &name("rel_pos_bias", qd.dtype),
+            (
+                (l * l).div_ceil(256).clamp(1, 65535) as u32,
+                (b * heads) as u32,
+            ),
+            256,
+            &[
+                Arg::P(qd.ptr()),
+                Arg::P(dev(rel_h).ptr()),
+                Arg::P(dev(rel_w).ptr()),
+                Arg::P(s.ptr()),
+                Arg::I(heads as i32),
+                Arg::I(grid.0 as i32),
+                Arg::I(grid.1 as i32),
+                Arg::I((hd / heads) as i32),
+            ],
+        );
+    });
     t
-}
-
-/// The second half of the materialised-scores attention: softmax of the fp32 scores `s`
-/// [bh, lq, lk] in place, then `o = s·v` (v and o with row stride `ld`).
-#[allow(clippy::too_many_arguments)]
-fn softmax_then_pv(
-    g: &Gpu,
-    s: &DevBuf,
-    v: &Tensor,
-    o: &DevBuf,
-    dtype: DType,
-    (bh, heads): (usize, usize),
-    (lq, lk, d): (usize, usize, usize),
-    ld: i64,
-) {
-    g.launch(
-        "softmax_rows_f32",
-        ((bh * lq) as u32, 1),
-        256,
-        &[Arg::P(s.ptr()), Arg::I(lk as i32)],
-    );
-    g.launch(
-        &name("attn_pv", dtype),
-        ((lq * d).div_ceil(256).clamp(1, 65535) as u32, bh as u32),
-        256,
-        &[
-            Arg::P(s.ptr()),
-            Arg::P(dev(v).ptr()),
-            Arg::P(o.ptr()),
-            Arg::I(heads as i32),
-            Arg::I(lq as i32),
-            Arg::I(lk as i32),
-            Arg::I(d as i32),
-            Arg::L(ld),
-            Arg::L(ld),
-        ],
-    );
 }
