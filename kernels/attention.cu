@@ -124,10 +124,12 @@ __device__ void attn_scores(const T* q, const T* k, float* s, int heads, int lq,
     }
 }
 
-// One block per score row.
-__device__ void softmax_rows(float* s, int cols) {
+// One block per score row; probabilities to `out` (which may be `s` itself) in its storage type.
+template <typename O>
+__device__ void softmax_rows(float* s, O* out, int cols) {
     __shared__ float scratch[32];
     float* row = s + (long)blockIdx.x * cols;
+    O* orow = out + (long)blockIdx.x * cols;
     float m = -INFINITY;
     for (int i = threadIdx.x; i < cols; i += blockDim.x) m = fmaxf(m, row[i]);
     m = warp_max(m);
@@ -149,7 +151,7 @@ __device__ void softmax_rows(float* s, int cols) {
     }
     float total = block_sum(sum, scratch);
     float inv = total > 0.0f ? 1.0f / total : 0.0f;
-    for (int i = threadIdx.x; i < cols; i += blockDim.x) row[i] *= inv;
+    for (int i = threadIdx.x; i < cols; i += blockDim.x) orow[i] = from_f<O>(row[i] * inv);
 }
 
 template <typename T>
@@ -175,4 +177,8 @@ __device__ void attn_pv(const float* p, const T* v, T* out, int heads, int lq, i
         attn_pv<T>(p, v, out, heads, lq, lk, d, sv, so);                                                      \
     }
 TOFFEE_INSTANTIATE(ATTN_ANY)
-extern "C" __global__ void softmax_rows_f32(float* s, int cols) { softmax_rows(s, cols); }
+extern "C" __global__ void softmax_rows_f32(float* s, int cols) { softmax_rows<float>(s, s, cols); }
+// The GEMM attention path (wide heads): f32 scores in, probabilities in the storage type out.
+#define SOFTMAX_TO(S, T) \
+    extern "C" __global__ void softmax_rows_to_##S(float* s, T* p, int cols) { softmax_rows<T>(s, p, cols); }
+TOFFEE_INSTANTIATE(SOFTMAX_TO)

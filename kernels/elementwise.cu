@@ -41,6 +41,19 @@ template <typename T> __device__ void add_broadcast(const T* x, const T* v, T* y
     }
 }
 
+// y += bias[c] + ps[n, c] + r, each term optional (null): a convolution's bias, time embedding and
+// residual in one pass over its output, where cuDNN's convolution writes only the product.
+template <typename T> __device__ void conv_epilogue(T* y, const T* bias, const T* ps, const T* r, long total, long per, int c) {
+    GRID_STRIDE(i, total) {
+        int ch = (int)(i % c);
+        float v = to_f(y[i]);
+        if (bias) v += to_f(bias[ch]);
+        if (ps) v += to_f(ps[(i / per) * c + ch]);
+        if (r) v += to_f(r[i]);
+        y[i] = from_f<T>(v);
+    }
+}
+
 // dst[r, off + j] = src[r, j]: one part of a channel concatenation.
 template <typename T> __device__ void place_channels(const T* src, int cs, T* dst, int cd, int off, long rows) {
     GRID_STRIDE(i, rows * cs) dst[(i / cs) * cd + off + i % cs] = src[i];
@@ -190,6 +203,9 @@ template <typename T> __device__ void film(const T* x, const T* mul, const T* ad
     extern "C" __global__ void add_broadcast_##S(const T* x, const T* v, T* y, long total, long per, int c, int v_rows) { \
         add_broadcast<T>(x, v, y, total, per, c, v_rows);                                                            \
     }                                                                                                                \
+    extern "C" __global__ void conv_epilogue_##S(T* y, const T* bias, const T* ps, const T* r, long total, long per, int c) { \
+        conv_epilogue<T>(y, bias, ps, r, total, per, c);                                                              \
+    }                                                                                                                \
     extern "C" __global__ void place_channels_##S(const T* s, int cs, T* d, int cd, int off, long rows) {           \
         place_channels<T>(s, cs, d, cd, off, rows);                                                                  \
     }                                                                                                                \
@@ -243,3 +259,6 @@ extern "C" __global__ void cast_f32_f16(const float* x, __half* y, long n) { cas
 extern "C" __global__ void cast_f32_bf16(const float* x, __nv_bfloat16* y, long n) { cast(x, y, n); }
 extern "C" __global__ void cast_f16_f32(const __half* x, float* y, long n) { cast(x, y, n); }
 extern "C" __global__ void cast_bf16_f32(const __nv_bfloat16* x, float* y, long n) { cast(x, y, n); }
+// Into and out of a bf16 model (a force_upcast VAE) inside an fp16 pipeline.
+extern "C" __global__ void cast_f16_bf16(const __half* x, __nv_bfloat16* y, long n) { cast(x, y, n); }
+extern "C" __global__ void cast_bf16_f16(const __nv_bfloat16* x, __half* y, long n) { cast(x, y, n); }

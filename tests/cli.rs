@@ -134,10 +134,22 @@ fn forward_refuses_cuda_in_a_cpu_build() {
 
 #[test]
 fn inspect_names_family_variant_and_counts() {
-    for (model, variant) in [
-        ("sd1", "SD1.x-style"),
-        ("sd2", "SD2.x-style (linear projection)"),
-        ("sdxl", "SDXL-style (text_time added embeddings)"),
+    for (model, variant, vae_storage) in [
+        (
+            "sd1",
+            "SD1.x-style",
+            "runs in the pipeline's fp16/bf16 on GPUs",
+        ),
+        (
+            "sd2",
+            "SD2.x-style (linear projection)",
+            "runs in the pipeline's fp16/bf16 on GPUs",
+        ),
+        (
+            "sdxl",
+            "SDXL-style (text_time added embeddings)",
+            "runs in bf16 on GPUs (force_upcast: fp16 would overflow)",
+        ),
     ] {
         let o = toffee(&["inspect", fixtures().join(model).to_str().unwrap()]);
         let s = stdout(&o);
@@ -148,6 +160,7 @@ fn inspect_names_family_variant_and_counts() {
             "{model}: {s}"
         );
         assert!(s.contains("vae: AutoencoderKL"), "{s}");
+        assert!(s.contains(vae_storage), "{model}: {s}");
         assert!(s.contains("text_encoder: CLIPTextModel"), "{s}");
         assert!(s.contains("config: {"), "{s}");
     }

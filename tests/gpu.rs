@@ -340,6 +340,157 @@ fn ops_match_the_cpu_backend() {
     finish();
 }
 
+/// The tuned kernels (tensor-core flash attention, split GroupNorm, warp LayerNorm, GEMM
+/// attention for wide heads, fused epilogues) and the reference kernels (`TOFFEE_KERNELS=
+/// reference`) against the CPU on the shapes that stress their edges: tails of the 64-row and
+/// key tiles, causal with more keys than queries, padded head dims, group sizes that are not a
+/// multiple of the vector width, inputs with a large mean (cancellation in the variance).
+#[test]
+fn tuned_and_reference_kernels_match_the_cpu_backend() {
+    let Some(d) = gpu() else { return };
+    let put = |t: &Tensor| d.put(t.clone());
+    let offset = |t: Tensor| ops::affine(&t, 0.5, 3.0);
+    for reference in [false, true] {
+        d.set_reference_kernels(reference);
+        let tag = if reference { "reference" } else { "tuned" };
+        for dh in [40, 64, 80, 128, 160, 512, 24] {
+            for (heads, lq, lk, causal) in [
+                (2, 1, 33, false),
+                (3, 65, 77, true),
+                (1, 130, 65, false),
+                (2, 77, 130, true),
+            ] {
+                if dh == 512 && causal {
+                    continue;
+                }
+                let hd = dh * heads;
+                let (q, k, v) = (
+                    rand(&[2, lq, hd], 30),
+                    rand(&[2, lk, hd], 31),
+                    rand(&[2, lk, hd], 32),
+                );
+                close(
+                    &format!("{tag} attention d{dh} h{heads} {lq}x{lk} causal={causal}"),
+                    &ops::attention(&put(&q), &put(&k), &put(&v), heads, causal),
+                    &ops::attention(&q, &k, &v, heads, causal),
+                    &d,
+                );
+            }
+        }
+        for (hw, c, groups) in [
+            (4096, 320, 32),
+            (4096, 320, 8),
+            (1000, 128, 32),
+            (64, 1280, 32),
+            (37, 24, 8),
+            (4097, 320, 32),
+            (9, 64, 32),
+        ] {
+            let x = offset(rand(&[2, hw, c], 33));
+            let (gamma, beta) = (rand(&[c], 34), rand(&[c], 35));
+            for silu in [false, true] {
+                close(
+                    &format!("{tag} group_norm hw{hw} c{c} g{groups} silu={silu}"),
+                    &ops::group_norm(&put(&x), groups, &put(&gamma), &put(&beta), 1e-5, silu),
+                    &ops::group_norm(&x, groups, &gamma, &beta, 1e-5, silu),
+                    &d,
+                );
+            }
+        }
+        for (rows, c) in [
+            (13, 8),
+            (77, 320),
+            (5, 768),
+            (9, 1032),
+            (64, 1280),
+            (3, 4096),
+            (2, 8192),
+            (7, 30),
+        ] {
+            let x = offset(rand(&[rows, c], 36));
+            let (gamma, beta) = (rand(&[c], 37), rand(&[c], 38));
+            close(
+                &format!("{tag} layer_norm {rows}x{c}"),
+                &ops::layer_norm(&put(&x), &put(&gamma), &put(&beta), 1e-5),
+                &ops::layer_norm(&x, &gamma, &beta, 1e-5),
+                &d,
+            );
+        }
+        // Fused epilogues: 3×3 (cuDNN + conv_epilogue) and 1×1 (cuBLASLt bias + C) convolutions.
+        for (k, p) in [(3, 1), (1, 0)] {
+            let x = rand(&[2, 9, 7, 16], 39);
+            let wt = rand(&[24, 16, k, k], 40);
+            let c = Conv2dW::krsc_from_oihw(&wt, Some(rand(&[24], 41)), 1, p);
+            let cg = Conv2dW {
+                weight: put(&c.weight),
+                bias: c.bias.as_ref().map(put),
+                ..c.clone()
+            };
+            let (temb, res) = (rand(&[2, 24], 42), rand(&[2, 9, 7, 24], 43));
+            for (what, ps, r) in [
+                ("temb", true, false),
+                ("residual", false, true),
+                ("both", true, true),
+            ] {
+                close(
+                    &format!("{tag} conv2d_fused {k}x{k} {what}"),
+                    &ops::conv2d_fused(
+                        &put(&x),
+                        &cg,
+                        ps.then(|| put(&temb)).as_ref(),
+                        r.then(|| put(&res)).as_ref(),
+                    ),
+                    &ops::conv2d_fused(&x, &c, ps.then_some(&temb), r.then_some(&res)),
+                    &d,
+                );
+            }
+        }
+        // GEMM + GEGLU: tails in every dimension, k from 8 to 5120, the SD shapes.
+        for (m, k, n) in [
+            (130, 40, 72),
+            (1, 8, 8),
+            (257, 328, 136),
+            (3, 5120, 8),
+            (8192, 320, 1280),
+            (512, 1280, 5120),
+        ] {
+            let x = rand(&[m, k], 48);
+            let l = LinearW {
+                weight: rand(&[2 * n, k], 49),
+                bias: Some(rand(&[2 * n], 50)),
+            };
+            let lg = LinearW {
+                weight: put(&l.weight),
+                bias: l.bias.as_ref().map(put),
+            };
+            close(
+                &format!("{tag} linear_geglu {m}x{k}x{n}"),
+                &ops::linear_geglu(&put(&x), &lg),
+                &ops::linear_geglu(&x, &l),
+                &d,
+            );
+        }
+        let x = rand(&[2, 77, 320], 44);
+        let l = LinearW {
+            weight: rand(&[640, 320], 45),
+            bias: Some(rand(&[640], 46)),
+        };
+        let lg = LinearW {
+            weight: put(&l.weight),
+            bias: l.bias.as_ref().map(put),
+        };
+        let r = rand(&[2, 77, 640], 47);
+        close(
+            &format!("{tag} linear_residual"),
+            &ops::linear_residual(&put(&x), &lg, &put(&r)),
+            &ops::linear_residual(&x, &l, &r),
+            &d,
+        );
+    }
+    d.set_reference_kernels(false);
+    finish();
+}
+
 #[test]
 fn models_match_the_cpu_backend() {
     let Some(d) = gpu() else { return };
@@ -430,6 +581,53 @@ fn graph_scratch_is_never_handed_to_eager_tensors() {
     }
     for (e, h) in eager.iter().zip(&eager_host) {
         close("eager tensor after replays", e, h, &d);
+    }
+    finish();
+}
+
+/// A `force_upcast` VAE (the SDXL fixture's) runs in bf16 on an fp16 device (issue 13, defect 2):
+/// latents large enough that fp16 overflows (±65504) in the decoder still decode to finite
+/// values matching the CPU. Then the pipeline's decode graph, replayed: eager, captured, and two
+/// replays on fresh latents each match the CPU.
+#[test]
+fn upcast_vae_and_decode_graph_replays() {
+    let Some(d) = gpu() else { return };
+    let dir = fixtures().join("sdxl");
+    let gpu_gen = Generator::load(&dir, None, &d).unwrap();
+    let cpu_gen = Generator::load(&dir, None, &Device::Cpu).unwrap();
+    if gpu_gen.vae.storage() != "bf16" {
+        fail(format!(
+            "force_upcast VAE stores {} on an fp16 device",
+            gpu_gen.vae.storage()
+        ));
+    }
+    let lat = rand(&[1, 8, 8, 4], 7);
+    let big = ops::scale(&lat, 1e5);
+    let want = cpu_gen.vae.decode(&big).unwrap();
+    let got = gpu_gen.vae.decode(&d.put(big.clone())).unwrap();
+    // bf16 keeps 8 mantissa bits: about 4× fp16's rounding error per op.
+    if let Err(e) = d.check() {
+        fail(format!("upcast decode: {e:#}"));
+    } else {
+        let e = rel_l2(&got.to_host().unwrap(), &want);
+        eprintln!("upcast decode of 1e5-scaled latents: rel L2 {e:.2e}");
+        if e.is_nan() || e >= 4e-2 {
+            fail(format!("upcast decode: relative L2 error {e:e}"));
+        }
+    }
+    for i in 0..4 {
+        let lat = rand(&[2, 8, 8, 4], 20 + i);
+        let want = cpu_gen.decode(&lat).unwrap();
+        match gpu_gen.decode(&lat) {
+            Ok(got) => {
+                let e = rel_l2(&got, &want);
+                eprintln!("decode graph call {i}: rel L2 {e:.2e}");
+                if e.is_nan() || e >= 4e-2 {
+                    fail(format!("decode graph call {i}: relative L2 error {e:e}"));
+                }
+            }
+            Err(e) => fail(format!("decode graph call {i}: {e:#}")),
+        }
     }
     finish();
 }

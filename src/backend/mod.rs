@@ -50,6 +50,32 @@ impl Device {
         }
     }
 
+    /// Where a model whose config sets `force_upcast` runs. diffusers runs such VAEs (SDXL's) in
+    /// f32 because fp16 overflows in their up blocks (inf, then NaN: black images); here they run
+    /// in bf16, which has f32's range and every kernel, at half f32's memory traffic. The CPU is
+    /// f32 already; a bf16 device is unchanged.
+    pub fn upcast(&self, force_upcast: bool) -> Device {
+        match self {
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) if force_upcast && g.dtype == cuda::DType::F16 => {
+                Device::Cuda(g.with_dtype(cuda::DType::BF16))
+            }
+            _ => {
+                let _ = force_upcast;
+                self.clone()
+            }
+        }
+    }
+
+    /// The storage type of tensors made on this device: `f32`, `f16` or `bf16`.
+    pub fn storage(&self) -> &'static str {
+        match self {
+            Device::Cpu => "f32",
+            #[cfg(feature = "cuda")]
+            Device::Cuda(g) => g.dtype.suffix(),
+        }
+    }
+
     pub fn is_cpu(&self) -> bool {
         matches!(self, Device::Cpu)
     }
@@ -127,6 +153,16 @@ impl Device {
         let _ = on;
     }
 
+    /// Tests and bisection: the simple reference kernels (true) or the tuned ones (false), as
+    /// `TOFFEE_KERNELS=reference|fast` picks at start. No effect on the CPU.
+    pub fn set_reference_kernels(&self, on: bool) {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(g) = self {
+            g.set_reference(on);
+        }
+        let _ = on;
+    }
+
     /// Reports a failure recorded by device ops since the start (out of memory, failed launch).
     pub fn check(&self) -> Result<()> {
         match self {
@@ -196,6 +232,86 @@ pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
         c.weight.shape()
     );
     dispatch!(x, cpu::conv2d(x, c), cuda::ops::conv2d(x, c))
+}
+
+/// x·Wᵀ + b + residual: a layer whose output joins a residual stream (the residual is cuBLASLt's
+/// C on GPUs, so the sum costs no extra pass). `residual` has the output's shape.
+pub fn linear_residual(x: &Tensor, l: &LinearW, residual: &Tensor) -> Tensor {
+    assert_eq!(
+        x.last_dim(),
+        l.in_features(),
+        "linear_residual: input {:?} vs weight {:?}",
+        x.shape(),
+        l.weight.shape()
+    );
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = l.out_features();
+    assert_eq!(
+        residual.shape(),
+        shape,
+        "linear_residual: residual {:?} vs output {shape:?}",
+        residual.shape()
+    );
+    dispatch!(
+        x,
+        cpu::add_scaled(&cpu::linear(x, l), residual, 1.0),
+        cuda::ops::linear_residual(x, l, residual)
+    )
+}
+
+/// GEGLU of a linear layer: the first half of x·Wᵀ + b times GELU of the second half (diffusers'
+/// feed-forward input). On GPUs one tensor-core kernel computes both halves and the product, so
+/// the 2×-wide projection never goes to memory.
+pub fn linear_geglu(x: &Tensor, l: &LinearW) -> Tensor {
+    assert_eq!(
+        x.last_dim(),
+        l.in_features(),
+        "linear_geglu: input {:?} vs weight {:?}",
+        x.shape(),
+        l.weight.shape()
+    );
+    assert!(
+        l.out_features().is_multiple_of(2),
+        "linear_geglu: odd width {:?}",
+        l.weight.shape()
+    );
+    dispatch!(
+        x,
+        cpu::glu(&cpu::linear(x, l), Activation::Gelu),
+        cuda::ops::linear_geglu(x, l)
+    )
+}
+
+/// conv(x) + bias + per_sample[n, c] + residual: a resnet's convolution with its time embedding
+/// (`per_sample`, [N, Cout]) or its skip connection (`residual`, the output's shape) folded into
+/// the output pass on GPUs.
+pub fn conv2d_fused(
+    x: &Tensor,
+    c: &Conv2dW,
+    per_sample: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Tensor {
+    assert_eq!(
+        x.last_dim(),
+        c.in_channels(),
+        "conv2d: input {:?} vs weight {:?}",
+        x.shape(),
+        c.weight.shape()
+    );
+    dispatch!(
+        x,
+        {
+            let mut y = cpu::conv2d(x, c);
+            if let Some(p) = per_sample {
+                y = add_per_sample_channels(&y, p);
+            }
+            match residual {
+                Some(r) => add(&y, r),
+                None => y,
+            }
+        },
+        cuda::ops::conv2d_fused(x, c, per_sample, residual)
+    )
 }
 
 pub fn group_norm(

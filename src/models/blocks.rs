@@ -48,16 +48,21 @@ impl ResnetBlock {
 
     /// `temb_act` is SiLU(temb), computed once per UNet call by the caller.
     pub fn forward(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Tensor {
-        let mut h = ops::conv2d(&self.norm1.forward_silu(x), &self.conv1);
-        if let (Some(p), Some(t)) = (&self.time_emb_proj, temb_act) {
-            h = ops::add_per_sample_channels(&h, &ops::linear(t, p));
-        }
-        let h = ops::conv2d(&self.norm2.forward_silu(&h), &self.conv2);
+        let temb = match (&self.time_emb_proj, temb_act) {
+            (Some(p), Some(t)) => Some(ops::linear(t, p)),
+            _ => None,
+        };
+        let h = ops::conv2d_fused(
+            &self.norm1.forward_silu(x),
+            &self.conv1,
+            temb.as_ref(),
+            None,
+        );
         let skip = match &self.conv_shortcut {
             Some(c) => ops::conv2d(x, c),
             None => x.clone(),
         };
-        let out = ops::add(&skip, &h);
+        let out = ops::conv2d_fused(&self.norm2.forward_silu(&h), &self.conv2, None, Some(&skip));
         if self.output_scale == 1.0 {
             out
         } else {
@@ -115,17 +120,25 @@ impl Attention {
         })
     }
 
-    pub fn forward(&self, x: &Tensor, ctx: Option<&Tensor>) -> Tensor {
+    /// `residual`, when given, is added by `to_out`'s GEMM (no separate pass on GPUs).
+    pub fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, residual: Option<&Tensor>) -> Tensor {
         let c = ctx.unwrap_or(x);
         let q = ops::linear(x, &self.to_q);
         let k = ops::linear(c, &self.to_k);
         let v = ops::linear(c, &self.to_v);
-        ops::linear(&ops::attention(&q, &k, &v, self.heads, false), &self.to_out)
+        self.out(&ops::attention(&q, &k, &v, self.heads, false), residual)
+    }
+
+    fn out(&self, a: &Tensor, residual: Option<&Tensor>) -> Tensor {
+        match residual {
+            Some(r) => ops::linear_residual(a, &self.to_out, r),
+            None => ops::linear(a, &self.to_out),
+        }
     }
 
     /// Cross-attention to the text plus, per adapter, λ·attention(q, K_ip, V_ip) before `to_out`
     /// (a branch with λ = 0 is skipped, as diffusers does, so it changes nothing).
-    pub fn forward_cross(&self, x: &Tensor, ctx: Context) -> Tensor {
+    pub fn forward_cross(&self, x: &Tensor, ctx: Context, residual: Option<&Tensor>) -> Tensor {
         let q = ops::linear(x, &self.to_q);
         let k = ops::linear(ctx.text, &self.to_k);
         let v = ops::linear(ctx.text, &self.to_v);
@@ -139,7 +152,7 @@ impl Attention {
             let vi = ops::linear(&branch.tokens, v_ip);
             a = ops::add_scaled(&a, &ops::attention(&q, &ki, &vi, self.heads, false), s);
         }
-        ops::linear(&a, &self.to_out)
+        self.out(&a, residual)
     }
 
     /// (query width, key source width) of this layer: what an adapter's to_k_ip must map.
@@ -185,13 +198,15 @@ impl TransformerBlock {
     }
 
     pub fn forward(&self, x: &Tensor, ctx: Context) -> Tensor {
-        let x = ops::add(x, &self.attn1.forward(&self.norm1.forward(x), None));
-        let x = ops::add(&x, &self.attn2.forward_cross(&self.norm2.forward(&x), ctx));
-        let ff = ops::linear(
-            &ops::geglu(&ops::linear(&self.norm3.forward(&x), &self.ff_in)),
+        let x = self.attn1.forward(&self.norm1.forward(x), None, Some(x));
+        let x = self
+            .attn2
+            .forward_cross(&self.norm2.forward(&x), ctx, Some(&x));
+        ops::linear_residual(
+            &ops::linear_geglu(&self.norm3.forward(&x), &self.ff_in),
             &self.ff_out,
-        );
-        ops::add(&x, &ff)
+            &x,
+        )
     }
 }
 
@@ -236,8 +251,8 @@ impl SpatialTransformer {
         for b in &self.blocks {
             t = b.forward(&t, ctx);
         }
-        let t = ops::linear(&t, &self.proj_out).reshape(vec![n, h, w, c]);
-        ops::add(&t, x)
+        ops::linear_residual(&t, &self.proj_out, &x.reshape(vec![n, h * w, c]))
+            .reshape(vec![n, h, w, c])
     }
 }
 
@@ -258,7 +273,9 @@ impl VaeAttention {
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (n, h, w, c) = x.dims4();
         let t = self.norm.forward(x).reshape(vec![n, h * w, c]);
-        ops::add(&self.attn.forward(&t, None).reshape(vec![n, h, w, c]), x)
+        self.attn
+            .forward(&t, None, Some(&x.reshape(vec![n, h * w, c])))
+            .reshape(vec![n, h, w, c])
     }
 }
 

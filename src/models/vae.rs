@@ -81,7 +81,17 @@ struct Block {
     resample: Option<Conv2dW>,
 }
 
+/// Whether the VAE must not run in fp16 (`force_upcast`: SDXL's overflows there). Old SD1/SD2
+/// configs lack the field and their pipelines never upcast, so absent means false.
+pub fn force_upcast(cfg: &Config) -> Result<bool> {
+    cfg.bool_or("force_upcast", false)
+}
+
 pub struct Vae {
+    /// Where the VAE runs (bf16 on a GPU for `force_upcast` VAEs, see `Device::upcast`)...
+    device: Device,
+    /// ...and where its callers' tensors live: inputs and outputs are cast between the two.
+    io: Device,
     pub latent_channels: usize,
     pub scaling_factor: f64,
     pub shift_factor: Option<f64>,
@@ -140,7 +150,9 @@ impl Vae {
         let cin = cfg.usize_or("in_channels", 3)?;
         let cout = cfg.usize_or("out_channels", 3)?;
         let attention = cfg.bool_or("mid_block_add_attention", true)?;
-        let vb = Vb::root_on(store, device);
+        let io = device.clone();
+        let device = device.upcast(force_upcast(cfg)?);
+        let vb = Vb::root_on(store, &device);
         let e = vb.pp("encoder");
         let mut enc_down = Vec::new();
         let mut out_ch = ch[0];
@@ -174,6 +186,8 @@ impl Vae {
         }
         let last = ch[nb - 1];
         Ok(Vae {
+            device,
+            io,
             latent_channels: lat,
             scaling_factor: {
                 let f = cfg.f64_or("scaling_factor", 0.18215)?;
@@ -210,6 +224,11 @@ impl Vae {
         })
     }
 
+    /// The storage type the VAE computes in (`f32` on the CPU; `f16` or `bf16` on a GPU).
+    pub fn storage(&self) -> &'static str {
+        self.device.storage()
+    }
+
     /// How much the encoder shrinks an image side.
     pub fn downscale(&self) -> usize {
         1 << (self.enc_down.len() - 1)
@@ -229,7 +248,7 @@ impl Vae {
         if h % f != 0 || w % f != 0 {
             bail!("image size {h}×{w} is not a multiple of the VAE's downscale factor {f}");
         }
-        let mut x = ops::conv2d(image, &self.enc_conv_in);
+        let mut x = ops::conv2d(&self.device.put_same(image), &self.enc_conv_in);
         for b in &self.enc_down {
             for r in &b.resnets {
                 x = r.forward(&x, None);
@@ -246,7 +265,7 @@ impl Vae {
         let l = self.latent_channels;
         let mean = ops::slice_channels(&x, 0, l);
         let logvar = ops::affine_clamp(&ops::slice_channels(&x, l, l), 1.0, 0.0, -30.0, 20.0);
-        Ok((mean, logvar))
+        Ok((self.io.put_same(&mean), self.io.put_same(&logvar)))
     }
 
     /// latent: NHWC (unscaled, as `vae.decode` takes it) -> image NHWC, nominally [-1, 1].
@@ -259,7 +278,7 @@ impl Vae {
                 self.latent_channels
             );
         }
-        let mut x = latent.clone();
+        let mut x = self.device.put_same(latent);
         if let Some(p) = &self.post_quant_conv {
             x = ops::conv2d(&x, p);
         }
@@ -273,9 +292,9 @@ impl Vae {
                 x = upsample(&x, u, None);
             }
         }
-        Ok(ops::conv2d(
+        Ok(self.io.put_same(&ops::conv2d(
             &self.dec_norm.forward_silu(&x),
             &self.dec_conv_out,
-        ))
+        )))
     }
 }

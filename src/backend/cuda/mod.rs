@@ -8,6 +8,8 @@
 //! the first error and later ops on that `Gpu` do nothing; callers check `Gpu::check()` at model
 //! boundaries and turn it into an ordinary error. Ops themselves stay infallible, like the CPU ones.
 
+pub mod cudnn;
+pub mod gemm;
 pub mod ops;
 
 use crate::backend::fault::Fault;
@@ -18,6 +20,7 @@ use cudarc::cublaslt::CudaBlasLT;
 use cudarc::driver::{
     result, sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
 };
+use cudnn::CudnnHandle;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Mutex};
@@ -32,7 +35,7 @@ pub fn embedded_targets() -> &'static [&'static str] {
 }
 
 /// Storage type of device tensors.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F16,
     BF16,
@@ -112,12 +115,32 @@ impl RawAlloc for CudaMem {
     }
 }
 
+/// One device opened for use: a storage-type view (`dtype`) of the shared context, stream, pool
+/// and libraries. Views of other storage types (`with_dtype`) share everything else, so a model
+/// that must run in bf16 (a `force_upcast` VAE) stays in the same stream order as the rest.
 pub struct Gpu {
-    pub ordinal: usize,
+    core: Arc<GpuCore>,
     pub dtype: DType,
+}
+
+impl std::ops::Deref for Gpu {
+    type Target = GpuCore;
+    fn deref(&self) -> &GpuCore {
+        &self.core
+    }
+}
+
+pub struct GpuCore {
+    pub ordinal: usize,
+    /// `TOFFEE_KERNELS=reference`: the simple kernels instead of the tuned ones, so a wrong result
+    /// on a device can be bisected to one kernel.
+    reference: std::sync::atomic::AtomicBool,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlasLT,
+    gemm: gemm::Planner,
+    /// cuBLASLt's workspace, held for the Gpu's life so captured graphs may use it.
+    gemm_ws: Option<Block<CudaMem>>,
     funcs: HashMap<String, CudaFunction>,
     pool: Arc<Pool<CudaMem>>,
     /// The private memory of the graph being captured, if any.
@@ -129,12 +152,6 @@ pub struct Gpu {
     /// cuDNN, when libcudnn is present (else convolutions fall back to im2col + cuBLASLt).
     cudnn: Option<Mutex<CudnnHandle>>,
 }
-
-/// cudarc's cuDNN handle holds a raw pointer; every use goes through the Gpu's mutex and its
-/// single stream, which is what makes sharing it between threads sound.
-pub struct CudnnHandle(pub Arc<cudarc::cudnn::Cudnn>);
-// Safety: see above — access is serialised by the Mutex in `Gpu`.
-unsafe impl Send for CudnnHandle {}
 
 impl fmt::Debug for Gpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -188,7 +205,7 @@ impl Gpu {
         let cudnn = match decide("cuDNN", cudnn_present, cudnn_version, 9, started, true) {
             LibDecision::Use => handle
                 .and_then(|h| h.ok())
-                .map(|h| Mutex::new(CudnnHandle(h))),
+                .map(|h| Mutex::new(CudnnHandle::new(h))),
             LibDecision::Skip(why) | LibDecision::Fail(why) => {
                 if cudnn_present {
                     eprintln!(
@@ -212,6 +229,13 @@ impl Gpu {
                 let func = module.load_function(&f).map_err(|e| {
                     anyhow!("cuda:{ordinal}: kernel {f} missing from module {name}: {e}")
                 })?;
+                if let Some(bytes) = dynamic_smem(&f) {
+                    func.set_attribute(
+                        sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                        bytes as i32,
+                    )
+                    .map_err(|e| anyhow!("cuda:{ordinal}: {f}: {bytes} B of shared memory: {e}"))?;
+                }
                 funcs.insert(f, func);
             }
         }
@@ -219,19 +243,36 @@ impl Gpu {
             ctx: ctx.clone(),
             stream: stream.clone(),
         });
+        let gemm_ws = Some(
+            pool.take(GEMM_WORKSPACE, None)
+                .map_err(|e| anyhow!("cuda:{ordinal}: cuBLASLt workspace: {e}"))?,
+        );
         Ok(Arc::new(Gpu {
-            ordinal,
             dtype,
-            ctx,
-            stream,
-            blas,
-            funcs,
-            pool,
-            capture: Mutex::new(None),
-            error: Fault::default(),
-            poison: std::sync::atomic::AtomicBool::new(false),
-            cudnn,
+            core: Arc::new(GpuCore {
+                ordinal,
+                reference: std::sync::atomic::AtomicBool::new(kernels_reference()?),
+                ctx,
+                stream,
+                blas,
+                gemm: gemm::Planner::default(),
+                gemm_ws,
+                funcs,
+                pool,
+                capture: Mutex::new(None),
+                error: Fault::default(),
+                poison: std::sync::atomic::AtomicBool::new(false),
+                cudnn,
+            }),
         }))
+    }
+
+    /// The same device with another storage type for new tensors (see `Gpu`).
+    pub fn with_dtype(&self, dtype: DType) -> Arc<Gpu> {
+        Arc::new(Gpu {
+            core: self.core.clone(),
+            dtype,
+        })
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -240,6 +281,37 @@ impl Gpu {
 
     pub fn blas(&self) -> &CudaBlasLT {
         &self.blas
+    }
+
+    /// Queues a planned cuBLASLt GEMM (see `gemm`); a failure is recorded like a failed launch.
+    pub fn gemm(&self, shape: &gemm::Shape, operands: &gemm::Operands) {
+        if self.failed() {
+            return;
+        }
+        use cudarc::cublaslt::MatmulShared;
+        let ws = self
+            .gemm_ws
+            .as_ref()
+            .map_or((0, 0), |b| (b.ptr, GEMM_WORKSPACE));
+        // Safety: the handle lives with the Gpu; callers pass operands of the extents in `shape`;
+        // the workspace block is held until the Gpu drops.
+        let r = unsafe {
+            self.gemm.run(
+                *self.blas.handle(),
+                self.stream.cu_stream() as _,
+                shape,
+                operands,
+                ws,
+            )
+        };
+        if let Err(e) = r {
+            self.fail(e);
+        }
+    }
+
+    /// GEMM shapes planned so far (each planned once).
+    pub fn gemm_plans(&self) -> usize {
+        self.gemm.planned()
     }
 
     pub fn cudnn(&self) -> Option<&Mutex<CudnnHandle>> {
@@ -299,6 +371,17 @@ impl Gpu {
                 None
             }
         }
+    }
+
+    /// Whether the simple reference kernels run instead of the tuned ones (`TOFFEE_KERNELS`).
+    pub fn reference(&self) -> bool {
+        self.reference.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Tests: switch between the reference and the tuned kernels on a live device.
+    pub fn set_reference(&self, on: bool) {
+        self.reference
+            .store(on, std::sync::atomic::Ordering::Relaxed);
     }
 
     pub fn set_poison(&self, on: bool) {
@@ -384,6 +467,11 @@ impl Gpu {
 
     /// Queues a kernel. `grid` and `block` are 1-D or 2-D.
     pub fn launch(&self, name: &str, grid: (u32, u32), block: u32, args: &[Arg]) {
+        self.launch_smem(name, grid, block, 0, args)
+    }
+
+    /// `launch` with `smem` bytes of dynamic shared memory (see `dynamic_smem`).
+    pub fn launch_smem(&self, name: &str, grid: (u32, u32), block: u32, smem: u32, args: &[Arg]) {
         if self.failed() {
             return;
         }
@@ -403,7 +491,7 @@ impl Gpu {
         let cfg = LaunchConfig {
             grid_dim: (grid.0.max(1), grid.1.max(1), 1),
             block_dim: (block, 1, 1),
-            shared_mem_bytes: 0,
+            shared_mem_bytes: smem,
         };
         // Safety: argument lists match the extern "C" signatures in kernels/ (checked by the GPU tests).
         if let Err(e) = unsafe { b.launch(cfg) } {
@@ -449,6 +537,22 @@ impl Gpu {
         let g =
             g.ok_or_else(|| anyhow!("cuda:{}: graph capture recorded nothing", self.ordinal))?;
         Ok((g, reserve.expect("begin_capture set it")))
+    }
+}
+
+/// cuBLASLt workspace: 32 MiB, what NVIDIA recommends for Hopper.
+const GEMM_WORKSPACE: usize = 32 << 20;
+
+/// `TOFFEE_KERNELS`: `reference` picks the simple kernels, `fast` (the default) the tuned ones.
+pub fn kernels_reference() -> Result<bool> {
+    parse_kernels(std::env::var("TOFFEE_KERNELS").ok().as_deref())
+}
+
+fn parse_kernels(v: Option<&str>) -> Result<bool> {
+    match v {
+        None | Some("") | Some("fast") => Ok(false),
+        Some("reference") => Ok(true),
+        Some(other) => bail!("TOFFEE_KERNELS={other}: expected `reference` or `fast`"),
     }
 }
 
@@ -579,6 +683,24 @@ impl DevBuf {
     }
 }
 
+/// Head dims the attention kernels are instantiated for (kernels/attention.cu, flash_tc.cu).
+pub const FLASH_DIMS: [usize; 5] = [40, 64, 80, 128, 160];
+
+/// Dynamic shared memory of the tensor-core flash kernel for head dim `d` (kernels/flash_tc.cu's
+/// `Cfg<D>::SMEM_BYTES`): four key/value tiles of BC rows, each row padded to a multiple of 16
+/// plus an 8-half skew.
+pub fn flash_tc_smem(d: usize) -> u32 {
+    let pitch = d.div_ceil(16) * 16 + 8;
+    let bc = if d <= 128 { 64 } else { 32 };
+    (4 * bc * pitch * 2) as u32
+}
+
+/// Kernels launched with more than the default 48 KiB of dynamic shared memory allowed.
+fn dynamic_smem(kernel: &str) -> Option<u32> {
+    let d = kernel.strip_prefix("flash_tc_d")?.split('_').next()?;
+    d.parse().ok().map(flash_tc_smem)
+}
+
 /// The extern "C" kernel names each module defines (see kernels/*.cu).
 fn kernel_names(module: &str) -> Vec<String> {
     let typed = |names: &[&str], types: &[&str]| -> Vec<String> {
@@ -589,8 +711,23 @@ fn kernel_names(module: &str) -> Vec<String> {
     };
     match module {
         "norm" => typed(&["group_norm", "layer_norm"], &["f16", "bf16"]),
+        "gemm_geglu" => typed(&["gemm_geglu"], &["f16", "bf16"]),
+        "norm_fast" => typed(
+            &["group_norm_stats", "group_norm_apply", "layer_norm_warp"],
+            &["f16", "bf16"],
+        ),
+        "flash_tc" => {
+            let names: Vec<String> = FLASH_DIMS
+                .iter()
+                .map(|d| format!("flash_tc_d{d}"))
+                .collect();
+            typed(
+                &names.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
+                &["f16", "bf16"],
+            )
+        }
         "attention" => {
-            let names: Vec<String> = [40, 64, 80, 128, 160]
+            let names: Vec<String> = FLASH_DIMS
                 .iter()
                 .map(|d| format!("flash_attention_d{d}"))
                 .collect();
@@ -598,6 +735,7 @@ fn kernel_names(module: &str) -> Vec<String> {
             refs.extend(["attn_scores", "attn_pv"]);
             let mut v = typed(&refs, &["f16", "bf16"]);
             v.push("softmax_rows_f32".into());
+            v.extend(typed(&["softmax_rows_to"], &["f16", "bf16"]));
             v
         }
         "elementwise" => {
@@ -607,6 +745,7 @@ fn kernel_names(module: &str) -> Vec<String> {
                     "glu",
                     "add_scaled",
                     "add_broadcast",
+                    "conv_epilogue",
                     "place_channels",
                     "slice_channels",
                     "upsample_nearest",
@@ -630,6 +769,8 @@ fn kernel_names(module: &str) -> Vec<String> {
                     "cast_f32_bf16",
                     "cast_f16_f32",
                     "cast_bf16_f32",
+                    "cast_f16_bf16",
+                    "cast_bf16_f16",
                 ]
                 .map(String::from),
             );
@@ -642,6 +783,15 @@ fn kernel_names(module: &str) -> Vec<String> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn kernel_choice_is_read_strictly() {
+        assert!(!super::parse_kernels(None).unwrap());
+        assert!(!super::parse_kernels(Some("fast")).unwrap());
+        assert!(super::parse_kernels(Some("reference")).unwrap());
+        let e = super::parse_kernels(Some("ref")).unwrap_err().to_string();
+        assert!(e.contains("TOFFEE_KERNELS=ref"), "{e}");
+    }
+
     /// Every kernel the runtime loads by name is in the module build.rs compiled (checked on the
     /// fatbin bytes, so it needs no GPU): a renamed kernel fails here, not at a user's first run.
     #[test]
@@ -656,8 +806,32 @@ mod tests {
         }
         assert_eq!(
             super::embedded::MODULES.len(),
-            4,
-            "norm, attention, elementwise, sam"
+            7,
+            "norm, norm_fast, attention, flash_tc, gemm_geglu, elementwise, sam"
         );
+    }
+
+    /// The host's copy of flash_tc.cu's shared-memory formula, on the values its header states.
+    #[test]
+    fn flash_tc_shared_memory_matches_the_kernel_header() {
+        let want = [
+            (40, 28672),
+            (64, 36864),
+            (80, 45056),
+            (128, 69632),
+            (160, 43008),
+        ];
+        for (d, bytes) in want {
+            assert_eq!(super::flash_tc_smem(d), bytes, "d={d}");
+            assert_eq!(
+                super::dynamic_smem(&format!("flash_tc_d{d}_bf16")),
+                Some(bytes)
+            );
+        }
+        assert_eq!(super::dynamic_smem("flash_attention_d64_f16"), None);
+        let header = include_str!("../../../kernels/flash_tc.cu");
+        for (d, bytes) in want {
+            assert!(header.contains(&format!("D={d}: {bytes}")), "d={d}");
+        }
     }
 }

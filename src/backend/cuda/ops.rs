@@ -2,14 +2,14 @@
 //! dispatching layer in backend/mod.rs; here every op allocates its output from the pool and queues
 //! one or a few kernels on the Gpu's stream.
 
+use super::gemm;
 use super::{Arg, DType, DevBuf, Gpu};
 use crate::backend::cpu::{Activation, Conv2dW, LinearW};
 use crate::tensor::Tensor;
-use cudarc::cublaslt::{Matmul, MatmulConfig};
 use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use std::sync::Arc;
 
-fn dev(t: &Tensor) -> &DevBuf {
+pub(super) fn dev(t: &Tensor) -> &DevBuf {
     t.dev().expect("a device tensor")
 }
 
@@ -29,10 +29,10 @@ fn grid(n: usize) -> (u32, u32) {
 }
 
 /// A raw pool pointer seen through cudarc's slice traits, for cuBLASLt.
-struct Raw<'a> {
-    ptr: u64,
-    len: usize,
-    gpu: &'a Arc<Gpu>,
+pub(super) struct Raw<'a> {
+    pub ptr: u64,
+    pub len: usize,
+    pub gpu: &'a Arc<Gpu>,
 }
 
 impl<T> DeviceSlice<T> for Raw<'_> {
@@ -60,8 +60,9 @@ impl<T> DevicePtrMut<T> for Raw<'_> {
     }
 }
 
-/// Row-major C[m×n] = A[m×k] · B + bias[n], where B is W[n×k] (`b_transposed`, a linear layer's
-/// weight) or W[k×n] (a convolution's [kh·kw·cin, cout] weight). fp32 accumulation.
+/// Row-major C[m×n] = A[m×k] · B + bias[n] (+ residual[m×n]), where B is W[n×k]
+/// (`b_transposed`, a linear layer's weight) or W[k×n] (a convolution's [kh·kw·cin, cout]
+/// weight). fp32 accumulation; bias and residual ride in cuBLASLt's epilogue.
 #[allow(clippy::too_many_arguments)]
 fn gemm(
     a: &DevBuf,
@@ -71,84 +72,43 @@ fn gemm(
     n: usize,
     b_transposed: bool,
     bias: Option<&DevBuf>,
+    residual: Option<&DevBuf>,
     c: &DevBuf,
 ) {
     let g = a.gpu();
     if g.failed() || m == 0 {
         return;
     }
+    if a.dtype == DType::I32 {
+        g.fail("integer GEMM");
+        return;
+    }
     // cuBLASLt is column-major: compute Cᵀ[n×m] = op(W)·Aᵀ.
-    let cfg = MatmulConfig {
+    let shape = gemm::Shape {
+        dtype: a.dtype,
+        out_f32: false,
         transa: b_transposed,
         transb: false,
-        transc: false,
         m: n as u64,
         n: m as u64,
         k: k as u64,
-        alpha: 1.0,
         lda: if b_transposed { k as i64 } else { n as i64 },
         ldb: k as i64,
-        beta: 0.0,
         ldc: n as i64,
-        stride_a: None,
-        stride_b: None,
-        stride_c: None,
-        stride_bias: None,
-        batch_size: None,
+        batch: None,
+        bias: bias.is_some(),
     };
-    let wa = Raw {
-        ptr: w.ptr(),
-        len: w.len,
-        gpu: g,
-    };
-    let xb = Raw {
-        ptr: a.ptr(),
-        len: a.len,
-        gpu: g,
-    };
-    let mut cc = Raw {
-        ptr: c.ptr(),
-        len: c.len,
-        gpu: g,
-    };
-    let bias_raw = bias.map(|b| Raw {
-        ptr: b.ptr(),
-        len: b.len,
-        gpu: g,
-    });
-    // Safety: the three matrices and the bias have the extents given in cfg (checked by callers).
-    let r = unsafe {
-        match a.dtype {
-            DType::I32 => {
-                g.fail("integer GEMM");
-                return;
-            }
-            DType::F16 => Matmul::<half::f16>::matmul(
-                g.blas(),
-                cfg,
-                &wa,
-                &xb,
-                &mut cc,
-                bias_raw.as_ref(),
-                None,
-            ),
-            DType::BF16 => Matmul::<half::bf16>::matmul(
-                g.blas(),
-                cfg,
-                &wa,
-                &xb,
-                &mut cc,
-                bias_raw.as_ref(),
-                None,
-            ),
-            DType::F32 => {
-                Matmul::<f32>::matmul(g.blas(), cfg, &wa, &xb, &mut cc, bias_raw.as_ref(), None)
-            }
-        }
-    };
-    if let Err(e) = r {
-        g.fail(format!("cuBLASLt matmul {m}×{k}·{k}×{n}: {e:?}"));
-    }
+    g.gemm(
+        &shape,
+        &gemm::Operands {
+            a: w.ptr(),
+            b: a.ptr(),
+            c: residual.map(|r| r.ptr()),
+            d: c.ptr(),
+            bias: bias.map(|b| b.ptr()),
+            alpha: 1.0,
+        },
+    );
 }
 
 pub fn linear(x: &Tensor, l: &LinearW) -> Tensor {
@@ -166,18 +126,41 @@ pub fn linear(x: &Tensor, l: &LinearW) -> Tensor {
         n,
         true,
         l.bias.as_ref().map(dev),
+        None,
         &o,
     );
     t
 }
 
 pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
+    conv2d_fused(x, c, None, None)
+}
+
+/// conv(x) + bias + per_sample[n, c] + residual with the extra terms in the output pass: cuBLASLt's
+/// epilogue on the GEMM paths, one `conv_epilogue` pass after cuDNN (instead of one per term).
+pub fn conv2d_fused(
+    x: &Tensor,
+    c: &Conv2dW,
+    per_sample: Option<&Tensor>,
+    residual: Option<&Tensor>,
+) -> Tensor {
     let (n, h, w, cin) = x.dims4();
     let k = c.kernel;
     let [pt, pb, pl, pr] = c.pad;
     let ho = (h + pt + pb - k) / c.stride + 1;
     let wo = (w + pl + pr - k) / c.stride + 1;
     let cout = c.out_channels();
+    if dev(x).gpu().reference() && (per_sample.is_some() || residual.is_some()) {
+        // One op per term, so a device run can bisect the fused epilogue.
+        let mut y = conv2d_fused(x, c, None, None);
+        if let Some(p) = per_sample {
+            y = add_per_sample_channels(&y, p);
+        }
+        return match residual {
+            Some(r) => add_scaled(&y, r, 1.0),
+            None => y,
+        };
+    }
     // cuDNN descriptors and our kernels index with 32 bits: a batch past 2^31 elements in any
     // operand (SDXL's VAE decode at 1024², batch 8) runs as smaller batches, not through a
     // tens-of-GB im2col buffer.
@@ -186,7 +169,14 @@ pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
     if chunks.len() > 1 {
         let parts: Vec<Tensor> = chunks
             .iter()
-            .map(|&(start, len)| conv2d(&x.narrow0(start, len), c))
+            .map(|&(start, len)| {
+                conv2d_fused(
+                    &x.narrow0(start, len),
+                    c,
+                    per_sample.map(|p| p.narrow0(start, len)).as_ref(),
+                    residual.map(|r| r.narrow0(start, len)).as_ref(),
+                )
+            })
             .collect();
         return Tensor::cat0(&parts.iter().collect::<Vec<_>>());
     }
@@ -199,24 +189,26 @@ pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
     if g.failed() {
         return t;
     }
+    let ptr = |t: Option<&Tensor>| t.map_or(0, |t| dev(t).ptr());
     let symmetric = pt == pb && pl == pr;
     if k > 1 && c.krsc && symmetric {
         if let Some(h) = g.cudnn() {
-            if cudnn_conv(&h.lock().unwrap().0, x, c, &o, (ho, wo)) {
-                if let Some(b) = &c.bias {
-                    let total = o.len;
+            let done = h.lock().unwrap().conv(x, c, &o);
+            if done {
+                let bias = c.bias.as_ref();
+                if bias.is_some() || per_sample.is_some() || residual.is_some() {
                     g.launch(
-                        &name("add_broadcast", o.dtype),
-                        grid(total),
+                        &name("conv_epilogue", o.dtype),
+                        grid(o.len),
                         256,
                         &[
                             Arg::P(o.ptr()),
-                            Arg::P(dev(b).ptr()),
-                            Arg::P(o.ptr()),
-                            Arg::L(total as i64),
-                            Arg::L(total as i64),
+                            Arg::P(ptr(bias)),
+                            Arg::P(ptr(per_sample)),
+                            Arg::P(ptr(residual)),
+                            Arg::L(o.len as i64),
+                            Arg::L((ho * wo * cout) as i64),
                             Arg::I(cout as i32),
-                            Arg::I(1),
                         ],
                     );
                 }
@@ -263,90 +255,82 @@ pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
         cout,
         c.krsc,
         c.bias.as_ref().map(dev),
+        residual.map(dev),
+        &o,
+    );
+    match per_sample {
+        // Only without cuDNN (or for 1×1 convolutions, which no model conditions on time).
+        Some(p) => add_per_sample_channels(&t, p),
+        None => t,
+    }
+}
+
+/// GEGLU(x·Wᵀ + b) in one tensor-core kernel (kernels/gemm_geglu.cu) when its preconditions hold
+/// (widths multiples of 8, a bias, 16-byte aligned operands); else cuBLASLt then `glu`.
+pub fn linear_geglu(x: &Tensor, l: &LinearW) -> Tensor {
+    let (k, n2) = (l.in_features(), l.out_features());
+    let n = n2 / 2;
+    let m = x.numel() / k;
+    let xd = dev(x);
+    let g = xd.gpu();
+    let fused = !g.reference()
+        && m > 0
+        && k.is_multiple_of(8)
+        && n.is_multiple_of(8)
+        && l.bias.is_some()
+        && [xd.ptr(), dev(&l.weight).ptr()]
+            .iter()
+            .chain(l.bias.as_ref().map(|b| dev(b).ptr()).iter())
+            .all(|p| p % 16 == 0);
+    if !fused {
+        return glu(&linear(x, l), Activation::Gelu);
+    }
+    let mut shape = x.shape().to_vec();
+    *shape.last_mut().unwrap() = n;
+    let (t, o) = out(xd, shape);
+    g.launch(
+        &name("gemm_geglu", xd.dtype),
+        (n.div_ceil(64) as u32, m.div_ceil(128) as u32),
+        256,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::P(dev(&l.weight).ptr()),
+            Arg::P(l.bias.as_ref().map_or(0, |b| dev(b).ptr())),
+            Arg::P(o.ptr()),
+            Arg::I(m as i32),
+            Arg::I(n as i32),
+            Arg::I(k as i32),
+        ],
+    );
+    t
+}
+
+/// x·Wᵀ + b + residual in one GEMM (the residual is cuBLASLt's C).
+pub fn linear_residual(x: &Tensor, l: &LinearW, residual: &Tensor) -> Tensor {
+    let (k, n) = (l.in_features(), l.out_features());
+    let m = x.numel() / k;
+    let xd = dev(x);
+    if xd.gpu().reference() {
+        return add_scaled(&linear(x, l), residual, 1.0);
+    }
+    let (t, o) = out(xd, residual.shape().to_vec());
+    gemm(
+        xd,
+        m,
+        k,
+        dev(&l.weight),
+        n,
+        true,
+        l.bias.as_ref().map(dev),
+        Some(dev(residual)),
         &o,
     );
     t
 }
 
-/// NHWC fp16/bf16 convolution through cuDNN (fp32 accumulation). Returns false when cuDNN refuses
-/// the configuration, so the caller falls back to im2col.
-fn cudnn_conv(
-    h: &Arc<cudarc::cudnn::Cudnn>,
-    x: &Tensor,
-    c: &Conv2dW,
-    o: &DevBuf,
-    (ho, wo): (usize, usize),
-) -> bool {
-    use cudarc::cudnn::sys::{cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t};
-    let (n, hh, ww, cin) = x.dims4();
-    let xd = dev(x);
-    let g = xd.gpu();
-    let cout = c.out_channels();
-    let k = c.kernel as i32;
-    let nhwc = cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
-    let ci = |v: usize| v as i32;
-    macro_rules! run {
-        ($t:ty) => {{
-            let r = (|| -> Result<(), cudarc::cudnn::CudnnError> {
-                let xdsc = h.create_4d_tensor::<$t>(nhwc, [ci(n), ci(cin), ci(hh), ci(ww)])?;
-                let wdsc = h.create_4d_filter::<$t>(nhwc, [ci(cout), ci(cin), k, k])?;
-                let ydsc = h.create_4d_tensor::<$t>(nhwc, [ci(n), ci(cout), ci(ho), ci(wo)])?;
-                let mut conv = h.create_conv2d::<f32>(
-                    [ci(c.pad[0]), ci(c.pad[2])],
-                    [ci(c.stride), ci(c.stride)],
-                    [1, 1],
-                    cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
-                )?;
-                conv.set_math_type(cudnnMathType_t::CUDNN_TENSOR_OP_MATH)?;
-                let op = cudarc::cudnn::ConvForward {
-                    conv: &conv,
-                    x: &xdsc,
-                    w: &wdsc,
-                    y: &ydsc,
-                };
-                let algo = op.pick_algorithm()?;
-                let ws_bytes = op.get_workspace_size(algo)?;
-                let ws = g.alloc(ws_bytes.div_ceil(4).max(1), DType::F32);
-                if g.failed() {
-                    // No workspace: nothing may launch (see `conv2d`).
-                    return Ok(());
-                }
-                let mut wsr = Raw {
-                    ptr: ws.ptr(),
-                    len: ws_bytes,
-                    gpu: g,
-                };
-                let xr = Raw {
-                    ptr: xd.ptr(),
-                    len: xd.len,
-                    gpu: g,
-                };
-                let wr = Raw {
-                    ptr: dev(&c.weight).ptr(),
-                    len: dev(&c.weight).len,
-                    gpu: g,
-                };
-                let mut yr = Raw {
-                    ptr: o.ptr(),
-                    len: o.len,
-                    gpu: g,
-                };
-                let one = <$t>::from_f32(1.0);
-                let zero = <$t>::from_f32(0.0);
-                // Safety: descriptors match the buffers' extents and layouts.
-                unsafe { op.launch(algo, Some(&mut wsr), (one, zero), &xr, &wr, &mut yr) }
-            })();
-            r
-        }};
-    }
-    let r = match xd.dtype {
-        DType::F16 => run!(half::f16),
-        DType::BF16 => run!(half::bf16),
-        DType::F32 | DType::I32 => return false,
-    };
-    r.is_ok()
-}
-
+/// GroupNorm(+SiLU): statistics split over enough blocks to fill the chip, then one vectorised
+/// apply pass (kernels/norm_fast.cu); the one-block-per-group kernel (norm.cu) for
+/// `TOFFEE_KERNELS=reference` and channel counts that are not a multiple of 8.
 pub fn group_norm(
     x: &Tensor,
     groups: usize,
@@ -359,19 +343,56 @@ pub fn group_norm(
     let n = x.shape()[0];
     let hw = x.numel() / (n * c);
     let xd = dev(x);
+    let g = xd.gpu();
     let (t, o) = out(xd, x.shape().to_vec());
-    xd.gpu().launch(
-        &name("group_norm", xd.dtype),
-        ((n * groups) as u32, 1),
-        512,
+    if g.reference() || !c.is_multiple_of(8) || groups > 128 {
+        g.launch(
+            &name("group_norm", xd.dtype),
+            ((n * groups) as u32, 1),
+            512,
+            &[
+                Arg::P(xd.ptr()),
+                Arg::P(dev(gamma).ptr()),
+                Arg::P(dev(beta).ptr()),
+                Arg::P(o.ptr()),
+                Arg::I(hw as i32),
+                Arg::I(c as i32),
+                Arg::I(groups as i32),
+                Arg::F(eps),
+                Arg::I(silu as i32),
+            ],
+        );
+        return t;
+    }
+    let splits = group_norm_splits(n * groups, hw * (c / groups));
+    let partial = g.alloc(n * groups * splits * 3, DType::F32);
+    g.launch(
+        &name("group_norm_stats", xd.dtype),
+        (splits as u32, (n * groups) as u32),
+        256,
         &[
             Arg::P(xd.ptr()),
+            Arg::P(partial.ptr()),
+            Arg::I(hw as i32),
+            Arg::I(c as i32),
+            Arg::I(groups as i32),
+            Arg::I(splits as i32),
+        ],
+    );
+    g.launch(
+        &name("group_norm_apply", xd.dtype),
+        (hw.div_ceil(32) as u32, n as u32),
+        256,
+        &[
+            Arg::P(xd.ptr()),
+            Arg::P(partial.ptr()),
             Arg::P(dev(gamma).ptr()),
             Arg::P(dev(beta).ptr()),
             Arg::P(o.ptr()),
             Arg::I(hw as i32),
             Arg::I(c as i32),
             Arg::I(groups as i32),
+            Arg::I(splits as i32),
             Arg::F(eps),
             Arg::I(silu as i32),
         ],
@@ -379,27 +400,48 @@ pub fn group_norm(
     t
 }
 
+/// Blocks per (sample, group) for the statistics pass: one wave of 4 blocks on each of 132 SMs
+/// (an H200) without splitting below 4096 values a block or past 32 (kernels/norm_fast.cu).
+pub fn group_norm_splits(sample_groups: usize, per_group: usize) -> usize {
+    let cap = (per_group / 4096).clamp(1, 32);
+    (528 / sample_groups.max(1)).clamp(1, cap)
+}
+
+/// LayerNorm: one warp per row (kernels/norm_fast.cu); one block per row for
+/// `TOFFEE_KERNELS=reference` and widths that are not a multiple of 8.
 pub fn layer_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, eps: f32) -> Tensor {
     let c = x.last_dim();
     let rows = x.numel() / c;
     let xd = dev(x);
+    let g = xd.gpu();
     let (t, o) = out(xd, x.shape().to_vec());
-    xd.gpu().launch(
-        &name("layer_norm", xd.dtype),
-        (rows as u32, 1),
-        256,
-        &[
-            Arg::P(xd.ptr()),
-            Arg::P(dev(gamma).ptr()),
-            Arg::P(dev(beta).ptr()),
-            Arg::P(o.ptr()),
-            Arg::I(c as i32),
-            Arg::F(eps),
-        ],
-    );
+    let args = [
+        Arg::P(xd.ptr()),
+        Arg::P(dev(gamma).ptr()),
+        Arg::P(dev(beta).ptr()),
+        Arg::P(o.ptr()),
+    ];
+    if g.reference() || !c.is_multiple_of(8) {
+        let mut a = args.to_vec();
+        a.extend([Arg::I(c as i32), Arg::F(eps)]);
+        g.launch(&name("layer_norm", xd.dtype), (rows as u32, 1), 256, &a);
+    } else {
+        let mut a = args.to_vec();
+        a.extend([Arg::I(rows as i32), Arg::I(c as i32), Arg::F(eps)]);
+        g.launch(
+            &name("layer_norm_warp", xd.dtype),
+            (rows.div_ceil(8) as u32, 1),
+            256,
+            &a,
+        );
+    }
     t
 }
 
+/// Scaled dot-product attention. Head dims 40/64/80/128/160: the tensor-core flash kernel
+/// (kernels/flash_tc.cu); other widths (the VAE's single 512-wide head, small test models):
+/// cuBLASLt GEMMs around a row softmax, scores materialised per sample. `TOFFEE_KERNELS=reference`
+/// runs the simple CUDA-core kernels instead (kernels/attention.cu).
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool) -> Tensor {
     let (b, lq, hd) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let lk = k.shape()[1];
@@ -407,15 +449,31 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let qd = dev(q);
     let g = qd.gpu();
     let (t, o) = out(qd, vec![b, lq, hd]);
-    if ![40, 64, 80, 128, 160].contains(&d) {
-        attention_any(q, k, v, heads, causal, &o, |_| {});
+    let flash = super::FLASH_DIMS.contains(&d);
+    if !flash {
+        if g.reference() || causal {
+            attention_any(q, k, v, heads, causal, &o, |_| {});
+        } else {
+            attention_gemm(q, k, v, heads, &o);
+        }
         return t;
     }
-    let rows_per_block = 16;
-    g.launch(
-        &format!("flash_attention_d{d}_{}", qd.dtype.suffix()),
+    // cp.async moves 16-byte chunks: every row start must be 16-byte aligned.
+    let aligned = [qd.ptr(), dev(k).ptr(), dev(v).ptr(), o.ptr()]
+        .iter()
+        .all(|p| p % 16 == 0)
+        && hd.is_multiple_of(8);
+    let tensor_cores = !g.reference() && aligned;
+    let (kernel, rows_per_block, smem) = if tensor_cores {
+        ("flash_tc", 64, super::flash_tc_smem(d))
+    } else {
+        ("flash_attention", 16, 0)
+    };
+    g.launch_smem(
+        &format!("{kernel}_d{d}_{}", qd.dtype.suffix()),
         (lq.div_ceil(rows_per_block) as u32, (b * heads) as u32),
         128,
+        smem,
         &[
             Arg::P(qd.ptr()),
             Arg::P(dev(k).ptr()),
@@ -433,6 +491,80 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
         ],
     );
     t
+}
+
+/// Non-causal attention for any head width as GEMMs, one sample at a time, heads as a strided
+/// batch: S = scale·Q·Kᵀ in f32, P = softmax(S) in the storage type, O = P·V. For wide heads (the
+/// VAE's 512) this runs on tensor cores where a flash kernel would need 512 accumulators a row.
+fn attention_gemm(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, o: &DevBuf) {
+    let (b, lq, hd) = (q.shape()[0], q.shape()[1], q.shape()[2]);
+    let lk = k.shape()[1];
+    let d = hd / heads;
+    let qd = dev(q);
+    let g = qd.gpu();
+    let es = qd.dtype.size() as u64;
+    let (hh, lqq, lkk, dd, hdd) = (heads as i64, lq as i64, lk as i64, d as i64, hd as i64);
+    let s = g.alloc(heads * lq * lk, DType::F32);
+    let p = g.alloc(heads * lq * lk, qd.dtype);
+    for i in 0..b as u64 {
+        let (qo, ko) = (i * (lq * hd) as u64 * es, i * (lk * hd) as u64 * es);
+        // Column-major: S_hᵀ[lk×lq] = K_h·Q_hᵀ, with K_h and Q_h read through ld = H·D.
+        g.gemm(
+            &gemm::Shape {
+                dtype: qd.dtype,
+                out_f32: true,
+                transa: true,
+                transb: false,
+                m: lk as u64,
+                n: lq as u64,
+                k: d as u64,
+                lda: hdd,
+                ldb: hdd,
+                ldc: lkk,
+                batch: Some((hh as i32, dd, dd, lqq * lkk)),
+                bias: false,
+            },
+            &gemm::Operands {
+                a: dev(k).ptr() + ko,
+                b: qd.ptr() + qo,
+                c: None,
+                d: s.ptr(),
+                bias: None,
+                alpha: 1.0 / (d as f32).sqrt(),
+            },
+        );
+        g.launch(
+            &name("softmax_rows_to", qd.dtype),
+            ((heads * lq) as u32, 1),
+            256,
+            &[Arg::P(s.ptr()), Arg::P(p.ptr()), Arg::I(lk as i32)],
+        );
+        // O_hᵀ[d×lq] = V_hᵀ·P_hᵀ, written through ld = H·D into the packed output.
+        g.gemm(
+            &gemm::Shape {
+                dtype: qd.dtype,
+                out_f32: false,
+                transa: false,
+                transb: false,
+                m: d as u64,
+                n: lq as u64,
+                k: lk as u64,
+                lda: hdd,
+                ldb: lkk,
+                ldc: hdd,
+                batch: Some((hh as i32, dd, lqq * lkk, dd)),
+                bias: false,
+            },
+            &gemm::Operands {
+                a: dev(v).ptr() + ko,
+                b: p.ptr(),
+                c: None,
+                d: o.ptr() + qo,
+                bias: None,
+                alpha: 1.0,
+            },
+        );
+    }
 }
 
 /// y = kernel(x, y, n, extra…) for the elementwise kernels whose output is shaped like the input.
@@ -900,6 +1032,8 @@ pub fn cast(x: &Tensor, dtype: DType) -> Tensor {
         (DType::F32, DType::BF16) => "cast_f32_bf16",
         (DType::F16, DType::F32) => "cast_f16_f32",
         (DType::BF16, DType::F32) => "cast_bf16_f32",
+        (DType::F16, DType::BF16) => "cast_f16_bf16",
+        (DType::BF16, DType::F16) => "cast_bf16_f16",
         (a, b) => {
             g.fail(format!("no cast from {a:?} to {b:?}"));
             return Tensor::from_device(x.shape().to_vec(), o);
