@@ -491,6 +491,59 @@ fn tuned_and_reference_kernels_match_the_cpu_backend() {
     finish();
 }
 
+/// Autotuned plans (`TOFFEE_AUTOTUNE=1`): GEMMs (with bias and residual epilogues) and cuDNN
+/// convolutions on shapes first planned while tuning give the CPU's results, on the tuning call
+/// (which runs each candidate on the real operands) and on the next.
+#[test]
+fn autotuned_plans_match_the_cpu_backend() {
+    let Some(d) = gpu() else { return };
+    d.set_autotune(true);
+    let put = |t: &Tensor| d.put(t.clone());
+    for (m, k, n) in [(333, 96, 200), (4096, 320, 640)] {
+        let x = rand(&[m, k], 60);
+        let l = LinearW {
+            weight: rand(&[n, k], 61),
+            bias: Some(rand(&[n], 62)),
+        };
+        let lg = LinearW {
+            weight: put(&l.weight),
+            bias: l.bias.as_ref().map(put),
+        };
+        let r = rand(&[m, n], 63);
+        for call in 0..2 {
+            close(
+                &format!("autotuned linear {m}x{k}x{n} call {call}"),
+                &ops::linear(&put(&x), &lg),
+                &ops::linear(&x, &l),
+                &d,
+            );
+            close(
+                &format!("autotuned linear_residual {m}x{k}x{n} call {call}"),
+                &ops::linear_residual(&put(&x), &lg, &put(&r)),
+                &ops::linear_residual(&x, &l, &r),
+                &d,
+            );
+        }
+    }
+    let x = rand(&[2, 19, 23, 48], 64);
+    let c = Conv2dW::krsc_from_oihw(&rand(&[40, 48, 3, 3], 65), Some(rand(&[40], 66)), 1, 1);
+    let cg = Conv2dW {
+        weight: put(&c.weight),
+        bias: c.bias.as_ref().map(put),
+        ..c.clone()
+    };
+    for call in 0..2 {
+        close(
+            &format!("autotuned conv3x3 call {call}"),
+            &ops::conv2d(&put(&x), &cg),
+            &ops::conv2d(&x, &c),
+            &d,
+        );
+    }
+    d.set_autotune(false);
+    finish();
+}
+
 #[test]
 fn models_match_the_cpu_backend() {
     let Some(d) = gpu() else { return };

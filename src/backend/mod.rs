@@ -163,6 +163,16 @@ impl Device {
         let _ = on;
     }
 
+    /// Tests: time candidate algorithms for GEMM and convolution shapes planned from now on, as
+    /// `TOFFEE_AUTOTUNE=1` does from the start. No effect on the CPU.
+    pub fn set_autotune(&self, on: bool) {
+        #[cfg(feature = "cuda")]
+        if let Device::Cuda(g) = self {
+            g.set_autotune(on);
+        }
+        let _ = on;
+    }
+
     /// Reports a failure recorded by device ops since the start (out of memory, failed launch).
     pub fn check(&self) -> Result<()> {
         match self {

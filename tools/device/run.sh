@@ -58,6 +58,11 @@ bench --config sd15 --component unet --batch 32
 bench --config sd15 --component unet --batch 2
 bench --config sdxl --component unet --batch 8
 bench --config sd15 --component vae-decode --batch 8
+# The same UNet on the first pass's kernels: what the tuned kernels bought, measured in this run.
+log "| (next row: TOFFEE_KERNELS=reference) | | | | | |"
+TOFFEE_KERNELS=reference bench --config sd15 --component unet --batch 2
+log "| (next row: TOFFEE_AUTOTUNE=1) | | | | | |"
+TOFFEE_AUTOTUNE=1 bench --config sd15 --component unet --batch 2
 
 log "## toffee pairs demo on the GPU (built-in tiny models: a smoke test of the GPU data path, not a benchmark)"
 if t=$(limit 60); then

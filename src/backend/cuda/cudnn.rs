@@ -1,6 +1,7 @@
 //! cuDNN convolutions planned once per shape (UNTESTED ON A GPU, see mod.rs): descriptors and the
-//! heuristic's algorithm are kept per (dtype, shape), refusals too, so a steady-state call only
-//! takes its workspace from the pool (the capture's reserve inside a graph) and launches.
+//! algorithm (the heuristic's first choice, or the fastest measured with `TOFFEE_AUTOTUNE=1`) are
+//! kept per (dtype, shape), refusals too, so a steady-state call only takes its workspace from the
+//! pool (the capture's reserve inside a graph) and launches.
 
 use super::ops::{dev, Raw};
 use super::{DType, DevBuf};
@@ -84,16 +85,69 @@ fn plan<T: CudnnDataType>(h: &Arc<Cudnn>, k: &Key) -> Result<Descs<T>, CudnnErro
     })
 }
 
+/// Every forward algorithm, for autotuning (`TOFFEE_AUTOTUNE=1`).
+const ALGOS: [cudnnConvolutionFwdAlgo_t; 8] = [
+    cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_GEMM,
+    cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM,
+    cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_GEMM,
+    cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_DIRECT,
+    cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_FFT,
+    cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING,
+    cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD,
+    cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
+];
+
+/// Replaces the heuristic's choice by the fastest algorithm cuDNN accepts for the shape, timed on
+/// this call's buffers (y is only written). Workspaces over 1 GiB are not considered.
+///
+/// Safety: as `launch`.
+unsafe fn tune<T: CudnnDataType + Copy>(
+    d: &mut Descs<T>,
+    scalars: (T, T),
+    x: &DevBuf,
+    w: &DevBuf,
+    y: &DevBuf,
+) {
+    let mut best: Option<(f32, cudnnConvolutionFwdAlgo_t, usize)> = None;
+    for algo in ALGOS {
+        let op = ConvForward {
+            conv: &d.conv,
+            x: &d.x,
+            w: &d.w,
+            y: &d.y,
+        };
+        let Ok(ws_bytes) = op.get_workspace_size(algo) else {
+            continue;
+        };
+        if ws_bytes > 1 << 30 {
+            continue;
+        }
+        let t = x
+            .gpu()
+            .time_ms(|| launch(d, (algo, ws_bytes), scalars, x, w, y).is_ok());
+        if let Some(t) = t {
+            if best.is_none_or(|(b, _, _)| t < b) {
+                best = Some((t, algo, ws_bytes));
+            }
+        }
+    }
+    if let Some((_, algo, ws_bytes)) = best {
+        d.algo = algo;
+        d.ws_bytes = ws_bytes;
+    }
+}
+
 /// Safety: the buffers hold the extents the descriptors describe.
 unsafe fn launch<T: CudnnDataType>(
     d: &Descs<T>,
+    (algo, ws_bytes): (cudnnConvolutionFwdAlgo_t, usize),
     (one, zero): (T, T),
     x: &DevBuf,
     w: &DevBuf,
     y: &DevBuf,
 ) -> Result<(), CudnnError> {
     let g = x.gpu();
-    let ws = g.alloc(d.ws_bytes.div_ceil(4).max(1), DType::F32);
+    let ws = g.alloc(ws_bytes.div_ceil(4).max(1), DType::F32);
     if g.failed() {
         // No workspace: nothing may launch on null pointers.
         return Ok(());
@@ -103,7 +157,7 @@ unsafe fn launch<T: CudnnDataType>(
         len,
         gpu: g,
     };
-    let mut wsr = raw(&ws, d.ws_bytes);
+    let mut wsr = raw(&ws, ws_bytes);
     let mut yr = raw(y, y.len);
     let op = ConvForward {
         conv: &d.conv,
@@ -112,7 +166,7 @@ unsafe fn launch<T: CudnnDataType>(
         y: &d.y,
     };
     op.launch(
-        d.algo,
+        algo,
         Some(&mut wsr),
         (one, zero),
         &raw(x, x.len),
@@ -154,18 +208,35 @@ impl CudnnHandle {
             ],
         };
         let cudnn = &self.cudnn;
-        let p = self.plans.entry(key).or_insert_with(|| match key.dtype {
-            DType::F16 => plan(cudnn, &key).ok().map(Plan::F16),
-            DType::BF16 => plan(cudnn, &key).ok().map(Plan::BF16),
-            DType::F32 | DType::I32 => None,
-        });
         let wd = dev(&c.weight);
-        // Safety: the descriptors were built from these tensors' shapes (the key).
+        let (h16, hb16) = (
+            (half::f16::ONE, half::f16::ZERO),
+            (half::bf16::ONE, half::bf16::ZERO),
+        );
+        let p = self.plans.entry(key).or_insert_with(|| {
+            let mut p = match key.dtype {
+                DType::F16 => plan(cudnn, &key).ok().map(Plan::F16),
+                DType::BF16 => plan(cudnn, &key).ok().map(Plan::BF16),
+                DType::F32 | DType::I32 => None,
+            };
+            if xd.gpu().autotune() {
+                // Safety: the descriptors were built from these tensors' shapes (the key).
+                unsafe {
+                    match &mut p {
+                        Some(Plan::F16(d)) => tune(d, h16, xd, wd, o),
+                        Some(Plan::BF16(d)) => tune(d, hb16, xd, wd, o),
+                        None => {}
+                    }
+                }
+            }
+            p
+        });
+        // Safety: as above.
         let r = unsafe {
             match p {
                 None => return false,
-                Some(Plan::F16(d)) => launch(d, (half::f16::ONE, half::f16::ZERO), xd, wd, o),
-                Some(Plan::BF16(d)) => launch(d, (half::bf16::ONE, half::bf16::ZERO), xd, wd, o),
+                Some(Plan::F16(d)) => launch(d, (d.algo, d.ws_bytes), h16, xd, wd, o),
+                Some(Plan::BF16(d)) => launch(d, (d.algo, d.ws_bytes), hb16, xd, wd, o),
             }
         };
         r.is_ok()

@@ -171,6 +171,12 @@ impl Plan {
     }
 }
 
+/// Times a queued call (ms per run), for autotuning: see `Gpu::time_ms`.
+pub type Timer<'a> = dyn Fn(&mut dyn FnMut() -> bool) -> Option<f32> + 'a;
+
+/// Candidate algorithms asked of the heuristic when autotuning.
+const CANDIDATES: usize = 8;
+
 /// Plans by shape. Raw cuBLASLt objects are only touched under the lock, on the Gpu's one stream.
 #[derive(Default)]
 pub struct Planner {
@@ -199,13 +205,94 @@ impl Planner {
         s: &Shape,
         o: &Operands,
         (workspace, ws_bytes): (u64, usize),
+        tune: Option<&Timer>,
     ) -> Result<(), String> {
         let mut plans = self.plans.lock().unwrap();
         if !plans.contains_key(s) {
-            let p = Plan::new(handle, s, ws_bytes)?;
+            let mut p = Plan::new(handle, s, ws_bytes)?;
+            if let Some(time) = tune {
+                p.tune(handle, stream, s, o, (workspace, ws_bytes), time);
+            }
             plans.insert(*s, p);
         }
         let p = &plans[s];
+        p.launch(handle, stream, s, o, (workspace, ws_bytes), &p.algo)
+    }
+}
+
+impl Plan {
+    /// Replaces the heuristic's first choice by the fastest of its first `CANDIDATES`, timed on
+    /// this call's own operands (D is only written, so the extra runs change nothing).
+    ///
+    /// Safety: as `Planner::run`.
+    unsafe fn tune(
+        &mut self,
+        handle: sys::cublasLtHandle_t,
+        stream: sys::cudaStream_t,
+        s: &Shape,
+        o: &Operands,
+        ws: (u64, usize),
+        time: &Timer,
+    ) {
+        let pref = match lt::create_matmul_pref() {
+            Ok(p) => p,
+            Err(_) => return,
+        };
+        let mut results: [sys::cublasLtMatmulHeuristicResult_t; CANDIDATES] = std::mem::zeroed();
+        let mut found = 0;
+        let [a, b, c] = self.layouts;
+        let ok = lt::set_matmul_pref_attribute(
+            pref,
+            sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+            (&ws.1 as *const usize).cast(),
+            std::mem::size_of::<usize>(),
+        )
+        .is_ok()
+            && sys::cublasLtMatmulAlgoGetHeuristic(
+                handle,
+                self.desc,
+                a,
+                b,
+                c,
+                c,
+                pref,
+                CANDIDATES as i32,
+                results.as_mut_ptr(),
+                &mut found,
+            ) == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS;
+        let _ = lt::destroy_matmul_pref(pref);
+        if !ok {
+            return;
+        }
+        let mut best: Option<(f32, sys::cublasLtMatmulAlgo_t)> = None;
+        for r in &results[..(found.max(0) as usize).min(CANDIDATES)] {
+            if r.state != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS {
+                continue;
+            }
+            let algo = r.algo;
+            let t = time(&mut || self.launch(handle, stream, s, o, ws, &algo).is_ok());
+            if let Some(t) = t {
+                if best.is_none_or(|(b, _)| t < b) {
+                    best = Some((t, algo));
+                }
+            }
+        }
+        if let Some((_, algo)) = best {
+            self.algo = algo;
+        }
+    }
+
+    /// Safety: as `Planner::run`.
+    unsafe fn launch(
+        &self,
+        handle: sys::cublasLtHandle_t,
+        stream: sys::cudaStream_t,
+        s: &Shape,
+        o: &Operands,
+        (workspace, ws_bytes): (u64, usize),
+        algo: &sys::cublasLtMatmulAlgo_t,
+    ) -> Result<(), String> {
+        let p = self;
         if let Some(b) = o.bias {
             check(
                 lt::set_matmul_desc_attribute(
@@ -233,7 +320,7 @@ impl Planner {
                 lc,
                 o.d as *mut c_void,
                 lc,
-                &p.algo,
+                algo,
                 workspace as *mut c_void,
                 ws_bytes,
                 stream,

@@ -135,6 +135,9 @@ pub struct GpuCore {
     /// `TOFFEE_KERNELS=reference`: the simple kernels instead of the tuned ones, so a wrong result
     /// on a device can be bisected to one kernel.
     reference: std::sync::atomic::AtomicBool,
+    /// `TOFFEE_AUTOTUNE=1`: GEMM and convolution plans time their candidate algorithms on the
+    /// first (eager) call of a shape instead of taking the libraries' heuristic first choice.
+    autotune: std::sync::atomic::AtomicBool,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
     blas: CudaBlasLT,
@@ -252,6 +255,7 @@ impl Gpu {
             core: Arc::new(GpuCore {
                 ordinal,
                 reference: std::sync::atomic::AtomicBool::new(kernels_reference()?),
+                autotune: std::sync::atomic::AtomicBool::new(autotune_requested()?),
                 ctx,
                 stream,
                 blas,
@@ -293,6 +297,7 @@ impl Gpu {
             .gemm_ws
             .as_ref()
             .map_or((0, 0), |b| (b.ptr, GEMM_WORKSPACE));
+        let tune = |run: &mut dyn FnMut() -> bool| self.time_ms(run);
         // Safety: the handle lives with the Gpu; callers pass operands of the extents in `shape`;
         // the workspace block is held until the Gpu drops.
         let r = unsafe {
@@ -302,6 +307,7 @@ impl Gpu {
                 shape,
                 operands,
                 ws,
+                self.autotune().then_some(&tune as &gemm::Timer),
             )
         };
         if let Err(e) = r {
@@ -371,6 +377,35 @@ impl Gpu {
                 None
             }
         }
+    }
+
+    /// Whether plans time their candidates (`TOFFEE_AUTOTUNE=1`).
+    pub fn autotune(&self) -> bool {
+        self.autotune.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Tests: autotune shapes planned from now on.
+    pub fn set_autotune(&self, on: bool) {
+        self.autotune
+            .store(on, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Milliseconds per run of `f` (queued work on this Gpu's stream), averaged over 3 runs after
+    /// a warm-up; None while a graph is being captured (nothing may wait then), after a failure,
+    /// or when `f` reports one. Used by autotuning only.
+    pub fn time_ms(&self, mut f: impl FnMut() -> bool) -> Option<f32> {
+        if self.capture.lock().unwrap().is_some() || self.failed() || !f() {
+            return None;
+        }
+        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
+        let start = self.stream.record_event(timing).ok()?;
+        for _ in 0..3 {
+            if !f() {
+                return None;
+            }
+        }
+        let end = self.stream.record_event(timing).ok()?;
+        start.elapsed_ms(&end).ok().map(|t| t / 3.0)
     }
 
     /// Whether the simple reference kernels run instead of the tuned ones (`TOFFEE_KERNELS`).
@@ -542,6 +577,19 @@ impl Gpu {
 
 /// cuBLASLt workspace: 32 MiB, what NVIDIA recommends for Hopper.
 const GEMM_WORKSPACE: usize = 32 << 20;
+
+/// `TOFFEE_AUTOTUNE`: `1` times candidate algorithms per shape, `0` or unset takes heuristics.
+pub fn autotune_requested() -> Result<bool> {
+    parse_autotune(std::env::var("TOFFEE_AUTOTUNE").ok().as_deref())
+}
+
+fn parse_autotune(v: Option<&str>) -> Result<bool> {
+    match v {
+        None | Some("") | Some("0") => Ok(false),
+        Some("1") => Ok(true),
+        Some(other) => bail!("TOFFEE_AUTOTUNE={other}: expected 1 or 0"),
+    }
+}
 
 /// `TOFFEE_KERNELS`: `reference` picks the simple kernels, `fast` (the default) the tuned ones.
 pub fn kernels_reference() -> Result<bool> {
@@ -790,6 +838,10 @@ mod tests {
         assert!(super::parse_kernels(Some("reference")).unwrap());
         let e = super::parse_kernels(Some("ref")).unwrap_err().to_string();
         assert!(e.contains("TOFFEE_KERNELS=ref"), "{e}");
+        assert!(!super::parse_autotune(None).unwrap());
+        assert!(super::parse_autotune(Some("1")).unwrap());
+        let e = super::parse_autotune(Some("yes")).unwrap_err().to_string();
+        assert!(e.contains("TOFFEE_AUTOTUNE=yes"), "{e}");
     }
 
     /// Every kernel the runtime loads by name is in the module build.rs compiled (checked on the
