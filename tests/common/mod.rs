@@ -52,6 +52,97 @@ pub fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// A copy of a model folder with every safetensors weight moved by a relative error of up to 2^-11
+/// (fp16's unit roundoff; the fixtures are stored in fp16 already, so rounding would change
+/// nothing): the size of error a GPU's fp16 storage adds, for measuring how a pipeline grows it.
+pub fn fp16_perturbed_copy(from: &Path, to: &Path) {
+    copy_tree(from, to);
+    let mut stack = vec![to.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "safetensors") {
+                let tensors: Vec<(String, toffee::tensor::Tensor)> =
+                    toffee::weights::safetensors::read_all(&p)
+                        .unwrap()
+                        .into_iter()
+                        .enumerate()
+                        .map(|(i, (k, t))| {
+                            let u = toffee::rng::normal(i as u64, 5, t.numel());
+                            let data = t
+                                .data()
+                                .iter()
+                                .zip(u)
+                                .map(|(v, u)| v * (1.0 + u.clamp(-1.0, 1.0) / 2048.0))
+                                .collect();
+                            (k, toffee::tensor::Tensor::new(t.shape().to_vec(), data))
+                        })
+                        .collect();
+                toffee::weights::safetensors::write_f32(&p, &tensors).unwrap();
+            }
+        }
+    }
+}
+
+/// ‖a − b‖ / ‖b‖ over host tensors; NaN anywhere is infinite error.
+pub fn rel_l2(a: &toffee::tensor::Tensor, b: &toffee::tensor::Tensor) -> f64 {
+    assert_eq!(a.shape(), b.shape());
+    let (mut num, mut den) = (0.0f64, 0.0f64);
+    for (x, y) in a.data().iter().zip(b.data()) {
+        if x.is_nan() || y.is_nan() {
+            return f64::INFINITY;
+        }
+        num += ((x - y) as f64).powi(2);
+        den += (*y as f64).powi(2);
+    }
+    (num / den.max(1e-30)).sqrt()
+}
+
+/// How much a pipeline run grows fp16-sized weight error, measured on the CPU: the relative
+/// error of `req`'s latents or images (the worse) with perturbed weights over that of one UNet
+/// call on the golden
+/// input (`<model>_unet.in.safetensors`), both against the f32 weights. Returns (one call's
+/// error, growth). The GPU tests scale their pipeline tolerance by the growth.
+pub fn fp16_error_growth(
+    model: &Path,
+    controlnet: Option<&Path>,
+    req: &toffee::pipeline::Request,
+) -> (f64, f64) {
+    use toffee::backend::Device;
+    use toffee::pipeline::Generator;
+    let dir = tempfile::tempdir().unwrap();
+    let rounded = dir.path().join("model");
+    fp16_perturbed_copy(model, &rounded);
+    let name = model.file_name().unwrap().to_str().unwrap();
+    let unet_in = golden(&format!("{name}_unet.in.safetensors"));
+    let inputs = toffee::weights::safetensors::read_all(&unet_in).unwrap();
+    let call = |m: &Path| {
+        toffee::forward::run(
+            &m.join("unet"),
+            toffee::forward::Component::Unet,
+            &inputs,
+            &unet_in,
+            &Device::Cpu,
+        )
+        .unwrap()
+        .remove(0)
+        .1
+    };
+    let e_call = rel_l2(&call(&rounded), &call(model));
+    let run = |m: &Path| {
+        Generator::load(m, controlnet, &Device::Cpu)
+            .unwrap()
+            .run(req, &mut |_, _| {})
+            .unwrap()
+    };
+    let (got, want) = (run(&rounded), run(model));
+    // The worse of the latents and the decoded images.
+    let e_run = rel_l2(&got.latents, &want.latents).max(rel_l2(&got.images, &want.images));
+    (e_call, e_run / e_call)
+}
+
 /// The error text of a failed run: exit status 1, no panic, "toffee: error:" prefix.
 pub fn expect_error(o: &Output) -> String {
     let e = stderr(o);
