@@ -24,8 +24,7 @@
 // ldmatrix.x4. w rows are output columns with k contiguous, which is exactly the "col" B operand of
 // mma.row.col: no transpose. Rows are skewed by 8 halves (pitch 40 halves = 80 B = 5 16-byte units, odd) so
 // the 8 row addresses of one ldmatrix matrix hit 8 distinct 16-byte bank groups.
-#include "common.cuh"
-#include <string.h>
+#include "tensor_core.cuh"
 
 namespace gg {
 constexpr int BM = 128, BN = 64, BK = 32;  // block tile: rows of out, columns of out, k slice
@@ -45,50 +44,13 @@ static_assert(SMEM_BYTES <= 48 * 1024, "static shared memory limit");
 static_assert((BM * CPR) % THREADS == 0 && (BN * CPR) % THREADS == 0, "whole copy rounds");
 static_assert(WN % 16 == 0 && BK % 16 == 0, "ldmatrix.x4 B loads cover two n8 tiles, mma k = 16");
 
-__device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
-
-// 16-byte global -> shared copy, bypassing L1; src-size 0 writes 16 zero bytes and reads nothing.
-__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-                 : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::: "memory"); }
-
-// Four 8×8 b16 matrices; lanes 8i..8i+7 give the row addresses of matrix i, register i receives matrix i
-// with lane l holding row l/4, elements 2(l%4), 2(l%4)+1.
-__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(addr));
-}
-
-// D(16×8, f32) += A(16×16, row) · B(16×8, col), per storage type; pack2 rounds two floats into one b32.
-template <typename T> struct Mma;
-#define GG_MMA(T, TY, CVT)                                                                                     \
-    template <> struct Mma<T> {                                                                                \
-        static __device__ __forceinline__ void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,         \
-                                                   uint32_t b1) {                                              \
-            asm volatile("mma.sync.aligned.m16n8k16.row.col.f32." TY "." TY ".f32 "                           \
-                         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"                             \
-                         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])                                      \
-                         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));                      \
-        }                                                                                                      \
-        static __device__ __forceinline__ uint32_t pack2(float x, float y) {                                   \
-            auto h = CVT(make_float2(x, y));                                                                   \
-            uint32_t u;                                                                                        \
-            memcpy(&u, &h, 4);                                                                                 \
-            return u;                                                                                          \
-        }                                                                                                      \
-    };
-GG_MMA(__half, "f16", __float22half2_rn)
-GG_MMA(__nv_bfloat16, "bf16", __float22bfloat162_rn)
-#undef GG_MMA
 }  // namespace gg
 
 template <typename T>
 __device__ __forceinline__ void gemm_geglu(const T* __restrict__ x, const T* __restrict__ w,
                                            const T* __restrict__ bias, T* __restrict__ out, int m, int n, int k) {
     using namespace gg;
+    using namespace tc;
     // Raw bytes (T may not be trivially constructible in __shared__); addressed as shared-window uint32_t.
     __shared__ __align__(16) unsigned char gg_smem[SMEM_BYTES];
     const uint32_t sbase = smem_addr(gg_smem);
@@ -145,7 +107,7 @@ __device__ __forceinline__ void gemm_geglu(const T* __restrict__ x, const T* __r
     for (int kt = 0; kt < ktiles; ++kt) {
         // One barrier per slice: after it, slice kt is visible to all threads AND every warp has finished
         // reading slice kt-1, whose buffer ((kt+1) & 1) is then refilled with slice kt+1 while kt is computed.
-        cp_async_wait_all();
+        cp_async_wait<0>();
         __syncthreads();
         if (kt + 1 < ktiles) {
             load_slice((kt + 1) & 1, kt + 1);

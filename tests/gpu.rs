@@ -7,7 +7,7 @@ mod common;
 use common::*;
 use toffee::backend::{self as ops, Activation, Conv2dW, Device, LinearW};
 use toffee::forward::{self, Component};
-use toffee::pipeline::{Control, Generator, Init, Request};
+use toffee::pipeline::{Control, Generator, Init};
 use toffee::tensor::Tensor;
 use toffee::weights::safetensors::read_all;
 
@@ -859,25 +859,6 @@ fn view_generation_matches_the_cpu_backend() {
     finish();
 }
 
-fn request(init: Init, control: Option<Control>) -> Request {
-    Request {
-        prompts: vec!["a cat".into(), "a red car".into()],
-        negative: None,
-        images_per_prompt: 1,
-        steps: 4,
-        guidance: 7.5,
-        width: 64,
-        height: 64,
-        scheduler: None,
-        seed: 3,
-        batch: 2,
-        init,
-        control,
-        init_latents: None,
-        image_prompts: Vec::new(),
-    }
-}
-
 /// (name, model, controlnet, scheduler override, init, control)
 type Case<'a> = (
     &'a str,
@@ -988,7 +969,7 @@ fn pipelines_match_the_cpu_backend() {
         let cn = cn.map(|c| fixtures().join(c));
         let cpu = Generator::load(&fixtures().join(model), cn.as_deref(), &Device::Cpu).unwrap();
         let d = gpu().unwrap_or(d.clone());
-        let mut req = request(init, ctl);
+        let mut req = pipeline_request(init, ctl);
         req.scheduler = sched.map(|s| s.parse().unwrap());
         let want = cpu.run(&req, &mut |_, _| {}).unwrap();
         // One model call is held to 1e-2; a run gets that times how much this very run grows
@@ -1035,7 +1016,7 @@ fn pipelines_match_the_cpu_backend() {
         path: fixtures().join("lora/sd1-peft.safetensors"),
         scale: 0.8,
     }];
-    let req = request(Init::Noise, None);
+    let req = pipeline_request(Init::Noise, None);
     let want = Generator::load_with_loras(&file, None, &loras, &Device::Cpu)
         .and_then(|g| g.run(&req, &mut |_, _| {}))
         .unwrap();

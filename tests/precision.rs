@@ -10,22 +10,9 @@ use common::*;
 use toffee::pipeline::{Init, Request};
 
 fn request(scheduler: Option<&str>) -> Request {
-    Request {
-        prompts: vec!["a cat".into(), "a red car".into()],
-        negative: None,
-        images_per_prompt: 1,
-        steps: 4,
-        guidance: 7.5,
-        width: 64,
-        height: 64,
-        scheduler: scheduler.map(|s| s.parse().unwrap()),
-        seed: 3,
-        batch: 2,
-        init: Init::Noise,
-        control: None,
-        init_latents: None,
-        image_prompts: Vec::new(),
-    }
+    let mut r = pipeline_request(Init::Noise, None);
+    r.scheduler = scheduler.map(|s| s.parse().unwrap());
+    r
 }
 
 #[test]

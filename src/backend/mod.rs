@@ -234,14 +234,7 @@ pub fn linear(x: &Tensor, l: &LinearW) -> Tensor {
 }
 
 pub fn conv2d(x: &Tensor, c: &Conv2dW) -> Tensor {
-    assert_eq!(
-        x.last_dim(),
-        c.in_channels(),
-        "conv2d: input {:?} vs weight {:?}",
-        x.shape(),
-        c.weight.shape()
-    );
-    dispatch!(x, cpu::conv2d(x, c), cuda::ops::conv2d(x, c))
+    conv2d_fused(x, c, None, None)
 }
 
 /// x·Wᵀ + b + residual: a layer whose output joins a residual stream (the residual is cuBLASLt's

@@ -52,6 +52,29 @@ pub fn copy_tree(from: &Path, to: &Path) {
     }
 }
 
+/// The 4-step CFG 7.5 request (two prompts, 64², seed 3) the cross-backend and precision tests run.
+pub fn pipeline_request(
+    init: toffee::pipeline::Init,
+    control: Option<toffee::pipeline::Control>,
+) -> toffee::pipeline::Request {
+    toffee::pipeline::Request {
+        prompts: vec!["a cat".into(), "a red car".into()],
+        negative: None,
+        images_per_prompt: 1,
+        steps: 4,
+        guidance: 7.5,
+        width: 64,
+        height: 64,
+        scheduler: None,
+        seed: 3,
+        batch: 2,
+        init,
+        control,
+        init_latents: None,
+        image_prompts: Vec::new(),
+    }
+}
+
 /// A copy of a model folder with every safetensors weight moved by a relative error of up to 2^-11
 /// (fp16's unit roundoff; the fixtures are stored in fp16 already, so rounding would change
 /// nothing): the size of error a GPU's fp16 storage adds, for measuring how a pipeline grows it.
