@@ -73,6 +73,28 @@ fn finish() {
     );
 }
 
+/// One `forward` case on the CPU and on a fresh GPU device (a failure, sticky on a Gpu, stays
+/// with its case), every output compared.
+fn compare_forward(
+    d: &Device,
+    name: &str,
+    model: &std::path::Path,
+    comp: Component,
+    inputs: &std::collections::BTreeMap<String, Tensor>,
+    in_path: &std::path::Path,
+) {
+    let cpu = forward::run(model, comp, inputs, in_path, &Device::Cpu).unwrap();
+    let d = gpu().unwrap_or(d.clone());
+    match forward::run(model, comp, inputs, in_path, &d) {
+        Ok(got) => {
+            for ((n, g), (_, c)) in got.iter().zip(&cpu) {
+                close(&format!("{name}/{n}"), g, c, &d);
+            }
+        }
+        Err(e) => fail(format!("{name}: {e:#}")),
+    }
+}
+
 #[test]
 fn ops_match_the_cpu_backend() {
     let Some(d) = gpu() else { return };
@@ -538,9 +560,7 @@ fn autotuned_plans_match_the_cpu_backend() {
 #[test]
 fn models_match_the_cpu_backend() {
     let Some(d) = gpu() else { return };
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden("manifest.json")).unwrap()).unwrap();
-    for case in manifest["cases"].as_array().unwrap() {
+    for case in &manifest_cases(&golden("manifest.json")) {
         let name = case["name"].as_str().unwrap();
         let model = fixtures().join(case["model"].as_str().unwrap());
         let comp = match case["component"].as_str().unwrap() {
@@ -552,17 +572,7 @@ fn models_match_the_cpu_backend() {
         };
         let in_path = golden(case["inputs"].as_str().unwrap());
         let inputs = read_all(&in_path).unwrap();
-        let cpu = forward::run(&model, comp, &inputs, &in_path, &Device::Cpu).unwrap();
-        // A device of its own per case: a failure (sticky on a Gpu) stays with its case.
-        let d = gpu().unwrap_or(d.clone());
-        match forward::run(&model, comp, &inputs, &in_path, &d) {
-            Ok(got) => {
-                for ((n, g), (_, c)) in got.iter().zip(&cpu) {
-                    close(&format!("{name}/{n}"), g, c, &d);
-                }
-            }
-            Err(e) => fail(format!("{name}: {e:#}")),
-        }
+        compare_forward(&d, name, &model, comp, &inputs, &in_path);
     }
     finish();
 }
@@ -573,10 +583,7 @@ fn models_match_the_cpu_backend() {
 fn image_encoders_match_the_cpu_backend() {
     let Some(d) = gpu() else { return };
     let root = fixtures().join("golden/vision");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap())
-            .unwrap();
-    for case in manifest["cases"].as_array().unwrap() {
+    for case in &manifest_cases(&root.join("manifest.json")) {
         let name = case["name"].as_str().unwrap();
         let model = fixtures().join(case["model"].as_str().unwrap());
         let in_path = root.join(case["inputs"].as_str().unwrap());
@@ -586,16 +593,7 @@ fn image_encoders_match_the_cpu_backend() {
             inputs.insert("interpolate_pos_encoding".into(), Tensor::scalar(1.0));
         }
         let comp = Component::ImageEncoder;
-        let cpu = forward::run(&model, comp, &inputs, &in_path, &Device::Cpu).unwrap();
-        let d = gpu().unwrap_or(d.clone());
-        match forward::run(&model, comp, &inputs, &in_path, &d) {
-            Ok(got) => {
-                for ((n, g), (_, c)) in got.iter().zip(&cpu) {
-                    close(&format!("{name}/{n}"), g, c, &d);
-                }
-            }
-            Err(e) => fail(format!("{name}: {e:#}")),
-        }
+        compare_forward(&d, name, &model, comp, &inputs, &in_path);
     }
     finish();
 }
@@ -681,10 +679,7 @@ fn upcast_vae_and_decode_graph_replays() {
 fn depth_models_match_the_cpu_backend() {
     let Some(d) = gpu() else { return };
     let root = fixtures().join("golden/segment_depth");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap())
-            .unwrap();
-    let cases = manifest["cases"].as_array().unwrap();
+    let cases = manifest_cases(&root.join("manifest.json"));
     let depth = cases.iter().filter(|c| {
         let n = c["name"].as_str().unwrap();
         n.starts_with("depth-anything")
@@ -695,15 +690,7 @@ fn depth_models_match_the_cpu_backend() {
         let in_path = root.join(case["inputs"].as_str().unwrap());
         let inputs = read_all(&in_path).unwrap();
         let comp = Component::Depth;
-        let cpu = forward::run(&model, comp, &inputs, &in_path, &Device::Cpu).unwrap();
-        match forward::run(&model, comp, &inputs, &in_path, &d) {
-            Ok(got) => {
-                for ((n, g), (_, c)) in got.iter().zip(&cpu) {
-                    close(&format!("{name}/{n}"), g, c, &d);
-                }
-            }
-            Err(e) => fail(format!("{name}: {e:#}")),
-        }
+        compare_forward(&d, name, &model, comp, &inputs, &in_path);
     }
     finish();
 }
@@ -715,11 +702,8 @@ fn depth_models_match_the_cpu_backend() {
 fn clipseg_matches_the_cpu_backend() {
     let Some(d) = gpu() else { return };
     let root = fixtures().join("golden/segment_depth");
-    let manifest: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap())
-            .unwrap();
     let comp = Component::Clipseg;
-    for case in manifest["cases"].as_array().unwrap() {
+    for case in &manifest_cases(&root.join("manifest.json")) {
         let name = case["name"].as_str().unwrap();
         if case["class"] != "CLIPSegForImageSegmentation" || !name.contains("_logits") {
             continue;
@@ -727,16 +711,7 @@ fn clipseg_matches_the_cpu_backend() {
         let model = fixtures().join(case["model"].as_str().unwrap());
         let in_path = root.join(case["inputs"].as_str().unwrap());
         let inputs = read_all(&in_path).unwrap();
-        let cpu = forward::run(&model, comp, &inputs, &in_path, &Device::Cpu).unwrap();
-        let d = gpu().unwrap_or(d.clone());
-        match forward::run(&model, comp, &inputs, &in_path, &d) {
-            Ok(got) => {
-                for ((n, g), (_, c)) in got.iter().zip(&cpu) {
-                    close(&format!("{name}/{n}"), g, c, &d);
-                }
-            }
-            Err(e) => fail(format!("{name}: {e:#}")),
-        }
+        compare_forward(&d, name, &model, comp, &inputs, &in_path);
     }
     use toffee::models::clipseg::ClipSegSegmenter;
     let dir = fixtures().join("segment_depth/clipseg");
@@ -760,10 +735,7 @@ fn adapters_match_the_cpu_backend() {
     let Some(d) = gpu() else { return };
     for dir in ["golden/adapters", "golden/toffee"] {
         let root = fixtures().join(dir);
-        let manifest: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(root.join("manifest.json")).unwrap())
-                .unwrap();
-        for case in manifest["cases"].as_array().unwrap() {
+        for case in &manifest_cases(&root.join("manifest.json")) {
             if case["kind"] != "unet" {
                 continue;
             }
@@ -1126,16 +1098,7 @@ fn sam_matches_the_cpu_backend() {
         let mut inputs = all.clone();
         inputs.retain(|k, _| k == "pixel_values" || keys.contains(&k.as_str()));
         inputs.insert("multimask_output".into(), Tensor::scalar(multimask));
-        let cpu = forward::run(&model, Component::Sam, &inputs, &in_path, &Device::Cpu).unwrap();
-        let d = gpu().unwrap_or(d.clone());
-        match forward::run(&model, Component::Sam, &inputs, &in_path, &d) {
-            Ok(got) => {
-                for ((n, g), (_, c)) in got.iter().zip(&cpu) {
-                    close(&format!("{name}/{n}"), g, &c.to_host().unwrap(), &d);
-                }
-            }
-            Err(e) => fail(format!("{name}: {e:#}")),
-        }
+        compare_forward(&d, name, &model, Component::Sam, &inputs, &in_path);
     }
     let cfg = toffee::config::Config::from_json(
         "<builtin sam>/config.json",

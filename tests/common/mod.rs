@@ -223,13 +223,15 @@ pub fn assert_close(
 
 /// The case `name` of a golden manifest.json (`{"cases": [{"name": …}, …]}`).
 pub fn manifest_case(manifest: &Path, name: &str) -> serde_json::Value {
-    let m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
-    m["cases"]
-        .as_array()
-        .unwrap()
-        .iter()
+    manifest_cases(manifest)
+        .into_iter()
         .find(|c| c["name"] == name)
         .unwrap_or_else(|| panic!("{}: no case {name}", manifest.display()))
-        .clone()
+}
+
+/// Every case of a golden manifest.json.
+pub fn manifest_cases(manifest: &Path) -> Vec<serde_json::Value> {
+    let m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
+    m["cases"].as_array().unwrap().clone()
 }
