@@ -407,22 +407,34 @@ fn random_weights_second_config() {
     assert!(e.contains("pixel_values"), "{e}");
 }
 
+/// `toffee forward --component sam` on the given inputs (from sam.in.safetensors, plus extras):
+/// the process output and the path it wrote to, inside `dir`.
+fn forward_cli(
+    dir: &std::path::Path,
+    keys: &[&str],
+    extra: &[(&str, Tensor)],
+) -> (std::process::Output, PathBuf) {
+    let inp = read("sam.in.safetensors");
+    let mut tensors: Vec<(String, Tensor)> = keys
+        .iter()
+        .map(|k| (k.to_string(), inp[*k].clone()))
+        .collect();
+    tensors.extend(extra.iter().map(|(k, t)| (k.to_string(), t.clone())));
+    let in_path = dir.join("in.safetensors");
+    write_f32(&in_path, &tensors).unwrap();
+    let out = dir.join("out.safetensors");
+    let o = common::forward_at(&model_dir(), "sam", &in_path, &out, &[]);
+    (o, out)
+}
+
 #[test]
 fn cli_forward_component_sam() {
     let dir = tempfile::tempdir().unwrap();
-    let inp = read("sam.in.safetensors");
-    let in_path = dir.path().join("in.safetensors");
-    write_f32(
-        &in_path,
-        &[
-            ("pixel_values".into(), inp["pixel_values"].clone()),
-            ("input_boxes".into(), inp["input_boxes"].clone()),
-            ("multimask_output".into(), Tensor::scalar(0.0)),
-        ],
-    )
-    .unwrap();
-    let out = dir.path().join("out.safetensors");
-    let o = common::forward_at(&model_dir(), "sam", &in_path, &out, &[]);
+    let (o, out) = forward_cli(
+        dir.path(),
+        &["pixel_values", "input_boxes"],
+        &[("multimask_output", Tensor::scalar(0.0))],
+    );
     assert!(o.status.success(), "{}", common::stderr(&o));
     let got = read_all(&out).unwrap();
     let want = read("sam_boxes_multimask_false.out.safetensors");
@@ -430,12 +442,7 @@ fn cli_forward_component_sam() {
         close(&format!("cli/{n}"), &got[n], &want[n], 1e-4);
     }
     // Missing pixel_values: a clean error naming it.
-    write_f32(
-        &in_path,
-        &[("input_boxes".into(), inp["input_boxes"].clone())],
-    )
-    .unwrap();
-    let o = common::forward_at(&model_dir(), "sam", &in_path, &out, &[]);
+    let (o, _) = forward_cli(dir.path(), &["input_boxes"], &[]);
     let e = common::expect_error(&o);
     assert!(e.contains("pixel_values"), "{e}");
 }
@@ -444,19 +451,11 @@ fn cli_forward_component_sam() {
 #[test]
 fn cli_forward_component_sam_points() {
     let dir = tempfile::tempdir().unwrap();
-    let inp = read("sam.in.safetensors");
-    let in_path = dir.path().join("in.safetensors");
-    write_f32(
-        &in_path,
-        &[
-            ("pixel_values".into(), inp["pixel_values"].clone()),
-            ("input_points".into(), inp["input_points"].clone()),
-            ("input_labels".into(), inp["input_labels"].clone()),
-        ],
-    )
-    .unwrap();
-    let out = dir.path().join("out.safetensors");
-    let o = common::forward_at(&model_dir(), "sam", &in_path, &out, &[]);
+    let (o, out) = forward_cli(
+        dir.path(),
+        &["pixel_values", "input_points", "input_labels"],
+        &[],
+    );
     assert!(o.status.success(), "{}", common::stderr(&o));
     let got = read_all(&out).unwrap();
     let want = read("sam_points_multimask_true.out.safetensors");
