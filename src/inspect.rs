@@ -105,18 +105,13 @@ pub fn variant(family: Family, cfg: &Config) -> Result<String> {
             format!("{base}{extra}, cross_attention_dim {ctx}")
         }
         Family::Vae => format!(
-            "latent_channels {}, scaling_factor {}, runs in {} on GPUs{}",
+            "latent_channels {}, scaling_factor {}, {}",
             cfg.usize_or("latent_channels", 4)?,
             cfg.f64_or("scaling_factor", 0.18215)?,
             if crate::models::vae::force_upcast(cfg)? {
-                "bf16"
+                "runs in bf16 on GPUs (force_upcast: fp16 would overflow)"
             } else {
-                "the pipeline's fp16/bf16"
-            },
-            if crate::models::vae::force_upcast(cfg)? {
-                " (force_upcast: fp16 would overflow)"
-            } else {
-                ""
+                "runs in the pipeline's fp16/bf16 on GPUs"
             }
         ),
         Family::Vision => {

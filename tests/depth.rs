@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{expect_error, fixtures, stderr, toffee};
+use common::{expect_error, fixtures, rel_l2, stderr, toffee};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use toffee::backend::Device;
@@ -31,16 +31,6 @@ fn case(name: &str) -> serde_json::Value {
 
 fn read(name: &str) -> BTreeMap<String, Tensor> {
     read_all(&golden(name)).unwrap_or_else(|e| panic!("{name}: {e:#}"))
-}
-
-/// ‖a − b‖ / ‖b‖.
-fn rel_l2(a: &Tensor, b: &Tensor) -> f64 {
-    let (mut num, mut den) = (0.0f64, 0.0f64);
-    for (x, y) in a.data().iter().zip(b.data()) {
-        num += ((x - y) as f64).powi(2);
-        den += (*y as f64).powi(2);
-    }
-    (num / den.max(1e-30)).sqrt()
 }
 
 /// Max abs error ≤ 1e-4, or relative L2 ≤ 1e-4; the golden must not be (near) zero.

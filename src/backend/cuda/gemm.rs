@@ -292,11 +292,10 @@ impl Plan {
         (workspace, ws_bytes): (u64, usize),
         algo: &sys::cublasLtMatmulAlgo_t,
     ) -> Result<(), String> {
-        let p = self;
         if let Some(b) = o.bias {
             check(
                 lt::set_matmul_desc_attribute(
-                    p.desc,
+                    self.desc,
                     sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_BIAS_POINTER,
                     (&b as *const u64).cast(),
                     8,
@@ -305,27 +304,26 @@ impl Plan {
             )?;
         }
         let beta: f32 = if o.c.is_some() { 1.0 } else { 0.0 };
-        let [la, lb, lc] = p.layouts;
-        check(
-            lt::matmul(
-                handle,
-                p.desc,
-                (&o.alpha as *const f32).cast(),
-                (&beta as *const f32).cast(),
-                o.a as *const c_void,
-                la,
-                o.b as *const c_void,
-                lb,
-                o.c.unwrap_or(o.d) as *const c_void,
-                lc,
-                o.d as *mut c_void,
-                lc,
-                algo,
-                workspace as *mut c_void,
-                ws_bytes,
-                stream,
-            ),
-            &format!("matmul {}×{}×{}", s.m, s.n, s.k),
+        let [la, lb, lc] = self.layouts;
+        lt::matmul(
+            handle,
+            self.desc,
+            (&o.alpha as *const f32).cast(),
+            (&beta as *const f32).cast(),
+            o.a as *const c_void,
+            la,
+            o.b as *const c_void,
+            lb,
+            o.c.unwrap_or(o.d) as *const c_void,
+            lc,
+            o.d as *mut c_void,
+            lc,
+            algo,
+            workspace as *mut c_void,
+            ws_bytes,
+            stream,
         )
+        // Formatted only on failure: this runs for every GEMM.
+        .map_err(|e| format!("cuBLASLt matmul {}×{}×{}: {e:?}", s.m, s.n, s.k))
     }
 }
