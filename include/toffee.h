@@ -58,7 +58,7 @@ typedef struct toffee_engine_options {
    */
   uint32_t size;
   /**
-   * "cpu", "cuda", "cuda:N"; null: "cpu".
+   * "cpu", "cuda", "cuda:N", "emu" (the software GPU, builds with the `emu` feature); null: "cpu".
    */
   const char *device;
   /**

@@ -7,6 +7,32 @@
 namespace tc {
 __device__ __forceinline__ uint32_t smem_addr(const void* p) { return (uint32_t)__cvta_generic_to_shared(p); }
 
+#ifdef TOFFEE_EMU
+// CPU emulation (kernels/emu/emu.h): the same helpers on the emulated warp, with the PTX ISA semantics.
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
+    emu::cp_async16(dst, src, valid ? 16u : 0u);
+}
+__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit(); }
+template <int N> __device__ __forceinline__ void cp_async_wait() { emu::cp_async_wait(N); }
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) { emu::ldsm_x4(r, addr, false); }
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) { emu::ldsm_x4(r, addr, true); }
+template <typename T> struct Mma;
+#define TC_MMA(T, BF16, CVT)                                                                                  \
+    template <> struct Mma<T> {                                                                                \
+        static void run(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {                     \
+            emu::mma16816<BF16>(c, a, b0, b1);                                                                 \
+        }                                                                                                      \
+        static uint32_t pack2(float x, float y) {                                                              \
+            auto h = CVT(make_float2(x, y));                                                                   \
+            uint32_t u;                                                                                        \
+            memcpy(&u, &h, 4);                                                                                 \
+            return u;                                                                                          \
+        }                                                                                                      \
+    };
+TC_MMA(__half, false, __float22half2_rn)
+TC_MMA(__nv_bfloat16, true, __float22bfloat162_rn)
+#undef TC_MMA
+#else
 // 16-byte global -> shared copy, bypassing L1; src-size 0 fills the 16 bytes with zeros (rows past lq / lk).
 __device__ __forceinline__ void cp_async16(uint32_t dst, const void* src, bool valid) {
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
@@ -49,4 +75,5 @@ template <typename T> struct Mma;
 TC_MMA(__half, "f16", __float22half2_rn)
 TC_MMA(__nv_bfloat16, "bf16", __float22bfloat162_rn)
 #undef TC_MMA
+#endif
 }  // namespace tc

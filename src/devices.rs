@@ -32,5 +32,11 @@ pub fn report() -> String {
     }
     #[cfg(not(feature = "cuda"))]
     writeln!(out, "no CUDA devices: this build has no CUDA backend (rebuild with `--features cuda`)\nembedded kernel targets: none").unwrap();
+    #[cfg(feature = "emu")]
+    writeln!(
+        out,
+        "emu: the software GPU (the CUDA backend's kernels compiled for the CPU; for tests, not speed)"
+    )
+    .unwrap();
     out
 }

@@ -63,7 +63,7 @@ pub struct toffee_image {
 pub struct toffee_engine_options {
     /// sizeof(toffee_engine_options).
     pub size: u32,
-    /// "cpu", "cuda", "cuda:N"; null: "cpu".
+    /// "cpu", "cuda", "cuda:N", "emu" (the software GPU, builds with the `emu` feature); null: "cpu".
     pub device: *const c_char,
     /// A diffusers pipeline folder (text-to-image, img2img, inpainting).
     pub model: *const c_char,

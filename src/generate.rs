@@ -48,7 +48,7 @@ pub struct Options {
     pub init_latents: Option<PathBuf>,
     pub save_latents: Option<PathBuf>,
     pub progress: bool,
-    /// cpu, cuda or cuda:N.
+    /// cpu, cuda, cuda:N or emu.
     pub device: String,
     /// Image-prompt adapters (IP-Adapter files or Toffee adapter folders) and their subject
     /// images, paired by position.

@@ -37,7 +37,7 @@ enum Cmd {
         /// safetensors file to write the outputs to (written atomically).
         #[arg(long)]
         out: PathBuf,
-        /// cpu, cuda or cuda:N (builds with the `cuda` feature).
+        /// cpu, cuda or cuda:N (builds with the `cuda` feature), emu (the software GPU, feature `emu`).
         #[arg(long, default_value = "cpu")]
         device: String,
         /// Image-prompt adapter (IP-Adapter .safetensors file or Toffee adapter folder) attached
@@ -67,7 +67,7 @@ enum Cmd {
         /// Image side in pixels (default: the configuration's native size).
         #[arg(long)]
         resolution: Option<usize>,
-        /// cpu, cuda or cuda:N.
+        /// cpu, cuda, cuda:N or emu.
         #[arg(long, default_value = "cpu")]
         device: String,
         #[arg(long, default_value_t = 10)]
@@ -400,7 +400,7 @@ struct GenArgs {
     /// Write the final latents (before VAE decoding) to this safetensors file as `latents`.
     #[arg(long)]
     save_latents: Option<PathBuf>,
-    /// cpu, cuda or cuda:N (builds with the `cuda` feature).
+    /// cpu, cuda or cuda:N (builds with the `cuda` feature), emu (the software GPU, feature `emu`).
     #[arg(long, default_value = "cpu")]
     device: String,
     /// Image-prompt adapter: an IP-Adapter .safetensors file or a Toffee adapter folder (repeat

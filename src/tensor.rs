@@ -9,7 +9,7 @@ pub struct Tensor {
     shape: Vec<usize>,
     data: Arc<Vec<f32>>,
     /// Some: the values live on a GPU and `data` is empty.
-    #[cfg(feature = "cuda")]
+    #[cfg(feature = "gpu")]
     dev: Option<crate::backend::cuda::DevBuf>,
 }
 
@@ -27,7 +27,7 @@ impl Tensor {
         Tensor {
             shape,
             data: Arc::new(data),
-            #[cfg(feature = "cuda")]
+            #[cfg(feature = "gpu")]
             dev: None,
         }
     }
@@ -78,7 +78,7 @@ impl Tensor {
     }
 
     fn assert_host(&self) {
-        #[cfg(feature = "cuda")]
+        #[cfg(feature = "gpu")]
         assert!(
             self.dev.is_none(),
             "host access to a device tensor {:?}",
@@ -87,14 +87,14 @@ impl Tensor {
     }
 
     pub fn is_host(&self) -> bool {
-        #[cfg(feature = "cuda")]
+        #[cfg(feature = "gpu")]
         return self.dev.is_none();
-        #[cfg(not(feature = "cuda"))]
+        #[cfg(not(feature = "gpu"))]
         true
     }
 
     /// A tensor of `shape` whose values live on a device.
-    #[cfg(feature = "cuda")]
+    #[cfg(feature = "gpu")]
     pub fn from_device(shape: Vec<usize>, buf: crate::backend::cuda::DevBuf) -> Tensor {
         Tensor {
             shape,
@@ -103,14 +103,14 @@ impl Tensor {
         }
     }
 
-    #[cfg(feature = "cuda")]
+    #[cfg(feature = "gpu")]
     pub fn dev(&self) -> Option<&crate::backend::cuda::DevBuf> {
         self.dev.as_ref()
     }
 
     /// The same values on the host (a copy and a synchronisation for device tensors).
     pub fn to_host(&self) -> anyhow::Result<Tensor> {
-        #[cfg(feature = "cuda")]
+        #[cfg(feature = "gpu")]
         if let Some(d) = &self.dev {
             return Ok(Tensor::new(self.shape.clone(), d.download()?));
         }
@@ -182,7 +182,7 @@ impl Tensor {
         let row: usize = self.shape[1..].iter().product();
         let mut shape = self.shape.clone();
         shape[0] = len;
-        #[cfg(feature = "cuda")]
+        #[cfg(feature = "gpu")]
         if let Some(d) = &self.dev {
             return Tensor::from_device(shape, d.copy_range(start * row, len * row));
         }
@@ -200,7 +200,7 @@ impl Tensor {
                 "cat0 of mismatched shapes"
             );
         }
-        #[cfg(feature = "cuda")]
+        #[cfg(feature = "gpu")]
         if parts[0].dev.is_some() {
             let bufs: Vec<&crate::backend::cuda::DevBuf> = parts
                 .iter()

@@ -3,7 +3,9 @@
 //! (`cpu`) or, with the `cuda` feature, the GPU (`cuda`).
 
 pub mod cpu;
-#[cfg(feature = "cuda")]
+/// The GPU backend: the CUDA driver (`cuda` feature) and the software device (`emu` feature)
+/// behind one device interface.
+#[cfg(feature = "gpu")]
 pub mod cuda;
 pub mod fault;
 pub mod libs;
@@ -17,36 +19,43 @@ pub use cpu::{silu1, Activation, Conv2dW, LinearW};
 #[derive(Clone, Debug)]
 pub enum Device {
     Cpu,
-    #[cfg(feature = "cuda")]
-    Cuda(std::sync::Arc<cuda::Gpu>),
+    #[cfg(feature = "gpu")]
+    /// A GPU: a CUDA device or the software device.
+    Gpu(std::sync::Arc<cuda::Gpu>),
 }
 
 impl Device {
-    /// `cpu`, `cuda` (device 0) or `cuda:N`. `bf16` picks bf16 storage on the GPU (for bf16
+    /// `cpu`, `cuda` (device 0), `cuda:N` or `emu` (the software GPU: the CUDA backend's own
+    /// code and kernels on the CPU, for tests). `bf16` picks bf16 storage on a GPU (for bf16
     /// checkpoints), else fp16.
     pub fn open(spec: &str, bf16: bool) -> Result<Device> {
-        let ordinal = match spec {
-            "cpu" => return Ok(Device::Cpu),
-            "cuda" => 0,
-            s if s.starts_with("cuda:") => match s[5..].parse::<usize>() {
-                Ok(n) => n,
-                Err(_) => bail!("device `{s}`: expected cuda:N with N a device number"),
-            },
-            other => bail!("unknown device `{other}` (expected cpu, cuda or cuda:N)"),
-        };
-        #[cfg(feature = "cuda")]
+        if spec == "cpu" {
+            return Ok(Device::Cpu);
+        }
+        if !(spec == "cuda" || spec == "emu" || spec.starts_with("cuda:")) {
+            bail!("unknown device `{spec}` (expected cpu, cuda, cuda:N or emu)");
+        }
+        #[cfg(feature = "gpu")]
         {
             let dtype = if bf16 {
                 cuda::DType::BF16
             } else {
                 cuda::DType::F16
             };
-            Ok(Device::Cuda(cuda::Gpu::new(ordinal, dtype)?))
+            Ok(Device::Gpu(cuda::Gpu::open(spec, dtype)?))
         }
-        #[cfg(not(feature = "cuda"))]
+        #[cfg(not(feature = "gpu"))]
         {
             let _ = bf16;
-            bail!("device `{spec}`: this build has no CUDA backend (cuda:{ordinal}); rebuild with `--features cuda`")
+            if spec == "emu" {
+                bail!("device `emu`: this build has no software device; rebuild with `--features emu`")
+            }
+            if let Some(n) = spec.strip_prefix("cuda:") {
+                if n.parse::<usize>().is_err() {
+                    bail!("device `{spec}`: expected cuda:N with N a device number");
+                }
+            }
+            bail!("device `{spec}`: this build has no CUDA backend; rebuild with `--features cuda`")
         }
     }
 
@@ -56,9 +65,9 @@ impl Device {
     /// f32 already; a bf16 device is unchanged.
     pub fn upcast(&self, force_upcast: bool) -> Device {
         match self {
-            #[cfg(feature = "cuda")]
-            Device::Cuda(g) if force_upcast && g.dtype == cuda::DType::F16 => {
-                Device::Cuda(g.with_dtype(cuda::DType::BF16))
+            #[cfg(feature = "gpu")]
+            Device::Gpu(g) if force_upcast && g.dtype == cuda::DType::F16 => {
+                Device::Gpu(g.with_dtype(cuda::DType::BF16))
             }
             _ => {
                 let _ = force_upcast;
@@ -71,8 +80,8 @@ impl Device {
     pub fn storage(&self) -> &'static str {
         match self {
             Device::Cpu => "f32",
-            #[cfg(feature = "cuda")]
-            Device::Cuda(g) => g.dtype.suffix(),
+            #[cfg(feature = "gpu")]
+            Device::Gpu(g) => g.dtype.suffix(),
         }
     }
 
@@ -84,8 +93,8 @@ impl Device {
     pub fn put(&self, t: Tensor) -> Tensor {
         match self {
             Device::Cpu => t,
-            #[cfg(feature = "cuda")]
-            Device::Cuda(g) => {
+            #[cfg(feature = "gpu")]
+            Device::Gpu(g) => {
                 let host = t.to_host().expect("host tensor");
                 Tensor::from_device(host.shape().to_vec(), g.upload(host.data(), g.dtype))
             }
@@ -96,8 +105,8 @@ impl Device {
     pub fn put_f32(&self, t: Tensor) -> Tensor {
         match self {
             Device::Cpu => t,
-            #[cfg(feature = "cuda")]
-            Device::Cuda(g) => {
+            #[cfg(feature = "gpu")]
+            Device::Gpu(g) => {
                 let host = t.to_host().expect("host tensor");
                 Tensor::from_device(
                     host.shape().to_vec(),
@@ -112,8 +121,8 @@ impl Device {
     pub fn put_same(&self, t: &Tensor) -> Tensor {
         match self {
             Device::Cpu => t.to_host().expect("CPU tensors are host tensors"),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(g) => match t.dev() {
+            #[cfg(feature = "gpu")]
+            Device::Gpu(g) => match t.dev() {
                 None => self.put(t.clone()),
                 Some(_) => cuda::ops::cast(t, g.dtype),
             },
@@ -124,8 +133,8 @@ impl Device {
     pub fn put_f32_same(&self, t: &Tensor) -> Tensor {
         match self {
             Device::Cpu => t.to_host().expect("CPU tensors are host tensors"),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(_) => match t.dev() {
+            #[cfg(feature = "gpu")]
+            Device::Gpu(_) => match t.dev() {
                 None => self.put_f32(t.clone()),
                 Some(_) => cuda::ops::cast(t, cuda::DType::F32),
             },
@@ -136,8 +145,8 @@ impl Device {
     pub fn put_ids(&self, ids: &[u32]) -> Tensor {
         match self {
             Device::Cpu => Tensor::new(vec![ids.len()], ids.iter().map(|&i| i as f32).collect()),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(g) => Tensor::from_device(
+            #[cfg(feature = "gpu")]
+            Device::Gpu(g) => Tensor::from_device(
                 vec![ids.len()],
                 g.upload_i32(&ids.iter().map(|&i| i as i32).collect::<Vec<_>>()),
             ),
@@ -146,8 +155,8 @@ impl Device {
 
     /// Tests: fill new device allocations with NaN so unwritten outputs are caught.
     pub fn set_poison(&self, on: bool) {
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(g) = self {
+        #[cfg(feature = "gpu")]
+        if let Device::Gpu(g) = self {
             g.set_poison(on);
         }
         let _ = on;
@@ -156,8 +165,8 @@ impl Device {
     /// Tests and bisection: the simple reference kernels (true) or the tuned ones (false), as
     /// `TOFFEE_KERNELS=reference|fast` picks at start. No effect on the CPU.
     pub fn set_reference_kernels(&self, on: bool) {
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(g) = self {
+        #[cfg(feature = "gpu")]
+        if let Device::Gpu(g) = self {
             g.set_reference(on);
         }
         let _ = on;
@@ -166,8 +175,8 @@ impl Device {
     /// Tests: time candidate algorithms for GEMM and convolution shapes planned from now on, as
     /// `TOFFEE_AUTOTUNE=1` does from the start. No effect on the CPU.
     pub fn set_autotune(&self, on: bool) {
-        #[cfg(feature = "cuda")]
-        if let Device::Cuda(g) = self {
+        #[cfg(feature = "gpu")]
+        if let Device::Gpu(g) = self {
             g.set_autotune(on);
         }
         let _ = on;
@@ -177,8 +186,8 @@ impl Device {
     pub fn check(&self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(g) => g.check(),
+            #[cfg(feature = "gpu")]
+            Device::Gpu(g) => g.check(),
         }
     }
 
@@ -188,8 +197,8 @@ impl Device {
     pub fn recover(&self) -> Result<bool> {
         match self {
             Device::Cpu => Ok(false),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(g) => g.recover(),
+            #[cfg(feature = "gpu")]
+            Device::Gpu(g) => g.recover(),
         }
     }
 
@@ -197,16 +206,16 @@ impl Device {
     pub fn synchronize(&self) -> Result<()> {
         match self {
             Device::Cpu => Ok(()),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(g) => g.synchronize(),
+            #[cfg(feature = "gpu")]
+            Device::Gpu(g) => g.synchronize(),
         }
     }
 
     pub fn name(&self) -> String {
         match self {
             Device::Cpu => "cpu".into(),
-            #[cfg(feature = "cuda")]
-            Device::Cuda(g) => format!("cuda:{}", g.ordinal),
+            #[cfg(feature = "gpu")]
+            Device::Gpu(g) => g.name().to_string(),
         }
     }
 }
@@ -214,7 +223,7 @@ impl Device {
 /// Runs `$gpu` when `$t` lives on a GPU, `$cpu` otherwise.
 macro_rules! dispatch {
     ($t:expr, $cpu:expr, $gpu:expr) => {{
-        #[cfg(feature = "cuda")]
+        #[cfg(feature = "gpu")]
         if !$t.is_host() {
             return $gpu;
         }
@@ -534,7 +543,7 @@ pub fn timestep_embedding(
     flip_sin_to_cos: bool,
     freq_shift: f32,
 ) -> Tensor {
-    #[cfg(feature = "cuda")]
+    #[cfg(feature = "gpu")]
     if let Some(d) = t.dev() {
         return cuda::ops::timestep_embedding(t, dim, flip_sin_to_cos, freq_shift, d.gpu());
     }

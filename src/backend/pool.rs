@@ -6,7 +6,8 @@
 //!   waste, where powers of two wasted up to 50 %), at least 512 bytes; a freed block waits in its
 //!   class's free list for the next request of that class.
 //! - An allocation that fails (out of memory) is retried once after every cached block has been
-//!   returned to the device (`trim`); only then is it an error.
+//!   returned to the device (`trim`); only then is it an error. While a reserve is active (a graph
+//!   is being captured) it is an error at once: trimming synchronises, which breaks a capture.
 //! - A dropped pool returns every cached block to the device; blocks in use keep the pool alive.
 //! - A [`Reserve`] is private memory, for a captured CUDA graph: blocks taken while it is active
 //!   come back to it, not to the shared lists, so an eager allocation can never receive an
@@ -116,6 +117,14 @@ impl<A: RawAlloc> Pool<A> {
         }
         let ptr = match self.alloc.malloc(class) {
             Ok(p) => p,
+            // While a graph is captured (a reserve is active) nothing may wait on the stream, and
+            // trimming waits before it frees: the failure is returned, recoverable, instead.
+            Err(e) if reserve.is_some() => {
+                return Err(format!(
+                    "out of memory allocating {class} bytes while capturing a graph ({} held): {e}",
+                    self.held()
+                ))
+            }
             Err(_) => {
                 self.trim();
                 self.alloc.malloc(class).map_err(|e| {
@@ -309,5 +318,40 @@ mod tests {
         drop((x, y));
         drop(pool);
         assert_eq!(live(&fake), 0);
+    }
+
+    /// Issue 23 defect: an allocation failing while a graph is captured must not trim (trimming
+    /// synchronises the capturing stream, which invalidates the capture): a recoverable error.
+    #[test]
+    fn out_of_memory_while_capturing_does_not_trim() {
+        struct Counting(Arc<Fake>, Arc<Mutex<usize>>);
+        impl RawAlloc for Counting {
+            fn malloc(&self, bytes: usize) -> Result<u64, String> {
+                self.0.malloc(bytes)
+            }
+            fn free(&self, ptr: u64) {
+                self.0.free(ptr)
+            }
+            fn sync(&self) {
+                *self.1.lock().unwrap() += 1;
+            }
+        }
+        let syncs = Arc::new(Mutex::new(0));
+        let fake = Arc::new(Fake::new(64 << 10));
+        let pool = Pool::new(Counting(fake.clone(), syncs.clone()));
+        drop(pool.take(32 << 10, None).unwrap());
+        let reserve = pool.reserve();
+        let e = pool.take(48 << 10, Some(&reserve)).err().unwrap();
+        assert!(e.contains("while capturing"), "{e}");
+        assert_eq!(
+            *syncs.lock().unwrap(),
+            0,
+            "no synchronisation while capturing"
+        );
+        assert_eq!(pool.cached(), 32 << 10, "the cache is kept");
+        drop(reserve);
+        // Eagerly the same request trims and succeeds.
+        assert!(pool.take(48 << 10, None).is_ok());
+        assert_eq!(*syncs.lock().unwrap(), 1);
     }
 }

@@ -666,6 +666,9 @@ impl Generator {
                     self.model_call(&call, v).map(|t| vec![t])
                 })?
                 .remove(0);
+            // Counted here, not in model_call: a captured call runs once and is replayed after.
+            self.evaluations
+                .fetch_add(rows as u64, std::sync::atomic::Ordering::Relaxed);
             let step_noise = all_noise.as_ref().map(|a| a.narrow0(i * n, n));
             latents = if on_dev {
                 sched.step_ops(&dev.put_f32_same(&pred), i, &latents, step_noise.as_ref())?
@@ -751,10 +754,6 @@ impl Generator {
         };
         let res = residuals.as_ref().map(|r| (r.down.as_slice(), &r.mid));
         let pred = self.unet.forward(&unet_in, &cond, res, None)?;
-        self.evaluations.fetch_add(
-            unet_in.shape()[0] as u64,
-            std::sync::atomic::Ordering::Relaxed,
-        );
         Ok(match call.guidance {
             Some(g) => ops::cfg_combine(&pred, g),
             None => pred,

@@ -1,12 +1,11 @@
-//! cuDNN convolutions planned once per shape (UNTESTED ON A GPU, see mod.rs): descriptors and the
-//! algorithm (the heuristic's first choice, or the fastest measured with `TOFFEE_AUTOTUNE=1`) are
-//! kept per (dtype, shape), refusals too, so a steady-state call only takes its workspace from the
-//! pool (the capture's reserve inside a graph) and launches.
+//! cuDNN convolutions for the CUDA driver (UNTESTED ON A GPU; the software device runs the same
+//! `ConvDesc`s through its CPU convolution): descriptors and the algorithm (the heuristic's first
+//! choice, or the fastest measured with `TOFFEE_AUTOTUNE=1`) are kept per descriptor, refusals
+//! too.
 
-use super::ops::{dev, Raw};
-use super::{DType, DevBuf};
-use crate::backend::cpu::Conv2dW;
-use crate::tensor::Tensor;
+use super::conv::ConvDesc;
+use super::driver::{ConvPlan, Timer};
+use super::DType;
 use cudarc::cudnn::sys::{
     cudnnConvolutionFwdAlgo_t, cudnnConvolutionMode_t, cudnnMathType_t, cudnnTensorFormat_t,
 };
@@ -14,74 +13,102 @@ use cudarc::cudnn::{
     ConvDescriptor, ConvForward, Cudnn, CudnnDataType, CudnnError, FilterDescriptor,
     TensorDescriptor,
 };
+use cudarc::driver::{CudaStream, DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use std::collections::HashMap;
-use std::sync::Arc;
-
-/// What a convolution plan depends on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct Key {
-    dtype: DType,
-    /// n, h, w, cin, cout, kernel, stride, pad (top), pad (left).
-    dims: [usize; 9],
-}
+use std::sync::{Arc, Mutex};
 
 struct Descs<T> {
     x: TensorDescriptor<T>,
     w: FilterDescriptor<T>,
     y: TensorDescriptor<T>,
     conv: ConvDescriptor<f32>,
-    algo: cudnnConvolutionFwdAlgo_t,
-    ws_bytes: usize,
 }
 
-enum Plan {
+enum Descriptors {
     F16(Descs<half::f16>),
     BF16(Descs<half::bf16>),
 }
 
-/// cudarc's cuDNN handle and this Gpu's plans. The handle holds a raw pointer; every use goes
-/// through the Gpu's mutex and its single stream, which is what makes sharing it sound.
-pub struct CudnnHandle {
-    cudnn: Arc<Cudnn>,
-    /// None: cuDNN refused the shape (the caller falls back to im2col), asked once.
-    plans: HashMap<Key, Option<Plan>>,
+struct Plan {
+    descs: Descriptors,
+    plan: ConvPlan,
 }
 
-// Safety: see above — access is serialised by the Mutex in `Gpu`.
-unsafe impl Send for CudnnHandle {}
+/// cudarc's cuDNN handle and the plans. The handle holds a raw pointer; every use goes through
+/// the mutex and the device's single stream, which is what makes sharing it sound.
+pub struct CudnnPlans {
+    cudnn: Arc<Cudnn>,
+    stream: Arc<CudaStream>,
+    /// None: cuDNN refused the shape (the caller falls back to im2col), asked once.
+    plans: Mutex<HashMap<ConvDesc, Option<Plan>>>,
+}
 
-fn plan<T: CudnnDataType>(h: &Arc<Cudnn>, k: &Key) -> Result<Descs<T>, CudnnError> {
-    let [n, hh, ww, cin, cout, kernel, stride, pt, pl] = k.dims.map(|v| v as i32);
-    let (ho, wo) = (
-        (hh + 2 * pt - kernel) / stride + 1,
-        (ww + 2 * pl - kernel) / stride + 1,
-    );
+// Safety: see above — access is serialised by the Mutex.
+unsafe impl Send for CudnnPlans {}
+unsafe impl Sync for CudnnPlans {}
+
+fn algo_of(i: i32) -> cudnnConvolutionFwdAlgo_t {
+    ALGOS
+        .into_iter()
+        .find(|a| *a as i32 == i)
+        .unwrap_or(ALGOS[0])
+}
+
+fn descs<T: CudnnDataType>(h: &Arc<Cudnn>, d: &ConvDesc) -> Result<Descs<T>, CudnnError> {
+    let i = |v: usize| v as i32;
     let nhwc = cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
-    let x = h.create_4d_tensor::<T>(nhwc, [n, cin, hh, ww])?;
-    let w = h.create_4d_filter::<T>(nhwc, [cout, cin, kernel, kernel])?;
-    let y = h.create_4d_tensor::<T>(nhwc, [n, cout, ho, wo])?;
+    let x = h.create_4d_tensor::<T>(nhwc, [i(d.n), i(d.c), i(d.h), i(d.w)])?;
+    let w = h.create_4d_filter::<T>(nhwc, [i(d.k), i(d.c / d.groups), i(d.r), i(d.s)])?;
+    let y = h.create_4d_tensor::<T>(nhwc, [i(d.n), i(d.k), i(d.ho), i(d.wo)])?;
     let mut conv = h.create_conv2d::<f32>(
-        [pt, pl],
-        [stride, stride],
-        [1, 1],
+        [i(d.pad.0), i(d.pad.1)],
+        [i(d.stride.0), i(d.stride.1)],
+        [i(d.dilation.0), i(d.dilation.1)],
         cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION,
     )?;
     conv.set_math_type(cudnnMathType_t::CUDNN_TENSOR_OP_MATH)?;
-    let op = ConvForward {
-        conv: &conv,
-        x: &x,
-        w: &w,
-        y: &y,
-    };
-    let algo = op.pick_algorithm()?;
-    let ws_bytes = op.get_workspace_size(algo)?;
-    Ok(Descs {
-        x,
-        w,
-        y,
-        conv,
-        algo,
-        ws_bytes,
+    Ok(Descs { x, w, y, conv })
+}
+
+fn op<T: CudnnDataType>(d: &Descs<T>) -> ConvForward<'_, T, f32, T> {
+    ConvForward {
+        conv: &d.conv,
+        x: &d.x,
+        w: &d.w,
+        y: &d.y,
+    }
+}
+
+fn plan(h: &Arc<Cudnn>, d: &ConvDesc) -> Result<Plan, CudnnError> {
+    fn pick<T: CudnnDataType>(d: &Descs<T>) -> Result<ConvPlan, CudnnError> {
+        let algo = op(d).pick_algorithm()?;
+        Ok(ConvPlan {
+            algo: algo as i32,
+            ws_bytes: op(d).get_workspace_size(algo)?,
+        })
+    }
+    Ok(match d.dtype {
+        DType::F16 => {
+            let ds = descs::<half::f16>(h, d)?;
+            let plan = pick(&ds)?;
+            Plan {
+                descs: Descriptors::F16(ds),
+                plan,
+            }
+        }
+        DType::BF16 => {
+            let ds = descs::<half::bf16>(h, d)?;
+            let plan = pick(&ds)?;
+            Plan {
+                descs: Descriptors::BF16(ds),
+                plan,
+            }
+        }
+        DType::F32 | DType::I32 => {
+            return Err(CudnnError(
+                cudarc::cudnn::sys::cudnnStatus_t::CUDNN_STATUS_NOT_SUPPORTED,
+            ))
+        }
     })
 }
 
@@ -97,148 +124,134 @@ const ALGOS: [cudnnConvolutionFwdAlgo_t; 8] = [
     cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED,
 ];
 
-/// Replaces the heuristic's choice by the fastest algorithm cuDNN accepts for the shape, timed on
-/// this call's buffers (y is only written). Workspaces over 1 GiB are not considered.
-///
-/// Safety: as `launch`.
-unsafe fn tune<T: CudnnDataType + Copy>(
-    d: &mut Descs<T>,
-    scalars: (T, T),
-    x: &DevBuf,
-    w: &DevBuf,
-    y: &DevBuf,
-) {
-    let mut best: Option<(f32, cudnnConvolutionFwdAlgo_t, usize)> = None;
-    for algo in ALGOS {
-        let op = ConvForward {
-            conv: &d.conv,
-            x: &d.x,
-            w: &d.w,
-            y: &d.y,
-        };
-        let Ok(ws_bytes) = op.get_workspace_size(algo) else {
-            continue;
-        };
-        if ws_bytes > 1 << 30 {
-            continue;
-        }
-        let t = x
-            .gpu()
-            .time_ms(|| launch(d, (algo, ws_bytes), scalars, x, w, y).is_ok());
-        if let Some(t) = t {
-            if best.is_none_or(|(b, _, _)| t < b) {
-                best = Some((t, algo, ws_bytes));
-            }
-        }
+/// A raw pool pointer seen through cudarc's slice traits.
+struct Raw<'a> {
+    ptr: u64,
+    len: usize,
+    stream: &'a Arc<CudaStream>,
+}
+
+impl<T> DeviceSlice<T> for Raw<'_> {
+    fn len(&self) -> usize {
+        self.len
     }
-    if let Some((_, algo, ws_bytes)) = best {
-        d.algo = algo;
-        d.ws_bytes = ws_bytes;
+    fn stream(&self) -> &Arc<CudaStream> {
+        self.stream
     }
 }
 
-/// Safety: the buffers hold the extents the descriptors describe.
-unsafe fn launch<T: CudnnDataType>(
-    d: &Descs<T>,
-    (algo, ws_bytes): (cudnnConvolutionFwdAlgo_t, usize),
-    (one, zero): (T, T),
-    x: &DevBuf,
-    w: &DevBuf,
-    y: &DevBuf,
-) -> Result<(), CudnnError> {
-    let g = x.gpu();
-    let ws = g.alloc(ws_bytes.div_ceil(4).max(1), DType::F32);
-    if g.failed() {
-        // No workspace: nothing may launch on null pointers.
-        return Ok(());
+impl<T> DevicePtr<T> for Raw<'_> {
+    fn device_ptr<'a>(&'a self, _stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+        // One stream per Gpu: stream order is the only synchronisation needed.
+        (self.ptr, SyncOnDrop::Sync(None))
     }
-    let raw = |b: &DevBuf, len| Raw {
-        ptr: b.ptr(),
-        len,
-        gpu: g,
-    };
-    let mut wsr = raw(&ws, ws_bytes);
-    let mut yr = raw(y, y.len);
-    let op = ConvForward {
-        conv: &d.conv,
-        x: &d.x,
-        w: &d.w,
-        y: &d.y,
-    };
-    op.launch(
-        algo,
-        Some(&mut wsr),
-        (one, zero),
-        &raw(x, x.len),
-        &raw(w, w.len),
-        &mut yr,
-    )
 }
 
-impl CudnnHandle {
-    pub fn new(cudnn: Arc<Cudnn>) -> CudnnHandle {
-        CudnnHandle {
+impl<T> DevicePtrMut<T> for Raw<'_> {
+    fn device_ptr_mut<'a>(&'a mut self, _stream: &'a CudaStream) -> (u64, SyncOnDrop<'a>) {
+        (self.ptr, SyncOnDrop::Sync(None))
+    }
+}
+
+impl CudnnPlans {
+    pub fn new(cudnn: Arc<Cudnn>, stream: Arc<CudaStream>) -> CudnnPlans {
+        CudnnPlans {
             cudnn,
-            plans: HashMap::new(),
+            stream,
+            plans: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Shapes planned so far (refusals included).
-    pub fn plans(&self) -> usize {
-        self.plans.len()
+    pub fn planned(&self) -> usize {
+        self.plans.lock().unwrap().len()
     }
 
-    /// Queues o = conv(x) without bias (NHWC, KRSC weights, symmetric padding, fp32
-    /// accumulation). False when cuDNN refuses the configuration, so the caller falls back.
-    pub fn conv(&mut self, x: &Tensor, c: &Conv2dW, o: &DevBuf) -> bool {
-        let (n, h, w, cin) = x.dims4();
-        let xd = dev(x);
-        let key = Key {
-            dtype: xd.dtype,
-            dims: [
-                n,
-                h,
-                w,
-                cin,
-                c.out_channels(),
-                c.kernel,
-                c.stride,
-                c.pad[0],
-                c.pad[2],
-            ],
-        };
-        let cudnn = &self.cudnn;
-        let wd = dev(&c.weight);
-        let (h16, hb16) = (
-            (half::f16::ONE, half::f16::ZERO),
-            (half::bf16::ONE, half::bf16::ZERO),
-        );
-        let p = self.plans.entry(key).or_insert_with(|| {
-            let mut p = match key.dtype {
-                DType::F16 => plan(cudnn, &key).ok().map(Plan::F16),
-                DType::BF16 => plan(cudnn, &key).ok().map(Plan::BF16),
-                DType::F32 | DType::I32 => None,
+    pub fn plan(&self, d: &ConvDesc) -> (Option<ConvPlan>, bool) {
+        let mut plans = self.plans.lock().unwrap();
+        let fresh = !plans.contains_key(d);
+        let p = plans.entry(*d).or_insert_with(|| plan(&self.cudnn, d).ok());
+        (p.as_ref().map(|p| p.plan), fresh)
+    }
+
+    /// Tries every algorithm cuDNN accepts for the descriptor (workspaces up to 1 GiB), keeps
+    /// the fastest.
+    pub fn tune(&self, d: &ConvDesc, time: &Timer, run: &dyn Fn(ConvPlan) -> bool) {
+        let candidates: Vec<ConvPlan> = {
+            let plans = self.plans.lock().unwrap();
+            let Some(Some(p)) = plans.get(d) else { return };
+            let ws = |algo| match &p.descs {
+                Descriptors::F16(ds) => op(ds).get_workspace_size(algo),
+                Descriptors::BF16(ds) => op(ds).get_workspace_size(algo),
             };
-            if xd.gpu().autotune() {
-                // Safety: the descriptors were built from these tensors' shapes (the key).
-                unsafe {
-                    match &mut p {
-                        Some(Plan::F16(d)) => tune(d, h16, xd, wd, o),
-                        Some(Plan::BF16(d)) => tune(d, hb16, xd, wd, o),
-                        None => {}
-                    }
+            ALGOS
+                .into_iter()
+                .filter_map(|a| {
+                    ws(a).ok().map(|b| ConvPlan {
+                        algo: a as i32,
+                        ws_bytes: b,
+                    })
+                })
+                .filter(|c| c.ws_bytes <= 1 << 30)
+                .collect()
+        };
+        let mut best: Option<(f32, ConvPlan)> = None;
+        for c in candidates {
+            if let Some(t) = time(&mut || run(c)) {
+                if best.is_none_or(|(b, _)| t < b) {
+                    best = Some((t, c));
                 }
             }
-            p
-        });
-        // Safety: as above.
-        let r = unsafe {
-            match p {
-                None => return false,
-                Some(Plan::F16(d)) => launch(d, (d.algo, d.ws_bytes), h16, xd, wd, o),
-                Some(Plan::BF16(d)) => launch(d, (d.algo, d.ws_bytes), hb16, xd, wd, o),
+        }
+        if let Some((_, c)) = best {
+            if let Some(Some(p)) = self.plans.lock().unwrap().get_mut(d) {
+                p.plan = c;
             }
+        }
+    }
+
+    /// Safety: the pointers hold the extents the descriptor describes; `ws` holds
+    /// `plan.ws_bytes` bytes.
+    pub unsafe fn launch(
+        &self,
+        d: &ConvDesc,
+        plan: ConvPlan,
+        (x, w, y, ws): (u64, u64, u64, u64),
+    ) -> Result<(), String> {
+        let plans = self.plans.lock().unwrap();
+        let Some(Some(p)) = plans.get(d) else {
+            return Err(format!("convolution {d:?} launched without a plan"));
         };
-        r.is_ok()
+        let raw = |ptr, len| Raw {
+            ptr,
+            len,
+            stream: &self.stream,
+        };
+        let (xn, wn, yn) = (
+            d.n * d.h * d.w * d.c,
+            d.k * d.r * d.s * (d.c / d.groups),
+            d.n * d.ho * d.wo * d.k,
+        );
+        let mut wsr = raw(ws, plan.ws_bytes);
+        let mut yr = raw(y, yn);
+        let algo = algo_of(plan.algo);
+        let r = match &p.descs {
+            Descriptors::F16(ds) => op(ds).launch(
+                algo,
+                Some(&mut wsr),
+                (half::f16::ONE, half::f16::ZERO),
+                &raw(x, xn),
+                &raw(w, wn),
+                &mut yr,
+            ),
+            Descriptors::BF16(ds) => op(ds).launch(
+                algo,
+                Some(&mut wsr),
+                (half::bf16::ONE, half::bf16::ZERO),
+                &raw(x, xn),
+                &raw(w, wn),
+                &mut yr,
+            ),
+        };
+        r.map_err(|e| format!("cuDNN convolution {d:?}: {e:?}"))
     }
 }

@@ -1,38 +1,37 @@
-//! The CUDA backend: one context and stream per `Gpu`, kernels from the fatbins build.rs embeds,
-//! cuBLASLt for GEMMs, and a caching pool so that after warm-up nothing is allocated.
+//! The GPU backend: a `Gpu` is one device opened for use — its driver (the CUDA driver, or the
+//! software device that runs the same kernels on the CPU, see `driver`), a caching pool so that
+//! after warm-up nothing is allocated, and the sticky failure state.
 //!
-//! UNTESTED ON A GPU: this code compiles (nvcc, cudarc) but has not run on a device yet; the GPU
-//! tests (tests/gpu.rs) compare every op and model with the CPU backend when a device is present.
+//! UNTESTED ON A GPU: this code compiles (nvcc, cudarc) but has not run on a device yet. Above the
+//! `Driver` interface it runs in CI on the software device (`--features emu`, tests/gpu.rs).
 //!
 //! Errors (out of memory, a failed launch) are sticky, as CUDA's own are: an op that fails records
 //! the first error and later ops on that `Gpu` do nothing; callers check `Gpu::check()` at model
 //! boundaries and turn it into an ordinary error. Ops themselves stay infallible, like the CPU ones.
 
-pub mod cudnn;
+pub mod conv;
+#[cfg(feature = "cuda")]
+mod cublaslt;
+#[cfg(feature = "cuda")]
+mod cudarc_driver;
+#[cfg(feature = "cuda")]
+mod cudnn;
+pub mod driver;
+#[cfg(feature = "emu")]
+pub mod emu;
 pub mod gemm;
 pub mod ops;
 
+#[cfg(feature = "cuda")]
+pub use cudarc_driver::{driver_present, embedded_targets, list_devices, DeviceInfo};
+
 use crate::backend::fault::Fault;
-use crate::backend::libs::{decide, LibDecision};
 use crate::backend::pool::{Block, Pool, RawAlloc, Reserve};
 use anyhow::{anyhow, bail, Result};
-use cudarc::cublaslt::CudaBlasLT;
-use cudarc::driver::{
-    result, sys, CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg,
-};
-use cudnn::CudnnHandle;
-use std::collections::HashMap;
+use driver::{check_launch, Driver, GraphExec, KernelSpec, LaunchCfg};
 use std::fmt;
-use std::sync::{Arc, Mutex};
-
-mod embedded {
-    include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
-}
-
-/// GPU code targets embedded in this build (e.g. sm_80, sm_90).
-pub fn embedded_targets() -> &'static [&'static str] {
-    embedded::TARGETS
-}
+use std::sync::Arc;
+use std::sync::Mutex;
 
 /// Storage type of device tensors.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -61,62 +60,27 @@ impl DType {
     }
 }
 
-/// Whether the CUDA driver library can be loaded (cudarc panics when it is missing).
-pub fn driver_present() -> bool {
-    // Safety: only probes for the shared library.
-    unsafe { sys::is_culib_present() }
-}
-
-/// (ordinal, name, compute capability, memory in bytes).
-pub type DeviceInfo = (usize, String, (i32, i32), usize);
-
-/// Name, compute capability and memory of every visible device, or why there are none.
-pub fn list_devices() -> Result<Vec<DeviceInfo>> {
-    if !driver_present() {
-        bail!("no CUDA driver library (libcuda.so) on this machine");
-    }
-    let n = CudaContext::device_count().map_err(|e| anyhow!("CUDA driver: {e}"))?;
-    let mut out = Vec::new();
-    for i in 0..n as usize {
-        let ctx = CudaContext::new(i).map_err(|e| anyhow!("device {i}: {e}"))?;
-        out.push((
-            i,
-            ctx.name().unwrap_or_default(),
-            ctx.compute_capability().unwrap_or((0, 0)),
-            ctx.total_mem().unwrap_or(0),
-        ));
-    }
-    Ok(out)
-}
-
 /// Device memory for the caching pool (`backend::pool`, where its rules are tested).
-pub struct CudaMem {
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
+pub struct DeviceMem {
+    driver: Arc<dyn Driver>,
 }
 
-impl RawAlloc for CudaMem {
+impl RawAlloc for DeviceMem {
     fn malloc(&self, bytes: usize) -> std::result::Result<u64, String> {
-        self.ctx.bind_to_thread().map_err(|e| e.to_string())?;
-        // Safety: a plain device allocation, owned by the pool until it frees it.
-        unsafe { result::malloc_sync(bytes) }.map_err(|e| e.to_string())
+        self.driver.malloc(bytes)
     }
 
     fn free(&self, ptr: u64) {
-        if self.ctx.bind_to_thread().is_ok() {
-            // Safety: `ptr` came from `malloc` and the pool hands it out no more; `sync` ran
-            // first, so no queued kernel still uses it.
-            let _ = unsafe { result::free_sync(ptr) };
-        }
+        self.driver.free(ptr)
     }
 
     fn sync(&self) {
-        let _ = self.stream.synchronize();
+        let _ = self.driver.synchronize();
     }
 }
 
-/// One device opened for use: a storage-type view (`dtype`) of the shared context, stream, pool
-/// and libraries. Views of other storage types (`with_dtype`) share everything else, so a model
+/// One device opened for use: a storage-type view (`dtype`) of the shared driver, pool and
+/// failure state. Views of other storage types (`with_dtype`) share everything else, so a model
 /// that must run in bf16 (a `force_upcast` VAE) stays in the same stream order as the rest.
 pub struct Gpu {
     core: Arc<GpuCore>,
@@ -131,142 +95,123 @@ impl std::ops::Deref for Gpu {
 }
 
 pub struct GpuCore {
-    pub ordinal: usize,
     /// `TOFFEE_KERNELS=reference`: the simple kernels instead of the tuned ones, so a wrong result
     /// on a device can be bisected to one kernel.
     reference: std::sync::atomic::AtomicBool,
     /// `TOFFEE_AUTOTUNE=1`: GEMM and convolution plans time their candidate algorithms on the
     /// first (eager) call of a shape instead of taking the libraries' heuristic first choice.
     autotune: std::sync::atomic::AtomicBool,
-    ctx: Arc<CudaContext>,
-    stream: Arc<CudaStream>,
-    blas: CudaBlasLT,
-    gemm: gemm::Planner,
+    driver: Arc<dyn Driver>,
     /// cuBLASLt's workspace, held for the Gpu's life so captured graphs may use it.
-    gemm_ws: Option<Block<CudaMem>>,
-    funcs: HashMap<String, CudaFunction>,
-    pool: Arc<Pool<CudaMem>>,
+    gemm_ws: Option<Block<DeviceMem>>,
+    pool: Arc<Pool<DeviceMem>>,
     /// The private memory of the graph being captured, if any.
-    capture: Mutex<Option<Arc<Reserve<CudaMem>>>>,
+    capture: Mutex<Option<Arc<Reserve<DeviceMem>>>>,
     error: Fault,
     /// Tests: fill every new allocation with 0xFF bytes (NaN in fp16/bf16/f32) so a kernel that
     /// leaves outputs unwritten fails loudly.
     poison: std::sync::atomic::AtomicBool,
-    /// cuDNN, when libcudnn is present (else convolutions fall back to im2col + cuBLASLt).
-    cudnn: Option<Mutex<CudnnHandle>>,
 }
 
 impl fmt::Debug for Gpu {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "cuda:{} ({:?})", self.ordinal, self.dtype)
+        write!(f, "{} ({:?})", self.name(), self.dtype)
     }
 }
 
+/// A captured graph and its private memory: the reserve is dropped after the graph (fields drop
+/// in order), never before, or an eager allocation could receive an address the graph writes.
+pub struct Graph {
+    exec: Box<dyn GraphExec>,
+    _reserve: Arc<Reserve<DeviceMem>>,
+    gpu: Arc<Gpu>,
+}
+
+impl Graph {
+    /// Replays the captured work on the device's stream.
+    pub fn launch(&self) -> Result<()> {
+        self.exec
+            .launch()
+            .map_err(|e| anyhow!("{}: graph launch: {e}", self.gpu.name()))
+    }
+}
+
+/// Every kernel the backend launches, with its module and shared-memory opt-in.
+fn kernel_specs() -> Vec<KernelSpec> {
+    MODULES
+        .iter()
+        .flat_map(|m| {
+            kernel_names(m).into_iter().map(move |name| KernelSpec {
+                module: m,
+                max_smem: dynamic_smem(&name),
+                name,
+            })
+        })
+        .collect()
+}
+
+/// The kernel modules (kernels/<name>.cu).
+pub const MODULES: [&str; 7] = [
+    "attention",
+    "elementwise",
+    "flash_tc",
+    "gemm_geglu",
+    "norm",
+    "norm_fast",
+    "sam",
+];
+
 impl Gpu {
-    /// Opens device `ordinal` with its own stream and loads every embedded kernel module.
-    pub fn new(ordinal: usize, dtype: DType) -> Result<Arc<Gpu>> {
-        if !driver_present() {
-            bail!("cuda:{ordinal}: no CUDA driver library (libcuda.so) on this machine");
-        }
-        let n = CudaContext::device_count().map_err(|e| anyhow!("CUDA driver: {e}"))?;
-        if ordinal >= n.max(0) as usize {
-            bail!("cuda:{ordinal}: this machine has {n} CUDA device(s)");
-        }
-        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("cuda:{ordinal}: {e}"))?;
-        // Safety: everything runs on this Gpu's single stream, so stream order is all the
-        // synchronisation needed; cudarc's per-buffer events would also break graph capture.
-        unsafe { ctx.disable_event_tracking() };
-        // Graph capture needs a non-default stream.
-        let stream = ctx
-            .new_stream()
-            .map_err(|e| anyhow!("cuda:{ordinal}: cannot create a stream: {e}"))?;
-        // Safety (both probes): they only look for the shared libraries; the version calls run
-        // only once a library is known to be present (cudarc panics on a missing one).
-        let blas_present = unsafe { cudarc::cublaslt::sys::is_culib_present() };
-        let blas_version =
-            blas_present.then(|| unsafe { cudarc::cublaslt::sys::cublasLtGetVersion() });
-        let blas = match decide("cuBLASLt", blas_present, blas_version, 13, Ok(()), false) {
-            LibDecision::Use => CudaBlasLT::new(stream.clone())
-                .map_err(|e| anyhow!("cuda:{ordinal}: cuBLASLt does not start: {e:?}"))?,
-            LibDecision::Fail(why) | LibDecision::Skip(why) => bail!(
-                "cuda:{ordinal}: {why}; install CUDA 13's cuBLAS (e.g. the nvidia-cublas wheel) \
-                 and put its lib folder on LD_LIBRARY_PATH"
-            ),
-        };
-        let cudnn_present = unsafe { cudarc::cudnn::sys::is_culib_present() };
-        let cudnn_version = cudnn_present.then(|| unsafe { cudarc::cudnn::sys::cudnnGetVersion() });
-        let version_ok = cudnn_version.is_some_and(|v| v / 10000 == 9);
-        let handle = if version_ok {
-            Some(cudarc::cudnn::Cudnn::new(stream.clone()).map_err(|e| format!("{e:?}")))
+    /// `cuda`, `cuda:N` (the CUDA driver) or `emu` (the software device, with the `emu` feature).
+    pub fn open(spec: &str, dtype: DType) -> Result<Arc<Gpu>> {
+        let driver: Arc<dyn Driver> = if spec == "emu" {
+            #[cfg(feature = "emu")]
+            {
+                Arc::new(emu::EmuDriver::open(&kernel_specs())?)
+            }
+            #[cfg(not(feature = "emu"))]
+            bail!("device `emu`: this build has no software device; rebuild with `--features emu`")
         } else {
-            None
-        };
-        let started = match &handle {
-            Some(Err(e)) => Err(e.clone()),
-            _ => Ok(()),
-        };
-        let cudnn = match decide("cuDNN", cudnn_present, cudnn_version, 9, started, true) {
-            LibDecision::Use => handle
-                .and_then(|h| h.ok())
-                .map(|h| Mutex::new(CudnnHandle::new(h))),
-            LibDecision::Skip(why) | LibDecision::Fail(why) => {
-                if cudnn_present {
-                    eprintln!(
-                        "toffee: warning: cuda:{ordinal}: {why}; convolutions use im2col + cuBLASLt"
-                    );
-                }
-                None
+            let ordinal = match spec {
+                "cuda" => 0,
+                s => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+                    Some(Ok(n)) => n,
+                    _ => bail!("device `{s}`: expected cuda:N with N a device number"),
+                },
+            };
+            #[cfg(feature = "cuda")]
+            {
+                Arc::new(cudarc_driver::CudaDriver::open(ordinal, &kernel_specs())?)
             }
+            #[cfg(not(feature = "cuda"))]
+            bail!(
+                "device `{spec}`: this build has no CUDA backend (cuda:{ordinal}); rebuild with \
+                 `--features cuda`"
+            )
         };
-        let mut funcs = HashMap::new();
-        for (name, fatbin) in embedded::MODULES {
-            let module = ctx
-                .load_module(cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()))
-                .map_err(|e| {
-                    anyhow!(
-                        "cuda:{ordinal}: cannot load kernel module {name} (built for {:?}): {e}",
-                        embedded::TARGETS
-                    )
-                })?;
-            for f in kernel_names(name) {
-                let func = module.load_function(&f).map_err(|e| {
-                    anyhow!("cuda:{ordinal}: kernel {f} missing from module {name}: {e}")
-                })?;
-                if let Some(bytes) = dynamic_smem(&f) {
-                    func.set_attribute(
-                        sys::CUfunction_attribute_enum::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
-                        bytes as i32,
-                    )
-                    .map_err(|e| anyhow!("cuda:{ordinal}: {f}: {bytes} B of shared memory: {e}"))?;
-                }
-                funcs.insert(f, func);
-            }
-        }
-        let pool = Pool::new(CudaMem {
-            ctx: ctx.clone(),
-            stream: stream.clone(),
+        Self::with_driver(driver, dtype)
+    }
+
+    fn with_driver(driver: Arc<dyn Driver>, dtype: DType) -> Result<Arc<Gpu>> {
+        let name = driver.name().to_string();
+        let pool = Pool::new(DeviceMem {
+            driver: driver.clone(),
         });
         let gemm_ws = Some(
             pool.take(GEMM_WORKSPACE, None)
-                .map_err(|e| anyhow!("cuda:{ordinal}: cuBLASLt workspace: {e}"))?,
+                .map_err(|e| anyhow!("{name}: cuBLASLt workspace: {e}"))?,
         );
         Ok(Arc::new(Gpu {
             dtype,
             core: Arc::new(GpuCore {
-                ordinal,
                 reference: std::sync::atomic::AtomicBool::new(kernels_reference()?),
                 autotune: std::sync::atomic::AtomicBool::new(autotune_requested()?),
-                ctx,
-                stream,
-                blas,
-                gemm: gemm::Planner::default(),
+                driver,
                 gemm_ws,
-                funcs,
                 pool,
                 capture: Mutex::new(None),
                 error: Fault::default(),
                 poison: std::sync::atomic::AtomicBool::new(false),
-                cudnn,
             }),
         }))
     }
@@ -279,55 +224,44 @@ impl Gpu {
         })
     }
 
-    pub fn stream(&self) -> &Arc<CudaStream> {
-        &self.stream
+    /// `cuda:N` or `emu`.
+    pub fn name(&self) -> &str {
+        self.driver.name()
     }
 
-    pub fn blas(&self) -> &CudaBlasLT {
-        &self.blas
+    pub fn driver(&self) -> &Arc<dyn Driver> {
+        &self.driver
     }
 
-    /// Queues a planned cuBLASLt GEMM (see `gemm`); a failure is recorded like a failed launch.
+    /// Queues a planned GEMM (see `gemm`); a failure is recorded like a failed launch.
     pub fn gemm(&self, shape: &gemm::Shape, operands: &gemm::Operands) {
         if self.failed() {
             return;
         }
-        use cudarc::cublaslt::MatmulShared;
         let ws = self
             .gemm_ws
             .as_ref()
             .map_or((0, 0), |b| (b.ptr, GEMM_WORKSPACE));
         let tune = |run: &mut dyn FnMut() -> bool| self.time_ms(run);
-        // Safety: the handle lives with the Gpu; callers pass operands of the extents in `shape`;
-        // the workspace block is held until the Gpu drops.
-        let r = unsafe {
-            self.gemm.run(
-                *self.blas.handle(),
-                self.stream.cu_stream() as _,
-                shape,
-                operands,
-                ws,
-                self.autotune().then_some(&tune as &gemm::Timer),
-            )
-        };
-        if let Err(e) = r {
+        let tune = self.autotune().then_some(&tune as &driver::Timer);
+        if let Err(e) = self.driver.gemm(shape, operands, ws, tune) {
             self.fail(e);
         }
     }
 
     /// GEMM shapes planned so far (each planned once).
     pub fn gemm_plans(&self) -> usize {
-        self.gemm.planned()
+        self.driver.gemm_plans()
     }
 
-    pub fn cudnn(&self) -> Option<&Mutex<CudnnHandle>> {
-        self.cudnn.as_ref()
+    /// Convolution shapes planned so far (refusals included).
+    pub fn conv_plans(&self) -> usize {
+        self.driver.conv_plans()
     }
 
     /// Records the first failure; later ops become no-ops until `check` reports it.
     pub fn fail(&self, what: impl fmt::Display) {
-        self.error
-            .record(format!("cuda:{}: {what}", self.ordinal), false);
+        self.error.record(format!("{}: {what}", self.name()), false);
     }
 
     pub fn failed(&self) -> bool {
@@ -343,7 +277,7 @@ impl Gpu {
     /// pool's cache, so a smaller batch can run: Ok(true) when a failure was cleared. Any other
     /// failure stays (Err).
     pub fn recover(&self) -> Result<bool> {
-        let _ = self.stream.synchronize();
+        let _ = self.driver.synchronize();
         let cleared = self.error.clear_recoverable()?;
         self.pool.trim();
         Ok(cleared)
@@ -351,7 +285,7 @@ impl Gpu {
 
     /// Waits for all queued work; reports launch-time and asynchronous errors.
     pub fn synchronize(&self) -> Result<()> {
-        if let Err(e) = self.stream.synchronize() {
+        if let Err(e) = self.driver.synchronize() {
             self.fail(e);
         }
         self.check()
@@ -362,9 +296,13 @@ impl Gpu {
         self.pool.held()
     }
 
+    fn capturing(&self) -> bool {
+        self.capture.lock().unwrap().is_some()
+    }
+
     /// A pool block (the capture's private memory while a graph is being captured); None after a
     /// recorded failure, so nothing runs on a null pointer.
-    fn alloc_raw(&self, bytes: usize) -> Option<Block<CudaMem>> {
+    fn alloc_raw(&self, bytes: usize) -> Option<Block<DeviceMem>> {
         if self.failed() {
             return None;
         }
@@ -372,8 +310,7 @@ impl Gpu {
         match self.pool.take(bytes, reserve.as_ref()) {
             Ok(b) => Some(b),
             Err(e) => {
-                self.error
-                    .record(format!("cuda:{}: {e}", self.ordinal), true);
+                self.error.record(format!("{}: {e}", self.name()), true);
                 None
             }
         }
@@ -393,19 +330,11 @@ impl Gpu {
     /// Milliseconds per run of `f` (queued work on this Gpu's stream), averaged over 3 runs after
     /// a warm-up; None while a graph is being captured (nothing may wait then), after a failure,
     /// or when `f` reports one. Used by autotuning only.
-    pub fn time_ms(&self, mut f: impl FnMut() -> bool) -> Option<f32> {
-        if self.capture.lock().unwrap().is_some() || self.failed() || !f() {
+    pub fn time_ms(&self, f: &mut dyn FnMut() -> bool) -> Option<f32> {
+        if self.capturing() || self.failed() {
             return None;
         }
-        let timing = Some(sys::CUevent_flags::CU_EVENT_DEFAULT);
-        let start = self.stream.record_event(timing).ok()?;
-        for _ in 0..3 {
-            if !f() {
-                return None;
-            }
-        }
-        let end = self.stream.record_event(timing).ok()?;
-        start.elapsed_ms(&end).ok().map(|t| t / 3.0)
+        self.driver.time_ms(f)
     }
 
     /// Whether the simple reference kernels run instead of the tuned ones (`TOFFEE_KERNELS`).
@@ -429,10 +358,7 @@ impl Gpu {
         let block = self.alloc_raw(bytes);
         let ptr = block.as_ref().map_or(0, |b| b.ptr);
         if ptr != 0 && self.poison.load(std::sync::atomic::Ordering::Relaxed) {
-            // Safety: a live pool buffer of at least `bytes` bytes, on our stream.
-            if let Err(e) =
-                unsafe { result::memset_d8_async(ptr, 0xFF, bytes, self.stream.cu_stream()) }
-            {
+            if let Err(e) = self.driver.memset(ptr, 0xFF, bytes) {
                 self.fail(e);
             }
         }
@@ -452,30 +378,22 @@ impl Gpu {
         if self.failed() || data.is_empty() {
             return buf;
         }
-        let r = match dtype {
-            DType::F32 => self.htod(buf.ptr(), data),
-            DType::I32 => self.htod(
-                buf.ptr(),
-                &data.iter().map(|v| *v as i32).collect::<Vec<_>>(),
-            ),
-            DType::F16 => self.htod(
-                buf.ptr(),
-                &data
-                    .iter()
-                    .map(|v| half::f16::from_f32(*v))
-                    .collect::<Vec<_>>(),
-            ),
-            DType::BF16 => self.htod(
-                buf.ptr(),
-                &data
-                    .iter()
-                    .map(|v| half::bf16::from_f32(*v))
-                    .collect::<Vec<_>>(),
-            ),
+        let bytes: Vec<u8> = match dtype {
+            DType::F32 => data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            DType::I32 => data
+                .iter()
+                .flat_map(|v| (*v as i32).to_le_bytes())
+                .collect(),
+            DType::F16 => data
+                .iter()
+                .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+                .collect(),
+            DType::BF16 => data
+                .iter()
+                .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+                .collect(),
         };
-        if let Err(e) = r {
-            self.fail(e);
-        }
+        self.htod(buf.ptr(), &bytes);
         buf
     }
 
@@ -483,20 +401,15 @@ impl Gpu {
     pub fn upload_i32(self: &Arc<Self>, data: &[i32]) -> DevBuf {
         let buf = self.alloc(data.len(), DType::I32);
         if !self.failed() && !data.is_empty() {
-            if let Err(e) = self.htod(buf.ptr(), data) {
-                self.fail(e);
-            }
+            let bytes: Vec<u8> = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+            self.htod(buf.ptr(), &bytes);
         }
         buf
     }
 
-    fn htod<T>(&self, dst: u64, src: &[T]) -> Result<()> {
-        self.ctx.bind_to_thread().map_err(|e| anyhow!("{e}"))?;
-        // Safety: dst holds at least size_of_val(src) bytes. A copy from pageable memory is staged
-        // before this returns, so `src` may go away afterwards; on our stream it is ordered after
-        // earlier kernels that may still use a recycled `dst`.
-        unsafe {
-            result::memcpy_htod_async(dst, src, self.stream.cu_stream()).map_err(|e| anyhow!("{e}"))
+    fn htod(&self, dst: u64, src: &[u8]) {
+        if let Err(e) = self.driver.htod(dst, src) {
+            self.fail(e);
         }
     }
 
@@ -505,32 +418,25 @@ impl Gpu {
         self.launch_smem(name, grid, block, 0, args)
     }
 
-    /// `launch` with `smem` bytes of dynamic shared memory (see `dynamic_smem`).
+    /// `launch` with `smem` bytes of dynamic shared memory (see `dynamic_smem`). Launches a GPU
+    /// would refuse (too many threads, a grid dimension past its limit, more shared memory than
+    /// the kernel opted into) are refused here on every device, with the kernel's name.
     pub fn launch_smem(&self, name: &str, grid: (u32, u32), block: u32, smem: u32, args: &[Arg]) {
         if self.failed() {
             return;
         }
-        let Some(f) = self.funcs.get(name) else {
+        let Some(limit) = self.driver.smem_limit(name) else {
             self.fail(format!("kernel {name} is not in the embedded modules"));
             return;
         };
-        let mut b = self.stream.launch_builder(f);
-        for a in args {
-            match a {
-                Arg::P(v) => b.arg(v),
-                Arg::I(v) => b.arg(v),
-                Arg::L(v) => b.arg(v),
-                Arg::F(v) => b.arg(v),
-            };
-        }
-        let cfg = LaunchConfig {
-            grid_dim: (grid.0.max(1), grid.1.max(1), 1),
-            block_dim: (block, 1, 1),
-            shared_mem_bytes: smem,
+        let cfg = LaunchCfg {
+            grid: (grid.0.max(1), grid.1.max(1), 1),
+            block,
+            smem,
         };
-        // Safety: argument lists match the extern "C" signatures in kernels/ (checked by the GPU tests).
-        if let Err(e) = unsafe { b.launch(cfg) } {
-            self.fail(format!("launching {name}: {e}"));
+        let r = check_launch(name, &cfg, limit).and_then(|_| self.driver.launch(name, &cfg, args));
+        if let Err(e) = r {
+            self.fail(e);
         }
     }
 
@@ -539,10 +445,7 @@ impl Gpu {
         if self.failed() || bytes == 0 {
             return;
         }
-        // Safety: both ranges are live pool buffers of at least `bytes` bytes.
-        if let Err(e) =
-            unsafe { result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream()) }
-        {
+        if let Err(e) = self.driver.dtod(dst, src, bytes) {
             self.fail(e);
         }
     }
@@ -551,27 +454,25 @@ impl Gpu {
     /// graph keeps (see `backend::pool`).
     pub fn begin_capture(&self) -> Result<()> {
         *self.capture.lock().unwrap() = Some(self.pool.reserve());
-        let r = self
-            .stream
-            .begin_capture(sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_RELAXED);
-        r.map_err(|e| {
+        self.driver.begin_capture().map_err(|e| {
             *self.capture.lock().unwrap() = None;
-            anyhow!("cuda:{}: begin graph capture: {e}", self.ordinal)
+            anyhow!("{}: {e}", self.name())
         })
     }
 
-    /// The captured graph and its private memory: keep the reserve as long as the graph (drop it
-    /// after the graph), or an eager allocation could receive an address the graph writes.
-    pub fn end_capture(&self) -> Result<(cudarc::driver::CudaGraph, Arc<Reserve<CudaMem>>)> {
+    /// The captured graph, holding its private memory.
+    pub fn end_capture(self: &Arc<Self>) -> Result<Graph> {
         let reserve = self.capture.lock().unwrap().take();
-        let g = self
-            .stream
-            .end_capture(sys::CUgraphInstantiate_flags(0))
-            .map_err(|e| anyhow!("cuda:{}: end graph capture: {e}", self.ordinal))?;
+        let exec = self
+            .driver
+            .end_capture()
+            .map_err(|e| anyhow!("{}: {e}", self.name()))?;
         self.check()?;
-        let g =
-            g.ok_or_else(|| anyhow!("cuda:{}: graph capture recorded nothing", self.ordinal))?;
-        Ok((g, reserve.expect("begin_capture set it")))
+        Ok(Graph {
+            exec,
+            _reserve: reserve.expect("begin_capture set it"),
+            gpu: self.clone(),
+        })
     }
 }
 
@@ -617,7 +518,7 @@ pub enum Arg {
 /// reserve it came from) when the last buffer using it is dropped.
 pub struct DevMem {
     gpu: Arc<Gpu>,
-    block: Option<Block<CudaMem>>,
+    block: Option<Block<DeviceMem>>,
 }
 
 /// A device buffer of `len` elements of `dtype`.
@@ -655,32 +556,32 @@ impl DevBuf {
     pub fn download(&self) -> Result<Vec<f32>> {
         let g = self.gpu();
         g.synchronize()?;
-        g.ctx.bind_to_thread().map_err(|e| anyhow!("{e}"))?;
-        // Safety: the buffer holds `len` elements of `dtype`; the stream is idle.
-        unsafe {
-            Ok(match self.dtype {
-                DType::F32 => {
-                    let mut v = vec![0f32; self.len];
-                    result::memcpy_dtoh_sync(&mut v, self.ptr()).map_err(|e| anyhow!("{e}"))?;
-                    v
-                }
-                DType::F16 => {
-                    let mut v = vec![half::f16::ZERO; self.len];
-                    result::memcpy_dtoh_sync(&mut v, self.ptr()).map_err(|e| anyhow!("{e}"))?;
-                    v.iter().map(|x| x.to_f32()).collect()
-                }
-                DType::BF16 => {
-                    let mut v = vec![half::bf16::ZERO; self.len];
-                    result::memcpy_dtoh_sync(&mut v, self.ptr()).map_err(|e| anyhow!("{e}"))?;
-                    v.iter().map(|x| x.to_f32()).collect()
-                }
-                DType::I32 => {
-                    let mut v = vec![0i32; self.len];
-                    result::memcpy_dtoh_sync(&mut v, self.ptr()).map_err(|e| anyhow!("{e}"))?;
-                    v.iter().map(|x| *x as f32).collect()
-                }
-            })
+        let mut bytes = vec![0u8; self.bytes()];
+        if !bytes.is_empty() {
+            g.driver
+                .dtoh(&mut bytes, self.ptr())
+                .map_err(|e| anyhow!("{}: {e}", g.name()))?;
         }
+        let two = |c: &[u8]| [c[0], c[1]];
+        let four = |c: &[u8]| [c[0], c[1], c[2], c[3]];
+        Ok(match self.dtype {
+            DType::F32 => bytes
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes(four(c)))
+                .collect(),
+            DType::I32 => bytes
+                .chunks_exact(4)
+                .map(|c| i32::from_le_bytes(four(c)) as f32)
+                .collect(),
+            DType::F16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes(two(c)).to_f32())
+                .collect(),
+            DType::BF16 => bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes(two(c)).to_f32())
+                .collect(),
+        })
     }
 
     /// Elements `start..start+len` as a new buffer.
@@ -846,21 +747,22 @@ mod tests {
 
     /// Every kernel the runtime loads by name is in the module build.rs compiled (checked on the
     /// fatbin bytes, so it needs no GPU): a renamed kernel fails here, not at a user's first run.
+    #[cfg(feature = "cuda")]
     #[test]
     fn every_kernel_name_is_embedded() {
-        for (module, fatbin) in super::embedded::MODULES {
-            for name in super::kernel_names(module) {
-                let found = fatbin
-                    .windows(name.len() + 1)
-                    .any(|w| &w[..name.len()] == name.as_bytes() && w[name.len()] == 0);
-                assert!(found, "kernel {name} is not in module {module}");
-            }
+        for spec in super::kernel_specs() {
+            assert!(
+                super::cudarc_driver::fatbin_has(spec.module, &spec.name),
+                "kernel {} is not in module {}",
+                spec.name,
+                spec.module
+            );
         }
-        assert_eq!(
-            super::embedded::MODULES.len(),
-            7,
-            "norm, norm_fast, attention, flash_tc, gemm_geglu, elementwise, sam"
-        );
+        let embedded: Vec<&str> = super::cudarc_driver::embedded_modules()
+            .iter()
+            .map(|(m, _)| *m)
+            .collect();
+        assert_eq!(embedded, super::MODULES, "one module per kernels/*.cu");
     }
 
     /// The host's copy of flash_tc.cu's shared-memory formula, on the values its header states.

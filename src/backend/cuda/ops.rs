@@ -6,7 +6,6 @@ use super::gemm;
 use super::{Arg, DType, DevBuf, Gpu};
 use crate::backend::cpu::{Activation, Conv2dW, LinearW};
 use crate::tensor::Tensor;
-use cudarc::driver::{DevicePtr, DevicePtrMut, DeviceSlice, SyncOnDrop};
 use std::sync::Arc;
 
 pub(super) fn dev(t: &Tensor) -> &DevBuf {
@@ -26,38 +25,6 @@ fn name(base: &str, dtype: DType) -> String {
 /// Grid for a grid-stride elementwise kernel over `n` elements.
 fn grid(n: usize) -> (u32, u32) {
     (n.div_ceil(256).clamp(1, 65535) as u32, 1)
-}
-
-/// A raw pool pointer seen through cudarc's slice traits, for cuBLASLt.
-pub(super) struct Raw<'a> {
-    pub ptr: u64,
-    pub len: usize,
-    pub gpu: &'a Arc<Gpu>,
-}
-
-impl<T> DeviceSlice<T> for Raw<'_> {
-    fn len(&self) -> usize {
-        self.len
-    }
-    fn stream(&self) -> &Arc<cudarc::driver::CudaStream> {
-        self.gpu.stream()
-    }
-}
-
-impl<T> DevicePtr<T> for Raw<'_> {
-    fn device_ptr<'a>(&'a self, _stream: &'a cudarc::driver::CudaStream) -> (u64, SyncOnDrop<'a>) {
-        // One stream per Gpu: stream order is the only synchronisation needed.
-        (self.ptr, SyncOnDrop::Sync(None))
-    }
-}
-
-impl<T> DevicePtrMut<T> for Raw<'_> {
-    fn device_ptr_mut<'a>(
-        &'a mut self,
-        _stream: &'a cudarc::driver::CudaStream,
-    ) -> (u64, SyncOnDrop<'a>) {
-        (self.ptr, SyncOnDrop::Sync(None))
-    }
 }
 
 /// Row-major C[m×n] = A[m×k] · B + bias[n] (+ residual[m×n]), where B is W[n×k]
@@ -144,12 +111,6 @@ pub fn conv2d_fused(
     per_sample: Option<&Tensor>,
     residual: Option<&Tensor>,
 ) -> Tensor {
-    let (n, h, w, cin) = x.dims4();
-    let k = c.kernel;
-    let [pt, pb, pl, pr] = c.pad;
-    let ho = (h + pt + pb - k) / c.stride + 1;
-    let wo = (w + pl + pr - k) / c.stride + 1;
-    let cout = c.out_channels();
     if dev(x).gpu().reference() && (per_sample.is_some() || residual.is_some()) {
         // One op per term, so a device run can bisect the fused epilogue.
         let mut y = conv2d_fused(x, c, None, None);
@@ -161,20 +122,56 @@ pub fn conv2d_fused(
             None => y,
         };
     }
-    // cuDNN descriptors and our kernels index with 32 bits: a batch past 2^31 elements in any
-    // operand (SDXL's VAE decode at 1024², batch 8) runs as smaller batches, not through a
-    // tens-of-GB im2col buffer.
-    let im2col = if k > 1 { ho * wo * k * k * cin } else { 0 };
-    let chunks = crate::backend::batch_chunks(n, (h * w * cin).max(ho * wo * cout).max(im2col));
+    let [pt, pb, pl, pr] = c.pad;
+    let library =
+        c.kernel > 1 && c.krsc && pt == pb && pl == pr && dev(x).gpu().driver().has_conv();
+    conv_path(x, c, per_sample, residual, library)
+}
+
+/// Samples per call of a convolution: cuDNN descriptors and our kernels index with 32 bits, so a
+/// batch past 2^31 elements in any operand (SDXL's VAE decode at 1024², batch 8) runs as smaller
+/// batches. The im2col buffer counts only on the im2col path: through the library the SD VAE
+/// decode at 512², batch 8, is one call per convolution.
+pub fn conv_batch_chunks(
+    n: usize,
+    (h, w, cin): (usize, usize, usize),
+    (ho, wo, cout): (usize, usize, usize),
+    k: usize,
+    library: bool,
+) -> Vec<(usize, usize)> {
+    let im2col = if k > 1 && !library {
+        ho * wo * k * k * cin
+    } else {
+        0
+    };
+    crate::backend::batch_chunks(n, (h * w * cin).max(ho * wo * cout).max(im2col))
+}
+
+/// `conv2d_fused` through the library (cuDNN, when `library`) or im2col + GEMM.
+fn conv_path(
+    x: &Tensor,
+    c: &Conv2dW,
+    per_sample: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    library: bool,
+) -> Tensor {
+    let (n, h, w, cin) = x.dims4();
+    let k = c.kernel;
+    let [pt, pb, pl, pr] = c.pad;
+    let ho = (h + pt + pb - k) / c.stride + 1;
+    let wo = (w + pl + pr - k) / c.stride + 1;
+    let cout = c.out_channels();
+    let chunks = conv_batch_chunks(n, (h, w, cin), (ho, wo, cout), k, library);
     if chunks.len() > 1 {
         let parts: Vec<Tensor> = chunks
             .iter()
             .map(|&(start, len)| {
-                conv2d_fused(
+                conv_path(
                     &x.narrow0(start, len),
                     c,
                     per_sample.map(|p| p.narrow0(start, len)).as_ref(),
                     residual.map(|r| r.narrow0(start, len)).as_ref(),
+                    library,
                 )
             })
             .collect();
@@ -190,30 +187,30 @@ pub fn conv2d_fused(
         return t;
     }
     let ptr = |t: Option<&Tensor>| t.map_or(0, |t| dev(t).ptr());
-    let symmetric = pt == pb && pl == pr;
-    if k > 1 && c.krsc && symmetric {
-        if let Some(h) = g.cudnn() {
-            let done = h.lock().unwrap().conv(x, c, &o);
-            if done {
-                let bias = c.bias.as_ref();
-                if bias.is_some() || per_sample.is_some() || residual.is_some() {
-                    g.launch(
-                        &name("conv_epilogue", o.dtype),
-                        grid(o.len),
-                        256,
-                        &[
-                            Arg::P(o.ptr()),
-                            Arg::P(ptr(bias)),
-                            Arg::P(ptr(per_sample)),
-                            Arg::P(ptr(residual)),
-                            Arg::L(o.len as i64),
-                            Arg::L((ho * wo * cout) as i64),
-                            Arg::I(cout as i32),
-                        ],
-                    );
-                }
-                return t;
+    if library {
+        if super::conv::conv(x, c, &o) {
+            let bias = c.bias.as_ref();
+            if bias.is_some() || per_sample.is_some() || residual.is_some() {
+                g.launch(
+                    &name("conv_epilogue", o.dtype),
+                    grid(o.len),
+                    256,
+                    &[
+                        Arg::P(o.ptr()),
+                        Arg::P(ptr(bias)),
+                        Arg::P(ptr(per_sample)),
+                        Arg::P(ptr(residual)),
+                        Arg::L(o.len as i64),
+                        Arg::L((ho * wo * cout) as i64),
+                        Arg::I(cout as i32),
+                    ],
+                );
             }
+            return t;
+        }
+        // The library refused this shape: im2col, in batches its buffer allows.
+        if conv_batch_chunks(n, (h, w, cin), (ho, wo, cout), k, false).len() > 1 {
+            return conv_path(x, c, per_sample, residual, false);
         }
     }
     // 1×1 convolutions are plain GEMMs; asymmetric padding (the VAE's downsampler) and machines
@@ -288,21 +285,35 @@ pub fn linear_geglu(x: &Tensor, l: &LinearW) -> Tensor {
     let mut shape = x.shape().to_vec();
     *shape.last_mut().unwrap() = n;
     let (t, o) = out(xd, shape);
-    g.launch(
-        &name("gemm_geglu", xd.dtype),
-        (n.div_ceil(64) as u32, m.div_ceil(128) as u32),
-        256,
-        &[
-            Arg::P(xd.ptr()),
-            Arg::P(dev(&l.weight).ptr()),
-            Arg::P(l.bias.as_ref().map_or(0, |b| dev(b).ptr())),
-            Arg::P(o.ptr()),
-            Arg::I(m as i32),
-            Arg::I(n as i32),
-            Arg::I(k as i32),
-        ],
-    );
+    let es = xd.dtype.size() as u64;
+    // grid.y is one 128-row tile each and may not pass 65535: taller inputs run as row slices.
+    for (r0, rows) in grid_y_slices(m, 128) {
+        g.launch(
+            &name("gemm_geglu", xd.dtype),
+            (n.div_ceil(64) as u32, rows.div_ceil(128) as u32),
+            256,
+            &[
+                Arg::P(xd.ptr() + (r0 * k) as u64 * es),
+                Arg::P(dev(&l.weight).ptr()),
+                Arg::P(l.bias.as_ref().map_or(0, |b| dev(b).ptr())),
+                Arg::P(o.ptr() + (r0 * n) as u64 * es),
+                Arg::I(rows as i32),
+                Arg::I(n as i32),
+                Arg::I(k as i32),
+            ],
+        );
+    }
     t
+}
+
+/// (start, len) slices of `total` rows, `per_block` rows a grid.y block, each slice within
+/// CUDA's grid.y limit of 65535 blocks.
+pub fn grid_y_slices(total: usize, per_block: usize) -> Vec<(usize, usize)> {
+    let step = 65535 * per_block.max(1);
+    (0..total)
+        .step_by(step)
+        .map(|s| (s, step.min(total - s)))
+        .collect()
 }
 
 /// x·Wᵀ + b + residual in one GEMM (the residual is cuBLASLt's C).
@@ -469,27 +480,33 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     } else {
         ("flash_attention", 16, 0)
     };
-    g.launch_smem(
-        &format!("{kernel}_d{d}_{}", qd.dtype.suffix()),
-        (lq.div_ceil(rows_per_block) as u32, (b * heads) as u32),
-        128,
-        smem,
-        &[
-            Arg::P(qd.ptr()),
-            Arg::P(dev(k).ptr()),
-            Arg::P(dev(v).ptr()),
-            Arg::P(o.ptr()),
-            Arg::I(heads as i32),
-            Arg::I(lq as i32),
-            Arg::I(lk as i32),
-            Arg::L(hd as i64),
-            Arg::L(hd as i64),
-            Arg::L(hd as i64),
-            Arg::L(hd as i64),
-            Arg::F(1.0 / (d as f32).sqrt()),
-            Arg::I(causal as i32),
-        ],
-    );
+    let es = qd.dtype.size() as u64;
+    // grid.y is one (sample, head) each and may not pass 65535: more run as batch slices.
+    let per = (65535 / heads).max(1);
+    for (s0, samples) in (0..b).step_by(per).map(|s| (s, per.min(b - s))) {
+        let (qo, ko) = ((s0 * lq * hd) as u64 * es, (s0 * lk * hd) as u64 * es);
+        g.launch_smem(
+            &format!("{kernel}_d{d}_{}", qd.dtype.suffix()),
+            (lq.div_ceil(rows_per_block) as u32, (samples * heads) as u32),
+            128,
+            smem,
+            &[
+                Arg::P(qd.ptr() + qo),
+                Arg::P(dev(k).ptr() + ko),
+                Arg::P(dev(v).ptr() + ko),
+                Arg::P(o.ptr() + qo),
+                Arg::I(heads as i32),
+                Arg::I(lq as i32),
+                Arg::I(lk as i32),
+                Arg::L(hd as i64),
+                Arg::L(hd as i64),
+                Arg::L(hd as i64),
+                Arg::L(hd as i64),
+                Arg::F(1.0 / (d as f32).sqrt()),
+                Arg::I(causal as i32),
+            ],
+        );
+    }
     t
 }
 
@@ -1084,4 +1101,38 @@ pub fn rel_pos_attention(
         );
     });
     t
+}
+
+#[cfg(test)]
+mod tests {
+    /// Issue 23 defect: the path is chosen before the batch is split. The SD VAE decoder's widest
+    /// 3×3 convolutions at 512², batch 8 (256 → 256 and 512 → 256 channels) are one call through
+    /// cuDNN; only im2col's 9×-wider buffer needs 2–3 calls.
+    #[test]
+    fn library_convolutions_are_not_split_for_an_unused_im2col_buffer() {
+        for cin in [256, 512] {
+            let shape = ((512, 512, cin), (512, 512, 256));
+            assert_eq!(
+                super::conv_batch_chunks(8, shape.0, shape.1, 3, true),
+                [(0, 8)]
+            );
+            let im2col = super::conv_batch_chunks(8, shape.0, shape.1, 3, false);
+            assert!((2..=8).contains(&im2col.len()), "{im2col:?}");
+            assert_eq!(im2col.iter().map(|c| c.1).sum::<usize>(), 8);
+        }
+        // SDXL's VAE at 1024²: the activations alone pass 2^31 elements at batch 8.
+        let big = super::conv_batch_chunks(8, (1024, 1024, 512), (1024, 1024, 512), 3, true);
+        assert!(big.len() > 1, "{big:?}");
+    }
+
+    #[test]
+    fn grid_y_slices_stay_within_the_limit() {
+        assert_eq!(super::grid_y_slices(128, 128), [(0, 128)]);
+        let rows = 65535 * 128 + 5;
+        assert_eq!(
+            super::grid_y_slices(rows, 128),
+            [(0, 65535 * 128), (65535 * 128, 5)]
+        );
+        assert!(super::grid_y_slices(0, 128).is_empty());
+    }
 }
