@@ -105,7 +105,8 @@ __device__ void flash_fwd(const T* __restrict__ q, const T* __restrict__ k, cons
                                    long sq, long sk, long sv, long so, float scale, int causal) {             \
         flash_fwd<T, D>(q, k, v, out, heads, lq, lk, sq, sk, sv, so, scale, causal);                         \
     }
-#define FLASH_ALL(S, T) FLASH(S, T, 40) FLASH(S, T, 64) FLASH(S, T, 80) FLASH(S, T, 128) FLASH(S, T, 160)
+// Head dims from kernels/dims.rs (build.rs defines TOFFEE_FLASH_DIMS).
+#define FLASH_ALL(S, T) TOFFEE_FLASH_DIMS(FLASH, S, T)
 TOFFEE_INSTANTIATE(FLASH_ALL)
 
 // Any head dim (the VAE's single 512-wide head, tiny test models): scores materialised in fp32.

@@ -45,3 +45,5 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
 }
 
 #define TOFFEE_INSTANTIATE(MACRO) MACRO(f16, __half) MACRO(bf16, __nv_bfloat16)
+// TOFFEE_FLASH_DIMS(X, S, T): the head dims of kernels/dims.rs, written by build.rs.
+#include "toffee_dims.h"

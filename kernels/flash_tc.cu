@@ -229,6 +229,6 @@ __device__ __forceinline__ void flash_tc(const T* __restrict__ q, const T* __res
                             long sk, long sv, long so, float scale, int causal) {                             \
         flash_tc<T, D>(q, k, v, out, heads, lq, lk, sq, sk, sv, so, scale, causal);                           \
     }
-#define FLASH_TC_ALL(S, T) \
-    FLASH_TC(S, T, 40) FLASH_TC(S, T, 64) FLASH_TC(S, T, 80) FLASH_TC(S, T, 128) FLASH_TC(S, T, 160)
+// Head dims from kernels/dims.rs (build.rs defines TOFFEE_FLASH_DIMS).
+#define FLASH_TC_ALL(S, T) TOFFEE_FLASH_DIMS(FLASH_TC, S, T)
 TOFFEE_INSTANTIATE(FLASH_TC_ALL)

@@ -1,30 +1,27 @@
 // Fast GroupNorm (+ SiLU) over NHWC and LayerNorm over the last dimension; same maths as norm.cu (the
 // reference path): biased variance, y = (x - mean) * rsqrt(var + eps) * gamma + beta, fp32 statistics.
 // GroupNorm is two launches so that the statistics pass fills the GPU even when N*groups is small:
-//   group_norm_stats_{S}  grid (splits, N*groups), block 256. Block (s, n*groups+g) reduces pixels
-//     [s*ceil(hw/splits), min(hw, (s+1)*ceil(hw/splits))) of group g of sample n into
+//   group_norm_stats_{S}  grid (splits, N), block 256. Block (s, n) reduces pixels
+//     [s*ceil(hw/splits), min(hw, (s+1)*ceil(hw/splits))) of sample n, every group g, into
 //     partial[((n*groups+g)*splits+s)*3 + {0,1,2}] = {count, mean, M2}; empty splits write {0,0,0}.
-//     Scratch: N*groups*splits*3 floats. Any c, groups | c; loads are as wide as cg and x's alignment allow.
+//     Scratch: N*groups*splits*3 floats. Preconditions: c % 8 == 0, c <= 2048 (one vector column per
+//     thread), groups | c with c / groups >= 4, x 16-byte aligned; every load is a whole 16-byte vector.
 //   group_norm_apply_{S}  grid (ceil(hw/GN_PIX_PER_BLOCK), N), block 256, GN_PIX_PER_BLOCK = 32.
 //     Preconditions: c % 8 == 0, groups <= 128, x/y/gamma/beta 16-byte aligned.
-// Host choice of splits (H200, 132 SMs): all stats blocks resident in one wave (no tail), enough 128-bit
-// loads in flight to cover HBM latency, and >= 4096 elements per block so fixed costs stay small:
-//   splits = clamp(floor(528 / (N*groups)), 1, min(32, max(1, hw*cg / 4096)))
-// 528 = 4 blocks/SM x 132 (stats uses <= 64 registers, so 4 x 256-thread blocks fit per SM; each thread
-// keeps 4 loads in flight). The cap of 32 keeps the apply preamble at one partial per lane per group;
-// any splits >= 1 is correct.
+// Host choice of splits (H200, 132 SMs): all stats blocks resident in one wave (no tail) and >= 4096
+// elements per block so fixed costs stay small:
+//   splits = clamp(floor(528 / N), 1, min(32, max(1, hw*c / 4096)))
+// 528 = 4 blocks/SM x 132. The cap of 32 keeps the apply preamble at one partial per lane per group; any
+// splits >= 1 is correct.
 //   layer_norm_warp_{S}  grid ceil(rows/8), block 256, one warp per row. Preconditions: c % 8 == 0,
 //     x/y/gamma/beta 16-byte aligned. Rows of c <= 1024 live in registers; longer rows are re-read.
 #include "common.cuh"
 #define GN_PIX_PER_BLOCK 32
 #define GN_MAX_GROUPS 128
 
-// Loads/stores of W consecutive storage elements as one W*2-byte transaction (W in {1,2,4,8}).
+// Loads of W consecutive storage elements as one W*2-byte transaction (every load here is W = 8).
 template <int W> struct VecBits;
 template <> struct VecBits<8> { typedef uint4 type; };
-template <> struct VecBits<4> { typedef uint2 type; };
-template <> struct VecBits<2> { typedef unsigned int type; };
-template <> struct VecBits<1> { typedef unsigned short type; };
 
 template <typename T, int W> __device__ __forceinline__ void load_vec(const T* p, float (&f)[W]) {
     typedef typename VecBits<W>::type V;
@@ -51,15 +48,6 @@ __device__ __forceinline__ Stat chan(Stat a, Stat b) {
     a.mean += d * wb, a.n = n;
     return a;
 }
-// Fold W fresh values into a running Stat: exact two-pass stats of the W values, then one Chan merge
-// (W = 1 is plain Welford). One division per W elements instead of one per element.
-template <int W> __device__ __forceinline__ Stat push(Stat a, const float (&f)[W]) {
-    float s = 0.0f;
-    for (int j = 0; j < W; j++) s += f[j];
-    Stat b = {(float)W, s * (1.0f / W), 0.0f};
-    for (int j = 0; j < W; j++) b.m2 += (f[j] - b.mean) * (f[j] - b.mean);
-    return chan(a, b);
-}
 // Tree merge down to lane 0 (other lanes hold partial results).
 __device__ __forceinline__ Stat warp_merge(Stat a) {
     for (int o = 16; o > 0; o >>= 1) {
@@ -70,53 +58,66 @@ __device__ __forceinline__ Stat warp_merge(Stat a) {
     return a;
 }
 
-// Per-thread stats over `npix` pixel rows (stride c) of `cg` contiguous channels, read W at a time.
-// Consecutive threads take consecutive W-vectors of a pixel row, then move to the next row.
-template <typename T, int W>
-__device__ __forceinline__ Stat gn_thread_stats(const T* __restrict__ base, int npix, int c, int cg) {
-    const int U = 4;  // vectors in flight per thread, for memory-level parallelism
-    int vpp = cg / W, total = npix * vpp;
-    Stat st = {0.0f, 0.0f, 0.0f};
-    for (int i0 = threadIdx.x; i0 < total; i0 += U * blockDim.x) {
-        float f[U][W];
-#pragma unroll
-        for (int u = 0; u < U; u++) {
-            int i = i0 + u * blockDim.x;
-            if (i < total) {
-                int p = i / vpp;
-                load_vec<T, W>(base + (size_t)p * c + (i - p * vpp) * W, f[u]);
-            }
-        }
-#pragma unroll
-        for (int u = 0; u < U; u++)
-            if (i0 + u * (int)blockDim.x < total) st = push<W>(st, f[u]);
-    }
-    return st;
-}
-
+// Statistics pass. Block (s, n) reduces pixels [s*chunk, min(hw, (s+1)*chunk)) of sample n for EVERY group,
+// reading whole pixel rows as 16-byte vectors (consecutive threads, consecutive vectors), so every memory
+// sector is used in full whatever the group width (one block per group read cg channels at a pixel stride:
+// 4-20 bytes of each 32-byte sector at 128/320/640 channels). Each thread keeps one vector column v, so its
+// 8 channels touch the same GN_SLOTS = 3 groups (or fewer) on every row, since groups have 4 or more channels (the
+// host's precondition; SD's 128/320/640 channels in 32 groups have 4/10/20); the columns' partial stats then
+// meet in shared memory, one warp per group.
+constexpr int GN_SLOTS = 3;
 template <typename T>
 __device__ void group_norm_stats(const T* __restrict__ x, float* __restrict__ partial, int hw, int c, int groups,
                                  int splits) {
-    __shared__ Stat warp_stats[32];
-    int n = blockIdx.y / groups, g = blockIdx.y % groups, cg = c / groups;
-    int chunk = (hw + splits - 1) / splits;
-    int p0 = min(hw, (int)blockIdx.x * chunk), npix = min(hw, p0 + chunk) - p0;
-    const T* base = x + ((size_t)n * hw + p0) * c + (size_t)g * cg;
-    // Widest load that divides cg and matches the base pointer's alignment (every offset is a multiple of W).
-    uintptr_t a = reinterpret_cast<uintptr_t>(x);
-    Stat st;
-    if (cg % 8 == 0 && a % 16 == 0) st = gn_thread_stats<T, 8>(base, npix, c, cg);
-    else if (cg % 4 == 0 && a % 8 == 0) st = gn_thread_stats<T, 4>(base, npix, c, cg);
-    else if (cg % 2 == 0 && a % 4 == 0) st = gn_thread_stats<T, 2>(base, npix, c, cg);
-    else st = gn_thread_stats<T, 1>(base, npix, c, cg);
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = (blockDim.x + 31) >> 5;
-    st = warp_merge(st);
-    if (lane == 0) warp_stats[warp] = st;
+    __shared__ Stat col_stats[256 * GN_SLOTS];  // [thread][slot]
+    const int n = blockIdx.y, cg = c / groups, vpr = c >> 3;
+    const int rows_par = blockDim.x / vpr;  // pixel rows read side by side (host: vpr <= blockDim)
+    const int tid = threadIdx.x, v = tid % vpr, r0 = tid / vpr;
+    const int chunk = (hw + splits - 1) / splits;
+    const int p0 = min(hw, (int)blockIdx.x * chunk), p1 = min(hw, p0 + chunk);
+    // The groups of this thread's channels [8v, 8v + 8): slot k is group g0 + k, channels [lo[k], hi[k]).
+    const int c0 = v * 8, g0 = c0 / cg;
+    int lo[GN_SLOTS], hi[GN_SLOTS];
+#pragma unroll
+    for (int k = 0; k < GN_SLOTS; k++) {
+        lo[k] = min(8, max(0, (g0 + k) * cg - c0));
+        hi[k] = min(8, max(0, (g0 + k + 1) * cg - c0));
+    }
+    Stat st[GN_SLOTS];
+#pragma unroll
+    for (int k = 0; k < GN_SLOTS; k++) st[k] = Stat{0.0f, 0.0f, 0.0f};
+    if (r0 < rows_par) {
+        const T* base = x + (size_t)n * hw * c + c0;
+        for (int p = p0 + r0; p < p1; p += rows_par) {
+            float f[8];
+            load_vec<T, 8>(base + (size_t)p * c, f);
+#pragma unroll
+            for (int k = 0; k < GN_SLOTS; k++) {
+                if (lo[k] >= hi[k]) continue;
+                // Exact two-pass stats of this group's channels of the vector, then one Chan merge.
+                float sum = 0.0f;
+                for (int j = lo[k]; j < hi[k]; j++) sum += f[j];
+                Stat b = {(float)(hi[k] - lo[k]), sum / (float)(hi[k] - lo[k]), 0.0f};
+                for (int j = lo[k]; j < hi[k]; j++) b.m2 += (f[j] - b.mean) * (f[j] - b.mean);
+                st[k] = chan(st[k], b);
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < GN_SLOTS; k++) col_stats[tid * GN_SLOTS + k] = st[k];
     __syncthreads();
-    if (warp == 0) {
-        st = warp_merge(lane < nw ? warp_stats[lane] : Stat{0.0f, 0.0f, 0.0f});
-        float* out = partial + ((size_t)blockIdx.y * splits + blockIdx.x) * 3;
-        if (lane == 0) out[0] = st.n, out[1] = st.mean, out[2] = st.m2;
+    // Group g's contributions: columns v in [g*cg/8, ((g+1)*cg - 1)/8], every row offset; slot g - v*8/cg.
+    const int lane = tid & 31, warp = tid >> 5, nw = blockDim.x >> 5;
+    for (int g = warp; g < groups; g += nw) {
+        const int vlo = g * cg / 8, vhi = ((g + 1) * cg - 1) / 8, ncol = vhi - vlo + 1;
+        Stat acc = {0.0f, 0.0f, 0.0f};
+        for (int j = lane; j < ncol * rows_par; j += 32) {
+            const int cv = vlo + j % ncol, r = j / ncol;
+            acc = chan(acc, col_stats[(r * vpr + cv) * GN_SLOTS + (g - cv * 8 / cg)]);
+        }
+        acc = warp_merge(acc);
+        float* out = partial + (((size_t)n * groups + g) * splits + blockIdx.x) * 3;
+        if (lane == 0) out[0] = acc.n, out[1] = acc.mean, out[2] = acc.m2;
     }
 }
 

@@ -7,6 +7,7 @@
 
 mod common;
 use common::*;
+use std::sync::atomic::Ordering::Relaxed;
 use toffee::backend::{self as ops, Activation, Conv2dW, Device, LinearW};
 use toffee::forward::{self, Component};
 use toffee::pipeline::{Control, Generator, Init};
@@ -430,6 +431,8 @@ fn tuned_and_reference_kernels_match_the_cpu_backend() {
             (37, 24, 8),
             (4097, 320, 32),
             (9, 64, 32),
+            (50, 32, 32),
+            (16, 2560, 32),
         ] {
             let x = offset(rand(&[2, hw, c], 33));
             let (gamma, beta) = (rand(&[c], 34), rand(&[c], 35));
@@ -990,10 +993,18 @@ fn pipelines_match_the_cpu_backend() {
         let got = Generator::load(&fixtures().join(model), cn.as_deref(), &d).and_then(|g| {
             let first = g.run(&req, &mut |_, _| {})?;
             let second = g.run(&req, &mut |_, _| {})?;
-            Ok((first, second))
+            Ok((first, second, g.evaluations.load(Relaxed)))
         });
         match got {
-            Ok((first, second)) => {
+            Ok((first, second, evaluations)) => {
+                // Replayed graphs count too (issue 23: the counter sat inside the captured call).
+                let cpu_evaluations = cpu.evaluations.load(Relaxed);
+                if evaluations != 2 * cpu_evaluations {
+                    fail(format!(
+                        "{name}: {evaluations} UNet evaluations counted over two runs, \
+                         the CPU counts {cpu_evaluations} per run"
+                    ));
+                }
                 close_tol(
                     &format!("{name} latents"),
                     &first.latents,
@@ -1171,5 +1182,89 @@ fn sam_matches_the_cpu_backend() {
         }
         Err(e) => fail(format!("sam builtin: {e:#}")),
     }
+    finish();
+}
+
+/// What real graph capture forbids fails on the device, and leaves it usable: synchronising
+/// (which invalidates the capture), reading device memory on the host. An allocation that runs out
+/// of memory while capturing is a recoverable error, not a synchronisation.
+#[test]
+fn capture_rules_hold() {
+    let Some(d) = gpu() else { return };
+    let Device::Gpu(g) = &d else { unreachable!() };
+    let x = d.put(rand(&[4, 64], 1));
+    g.begin_capture().unwrap();
+    let y = ops::silu(&x);
+    let synced = g.synchronize();
+    let end = g.end_capture();
+    if synced.is_ok() || end.is_ok() {
+        fail(format!(
+            "synchronising while capturing: {synced:?}; end of capture: {:?}",
+            end.map(|_| ())
+        ));
+    }
+    // Synchronising was refused and recorded: the device stays failed, as a GPU's would.
+    drop(y);
+    let Some(d2) = gpu() else { return };
+    let Device::Gpu(g2) = &d2 else { unreachable!() };
+    let x = d2.put(rand(&[4, 64], 1));
+    g2.begin_capture().unwrap();
+    let host = x.to_host();
+    let _ = g2.end_capture();
+    if host.is_ok() {
+        fail("a device tensor was read on the host while capturing".into());
+    }
+    let Some(d3) = gpu() else { return };
+    let Device::Gpu(g3) = &d3 else { unreachable!() };
+    g3.begin_capture().unwrap();
+    // More than the device has: fails at once, without trimming (which would synchronise).
+    let huge = g3.alloc(1 << 46, toffee::backend::cuda::DType::F16);
+    drop(huge);
+    let e = g3
+        .end_capture()
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    if !e.contains("out of memory") || e.contains("synchronis") {
+        fail(format!("out of memory while capturing: {e}"));
+    }
+    match d3.recover() {
+        Ok(true) => {
+            let x = d3.put(rand(&[4, 64], 2));
+            close(
+                "after recovering",
+                &ops::silu(&x),
+                &ops::silu(&rand(&[4, 64], 2)),
+                &d3,
+            );
+        }
+        other => fail(format!(
+            "recovering after out of memory while capturing: {other:?}"
+        )),
+    }
+    finish();
+}
+
+/// Flash attention with more (sample, head) pairs than grid.y allows (65535): split into
+/// launches (issue 23; the real device would refuse the launch).
+#[test]
+fn flash_attention_past_the_grid_y_limit() {
+    let Some(d) = gpu() else { return };
+    let (b, l, heads, dh) = (65540, 1, 1, 64);
+    let q = rand(&[b, l, heads * dh], 1);
+    let k = rand(&[b, 2, heads * dh], 2);
+    let v = rand(&[b, 2, heads * dh], 3);
+    close(
+        "flash attention, 65540 samples",
+        &ops::attention(
+            &d.put(q.clone()),
+            &d.put(k.clone()),
+            &d.put(v.clone()),
+            heads,
+            false,
+        ),
+        &ops::attention(&q, &k, &v, heads, false),
+        &d,
+    );
     finish();
 }

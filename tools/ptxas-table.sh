@@ -5,8 +5,13 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 nvcc="${NVCC:-$(tools/install-nvcc.sh)}"
+# The head dims of kernels/dims.rs, as build.rs writes them for the kernels (toffee_dims.h).
+gen="$(mktemp -d)"
+trap 'rm -rf "$gen"' EXIT
+dims=$(grep -o '\[[0-9, ]*\]' kernels/dims.rs | tr -d '[],')
+printf '#pragma once\n#define TOFFEE_FLASH_DIMS(X, S, T) %s\n' "$(for d in $dims; do printf 'X(S, T, %s) ' "$d"; done)" > "$gen/toffee_dims.h"
 for f in kernels/*.cu; do
-    "$nvcc" -cubin -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 -Xptxas -v -I kernels \
+    "$nvcc" -cubin -O3 -std=c++17 -gencode arch=compute_90,code=sm_90 -Xptxas -v -I kernels -I "$gen" \
         -o /dev/null "$f" 2>&1
 done | python3 -c '
 import re, sys, collections

@@ -182,9 +182,12 @@ inline void __threadfence_block() {}
 #else
 #define TOFFEE_EMU_ENDBR ""
 #endif
-// toffee_emu_switch(save, to): push the System V callee-saved registers, MXCSR and the x87 control word on the
-// current stack, store the stack pointer in *save, load `to` as the stack pointer, pop the same set, return.
-// One copy per link (COMDAT group), hidden.
+// toffee_emu_switch(save, to): push the System V callee-saved registers on the current stack, store the stack
+// pointer in *save, load `to` as the stack pointer, pop the same set, return. One copy per link (COMDAT group),
+// hidden.
+// MXCSR and the x87 control word are not switched: they belong to the OS thread, every fiber of a launch runs
+// on the launching thread, and no kernel changes them, so each fiber simply sees the launching thread's
+// settings. (Saving them cost a serialising ldmxcsr/fldcw pair per switch.)
 asm(".pushsection .text.toffee_emu_switch,\"axG\",@progbits,toffee_emu_switch,comdat\n"
     ".weak toffee_emu_switch\n"
     ".hidden toffee_emu_switch\n"
@@ -192,33 +195,30 @@ asm(".pushsection .text.toffee_emu_switch,\"axG\",@progbits,toffee_emu_switch,co
     ".p2align 4\n"
     "toffee_emu_switch:\n" TOFFEE_EMU_ENDBR
     "pushq %rbp\n pushq %rbx\n pushq %r12\n pushq %r13\n pushq %r14\n pushq %r15\n"
-    "subq $8, %rsp\n stmxcsr (%rsp)\n fnstcw 4(%rsp)\n"
     "movq %rsp, (%rdi)\n movq %rsi, %rsp\n"
-    "ldmxcsr (%rsp)\n fldcw 4(%rsp)\n addq $8, %rsp\n"
     "popq %r15\n popq %r14\n popq %r13\n popq %r12\n popq %rbx\n popq %rbp\n"
     "ret\n"
     ".size toffee_emu_switch, .-toffee_emu_switch\n"
     ".popsection\n");
 extern "C" void toffee_emu_switch(void** save, void* to);
 #elif defined(TOFFEE_EMU_CTX_AARCH64)
-// AAPCS64 callee-saved: x19-x28, x29 (fp), x30 (lr), d8-d15; plus FPCR. 176-byte frame, sp stays 16-aligned.
+// AAPCS64 callee-saved: x19-x28, x29 (fp), x30 (lr), d8-d15. 160-byte frame, sp stays 16-aligned. FPCR is not
+// switched (see x86-64 above).
 asm(".pushsection .text.toffee_emu_switch,\"axG\",@progbits,toffee_emu_switch,comdat\n"
     ".weak toffee_emu_switch\n"
     ".hidden toffee_emu_switch\n"
     ".type toffee_emu_switch,%function\n"
     ".p2align 4\n"
     "toffee_emu_switch:\n"
-    "sub sp, sp, #176\n"
+    "sub sp, sp, #160\n"
     "stp x19, x20, [sp, #0]\n stp x21, x22, [sp, #16]\n stp x23, x24, [sp, #32]\n"
     "stp x25, x26, [sp, #48]\n stp x27, x28, [sp, #64]\n stp x29, x30, [sp, #80]\n"
     "stp d8, d9, [sp, #96]\n stp d10, d11, [sp, #112]\n stp d12, d13, [sp, #128]\n stp d14, d15, [sp, #144]\n"
-    "mrs x9, fpcr\n str x9, [sp, #160]\n"
     "mov x9, sp\n str x9, [x0]\n mov sp, x1\n"
-    "ldr x9, [sp, #160]\n msr fpcr, x9\n"
     "ldp x19, x20, [sp, #0]\n ldp x21, x22, [sp, #16]\n ldp x23, x24, [sp, #32]\n"
     "ldp x25, x26, [sp, #48]\n ldp x27, x28, [sp, #64]\n ldp x29, x30, [sp, #80]\n"
     "ldp d8, d9, [sp, #96]\n ldp d10, d11, [sp, #112]\n ldp d12, d13, [sp, #128]\n ldp d14, d15, [sp, #144]\n"
-    "add sp, sp, #176\n"
+    "add sp, sp, #160\n"
     "ret\n"
     ".size toffee_emu_switch, .-toffee_emu_switch\n"
     ".popsection\n");
@@ -240,26 +240,9 @@ inline void ctx_switch(Ctx& from, Ctx& to) {
     toffee_emu_switch(&from.sp, to.sp);
 #endif
 }
-// Floating-point control state new fibers start with (the launching thread's), read once per launch.
-inline uint64_t fp_state() {
-#if defined(TOFFEE_EMU_CTX_X86_64)
-    uint32_t mxcsr = 0;
-    uint16_t fpucw = 0;
-    asm volatile("stmxcsr %0" : "=m"(mxcsr));
-    asm volatile("fnstcw %0" : "=m"(fpucw));
-    return mxcsr | ((uint64_t)fpucw << 32);
-#elif defined(TOFFEE_EMU_CTX_AARCH64)
-    uint64_t fpcr;
-    asm volatile("mrs %0, fpcr" : "=r"(fpcr));
-    return fpcr;
-#else
-    return 0;
-#endif
-}
 // A context that starts entry() (which must never return) on the stack [lo, lo + size).
-inline void ctx_init(Ctx& c, unsigned char* lo, size_t size, void (*entry)(), uint64_t fp) {
+inline void ctx_init(Ctx& c, unsigned char* lo, size_t size, void (*entry)()) {
 #if defined(TOFFEE_EMU_CTX_UCONTEXT)
-    (void)fp;
     getcontext(&c.uc);
     c.uc.uc_stack.ss_sp = lo;
     c.uc.uc_stack.ss_size = size;
@@ -270,14 +253,12 @@ inline void ctx_init(Ctx& c, unsigned char* lo, size_t size, void (*entry)(), ui
     *--sp = 0;                                  // entry's return address (it never returns)
     *--sp = reinterpret_cast<uint64_t>(entry);  // popped by `ret` in toffee_emu_switch
     for (int i = 0; i < 6; ++i) *--sp = 0;      // rbp rbx r12 r13 r14 r15
-    *--sp = fp;                                 // MXCSR (low 32 bits), x87 control word (bits 32..47)
     c.sp = sp;
 #else  // aarch64
     uint64_t* top = reinterpret_cast<uint64_t*>((reinterpret_cast<uintptr_t>(lo + size)) & ~(uintptr_t)15);
-    uint64_t* sp = top - 22;  // 176 bytes
-    memset(sp, 0, 176);
+    uint64_t* sp = top - 20;  // 160 bytes
+    memset(sp, 0, 160);
     sp[11] = reinterpret_cast<uint64_t>(entry);  // x30
-    sp[20] = fp;  // FPCR
     c.sp = sp;
 #endif
 }
@@ -290,6 +271,12 @@ inline void ctx_init(Ctx& c, unsigned char* lo, size_t size, void (*entry)(), ui
 #endif
 constexpr size_t kStackBytes = (size_t)TOFFEE_EMU_STACK_KIB << 10;  // per CUDA thread, canary included
 constexpr size_t kGuardBytes = 4096;                                 // PROT_NONE page below each stack
+constexpr size_t kSlotBytes = kGuardBytes + kStackBytes;
+// Fiber i's stack starts (i % 16) * kColorBytes below the top of its slot. Identically laid-out stacks put
+// every fiber's saved registers at the same address modulo 4 KiB, so the pops of a switch falsely depend on
+// the pushes just made to the other stack (4K aliasing) and all fibers' hot lines share a few L1 sets;
+// staggering them measured 5-15% faster on barrier-heavy kernels.
+constexpr size_t kColorBytes = 256;
 constexpr size_t kCanaryBytes = 256;                                 // pattern at the stack's low end
 constexpr uint64_t kCanary = 0x5a17c0de5a17c0deull;
 constexpr size_t kSmemLimit = 227 << 10;    // sm_90 per-block shared memory (static + dynamic)
@@ -314,14 +301,13 @@ struct Bar { int count = 0; unsigned gen = 0; int kind = kNone; };
 struct Copy { unsigned char* dst; const unsigned char* src; uint32_t size, src_size; };
 struct Fiber {
     Ctx ctx;
-    unsigned char* mem = nullptr;  // mapping: guard page, then the stack
+    unsigned char* mem = nullptr;  // slot in Runtime::stacks: guard page, then the stack
     unsigned char* stack = nullptr;
     uint3 tid{0, 0, 0};
     int lane = 0, warp = 0;
+    unsigned index = 0;  // linear thread index in the block (bit in Runtime::ready / live)
     bool done = false;
-    Bar* wait = nullptr;  // barrier this fiber is blocked on, and the generation it waits to pass
-    unsigned wait_gen = 0;
-    int wait_kind = kNone;
+    int wait_kind = kNone;  // what it last blocked at (named by the deadlock report)
     std::vector<Copy> copies;        // cp.async, copy-at-wait mode: issued, not yet landed (oldest first)
     std::vector<size_t> group_end;   // committed groups: end index into copies
     size_t copy_head = 0;
@@ -333,14 +319,33 @@ struct Warp {
     unsigned mma_gen = ~0u;            // generation whose product is in mma_d
     double mma_d[16][8];
 };
+constexpr unsigned kMaxThreads = 1024;
+constexpr unsigned kMaskWords = kMaxThreads / 64;
 struct Runtime {
+    unsigned char* stacks = nullptr;  // kMaxThreads slots of kSlotBytes (reserved once, touched as used)
     std::vector<Fiber> fibers;
     std::vector<Warp> warps;
-    std::vector<int> order;
     Ctx sched;
     Bar bar;  // __syncthreads
     int alive = 0;
-    unsigned n = 0;
+    unsigned n = 0, nw = 0;
+    // Scheduling. A fiber is runnable when its bit is set in `ready` (not finished, not blocked at a barrier);
+    // `live` has the bits of the fibers that have not finished. Bit i is thread i of the block; bits >= n are 0.
+    uint64_t ready[kMaskWords] = {}, live[kMaskWords] = {};
+    // The reference schedule is a round-robin loop: each round visits the fibers in the schedule's order and
+    // resumes every runnable one (schedule 3: warps in a shuffled order, each warp's lanes until none can run);
+    // a round that resumes nothing is a deadlock. Fibers do not return to that loop between turns: a fiber
+    // that blocks asks pick() for the next one and switches to it directly (one context switch per turn
+    // instead of two), and pick() advances this cursor exactly as the loop would advance, so every mode
+    // resumes fibers in the same sequence as the plain loop.
+    int schedule = 0;
+    std::mt19937 rng;
+    std::vector<int> order;         // schedule 2: the round's random order of thread indices
+    std::vector<unsigned> worder;   // schedule 3: the round's random order of warps
+    unsigned pos = 0;               // schedules 0-2: next position in the round's order
+    unsigned wi = 0, li = 0;        // schedule 3: position in worder, next lane of the current pass
+    bool any = false;               // schedule 3: the current pass over warp worder[wi] resumed a lane
+    bool progress = false;          // this round resumed a fiber
     // shared memory: [0, dyn) dynamic, then static objects; filled with 0xFF bytes for every block
     unsigned char* smem = nullptr;
     size_t smem_cap = 0, dyn = 0, static_top = 0, dirty = 0;
@@ -354,8 +359,7 @@ struct Runtime {
     bool fill_stacks = false;  // debug: pattern-fill whole stacks to measure their use
 
     ~Runtime() {
-        for (auto& f : fibers)
-            if (f.mem) munmap(f.mem, kGuardBytes + kStackBytes);
+        if (stacks) munmap(stacks, kMaxThreads * kSlotBytes);
         if (smem) munmap(smem, smem_cap);
     }
 };
@@ -395,28 +399,109 @@ inline void append_location(char* msg, size_t len) {
     __builtin_unreachable();  // the scheduler never resumes an aborted launch's fibers
 }
 
+// ---- scheduling ----
+inline void begin_round(Runtime& r) {
+    r.progress = false;
+    r.pos = 0;
+    r.wi = r.li = 0;
+    r.any = false;
+    if (r.schedule == 2) std::shuffle(r.order.begin(), r.order.end(), r.rng);
+    if (r.schedule == 3) {
+        for (unsigned w = 0; w < r.nw; ++w) r.worder[w] = w;
+        std::shuffle(r.worder.begin(), r.worder.end(), r.rng);
+    }
+}
+// The next fiber to resume (see Runtime), or nullptr when a whole round found nothing runnable: a deadlock if
+// any fiber is still live.
+inline Fiber* pick(Runtime& r) {
+    const unsigned n = r.n;
+    for (;;) {
+        if (r.schedule == 3) {
+            if (r.wi < r.nw) {
+                unsigned w = r.worder[r.wi];
+                uint32_t lanes = r.li < 32 ? (uint32_t)(r.ready[w >> 1] >> (32 * (w & 1))) & (~0u << r.li) : 0;
+                if (lanes) {
+                    unsigned l = (unsigned)__builtin_ctz(lanes);
+                    r.li = l + 1;
+                    r.any = r.progress = true;
+                    return &r.fibers[32 * w + l];
+                }
+                if (r.any) r.any = false;  // the pass resumed someone: pass over this warp again
+                else r.wi++;
+                r.li = 0;
+                continue;
+            }
+        } else if (r.pos < n) {
+            int found = -1;
+            if (r.schedule == 0) {  // lowest ready index >= pos
+                unsigned k = r.pos >> 6;
+                uint64_t m = r.ready[k] & (~0ull << (r.pos & 63));
+                while (!m && ++k < (n + 63) / 64) m = r.ready[k];
+                if (m) found = (int)(64 * k + __builtin_ctzll(m));
+                r.pos = found < 0 ? n : (unsigned)found + 1;
+            } else if (r.schedule == 1) {  // reverse: highest ready index <= n - 1 - pos
+                unsigned top = n - 1 - r.pos, k = top >> 6;
+                uint64_t m = r.ready[k] & ((top & 63) == 63 ? ~0ull : (2ull << (top & 63)) - 1);
+                while (!m && k-- > 0) m = r.ready[k];
+                if (m) found = (int)(64 * k + 63 - __builtin_clzll(m));
+                r.pos = found < 0 ? n : n - (unsigned)found;
+            } else {
+                for (; r.pos < n && found < 0; ++r.pos) {
+                    int i = r.order[r.pos];
+                    if (r.ready[i >> 6] >> (i & 63) & 1) found = i;
+                }
+            }
+            if (found >= 0) {
+                r.progress = true;
+                return &r.fibers[found];
+            }
+            continue;
+        }
+        // end of a round
+        if (!r.progress) return nullptr;
+        begin_round(r);
+    }
+}
+// The current fiber stops here (blocked or finished: its ready bit is already clear) and the next one runs.
+// With nothing left to run, control goes back to run(), which reports a deadlock if any fiber is live.
+inline void switch_away(Fiber& f) {
+    Runtime& r = rt();
+    Fiber* g = r.alive > 0 ? pick(r) : nullptr;
+    if (!g) {
+        ctx_switch(f.ctx, r.sched);
+        return;
+    }
+    cur = g;
+    ctx_switch(f.ctx, g->ctx);
+    // someone switched back to f and set cur = &f
+}
+
 // ---- barriers ----
-// The last thread to arrive passes straight through; the others record what they wait on and switch to the
-// scheduler, which resumes them only once the barrier's generation has moved on.
-inline void arrive(Bar& b, int expected, int kind) {
+// The last thread to arrive makes the waiters runnable again (`released`: their bits, 32 for a warp, or
+// all live threads for the block) and passes straight through; the others clear their ready bit and switch
+// away. A barrier can only complete once every thread it waits for has arrived, so the released threads are
+// exactly the ones blocked on it.
+inline void arrive(Bar& b, int expected, int kind, int warp) {
     if (b.count == 0) b.kind = kind;
     else if (b.kind != kind)
         fail("warp collective mismatch: this thread is at %s while others of its warp wait at %s",
              kind_name(kind), kind_name(b.kind));
+    Runtime& r = rt();
     if (++b.count >= expected) {
         b.count = 0;
         b.gen++;
+        if (warp < 0) memcpy(r.ready, r.live, sizeof r.ready);
+        else r.ready[warp >> 1] |= r.live[warp >> 1] & (0xffffffffull << (32 * (warp & 1)));
         return;
     }
     Fiber& f = *cur;
-    f.wait = &b;
-    f.wait_gen = b.gen;
     f.wait_kind = kind;
-    ctx_switch(f.ctx, rt().sched);
+    r.ready[f.index >> 6] &= ~(1ull << (f.index & 63));
+    switch_away(f);
 }
 // Every thread of the block must reach each __syncthreads (CUDA: a __syncthreads in divergent code is
 // undefined); a thread that has exited never arrives, so the others report a deadlock.
-inline void syncthreads() { Runtime& r = rt(); arrive(r.bar, (int)r.n, kSyncThreads); }
+inline void syncthreads() { Runtime& r = rt(); arrive(r.bar, (int)r.n, kSyncThreads, -1); }
 inline Warp& my_warp() { return rt().warps[cur->warp]; }
 inline void check_full_warp(unsigned mask, const char* what) {
     if (mask != 0xffffffffu) fail("%s with a partial mask 0x%08x (only full-warp masks are emulated)", what, mask);
@@ -424,7 +509,7 @@ inline void check_full_warp(unsigned mask, const char* what) {
     if (w.alive != 32)
         fail("%s with a full mask but only %d live lanes in the warp (partial warp or exited lanes)", what, w.alive);
 }
-inline void syncwarp(int kind) { arrive(my_warp().bar, 32, kind); }
+inline void syncwarp(int kind) { arrive(my_warp().bar, 32, kind, cur->warp); }
 
 // ---- cp.async ----
 inline void land(const Copy& c) {
@@ -460,6 +545,8 @@ inline void finish() {
     land_all(f);  // outstanding cp.async still land
     f.done = true;
     r.alive--;
+    r.ready[f.index >> 6] &= ~(1ull << (f.index & 63));
+    r.live[f.index >> 6] &= ~(1ull << (f.index & 63));
     Warp& w = r.warps[f.warp];
     w.alive--;
     if (w.bar.count > 0)
@@ -469,8 +556,8 @@ inline void finish() {
         fail("thread exited while %d threads wait at __syncthreads (a __syncthreads not reached by every thread of "
              "the block)", r.bar.count);
     if (!canary_ok(f, 64)) fail("fiber stack overflow (over %zu KiB of stack)", kStackBytes >> 10);
-    ctx_switch(f.ctx, r.sched);
-    __builtin_unreachable();
+    switch_away(f);
+    __builtin_unreachable();  // nothing resumes a finished fiber
 }
 inline void fiber_entry() {
     Runtime& r = rt();
@@ -554,12 +641,16 @@ inline Runtime& runtime_for_launch() {
     return *t_rt;
 }
 inline bool grow_fibers(Runtime& r, unsigned n) {
-    while (r.fibers.size() < n) {
-        void* m = mmap(nullptr, kGuardBytes + kStackBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (!r.stacks) {
+        void* m = mmap(nullptr, kMaxThreads * kSlotBytes, PROT_READ | PROT_WRITE,
+                       MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
         if (m == MAP_FAILED) return false;
+        r.stacks = static_cast<unsigned char*>(m);
+    }
+    while (r.fibers.size() < n) {
         r.fibers.emplace_back();
         Fiber& f = r.fibers.back();
-        f.mem = static_cast<unsigned char*>(m);
+        f.mem = r.stacks + (r.fibers.size() - 1) * kSlotBytes;
         mprotect(f.mem, kGuardBytes, PROT_NONE);  // gross overflows fault instead of corrupting a neighbour
         f.stack = f.mem + kGuardBytes;
         fill_canary(f, kCanaryBytes);
@@ -626,9 +717,11 @@ inline int run(const char* name, emu_dim3 grid, emu_dim3 block, uint32_t dyn, co
     emu_mode m = mode ? *mode : emu_mode{0, 0, 0};
     if (m.schedule < 0 || m.schedule > 3)
         return set_error(err, err_len, "%s: unknown schedule %d", name, m.schedule);
-    std::mt19937 rng(m.seed);
 
     r.n = n;
+    r.nw = nw;
+    r.schedule = m.schedule;
+    r.rng.seed(m.seed);
     r.thunk = thunk;
     r.arg = arg;
     r.cp_at_wait = m.cp_async_at_wait != 0;
@@ -637,17 +730,17 @@ inline int run(const char* name, emu_dim3 grid, emu_dim3 block, uint32_t dyn, co
     if (dyn > r.dirty) r.dirty = dyn;
     r.warps.resize(nw);
     r.order.resize(n);
+    r.worder.resize(nw);
     for (unsigned i = 0; i < n; ++i) {
         Fiber& f = r.fibers[i];
         f.tid = {i % block.x, (i / block.x) % block.y, i / (block.x * block.y)};
         f.lane = (int)(i & 31);
         f.warp = (int)(i >> 5);
-        r.order[i] = m.schedule == 1 ? (int)(n - 1 - i) : (int)i;
+        f.index = i;
+        r.order[i] = (int)i;
     }
     t_bdim = dim3(block.x, block.y, block.z);
     t_gdim = dim3(grid.x, grid.y, grid.z);
-    std::vector<unsigned> worder(nw);
-    const uint64_t fp = fp_state();
 
     const uint64_t nblocks = (uint64_t)grid.x * grid.y * grid.z;
     int rc = 0;
@@ -668,58 +761,36 @@ inline int run(const char* name, emu_dim3 grid, emu_dim3 block, uint32_t dyn, co
         for (unsigned i = 0; i < n; ++i) {
             Fiber& f = r.fibers[i];
             f.done = false;
-            f.wait = nullptr;
+            f.wait_kind = kNone;
             f.copies.clear();
             f.group_end.clear();
             f.copy_head = 0;
-            ctx_init(f.ctx, f.stack, kStackBytes, fiber_entry, fp);
+            ctx_init(f.ctx, f.stack, kStackBytes - (i % 16) * kColorBytes, fiber_entry);
         }
-        auto runnable = [](const Fiber& f) { return !f.done && (!f.wait || f.wait->gen != f.wait_gen); };
-        auto resume = [&r](Fiber& f) {
-            f.wait = nullptr;
-            cur = &f;
-            ctx_switch(r.sched, f.ctx);
+        for (unsigned k = 0; k < kMaskWords; ++k) {
+            unsigned lo = 64 * k;
+            r.live[k] = n >= lo + 64 ? ~0ull : n > lo ? (1ull << (n - lo)) - 1 : 0;
+            r.ready[k] = r.live[k];
+        }
+        // Run the block: the fibers pass control among themselves (switch_away) and come back here when all
+        // have finished, nothing can run (deadlock) or one failed.
+        begin_round(r);
+        if (Fiber* f = pick(r)) {
+            cur = f;
+            ctx_switch(r.sched, f->ctx);
             cur = nullptr;
-        };
-        while (!r.aborted && r.alive > 0) {
-            bool progress = false;
-            if (m.schedule == 3) {
-                for (unsigned w = 0; w < nw; ++w) worder[w] = w;
-                std::shuffle(worder.begin(), worder.end(), rng);
-                for (unsigned w : worder) {
-                    for (bool any = true; any && !r.aborted;) {
-                        any = false;
-                        for (unsigned i = 32 * w; i < std::min(n, 32 * w + 32) && !r.aborted; ++i) {
-                            Fiber& f = r.fibers[i];
-                            if (!runnable(f)) continue;
-                            any = progress = true;
-                            resume(f);
-                        }
-                    }
-                    if (r.aborted) break;
+        }
+        if (!r.aborted && r.alive > 0) {
+            for (unsigned i = 0; i < n; ++i)
+                if (!r.fibers[i].done) {  // name the first waiting thread
+                    cur = &r.fibers[i];
+                    snprintf(r.msg, sizeof r.msg, "deadlock: threads wait at barriers that cannot complete (%s)",
+                             kind_name(cur->wait_kind));
+                    append_location(r.msg, sizeof r.msg);
+                    cur = nullptr;
+                    break;
                 }
-            } else {
-                if (m.schedule == 2) std::shuffle(r.order.begin(), r.order.end(), rng);
-                for (int i : r.order) {
-                    Fiber& f = r.fibers[i];
-                    if (!runnable(f)) continue;
-                    progress = true;
-                    resume(f);
-                    if (r.aborted) break;
-                }
-            }
-            if (!r.aborted && !progress && r.alive > 0) {
-                for (unsigned i = 0; i < n; ++i)
-                    if (!r.fibers[i].done) {  // name the first waiting thread
-                        cur = &r.fibers[i];
-                        snprintf(r.msg, sizeof r.msg, "deadlock: threads wait at barriers that cannot complete (%s)",
-                                 kind_name(cur->wait_kind));
-                        append_location(r.msg, sizeof r.msg);
-                        cur = nullptr;
-                        break;
-                    }
-                r.aborted = true;
-            }
+            r.aborted = true;
         }
         if (r.aborted) rc = 1;
     }

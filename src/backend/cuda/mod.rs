@@ -20,6 +20,7 @@ pub mod driver;
 #[cfg(feature = "emu")]
 pub mod emu;
 pub mod gemm;
+pub mod kernels;
 pub mod ops;
 
 #[cfg(feature = "cuda")]
@@ -28,7 +29,7 @@ pub use cudarc_driver::{driver_present, embedded_targets, list_devices, DeviceIn
 use crate::backend::fault::Fault;
 use crate::backend::pool::{Block, Pool, RawAlloc, Reserve};
 use anyhow::{anyhow, bail, Result};
-use driver::{check_launch, Driver, GraphExec, KernelSpec, LaunchCfg};
+use driver::{check_launch, Driver, GraphExec, LaunchCfg};
 use std::fmt;
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -136,38 +137,13 @@ impl Graph {
     }
 }
 
-/// Every kernel the backend launches, with its module and shared-memory opt-in.
-fn kernel_specs() -> Vec<KernelSpec> {
-    MODULES
-        .iter()
-        .flat_map(|m| {
-            kernel_names(m).into_iter().map(move |name| KernelSpec {
-                module: m,
-                max_smem: dynamic_smem(&name),
-                name,
-            })
-        })
-        .collect()
-}
-
-/// The kernel modules (kernels/<name>.cu).
-pub const MODULES: [&str; 7] = [
-    "attention",
-    "elementwise",
-    "flash_tc",
-    "gemm_geglu",
-    "norm",
-    "norm_fast",
-    "sam",
-];
-
 impl Gpu {
     /// `cuda`, `cuda:N` (the CUDA driver) or `emu` (the software device, with the `emu` feature).
     pub fn open(spec: &str, dtype: DType) -> Result<Arc<Gpu>> {
         let driver: Arc<dyn Driver> = if spec == "emu" {
             #[cfg(feature = "emu")]
             {
-                Arc::new(emu::EmuDriver::open(&kernel_specs())?)
+                Arc::new(emu::EmuDriver::open(&kernels::specs())?)
             }
             #[cfg(not(feature = "emu"))]
             bail!("device `emu`: this build has no software device; rebuild with `--features emu`")
@@ -181,7 +157,7 @@ impl Gpu {
             };
             #[cfg(feature = "cuda")]
             {
-                Arc::new(cudarc_driver::CudaDriver::open(ordinal, &kernel_specs())?)
+                Arc::new(cudarc_driver::CudaDriver::open(ordinal, &kernels::specs())?)
             }
             #[cfg(not(feature = "cuda"))]
             bail!(
@@ -418,7 +394,7 @@ impl Gpu {
         self.launch_smem(name, grid, block, 0, args)
     }
 
-    /// `launch` with `smem` bytes of dynamic shared memory (see `dynamic_smem`). Launches a GPU
+    /// `launch` with `smem` bytes of dynamic shared memory (see `kernels`). Launches a GPU
     /// would refuse (too many threads, a grid dimension past its limit, more shared memory than
     /// the kernel opted into) are refused here on every device, with the kernel's name.
     pub fn launch_smem(&self, name: &str, grid: (u32, u32), block: u32, smem: u32, args: &[Arg]) {
@@ -463,11 +439,11 @@ impl Gpu {
     /// The captured graph, holding its private memory.
     pub fn end_capture(self: &Arc<Self>) -> Result<Graph> {
         let reserve = self.capture.lock().unwrap().take();
-        let exec = self
-            .driver
-            .end_capture()
-            .map_err(|e| anyhow!("{}: {e}", self.name()))?;
+        // The capture ends either way; a failure recorded during it (out of memory) says more
+        // than the driver's complaint about the capture.
+        let exec = self.driver.end_capture();
         self.check()?;
+        let exec = exec.map_err(|e| anyhow!("{}: {e}", self.name()))?;
         Ok(Graph {
             exec,
             _reserve: reserve.expect("begin_capture set it"),
@@ -632,104 +608,6 @@ impl DevBuf {
     }
 }
 
-/// Head dims the attention kernels are instantiated for (kernels/attention.cu, flash_tc.cu).
-pub const FLASH_DIMS: [usize; 5] = [40, 64, 80, 128, 160];
-
-/// Dynamic shared memory of the tensor-core flash kernel for head dim `d` (kernels/flash_tc.cu's
-/// `Cfg<D>::SMEM_BYTES`): four key/value tiles of BC rows, each row padded to a multiple of 16
-/// plus an 8-half skew.
-pub fn flash_tc_smem(d: usize) -> u32 {
-    let pitch = d.div_ceil(16) * 16 + 8;
-    let bc = if d <= 128 { 64 } else { 32 };
-    (4 * bc * pitch * 2) as u32
-}
-
-/// Kernels launched with more than the default 48 KiB of dynamic shared memory allowed.
-fn dynamic_smem(kernel: &str) -> Option<u32> {
-    let d = kernel.strip_prefix("flash_tc_d")?.split('_').next()?;
-    d.parse().ok().map(flash_tc_smem)
-}
-
-/// The extern "C" kernel names each module defines (see kernels/*.cu).
-fn kernel_names(module: &str) -> Vec<String> {
-    let typed = |names: &[&str], types: &[&str]| -> Vec<String> {
-        names
-            .iter()
-            .flat_map(|n| types.iter().map(move |t| format!("{n}_{t}")))
-            .collect()
-    };
-    match module {
-        "norm" => typed(&["group_norm", "layer_norm"], &["f16", "bf16"]),
-        "gemm_geglu" => typed(&["gemm_geglu"], &["f16", "bf16"]),
-        "norm_fast" => typed(
-            &["group_norm_stats", "group_norm_apply", "layer_norm_warp"],
-            &["f16", "bf16"],
-        ),
-        "flash_tc" => {
-            let names: Vec<String> = FLASH_DIMS
-                .iter()
-                .map(|d| format!("flash_tc_d{d}"))
-                .collect();
-            typed(
-                &names.iter().map(|s| s.as_str()).collect::<Vec<_>>(),
-                &["f16", "bf16"],
-            )
-        }
-        "attention" => {
-            let names: Vec<String> = FLASH_DIMS
-                .iter()
-                .map(|d| format!("flash_attention_d{d}"))
-                .collect();
-            let mut refs: Vec<&str> = names.iter().map(|s| s.as_str()).collect();
-            refs.extend(["attn_scores", "attn_pv"]);
-            let mut v = typed(&refs, &["f16", "bf16"]);
-            v.push("softmax_rows_f32".into());
-            v.extend(typed(&["softmax_rows_to"], &["f16", "bf16"]));
-            v
-        }
-        "elementwise" => {
-            let mut v = typed(
-                &[
-                    "act",
-                    "glu",
-                    "add_scaled",
-                    "add_broadcast",
-                    "conv_epilogue",
-                    "place_channels",
-                    "slice_channels",
-                    "upsample_nearest",
-                    "depth_to_space",
-                    "resize_bilinear",
-                    "film",
-                    "im2col",
-                    "timestep_embedding",
-                    "gather_rows",
-                    "lincomb",
-                    "cfg_combine",
-                    "mask_mix",
-                    "gauss_sample",
-                    "affine_clamp",
-                ],
-                &["f16", "bf16", "f32"],
-            );
-            v.extend(
-                [
-                    "cast_f32_f16",
-                    "cast_f32_bf16",
-                    "cast_f16_f32",
-                    "cast_bf16_f32",
-                    "cast_f16_bf16",
-                    "cast_bf16_f16",
-                ]
-                .map(String::from),
-            );
-            v
-        }
-        "sam" => typed(&["rel_pos_bias"], &["f16", "bf16"]),
-        _ => Vec::new(),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     #[test]
@@ -750,7 +628,7 @@ mod tests {
     #[cfg(feature = "cuda")]
     #[test]
     fn every_kernel_name_is_embedded() {
-        for spec in super::kernel_specs() {
+        for spec in super::kernels::specs() {
             assert!(
                 super::cudarc_driver::fatbin_has(spec.module, &spec.name),
                 "kernel {} is not in module {}",
@@ -762,10 +640,17 @@ mod tests {
             .iter()
             .map(|(m, _)| *m)
             .collect();
-        assert_eq!(embedded, super::MODULES, "one module per kernels/*.cu");
+        let mut declared: Vec<&str> = super::kernels::specs().iter().map(|s| s.module).collect();
+        declared.sort();
+        declared.dedup();
+        assert_eq!(
+            embedded, declared,
+            "one module per kernels/*.cu, each in the table"
+        );
     }
 
-    /// The host's copy of flash_tc.cu's shared-memory formula, on the values its header states.
+    /// The host's copy of flash_tc.cu's shared-memory formula, on the values its header states,
+    /// and the opt-in the table derives from it (only above 48 KiB).
     #[test]
     fn flash_tc_shared_memory_matches_the_kernel_header() {
         let want = [
@@ -775,14 +660,14 @@ mod tests {
             (128, 69632),
             (160, 43008),
         ];
+        let specs = super::kernels::specs();
+        let opt_in = |name: String| specs.iter().find(|s| s.name == name).unwrap().max_smem;
         for (d, bytes) in want {
-            assert_eq!(super::flash_tc_smem(d), bytes, "d={d}");
-            assert_eq!(
-                super::dynamic_smem(&format!("flash_tc_d{d}_bf16")),
-                Some(bytes)
-            );
+            assert_eq!(super::kernels::flash_tc_smem(d), bytes, "d={d}");
+            let want = (bytes > 48 << 10).then_some(bytes);
+            assert_eq!(opt_in(format!("flash_tc_d{d}_bf16")), want, "d={d}");
+            assert_eq!(opt_in(format!("flash_attention_d{d}_f16")), None);
         }
-        assert_eq!(super::dynamic_smem("flash_attention_d64_f16"), None);
         let header = include_str!("../../../kernels/flash_tc.cu");
         for (d, bytes) in want {
             assert!(header.contains(&format!("D={d}: {bytes}")), "d={d}");

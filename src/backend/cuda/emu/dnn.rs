@@ -48,7 +48,7 @@ fn check(d: &ConvDesc) -> Result<(), String> {
         || d.dilation.0 == 0
         || d.dilation.1 == 0
         || d.groups == 0;
-    if zero || d.c % d.groups != 0 || d.k % d.groups != 0 {
+    if zero || !d.c.is_multiple_of(d.groups) || !d.k.is_multiple_of(d.groups) {
         return Err(format!("cuDNN: CUDNN_STATUS_BAD_PARAM (descriptor {d:?})"));
     }
     let want = (
