@@ -1188,6 +1188,7 @@ fn sam_matches_the_cpu_backend() {
 /// What real graph capture forbids fails on the device, and leaves it usable: synchronising
 /// (which invalidates the capture), reading device memory on the host. An allocation that runs out
 /// of memory while capturing is a recoverable error, not a synchronisation.
+#[cfg(feature = "gpu")]
 #[test]
 fn capture_rules_hold() {
     let Some(d) = gpu() else { return };
