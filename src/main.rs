@@ -774,12 +774,13 @@ fn pairs(action: Option<PairsCmd>, a: PairsArgs) -> Result<()> {
     }
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    // A second Ctrl-C kills the process the usual way.
+    // SIGINT, SIGTERM and SIGHUP (Slurm's time limit and scancel, Kubernetes evictions) stop
+    // after the batch in flight; a second one kills the process the usual way.
     let _ = ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
             std::process::exit(130);
         }
-        eprintln!("toffee: stopping after the batch in flight (Ctrl-C again to abort)");
+        eprintln!("toffee: stopping after the batch in flight (signal again to abort)");
     });
     let out = a.out.expect("clap requires --out");
     let s = toffee::dataset::run(&toffee::dataset::Options {

@@ -362,6 +362,18 @@ fn disk_full_stops_cleanly() {
 /// exit status 3; a rerun completes the job.
 #[test]
 fn ctrl_c_stops_cleanly_and_the_rerun_completes() {
+    signal_stops_cleanly_and_the_rerun_completes(libc::SIGINT);
+}
+
+/// SIGTERM (Slurm's time limit, scancel, preemption; Kubernetes evictions) and SIGHUP take the
+/// same clean path as Ctrl-C.
+#[test]
+fn sigterm_and_sighup_stop_cleanly_and_the_rerun_completes() {
+    signal_stops_cleanly_and_the_rerun_completes(libc::SIGTERM);
+    signal_stops_cleanly_and_the_rerun_completes(libc::SIGHUP);
+}
+
+fn signal_stops_cleanly_and_the_rerun_completes(signal: i32) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let child = Command::new(env!("CARGO_BIN_EXE_toffee"))
@@ -376,7 +388,7 @@ fn ctrl_c_stops_cleanly_and_the_rerun_completes() {
     }
     std::thread::sleep(std::time::Duration::from_millis(300));
     // Safety: sending a signal to our own child process.
-    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    unsafe { libc::kill(child.id() as i32, signal) };
     let o = child.wait_with_output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(

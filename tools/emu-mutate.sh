@@ -7,7 +7,8 @@
 #   tools/emu-mutate.sh            # all mutations
 #   tools/emu-mutate.sh 3 5        # only mutations 3 and 5
 #
-# The copy builds into this tree's target/ (dependencies are reused; only toffee recompiles).
+# The copy builds into this tree's target/ (dependencies are reused; only toffee recompiles), so it
+# also rewrites target/debug/toffee: run no CLI tests of this tree while it runs.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 work="${TOFFEE_MUTATE_DIR:-${TMPDIR:-/tmp}/toffee-mutate}"
