@@ -41,7 +41,7 @@ fn flash_dims_header() -> std::path::PathBuf {
 /// kernels/*.cu, sorted: one module each.
 #[cfg(any(feature = "cuda", feature = "emu"))]
 fn kernel_sources() -> Vec<std::path::PathBuf> {
-    let kdir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let kdir = manifest_dir().join("kernels");
     println!("cargo:rerun-if-changed={}", kdir.display());
     let mut sources: Vec<_> = std::fs::read_dir(&kdir)
         .expect("kernels/ exists")
@@ -138,7 +138,7 @@ mod emu {
     }
 
     pub fn build() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let root = super::manifest_dir();
         let kdir = root.join("kernels");
         let shim = kdir.join("emu");
         let out = PathBuf::from(std::env::var("OUT_DIR").unwrap()).join("emu");
@@ -226,6 +226,14 @@ mod emu {
     }
 }
 
+/// The package's folder, read when the script runs (not baked in when it is compiled: cargo may
+/// reuse one compiled build script for copies of the tree in other folders).
+fn manifest_dir() -> std::path::PathBuf {
+    std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
+    )
+}
+
 /// Writes `toffee.pc` next to the libraries (target/<profile>/), so C builds find the header
 /// (include/) and libtoffee with `PKG_CONFIG_PATH=target/release pkg-config --cflags --libs toffee`.
 fn pkg_config() {
@@ -234,7 +242,8 @@ fn pkg_config() {
     let Some(libdir) = out.ancestors().nth(3) else {
         return;
     };
-    let root = env!("CARGO_MANIFEST_DIR");
+    let root = manifest_dir();
+    let root = root.display();
     let pc = format!(
         "prefix={root}\nincludedir=${{prefix}}/include\nlibdir={}\n\nName: toffee\n\
          Description: Inference engine for Toffee-style subject-driven dataset construction (C ABI)\n\
@@ -272,7 +281,7 @@ mod cuda {
                 return p;
             }
         }
-        let local = Path::new(env!("CARGO_MANIFEST_DIR")).join(".nvcc/nvidia/cu13/bin/nvcc");
+        let local = super::manifest_dir().join(".nvcc/nvidia/cu13/bin/nvcc");
         if local.is_file() {
             return local;
         }
@@ -289,7 +298,7 @@ mod cuda {
     pub fn build() {
         let nvcc = find_nvcc();
         let out = PathBuf::from(std::env::var("OUT_DIR").unwrap());
-        let kdir = Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels");
+        let kdir = super::manifest_dir().join("kernels");
         let sources = super::kernel_sources();
         let dims = super::flash_dims_header();
         let mut modules = String::from("/// (module name, fatbin) for every kernels/*.cu file.\npub const MODULES: &[(&str, &[u8])] = &[\n");

@@ -1,4 +1,4 @@
-//! A dense tensor: f32 on the host, or fp16/bf16/f32 on a CUDA device (`cuda` feature).
+//! A dense tensor: f32 on the host, or fp16/bf16/f32 on a GPU (`cuda` or `emu` feature).
 //! Activations inside the engine are NHWC; the NCHW layout of diffusers exists only at the edges
 //! (`forward` inputs and outputs, on the host), converted by `to_nhwc`/`to_nchw`.
 

@@ -1,6 +1,6 @@
 //! The operations the models need and nothing more, on host or device tensors. Models call these
 //! functions and never look at storage; each op runs where its input lives: the f32 CPU reference
-//! (`cpu`) or, with the `cuda` feature, the GPU (`cuda`).
+//! (`cpu`) or, with the `cuda` or `emu` feature, the GPU (`cuda`: a CUDA device or the software GPU).
 
 pub mod cpu;
 /// The GPU backend: the CUDA driver (`cuda` feature) and the software device (`emu` feature)
