@@ -61,7 +61,7 @@ fn kernel_sources() -> Vec<std::path::PathBuf> {
 /// (src/backend/cuda/emu) loads kernels from by name.
 #[cfg(feature = "emu")]
 mod emu {
-    use std::path::{Path, PathBuf};
+    use std::path::PathBuf;
     use std::process::Command;
 
     /// The two rewrites macros cannot express: `extern __shared__ T name[];` becomes the block's
