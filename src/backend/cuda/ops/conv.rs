@@ -114,8 +114,23 @@ pub(super) fn conv_path(
             return conv_path(x, c, per_sample, residual, false);
         }
     }
-    // 1×1 convolutions are plain GEMMs; asymmetric padding (the VAE's downsampler) and machines
-    // without cuDNN go through im2col.
+    conv_gemm(x, c, per_sample, residual, (t, o))
+}
+
+/// The GEMM path into `out` = (tensor, its buffer): 1×1 convolutions are plain GEMMs; asymmetric
+/// padding (the VAE's downsampler) and machines without cuDNN go through im2col.
+fn conv_gemm(
+    x: &Tensor,
+    c: &Conv2dW,
+    per_sample: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    (t, o): (Tensor, DevBuf),
+) -> Tensor {
+    let (n, h, w, cin) = x.dims4();
+    let (_, ho, wo, cout) = t.dims4();
+    let (k, [pt, _, pl, _]) = (c.kernel, c.pad);
+    let xd = dev(x);
+    let g = xd.gpu();
     let rows = n * ho * wo;
     let kk = k * k * cin;
     let direct = k == 1 && c.stride == 1 && c.pad == [0; 4];
