@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{fixtures, stderr, toffee};
+use common::{engine_options, fixtures, gen_options, stderr, toffee};
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -174,43 +174,6 @@ fn python_example_matches_the_cli() {
     };
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(ppm_pixels(&ppm), cli_image(dir.path(), "11"));
-}
-
-fn gen_options(prompt: &CString, seed: u64) -> toffee_generate_options {
-    toffee_generate_options {
-        size: std::mem::size_of::<toffee_generate_options>() as u32,
-        mode: 0,
-        prompt: prompt.as_ptr(),
-        negative_prompt: std::ptr::null(),
-        num_images: 1,
-        steps: 2,
-        guidance: 7.5,
-        seed,
-        width: 64,
-        height: 64,
-        scheduler: std::ptr::null(),
-        init_image: std::ptr::null(),
-        mask: std::ptr::null(),
-        strength: 0.0,
-        control_image: std::ptr::null(),
-        control_scale: 1.0,
-        adapter_image: std::ptr::null(),
-        adapter_scale: -1.0,
-    }
-}
-
-fn engine_options() -> toffee_engine_options {
-    toffee_engine_options {
-        size: std::mem::size_of::<toffee_engine_options>() as u32,
-        device: std::ptr::null(),
-        model: std::ptr::null(),
-        controlnet: std::ptr::null(),
-        adapter: std::ptr::null(),
-        adapter_encoder: std::ptr::null(),
-        view_model: std::ptr::null(),
-        dino: std::ptr::null(),
-        clip: std::ptr::null(),
-    }
 }
 
 fn open(o: &toffee_engine_options) -> *mut toffee_engine {

@@ -1282,40 +1282,14 @@ fn c_abi_generates_on_the_device() {
     let prompt = CString::new("a cat").unwrap();
     let run = |device: *const std::ffi::c_char| -> Vec<u8> {
         let o = toffee_engine_options {
-            size: std::mem::size_of::<toffee_engine_options>() as u32,
             device,
-            model: std::ptr::null(),
-            controlnet: std::ptr::null(),
-            adapter: std::ptr::null(),
-            adapter_encoder: std::ptr::null(),
-            view_model: std::ptr::null(),
-            dino: std::ptr::null(),
-            clip: std::ptr::null(),
+            ..engine_options()
         };
         let mut e = std::ptr::null_mut();
         // Safety: valid options and out-pointer; the engine is closed below.
         let s = unsafe { toffee_engine_open(&o, &mut e) };
         assert_eq!(s, toffee_status::TOFFEE_OK, "open on {d:?}");
-        let g = toffee_generate_options {
-            size: std::mem::size_of::<toffee_generate_options>() as u32,
-            mode: 0,
-            prompt: prompt.as_ptr(),
-            negative_prompt: std::ptr::null(),
-            num_images: 1,
-            steps: 2,
-            guidance: 7.5,
-            seed: 5,
-            width: 64,
-            height: 64,
-            scheduler: std::ptr::null(),
-            init_image: std::ptr::null(),
-            mask: std::ptr::null(),
-            strength: 0.0,
-            control_image: std::ptr::null(),
-            control_scale: 1.0,
-            adapter_image: std::ptr::null(),
-            adapter_scale: -1.0,
-        };
+        let g = gen_options(&prompt, 5);
         let mut buf = vec![0u8; 64 * 64 * 3];
         // Safety: a buffer of the size the options ask for.
         let s = unsafe { toffee_generate_into(e, &g, buf.as_mut_ptr(), buf.len()) };

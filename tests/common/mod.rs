@@ -235,3 +235,42 @@ pub fn manifest_cases(manifest: &Path) -> Vec<serde_json::Value> {
         serde_json::from_str(&std::fs::read_to_string(manifest).unwrap()).unwrap();
     m["cases"].as_array().unwrap().clone()
 }
+
+/// C ABI options: a 2-step 64² txt2img with `prompt` and `seed`.
+pub fn gen_options(prompt: &std::ffi::CString, seed: u64) -> toffee::ffi::toffee_generate_options {
+    toffee::ffi::toffee_generate_options {
+        size: std::mem::size_of::<toffee::ffi::toffee_generate_options>() as u32,
+        mode: 0,
+        prompt: prompt.as_ptr(),
+        negative_prompt: std::ptr::null(),
+        num_images: 1,
+        steps: 2,
+        guidance: 7.5,
+        seed,
+        width: 64,
+        height: 64,
+        scheduler: std::ptr::null(),
+        init_image: std::ptr::null(),
+        mask: std::ptr::null(),
+        strength: 0.0,
+        control_image: std::ptr::null(),
+        control_scale: 1.0,
+        adapter_image: std::ptr::null(),
+        adapter_scale: -1.0,
+    }
+}
+
+/// C ABI engine options: every path null (the built-in models, the CPU).
+pub fn engine_options() -> toffee::ffi::toffee_engine_options {
+    toffee::ffi::toffee_engine_options {
+        size: std::mem::size_of::<toffee::ffi::toffee_engine_options>() as u32,
+        device: std::ptr::null(),
+        model: std::ptr::null(),
+        controlnet: std::ptr::null(),
+        adapter: std::ptr::null(),
+        adapter_encoder: std::ptr::null(),
+        view_model: std::ptr::null(),
+        dino: std::ptr::null(),
+        clip: std::ptr::null(),
+    }
+}
