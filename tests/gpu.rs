@@ -1246,27 +1246,123 @@ fn capture_rules_hold() {
     finish();
 }
 
-/// Flash attention with more (sample, head) pairs than grid.y allows (65535): split into
-/// launches (issue 23; the real device would refuse the launch).
+/// Every place the backend splits work at a device limit — batch slices for grid.y (flash and
+/// materialised attention, SAM's relative-position attention, GroupNorm), row slices for
+/// gemm_geglu's grid.y, batch chunks for convolutions past the elements one call may index
+/// (through cuDNN, im2col and 1×1 GEMMs, with fused epilogues) — run on a software GPU opened with
+/// tiny limits, tuned and reference kernels, against the CPU backend. A GPU reaches those paths
+/// only at sizes CI cannot run (65536 samples, 2^31 elements); without the splitting, the launches
+/// and library calls here are refused and the comparisons fail.
+#[cfg(feature = "emu")]
 #[test]
-fn flash_attention_past_the_grid_y_limit() {
-    let Some(d) = gpu() else { return };
-    let (b, l, heads, dh) = (65540, 1, 1, 64);
-    let q = rand(&[b, l, heads * dh], 1);
-    let k = rand(&[b, 2, heads * dh], 2);
-    let v = rand(&[b, 2, heads * dh], 3);
-    close(
-        "flash attention, 65540 samples",
-        &ops::attention(
-            &d.put(q.clone()),
-            &d.put(k.clone()),
-            &d.put(v.clone()),
-            heads,
-            false,
-        ),
-        &ops::attention(&q, &k, &v, heads, false),
-        &d,
-    );
+fn work_splits_at_the_device_limits() {
+    use toffee::backend::cuda::{DType, Gpu, Limits};
+    let limits = Limits {
+        grid_yz: 4,
+        call_elems: 3100,
+    };
+    // A device for each case: a refused launch is sticky and would fail every later case.
+    let fresh = |reference: bool| {
+        let d = Device::Gpu(Gpu::open_emu(limits, DType::F16).expect("the software GPU opens"));
+        d.set_poison(true);
+        d.set_reference_kernels(reference);
+        d
+    };
+    for reference in [false, true] {
+        let tag = if reference { "reference" } else { "tuned" };
+        // 5 samples × 3 heads: 15 grid.y blocks, run one sample at a time.
+        for (dh, causal) in [(64, false), (64, true), (24, false), (24, true)] {
+            let (q, k, v) = (
+                rand(&[5, 9, 3 * dh], 90),
+                rand(&[5, 11, 3 * dh], 91),
+                rand(&[5, 11, 3 * dh], 92),
+            );
+            let d = fresh(reference);
+            let put = |t: &Tensor| d.put(t.clone());
+            close(
+                &format!("{tag} attention d{dh} causal={causal}, grid.y 15 > 4"),
+                &ops::attention(&put(&q), &put(&k), &put(&v), 3, causal),
+                &ops::attention(&q, &k, &v, 3, causal),
+                &d,
+            );
+        }
+        let (q, k, v) = (
+            rand(&[3, 6, 32], 93),
+            rand(&[3, 6, 32], 94),
+            rand(&[3, 6, 32], 95),
+        );
+        let (rh, rw) = (rand(&[3, 16], 96), rand(&[5, 16], 97));
+        let d = fresh(reference);
+        let put = |t: &Tensor| d.put(t.clone());
+        close(
+            &format!("{tag} rel_pos_attention, grid.y 6 > 4"),
+            &ops::rel_pos_attention(
+                &put(&q),
+                &put(&k),
+                &put(&v),
+                2,
+                (2, 3),
+                &put(&rh),
+                &put(&rw),
+            ),
+            &ops::rel_pos_attention(&q, &k, &v, 2, (2, 3), &rh, &rw),
+            &d,
+        );
+        let x = ops::affine(&rand(&[9, 10, 32], 98), 0.5, 3.0);
+        let (gamma, beta) = (rand(&[32], 99), rand(&[32], 100));
+        let d = fresh(reference);
+        let put = |t: &Tensor| d.put(t.clone());
+        close(
+            &format!("{tag} group_norm, 9 samples > 4"),
+            &ops::group_norm(&put(&x), 8, &put(&gamma), &put(&beta), 1e-5, true),
+            &ops::group_norm(&x, 8, &gamma, &beta, 1e-5, true),
+            &d,
+        );
+        // 600 rows: 5 tiles of 128 in grid.y, run as 512 + 88 rows.
+        let d = fresh(reference);
+        let put = |t: &Tensor| d.put(t.clone());
+        let x = rand(&[600, 16], 101);
+        let l = LinearW {
+            weight: rand(&[16, 16], 102),
+            bias: Some(rand(&[16], 103)),
+        };
+        let lg = LinearW {
+            weight: put(&l.weight),
+            bias: l.bias.as_ref().map(put),
+        };
+        close(
+            &format!("{tag} linear_geglu, 600 rows"),
+            &ops::linear_geglu(&put(&x), &lg),
+            &ops::linear_geglu(&x, &l),
+            &d,
+        );
+        // 4 samples of 9×7: 1008 input and 1512 output elements each (2 a call), an im2col
+        // buffer of 9072 (1 a call, and over the limit even then: one sample is the floor).
+        let x = rand(&[4, 9, 7, 16], 104);
+        let temb = rand(&[4, 24], 105);
+        for (k, pad) in [(3, [1, 1, 1, 1]), (3, [0, 1, 0, 1]), (1, [0; 4])] {
+            let (ho, wo) = (9 + pad[0] + pad[1] + 1 - k, 7 + pad[2] + pad[3] + 1 - k);
+            let res = rand(&[4, ho, wo, 24], 106);
+            let d = fresh(reference);
+            let put = |t: &Tensor| d.put(t.clone());
+            let wt = rand(&[24, 16, k, k], 107);
+            let mut c = Conv2dW::from_oihw(&wt, Some(rand(&[24], 108)), 1, 0);
+            let mut kr = Conv2dW::krsc_from_oihw(&wt, c.bias.clone(), 1, 0);
+            c.pad = pad;
+            kr.pad = pad;
+            let cg = Conv2dW {
+                weight: put(&kr.weight),
+                bias: kr.bias.as_ref().map(put),
+                ..kr
+            };
+            close(
+                &format!("{tag} conv2d_fused {k}x{k} pad {pad:?}, 4 samples"),
+                &ops::conv2d_fused(&put(&x), &cg, Some(&put(&temb)), Some(&put(&res))),
+                &ops::conv2d_fused(&x, &c, Some(&temb), Some(&res)),
+                &d,
+            );
+        }
+    }
     finish();
 }
 

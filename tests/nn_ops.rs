@@ -140,13 +140,19 @@ fn batches_past_two_to_the_31_elements_are_split() {
     // SDXL VAE decode, 1024², batch 8: the third up block's convolutions at full size have 256
     // channels, 2^28 elements per sample, 2^31 for the batch.
     let per = 1024 * 1024 * 256;
-    let c = ops::batch_chunks(8, per);
+    let c = ops::batch_chunks(8, per, i32::MAX as usize);
     assert!(c.len() > 1);
     assert!(c.iter().all(|&(_, len)| len * per <= i32::MAX as usize));
     assert_eq!(c.iter().map(|&(_, l)| l).sum::<usize>(), 8);
     assert!(c.windows(2).all(|w| w[0].0 + w[0].1 == w[1].0), "{c:?}");
     // Small batches stay whole; a single huge sample is its own chunk.
-    assert_eq!(ops::batch_chunks(32, 4096), vec![(0, 32)]);
-    assert_eq!(ops::batch_chunks(2, usize::MAX / 4), vec![(0, 1), (1, 1)]);
-    assert_eq!(ops::batch_chunks(0, 10), vec![]);
+    assert_eq!(
+        ops::batch_chunks(32, 4096, i32::MAX as usize),
+        vec![(0, 32)]
+    );
+    assert_eq!(
+        ops::batch_chunks(2, usize::MAX / 4, i32::MAX as usize),
+        vec![(0, 1), (1, 1)]
+    );
+    assert_eq!(ops::batch_chunks(0, 10, i32::MAX as usize), vec![]);
 }

@@ -497,10 +497,10 @@ pub fn depth_to_space(x: &Tensor, k: usize) -> Tensor {
     )
 }
 
-/// Batch slices (start, len) of `n` samples of `per_sample` elements each, every slice under
-/// 2^31 elements where one sample allows it (single samples otherwise): 32-bit indexing limits.
-pub fn batch_chunks(n: usize, per_sample: usize) -> Vec<(usize, usize)> {
-    let limit = i32::MAX as usize;
+/// Batch slices (start, len) of `n` samples of `per_sample` elements each, every slice at most
+/// `limit` elements where one sample allows it (single samples otherwise): 32-bit indexing limits
+/// (`limit` = 2^31 - 1 on a GPU).
+pub fn batch_chunks(n: usize, per_sample: usize, limit: usize) -> Vec<(usize, usize)> {
     let per_chunk = (limit / per_sample.max(1)).clamp(1, n.max(1));
     (0..n)
         .step_by(per_chunk)

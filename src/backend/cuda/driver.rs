@@ -25,19 +25,43 @@ pub const DEFAULT_SMEM: u32 = 48 << 10;
 /// The per-block opt-in limit of sm_90 (sm_80: 163 KiB; both devices enforce the sm_90 one).
 pub const MAX_SMEM: u32 = 227 << 10;
 
+/// The sizes where the backend splits work: a GPU's grid.y/z limit, and the most elements one
+/// call may touch in an operand (our kernels and cuDNN's descriptors index with 32 bits). Ops read
+/// them from the device, never from constants, so the software device can be opened with smaller
+/// ones (`Gpu::open_emu`) and the splitting paths, which a GPU takes only at sizes CI cannot run,
+/// execute at tiny sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub grid_yz: u32,
+    pub call_elems: usize,
+}
+
+impl Limits {
+    pub const GPU: Limits = Limits {
+        grid_yz: 65535,
+        call_elems: i32::MAX as usize,
+    };
+}
+
 /// What a GPU refuses at launch: more than 1024 threads a block, grid.x past 2^31 - 1, grid.y or
-/// grid.z past 65535, more dynamic shared memory than the kernel's attribute allows.
-pub fn check_launch(name: &str, cfg: &LaunchCfg, smem_limit: u32) -> Result<(), String> {
+/// grid.z past the limit (65535), more dynamic shared memory than the kernel's attribute allows.
+pub fn check_launch(
+    name: &str,
+    cfg: &LaunchCfg,
+    smem_limit: u32,
+    limits: &Limits,
+) -> Result<(), String> {
     let (x, y, z) = cfg.grid;
+    let yz = limits.grid_yz;
     if cfg.block == 0 || cfg.block > 1024 {
         return Err(format!(
             "launching {name}: {} threads a block (1 to 1024)",
             cfg.block
         ));
     }
-    if x == 0 || y == 0 || z == 0 || x > i32::MAX as u32 || y > 65535 || z > 65535 {
+    if x == 0 || y == 0 || z == 0 || x > i32::MAX as u32 || y > yz || z > yz {
         return Err(format!(
-            "launching {name}: grid {x}×{y}×{z} (x ≤ 2^31-1, y and z ≤ 65535, none 0)"
+            "launching {name}: grid {x}×{y}×{z} (x ≤ 2^31-1, y and z ≤ {yz}, none 0)"
         ));
     }
     if cfg.smem > smem_limit {
@@ -70,6 +94,9 @@ pub struct ConvPlan {
 pub trait Driver: Send + Sync {
     /// `cuda:N` or `emu`: the prefix of every message about this device.
     fn name(&self) -> &str;
+    fn limits(&self) -> Limits {
+        Limits::GPU
+    }
     fn malloc(&self, bytes: usize) -> Result<u64, String>;
     /// Returns a block `malloc` gave; queued work no longer uses it (the pool synchronised).
     fn free(&self, ptr: u64);
@@ -127,4 +154,34 @@ pub trait Driver: Send + Sync {
 /// An instantiated graph.
 pub trait GraphExec: Send + Sync {
     fn launch(&self) -> Result<(), String>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn launches_are_checked_against_the_hardware_limits() {
+        let cfg = |grid, block, smem| LaunchCfg { grid, block, smem };
+        let ok = |c: LaunchCfg| check_launch("k", &c, DEFAULT_SMEM, &Limits::GPU);
+        assert!(ok(cfg((i32::MAX as u32, 65535, 65535), 1024, DEFAULT_SMEM)).is_ok());
+        for bad in [
+            cfg((1, 65536, 1), 32, 0),
+            cfg((1, 1, 65536), 32, 0),
+            cfg((1 << 31, 1, 1), 32, 0),
+            cfg((0, 1, 1), 32, 0),
+            cfg((1, 1, 1), 1025, 0),
+            cfg((1, 1, 1), 0, 0),
+            cfg((1, 1, 1), 32, DEFAULT_SMEM + 1),
+        ] {
+            let e = ok(bad).unwrap_err();
+            assert!(e.starts_with("launching k: "), "{e}");
+        }
+        let small = Limits {
+            grid_yz: 4,
+            ..Limits::GPU
+        };
+        assert!(check_launch("k", &cfg((1, 5, 1), 32, 0), DEFAULT_SMEM, &small).is_err());
+        assert!(check_launch("k", &cfg((1, 4, 4), 32, 0), MAX_SMEM, &small).is_ok());
+    }
 }

@@ -29,6 +29,7 @@ pub use cudarc_driver::{driver_present, embedded_targets, list_devices, DeviceIn
 use crate::backend::fault::Fault;
 use crate::backend::pool::{Block, Pool, RawAlloc, Reserve};
 use anyhow::{anyhow, bail, Result};
+pub use driver::Limits;
 use driver::{check_launch, Driver, GraphExec, LaunchCfg};
 use std::fmt;
 use std::sync::Arc;
@@ -143,7 +144,7 @@ impl Gpu {
         let driver: Arc<dyn Driver> = if spec == "emu" {
             #[cfg(feature = "emu")]
             {
-                Arc::new(emu::EmuDriver::open(&kernels::specs())?)
+                Arc::new(emu::EmuDriver::open(&kernels::specs(), Limits::GPU)?)
             }
             #[cfg(not(feature = "emu"))]
             bail!("device `emu`: this build has no software device; rebuild with `--features emu`")
@@ -166,6 +167,16 @@ impl Gpu {
             )
         };
         Self::with_driver(driver, dtype)
+    }
+
+    /// The software device with smaller limits than a GPU's, so tests run the paths that split
+    /// work at the limits (see `Limits`) at tiny sizes.
+    #[cfg(feature = "emu")]
+    pub fn open_emu(limits: Limits, dtype: DType) -> Result<Arc<Gpu>> {
+        Self::with_driver(
+            Arc::new(emu::EmuDriver::open(&kernels::specs(), limits)?),
+            dtype,
+        )
     }
 
     fn with_driver(driver: Arc<dyn Driver>, dtype: DType) -> Result<Arc<Gpu>> {
@@ -203,6 +214,10 @@ impl Gpu {
     /// `cuda:N` or `emu`.
     pub fn name(&self) -> &str {
         self.driver.name()
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.driver.limits()
     }
 
     pub fn driver(&self) -> &Arc<dyn Driver> {
@@ -410,7 +425,8 @@ impl Gpu {
             block,
             smem,
         };
-        let r = check_launch(name, &cfg, limit).and_then(|_| self.driver.launch(name, &cfg, args));
+        let r = check_launch(name, &cfg, limit, &self.driver.limits())
+            .and_then(|_| self.driver.launch(name, &cfg, args));
         if let Err(e) = r {
             self.fail(e);
         }

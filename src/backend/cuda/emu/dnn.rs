@@ -22,9 +22,10 @@ pub fn workspace(d: &ConvDesc, algo: i32) -> usize {
 }
 
 /// The plan cuDNN's heuristic would give, or None where it refuses (what cuDNN refuses:
-/// non-16-bit storage, groups not dividing the channels, y's descriptor not the output size).
-pub fn plan(d: &ConvDesc) -> Option<ConvPlan> {
-    check(d).ok()?;
+/// non-16-bit storage, groups not dividing the channels, y's descriptor not the output size, an
+/// operand past `call_elems` elements: the descriptors' dimensions and strides are 32-bit ints).
+pub fn plan(d: &ConvDesc, call_elems: usize) -> Option<ConvPlan> {
+    check(d, call_elems).ok()?;
     Some(ConvPlan {
         algo: 1,
         ws_bytes: workspace(d, 1),
@@ -36,7 +37,7 @@ fn out_size(len: usize, pad: usize, k: usize, stride: usize, dil: usize) -> Opti
     (len + 2 * pad).checked_sub(span).map(|v| v / stride + 1)
 }
 
-fn check(d: &ConvDesc) -> Result<(), String> {
+fn check(d: &ConvDesc, call_elems: usize) -> Result<(), String> {
     use crate::backend::cuda::DType;
     if !matches!(d.dtype, DType::F16 | DType::BF16) {
         return Err(format!(
@@ -50,6 +51,12 @@ fn check(d: &ConvDesc) -> Result<(), String> {
         || d.groups == 0;
     if zero || !d.c.is_multiple_of(d.groups) || !d.k.is_multiple_of(d.groups) {
         return Err(format!("cuDNN: CUDNN_STATUS_BAD_PARAM (descriptor {d:?})"));
+    }
+    let largest = (d.n * d.h * d.w * d.c).max(d.n * d.ho * d.wo * d.k);
+    if largest > call_elems {
+        return Err(format!(
+            "cuDNN: CUDNN_STATUS_BAD_PARAM ({largest} elements in one tensor, past {call_elems})"
+        ));
     }
     let want = (
         out_size(d.h, d.pad.0, d.r, d.stride.0, d.dilation.0),
@@ -70,8 +77,9 @@ pub fn run(
     d: &ConvDesc,
     plan: ConvPlan,
     (x, w, y, ws): (u64, u64, u64, u64),
+    call_elems: usize,
 ) -> Result<(), String> {
-    check(d)?;
+    check(d, call_elems)?;
     if !ALGOS.contains(&plan.algo) || plan.ws_bytes < workspace(d, plan.algo) {
         return Err(format!(
             "cuDNN: CUDNN_STATUS_BAD_PARAM (algorithm {} with {} B of workspace; it needs {} B)",

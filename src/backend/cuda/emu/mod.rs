@@ -21,7 +21,9 @@ mod memory;
 pub use kernels::{selftest, EmuMode};
 
 use super::conv::ConvDesc;
-use super::driver::{ConvPlan, Driver, GraphExec, KernelSpec, LaunchCfg, Timer, DEFAULT_SMEM};
+use super::driver::{
+    ConvPlan, Driver, GraphExec, KernelSpec, LaunchCfg, Limits, Timer, DEFAULT_SMEM,
+};
 use super::{gemm, Arg};
 use anyhow::{anyhow, Result};
 use kernels::Kernel;
@@ -68,6 +70,7 @@ struct Inner {
     kernels: HashMap<String, (Kernel, u32)>,
     mem: Memory,
     mode: EmuMode,
+    limits: Limits,
     /// Stream order: one operation at a time.
     stream: Mutex<()>,
     capture: Mutex<Option<Capture>>,
@@ -117,8 +120,9 @@ fn parse_mode(cp: Option<&str>, sched: Option<&str>) -> Result<EmuMode> {
 }
 
 impl EmuDriver {
-    /// The software device with `kernels` loaded (each must exist, as on a GPU).
-    pub fn open(specs: &[KernelSpec]) -> Result<EmuDriver> {
+    /// The software device with `kernels` loaded (each must exist, as on a GPU), refusing launches
+    /// and splitting work at `limits` (a GPU's, or smaller ones for tests).
+    pub fn open(specs: &[KernelSpec], limits: Limits) -> Result<EmuDriver> {
         let env = |k| std::env::var(k).ok();
         let mode = parse_mode(
             env("TOFFEE_EMU_CPASYNC").as_deref(),
@@ -150,6 +154,7 @@ impl EmuDriver {
             kernels: loaded,
             mem: Memory::new(capacity),
             mode,
+            limits,
             stream: Mutex::new(()),
             capture: Mutex::new(None),
             gemm_plans: Mutex::new(HashSet::new()),
@@ -213,7 +218,9 @@ impl Inner {
                 Ok(())
             }
             Op::Gemm { shape, operands } => blas::run(&self.mem, shape, operands),
-            Op::Conv { desc, plan, bufs } => dnn::run(&self.mem, desc, *plan, *bufs),
+            Op::Conv { desc, plan, bufs } => {
+                dnn::run(&self.mem, desc, *plan, *bufs, self.limits.call_elems)
+            }
         }
     }
 }
@@ -237,6 +244,10 @@ impl GraphExec for Graph {
 impl Driver for EmuDriver {
     fn name(&self) -> &str {
         "emu"
+    }
+
+    fn limits(&self) -> Limits {
+        self.0.limits
     }
 
     fn malloc(&self, bytes: usize) -> Result<u64, String> {
@@ -331,7 +342,12 @@ impl Driver for EmuDriver {
     fn conv_plan(&self, d: &ConvDesc) -> (Option<ConvPlan>, bool) {
         let mut plans = self.0.conv_plans.lock().unwrap();
         let fresh = !plans.contains_key(d);
-        (*plans.entry(*d).or_insert_with(|| dnn::plan(d)), fresh)
+        (
+            *plans
+                .entry(*d)
+                .or_insert_with(|| dnn::plan(d, self.0.limits.call_elems)),
+            fresh,
+        )
     }
 
     fn conv_tune(&self, d: &ConvDesc, time: &Timer, run: &dyn Fn(ConvPlan) -> bool) {

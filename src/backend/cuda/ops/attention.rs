@@ -13,6 +13,14 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     let d = hd / heads;
     let qd = dev(q);
     let g = qd.gpu();
+    // grid.y is one (sample, head) each on every path.
+    let sliced = by_grid_y(g, b, heads, |s, n| {
+        let part = |t: &Tensor| t.narrow0(s, n);
+        attention(&part(q), &part(k), &part(v), heads, causal)
+    });
+    if let Some(t) = sliced {
+        return t;
+    }
     let (t, o) = out(qd, vec![b, lq, hd]);
     let flash = kernels::FLASH_DIMS.contains(&d);
     if !flash {
@@ -34,32 +42,26 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, causal: bool)
     } else {
         (kernels::flash_attention as kernels::Flash, 16)
     };
-    let es = qd.dtype.size() as u64;
-    // grid.y is one (sample, head) each and may not pass 65535: more run as batch slices.
-    let per = (65535 / heads).max(1);
-    for (s0, samples) in (0..b).step_by(per).map(|s| (s, per.min(b - s))) {
-        let (qo, ko) = ((s0 * lq * hd) as u64 * es, (s0 * lk * hd) as u64 * es);
-        let hd = hd as i64;
-        kernel(
-            g,
-            qd.dtype,
-            d,
-            (lq.div_ceil(rows_per_block) as u32, (samples * heads) as u32),
-            qd.ptr() + qo,
-            dev(k).ptr() + ko,
-            dev(v).ptr() + ko,
-            o.ptr() + qo,
-            heads as i32,
-            lq as i32,
-            lk as i32,
-            hd,
-            hd,
-            hd,
-            hd,
-            1.0 / (d as f32).sqrt(),
-            causal as i32,
-        );
-    }
+    let hd = hd as i64;
+    kernel(
+        g,
+        qd.dtype,
+        d,
+        (lq.div_ceil(rows_per_block) as u32, (b * heads) as u32),
+        qd.ptr(),
+        dev(k).ptr(),
+        dev(v).ptr(),
+        o.ptr(),
+        heads as i32,
+        lq as i32,
+        lk as i32,
+        hd,
+        hd,
+        hd,
+        hd,
+        1.0 / (d as f32).sqrt(),
+        causal as i32,
+    );
     t
 }
 
@@ -219,6 +221,13 @@ pub fn rel_pos_attention(
     let (b, l, hd) = (q.shape()[0], q.shape()[1], q.shape()[2]);
     let qd = dev(q);
     let g = qd.gpu();
+    let sliced = by_grid_y(g, b, heads, |s, n| {
+        let part = |t: &Tensor| t.narrow0(s, n);
+        rel_pos_attention(&part(q), &part(k), &part(v), heads, grid, rel_h, rel_w)
+    });
+    if let Some(t) = sliced {
+        return t;
+    }
     let (t, o) = out(qd, vec![b, l, hd]);
     attention_any(q, k, v, heads, false, &o, |s| {
         kernels::rel_pos_bias(

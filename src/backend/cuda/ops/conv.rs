@@ -41,13 +41,14 @@ pub fn conv_batch_chunks(
     (ho, wo, cout): (usize, usize, usize),
     k: usize,
     library: bool,
+    call_elems: usize,
 ) -> Vec<(usize, usize)> {
     let im2col = if k > 1 && !library {
         ho * wo * k * k * cin
     } else {
         0
     };
-    crate::backend::batch_chunks(n, (h * w * cin).max(ho * wo * cout).max(im2col))
+    crate::backend::batch_chunks(n, (h * w * cin).max(ho * wo * cout).max(im2col), call_elems)
 }
 
 /// `conv2d_fused` through the library (cuDNN, when `library`) or im2col + GEMM.
@@ -64,7 +65,8 @@ pub(super) fn conv_path(
     let ho = (h + pt + pb - k) / c.stride + 1;
     let wo = (w + pl + pr - k) / c.stride + 1;
     let cout = c.out_channels();
-    let chunks = conv_batch_chunks(n, (h, w, cin), (ho, wo, cout), k, library);
+    let limit = dev(x).gpu().limits().call_elems;
+    let chunks = conv_batch_chunks(n, (h, w, cin), (ho, wo, cout), k, library, limit);
     if chunks.len() > 1 {
         let parts: Vec<Tensor> = chunks
             .iter()
@@ -110,7 +112,7 @@ pub(super) fn conv_path(
             return t;
         }
         // The library refused this shape: im2col, in batches its buffer allows.
-        if conv_batch_chunks(n, (h, w, cin), (ho, wo, cout), k, false).len() > 1 {
+        if conv_batch_chunks(n, (h, w, cin), (ho, wo, cout), k, false, limit).len() > 1 {
             return conv_path(x, c, per_sample, residual, false);
         }
     }
@@ -137,6 +139,17 @@ fn conv_gemm(
     let cols = if direct {
         xd.clone()
     } else {
+        // conv_path's batch chunks keep this buffer (9× the input for 3×3) within one call's
+        // elements (4 GiB in fp16 on a GPU) down to single samples; past it with more than one
+        // sample, the chunking is wrong.
+        let limit = g.limits().call_elems;
+        if rows * kk > limit && n > 1 {
+            g.fail(format!(
+                "im2col: a {}-element buffer for one call, past the limit of {limit}",
+                rows * kk
+            ));
+            return t;
+        }
         let cols = g.alloc(rows * kk, xd.dtype);
         kernels::im2col(
             g,
@@ -181,20 +194,22 @@ mod tests {
     /// Issue 23 defect: the path is chosen before the batch is split. The SD VAE decoder's widest
     /// 3×3 convolutions at 512², batch 8 (256 → 256 and 512 → 256 channels) are one call through
     /// cuDNN; only im2col's 9×-wider buffer needs 2–3 calls.
+    const GPU: usize = crate::backend::cuda::Limits::GPU.call_elems;
+
     #[test]
     fn library_convolutions_are_not_split_for_an_unused_im2col_buffer() {
         for cin in [256, 512] {
             let shape = ((512, 512, cin), (512, 512, 256));
             assert_eq!(
-                super::conv_batch_chunks(8, shape.0, shape.1, 3, true),
+                super::conv_batch_chunks(8, shape.0, shape.1, 3, true, GPU),
                 [(0, 8)]
             );
-            let im2col = super::conv_batch_chunks(8, shape.0, shape.1, 3, false);
+            let im2col = super::conv_batch_chunks(8, shape.0, shape.1, 3, false, GPU);
             assert!((2..=8).contains(&im2col.len()), "{im2col:?}");
             assert_eq!(im2col.iter().map(|c| c.1).sum::<usize>(), 8);
         }
         // SDXL's VAE at 1024²: the activations alone pass 2^31 elements at batch 8.
-        let big = super::conv_batch_chunks(8, (1024, 1024, 512), (1024, 1024, 512), 3, true);
+        let big = super::conv_batch_chunks(8, (1024, 1024, 512), (1024, 1024, 512), 3, true, GPU);
         assert!(big.len() > 1, "{big:?}");
     }
 }

@@ -99,8 +99,8 @@ pub fn linear_geglu(x: &Tensor, l: &LinearW) -> Tensor {
     *shape.last_mut().unwrap() = n;
     let (t, o) = out(xd, shape);
     let es = xd.dtype.size() as u64;
-    // grid.y is one 128-row tile each and may not pass 65535: taller inputs run as row slices.
-    for (r0, rows) in grid_y_slices(m, 128) {
+    // grid.y is one 128-row tile each and may not pass the limit: taller inputs run as row slices.
+    for (r0, rows) in grid_y_slices(m, 128, g.limits().grid_yz) {
         kernels::gemm_geglu(
             g,
             xd.dtype,
@@ -118,9 +118,9 @@ pub fn linear_geglu(x: &Tensor, l: &LinearW) -> Tensor {
 }
 
 /// (start, len) slices of `total` rows, `per_block` rows a grid.y block, each slice within
-/// CUDA's grid.y limit of 65535 blocks.
-pub fn grid_y_slices(total: usize, per_block: usize) -> Vec<(usize, usize)> {
-    let step = 65535 * per_block.max(1);
+/// `limit` grid.y blocks.
+pub fn grid_y_slices(total: usize, per_block: usize, limit: u32) -> Vec<(usize, usize)> {
+    let step = limit as usize * per_block.max(1);
     (0..total)
         .step_by(step)
         .map(|s| (s, step.min(total - s)))
@@ -154,12 +154,12 @@ pub fn linear_residual(x: &Tensor, l: &LinearW, residual: &Tensor) -> Tensor {
 mod tests {
     #[test]
     fn grid_y_slices_stay_within_the_limit() {
-        assert_eq!(super::grid_y_slices(128, 128), [(0, 128)]);
+        assert_eq!(super::grid_y_slices(128, 128, 65535), [(0, 128)]);
         let rows = 65535 * 128 + 5;
         assert_eq!(
-            super::grid_y_slices(rows, 128),
+            super::grid_y_slices(rows, 128, 65535),
             [(0, 65535 * 128), (65535 * 128, 5)]
         );
-        assert!(super::grid_y_slices(0, 128).is_empty());
+        assert!(super::grid_y_slices(0, 128, 65535).is_empty());
     }
 }

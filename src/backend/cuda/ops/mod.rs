@@ -31,6 +31,23 @@ pub(super) fn out(like: &DevBuf, shape: Vec<usize>) -> (Tensor, DevBuf) {
     (Tensor::from_device(shape, b.clone()), b)
 }
 
+/// A batched op run on sample slices small enough that `y_per_sample` grid.y blocks a sample stay
+/// within the device's grid.y limit, outputs concatenated; None when the batch fits one launch
+/// (the common case, no copies).
+pub(super) fn by_grid_y(
+    g: &Gpu,
+    n: usize,
+    y_per_sample: usize,
+    f: impl Fn(usize, usize) -> Tensor,
+) -> Option<Tensor> {
+    let per = (g.limits().grid_yz as usize / y_per_sample.max(1)).max(1);
+    if n <= per {
+        return None;
+    }
+    let parts: Vec<Tensor> = (0..n).step_by(per).map(|s| f(s, per.min(n - s))).collect();
+    Some(Tensor::cat0(&parts.iter().collect::<Vec<_>>()))
+}
+
 /// Grid for a grid-stride elementwise kernel over `n` elements.
 pub(super) fn grid(n: usize) -> (u32, u32) {
     (n.div_ceil(256).clamp(1, 65535) as u32, 1)

@@ -19,6 +19,13 @@ pub fn group_norm(
     let hw = x.numel() / (n * c);
     let xd = dev(x);
     let g = xd.gpu();
+    // The fast kernels' grid.y is one sample each.
+    let sliced = by_grid_y(g, n, 1, |s, len| {
+        group_norm(&x.narrow0(s, len), groups, gamma, beta, eps, silu)
+    });
+    if let Some(t) = sliced {
+        return t;
+    }
     let (t, o) = out(xd, x.shape().to_vec());
     if g.reference() || !c.is_multiple_of(8) || c > 2048 || c / groups < 4 || groups > 128 {
         kernels::group_norm(
