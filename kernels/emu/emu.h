@@ -996,6 +996,10 @@ inline const char* kind_word(char k) {
         default: return "an unknown kind";
     }
 }
+template <class... A> struct kinds_str {
+    static constexpr char value[sizeof...(A) + 1] = {kind_of<std::decay_t<A>>()..., 0};
+};
+template <class... A> constexpr const char* kinds_of(void (*)(A...)) { return kinds_str<A...>::value; }
 template <class Tuple, size_t... I>
 inline void load_args(Tuple& t, const void* const* args, std::index_sequence<I...>) {
     (memcpy((void*)&std::get<I>(t), args[I], sizeof(std::tuple_element_t<I, Tuple>)), ...);
@@ -1024,7 +1028,8 @@ inline int launch_typed(void (*)(A...), const char* name, emu_dim3 grid, emu_dim
     emu_kernel{#fn, [](emu_dim3 g_, emu_dim3 b_, uint32_t s_, const emu_mode* m_, const void* const* a_,      \
                        const char* k_, size_t n_, char* e_, size_t el_) -> int {                              \
                    return ::emu::launch_typed<&fn>(&fn, #fn, g_, b_, s_, m_, a_, k_, n_, e_, el_);            \
-               }},
+               },                                                                                              \
+               ::emu::kinds_of(&fn)},
 #define TOFFEE_EMU_MODULE(mod, ...)                                                                           \
     extern "C" const emu_kernel* toffee_emu_module_##mod(size_t* count) {                                    \
         static const emu_kernel table[] = {__VA_ARGS__};                                                      \

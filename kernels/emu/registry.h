@@ -27,7 +27,8 @@ typedef struct emu_mode { int cp_async_at_wait; int schedule; uint32_t seed; } e
 typedef int (*emu_launch_fn)(emu_dim3 grid, emu_dim3 block, uint32_t dyn_smem, const emu_mode* mode,
                              const void* const* args, const char* kinds, size_t nargs, char* err, size_t err_len);
 
-typedef struct emu_kernel { const char* name; emu_launch_fn launch; } emu_kernel;
+// kinds: the kernel's parameter kinds as above, NUL-terminated (the signature, checked at load).
+typedef struct emu_kernel { const char* name; emu_launch_fn launch; const char* kinds; } emu_kernel;
 
 #ifdef __cplusplus
 }

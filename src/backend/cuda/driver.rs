@@ -73,11 +73,14 @@ pub fn check_launch(
     Ok(())
 }
 
-/// A kernel to load: its module (kernels/<module>.cu), name and, above 48 KiB, the dynamic shared
-/// memory it is allowed (CUDA's MAX_DYNAMIC_SHARED_SIZE_BYTES attribute).
+/// A kernel to load: its module (kernels/<module>.cu), name, argument kinds (`p` pointer, `i`
+/// int32, `l` int64, `f` float: the launcher's types, which the software GPU checks against the
+/// kernel's C++ signature at open) and, above 48 KiB, the dynamic shared memory it is allowed
+/// (CUDA's MAX_DYNAMIC_SHARED_SIZE_BYTES attribute).
 pub struct KernelSpec {
     pub module: &'static str,
     pub name: String,
+    pub args: &'static [u8],
     pub max_smem: Option<u32>,
 }
 

@@ -1,13 +1,31 @@
 //! Every kernel of kernels/*.cu, declared once: its module, storage types, head dims, argument
 //! types and block size. The table generates a typed launcher per kernel (a wrong argument at a
-//! launch site fails to compile; the software GPU checks each launcher's argument kinds against
-//! the kernel's C++ signature) and the list of kernels both devices load at open (a name missing
-//! from a module fails there, and `every_kernel_name_is_embedded` checks the fatbins).
+//! launch site fails to compile) and the list of kernels both devices load at open, with their
+//! argument kinds: a name missing from a module fails there (`every_kernel_name_is_embedded`
+//! checks the fatbins), and the software GPU refuses a launcher whose argument types differ from
+//! the kernel's C++ parameters, for every kernel at every open.
 
 use super::driver::KernelSpec;
 use super::{Arg, DType, Gpu};
 
 include!("../../../kernels/dims.rs");
+
+/// A launcher argument type's kind in `KernelSpec::args`.
+trait ArgKind {
+    const KIND: u8;
+}
+impl ArgKind for u64 {
+    const KIND: u8 = b'p';
+}
+impl ArgKind for i32 {
+    const KIND: u8 = b'i';
+}
+impl ArgKind for i64 {
+    const KIND: u8 = b'l';
+}
+impl ArgKind for f32 {
+    const KIND: u8 = b'f';
+}
 
 impl From<u64> for Arg {
     fn from(v: u64) -> Arg {
@@ -67,7 +85,8 @@ macro_rules! kernels {
         /// Every kernel the backend launches, with its module and shared-memory opt-in.
         pub fn specs() -> Vec<KernelSpec> {
             let mut v = Vec::new();
-            $(kernels!(@spec v $kernel $module [$($($t),+)?] [$($smem)?]);)*
+            $(kernels!(@spec v $kernel $module [$($($t),+)?] [$($smem)?]
+                &[$(<$ty as ArgKind>::KIND),*]);)*
             v
         }
     };
@@ -119,21 +138,28 @@ macro_rules! kernels {
             g.launch_smem(&name, grid, $block, $smem(d), &[$(Arg::from($arg)),*]);
         }
     };
-    (@spec $v:ident $kernel:ident $module:literal [] []) => {
-        $v.push(KernelSpec { module: $module, name: stringify!($kernel).into(), max_smem: None });
+    (@spec $v:ident $kernel:ident $module:literal [] [] $args:expr) => {
+        $v.push(KernelSpec {
+            module: $module,
+            name: stringify!($kernel).into(),
+            args: $args,
+            max_smem: None,
+        });
     };
-    (@spec $v:ident $kernel:ident $module:literal [$($t:ident),+] []) => {
+    (@spec $v:ident $kernel:ident $module:literal [$($t:ident),+] [] $args:expr) => {
         $($v.push(KernelSpec {
             module: $module,
             name: concat!(stringify!($kernel), "_", stringify!($t)).into(),
+            args: $args,
             max_smem: None,
         });)+
     };
-    (@spec $v:ident $kernel:ident $module:literal [$($t:ident),+] [$smem:ident]) => {
+    (@spec $v:ident $kernel:ident $module:literal [$($t:ident),+] [$smem:ident] $args:expr) => {
         for d in FLASH_DIMS {
             $($v.push(KernelSpec {
                 module: $module,
                 name: format!("{}_d{d}_{}", stringify!($kernel), stringify!($t)),
+                args: $args,
                 max_smem: ($smem(d) > super::driver::DEFAULT_SMEM).then_some($smem(d)),
             });)+
         }

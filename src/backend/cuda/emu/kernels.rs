@@ -42,6 +42,7 @@ type LaunchFn = unsafe extern "C" fn(
 pub struct EmuKernel {
     name: *const c_char,
     launch: LaunchFn,
+    kinds: *const c_char,
 }
 
 mod generated {
@@ -53,9 +54,9 @@ extern "C" {
     fn toffee_emu_selftest(report: *mut c_char, len: usize) -> c_int;
 }
 
-/// A kernel of the software GPU.
+/// A kernel of the software GPU: its launcher and parameter kinds (`KernelSpec::args`' letters).
 #[derive(Clone, Copy)]
-pub struct Kernel(LaunchFn);
+pub struct Kernel(LaunchFn, &'static [u8]);
 
 /// The kernels `module` defines, by name; None for a module that was not compiled.
 pub fn module(module: &str) -> Option<Vec<(String, Kernel)>> {
@@ -70,15 +71,23 @@ pub fn module(module: &str) -> Option<Vec<(String, Kernel)>> {
         entries
             .iter()
             .map(|e| {
-                // Safety: names are static NUL-terminated strings.
-                let name = unsafe { CStr::from_ptr(e.name) };
-                (name.to_string_lossy().into_owned(), Kernel(e.launch))
+                // Safety: names and kinds are static NUL-terminated strings.
+                let (name, kinds) = unsafe { (CStr::from_ptr(e.name), CStr::from_ptr(e.kinds)) };
+                (
+                    name.to_string_lossy().into_owned(),
+                    Kernel(e.launch, kinds.to_bytes()),
+                )
             })
             .collect(),
     )
 }
 
 impl Kernel {
+    /// The C++ signature's parameter kinds.
+    pub fn kinds(&self) -> &'static [u8] {
+        self.1
+    }
+
     /// Runs the whole grid to completion on this thread.
     pub fn launch(
         &self,

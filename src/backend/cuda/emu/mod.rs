@@ -119,6 +119,18 @@ fn parse_mode(cp: Option<&str>, sched: Option<&str>) -> Result<EmuMode> {
     })
 }
 
+/// `p`, `i`, `l`, `f` kinds as C types, for messages.
+fn kinds_word(kinds: &[u8]) -> String {
+    let word = |k: &u8| match k {
+        b'p' => "pointer",
+        b'i' => "int",
+        b'l' => "long",
+        b'f' => "float",
+        _ => "?",
+    };
+    kinds.iter().map(word).collect::<Vec<_>>().join(", ")
+}
+
 impl EmuDriver {
     /// The software device with `kernels` loaded (each must exist, as on a GPU), refusing launches
     /// and splitting work at `limits` (a GPU's, or smaller ones for tests).
@@ -143,6 +155,15 @@ impl EmuDriver {
             let k = modules[s.module].get(&s.name).ok_or_else(|| {
                 anyhow!("emu: kernel {} missing from module {}", s.name, s.module)
             })?;
+            if k.kinds() != s.args {
+                anyhow::bail!(
+                    "emu: kernel {}: the launcher passes ({}), kernels/{}.cu declares ({})",
+                    s.name,
+                    kinds_word(s.args),
+                    s.module,
+                    kinds_word(k.kinds())
+                );
+            }
             if let Some(b) = s.max_smem {
                 if b > super::driver::MAX_SMEM {
                     anyhow::bail!("emu: {}: {b} B of shared memory: invalid value", s.name);
@@ -457,6 +478,30 @@ mod tests {
     /// The shim's own unit tests: fragment layouts of mma.sync / ldmatrix against the PTX ISA
     /// tables, cp.async timing, shuffles, and that a deadlock or an out-of-range shared access is
     /// an error rather than a hang or an abort.
+    /// Every launcher's argument types equal its kernel's C++ parameters, checked at open for
+    /// every kernel (not only those a test launches); a launcher that disagrees is refused.
+    #[test]
+    fn launcher_signatures_match_the_kernels() {
+        use crate::backend::cuda::{driver::Limits, kernels};
+        let mut specs = kernels::specs();
+        assert!(super::EmuDriver::open(&specs, Limits::GPU).is_ok());
+        let gemm = specs
+            .iter_mut()
+            .find(|s| s.name == "gemm_geglu_f16")
+            .unwrap();
+        gemm.args = b"pppplii";
+        let e = super::EmuDriver::open(&specs, Limits::GPU)
+            .err()
+            .unwrap()
+            .to_string();
+        assert_eq!(
+            e,
+            "emu: kernel gemm_geglu_f16: the launcher passes (pointer, pointer, pointer, pointer, \
+             long, int, int), kernels/gemm_geglu.cu declares (pointer, pointer, pointer, pointer, \
+             int, int, int)"
+        );
+    }
+
     #[test]
     fn shim_selftest_passes() {
         let (failures, report) = super::selftest();
