@@ -9,7 +9,6 @@
 //! `size` covers them.
 #![allow(non_camel_case_types)]
 
-use crate::backend::Device;
 use crate::dataset;
 use crate::models::adapter::Adapter;
 use crate::pipeline::image_prompt::{image_prompt, load_encoder};
@@ -345,10 +344,7 @@ pub unsafe extern "C" fn toffee_engine_open(
         let view = unsafe { opt_path(o.view_model, "view_model")? };
         let dino = unsafe { opt_path(o.dino, "dino")? };
         let clip = unsafe { opt_path(o.clip, "clip")? };
-        let bf16 = model
-            .as_ref()
-            .is_some_and(|m| crate::models::load::is_bf16(m, "unet").unwrap_or(false));
-        let dev = Device::open(&dev_name, bf16)?;
+        let dev = crate::models::load::open_device(&dev_name, model.as_deref(), "unet")?;
         let mut gen = match &model {
             Some(m) => Generator::load(m, controlnet.as_deref(), &dev)?,
             None => {
@@ -501,7 +497,7 @@ unsafe fn run_generate(e: &Engine, o: &toffee_generate_options) -> Result<Tensor
             } else {
                 a.default_scale
             };
-            let rgb = crate::dataset::stages::to_rgb8(&img);
+            let rgb = crate::image_io::to_rgb8(&img);
             vec![image_prompt(
                 a,
                 enc,
@@ -764,7 +760,7 @@ pub unsafe extern "C" fn toffee_embed_image(
         };
         let img =
             unsafe { image_tensor(image, "image", 3)? }.ok_or_else(|| invalid("image is null"))?;
-        let v = enc.embed(&[crate::dataset::stages::to_rgb8(&img)])?;
+        let v = enc.embed(&[crate::image_io::to_rgb8(&img)])?;
         write_vec(&v[0], out, len, dim)
     })
 }
@@ -818,7 +814,7 @@ pub unsafe extern "C" fn toffee_score(
         let rgb = |x, w| -> Result<image::RgbImage, Fail> {
             let t =
                 unsafe { image_tensor(x, w, 3)? }.ok_or_else(|| invalid(format!("{w} is null")))?;
-            Ok(crate::dataset::stages::to_rgb8(&t))
+            Ok(crate::image_io::to_rgb8(&t))
         };
         let mask = |x, w| -> Result<Option<Mask>, Fail> {
             Ok(unsafe { image_tensor(x, w, 1)? }.map(|t| Mask::from_tensor(&t)))

@@ -1,7 +1,6 @@
 //! The generation commands (`txt2img`, `img2img`, `inpaint`) as the CLI and the C ABI use them:
 //! files in, files out. Argument parsing lives in main.rs; all behaviour lives here.
 
-use crate::backend::Device;
 use crate::canny;
 use crate::image_io;
 use crate::models::adapter::Adapter;
@@ -308,10 +307,7 @@ pub fn run(o: &Options) -> Result<Summary> {
     }
     let mut gen = match &o.model {
         Some(m) => {
-            let device = Device::open(
-                &o.device,
-                crate::models::load::is_bf16(m, "unet").unwrap_or(false),
-            )?;
+            let device = crate::models::load::open_device(&o.device, Some(m), "unet")?;
             Generator::load_with_loras(m, o.controlnet.as_deref(), &o.loras, &device)?
         }
         None => {
@@ -321,7 +317,7 @@ pub fn run(o: &Options) -> Result<Summary> {
             if o.controlnet.is_some() {
                 bail!("--controlnet needs --model (the built-in demo model has no ControlNet)");
             }
-            crate::builtin::generator(&Device::open(&o.device, false)?)?
+            crate::builtin::generator(&crate::models::load::open_device(&o.device, None, "")?)?
         }
     };
     let f = gen.vae.downscale();

@@ -305,6 +305,19 @@ pub fn quantize(v: f32) -> u8 {
     }
 }
 
+/// The 8-bit pixels of an image tensor in [0, 1] (`quantize` on every value): the one rule for every
+/// PNG written and every 8-bit image handed to a model, so a pair's scores are computed on the
+/// pixels its PNGs hold.
+pub fn to_u8(t: &Tensor) -> Vec<u8> {
+    t.data().iter().map(|&v| quantize(v)).collect()
+}
+
+/// An 8-bit RGB image of a [1, H, W, 3] tensor in [0, 1] (see `to_u8`).
+pub fn to_rgb8(t: &Tensor) -> image::RgbImage {
+    let (_, h, w, _) = t.dims4();
+    image::RgbImage::from_raw(w as u32, h as u32, to_u8(t)).expect("H·W·3 values")
+}
+
 /// Distinguishes concurrent saves of one process to the same directory.
 static TMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
 

@@ -487,9 +487,8 @@ fn run(cli: Cli) -> Result<()> {
             device,
             adapter,
         } => {
-            let bf16 =
-                toffee::models::load::is_bf16(&model, component.subfolder()).unwrap_or(false);
-            let device = toffee::backend::Device::open(&device, bf16)?;
+            let device =
+                toffee::models::load::open_device(&device, Some(&model), component.subfolder())?;
             let tensors = toffee::weights::safetensors::read_all(&inputs)?;
             let outputs = forward::run_with_adapters(
                 &model, component, &tensors, &inputs, &device, &adapter,
@@ -516,13 +515,11 @@ fn run(cli: Cli) -> Result<()> {
             warmup,
             json,
         } => {
-            let bf16 = match &config {
-                toffee::bench::Source::Dir(p) => {
-                    toffee::models::load::is_bf16(p, component.subfolder()).unwrap_or(false)
-                }
-                toffee::bench::Source::Known(_) | toffee::bench::Source::KnownVision(_) => false,
+            let model = match &config {
+                toffee::bench::Source::Dir(p) => Some(p.as_path()),
+                toffee::bench::Source::Known(_) | toffee::bench::Source::KnownVision(_) => None,
             };
-            let device = toffee::backend::Device::open(&device, bf16)?;
+            let device = toffee::models::load::open_device(&device, model, component.subfolder())?;
             let opts = toffee::bench::Options {
                 source: config,
                 component,

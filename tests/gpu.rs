@@ -1366,6 +1366,56 @@ fn work_splits_at_the_device_limits() {
     finish();
 }
 
+/// `path` rewritten with every tensor stored as bf16 (a bf16 checkpoint, as many are released).
+fn to_bf16(path: &std::path::Path) {
+    let tensors = read_all(path).unwrap();
+    let (mut header, mut data) = (serde_json::Map::new(), Vec::new());
+    for (name, t) in &tensors {
+        let start = data.len();
+        for v in t.data() {
+            data.extend_from_slice(&half::bf16::from_f32(*v).to_le_bytes());
+        }
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": t.shape(), "data_offsets": [start, data.len()]}),
+        );
+    }
+    let h = serde_json::to_vec(&header).unwrap();
+    let mut out = (h.len() as u64).to_le_bytes().to_vec();
+    out.extend(h);
+    out.extend(data);
+    std::fs::write(path, out).unwrap();
+}
+
+/// One device-and-storage policy (issue 24): a bf16 checkpoint runs in bf16 on a GPU from every
+/// entry point. The pairs job opened its devices in fp16 whatever the checkpoint.
+#[test]
+fn bf16_checkpoints_run_in_bf16_everywhere() {
+    use toffee::models::load::open_device;
+    let Some(d) = gpu() else { return };
+    let spec = d.name();
+    let tmp = tempfile::tempdir().unwrap();
+    let bf16 = tmp.path().join("sd1-bf16");
+    copy_tree(&fixtures().join("sd1"), &bf16);
+    to_bf16(&bf16.join("unet/diffusion_pytorch_model.safetensors"));
+    let storage =
+        |model: Option<&std::path::Path>| open_device(&spec, model, "unet").unwrap().storage();
+    assert_eq!(storage(Some(&bf16)), "bf16");
+    assert_eq!(storage(Some(&fixtures().join("sd1"))), "f16");
+    assert_eq!(storage(None), "f16");
+    assert_eq!(
+        open_device("cpu", Some(&bf16), "unet").unwrap().storage(),
+        "f32"
+    );
+    let mut cfg = toffee::dataset::config::PairsConfig::default();
+    cfg.models.draft = Some(bf16.clone());
+    let devices = toffee::dataset::run::open_devices(&[spec.clone(), spec], &cfg).unwrap();
+    assert!(devices.iter().all(|d| d.storage() == "bf16"));
+    // And the pipeline loads there, in bf16.
+    let gen = toffee::pipeline::Generator::load(&bf16, None, &devices[0]).unwrap();
+    assert_eq!(gen.vae.storage(), "bf16");
+}
+
 /// The C ABI opens the device under test (`emu` or `cuda:0`) and generates with the built-in
 /// model: an image close to the CPU engine's (fp16 against f32: mean pixel difference under 3 of
 /// 255).

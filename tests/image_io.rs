@@ -647,3 +647,40 @@ fn decompression_bombs_are_refused_before_decoding() {
         "{e}"
     );
 }
+
+/// Issue 24: the pairs job scored 8-bit images made with another rounding rule (half away from
+/// zero) than its PNGs (ties to even), so a score could be of pixels one step off from the image in
+/// the shard. Both now come from `image_io::to_u8`: on every exact tie, NaN and out-of-range
+/// values, the pixels handed to the scorer equal the shard PNG's.
+#[test]
+fn the_pixels_scored_are_the_pixels_in_the_shard() {
+    let mut v = vec![f32::NAN, -0.25, 1.5, 0.0, 1.0];
+    // For each k, the floats near (k + 0.5) / 255 whose product with 255 is exactly k + 0.5.
+    let mut ties = 0;
+    for k in 0..255 {
+        let want = k as f32 + 0.5;
+        let start = want / 255.0;
+        for d in -4i32..=4 {
+            let x = f32::from_bits((start.to_bits() as i32 + d) as u32);
+            if x * 255.0 == want {
+                v.push(x);
+                ties += 1;
+            }
+        }
+    }
+    assert!(ties > 100, "only {ties} exact ties found");
+    while !v.len().is_multiple_of(3) {
+        v.push(0.5);
+    }
+    let t = Tensor::new(vec![1, 1, v.len() / 3, 3], v.clone());
+    let png = toffee::dataset::writer::png_bytes(&t).unwrap();
+    let written = image::load_from_memory(&png).unwrap().to_rgb8().into_raw();
+    let scored = toffee::image_io::to_rgb8(&t).into_raw();
+    assert_eq!(scored, written);
+    // The old rule differs on the ties: this test tells the two apart.
+    let away: Vec<u8> = v
+        .iter()
+        .map(|x| (x.clamp(0.0, 1.0) * 255.0).round() as u8)
+        .collect();
+    assert_ne!(away, written);
+}

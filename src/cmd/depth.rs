@@ -17,6 +17,7 @@ use crate::backend::Device;
 use crate::image_proc::dpt::DptProcessor;
 use crate::image_proc::load_rgb8_on_white;
 use crate::models::depth_anything::DepthAnything;
+use crate::models::load::open_device;
 use crate::pipeline::depth::{estimate_depth, DepthMap, MAX_BATCH};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -62,7 +63,7 @@ pub fn run(o: &Options) -> Result<Vec<PathBuf>> {
         .flat_map(|(a, b)| [a.clone(), b.clone()])
         .collect();
     crate::generate::check_writable(&all)?;
-    let dev = Device::open(&o.device, false)?;
+    let dev = open_device(&o.device, o.model.as_deref(), "")?;
     let (model, proc) = match &o.model {
         Some(dir) => (
             DepthAnything::load_dir(dir, &dev)?,

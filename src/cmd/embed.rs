@@ -1,9 +1,9 @@
 //! `toffee embed`: images in, the image encoder's pixel_values and outputs out (one row per image,
 //! in argument order).
 
-use crate::backend::Device;
 use crate::forward::vit_outputs;
 use crate::image_proc::load_rgb8_on_white as load_rgb8;
+use crate::models::load::open_device;
 use crate::pipeline::score::ImageEncoder;
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
@@ -22,7 +22,7 @@ pub fn run(o: &Options) -> Result<Vec<String>> {
         bail!("--images: give at least one image");
     }
     crate::generate::check_writable(std::slice::from_ref(&o.out))?;
-    let dev = Device::open(&o.device, false)?;
+    let dev = open_device(&o.device, Some(&o.model), "")?;
     let enc = ImageEncoder::load(&o.model, &dev)?;
     let imgs = o
         .images

@@ -10,6 +10,7 @@
 use super::{expand_images, png_outputs};
 use crate::backend::Device;
 use crate::image_proc::load_rgb8_on_white;
+use crate::models::load::open_device;
 use crate::pipeline::mask::{MaskSettings, MaskVerdict, Segmenter, SubjectMask};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
@@ -98,7 +99,7 @@ pub fn run(o: &Options) -> Result<Vec<MaskReport>> {
     if texts.iter().any(|t| t.trim().is_empty()) {
         bail!("--text is empty: name the subject to find");
     }
-    let dev = Device::open(&o.device, false)?;
+    let dev = open_device(&o.device, o.model.as_deref(), "")?;
     let seg = segmenter(o, &dev)?;
     let mut reports = Vec::new();
     for ((path, out), text) in images.iter().zip(&outs).zip(&texts) {

@@ -1,9 +1,9 @@
 //! `toffee score`: DINO, CLIP-I and CLIP-T of one (subject, target, prompt) record, or of every
 //! line of a JSONL file, batched through the encoders (formulas in `pipeline::score`).
 
-use crate::backend::Device;
 use crate::image_io::load_mask;
 use crate::image_proc::load_rgb8_on_white as load_rgb8;
+use crate::models::load::open_device;
 use crate::pipeline::score::{Mask, ScoreInput, Scorer, Scores};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -113,6 +113,7 @@ pub struct Options {
 }
 
 pub fn load_scorer(o: &Options) -> Result<Scorer> {
-    let dev = Device::open(&o.device, false)?;
+    // DINO is the larger share of the work (every image, patch tokens).
+    let dev = open_device(&o.device, Some(&o.dino), "")?;
     Scorer::load(&o.dino, &o.clip, &dev)
 }

@@ -1,8 +1,8 @@
 //! `toffee view`: novel views of one subject image with a Zero1to3-layout View Generator.
 
-use crate::backend::Device;
 use crate::generate::{check_writable, output_paths};
 use crate::image_io;
+use crate::models::load::open_device;
 use crate::pipeline::view::{Pose, View, ViewGenerator, ViewRequest};
 use crate::sched::SchedulerKind;
 use crate::tensor::Tensor;
@@ -112,7 +112,7 @@ pub fn run(o: &Options) -> Result<Vec<PathBuf>> {
     let paths = output_paths(&o.out, poses.len());
     check_writable(&paths)?;
     image_io::check_output_format(&o.out)?;
-    let dev = Device::open(&o.device, false)?;
+    let dev = open_device(&o.device, Some(&o.model), "unet")?;
     let gen = ViewGenerator::load(&o.model, &dev)?;
     let subject = prepare_subject(&o.image, o.mask.as_deref(), gen.default_size)?;
     let req = ViewRequest {

@@ -7,6 +7,7 @@ use super::stages::{self, Outcome, StageModels, SubjectData, Timings};
 use super::writer::{jsonl, png_bytes, write_text, ShardWriter};
 use crate::backend::Device;
 use crate::models::adapter::Adapter;
+use crate::models::load::open_device;
 use crate::pipeline::image_prompt::load_encoder;
 use crate::pipeline::mask::Segmenter;
 use crate::pipeline::score::Scorer;
@@ -86,6 +87,7 @@ pub struct Stats {
     pub stage_seconds: Timings,
     pub seconds: f64,
     pub pairs_per_hour: f64,
+    /// The device and its storage type: `cpu (f32)`, `cuda:0 (bf16)`.
     pub device: String,
     /// UNet evaluations (per sample: a CFG step counts 2) spent on these records.
     #[serde(default)]
@@ -370,6 +372,15 @@ fn builtin_subjects() -> Vec<Subject> {
             category: (*noun).into(),
             source: SubjectSource::Builtin(i),
         })
+        .collect()
+}
+
+/// The pairs job's devices, one worker each, with the storage the draft generator's UNet (most of
+/// the work) asks for: bf16 for a bf16 checkpoint (`open_device`, the policy of every command).
+pub fn open_devices(specs: &[String], cfg: &PairsConfig) -> Result<Vec<Device>> {
+    specs
+        .iter()
+        .map(|d| open_device(d, cfg.models.draft.as_deref(), "unet"))
         .collect()
 }
 
@@ -693,7 +704,7 @@ fn build_shard(
         stage_seconds: t,
         seconds: clock.elapsed().as_secs_f64(),
         pairs_per_hour: 0.0,
-        device: device.into(),
+        device: format!("{device} ({})", dev.storage()),
         unet_evaluations: models.evaluations() - evaluations_before,
     };
     stats.pairs_per_hour = stats.kept as f64 / stats.seconds.max(1e-9) * 3600.0;
@@ -837,11 +848,7 @@ pub fn run(o: &Options) -> Result<Summary> {
         .collect();
     let skipped = plan.mine.len() - todo.len();
     clean_leftovers(&o.out, &todo);
-    let devices: Vec<Device> = o
-        .devices
-        .iter()
-        .map(|d| Device::open(d, false))
-        .collect::<Result<_>>()?;
+    let devices = open_devices(&o.devices, &plan.cfg)?;
     let workers = devices.len().min(todo.len()).max(1);
     let progress = super::progress::Progress::new(
         o.progress,

@@ -126,7 +126,7 @@ pub fn load_and_mask(
             continue;
         }
         let m = seg
-            .segment(&to_rgb8(&img.rgb), &s.category)
+            .segment(&image_io::to_rgb8(&img.rgb), &s.category)
             .with_context(|| format!("subject `{}` ({})", s.name, image.display()))?;
         let why = |what: &str| {
             format!(
@@ -341,17 +341,6 @@ pub fn dilate(mask: &Tensor, radius: usize) -> Tensor {
     Tensor::new(vec![1, h, w, 1], out)
 }
 
-/// An 8-bit RGB image of a [1, H, W, 3] tensor in [0, 1].
-pub fn to_rgb8(t: &Tensor) -> image::RgbImage {
-    let (_, h, w, _) = t.dims4();
-    let px = t
-        .data()
-        .iter()
-        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as u8)
-        .collect();
-    image::RgbImage::from_raw(w as u32, h as u32, px).expect("H·W·3 values")
-}
-
 /// A zero-scale image prompt: the draft runs through a UNet that carries the Refiner's adapter
 /// (a shared folder) exactly as without it.
 fn inert_prompt(a: &Adapter, layers: usize) -> ImagePrompt {
@@ -551,8 +540,10 @@ pub fn run_batch(
     let stage = tracing::info_span!("refine").entered();
     let refiner = models.refiner();
     let adapter = &refiner.adapters[0];
-    let subject_images: Vec<image::RgbImage> =
-        subjects.iter().map(|s| to_rgb8(&on_white(s))).collect();
+    let subject_images: Vec<image::RgbImage> = subjects
+        .iter()
+        .map(|s| image_io::to_rgb8(&on_white(s)))
+        .collect();
     let prompt = image_prompts(
         adapter,
         models.adapter_encoder(),
@@ -601,9 +592,9 @@ pub fn run_batch(
     let stage = tracing::info_span!("score").entered();
     let inputs: Vec<ScoreInput> = (0..n)
         .map(|i| ScoreInput {
-            subject: to_rgb8(&subjects[i].rgb),
+            subject: image_io::to_rgb8(&subjects[i].rgb),
             subject_mask: Some(Mask::from_tensor(&subjects[i].mask)),
-            target: to_rgb8(&targets.narrow0(i, 1)),
+            target: image_io::to_rgb8(&targets.narrow0(i, 1)),
             target_mask: Some(Mask::from_tensor(&masks[i])),
             prompt: records[i].prompt.clone(),
             name: records[i].key.clone(),

@@ -11,12 +11,8 @@ use std::path::{Path, PathBuf};
 /// 8-bit PNG bytes of one [1, H, W, C] image in [0, 1] (C = 1 or 3).
 pub fn png_bytes(img: &Tensor) -> Result<Vec<u8>> {
     let (_, h, w, c) = img.dims4();
-    // The CLI's 8-bit conversion (ties to even, NaN → 0), so a pair's PNG equals `txt2img`'s.
-    let px: Vec<u8> = img
-        .data()
-        .iter()
-        .map(|&v| crate::image_io::quantize(v))
-        .collect();
+    // The CLI's 8-bit conversion, so a pair's PNG equals `txt2img`'s and holds the pixels scored.
+    let px = crate::image_io::to_u8(img);
     let mut out = Vec::new();
     let color = if c == 1 {
         image::ExtendedColorType::L8

@@ -198,6 +198,16 @@ pub fn normalise_text_encoder(w: &mut WeightStore) {
     w.retain(|n| !n.ends_with("position_ids"));
 }
 
+/// The one device-and-storage policy of every entry point (the commands, the C ABI, the pairs
+/// job): `spec`, with bf16 storage on a GPU when the `component` weights of `model` are mostly
+/// bf16 (fp16 would lose a bf16 checkpoint's range), else fp16; the CPU computes in f32 either
+/// way. Without a model (the built-in demo), or when its weights cannot be read, a GPU opens in
+/// fp16 and loading the model reports the error.
+pub fn open_device(spec: &str, model: Option<&Path>, component: &str) -> Result<Device> {
+    let bf16 = spec != "cpu" && model.is_some_and(|m| is_bf16(m, component).unwrap_or(false));
+    Device::open(spec, bf16)
+}
+
 /// Whether a model folder's floating-point weights are bf16 (so a GPU keeps them in bf16).
 pub fn is_bf16(path: &Path, subfolder: &str) -> Result<bool> {
     let ck = Checkpoint::open(path, subfolder)?;
