@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{expect_error, stderr, toffee};
+use common::{expect_error, expect_setup_error, stderr, toffee};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
@@ -285,20 +285,20 @@ fn bad_config_fails_before_any_work() {
     let out = dir.path().join("out");
     let cfg = dir.path().join("pairs.toml");
     std::fs::write(&cfg, "[job]\nresolution = 100\n").unwrap();
-    let e = expect_error(&pairs(&out, &["--config", cfg.to_str().unwrap()]));
+    let e = expect_setup_error(&pairs(&out, &["--config", cfg.to_str().unwrap()]));
     assert!(e.contains("pairs.toml") && e.contains("resolution"), "{e}");
     std::fs::write(&cfg, "[draft]\nstepz = 3\n").unwrap();
-    let e = expect_error(&pairs(&out, &["--config", cfg.to_str().unwrap()]));
+    let e = expect_setup_error(&pairs(&out, &["--config", cfg.to_str().unwrap()]));
     assert!(e.contains("pairs.toml") && e.contains("stepz"), "{e}");
     std::fs::write(
         &cfg,
         "[models]\ndraft = \"nowhere/sd\"\ncontrolnet = \"c\"\nrefiner_adapter = \"a\"\ndino = \"d\"\nclip = \"e\"\n",
     )
     .unwrap();
-    let e = expect_error(&pairs(&out, &["--config", cfg.to_str().unwrap()]));
+    let e = expect_setup_error(&pairs(&out, &["--config", cfg.to_str().unwrap()]));
     assert!(e.contains("nowhere/sd"), "{e}");
     std::fs::write(&cfg, "[models]\ndraft = \"x\"\n").unwrap();
-    let e = expect_error(&pairs(&out, &["--config", cfg.to_str().unwrap()]));
+    let e = expect_setup_error(&pairs(&out, &["--config", cfg.to_str().unwrap()]));
     assert!(e.contains("controlnet") && e.contains("dino"), "{e}");
     assert!(!out.join("pairs-000000.tar").exists());
     // --print-config writes the defaults, which read back as a valid config.
@@ -309,8 +309,35 @@ fn bad_config_fails_before_any_work() {
     // A resumed run with other settings is refused, naming the field.
     let demo = dir.path().join("demo");
     ok(pairs(&demo, &["--shard-index", "0", "--num-shards", "9"]));
-    let e = expect_error(&pairs(&demo, &["--keep-rejected"]));
+    let e = expect_setup_error(&pairs(&demo, &["--keep-rejected"]));
     assert!(e.contains("job.json") && e.contains("keep_rejected"), "{e}");
+}
+
+/// Issue 25: a run that fails its setup — a device that does not open, models that do not load —
+/// exits 2 and writes no job.json, so the folder stays free for the corrected run (it was claimed
+/// before the device check, and the next run was refused as "another job").
+#[test]
+fn a_failed_setup_does_not_claim_the_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let e = expect_setup_error(&pairs(&out, &["--devices", "cuda:99"]));
+    assert!(e.contains("cuda:99"), "{e}");
+    assert!(!out.join("job.json").exists());
+    let empty = dir.path().join("empty");
+    std::fs::create_dir(&empty).unwrap();
+    let cfg = dir.path().join("pairs.toml");
+    let models = ["draft", "controlnet", "refiner_adapter", "dino", "clip"]
+        .map(|m| format!("{m} = {:?}\n", empty.to_str().unwrap()))
+        .concat();
+    std::fs::write(&cfg, format!("[models]\n{models}")).unwrap();
+    let e = expect_setup_error(&pairs(&out, &["--config", cfg.to_str().unwrap()]));
+    assert!(e.contains("empty"), "{e}");
+    assert!(!out.join("job.json").exists());
+    ok(pairs(
+        &out,
+        &["--keep-rejected", "--shard-index", "0", "--num-shards", "9"],
+    ));
+    assert!(out.join("job.json").is_file());
 }
 
 /// A full disk stops the run with a clear message; finished shards stay intact.
@@ -576,7 +603,7 @@ fn pairs_with_a_draft_lora() {
     // a missing LoRA file is a config error before any work
     let cfg = b.path().join("bad.toml");
     std::fs::write(&cfg, "[draft]\nlora = [\"nope.safetensors\"]\n").unwrap();
-    let e = expect_error(&pairs(
+    let e = expect_setup_error(&pairs(
         &b.path().join("o2"),
         &["--config", cfg.to_str().unwrap()],
     ));
@@ -700,7 +727,7 @@ fn profile_writes_a_chrome_trace_of_stages_models_and_blocks() {
         assert!(names.contains(want), "no `{want}` span in {names:?}");
     }
     // A trace file that cannot be created is an error before any work.
-    let e = expect_error(&pairs(
+    let e = expect_setup_error(&pairs(
         &dir.path().join("out2"),
         &["--profile", "/nonexistent/dir/trace.json"],
     ));

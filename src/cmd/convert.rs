@@ -11,6 +11,26 @@ use anyhow::{bail, Context, Result};
 use serde_json::{json, Value};
 use std::path::{Path, PathBuf};
 
+#[derive(clap::Args)]
+pub struct Args {
+    /// The .safetensors file (SD 1.x / 2.x / XL, a ControlNet or a VAE).
+    pub file: PathBuf,
+    /// A new (or empty) folder.
+    #[arg(long)]
+    pub out: PathBuf,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let c = convert(&a.file, &a.out).with_context(|| format!("converting {}", a.file.display()))?;
+    eprintln!(
+        "wrote {} ({}; {} tensors)",
+        a.out.display(),
+        c.components.join(", "),
+        c.tensors
+    );
+    Ok(())
+}
+
 /// What was written.
 pub struct Converted {
     pub components: Vec<String>,

@@ -22,6 +22,50 @@ use crate::pipeline::depth::{estimate_depth, DepthMap, MAX_BATCH};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
+#[derive(clap::Args)]
+pub struct Args {
+    /// A Depth Anything folder (config.json, safetensors, preprocessor_config.json);
+    /// without it a built-in tiny random-weight model runs (a demo, not real depth).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// One image (with --out).
+    #[arg(long, conflicts_with = "images", required_unless_present = "images")]
+    pub image: Option<PathBuf>,
+    /// Several images or folders of images (with --out-dir).
+    #[arg(long, num_args = 1..)]
+    pub images: Vec<PathBuf>,
+    /// The 16-bit depth PNG for --image; the preview goes beside it as NAME.preview.png.
+    #[arg(
+        long,
+        requires = "image",
+        default_value_if("image", clap::builder::ArgPredicate::IsPresent, "depth.png")
+    )]
+    pub out: Option<PathBuf>,
+    /// Output folder for --images: DIR/<image stem>.png and .preview.png.
+    #[arg(long, conflicts_with = "image", required_unless_present = "image")]
+    pub out_dir: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let written = estimate_files(&Options {
+        model: a.model,
+        images: a.image.map_or(a.images, |i| vec![i]),
+        out: a.out,
+        out_dir: a.out_dir,
+        device: a.device,
+    })?;
+    let n = written.len();
+    eprintln!(
+        "wrote {n} depth map{} ({}{}) and previews",
+        if n == 1 { "" } else { "s" },
+        written[0].display(),
+        if n > 1 { " …" } else { "" }
+    );
+    Ok(())
+}
+
 pub struct Options {
     /// None: the built-in tiny random-weight model (a demo of the command, not real depth).
     pub model: Option<PathBuf>,
@@ -52,7 +96,7 @@ fn outputs(o: &Options, images: &[PathBuf]) -> Result<Vec<(PathBuf, PathBuf)>> {
 }
 
 /// Runs the command; returns the depth files written (previews beside them).
-pub fn run(o: &Options) -> Result<Vec<PathBuf>> {
+pub fn estimate_files(o: &Options) -> Result<Vec<PathBuf>> {
     let images = expand_images(&o.images)?;
     if images.is_empty() {
         bail!("--images: give at least one image");

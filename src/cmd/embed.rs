@@ -9,15 +9,30 @@ use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
 
-pub struct Options {
+#[derive(clap::Args)]
+pub struct Args {
+    /// An image-encoder folder (with its preprocessor_config.json), a CLIPModel folder or a
+    /// pipeline with an image_encoder.
+    #[arg(long)]
     pub model: PathBuf,
+    /// PNG / JPEG files.
+    #[arg(long, num_args = 1.., required = true)]
     pub images: Vec<PathBuf>,
+    /// safetensors file to write (atomically).
+    #[arg(long)]
     pub out: PathBuf,
+    #[arg(long, default_value = "cpu")]
     pub device: String,
 }
 
+pub fn run(a: Args) -> Result<()> {
+    let names = embed_files(&a)?;
+    eprintln!("wrote {} ({})", a.out.display(), names.join(", "));
+    Ok(())
+}
+
 /// Returns the names written.
-pub fn run(o: &Options) -> Result<Vec<String>> {
+pub fn embed_files(o: &Args) -> Result<Vec<String>> {
     if o.images.is_empty() {
         bail!("--images: give at least one image");
     }

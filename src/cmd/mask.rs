@@ -15,6 +15,79 @@ use crate::pipeline::mask::{MaskSettings, MaskVerdict, Segmenter, SubjectMask};
 use anyhow::{bail, Context, Result};
 use std::path::{Path, PathBuf};
 
+#[derive(clap::Args)]
+pub struct Args {
+    /// A CLIPSeg folder (CLIPSegForImageSegmentation, tokenizer, preprocessor config).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// A SAM folder (SamModel): refines CLIPSeg's mask from its bounding box.
+    #[arg(long)]
+    pub sam: Option<PathBuf>,
+    /// With the built-in CLIPSeg (no --model): also run the built-in SAM.
+    #[arg(long, conflicts_with = "sam")]
+    pub builtin_sam: bool,
+    /// One image (with --out).
+    #[arg(long, conflicts_with = "images", required_unless_present = "images")]
+    pub image: Option<PathBuf>,
+    /// Several images or folders of images (with --out-dir).
+    #[arg(long, num_args = 1..)]
+    pub images: Vec<PathBuf>,
+    /// What to find ("a teapot"); default: each image's file name (red_teapot.png -> "red
+    /// teapot").
+    #[arg(long)]
+    pub text: Option<String>,
+    /// CLIPSeg probability above which a pixel is the subject.
+    #[arg(long, default_value_t = 0.5)]
+    pub threshold: f32,
+    /// The mask PNG for --image.
+    #[arg(
+        long,
+        requires = "image",
+        default_value_if("image", clap::builder::ArgPredicate::IsPresent, "mask.png")
+    )]
+    pub out: Option<PathBuf>,
+    /// Output folder for --images: DIR/<image stem>.png.
+    #[arg(long, conflicts_with = "image", required_unless_present = "image")]
+    pub out_dir: Option<PathBuf>,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let reports = mask_files(&Options {
+        model: a.model,
+        sam: a.sam,
+        builtin_sam: a.builtin_sam,
+        images: a.image.map_or(a.images, |i| vec![i]),
+        text: a.text,
+        settings: MaskSettings {
+            threshold: a.threshold,
+            ..Default::default()
+        },
+        out: a.out,
+        out_dir: a.out_dir,
+        device: a.device,
+    })?;
+    for r in &reports {
+        println!("{}", serde_json::to_string(r)?);
+        if r.verdict != MaskVerdict::Ok {
+            let what = match r.verdict {
+                MaskVerdict::Empty => "empty",
+                _ => "the whole image",
+            };
+            eprintln!(
+                "toffee: warning: {}: the mask for `{}` is {what} ({:.1}% of the image)",
+                r.image.display(),
+                r.text,
+                100.0 * r.area
+            );
+        }
+    }
+    let n = reports.len();
+    eprintln!("wrote {n} mask{}", if n == 1 { "" } else { "s" });
+    Ok(())
+}
+
 pub struct Options {
     /// CLIPSeg folder; None: the built-in tiny model.
     pub model: Option<PathBuf>,
@@ -75,7 +148,7 @@ pub fn segmenter(o: &Options, dev: &Device) -> Result<Segmenter> {
 }
 
 /// Runs the command: writes a mask per image and returns what each gave.
-pub fn run(o: &Options) -> Result<Vec<MaskReport>> {
+pub fn mask_files(o: &Options) -> Result<Vec<MaskReport>> {
     o.settings.check("toffee mask")?;
     let images = expand_images(&o.images)?;
     if images.is_empty() {

@@ -1,10 +1,19 @@
-//! Library halves of the subcommands that read and write files (the CLI and the C ABI call
-//! these; `main.rs` only parses arguments).
+//! The subcommands, one module each: its clap `Args` (flags, help text), a `run` that calls the
+//! library and prints what the command prints, and the command's file handling. `main.rs` only
+//! parses and dispatches.
 
+pub mod bench;
 pub mod convert;
 pub mod depth;
+pub mod devices;
 pub mod embed;
+pub mod forward;
+pub mod generate;
+pub mod inspect;
 pub mod mask;
+pub mod merge;
+pub mod pairs;
+pub mod report;
 pub mod score;
 pub mod view;
 

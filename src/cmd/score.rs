@@ -106,6 +106,83 @@ pub fn score_file(
     Ok(lines.len())
 }
 
+#[derive(clap::Args)]
+pub struct Args {
+    /// DINO v1 (ViTModel) or DINOv2 folder.
+    #[arg(long)]
+    pub dino: PathBuf,
+    /// CLIPModel folder (vision and text towers, tokenizer, preprocessor_config.json).
+    #[arg(long)]
+    pub clip: PathBuf,
+    #[arg(long, required_unless_present = "pairs", conflicts_with = "pairs")]
+    pub subject: Option<PathBuf>,
+    #[arg(long, required_unless_present = "pairs", conflicts_with = "pairs")]
+    pub target: Option<PathBuf>,
+    /// Score the subject inside this mask only (white = subject).
+    #[arg(long, conflicts_with = "pairs")]
+    pub subject_mask: Option<PathBuf>,
+    #[arg(long, conflicts_with = "pairs")]
+    pub target_mask: Option<PathBuf>,
+    #[arg(long, required_unless_present = "pairs", conflicts_with = "pairs")]
+    pub prompt: Option<String>,
+    /// JSONL: {"subject", "target", "prompt"[, "subject_mask", "target_mask"]} per line
+    /// (paths relative to the file); writes one JSON line per record with the scores.
+    #[arg(long)]
+    pub pairs: Option<PathBuf>,
+    /// With --pairs: write the scored lines here (atomically) instead of stdout.
+    #[arg(long, requires = "pairs")]
+    pub out: Option<PathBuf>,
+    /// Records per encoder batch.
+    #[arg(long, default_value_t = 16)]
+    pub batch: usize,
+    /// One JSON object instead of a line of text.
+    #[arg(long)]
+    pub json: bool,
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let scorer = load_scorer(&Options {
+        dino: a.dino,
+        clip: a.clip,
+        device: a.device,
+    })?;
+    if let Some(pairs) = a.pairs {
+        let n = match a.out {
+            Some(out) => {
+                let mut buf = Vec::new();
+                let n = score_file(&scorer, &pairs, a.batch, &mut buf)?;
+                crate::weights::safetensors::write_atomic(&out, &buf)?;
+                n
+            }
+            None => score_file(&scorer, &pairs, a.batch, &mut std::io::stdout().lock())?,
+        };
+        eprintln!("scored {n} record{}", if n == 1 { "" } else { "s" });
+        return Ok(());
+    }
+    let (Some(subject), Some(target), Some(prompt)) = (a.subject, a.target, a.prompt) else {
+        bail!("--subject, --target and --prompt are required without --pairs");
+    };
+    let line = PairLine {
+        subject,
+        target,
+        prompt,
+        subject_mask: a.subject_mask,
+        target_mask: a.target_mask,
+    };
+    let s = score_one(&scorer, &line)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        println!(
+            "dino {:.6}  clip_i {:.6}  clip_t {:.6}",
+            s.dino, s.clip_i, s.clip_t
+        );
+    }
+    Ok(())
+}
+
 pub struct Options {
     pub dino: PathBuf,
     pub clip: PathBuf,

@@ -9,21 +9,65 @@ use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
-pub struct Options {
+#[derive(clap::Args)]
+pub struct Args {
+    /// A Zero1to3 pipeline folder (unet, vae, image_encoder, cc_projection, scheduler).
+    #[arg(long)]
     pub model: PathBuf,
+    /// The subject; its alpha channel (or --mask) composites it on white first.
+    #[arg(long)]
     pub image: PathBuf,
-    /// White = subject; default: the image's alpha channel, else the whole image.
+    /// White = subject (instead of the image's alpha).
+    #[arg(long)]
     pub mask: Option<PathBuf>,
+    /// Polar (elevation) change in degrees, e.g. 0 or 10,-10.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        required = true
+    )]
     pub elevation: Vec<f32>,
+    /// Azimuth change in degrees, e.g. 0,90,180,270.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        required = true
+    )]
     pub azimuth: Vec<f32>,
+    /// Camera distance change.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        allow_hyphen_values = true,
+        default_value = "0"
+    )]
     pub radius: Vec<f32>,
+    #[arg(long, default_value_t = 50)]
     pub steps: usize,
+    #[arg(long, default_value_t = 3.0)]
     pub guidance: f32,
+    /// Override the pipeline's scheduler.
+    #[arg(long)]
     pub scheduler: Option<SchedulerKind>,
+    /// View i uses seed + i.
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Views per UNet batch.
+    #[arg(long, default_value_t = 4)]
     pub batch: usize,
+    /// Output PNG; several views become NAME-0000.png, ….
+    #[arg(long, default_value = "view.png")]
     pub out: PathBuf,
+    #[arg(long, default_value = "cpu")]
     pub device: String,
+}
+
+pub fn run(a: Args) -> Result<()> {
+    let paths = write_views(&a)?;
+    eprintln!("wrote {} view(s) ({})", paths.len(), paths[0].display());
+    Ok(())
 }
 
 /// Pairs the angle lists: each list has one value (used for every view) or one per view.
@@ -104,7 +148,7 @@ pub fn prepare_subject(image: &Path, mask: Option<&Path>, size: usize) -> Result
 }
 
 /// Renders every pose; returns the files written.
-pub fn run(o: &Options) -> Result<Vec<PathBuf>> {
+pub fn write_views(o: &Args) -> Result<Vec<PathBuf>> {
     let poses = poses(&o.elevation, &o.azimuth, &o.radius)?;
     if o.steps == 0 || o.batch == 0 {
         bail!("--steps and --batch must be at least 1");

@@ -19,3 +19,22 @@ pub mod stages;
 pub mod writer;
 
 pub use run::{run, Options, Summary};
+
+/// A pairs run that failed before any work: the config, subjects, slice, output folder, devices or
+/// models (`toffee pairs` exits 2: rerunning will not help). Other failures are a shard's (exit 1:
+/// a rerun resumes). Its message is the inner error's, context chain included.
+#[derive(Debug)]
+pub struct SetupError(pub anyhow::Error);
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:#}", self.0)
+    }
+}
+
+impl std::error::Error for SetupError {}
+
+/// Whether `e` is (or wraps) a `SetupError`.
+pub fn is_setup_error(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| c.is::<SetupError>())
+}

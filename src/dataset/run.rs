@@ -288,8 +288,9 @@ pub fn resolve(o: &Options) -> Result<Plan> {
     })
 }
 
-/// Writes job.json, or checks that a resumed run asks for the same job (naming what differs).
-/// The batch size is not part of the job: it does not change any record.
+/// Checks that a resumed run asks for the job its folder's job.json records (naming what
+/// differs); a folder without one is free. The batch size is not part of the job: it does not
+/// change any record.
 fn check_job_file(out: &Path, job: &JobFile) -> Result<()> {
     let path = out.join("job.json");
     let normalised = |j: &JobFile| -> Result<serde_json::Value> {
@@ -311,6 +312,14 @@ fn check_job_file(out: &Path, job: &JobFile) -> Result<()> {
                 path.display()
             );
         }
+    }
+    Ok(())
+}
+
+/// Claims the folder for `job` (job.json), once every setup check has passed.
+fn write_job_file(out: &Path, job: &JobFile) -> Result<()> {
+    let path = out.join("job.json");
+    if path.is_file() {
         return Ok(());
     }
     write_text(&path, &serde_json::to_string_pretty(job)?)
@@ -832,9 +841,14 @@ fn clean_leftovers(out: &Path, shards: &[usize]) {
     }
 }
 
-/// Builds this process's unfinished shards, `devices.len()` workers in parallel (shard k of the
-/// remaining ones goes to worker k mod workers).
-pub fn run(o: &Options) -> Result<Summary> {
+/// One device and its models per worker.
+type Workers = Vec<(Device, StageModels)>;
+
+/// Everything that must succeed before any work and before job.json claims the folder: the plan
+/// (config, subjects, slice, output folder, an earlier job's file compared), the devices, and
+/// every worker's models (loaded in parallel). Returns the plan, the unfinished shards and the
+/// workers; nothing to do loads no models.
+fn setup(o: &Options) -> Result<(Plan, Vec<usize>, Workers)> {
     let plan = resolve(o)?;
     let todo: Vec<usize> = plan
         .mine
@@ -846,26 +860,53 @@ pub fn run(o: &Options) -> Result<Summary> {
                 .is_file()
         })
         .collect();
+    let devices = open_devices(&o.devices, &plan.cfg)?;
+    let n = if todo.is_empty() {
+        0
+    } else {
+        devices.len().min(todo.len())
+    };
+    let loaded: Vec<Result<StageModels>> = std::thread::scope(|scope| {
+        let handles: Vec<_> = devices[..n]
+            .iter()
+            .map(|d| scope.spawn(|| load_models(&plan.cfg, d)))
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("loading the models panicked")))
+            })
+            .collect()
+    });
+    let models = loaded.into_iter().collect::<Result<Vec<_>>>()?;
+    write_job_file(&o.out, &plan.job)?;
+    Ok((plan, todo, devices.into_iter().zip(models).collect()))
+}
+
+/// Builds this process's unfinished shards, one worker per device (shard k of the remaining ones
+/// goes to worker k mod workers). A failure before the work starts is a `SetupError`.
+pub fn run(o: &Options) -> Result<Summary> {
+    let (plan, todo, workers) = setup(o).map_err(|e| anyhow::Error::new(super::SetupError(e)))?;
     let skipped = plan.mine.len() - todo.len();
     clean_leftovers(&o.out, &todo);
-    let devices = open_devices(&o.devices, &plan.cfg)?;
-    let workers = devices.len().min(todo.len()).max(1);
     let progress = super::progress::Progress::new(
         o.progress,
         todo.iter().map(|&i| shard_records(&plan, i).len()).sum(),
     );
+    let n = workers.len();
     let results: Vec<Result<(usize, bool)>> = std::thread::scope(|scope| {
-        let handles: Vec<_> = (0..workers)
-            .map(|w| {
+        let handles: Vec<_> = workers
+            .iter()
+            .enumerate()
+            .map(|(w, (dev, models))| {
                 let plan = &plan;
                 let todo = &todo;
-                let dev = devices[w].clone();
                 let progress = &progress;
                 scope.spawn(move || -> Result<(usize, bool)> {
-                    let models = load_models(&plan.cfg, &dev)?;
                     let mut done = 0;
-                    for &shard in todo.iter().skip(w).step_by(workers) {
-                        match build_shard(plan, o, &models, shard, &dev)? {
+                    for &shard in todo.iter().skip(w).step_by(n) {
+                        match build_shard(plan, o, models, shard, dev)? {
                             Some(s) => {
                                 let (records, total) = progress.shard_done(&s);
                                 if let Some(cb) = &o.on_shard {

@@ -167,6 +167,20 @@ pub fn fp16_error_growth(
 }
 
 /// The error text of a failed run: exit status 1, no panic, "toffee: error:" prefix.
+/// A `pairs` setup error: exit status 2 (a shard's failure is 1), no panic, the usual prefix.
+pub fn expect_setup_error(o: &Output) -> String {
+    let e = stderr(o);
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "expected a setup error, got {:?}; stderr: {e}",
+        o.status
+    );
+    assert!(!e.contains("panicked"), "panicked: {e}");
+    assert!(e.starts_with("toffee: error:"), "{e}");
+    e
+}
+
 pub fn expect_error(o: &Output) -> String {
     let e = stderr(o);
     assert_eq!(
