@@ -4,9 +4,8 @@
 //! Every error names the file and the problem; bad input never panics.
 
 use std::fs;
-use std::io::{BufWriter, Cursor, Write};
+use std::io::Cursor;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use anyhow::{anyhow, bail, Result};
 use image::codecs::png::PngEncoder;
@@ -318,9 +317,6 @@ pub fn to_rgb8(t: &Tensor) -> image::RgbImage {
     image::RgbImage::from_raw(w as u32, h as u32, to_u8(t)).expect("H·W·3 values")
 }
 
-/// Distinguishes concurrent saves of one process to the same directory.
-static TMP_COUNTER: AtomicUsize = AtomicUsize::new(0);
-
 /// Writes `[H*W*3]` 8-bit RGB to `path` via a temporary file in the same directory, fsynced and
 /// then renamed over `path`: the rename is atomic, so readers and crashes see either no file / the
 /// old file or the complete new one. On any failure the temporary file is removed.
@@ -343,8 +339,8 @@ pub fn on_white(rgb: &Tensor, mask: &Tensor) -> Tensor {
     Tensor::new(rgb.shape().to_vec(), data)
 }
 
-/// Removes the temporary files an interrupted write of `paths` left behind
-/// (`.NAME.<pid>-<n>.tmp` beside each); returns how many.
+/// Removes the temporary files an interrupted write of `paths` left behind (see `atomic_file`);
+/// returns how many.
 pub fn remove_stale_temporaries<P: AsRef<Path>>(paths: &[P]) -> usize {
     let mut removed = 0;
     let mut dirs: std::collections::BTreeMap<&Path, Vec<String>> =
@@ -358,24 +354,18 @@ pub fn remove_stale_temporaries<P: AsRef<Path>>(paths: &[P]) -> usize {
                 .unwrap_or(Path::new("."));
             dirs.entry(dir)
                 .or_default()
-                .push(format!(".{}.", name.to_string_lossy()));
+                .push(name.to_string_lossy().into_owned());
         }
     }
-    for (dir, prefixes) in dirs {
+    for (dir, names) in dirs {
         let Ok(entries) = fs::read_dir(dir) else {
             continue;
         };
         for e in entries.flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
-            let stale = n.ends_with(".tmp")
-                && prefixes.iter().any(|p| {
-                    n.strip_prefix(p.as_str())
-                        .and_then(|rest| rest.strip_suffix(".tmp"))
-                        .is_some_and(|mid| {
-                            mid.split('-')
-                                .all(|x| !x.is_empty() && x.bytes().all(|b| b.is_ascii_digit()))
-                        })
-                });
+            let stale = names
+                .iter()
+                .any(|f| crate::atomic_file::is_temporary_of(&n, f));
             if stale && fs::remove_file(e.path()).is_ok() {
                 removed += 1;
             }
@@ -411,39 +401,18 @@ pub fn check_output_format(path: &Path) -> Result<()> {
 }
 
 fn write_png_atomic(path: &Path, rgb: &[u8], w: usize, h: usize) -> Result<()> {
-    let p = path.display();
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("cannot write image {p}: not a file path"))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.{}-{}.tmp",
-        name.to_string_lossy(),
-        std::process::id(),
-        TMP_COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let write = || -> Result<()> {
-        let (w32, h32) = (u32::try_from(w)?, u32::try_from(h)?);
-        let file = fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
-        let mut out = BufWriter::new(file);
+    let (w32, h32) = (u32::try_from(w)?, u32::try_from(h)?);
+    crate::atomic_file::write_with(path, |out| {
         match format_of(path)? {
             OutFormat::Png => {
-                PngEncoder::new(&mut out).write_image(rgb, w32, h32, ExtendedColorType::Rgb8)?
+                PngEncoder::new(out).write_image(rgb, w32, h32, ExtendedColorType::Rgb8)?
             }
-            OutFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(&mut out, 95)
+            OutFormat::Jpeg => image::codecs::jpeg::JpegEncoder::new_with_quality(out, 95)
                 .write_image(rgb, w32, h32, ExtendedColorType::Rgb8)?,
         }
-        out.flush()?;
-        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        fs::rename(&tmp, path)?;
         Ok(())
-    };
-    write().map_err(|e| {
-        let _ = fs::remove_file(&tmp);
-        anyhow!("cannot write image {p}: {e}")
     })
+    .map_err(|e| anyhow!("cannot write image {}: {e:#}", path.display()))
 }
 
 /// Saves a `[1, H, W, 3]` image in [0,1] as an 8-bit RGB PNG (see [`write_png_atomic`]).

@@ -1,6 +1,7 @@
 //! toffee: an inference engine for the models that build subject-driven image datasets the Toffee
 //! way (Stable-Diffusion-family UNets, ControlNet, VAE, CLIP). See README.md and ../shared/DESIGN.md.
 
+pub mod atomic_file;
 pub mod backend;
 pub mod bench;
 pub mod builtin;

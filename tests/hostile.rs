@@ -319,9 +319,9 @@ fn seeds_do_not_wrap_and_stale_temporaries_are_cleaned() {
     ]));
     assert!(e.contains("--seed") && e.contains("overflows"), "{e}");
     // A temporary file an interrupted run left beside the output is removed (and said).
-    let stale = dir.path().join(".o.png.12345-0.tmp");
+    let stale = dir.path().join(".o.png.tmp.12345-0");
     std::fs::write(&stale, b"half").unwrap();
-    let unrelated = dir.path().join(".other.png.1-0.tmp");
+    let unrelated = dir.path().join(".other.png.tmp.1-0");
     std::fs::write(&unrelated, b"x").unwrap();
     let o = txt2img(&out, &[]);
     assert!(o.status.success(), "{}", stderr(&o));

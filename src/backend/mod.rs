@@ -8,12 +8,14 @@ pub mod cpu;
 #[cfg(feature = "gpu")]
 pub mod cuda;
 pub mod fault;
+pub mod layer;
 pub mod libs;
 pub mod pool;
 
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
-pub use cpu::{silu1, Activation, Conv2dW, LinearW};
+pub use cpu::silu1;
+pub use layer::{Activation, Conv2dW, LinearW};
 
 /// Where models keep their weights and run.
 #[derive(Clone, Debug)]

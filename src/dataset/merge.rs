@@ -2,8 +2,7 @@
 //! every record indexed once, no key twice, every kept record in its shard) and writes the
 //! combined index.jsonl and stats.json.
 
-use super::plan::shard_name;
-use super::run::{write_totals, IndexLine, JobFile, Stats};
+use super::format::{read_job, write_totals, IndexLine, ShardFiles, Stats};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -15,15 +14,10 @@ pub struct MergeReport {
 }
 
 pub fn merge(dir: &Path) -> Result<MergeReport> {
-    let jp = dir.join("job.json");
-    let job: JobFile =
-        serde_json::from_str(&std::fs::read_to_string(&jp).with_context(|| {
-            format!("{}: cannot read (not a pairs output folder?)", jp.display())
-        })?)
-        .with_context(|| format!("{}: not a job file", jp.display()))?;
+    let job = read_job(dir)?;
     let missing: Vec<String> = (0..job.shards)
-        .map(shard_name)
-        .filter(|n| !dir.join(format!("{n}.stats.json")).is_file())
+        .filter(|&i| !ShardFiles::new(dir, i).stats.is_file())
+        .map(super::format::shard_name)
         .collect();
     if !missing.is_empty() {
         bail!(
@@ -38,12 +32,12 @@ pub fn merge(dir: &Path) -> Result<MergeReport> {
     let mut keys = BTreeSet::new();
     let mut lines = 0;
     for i in 0..job.shards {
-        let name = shard_name(i);
-        let ip = dir.join(format!("{name}.jsonl"));
+        let ShardFiles {
+            tar: tp, index: ip, ..
+        } = ShardFiles::new(dir, i);
         let text = std::fs::read_to_string(&ip)
             .with_context(|| format!("{}: cannot read", ip.display()))?;
         let mut in_tar = BTreeSet::new();
-        let tp = dir.join(format!("{name}.tar"));
         let mut ar = tar::Archive::new(
             std::fs::File::open(&tp).with_context(|| format!("{}: cannot open", tp.display()))?,
         );

@@ -10,6 +10,7 @@
 
 pub mod builtin;
 pub mod config;
+pub mod format;
 pub mod merge;
 pub mod plan;
 pub mod progress;

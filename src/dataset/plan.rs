@@ -279,10 +279,6 @@ pub fn my_shards(shards: usize, index: usize, count: usize) -> Vec<usize> {
     (index..shards).step_by(count.max(1)).collect()
 }
 
-pub fn shard_name(i: usize) -> String {
-    format!("pairs-{i:06}")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,7 +1,7 @@
 //! The progress bar of a pairs run: records done, pairs/s, kept ratio and ETA (stderr, only on a
 //! terminal).
 
-use super::run::Stats;
+use super::format::Stats;
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::io::IsTerminal;
 use std::sync::Mutex;

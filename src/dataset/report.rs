@@ -13,6 +13,7 @@
 //! a run of a million pairs still gives a page of a few megabytes; and the shards, where a missing
 //! one is listed as missing rather than failing the report.
 
+use super::format::{self, member};
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::fmt::Write as _;
 use std::fs::File;
@@ -174,9 +175,9 @@ struct Run {
 
 impl Run {
     fn load(dir: &Path) -> Result<Run> {
-        let stats = read_json_object(&dir.join("stats.json"))?;
-        let records = read_index(&dir.join("index.jsonl"))?;
-        let job_path = dir.join("job.json");
+        let stats = read_json_object(&dir.join(format::STATS_FILE))?;
+        let records = read_index(&dir.join(format::INDEX_FILE))?;
+        let job_path = dir.join(format::JOB_FILE);
         let job = match job_path.exists() {
             true => Some(read_json_object(&job_path)?),
             false => None,
@@ -304,11 +305,11 @@ impl Role {
 
     fn suffix(self) -> &'static str {
         match self {
-            Role::Subject => "subject.png",
-            Role::Source => "source.png",
-            Role::Target => "target.png",
-            Role::SubjectMask => "subject_mask.png",
-            Role::TargetMask => "target_mask.png",
+            Role::Subject => member::SUBJECT,
+            Role::Source => member::SOURCE,
+            Role::Target => member::TARGET,
+            Role::SubjectMask => member::SUBJECT_MASK,
+            Role::TargetMask => member::TARGET_MASK,
         }
     }
 

@@ -2,9 +2,10 @@
 //! this process's shards.
 
 use super::config::PairsConfig;
+use super::format::{self, jsonl, member, IndexLine, JobFile, ShardFiles, Stats};
 use super::plan::{self, Record, Subject, SubjectSource};
 use super::stages::{self, Outcome, StageModels, SubjectData, Timings};
-use super::writer::{jsonl, png_bytes, write_text, ShardWriter};
+use super::writer::{png_bytes, write_text, ShardWriter};
 use crate::backend::Device;
 use crate::models::adapter::Adapter;
 use crate::models::load::open_device;
@@ -15,7 +16,7 @@ use crate::pipeline::view::ViewGenerator;
 use crate::pipeline::Generator;
 use crate::weights::lora::LoraSpec;
 use anyhow::{bail, Context, Result};
-use serde::{Deserialize, Serialize};
+pub use format::write_totals;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -72,81 +73,6 @@ pub fn slice_from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<(us
         return Ok(Some((id, count)));
     }
     Ok(None)
-}
-
-/// What a finished run reports.
-#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
-pub struct Stats {
-    pub records: usize,
-    pub kept: usize,
-    pub rejected: usize,
-    pub rejections: BTreeMap<String, usize>,
-    pub skipped_records: usize,
-    pub skipped_subjects: BTreeMap<String, usize>,
-    pub thresholds: BTreeMap<String, f32>,
-    pub stage_seconds: Timings,
-    pub seconds: f64,
-    pub pairs_per_hour: f64,
-    /// The device and its storage type: `cpu (f32)`, `cuda:0 (bf16)`.
-    pub device: String,
-    /// UNet evaluations (per sample: a CFG step counts 2) spent on these records.
-    #[serde(default)]
-    pub unet_evaluations: u64,
-}
-
-impl Stats {
-    pub fn add(&mut self, o: &Stats) {
-        self.records += o.records;
-        self.kept += o.kept;
-        self.rejected += o.rejected;
-        self.skipped_records += o.skipped_records;
-        for (k, v) in &o.rejections {
-            *self.rejections.entry(k.clone()).or_default() += v;
-        }
-        for (k, v) in &o.skipped_subjects {
-            *self.skipped_subjects.entry(k.clone()).or_default() += v;
-        }
-        self.stage_seconds.add(&o.stage_seconds);
-        self.unet_evaluations += o.unet_evaluations;
-        self.seconds += o.seconds;
-        self.thresholds = o.thresholds.clone();
-        if self.device.is_empty() {
-            self.device = o.device.clone();
-        }
-        self.pairs_per_hour = if self.seconds > 0.0 {
-            self.kept as f64 / self.seconds * 3600.0
-        } else {
-            0.0
-        };
-    }
-}
-
-/// The part of a run that must not change between a run and its resumption (`job.json`).
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct JobFile {
-    pub toffee_version: String,
-    pub config: PairsConfig,
-    pub subjects: String,
-    pub subject_names_digest: String,
-    pub records: usize,
-    pub shards: usize,
-    pub keep_rejected: bool,
-}
-
-/// One line of index.jsonl.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-pub struct IndexLine {
-    pub key: String,
-    pub shard: Option<String>,
-    pub subject: String,
-    pub prompt: String,
-    pub template: String,
-    pub taxonomy: String,
-    pub seed: u64,
-    pub scores: Option<crate::pipeline::score::Scores>,
-    pub kept: bool,
-    pub reason: Option<String>,
-    pub edit: bool,
 }
 
 /// The checked plan: everything known before a model loads.
@@ -292,7 +218,7 @@ pub fn resolve(o: &Options) -> Result<Plan> {
 /// differs); a folder without one is free. The batch size is not part of the job: it does not
 /// change any record.
 fn check_job_file(out: &Path, job: &JobFile) -> Result<()> {
-    let path = out.join("job.json");
+    let path = out.join(format::JOB_FILE);
     let normalised = |j: &JobFile| -> Result<serde_json::Value> {
         let mut j = j.clone();
         j.config.job.batch = 0;
@@ -318,7 +244,7 @@ fn check_job_file(out: &Path, job: &JobFile) -> Result<()> {
 
 /// Claims the folder for `job` (job.json), once every setup check has passed.
 fn write_job_file(out: &Path, job: &JobFile) -> Result<()> {
-    let path = out.join("job.json");
+    let path = out.join(format::JOB_FILE);
     if path.is_file() {
         return Ok(());
     }
@@ -541,10 +467,11 @@ fn build_shard(
     // call is this shard's.
     let evaluations_before = models.evaluations();
     let cfg = &plan.cfg;
-    let name = plan::shard_name(shard);
+    let name = format::shard_name(shard);
     let recs = shard_records(plan, shard);
     let ids = model_ids(cfg);
-    let writer = ShardWriter::create(&o.out, &name)?;
+    let files = ShardFiles::new(&o.out, shard);
+    let writer = ShardWriter::create(&files.tar)?;
     let tar_name = format!("{name}.tar");
     let tar_name = &tar_name;
     let ids = &ids;
@@ -689,10 +616,7 @@ fn build_shard(
         Ok(false) => {}
     }
     written.writer.commit()?;
-    write_text(
-        &o.out.join(format!("{name}.jsonl")),
-        &jsonl(&written.index)?,
-    )?;
+    write_text(&files.index, &jsonl(&written.index)?)?;
     t.load = read.seconds;
     t.write = written.seconds;
     let mut stats = Stats {
@@ -717,10 +641,7 @@ fn build_shard(
         unet_evaluations: models.evaluations() - evaluations_before,
     };
     stats.pairs_per_hour = stats.kept as f64 / stats.seconds.max(1e-9) * 3600.0;
-    write_text(
-        &o.out.join(format!("{name}.stats.json")),
-        &serde_json::to_string_pretty(&stats)?,
-    )?;
+    write_text(&files.stats, &serde_json::to_string_pretty(&stats)?)?;
     Ok(Some(stats))
 }
 
@@ -766,13 +687,13 @@ fn write_record(
     ids: &serde_json::Value,
 ) -> Result<()> {
     let k = &out.record.key;
-    w.add(k, "subject.png", &png_bytes(&out.subject.rgb)?)?;
-    w.add(k, "subject_mask.png", &png_bytes(&out.subject.mask)?)?;
-    w.add(k, "target.png", &png_bytes(&out.target)?)?;
-    w.add(k, "target_mask.png", &png_bytes(&out.target_mask)?)?;
+    w.add(k, member::SUBJECT, &png_bytes(&out.subject.rgb)?)?;
+    w.add(k, member::SUBJECT_MASK, &png_bytes(&out.subject.mask)?)?;
+    w.add(k, member::TARGET, &png_bytes(&out.target)?)?;
+    w.add(k, member::TARGET_MASK, &png_bytes(&out.target_mask)?)?;
     if out.kept {
-        w.add(k, "source.png", &png_bytes(&out.draft)?)?;
-        w.add(k, "edit_mask.png", &png_bytes(&out.edit_mask)?)?;
+        w.add(k, member::SOURCE, &png_bytes(&out.draft)?)?;
+        w.add(k, member::EDIT_MASK, &png_bytes(&out.edit_mask)?)?;
     }
     let (x, y, pw, ph) = out.placement;
     let meta = serde_json::json!({
@@ -793,35 +714,11 @@ fn write_record(
                      "filter": cfg.filter, "resolution": cfg.job.resolution},
         "models": ids,
     });
-    w.add(k, "json", serde_json::to_string_pretty(&meta)?.as_bytes())
-}
-
-/// Rebuilds index.jsonl and stats.json from every finished shard in the folder (atomic writes;
-/// processes of a job array may all do it, the last one sees the most).
-pub fn write_totals(out: &Path, shards: usize) -> Result<Stats> {
-    let mut stats = Stats::default();
-    let mut index = String::new();
-    for i in 0..shards {
-        let name = plan::shard_name(i);
-        let sp = out.join(format!("{name}.stats.json"));
-        if !sp.is_file() {
-            continue;
-        }
-        let s: Stats = serde_json::from_str(&std::fs::read_to_string(&sp)?)
-            .with_context(|| format!("{}: bad stats", sp.display()))?;
-        stats.add(&s);
-        let ip = out.join(format!("{name}.jsonl"));
-        index.push_str(
-            &std::fs::read_to_string(&ip)
-                .with_context(|| format!("{}: cannot read", ip.display()))?,
-        );
-    }
-    write_text(&out.join("index.jsonl"), &index)?;
-    write_text(
-        &out.join("stats.json"),
-        &serde_json::to_string_pretty(&stats)?,
-    )?;
-    Ok(stats)
+    w.add(
+        k,
+        member::JSON,
+        serde_json::to_string_pretty(&meta)?.as_bytes(),
+    )
 }
 
 /// Removes temporary files a killed run left for `shards`.
@@ -831,7 +728,7 @@ fn clean_leftovers(out: &Path, shards: &[usize]) {
     };
     let prefixes: Vec<String> = shards
         .iter()
-        .map(|&i| format!(".{}.", plan::shard_name(i)))
+        .map(|&i| format!(".{}.", format::shard_name(i)))
         .collect();
     for e in entries.flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
@@ -854,11 +751,7 @@ fn setup(o: &Options) -> Result<(Plan, Vec<usize>, Workers)> {
         .mine
         .iter()
         .copied()
-        .filter(|&i| {
-            !o.out
-                .join(format!("{}.stats.json", plan::shard_name(i)))
-                .is_file()
-        })
+        .filter(|&i| !ShardFiles::new(&o.out, i).stats.is_file())
         .collect();
     let devices = open_devices(&o.devices, &plan.cfg)?;
     let n = if todo.is_empty() {
@@ -932,7 +825,7 @@ pub fn run(o: &Options) -> Result<Summary> {
     progress.finish();
     let stats = write_totals(&o.out, plan.shards)?;
     // The page about the run so far (a failure here never fails the run).
-    if let Err(e) = super::report::write_report(&o.out, &o.out.join("report.html")) {
+    if let Err(e) = super::report::write_report(&o.out, &o.out.join(format::REPORT_FILE)) {
         eprintln!("toffee: warning: report.html not written: {e:#}");
     }
     let mut done = 0;

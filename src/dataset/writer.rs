@@ -5,7 +5,7 @@
 use crate::tensor::Tensor;
 use anyhow::{Context, Result};
 use std::fs::File;
-use std::io::{BufWriter, Write};
+use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 /// 8-bit PNG bytes of one [1, H, W, C] image in [0, 1] (C = 1 or 3).
@@ -37,9 +37,9 @@ pub struct ShardWriter {
 }
 
 impl ShardWriter {
-    pub fn create(dir: &Path, name: &str) -> Result<ShardWriter> {
-        let final_path = dir.join(format!("{name}.tar"));
-        let tmp = crate::weights::safetensors::tmp_path(&final_path);
+    pub fn create(final_path: &Path) -> Result<ShardWriter> {
+        let final_path = final_path.to_path_buf();
+        let tmp = crate::atomic_file::tmp_path(&final_path);
         let f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
         let mut tar = tar::Builder::new(BufWriter::new(f));
         tar.mode(tar::HeaderMode::Deterministic);
@@ -100,15 +100,5 @@ impl ShardWriter {
 
 /// Writes `text` to `path` atomically.
 pub fn write_text(path: &Path, text: &str) -> Result<()> {
-    crate::weights::safetensors::write_atomic(path, text.as_bytes())
-}
-
-/// JSON lines of `values`.
-pub fn jsonl<T: serde::Serialize>(values: &[T]) -> Result<String> {
-    let mut s = Vec::new();
-    for v in values {
-        serde_json::to_writer(&mut s, v)?;
-        s.write_all(b"\n")?;
-    }
-    Ok(String::from_utf8(s)?)
+    crate::atomic_file::write(path, text.as_bytes())
 }

@@ -401,53 +401,18 @@ pub fn write_raw(path: &Path, tensors: &[RawTensor]) -> Result<()> {
     while h.len() % 8 != 0 {
         h.push(b' ');
     }
-    let tmp = tmp_path(path);
-    let write = || -> std::io::Result<()> {
-        let mut f = std::io::BufWriter::new(File::create(&tmp)?);
+    crate::atomic_file::write_with(path, |f| {
         f.write_all(&(h.len() as u64).to_le_bytes())?;
         f.write_all(&h)?;
         for t in &sorted {
             f.write_all(&t.bytes)?;
         }
-        f.into_inner().map_err(|e| e.into_error())?.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("{}: cannot write", path.display()));
-    }
-    std::fs::rename(&tmp, path).with_context(|| {
-        format!(
-            "{}: cannot rename the finished temporary file into place",
-            path.display()
-        )
+        Ok(())
     })
+    .with_context(|| format!("{}: cannot write", path.display()))
 }
 
-/// Writes `bytes` to `path` through a temporary file, fsync and a rename.
+/// Writes `bytes` to `path` atomically (`atomic_file`).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = tmp_path(path);
-    let write = || -> std::io::Result<()> {
-        let mut f = File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()
-    };
-    if let Err(e) = write() {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("{}: cannot write", path.display()));
-    }
-    std::fs::rename(&tmp, path).with_context(|| {
-        format!(
-            "{}: cannot rename the finished temporary file into place",
-            path.display()
-        )
-    })
-}
-
-/// `dir/.name.tmp.<pid>`: in the same directory so the final rename is atomic.
-pub fn tmp_path(path: &Path) -> PathBuf {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    path.with_file_name(format!(".{name}.tmp.{}", std::process::id()))
+    crate::atomic_file::write(path, bytes)
 }

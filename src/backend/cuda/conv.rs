@@ -4,10 +4,14 @@
 //! the driver; a steady-state call only takes its workspace from the pool (the capture's reserve
 //! inside a graph) and launches.
 
-use super::ops::dev;
 use super::DevBuf;
-use crate::backend::cpu::Conv2dW;
+use crate::backend::layer::Conv2dW;
 use crate::tensor::Tensor;
+
+/// The device buffer of a tensor the backend dispatched here (ops call this module, not the reverse).
+fn dev(t: &Tensor) -> &DevBuf {
+    t.dev().expect("a device tensor")
+}
 
 /// A forward convolution as cuDNN's descriptors state it: x NHWC [n, h, w, c], filter KRSC
 /// [k, r, s, c / groups] ("NHWC" filter format), y NHWC [n, ho, wo, k], cross-correlation.

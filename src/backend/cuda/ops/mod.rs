@@ -5,7 +5,7 @@
 
 use super::{gemm, kernels};
 use super::{DType, DevBuf, Gpu};
-use crate::backend::cpu::{Activation, Conv2dW, LinearW};
+use crate::backend::layer::{Activation, Conv2dW, LinearW};
 use crate::tensor::Tensor;
 use std::sync::Arc;
 

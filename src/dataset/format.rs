@@ -1,0 +1,176 @@
+//! The pairs job's output format, in one place: the file names of a run folder and of a shard,
+//! the record members of a shard's tar, and the JSON written beside them (`job.json`, index lines,
+//! stats). The job (`run`), `merge` and `report` name files through here.
+//!
+//! A run folder holds, per shard i, `pairs-%06d.tar` (WebDataset: the members of one record share
+//! its KEY), `pairs-%06d.jsonl` (its index lines) and `pairs-%06d.stats.json` (written last: it
+//! marks the shard done); and for the run, `job.json` (what must not change on a resume),
+//! `index.jsonl` and `stats.json` (rebuilt from the finished shards), `report.html`.
+
+use super::config::PairsConfig;
+use super::stages::Timings;
+use super::writer::write_text;
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub const JOB_FILE: &str = "job.json";
+pub const INDEX_FILE: &str = "index.jsonl";
+pub const STATS_FILE: &str = "stats.json";
+pub const REPORT_FILE: &str = "report.html";
+
+/// The members of one record in a shard's tar, `KEY.<member>`: the subject and its mask, the
+/// target and its mask, the editing pair (kept records only) and the record's JSON.
+pub mod member {
+    pub const SUBJECT: &str = "subject.png";
+    pub const SUBJECT_MASK: &str = "subject_mask.png";
+    pub const TARGET: &str = "target.png";
+    pub const TARGET_MASK: &str = "target_mask.png";
+    pub const SOURCE: &str = "source.png";
+    pub const EDIT_MASK: &str = "edit_mask.png";
+    pub const JSON: &str = "json";
+}
+
+/// `pairs-%06d`, the stem of shard i's files.
+pub fn shard_name(i: usize) -> String {
+    format!("pairs-{i:06}")
+}
+
+/// The files of shard i in a run folder.
+pub struct ShardFiles {
+    pub tar: PathBuf,
+    pub index: PathBuf,
+    pub stats: PathBuf,
+}
+
+impl ShardFiles {
+    pub fn new(dir: &Path, i: usize) -> ShardFiles {
+        let name = shard_name(i);
+        ShardFiles {
+            tar: dir.join(format!("{name}.tar")),
+            index: dir.join(format!("{name}.jsonl")),
+            stats: dir.join(format!("{name}.stats.json")),
+        }
+    }
+}
+
+/// What a finished run reports.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    pub records: usize,
+    pub kept: usize,
+    pub rejected: usize,
+    pub rejections: BTreeMap<String, usize>,
+    pub skipped_records: usize,
+    pub skipped_subjects: BTreeMap<String, usize>,
+    pub thresholds: BTreeMap<String, f32>,
+    pub stage_seconds: Timings,
+    pub seconds: f64,
+    pub pairs_per_hour: f64,
+    /// The device and its storage type: `cpu (f32)`, `cuda:0 (bf16)`.
+    pub device: String,
+    /// UNet evaluations (per sample: a CFG step counts 2) spent on these records.
+    #[serde(default)]
+    pub unet_evaluations: u64,
+}
+
+impl Stats {
+    pub fn add(&mut self, o: &Stats) {
+        self.records += o.records;
+        self.kept += o.kept;
+        self.rejected += o.rejected;
+        self.skipped_records += o.skipped_records;
+        for (k, v) in &o.rejections {
+            *self.rejections.entry(k.clone()).or_default() += v;
+        }
+        for (k, v) in &o.skipped_subjects {
+            *self.skipped_subjects.entry(k.clone()).or_default() += v;
+        }
+        self.stage_seconds.add(&o.stage_seconds);
+        self.unet_evaluations += o.unet_evaluations;
+        self.seconds += o.seconds;
+        self.thresholds = o.thresholds.clone();
+        if self.device.is_empty() {
+            self.device = o.device.clone();
+        }
+        self.pairs_per_hour = if self.seconds > 0.0 {
+            self.kept as f64 / self.seconds * 3600.0
+        } else {
+            0.0
+        };
+    }
+}
+
+/// The part of a run that must not change between a run and its resumption (`job.json`).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct JobFile {
+    pub toffee_version: String,
+    pub config: PairsConfig,
+    pub subjects: String,
+    pub subject_names_digest: String,
+    pub records: usize,
+    pub shards: usize,
+    pub keep_rejected: bool,
+}
+
+/// The job file of a run folder.
+pub fn read_job(dir: &Path) -> Result<JobFile> {
+    let p = dir.join(JOB_FILE);
+    let text = std::fs::read_to_string(&p)
+        .with_context(|| format!("{}: cannot read (not a pairs output folder?)", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a job file", p.display()))
+}
+
+/// One line of index.jsonl.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IndexLine {
+    pub key: String,
+    pub shard: Option<String>,
+    pub subject: String,
+    pub prompt: String,
+    pub template: String,
+    pub taxonomy: String,
+    pub seed: u64,
+    pub scores: Option<crate::pipeline::score::Scores>,
+    pub kept: bool,
+    pub reason: Option<String>,
+    pub edit: bool,
+}
+
+/// JSON lines of `values`.
+pub fn jsonl<T: serde::Serialize>(values: &[T]) -> Result<String> {
+    let mut s = Vec::new();
+    for v in values {
+        serde_json::to_writer(&mut s, v)?;
+        s.write_all(b"\n")?;
+    }
+    Ok(String::from_utf8(s)?)
+}
+
+/// Rebuilds index.jsonl and stats.json from every finished shard in the folder (atomic writes;
+/// processes of a job array may all do it, the last one sees the most).
+pub fn write_totals(out: &Path, shards: usize) -> Result<Stats> {
+    let mut stats = Stats::default();
+    let mut index = String::new();
+    for i in 0..shards {
+        let f = ShardFiles::new(out, i);
+        if !f.stats.is_file() {
+            continue;
+        }
+        let s: Stats = serde_json::from_str(&std::fs::read_to_string(&f.stats)?)
+            .with_context(|| format!("{}: bad stats", f.stats.display()))?;
+        stats.add(&s);
+        index.push_str(
+            &std::fs::read_to_string(&f.index)
+                .with_context(|| format!("{}: cannot read", f.index.display()))?,
+        );
+    }
+    write_text(&out.join(INDEX_FILE), &index)?;
+    write_text(
+        &out.join(STATS_FILE),
+        &serde_json::to_string_pretty(&stats)?,
+    )?;
+    Ok(stats)
+}
