@@ -1,4 +1,4 @@
-//! The C ABI (`include/toffee.h`, generated from this file by cbindgen; `tests/ffi.rs` fails when
+//! The C ABI (`include/toffee.h`, generated from this file by cbindgen; `tests/suite/ffi.rs` fails when
 //! the committed header differs from what this file generates).
 //!
 //! Rules at the boundary: every function returns a `toffee_status` (or is infallible); no panic

@@ -6,7 +6,7 @@
 //! end differ from Pillow's, so its pixels differ from Pillow's on much of an image, and no crate
 //! reproduces Pillow's integer pipeline. The vision encoders are scored against transformers'
 //! PIL-backed processors, where a resize off by a level at many pixels shifts the embeddings; this
-//! port is bit-identical instead (tests/image_proc.rs checks every filter against Pillow 13.0.0). Everything below mirrors Pillow's arithmetic on
+//! port is bit-identical instead (tests/suite/image_proc.rs checks every filter against Pillow 13.0.0). Everything below mirrors Pillow's arithmetic on
 //! purpose (f64 filter weights, `float` box coordinates, 22-bit fixed-point coefficients, a rounding
 //! and clamp to u8 after each pass, Pillow 13's choice of which pass runs first): "simplifying" any
 //! of it breaks exactness on some pixel.

@@ -10,8 +10,8 @@
 //! arrays, so any layout (NCHW or NHWC latents) works. Each scheduler file holds its config
 //! checks, its schedule, its elementwise reference `step` and its tensor-op `step_ops` (linear
 //! combinations of whole tensors through `backend::lincomb`, so a GPU steps without a host
-//! round trip); `tests/sched.rs` checks the reference against diffusers and
-//! `tests/sched_ops.rs` the two forms against each other.
+//! round trip); `tests/suite/sched.rs` checks the reference against diffusers and
+//! `tests/suite/sched_ops.rs` the two forms against each other.
 //!
 //! Usage: `set_timesteps` (or `set_timesteps_img2img`), then for each `i` in
 //! `0..timesteps().len()`: run the model on `scale_model_input(x, i)` at `timesteps()[i]`,

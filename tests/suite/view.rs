@@ -3,9 +3,8 @@
 //! context, the CLIP preprocessing, and 2-step view generation (DDIM, Euler, no guidance) from an
 //! RGBA subject composited on white. fp32 CPU: ≤ 1e-4 per model, ≤ 1e-3 latents, ≤ 2.5/255 image.
 
-mod common;
 
-use common::{expect_error, fixtures, stderr, toffee};
+use crate::common::{expect_error, fixtures, stderr, toffee};
 use serde_json::Value;
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -25,7 +24,7 @@ fn model() -> ViewGenerator {
     ViewGenerator::load(&fixtures().join("zero123"), &Device::Cpu).unwrap()
 }
 
-use common::assert_close;
+use crate::common::assert_close;
 
 #[test]
 fn cc_projection_matches() {
@@ -261,12 +260,12 @@ fn view_bad_input() {
         ])
     };
     // A pose out of the usual range is allowed; a non-number is an error.
-    let e = common::stderr(&args(m.to_str().unwrap(), "north"));
+    let e = crate::common::stderr(&args(m.to_str().unwrap(), "north"));
     assert!(e.contains("north") && !e.contains("panicked"), "{e}");
     assert!(args(m.to_str().unwrap(), "720").status.success());
     // cc_projection missing, or a PyTorch pickle instead of safetensors.
     let copy = dir.path().join("z");
-    common::copy_tree(&m, &copy);
+    crate::common::copy_tree(&m, &copy);
     let cc = copy.join("cc_projection");
     std::fs::rename(
         cc.join("diffusion_pytorch_model.safetensors"),

@@ -1,9 +1,8 @@
 //! Hostile input (part of the hardening issue): numbers that cannot make a picture are errors,
 //! output formats are what the name says, schedules and configs are checked before allocating.
 
-mod common;
 
-use common::{expect_error, fixtures, stderr, toffee};
+use crate::common::{expect_error, fixtures, stderr, toffee};
 
 fn txt2img(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
     let mut a = vec![
@@ -93,7 +92,7 @@ fn a_prompts_file_byte_order_mark_is_not_part_of_the_prompt() {
 fn config_values_that_cannot_work_are_errors() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("sd1");
-    common::copy_tree(&fixtures().join("sd1"), &model);
+    crate::common::copy_tree(&fixtures().join("sd1"), &model);
     let sched = model.join("scheduler/scheduler_config.json");
     let original = std::fs::read_to_string(&sched).unwrap();
     let out = dir.path().join("o.png");
@@ -185,7 +184,7 @@ fn inputs_that_would_be_ignored_or_misplaced_are_errors() {
     assert!(e.contains("--steps"), "{e}");
     // A VAE folder where the UNet should be.
     let model = dir.path().join("sd1");
-    common::copy_tree(&fixtures().join("sd1"), &model);
+    crate::common::copy_tree(&fixtures().join("sd1"), &model);
     std::fs::copy(
         fixtures().join("sd1/vae/config.json"),
         model.join("unet/config.json"),
@@ -210,7 +209,7 @@ fn inputs_that_would_be_ignored_or_misplaced_are_errors() {
     );
     // A sharded index whose shard leaves the model folder.
     let sd2 = dir.path().join("sd2");
-    common::copy_tree(&fixtures().join("sd2"), &sd2);
+    crate::common::copy_tree(&fixtures().join("sd2"), &sd2);
     let idx = sd2.join("unet/diffusion_pytorch_model.safetensors.index.json");
     let text = std::fs::read_to_string(&idx).unwrap();
     let first = text
@@ -466,7 +465,7 @@ fn output_folders_and_forward_inputs() {
     let mut ids = toffee::tensor::Tensor::new(vec![1, 77], vec![1.0; 77]);
     ids.data_mut()[5] = f32::NAN;
     toffee::weights::safetensors::write_f32(&inp, &[("input_ids".into(), ids)]).unwrap();
-    let o = common::forward_at(
+    let o = crate::common::forward_at(
         &fixtures().join("sd1"),
         "text-encoder",
         &inp,

@@ -3,9 +3,8 @@
 //! with decoupled image cross-attention (one or two adapters, several images, per-layer scales,
 //! λ = 0), fp32 CPU, max abs error ≤ 1e-4; bad input.
 
-mod common;
 
-use common::{expect_error, fixtures, forward_at, stderr};
+use crate::common::{expect_error, fixtures, forward_at, stderr};
 use std::path::PathBuf;
 use toffee::backend::Device;
 use toffee::forward::{self, Component};
@@ -18,11 +17,11 @@ fn golden(name: &str) -> PathBuf {
 }
 
 fn manifest_case(name: &str) -> serde_json::Value {
-    common::manifest_case(&golden("manifest.json"), name)
+    crate::common::manifest_case(&golden("manifest.json"), name)
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
-    common::assert_close(what, got, want, 1e-4);
+    crate::common::assert_close(what, got, want, 1e-4);
 }
 
 fn proj_case(name: &str) {
@@ -211,7 +210,7 @@ fn cli_generation_with_adapters() {
         let out = dir.path().join(format!("{name}.png"));
         let mut args = gen_args(mode, out.to_str().unwrap(), &["--model", m]);
         args.extend_from_slice(extra);
-        let o = common::toffee(&args);
+        let o = crate::common::toffee(&args);
         assert!(o.status.success(), "{name}: {}", stderr(&o));
         image::open(&out).unwrap().to_rgb8().into_raw()
     };
@@ -313,7 +312,7 @@ fn cli_adapter_bad_input() {
         out.to_str().unwrap(),
     );
     // No subject image.
-    let err = expect_error(&common::toffee(&gen_args(
+    let err = expect_error(&crate::common::toffee(&gen_args(
         "txt2img",
         o,
         &["--model", m, "--adapter", a.to_str().unwrap()],
@@ -322,7 +321,7 @@ fn cli_adapter_bad_input() {
     // A subject image that does not decode.
     let bad = dir.path().join("subject.png");
     std::fs::write(&bad, b"garbage").unwrap();
-    let err = expect_error(&common::toffee(&gen_args(
+    let err = expect_error(&crate::common::toffee(&gen_args(
         "txt2img",
         o,
         &[
@@ -340,7 +339,7 @@ fn cli_adapter_bad_input() {
     // The SDXL adapter on the SD1 pipeline.
     let sdxl = fixtures().join("adapters/ip-adapter-sdxl.safetensors");
     let img = fixtures().join("vision/images/img0_37x53.png");
-    let err = expect_error(&common::toffee(&gen_args(
+    let err = expect_error(&crate::common::toffee(&gen_args(
         "txt2img",
         o,
         &[
@@ -359,7 +358,7 @@ fn cli_adapter_bad_input() {
         "{err}"
     );
     // No encoder beside the adapter and none given.
-    let err = expect_error(&common::toffee(&gen_args(
+    let err = expect_error(&crate::common::toffee(&gen_args(
         "txt2img",
         o,
         &[
@@ -380,7 +379,7 @@ fn cli_adapter_bad_input() {
 fn adapter_encoder_is_found_beside_the_file() {
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
-    common::copy_tree(
+    crate::common::copy_tree(
         &fixtures().join("vision/clip-vision-proj"),
         &models.join("image_encoder"),
     );
@@ -395,7 +394,7 @@ fn adapter_encoder_is_found_beside_the_file() {
     assert_eq!(found, models.join("image_encoder"));
     let out = dir.path().join("o.png");
     let img = fixtures().join("vision/images/img1_64x40.png");
-    let o = common::toffee(&gen_args(
+    let o = crate::common::toffee(&gen_args(
         "txt2img",
         out.to_str().unwrap(),
         &[
@@ -417,12 +416,12 @@ fn inspect_describes_adapters() {
         ("adapters/ip-adapter-plus-sdxl.safetensors", "IP-Adapter-Plus (Resampler): image features 24-wide → tokens 32 (5 per image)"),
         ("toffee/adapter-resampler", "Toffee adapter"),
     ] {
-        let o = common::toffee(&["inspect", fixtures().join(p).to_str().unwrap()]);
+        let o = crate::common::toffee(&["inspect", fixtures().join(p).to_str().unwrap()]);
         let text = String::from_utf8_lossy(&o.stdout).into_owned();
         assert!(o.status.success(), "{p}: {}", stderr(&o));
         assert!(text.contains(want), "{p}: {text}");
     }
-    let o = common::toffee(&[
+    let o = crate::common::toffee(&[
         "inspect",
         fixtures()
             .join("toffee/adapter-resampler")
@@ -472,12 +471,12 @@ fn cli_two_adapters() {
     let o_str = p(&out);
     let mut all = gen_args("txt2img", &o_str, &[]);
     all.extend(args.iter().map(|s| s.as_str()));
-    let o = common::toffee(&all);
+    let o = crate::common::toffee(&all);
     assert!(o.status.success(), "{}", stderr(&o));
     // Images and adapters must pair up.
     let mut bad = gen_args("txt2img", &o_str, &[]);
     bad.extend(args[..10].iter().map(|s| s.as_str()));
     bad.extend(["--adapter", b.to_str().unwrap()]);
-    let e = expect_error(&common::toffee(&bad));
+    let e = expect_error(&crate::common::toffee(&bad));
     assert!(e.contains("--adapter-image"), "{e}");
 }

@@ -2,9 +2,8 @@
 //! its parts (CLIPSeg probabilities resized and thresholded; SAM on the box, best IoU), the CLI
 //! on the tiny CLIPSeg / SAM fixtures, and bad input.
 
-mod common;
 
-use common::{expect_error, fixtures, stderr, stdout, toffee};
+use crate::common::{expect_error, fixtures, stderr, stdout, toffee};
 use std::path::PathBuf;
 use toffee::backend::Device;
 use toffee::image_proc::load_rgb8_on_white;

@@ -1,8 +1,7 @@
 //! Malformed checkpoints and inputs give errors that name the file and the thing — never a panic,
 //! never a half-written output.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::{Path, PathBuf};
 use toffee::weights::safetensors::{read_all, write_f32};
 

@@ -4,9 +4,8 @@
 //! config and input errors; `toffee depth` and `toffee forward --component depth`.
 //! fp32 CPU, max abs error ≤ 1e-4 (or relative L2 ≤ 1e-4).
 
-mod common;
 
-use common::{expect_error, fixtures, rel_l2, stderr, toffee};
+use crate::common::{expect_error, fixtures, rel_l2, stderr, toffee};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use toffee::backend::Device;
@@ -26,7 +25,7 @@ fn model_dir(name: &str) -> PathBuf {
 }
 
 fn case(name: &str) -> serde_json::Value {
-    common::manifest_case(&golden("manifest.json"), name)
+    crate::common::manifest_case(&golden("manifest.json"), name)
 }
 
 fn read(name: &str) -> BTreeMap<String, Tensor> {
@@ -214,7 +213,7 @@ fn estimate_depth_batches_mixed_sizes_like_one_at_a_time() {
 /// A copy of the relative fixture folder with `edit` applied to its config.json.
 fn edited(tmp: &Path, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
     let dir = tmp.join("model");
-    common::copy_tree(&model_dir("depth-anything"), &dir);
+    crate::common::copy_tree(&model_dir("depth-anything"), &dir);
     let p = dir.join("config.json");
     let mut v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
@@ -555,7 +554,7 @@ fn cli_forward_component_depth() {
     let c = case("depth-anything-metric_42x56");
     let in_path = golden(c["inputs"].as_str().unwrap());
     let out = tmp.path().join("out.safetensors");
-    let o = common::forward_at(
+    let o = crate::common::forward_at(
         &model_dir("depth-anything-metric"),
         "depth",
         &in_path,

@@ -1,7 +1,6 @@
 //! txt2img / img2img / inpaint through the binary, per-image seeds, and bad arguments.
 
-mod common;
-use common::*;
+use crate::common::*;
 use std::path::Path;
 use toffee::pipeline::{Generator, Init, Request};
 use toffee::weights::safetensors::{read_all, write_f32};

@@ -2,9 +2,8 @@
 //! goldens and pipelines as the diffusers folders they were made from; configs inferred from
 //! shapes (also on real-size layouts); `inspect`, `convert`; bad files.
 
-mod common;
 
-use common::{expect_error, fixtures, stdout, toffee};
+use crate::common::{expect_error, fixtures, stdout, toffee};
 use std::path::{Path, PathBuf};
 use toffee::backend::Device;
 use toffee::forward::{self, Component};
@@ -116,7 +115,7 @@ fn goldens_from_single_files() {
             .unwrap_or_else(|e| panic!("{name}: {e:#}"));
         for (n, t) in &got {
             let Some(w) = want.get(n) else { continue };
-            common::assert_close(&format!("{name}/{n}"), t, w, 1e-4);
+            crate::common::assert_close(&format!("{name}/{n}"), t, w, 1e-4);
         }
         assert!(
             got.iter().any(|(n, _)| want.contains_key(n)),
@@ -218,9 +217,9 @@ fn pipelines_equal_the_folder_pipelines() {
 fn inpainting_file_equals_the_folder_pipeline() {
     // the 9-channel UNet with the sd1 VAE and text encoder: build the folder pipeline it came from
     let d = tempfile::tempdir().unwrap();
-    common::copy_tree(&fixtures().join("sd1"), d.path());
+    crate::common::copy_tree(&fixtures().join("sd1"), d.path());
     std::fs::remove_dir_all(d.path().join("unet")).unwrap();
-    common::copy_tree(&fixtures().join("unet-inpaint"), &d.path().join("unet"));
+    crate::common::copy_tree(&fixtures().join("unet-inpaint"), &d.path().join("unet"));
     let mask = {
         let mut m = Tensor::zeros(vec![1, 32, 32, 1]);
         for y in 8..24 {
@@ -496,7 +495,7 @@ fn convert_writes_a_folder_that_loads_to_the_same_pipeline() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(o.status.success(), "{}", crate::common::stderr(&o));
     // fp16 / bf16 kept as stored
     let w = toffee::weights::WeightStore::open_file(
         &out.join("unet/diffusion_pytorch_model.safetensors"),
@@ -525,7 +524,7 @@ fn convert_writes_a_folder_that_loads_to_the_same_pipeline() {
         "--out",
         out2.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(o.status.success(), "{}", crate::common::stderr(&o));
     let tok = toffee::tokenizer::ClipTokenizer::from_dir(&out2.join("tokenizer")).unwrap();
     let b = toffee::tokenizer::ClipTokenizer::builtin("<|endoftext|>").unwrap();
     for p in ["a photo of a cat", "Déjà vu, 3 dogs!!"] {
@@ -556,7 +555,7 @@ fn cli_commands_take_a_single_file() {
             "--out",
             out.to_str().unwrap(),
         ]);
-        assert!(o.status.success(), "{}", common::stderr(&o));
+        assert!(o.status.success(), "{}", crate::common::stderr(&o));
     }
     assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
 }

@@ -2,9 +2,8 @@
 //! tools/fixtures/segment_depth.py (tests/fixtures/golden/segment_depth): fp32 CPU, max abs error
 //! ≤ 1e-4; the processor, post-processing and the CLI.
 
-mod common;
 
-use common::fixtures;
+use crate::common::fixtures;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use toffee::backend::Device;
@@ -28,7 +27,7 @@ fn read(name: &str) -> BTreeMap<String, Tensor> {
 }
 
 fn close(what: &str, got: &Tensor, want: &Tensor, tol: f32) {
-    common::assert_close(what, got, want, tol);
+    crate::common::assert_close(what, got, want, tol);
 }
 
 fn model_case(name: &str, boxes: bool, multimask: bool) {
@@ -99,7 +98,7 @@ fn rgb(t: &Tensor) -> image::RgbImage {
 }
 
 fn case_box(name: &str) -> [f32; 4] {
-    let c = common::manifest_case(&golden("manifest.json"), name);
+    let c = crate::common::manifest_case(&golden("manifest.json"), name);
     let b: Vec<f32> = c["box_xyxy"]
         .as_array()
         .unwrap()
@@ -423,7 +422,7 @@ fn forward_cli(
     let in_path = dir.join("in.safetensors");
     write_f32(&in_path, &tensors).unwrap();
     let out = dir.join("out.safetensors");
-    let o = common::forward_at(&model_dir(), "sam", &in_path, &out, &[]);
+    let o = crate::common::forward_at(&model_dir(), "sam", &in_path, &out, &[]);
     (o, out)
 }
 
@@ -435,7 +434,7 @@ fn cli_forward_component_sam() {
         &["pixel_values", "input_boxes"],
         &[("multimask_output", Tensor::scalar(0.0))],
     );
-    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(o.status.success(), "{}", crate::common::stderr(&o));
     let got = read_all(&out).unwrap();
     let want = read("sam_boxes_multimask_false.out.safetensors");
     for n in ["pred_masks", "iou_scores", "image_embeddings"] {
@@ -443,7 +442,7 @@ fn cli_forward_component_sam() {
     }
     // Missing pixel_values: a clean error naming it.
     let (o, _) = forward_cli(dir.path(), &["input_boxes"], &[]);
-    let e = common::expect_error(&o);
+    let e = crate::common::expect_error(&o);
     assert!(e.contains("pixel_values"), "{e}");
 }
 
@@ -456,7 +455,7 @@ fn cli_forward_component_sam_points() {
         &["pixel_values", "input_points", "input_labels"],
         &[],
     );
-    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(o.status.success(), "{}", crate::common::stderr(&o));
     let got = read_all(&out).unwrap();
     let want = read("sam_points_multimask_true.out.safetensors");
     for n in ["pred_masks", "iou_scores"] {
@@ -499,8 +498,8 @@ fn cli_sam_bad_inputs() {
         }
         v.push((name.into(), t));
         write_f32(&in_path, &v).unwrap();
-        let o = common::forward_at(&model_dir(), "sam", &in_path, &out, &[]);
-        let e = common::expect_error(&o);
+        let o = crate::common::forward_at(&model_dir(), "sam", &in_path, &out, &[]);
+        let e = crate::common::expect_error(&o);
         assert!(
             e.contains("in.safetensors") && e.contains(name) && e.contains(what),
             "{name}/{what}: {e}"
@@ -514,7 +513,7 @@ fn cli_sam_bad_inputs() {
 fn cli_sam_damaged_checkpoint() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("sam");
-    common::copy_tree(&model_dir(), &model);
+    crate::common::copy_tree(&model_dir(), &model);
     let weights = model.join("model.safetensors");
     let mut t: Vec<_> = read_all(&weights).unwrap().into_iter().collect();
     t.retain(|(k, _)| k != "mask_decoder.iou_prediction_head.proj_out.bias");
@@ -530,8 +529,8 @@ fn cli_sam_damaged_checkpoint() {
         ],
     )
     .unwrap();
-    let o = common::forward_at(&model, "sam", &case, &out, &[]);
-    let e = common::expect_error(&o);
+    let o = crate::common::forward_at(&model, "sam", &case, &out, &[]);
+    let e = crate::common::expect_error(&o);
     assert!(
         e.contains("mask_decoder.iou_prediction_head.proj_out.bias")
             && e.contains("model.safetensors"),
@@ -543,8 +542,8 @@ fn cli_sam_damaged_checkpoint() {
         serde_json::from_str(&std::fs::read_to_string(&cfg_path).unwrap()).unwrap();
     j["vision_config"]["hidden_act"] = "swish-ish".into();
     std::fs::write(&cfg_path, j.to_string()).unwrap();
-    let o = common::forward_at(&model, "sam", &case, &out, &[]);
-    let e = common::expect_error(&o);
+    let o = crate::common::forward_at(&model, "sam", &case, &out, &[]);
+    let e = crate::common::expect_error(&o);
     assert!(
         e.contains("config.json") && e.contains("hidden_act") && e.contains("swish-ish"),
         "{e}"
@@ -577,7 +576,7 @@ fn builtin_config_with_random_weights() {
 /// `bench --component sam` is not supported yet: a clean error, not a panic.
 #[test]
 fn bench_component_sam_is_a_clean_error() {
-    let e = common::expect_error(&common::toffee(&[
+    let e = crate::common::expect_error(&crate::common::toffee(&[
         "bench",
         "--config",
         model_dir().to_str().unwrap(),

@@ -1,12 +1,11 @@
 //! Property-based fuzzing of everything that reads untrusted bytes: safetensors headers, model
 //! configs, the tokenizer and image decoding. Each property asserts the only acceptable outcomes —
 //! a value or a clean error — so a panic, an abort on an absurd allocation or a hang fails it.
-//! CI runs a bounded number of cases; `PROPTEST_CASES=100000 cargo test --release --test fuzz`
+//! CI runs a bounded number of cases; `PROPTEST_CASES=100000 cargo test --release --test suite fuzz::`
 //! runs longer (README, "Fuzzing"). A crash found here becomes a named regression test below.
 
-mod common;
 
-use common::fixtures;
+use crate::common::fixtures;
 use proptest::prelude::*;
 use proptest::test_runner::Config as PtConfig;
 use std::io::Write;

@@ -3,9 +3,8 @@
 //! (fp32 CPU, max abs error ≤ 1e-4), the image processor, image file → probabilities, the CLI, and
 //! the errors.
 
-mod common;
 
-use common::{expect_error, fixtures, forward_at, stderr, toffee};
+use crate::common::{expect_error, fixtures, forward_at, stderr, toffee};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use toffee::backend::Device;
@@ -21,7 +20,7 @@ fn golden(name: &str) -> PathBuf {
 }
 
 fn case(name: &str) -> serde_json::Value {
-    common::manifest_case(&golden("manifest.json"), name)
+    crate::common::manifest_case(&golden("manifest.json"), name)
 }
 
 fn model_dir(name: &str) -> PathBuf {
@@ -63,7 +62,7 @@ fn run_case(name: &str) {
         "{name}: output names"
     );
     for n in names {
-        common::assert_close(&format!("{name}/{n}"), &got[n], &want[n], 1e-4);
+        crate::common::assert_close(&format!("{name}/{n}"), &got[n], &want[n], 1e-4);
     }
 }
 
@@ -98,10 +97,10 @@ fn library_forward_matches_the_golden() {
     let o = model
         .forward(&ids_of(&inputs["input_ids"]), &inputs["pixel_values"])
         .unwrap();
-    common::assert_close("logits", &o.logits, &want["logits"], 1e-4);
+    crate::common::assert_close("logits", &o.logits, &want["logits"], 1e-4);
     assert_eq!(o.activations.len(), 3);
     for (j, a) in o.activations.iter().enumerate() {
-        common::assert_close(
+        crate::common::assert_close(
             &format!("activations.{j}"),
             a,
             &want[&format!("activations.{j}")],
@@ -120,10 +119,10 @@ fn processor_from_either_config_file() {
     let dir = model_dir("clipseg");
     let seg = ClipSegSegmenter::from_dir(&dir, &Device::Cpu).unwrap();
     let px = seg.processor.pixel_values(std::slice::from_ref(&img));
-    common::assert_close("pixel_values", &px, &want["pixel_values"], 1e-5);
+    crate::common::assert_close("pixel_values", &px, &want["pixel_values"], 1e-5);
     // Without preprocessor_config.json: processor_config.json's nested `image_processor`.
     let tmp = tempfile::tempdir().unwrap();
-    common::copy_tree(&dir, tmp.path());
+    crate::common::copy_tree(&dir, tmp.path());
     std::fs::remove_file(tmp.path().join("preprocessor_config.json")).unwrap();
     let seg2 = ClipSegSegmenter::from_dir(tmp.path(), &Device::Cpu).unwrap();
     let px2 = seg2.processor.pixel_values(std::slice::from_ref(&img));
@@ -159,16 +158,16 @@ fn e2e_photo_probabilities() {
     assert_eq!(ids, ids_of(&inputs["input_ids"]));
     let img = rgb_of(&inputs["rgb"]);
     let px = seg.processor.pixel_values(std::slice::from_ref(&img));
-    common::assert_close("pixel_values", &px, &inputs["pixel_values"], 1e-5);
+    crate::common::assert_close("pixel_values", &px, &inputs["pixel_values"], 1e-5);
     let probs = seg.probs(&img, &prompts).unwrap();
-    common::assert_close("probs", &probs, &want["probs"], 1e-4);
+    crate::common::assert_close("probs", &probs, &want["probs"], 1e-4);
     // From the image file itself: our JPEG decoder is not Pillow's libjpeg (pixels differ by a
     // few levels), so only close.
     let file = fixtures().join(c["image"].as_str().unwrap());
     let decoded = toffee::image_proc::load_rgb8(&file).unwrap();
     assert_eq!(decoded.dimensions(), img.dimensions());
     let from_file = seg.probs(&decoded, &prompts).unwrap();
-    common::assert_close("probs (decoded here)", &from_file, &want["probs"], 2e-2);
+    crate::common::assert_close("probs (decoded here)", &from_file, &want["probs"], 2e-2);
     assert!(seg.probs(&img, &[]).is_err());
 }
 
@@ -228,7 +227,7 @@ fn bad_config_and_missing_tensors_name_the_file_and_the_thing() {
     let src = model_dir("clipseg-b");
     let fresh = || {
         let t = tempfile::tempdir().unwrap();
-        common::copy_tree(&src, t.path());
+        crate::common::copy_tree(&src, t.path());
         t
     };
     // A decoder tensor missing from the weights file.
@@ -308,7 +307,7 @@ fn bad_config_and_missing_tensors_name_the_file_and_the_thing() {
 #[test]
 fn decoder_hidden_act_is_ignored_like_transformers() {
     let t = tempfile::tempdir().unwrap();
-    common::copy_tree(&model_dir("clipseg"), t.path());
+    crate::common::copy_tree(&model_dir("clipseg"), t.path());
     edit_config(t.path(), |v| v["decoder_hidden_act"] = "gelu".into());
     let a = ClipSeg::load_dir(t.path(), &Device::Cpu).unwrap();
     let inputs = read_all(&golden("clipseg_logits.in.safetensors")).unwrap();
@@ -316,7 +315,7 @@ fn decoder_hidden_act_is_ignored_like_transformers() {
     let o = a
         .forward(&ids_of(&inputs["input_ids"]), &inputs["pixel_values"])
         .unwrap();
-    common::assert_close("logits", &o.logits, &want["logits"], 1e-4);
+    crate::common::assert_close("logits", &o.logits, &want["logits"], 1e-4);
 }
 
 /// The built-in demo config with random weights, and the fixture's config with random weights
@@ -366,7 +365,7 @@ fn cli_forward_writes_every_output() {
     let got = read_all(&out).unwrap();
     assert_eq!(got.len(), want.len());
     for (n, w) in &want {
-        common::assert_close(&format!("cli/{n}"), &got[n], w, 1e-4);
+        crate::common::assert_close(&format!("cli/{n}"), &got[n], w, 1e-4);
     }
     // Missing input: named.
     let only_px = tmp.path().join("px.safetensors");

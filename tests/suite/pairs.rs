@@ -1,9 +1,8 @@
 //! `toffee pairs` on the built-in models: shards in the WebDataset convention, determinism across
 //! batch sizes and workers, resume after kill -9, disjoint sharding + merge, bad input, disk full.
 
-mod common;
 
-use common::{expect_error, expect_setup_error, stderr, toffee};
+use crate::common::{expect_error, expect_setup_error, stderr, toffee};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::process::Command;
@@ -452,7 +451,7 @@ fn pairs_job_with(
     controlnet: &Path,
     draft_extra: &str,
 ) -> BTreeMap<String, Vec<u8>> {
-    let f = common::fixtures();
+    let f = crate::common::fixtures();
     let p = |s: &str| f.join(s).display().to_string();
     let cfg = dir.join("pairs.toml");
     std::fs::write(
@@ -508,7 +507,7 @@ fn pairs_job_with(
 #[test]
 fn pairs_on_model_folders() {
     let dir = tempfile::tempdir().unwrap();
-    let f = common::fixtures();
+    let f = crate::common::fixtures();
     pairs_job(dir.path(), &f.join("sd1"), &f.join("controlnet-sd1"));
 }
 
@@ -517,7 +516,7 @@ fn pairs_on_model_folders() {
 #[test]
 fn pairs_on_single_files_equal_pairs_on_folders() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let f = common::fixtures();
+    let f = crate::common::fixtures();
     let folder = pairs_job(a.path(), &f.join("sd1"), &f.join("controlnet-sd1"));
     let single = pairs_job(
         b.path(),
@@ -574,7 +573,7 @@ fn bench_counts_unet_evaluations_per_record() {
 #[test]
 fn pairs_with_a_draft_lora() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-    let f = common::fixtures();
+    let f = crate::common::fixtures();
     std::fs::copy(
         f.join("lora/sd1-peft.safetensors"),
         b.path().join("style.safetensors"),
@@ -619,7 +618,7 @@ fn pairs_with_a_draft_lora() {
 #[test]
 fn unmasked_subjects_are_masked_from_their_name() {
     use toffee::pipeline::mask::{MaskSettings, MaskVerdict, Segmenter};
-    let f = common::fixtures();
+    let f = crate::common::fixtures();
     let dir = tempfile::tempdir().unwrap();
     let subjects = dir.path().join("subjects");
     std::fs::create_dir(&subjects).unwrap();

@@ -3,9 +3,8 @@
 //! tools/fixtures/vision.py): fp32 CPU, max abs error ≤ 1e-4; embeddings from the folders'
 //! image processors; scores against torch cosines; the CLI.
 
-mod common;
 
-use common::{expect_error, fixtures, stderr, toffee};
+use crate::common::{expect_error, fixtures, stderr, toffee};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use toffee::backend::Device;
@@ -18,7 +17,7 @@ fn vision_golden(name: &str) -> PathBuf {
 }
 
 fn manifest_case(name: &str) -> serde_json::Value {
-    common::manifest_case(&vision_golden("manifest.json"), name)
+    crate::common::manifest_case(&vision_golden("manifest.json"), name)
 }
 
 fn check_outputs(
@@ -409,7 +408,7 @@ fn bad_input_is_a_clear_error() {
 
     // A folder without preprocessor_config.json.
     let copy = dir.path().join("noproc");
-    common::copy_tree(&model, &copy);
+    crate::common::copy_tree(&model, &copy);
     std::fs::remove_file(copy.join("preprocessor_config.json")).unwrap();
     let img = images()[0].clone();
     let e = expect_error(&toffee(&[
@@ -455,7 +454,7 @@ fn bad_input_is_a_clear_error() {
         &[("pixel_values".into(), Tensor::zeros(vec![1, 3, 16, 16]))],
     )
     .unwrap();
-    let e = expect_error(&common::forward_at(
+    let e = expect_error(&crate::common::forward_at(
         &fixtures().join("vision/clip-vision"),
         "image-encoder",
         &inputs,

@@ -5,8 +5,7 @@
 //! so a change that makes a pipeline amplify error (a scheduler dividing by a small σ, a guidance
 //! bug) shows up here, without a device.
 
-mod common;
-use common::*;
+use crate::common::*;
 use toffee::pipeline::{Init, Request};
 
 fn request(scheduler: Option<&str>) -> Request {

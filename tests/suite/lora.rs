@@ -4,9 +4,8 @@
 //! their own weights; and LoRAs that do not fit the model are errors naming what is wrong. The
 //! pipelines with LoRAs are in tests/pipelines.rs (`lora_cases!`).
 
-mod common;
 
-use common::{expect_error, fixtures, toffee};
+use crate::common::{expect_error, fixtures, toffee};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use toffee::models::load::checkpoint_with_loras;
@@ -174,7 +173,7 @@ fn loras_for_another_model_are_errors() {
         ];
         a.extend_from_slice(extra);
         let o = toffee(&a);
-        assert!(o.status.success(), "{}", common::stderr(&o));
+        assert!(o.status.success(), "{}", crate::common::stderr(&o));
         read_all(&l).unwrap().remove("latents").unwrap()
     };
     let plain = latents(&[]);

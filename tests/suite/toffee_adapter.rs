@@ -3,9 +3,8 @@
 //! Resampler; all tokens or patch tokens), from a subject image through the DINO encoder, and the
 //! ToffeeNet / Refiner UNets with the adapter attached. fp32 CPU, max abs error ≤ 1e-4.
 
-mod common;
 
-use common::{expect_error, fixtures};
+use crate::common::{expect_error, fixtures};
 use std::path::PathBuf;
 use toffee::backend::Device;
 use toffee::forward::{self, Component};
@@ -19,11 +18,11 @@ fn golden(name: &str) -> PathBuf {
 }
 
 fn case(name: &str) -> serde_json::Value {
-    common::manifest_case(&golden("manifest.json"), name)
+    crate::common::manifest_case(&golden("manifest.json"), name)
 }
 
 fn assert_close(what: &str, got: &Tensor, want: &Tensor) {
-    common::assert_close(what, got, want, 1e-4);
+    crate::common::assert_close(what, got, want, 1e-4);
 }
 
 fn adapter(c: &serde_json::Value) -> Adapter {
@@ -130,7 +129,7 @@ fn config_errors_name_the_file_and_field() {
         ("colour", "1", "unknown field `colour`"),
     ] {
         let d = dir.path().join(field);
-        common::copy_tree(&src, &d);
+        crate::common::copy_tree(&src, &d);
         let p = d.join("adapter_config.json");
         let mut v: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
@@ -157,8 +156,8 @@ fn cli_toffeenet_generation_editing_and_refiner() {
     let ad = fixtures().join("toffee/adapter-linear");
     let subject = fixtures().join("toffee/subject.png");
     let run = |args: &[&str]| {
-        let o = common::toffee(args);
-        assert!(o.status.success(), "{args:?}: {}", common::stderr(&o));
+        let o = crate::common::toffee(args);
+        assert!(o.status.success(), "{args:?}: {}", crate::common::stderr(&o));
     };
     let out = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
     let (g, g0, plain) = (out("gen.png"), out("gen0.png"), out("plain.png"));
@@ -255,7 +254,7 @@ fn cli_toffeenet_generation_editing_and_refiner() {
         "--out",
         &out("x.png"),
     ];
-    let bad = expect_error(&common::toffee(&[&base[..], &args].concat()));
+    let bad = expect_error(&crate::common::toffee(&[&base[..], &args].concat()));
     assert!(
         bad.contains("ip-adapter-sd1.safetensors") && bad.contains("another UNet"),
         "{bad}"
@@ -275,7 +274,7 @@ fn cli_toffeenet_with_depth_controlnet() {
     let cn = fixtures().join("toffee/depth-controlnet");
     let ad = fixtures().join("toffee/adapter-resampler");
     let subject = fixtures().join("toffee/subject.png");
-    let o = common::toffee(&[
+    let o = crate::common::toffee(&[
         "txt2img",
         "--model",
         net.to_str().unwrap(),
@@ -298,6 +297,6 @@ fn cli_toffeenet_with_depth_controlnet() {
         "--out",
         out.to_str().unwrap(),
     ]);
-    assert!(o.status.success(), "{}", common::stderr(&o));
+    assert!(o.status.success(), "{}", crate::common::stderr(&o));
     assert_eq!(image::open(&out).unwrap().width(), 64);
 }

@@ -2,8 +2,7 @@
 //! tools/fixtures/pipelines.py): the noise diffusers drew is replayed in its order, and the final
 //! latents and decoded images must match (≤ 1e-3).
 
-mod common;
-use common::fixtures;
+use crate::common::fixtures;
 use serde_json::Value;
 use std::collections::VecDeque;
 use toffee::backend::Device;

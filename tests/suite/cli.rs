@@ -1,7 +1,6 @@
 //! `toffee forward` and `toffee inspect` through the binary.
 
-mod common;
-use common::*;
+use crate::common::*;
 use toffee::weights::safetensors::{read_all, write_f32};
 
 fn forward(

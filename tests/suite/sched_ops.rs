@@ -1,7 +1,6 @@
 //! The tensor-level scheduler updates (`step_ops`, used on GPUs) agree with the elementwise
 //! reference (`step`, checked against diffusers in tests/sched.rs).
 
-mod common;
 use std::path::Path;
 use toffee::sched::{Scheduler, SchedulerKind};
 use toffee::tensor::Tensor;
@@ -71,7 +70,7 @@ fn check_eta(cfg: &Path, kind: SchedulerKind, strength: Option<f64>, eta: f32) {
 #[test]
 fn step_ops_matches_step() {
     for model in ["sd1", "sd2", "sdxl"] {
-        let cfg = common::fixtures()
+        let cfg = crate::common::fixtures()
             .join(model)
             .join("scheduler/scheduler_config.json");
         for kind in SchedulerKind::ALL {
