@@ -2,6 +2,7 @@
 //! UNets, and latent blending for 4-channel ones) and ControlNet, for SD1.x, SD2.x and SDXL,
 //! matching diffusers' pipelines step for step.
 
+mod denoise;
 pub mod depth;
 pub mod graph;
 pub mod image_prompt;
@@ -17,7 +18,7 @@ use crate::models::adapter::Adapter;
 use crate::models::blocks::IpInput;
 use crate::models::controlnet::ControlNet;
 use crate::models::load::{self, Checkpoint};
-use crate::models::unet::{guidance_scale_embedding, Cond, Unet};
+use crate::models::unet::{Cond, Unet};
 use crate::models::vae::Vae;
 use crate::sched::{Scheduler, SchedulerKind};
 use crate::tensor::Tensor;
@@ -25,6 +26,7 @@ use crate::tokenizer::ClipTokenizer;
 use crate::weights::lora::{Lora, LoraSpec};
 use crate::weights::single_file::{is_single_file, SingleFile};
 use anyhow::{bail, Context, Result};
+use denoise::Conditioning;
 use graph::StepGraph;
 use noise::NoiseSource;
 use prompt::{Embeds, TextEncoders};
@@ -430,272 +432,26 @@ impl Generator {
                 req.height
             );
         }
-        let (h, w, c) = (req.height / f, req.width / f, self.vae.latent_channels);
+        let shape = (req.height / f, req.width / f, self.vae.latent_channels);
         // LCM-distilled UNets take the guidance scale as an embedding instead, in one batch
         // (LatentConsistencyModelPipeline): no classifier-free guidance whatever its value.
-        let distilled = self.unet.config.time_cond_proj_dim;
-        let cfg = req.guidance > 1.0 && distilled.is_none();
-        // Only this chunk's prompts are encoded (a prompts file can hold thousands).
-        let mut needed: Vec<usize> = (first..first + n)
-            .map(|i| i / req.images_per_prompt)
-            .collect();
-        needed.dedup();
-        let local: Vec<usize> = (first..first + n)
-            .map(|i| i / req.images_per_prompt - needed[0])
-            .collect();
-        let pick = |v: &[String]| needed.iter().map(|&i| v[i].clone()).collect::<Vec<_>>();
-
-        // Text conditioning, [uncond; cond] when guiding (on the model device).
-        let dev = &self.device;
-        let cond = self.encode_text(&pick(&req.prompts))?.gather(&local);
-        let embeds = if cfg {
-            let uncond = match &req.negative {
-                None if self.text.is_sdxl() && self.force_zeros_for_empty_prompt => {
-                    cond.zeros_like(dev)
-                }
-                None => self
-                    .encode_text(&vec![String::new(); needed.len()])?
-                    .gather(&local),
-                Some(neg) => {
-                    if neg.len() != req.prompts.len() {
-                        bail!(
-                            "{} negative prompts for {} prompts",
-                            neg.len(),
-                            req.prompts.len()
-                        );
-                    }
-                    self.encode_text(&pick(neg))?.gather(&local)
-                }
-            };
-            Embeds {
-                context: Tensor::cat0(&[&uncond.context, &cond.context]),
-                pooled: match (&uncond.pooled, &cond.pooled) {
-                    (Some(a), Some(b)) => Some(Tensor::cat0(&[a, b])),
-                    _ => None,
-                },
-            }
-        } else {
-            cond
-        };
-        let rows = if cfg { 2 * n } else { n };
-        let time_ids = embeds.pooled.as_ref().map(|_| {
-            let one = [
-                req.height as f32,
-                req.width as f32,
-                0.0,
-                0.0,
-                req.height as f32,
-                req.width as f32,
-            ];
-            dev.put_f32(Tensor::new(vec![rows, 6], one.repeat(rows)))
-        });
-
-        // On the CPU the scheduler runs its elementwise reference; on a GPU the latents stay on
-        // the device and the scheduler updates are linear combinations there (no host round trip).
-        let on_dev = !dev.is_cpu() || self.tensor_scheduler;
+        let cfg = req.guidance > 1.0 && self.unet.config.time_cond_proj_dim.is_none();
+        let (embeds, time_ids) = self.conditioning(req, first, n, cfg)?;
         let mut sched = self.make_scheduler(req.scheduler)?;
-        let mut blend: Option<Blend> = None;
-        let mut mask_input: Option<(Tensor, Tensor)> = None;
-        let add_noise = |sched: &Scheduler, x: &Tensor, e: &Tensor, t: f32| {
-            if on_dev {
-                sched.add_noise_ops(x, e, t)
-            } else {
-                sched.add_noise(x, e, t)
-            }
-        };
-        let mut latents = match &req.init {
-            Init::Noise => {
-                sched.set_timesteps(req.steps)?;
-                let x = match &req.init_latents {
-                    Some(l) => pick_latents(l, first, n, (h, w, c))?,
-                    None => noise.draw(n, c, h, w)?,
-                };
-                ops::scale(&dev.put_f32(x), sched.init_noise_sigma())
-            }
-            Init::Image { image, strength } => {
-                if req.init_latents.is_some() {
-                    bail!("--init-latents applies to txt2img and inpainting; img2img starts from the image");
-                }
-                let t0 = sched.set_timesteps_img2img(req.steps, *strength)?;
-                let image = batch_image(image, n, req)?;
-                let x0 = self.encode_sample(&to_model_range(&image), noise)?;
-                let e = dev.put_f32(noise.draw(n, c, h, w)?);
-                add_noise(&sched, &x0, &e, t0)?
-            }
-            Init::Inpaint {
-                image,
-                mask,
-                strength,
-            } => {
-                let t0 = sched.set_timesteps_img2img(req.steps, *strength)?;
-                let image = to_model_range(&batch_image(image, n, req)?);
-                let mask = binarise(&batch_image(mask, n, req)?);
-                let nine = self.unet.config.in_channels == 2 * c + 1;
-                if !nine && self.unet.config.in_channels != c {
-                    bail!(
-                        "inpainting needs a {c}- or {}-channel UNet; this one takes {}",
-                        2 * c + 1,
-                        self.unet.config.in_channels
-                    );
-                }
-                let full = *strength >= 1.0;
-                // diffusers encodes the unmasked image only when it blends (4 channels) or starts from it.
-                let image_latents = if !nine || (!full && req.init_latents.is_none()) {
-                    Some(self.encode_sample(&image, noise)?)
-                } else {
-                    None
-                };
-                let (x, e) = match &req.init_latents {
-                    Some(l) => {
-                        let e = dev.put_f32(pick_latents(l, first, n, (h, w, c))?);
-                        (ops::scale(&e, sched.init_noise_sigma()), e)
-                    }
-                    None => {
-                        let e = dev.put_f32(noise.draw(n, c, h, w)?);
-                        let x = if full {
-                            ops::scale(&e, sched.init_noise_sigma())
-                        } else {
-                            add_noise(
-                                &sched,
-                                image_latents
-                                    .as_ref()
-                                    .expect("encoded when not full strength"),
-                                &e,
-                                t0,
-                            )?
-                        };
-                        (x, e)
-                    }
-                };
-                let masked = masked_image(&image, &mask);
-                let masked_latents = self.encode_sample(&masked, noise)?;
-                let small_mask = ops::upsample_nearest(&mask, h, w);
-                if nine {
-                    let dup = |t: &Tensor| {
-                        if cfg {
-                            Tensor::cat0(&[t, t])
-                        } else {
-                            t.clone()
-                        }
-                    };
-                    mask_input = Some((
-                        dev.put(dup(&small_mask)),
-                        dev.put(dup(&masked_latents.to_host()?)),
-                    ));
-                } else {
-                    blend = Some(Blend {
-                        image_latents: image_latents.expect("encoded for 4-channel UNets"),
-                        noise: e,
-                        mask: dev.put_f32(small_mask),
-                    });
-                }
-                x
-            }
-        };
-
-        let control = match (&req.control, &self.controlnet) {
-            (None, _) => None,
-            (Some(_), None) => bail!("a control image was given but no ControlNet is loaded"),
-            (Some(c), Some(net)) => {
-                Some((net, dev.put(batch_image(&c.image, rows, req)?), c.scale))
-            }
-        };
-
-        let ip_tokens = self.image_tokens(req, first, n, cfg)?;
-        let w_embed = distilled.map(|d| dev.put(guidance_scale_embedding(req.guidance, d, rows)));
-        let call = ModelCall {
-            w_embed: w_embed.is_some(),
-            pooled: embeds.pooled.is_some(),
-            control: control.as_ref().map(|(net, _, s)| (*net, *s)),
-            mask: mask_input.is_some(),
-            guidance: if cfg { Some(req.guidance) } else { None },
-            ip_scales: req.image_prompts.iter().map(|p| p.scales.clone()).collect(),
-        };
-        let key = format!(
-            "{:?} {} {:?} {:?}",
-            call.guidance,
-            call.mask,
-            call.control.map(|c| c.1),
-            call.ip_scales
-        );
-        let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
-        let timesteps = sched.timesteps().to_vec();
-        // Everything the loop needs from the host is uploaded before it: the timesteps, and the
-        // ancestral step noise (drawn now; diffusers draws nothing else after the start either).
-        let all_ts = dev.put_f32(Tensor::new(
-            vec![timesteps.len() * rows],
-            timesteps.iter().flat_map(|&t| vec![t; rows]).collect(),
-        ));
-        let all_noise = if sched.needs_step_noise() {
-            let draws = (0..timesteps.len())
-                .map(|_| noise.draw(n, c, h, w))
-                .collect::<Result<Vec<_>>>()?;
-            Some(dev.put_f32(Tensor::cat0(&draws.iter().collect::<Vec<_>>())))
-        } else {
-            None
-        };
-        for i in 0..timesteps.len() {
-            let _step = tracing::info_span!("step", i).entered();
-            let x2 = if cfg {
-                Tensor::cat0(&[&latents, &latents])
-            } else {
-                latents.clone()
-            };
-            let x_in = if on_dev {
-                dev.put_same(&sched.scale_model_input_ops(&x2, i)?)
-            } else {
-                sched.scale_model_input(&x2, i)?
-            };
-            let mut inputs = vec![x_in, all_ts.narrow0(i * rows, rows), embeds.context.clone()];
-            if let (Some(p), Some(tid)) = (&embeds.pooled, &time_ids) {
-                inputs.push(p.clone());
-                inputs.push(tid.clone());
-            }
-            if let Some((_, im, _)) = &control {
-                inputs.push(im.clone());
-            }
-            if let Some((m, ml)) = &mask_input {
-                inputs.push(m.clone());
-                inputs.push(ml.clone());
-            }
-            inputs.extend(ip_tokens.iter().cloned());
-            inputs.extend(w_embed.iter().cloned());
-            let pred = graphs
-                .step
-                .run(&key, &inputs, |v| {
-                    self.model_call(&call, v).map(|t| vec![t])
-                })?
-                .remove(0);
-            // Counted here, not in model_call: a captured call runs once and is replayed after.
-            self.evaluations
-                .fetch_add(rows as u64, std::sync::atomic::Ordering::Relaxed);
-            let step_noise = all_noise.as_ref().map(|a| a.narrow0(i * n, n));
-            latents = if on_dev {
-                sched.step_ops(&dev.put_f32_same(&pred), i, &latents, step_noise.as_ref())?
-            } else {
-                sched.step(&pred, i, &latents, step_noise.as_ref())?
-            };
-            if let Some(b) = &blend {
-                let proper = if i + 1 < timesteps.len() {
-                    add_noise(&sched, &b.image_latents, &b.noise, timesteps[i + 1])?
-                } else {
-                    b.image_latents.clone()
-                };
-                latents = ops::mask_mix(&proper, &latents, &b.mask);
-            }
-            progress(i + 1, timesteps.len());
-        }
-        drop(graphs);
-        dev.check().with_context(|| {
-            format!(
-                "denoising a batch of {n} image(s) ({rows} UNet rows) at {}x{}",
-                req.width, req.height
-            )
-        })?;
-        let latents = latents.to_host()?;
-        check_finite(&latents, "the latents after denoising", timesteps.len())?;
+        let start = self.initial_latents(req, first, n, shape, cfg, &mut sched, noise)?;
+        let latents = self.denoise(
+            req,
+            (first, n, shape, cfg),
+            Conditioning { embeds, time_ids },
+            start,
+            &mut sched,
+            noise,
+            progress,
+        )?;
+        let steps = sched.timesteps().len();
+        check_finite(&latents, "the latents after denoising", steps)?;
         let images = self.decode(&latents)?;
-        check_finite(&images, "the decoded images", timesteps.len())?;
+        check_finite(&images, "the decoded images", steps)?;
         Ok(Output { latents, images })
     }
 
@@ -805,14 +561,6 @@ struct ModelCall<'a> {
     guidance: Option<f32>,
     /// λ per cross-attention layer, one list per attached adapter.
     ip_scales: Vec<Vec<f32>>,
-}
-
-/// 4-channel inpainting: after each step the unmasked region is replaced by the image latents
-/// noised to the next timestep.
-struct Blend {
-    image_latents: Tensor,
-    noise: Tensor,
-    mask: Tensor,
 }
 
 fn to_model_range(t: &Tensor) -> Tensor {

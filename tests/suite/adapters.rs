@@ -3,7 +3,6 @@
 //! with decoupled image cross-attention (one or two adapters, several images, per-layer scales,
 //! λ = 0), fp32 CPU, max abs error ≤ 1e-4; bad input.
 
-
 use crate::common::{expect_error, fixtures, forward_at, stderr};
 use std::path::PathBuf;
 use toffee::backend::Device;

@@ -3,7 +3,6 @@
 //! (fp32 CPU, max abs error ≤ 1e-4), the image processor, image file → probabilities, the CLI, and
 //! the errors.
 
-
 use crate::common::{expect_error, fixtures, forward_at, stderr, toffee};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

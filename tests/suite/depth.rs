@@ -4,7 +4,6 @@
 //! config and input errors; `toffee depth` and `toffee forward --component depth`.
 //! fp32 CPU, max abs error ≤ 1e-4 (or relative L2 ≤ 1e-4).
 
-
 use crate::common::{expect_error, fixtures, rel_l2, stderr, toffee};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,6 @@
 //! arguments are statuses with messages; one engine from several threads; close/reopen without
 //! leaking.
 
-
 use crate::common::{engine_options, fixtures, gen_options, stderr, toffee};
 use std::ffi::{CStr, CString};
 use std::path::{Path, PathBuf};

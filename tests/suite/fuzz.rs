@@ -4,7 +4,6 @@
 //! CI runs a bounded number of cases; `PROPTEST_CASES=100000 cargo test --release --test suite fuzz::`
 //! runs longer (README, "Fuzzing"). A crash found here becomes a named regression test below.
 
-
 use crate::common::fixtures;
 use proptest::prelude::*;
 use proptest::test_runner::Config as PtConfig;

@@ -1,7 +1,6 @@
 //! Hostile input (part of the hardening issue): numbers that cannot make a picture are errors,
 //! output formats are what the name says, schedules and configs are checked before allocating.
 
-
 use crate::common::{expect_error, fixtures, stderr, toffee};
 
 fn txt2img(out: &std::path::Path, extra: &[&str]) -> std::process::Output {

@@ -4,7 +4,6 @@
 //! their own weights; and LoRAs that do not fit the model are errors naming what is wrong. The
 //! pipelines with LoRAs are in tests/pipelines.rs (`lora_cases!`).
 
-
 use crate::common::{expect_error, fixtures, toffee};
 use serde_json::Value;
 use std::collections::BTreeSet;

@@ -2,7 +2,6 @@
 //! its parts (CLIPSeg probabilities resized and thresholded; SAM on the box, best IoU), the CLI
 //! on the tiny CLIPSeg / SAM fixtures, and bad input.
 
-
 use crate::common::{expect_error, fixtures, stderr, stdout, toffee};
 use std::path::PathBuf;
 use toffee::backend::Device;

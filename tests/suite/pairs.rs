@@ -1,7 +1,6 @@
 //! `toffee pairs` on the built-in models: shards in the WebDataset convention, determinism across
 //! batch sizes and workers, resume after kill -9, disjoint sharding + merge, bad input, disk full.
 
-
 use crate::common::{expect_error, expect_setup_error, stderr, toffee};
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;

@@ -2,7 +2,6 @@
 //! tools/fixtures/segment_depth.py (tests/fixtures/golden/segment_depth): fp32 CPU, max abs error
 //! ≤ 1e-4; the processor, post-processing and the CLI.
 
-
 use crate::common::fixtures;
 use std::collections::BTreeMap;
 use std::path::PathBuf;

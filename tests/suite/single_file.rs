@@ -2,7 +2,6 @@
 //! goldens and pipelines as the diffusers folders they were made from; configs inferred from
 //! shapes (also on real-size layouts); `inspect`, `convert`; bad files.
 
-
 use crate::common::{expect_error, fixtures, stdout, toffee};
 use std::path::{Path, PathBuf};
 use toffee::backend::Device;

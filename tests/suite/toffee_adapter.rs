@@ -3,7 +3,6 @@
 //! Resampler; all tokens or patch tokens), from a subject image through the DINO encoder, and the
 //! ToffeeNet / Refiner UNets with the adapter attached. fp32 CPU, max abs error ≤ 1e-4.
 
-
 use crate::common::{expect_error, fixtures};
 use std::path::PathBuf;
 use toffee::backend::Device;
@@ -157,7 +156,11 @@ fn cli_toffeenet_generation_editing_and_refiner() {
     let subject = fixtures().join("toffee/subject.png");
     let run = |args: &[&str]| {
         let o = crate::common::toffee(args);
-        assert!(o.status.success(), "{args:?}: {}", crate::common::stderr(&o));
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            crate::common::stderr(&o)
+        );
     };
     let out = |n: &str| dir.path().join(n).to_str().unwrap().to_string();
     let (g, g0, plain) = (out("gen.png"), out("gen0.png"), out("plain.png"));

@@ -3,7 +3,6 @@
 //! context, the CLIP preprocessing, and 2-step view generation (DDIM, Euler, no guidance) from an
 //! RGBA subject composited on white. fp32 CPU: ≤ 1e-4 per model, ≤ 1e-3 latents, ≤ 2.5/255 image.
 
-
 use crate::common::{expect_error, fixtures, stderr, toffee};
 use serde_json::Value;
 use std::collections::VecDeque;

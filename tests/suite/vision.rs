@@ -3,7 +3,6 @@
 //! tools/fixtures/vision.py): fp32 CPU, max abs error ≤ 1e-4; embeddings from the folders'
 //! image processors; scores against torch cosines; the CLI.
 
-
 use crate::common::{expect_error, fixtures, stderr, toffee};
 use std::collections::BTreeMap;
 use std::path::PathBuf;
