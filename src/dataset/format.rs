@@ -123,20 +123,71 @@ pub fn read_job(dir: &Path) -> Result<JobFile> {
     serde_json::from_str(&text).with_context(|| format!("{}: not a job file", p.display()))
 }
 
-/// One line of index.jsonl.
+/// One line of index.jsonl. Every line has every field, one JSON type each (loaders infer one
+/// column type): `shard` is "" for a record not written to a tar (rejected, without
+/// `--keep-rejected`), `reason` "" for a kept record; `seed` is below 2^53.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct IndexLine {
     pub key: String,
-    pub shard: Option<String>,
+    pub shard: String,
     pub subject: String,
     pub prompt: String,
     pub template: String,
     pub taxonomy: String,
     pub seed: u64,
-    pub scores: Option<crate::pipeline::score::Scores>,
+    pub scores: crate::pipeline::score::Scores,
     pub kept: bool,
-    pub reason: Option<String>,
+    pub reason: String,
     pub edit: bool,
+}
+
+/// A record's `KEY.json` in its shard: the index line's fields (same names, same values) and how
+/// the record was made. Serialized from this struct, not through `serde_json::Value`, so f32s
+/// print as in index.jsonl (0.8, not 0.800000011920929).
+#[derive(Serialize)]
+pub struct RecordJson<'a> {
+    pub key: &'a str,
+    pub subject: &'a str,
+    pub category: &'a str,
+    pub prompt: &'a str,
+    pub template: &'a str,
+    pub taxonomy: &'a str,
+    pub seed: u64,
+    pub view: ViewJson,
+    pub placement: PlacementJson,
+    pub scores: crate::pipeline::score::Scores,
+    pub kept: bool,
+    pub reason: &'a str,
+    pub edit: bool,
+    pub settings: SettingsJson<'a>,
+    pub models: &'a serde_json::Value,
+}
+
+/// The camera change of a record: `applied` false (and zeros) when no new view was made.
+#[derive(Serialize)]
+pub struct ViewJson {
+    pub applied: bool,
+    pub elevation: f32,
+    pub azimuth: f32,
+    pub radius: f32,
+}
+
+#[derive(Serialize)]
+pub struct PlacementJson {
+    pub x: usize,
+    pub y: usize,
+    pub width: usize,
+    pub height: usize,
+}
+
+#[derive(Serialize)]
+pub struct SettingsJson<'a> {
+    pub draft: &'a super::config::Draft,
+    pub refine: &'a super::config::Refine,
+    pub view: &'a super::config::ViewStage,
+    pub place: &'a super::config::Place,
+    pub filter: &'a super::config::Filter,
+    pub resolution: usize,
 }
 
 /// JSON lines of `values`.

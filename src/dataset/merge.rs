@@ -37,20 +37,12 @@ pub fn merge(dir: &Path) -> Result<MergeReport> {
         } = ShardFiles::new(dir, i);
         let text = std::fs::read_to_string(&ip)
             .with_context(|| format!("{}: cannot read", ip.display()))?;
-        let mut in_tar = BTreeSet::new();
-        let mut ar = tar::Archive::new(
-            std::fs::File::open(&tp).with_context(|| format!("{}: cannot open", tp.display()))?,
-        );
-        for e in ar
-            .entries()
-            .with_context(|| format!("{}: not a tar file", tp.display()))?
-        {
-            let e = e.with_context(|| format!("{}: corrupt", tp.display()))?;
-            let p = e.path()?.to_string_lossy().into_owned();
-            if let Some(k) = p.strip_suffix(".json") {
-                in_tar.insert(k.to_string());
-            }
-        }
+        // A shard that wrote no record has no tar; then no index line may place one in it.
+        let in_tar = if tp.exists() {
+            tar_keys(&tp)?
+        } else {
+            BTreeSet::new()
+        };
         for (n, l) in text.lines().enumerate() {
             let line: IndexLine = serde_json::from_str(l)
                 .with_context(|| format!("{}:{}: bad index line", ip.display(), n + 1))?;
@@ -62,7 +54,7 @@ pub fn merge(dir: &Path) -> Result<MergeReport> {
                     line.key
                 );
             }
-            if line.shard.is_some() && !in_tar.contains(&line.key) {
+            if !line.shard.is_empty() && !in_tar.contains(&line.key) {
                 bail!(
                     "{}: record {} is indexed but not in the shard",
                     tp.display(),
@@ -87,4 +79,23 @@ pub fn merge(dir: &Path) -> Result<MergeReport> {
         records: lines,
         stats,
     })
+}
+
+/// The record keys of a shard's tar (its `KEY.json` members).
+fn tar_keys(tp: &Path) -> Result<BTreeSet<String>> {
+    let mut keys = BTreeSet::new();
+    let mut ar = tar::Archive::new(
+        std::fs::File::open(tp).with_context(|| format!("{}: cannot open", tp.display()))?,
+    );
+    for e in ar
+        .entries()
+        .with_context(|| format!("{}: not a tar file", tp.display()))?
+    {
+        let e = e.with_context(|| format!("{}: corrupt", tp.display()))?;
+        let p = e.path()?.to_string_lossy().into_owned();
+        if let Some(k) = p.strip_suffix(".json") {
+            keys.insert(k.to_string());
+        }
+    }
+    Ok(keys)
 }

@@ -110,7 +110,7 @@ pub fn write_report(dir: &Path, out: &Path) -> Result<ReportSummary> {
 #[derive(Debug, Clone, Deserialize)]
 struct Record {
     key: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "empty_as_none")]
     shard: Option<String>,
     #[serde(default)]
     subject: Option<String>,
@@ -125,10 +125,16 @@ struct Record {
     #[serde(default)]
     scores: Option<Scores>,
     kept: bool,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "empty_as_none")]
     reason: Option<String>,
     #[serde(default)]
     edit: Option<bool>,
+}
+
+/// "" (the format's "none", see `format::IndexLine`) and null both read as absent.
+fn empty_as_none<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    let v: Option<String> = Option::deserialize(d)?;
+    Ok(v.filter(|s| !s.is_empty()))
 }
 
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -195,7 +201,8 @@ impl Run {
     fn missing_shards(&self) -> Vec<String> {
         self.shards
             .iter()
-            .filter(|(_, s)| s.bytes.is_none())
+            // A done shard that wrote no record has no tar, and that is not missing.
+            .filter(|(_, s)| s.bytes.is_none() && (s.indexed > 0 || s.stats.is_none()))
             .map(|(n, _)| n.clone())
             .collect()
     }
@@ -953,6 +960,9 @@ fn render_shards(h: &mut String, run: &Run) {
         };
         let (class, size) = match shard.bytes {
             Some(b) => ("", bytes_text(b)),
+            None if shard.indexed == 0 && shard.stats.is_some() => {
+                ("", "no tar (no record written)".into())
+            }
             None => (" class=\"missing\"", "missing".into()),
         };
         let _ = writeln!(

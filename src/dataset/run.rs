@@ -560,15 +560,19 @@ fn build_shard(
                     }
                     w.index.push(IndexLine {
                         key: out.record.key.clone(),
-                        shard: keep_file.then(|| tar_name.clone()),
+                        shard: if keep_file {
+                            tar_name.clone()
+                        } else {
+                            String::new()
+                        },
                         subject: plan.subjects[out.record.subject].name.clone(),
                         prompt: out.record.prompt.clone(),
                         template: out.record.template.clone(),
                         taxonomy: out.record.taxonomy.clone(),
                         seed: out.record.seed,
-                        scores: Some(out.scores),
+                        scores: out.scores,
                         kept: out.kept,
-                        reason: out.reason.map(String::from),
+                        reason: out.reason.unwrap_or_default().to_string(),
                         edit: out.kept,
                     });
                 }
@@ -615,7 +619,13 @@ fn build_shard(
         }
         Ok(false) => {}
     }
-    written.writer.commit()?;
+    // A shard that wrote no record (all rejected, without --keep-rejected) has no tar: an empty
+    // tar breaks loaders (webdataset, Hugging Face datasets); its stats still mark it done.
+    if written.index.iter().any(|l| !l.shard.is_empty()) {
+        written.writer.commit()?;
+    } else {
+        written.writer.abandon();
+    }
     write_text(&files.index, &jsonl(&written.index)?)?;
     t.load = read.seconds;
     t.write = written.seconds;
@@ -691,29 +701,54 @@ fn write_record(
     w.add(k, member::SUBJECT_MASK, &png_bytes(&out.subject.mask)?)?;
     w.add(k, member::TARGET, &png_bytes(&out.target)?)?;
     w.add(k, member::TARGET_MASK, &png_bytes(&out.target_mask)?)?;
-    if out.kept {
-        w.add(k, member::SOURCE, &png_bytes(&out.draft)?)?;
-        w.add(k, member::EDIT_MASK, &png_bytes(&out.edit_mask)?)?;
-    }
-    let (x, y, pw, ph) = out.placement;
-    let meta = serde_json::json!({
-        "key": k,
-        "subject": subject.name,
-        "category": subject.category,
-        "prompt": out.record.prompt,
-        "template": out.record.template,
-        "taxonomy": out.record.taxonomy,
-        "seed": out.record.seed,
-        "view": out.view,
-        "placement": {"x": x, "y": y, "width": pw, "height": ph},
-        "scores": out.scores,
-        "kept": out.kept,
-        "reason": out.reason,
-        "edit": out.kept,
-        "settings": {"draft": cfg.draft, "refine": cfg.refine, "view": cfg.view, "place": cfg.place,
-                     "filter": cfg.filter, "resolution": cfg.job.resolution},
-        "models": ids,
-    });
+    // Rejected records written with --keep-rejected carry the editing pair too: every record of
+    // a shard has the same members (loaders infer one schema).
+    w.add(k, member::SOURCE, &png_bytes(&out.draft)?)?;
+    w.add(k, member::EDIT_MASK, &png_bytes(&out.edit_mask)?)?;
+    let (x, y, width, height) = out.placement;
+    let view = match out.view {
+        Some(p) => format::ViewJson {
+            applied: true,
+            elevation: p.polar,
+            azimuth: p.azimuth,
+            radius: p.radius,
+        },
+        None => format::ViewJson {
+            applied: false,
+            elevation: 0.0,
+            azimuth: 0.0,
+            radius: 0.0,
+        },
+    };
+    let meta = format::RecordJson {
+        key: k,
+        subject: &subject.name,
+        category: &subject.category,
+        prompt: &out.record.prompt,
+        template: &out.record.template,
+        taxonomy: &out.record.taxonomy,
+        seed: out.record.seed,
+        view,
+        placement: format::PlacementJson {
+            x,
+            y,
+            width,
+            height,
+        },
+        scores: out.scores,
+        kept: out.kept,
+        reason: out.reason.unwrap_or_default(),
+        edit: out.kept,
+        settings: format::SettingsJson {
+            draft: &cfg.draft,
+            refine: &cfg.refine,
+            view: &cfg.view,
+            place: &cfg.place,
+            filter: &cfg.filter,
+            resolution: cfg.job.resolution,
+        },
+        models: ids,
+    };
     w.add(
         k,
         member::JSON,

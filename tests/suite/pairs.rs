@@ -86,6 +86,63 @@ fn assert_same_records(a: &Path, b: &Path) {
     }
 }
 
+/// The record schema loaders need (issue 25): every index line has the same fields with one JSON
+/// type each (no null), seeds below 2^53; every record in a tar has the same seven members; a
+/// record's KEY.json repeats its index line's fields with the same values (floats printed the
+/// same way, not widened from f32).
+fn check_record_schema(dir: &Path) {
+    use serde_json::Value;
+    fn kind(v: &Value) -> &'static str {
+        match v {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Number(n) if n.is_u64() || n.is_i64() => "integer",
+            Value::Number(_) => "float",
+            Value::String(_) => "string",
+            Value::Array(_) => "array",
+            Value::Object(_) => "object",
+        }
+    }
+    let idx = index(dir);
+    let mut types: Option<BTreeMap<String, &str>> = None;
+    for (k, line) in &idx {
+        let t: BTreeMap<String, &str> = line
+            .as_object()
+            .unwrap()
+            .iter()
+            .map(|(f, v)| (f.clone(), kind(v)))
+            .collect();
+        assert!(!t.values().any(|&v| v == "null"), "{k}: null in {line}");
+        match &types {
+            None => types = Some(t),
+            Some(first) => assert_eq!(first, &t, "{k}: fields or types differ from the first line"),
+        }
+        assert!(line["seed"].as_u64().unwrap() < 1 << 53, "{k}: seed");
+    }
+    let files = shard_files(dir);
+    let members = [
+        "subject.png",
+        "subject_mask.png",
+        "target.png",
+        "target_mask.png",
+        "source.png",
+        "edit_mask.png",
+        "json",
+    ];
+    for (k, line) in idx.iter().filter(|(_, l)| l["shard"] != "") {
+        for m in members {
+            assert!(files.contains_key(&format!("{k}.{m}")), "{k}.{m} missing");
+        }
+        let meta: Value = serde_json::from_slice(&files[&format!("{k}.json")]).unwrap();
+        for f in line.as_object().unwrap().keys().filter(|f| *f != "shard") {
+            assert_eq!(meta[f], line[f], "{k}.json `{f}` differs from index.jsonl");
+        }
+        assert!(meta["view"]["applied"].is_boolean() && meta["view"]["elevation"].is_number());
+    }
+    let in_tars = files.keys().filter(|f| f.ends_with(".json")).count();
+    assert_eq!(in_tars, idx.values().filter(|l| l["shard"] != "").count());
+}
+
 #[test]
 fn demo_run_writes_webdataset_shards() {
     let dir = tempfile::tempdir().unwrap();
@@ -179,6 +236,11 @@ fn results_do_not_depend_on_batch_size_or_workers() {
     ok(pairs(&a, &["--keep-rejected"]));
     ok(pairs(&b, &["--keep-rejected", "--batch", "1"]));
     ok(pairs(&c, &["--keep-rejected", "--devices", "cpu,cpu"]));
+    check_record_schema(&a);
+    assert!(
+        index(&a).values().any(|l| l["kept"] == false),
+        "the demo rejects some records: the schema check covers both kinds"
+    );
     assert_same_records(&a, &b);
     assert_same_records(&a, &c);
 }
