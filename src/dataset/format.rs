@@ -103,9 +103,17 @@ impl Stats {
     }
 }
 
+/// The version of the records' format and of their seeds and keys. 2: seeds below 2^53 (so keys
+/// changed too), typed index lines, one member set per record. A folder of another version is
+/// another job: resuming it would mix two schemes.
+pub const FORMAT_VERSION: u32 = 2;
+
 /// The part of a run that must not change between a run and its resumption (`job.json`).
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct JobFile {
+    /// `FORMAT_VERSION` of the run (job files without it are version 1).
+    #[serde(default = "format_v1")]
+    pub format: u32,
     pub toffee_version: String,
     pub config: PairsConfig,
     pub subjects: String,
@@ -113,6 +121,10 @@ pub struct JobFile {
     pub records: usize,
     pub shards: usize,
     pub keep_rejected: bool,
+}
+
+fn format_v1() -> u32 {
+    1
 }
 
 /// The job file of a run folder.

@@ -186,6 +186,7 @@ pub fn resolve(o: &Options) -> Result<Plan> {
         .with_context(|| format!("{}: cannot create the output folder", o.out.display()))?;
     let names: Vec<&str> = subjects.iter().map(|s| s.name.as_str()).collect();
     let job = JobFile {
+        format: format::FORMAT_VERSION,
         toffee_version: env!("CARGO_PKG_VERSION").into(),
         config: cfg.clone(),
         subjects: o

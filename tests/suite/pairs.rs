@@ -371,6 +371,15 @@ fn bad_config_fails_before_any_work() {
     ok(pairs(&demo, &["--shard-index", "0", "--num-shards", "9"]));
     let e = expect_setup_error(&pairs(&demo, &["--keep-rejected"]));
     assert!(e.contains("job.json") && e.contains("keep_rejected"), "{e}");
+    // A folder of the earlier record format (job.json without `format`: other seeds and keys)
+    // is another job too: resuming it would mix two schemes.
+    let jp = demo.join("job.json");
+    let mut job: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&jp).unwrap()).unwrap();
+    job.as_object_mut().unwrap().remove("format");
+    std::fs::write(&jp, job.to_string()).unwrap();
+    let e = expect_setup_error(&pairs(&demo, &["--shard-index", "0", "--num-shards", "9"]));
+    assert!(e.contains("`format` was 1 and is now 2"), "{e}");
 }
 
 /// Issue 25: a run that fails its setup — a device that does not open, models that do not load —
