@@ -74,6 +74,12 @@ pub struct Stats {
     /// UNet evaluations (per sample: a CFG step counts 2) spent on these records.
     #[serde(default)]
     pub unet_evaluations: u64,
+    /// The run's stats.json only: shards finished so far and in the plan. Until they are equal
+    /// the folder is partial (a run in progress, stopped, or one process of several).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards_finished: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards_expected: Option<usize>,
 }
 
 impl Stats {
@@ -217,11 +223,13 @@ pub fn jsonl<T: serde::Serialize>(values: &[T]) -> Result<String> {
 pub fn write_totals(out: &Path, shards: usize) -> Result<Stats> {
     let mut stats = Stats::default();
     let mut index = String::new();
+    let mut finished = 0;
     for i in 0..shards {
         let f = ShardFiles::new(out, i);
         if !f.stats.is_file() {
             continue;
         }
+        finished += 1;
         let s: Stats = serde_json::from_str(&std::fs::read_to_string(&f.stats)?)
             .with_context(|| format!("{}: bad stats", f.stats.display()))?;
         stats.add(&s);
@@ -230,6 +238,8 @@ pub fn write_totals(out: &Path, shards: usize) -> Result<Stats> {
                 .with_context(|| format!("{}: cannot read", f.index.display()))?,
         );
     }
+    stats.shards_finished = Some(finished);
+    stats.shards_expected = Some(shards);
     write_text(&out.join(INDEX_FILE), &index)?;
     write_text(
         &out.join(STATS_FILE),

@@ -587,6 +587,18 @@ fn render_header(h: &mut String, run: &Run) {
         );
     }
     h.push_str("</div>\n");
+    if let (Some(done), Some(all)) = (run.stat("shards_finished"), run.stat("shards_expected")) {
+        if done < all {
+            let _ = writeln!(
+                h,
+                "<div class=\"warn\"><b>Partial: {} of {} shards finished.</b> The numbers below \
+                 cover the finished shards only (a run in progress or stopped: rerun it; one \
+                 process of several: merge when all are done).</div>",
+                count_text(done),
+                count_text(all)
+            );
+        }
+    }
     if records != run.records.len() as f64 {
         let _ = writeln!(
             h,

@@ -650,6 +650,8 @@ fn build_shard(
         pairs_per_hour: 0.0,
         device: format!("{device} ({})", dev.storage()),
         unet_evaluations: models.evaluations() - evaluations_before,
+        shards_finished: None,
+        shards_expected: None,
     };
     stats.pairs_per_hour = stats.kept as f64 / stats.seconds.max(1e-9) * 3600.0;
     write_text(&files.stats, &serde_json::to_string_pretty(&stats)?)?;

@@ -250,6 +250,20 @@ fn sharded_processes_cover_every_record_once_and_merge() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("run");
     ok(pairs(&out, &["--shard-index", "1", "--num-shards", "2"]));
+    // Half the shards: stats.json and the report say the folder is partial (issue 25).
+    let stats = |d: &Path| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(d.join("stats.json")).unwrap()).unwrap()
+    };
+    let s = stats(&out);
+    assert_eq!(
+        (s["shards_finished"].clone(), s["shards_expected"].clone()),
+        (1.into(), 2.into())
+    );
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(
+        html.contains("Partial: 1 of 2 shards finished"),
+        "no partial warning"
+    );
     // Not finished: merge refuses and says which shard is missing.
     let e = expect_error(&toffee(&["pairs", "merge", out.to_str().unwrap()]));
     assert!(e.contains("pairs-000000"), "{e}");
@@ -262,6 +276,7 @@ fn sharded_processes_cover_every_record_once_and_merge() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     ok(toffee(&["pairs", "merge", out.to_str().unwrap()]));
+    assert_eq!(stats(&out)["shards_finished"], 2);
     let whole = dir.path().join("whole");
     ok(pairs(&whole, &[]));
     assert_same_records(&out, &whole);
