@@ -12,6 +12,22 @@ pub struct Args {
 
 pub fn run(a: Args) -> Result<()> {
     let r = crate::dataset::report::write_report(&a.dir, &a.out)?;
-    eprintln!("wrote {} ({r:?})", a.out.display());
+    eprintln!(
+        "wrote {} ({} KiB): {} records, {} kept, {} rejected; {} shown with {} thumbnails",
+        a.out.display(),
+        r.bytes.div_ceil(1024),
+        r.records,
+        r.kept,
+        r.rejected,
+        r.shown,
+        r.images
+    );
+    if !r.missing_shards.is_empty() {
+        eprintln!(
+            "toffee: warning: {} shard(s) named by the index but not in the folder: {}",
+            r.missing_shards.len(),
+            r.missing_shards.join(", ")
+        );
+    }
     Ok(())
 }

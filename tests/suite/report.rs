@@ -338,6 +338,37 @@ fn a_missing_shard_is_shown_not_an_error() {
     assert!(html.contains("<tr class=\"missing\"><td>pairs-000001.tar</td><td>missing</td>"));
 }
 
+/// `toffee report` prints a summary a person reads (it printed a Rust debug struct), and warns
+/// about missing shards.
+#[test]
+fn the_command_prints_a_human_summary() {
+    let run = make_run();
+    std::fs::remove_file(run.path().join("pairs-000001.tar")).unwrap();
+    let out = run.path().join("page.html");
+    let o = Command::new(env!("CARGO_BIN_EXE_toffee"))
+        .args([
+            "report",
+            run.path().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{e}");
+    assert!(e.contains("6 records, ") && e.contains(" kept, "), "{e}");
+    assert!(
+        e.contains(
+            "warning: 1 shard(s) named by the index but not in the folder: pairs-000001.tar"
+        ),
+        "{e}"
+    );
+    assert!(
+        !e.contains("ReportSummary") && !e.contains("missing_shards"),
+        "{e}"
+    );
+}
+
 #[test]
 fn errors_name_the_file() {
     let run = make_run();
