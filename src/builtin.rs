@@ -78,3 +78,25 @@ pub fn generator(device: &Device) -> Result<Generator> {
     g.check()?;
     Ok(g)
 }
+
+/// The built-in CLIPSeg segmenter: `clipseg::builtin_config()` with random weights, the
+/// byte-level tokenizer of the built-in generator, and ViTImageProcessor's defaults at the
+/// config's image size.
+pub fn clipseg_segmenter(device: &Device) -> Result<crate::models::clipseg::ClipSegSegmenter> {
+    use crate::models::clipseg::{builtin_config, ClipSeg, ClipSegSegmenter};
+    let cfg = Config::from_json("<built-in CLIPSeg>/config.json", builtin_config())?;
+    let model = ClipSeg::load(&cfg, &WeightStore::random(SEED + 16), device)?;
+    let s = model.image_size();
+    let processor = crate::image_proc::ImageProcessor::from_json(
+        "<built-in CLIPSeg>/preprocessor_config.json",
+        &json!({
+            "image_processor_type": "ViTImageProcessor",
+            "size": {"height": s, "width": s}
+        }),
+    )?;
+    Ok(ClipSegSegmenter::new(
+        model,
+        ClipTokenizer::byte_level()?,
+        processor,
+    ))
+}

@@ -460,28 +460,13 @@ impl ClipSegSegmenter {
         })
     }
 
-    /// The built-in demo: `builtin_config()` with random weights, the byte-level tokenizer of the
-    /// built-in generator, and ViTImageProcessor's defaults at the config's image size.
-    pub fn builtin(device: &Device) -> Result<Self> {
-        let cfg = Config::from_json("<built-in CLIPSeg>/config.json", builtin_config())?;
-        let model = ClipSeg::load(
-            &cfg,
-            &WeightStore::random(crate::builtin::SEED + 16),
-            device,
-        )?;
-        let s = model.image_size();
-        let processor = ImageProcessor::from_json(
-            "<built-in CLIPSeg>/preprocessor_config.json",
-            &json!({
-                "image_processor_type": "ViTImageProcessor",
-                "size": {"height": s, "width": s}
-            }),
-        )?;
-        Ok(ClipSegSegmenter {
+    /// A segmenter from its parts (the built-in demo's: `crate::builtin::clipseg_segmenter`).
+    pub fn new(model: ClipSeg, tokenizer: ClipTokenizer, processor: ImageProcessor) -> Self {
+        ClipSegSegmenter {
             model,
-            tokenizer: ClipTokenizer::byte_level()?,
+            tokenizer,
             processor,
-        })
+        }
     }
 
     /// sigmoid(logits) for one image and each of `texts` (tokenised with padding to the

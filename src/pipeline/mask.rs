@@ -194,7 +194,7 @@ impl Segmenter {
     /// Built-in tiny random-weight CLIPSeg (and SAM): the command and the pairs demo run without
     /// downloads; their masks are arbitrary.
     pub fn builtin(with_sam: bool, settings: MaskSettings, device: &Device) -> Result<Segmenter> {
-        let clipseg = ClipSegSegmenter::builtin(device)?;
+        let clipseg = crate::builtin::clipseg_segmenter(device)?;
         let sam = if with_sam {
             let name = "<built-in SAM>";
             let cfg = crate::config::Config::from_json(name, crate::models::sam::builtin_config())?;

@@ -321,7 +321,7 @@ fn decoder_hidden_act_is_ignored_like_transformers() {
 /// (simple head): both run, give finite probabilities of the model's size, and are deterministic.
 #[test]
 fn builtin_and_random_weights_run() {
-    let seg = ClipSegSegmenter::builtin(&Device::Cpu).unwrap();
+    let seg = toffee::builtin::clipseg_segmenter(&Device::Cpu).unwrap();
     let s = seg.model.image_size();
     assert_eq!(s, builtin_config()["vision_config"]["image_size"]);
     let img = image::RgbImage::from_fn(37, 23, |x, y| image::Rgb([x as u8 * 6, y as u8 * 9, 77]));
@@ -337,7 +337,7 @@ fn builtin_and_random_weights_run() {
         .iter()
         .fold(0.0f32, |m, v| m.max((v - p.data()[0]).abs()));
     assert!(spread > 1e-4, "constant output");
-    let again = ClipSegSegmenter::builtin(&Device::Cpu)
+    let again = toffee::builtin::clipseg_segmenter(&Device::Cpu)
         .unwrap()
         .probs(&img, &prompts)
         .unwrap();
