@@ -65,6 +65,56 @@ fn dup(t: &Tensor, cfg: bool) -> Tensor {
     }
 }
 
+/// The model inputs after the latents and the timestep, the same at every step, in
+/// `model_call`'s order: text context, SDXL's pooled embeds and time ids, the control image, the
+/// inpainting mask and masked latents, adapter tokens, LCM's w embedding.
+fn fixed_inputs(
+    embeds: &Embeds,
+    time_ids: Option<&Tensor>,
+    control: Option<&Tensor>,
+    mask_input: Option<&(Tensor, Tensor)>,
+    ip_tokens: &[Tensor],
+    w_embed: Option<&Tensor>,
+) -> Vec<Tensor> {
+    let mut fixed = vec![embeds.context.clone()];
+    if let (Some(p), Some(tid)) = (&embeds.pooled, time_ids) {
+        fixed.extend([p.clone(), tid.clone()]);
+    }
+    fixed.extend(control.cloned());
+    if let Some((m, ml)) = mask_input {
+        fixed.extend([m.clone(), ml.clone()]);
+    }
+    fixed.extend(ip_tokens.iter().cloned());
+    fixed.extend(w_embed.cloned());
+    fixed
+}
+
+/// Everything the loop needs from the host, uploaded before it: the timesteps (one per UNet
+/// row), and the ancestral step noise (drawn now; diffusers draws nothing else after the start
+/// either).
+fn loop_uploads(
+    dev: &Device,
+    sched: &Scheduler,
+    timesteps: &[f32],
+    rows: usize,
+    (n, h, w, c): (usize, usize, usize, usize),
+    noise: &mut NoiseSource,
+) -> Result<(Tensor, Option<Tensor>)> {
+    let all_ts = dev.put_f32(Tensor::new(
+        vec![timesteps.len() * rows],
+        timesteps.iter().flat_map(|&t| vec![t; rows]).collect(),
+    ));
+    let all_noise = if sched.needs_step_noise() {
+        let draws = (0..timesteps.len())
+            .map(|_| noise.draw(n, c, h, w))
+            .collect::<Result<Vec<_>>>()?;
+        Some(dev.put_f32(Tensor::cat0(&draws.iter().collect::<Vec<_>>())))
+    } else {
+        None
+    };
+    Ok((all_ts, all_noise))
+}
+
 impl Generator {
     /// Text conditioning of images `first..first + n` (only this chunk's prompts are encoded: a
     /// prompts file can hold thousands), [uncond; cond] when guiding, on the model device.
@@ -294,29 +344,18 @@ impl Generator {
             guidance: if cfg { Some(req.guidance) } else { None },
             ip_scales: req.image_prompts.iter().map(|p| p.scales.clone()).collect(),
         };
-        let key = format!(
-            "{:?} {} {:?} {:?}",
-            call.guidance,
-            call.mask,
-            call.control.map(|c| c.1),
-            call.ip_scales
-        );
+        let key = call.graph_key();
         let mut graphs = self.graphs.lock().unwrap_or_else(|e| e.into_inner());
         let timesteps = sched.timesteps().to_vec();
-        // Everything the loop needs from the host is uploaded before it: the timesteps, and the
-        // ancestral step noise (drawn now; diffusers draws nothing else after the start either).
-        let all_ts = dev.put_f32(Tensor::new(
-            vec![timesteps.len() * rows],
-            timesteps.iter().flat_map(|&t| vec![t; rows]).collect(),
-        ));
-        let all_noise = if sched.needs_step_noise() {
-            let draws = (0..timesteps.len())
-                .map(|_| noise.draw(n, c, h, w))
-                .collect::<Result<Vec<_>>>()?;
-            Some(dev.put_f32(Tensor::cat0(&draws.iter().collect::<Vec<_>>())))
-        } else {
-            None
-        };
+        let (all_ts, all_noise) = loop_uploads(dev, sched, &timesteps, rows, (n, h, w, c), noise)?;
+        let fixed = fixed_inputs(
+            &embeds,
+            time_ids.as_ref(),
+            control.as_ref().map(|c| &c.1),
+            mask_input.as_ref(),
+            &ip_tokens,
+            w_embed.as_ref(),
+        );
         for i in 0..timesteps.len() {
             let _step = tracing::info_span!("step", i).entered();
             let x2 = dup(&latents, cfg);
@@ -325,20 +364,8 @@ impl Generator {
             } else {
                 sched.scale_model_input(&x2, i)?
             };
-            let mut inputs = vec![x_in, all_ts.narrow0(i * rows, rows), embeds.context.clone()];
-            if let (Some(p), Some(tid)) = (&embeds.pooled, &time_ids) {
-                inputs.push(p.clone());
-                inputs.push(tid.clone());
-            }
-            if let Some((_, im, _)) = &control {
-                inputs.push(im.clone());
-            }
-            if let Some((m, ml)) = &mask_input {
-                inputs.push(m.clone());
-                inputs.push(ml.clone());
-            }
-            inputs.extend(ip_tokens.iter().cloned());
-            inputs.extend(w_embed.iter().cloned());
+            let mut inputs = vec![x_in, all_ts.narrow0(i * rows, rows)];
+            inputs.extend(fixed.iter().cloned());
             let pred = graphs
                 .step
                 .run(&key, &inputs, |v| {

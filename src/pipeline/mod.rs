@@ -563,6 +563,19 @@ struct ModelCall<'a> {
     ip_scales: Vec<Vec<f32>>,
 }
 
+impl ModelCall<'_> {
+    /// The step graph's cache key: what changes the captured work besides the input shapes.
+    fn graph_key(&self) -> String {
+        format!(
+            "{:?} {} {:?} {:?}",
+            self.guidance,
+            self.mask,
+            self.control.map(|c| c.1),
+            self.ip_scales
+        )
+    }
+}
+
 fn to_model_range(t: &Tensor) -> Tensor {
     Tensor::new(
         t.shape().to_vec(),
