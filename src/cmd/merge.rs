@@ -12,7 +12,7 @@ pub struct Args {
 pub fn run(a: Args) -> Result<()> {
     let r = crate::dataset::merge::merge(&a.dir)?;
     eprintln!(
-        "{}: {} shards, {} records ({} kept); wrote index.jsonl and stats.json",
+        "{}: {} shards, {} records ({} kept); wrote index.jsonl, stats.json, README.md and report.html",
         a.dir.display(),
         r.shards,
         r.records,

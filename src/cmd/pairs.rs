@@ -96,7 +96,7 @@ pub fn run(action: Option<Action>, a: Args) -> Result<()> {
     if a.bench {
         println!(
             "{}",
-            serde_json::json!({"stage_seconds": s.stats.stage_seconds, "seconds": s.stats.seconds,
+            serde_json::json!({"stage_seconds": s.stats.stage_seconds, "seconds": s.stats.seconds, "work_seconds": s.stats.work_seconds,
                                "records": s.stats.records, "kept": s.stats.kept,
                                "pairs_per_hour": s.stats.pairs_per_hour, "device": s.stats.device,
                                "unet_evaluations": s.stats.unet_evaluations,

@@ -5,7 +5,8 @@
 //! A run folder holds, per shard i, `pairs-%06d.tar` (WebDataset: the members of one record share
 //! its KEY), `pairs-%06d.jsonl` (its index lines) and `pairs-%06d.stats.json` (written last: it
 //! marks the shard done); and for the run, `job.json` (what must not change on a resume),
-//! `index.jsonl` and `stats.json` (rebuilt from the finished shards), `report.html`.
+//! `index.jsonl` and `stats.json` (rebuilt from the finished shards), `README.md` (the dataset
+//! card) and `report.html`.
 
 use super::config::PairsConfig;
 use super::stages::Timings;
@@ -20,9 +21,11 @@ pub const JOB_FILE: &str = "job.json";
 pub const INDEX_FILE: &str = "index.jsonl";
 pub const STATS_FILE: &str = "stats.json";
 pub const REPORT_FILE: &str = "report.html";
+/// The dataset card (`card`).
+pub const README_FILE: &str = "README.md";
 
 /// The members of one record in a shard's tar, `KEY.<member>`: the subject and its mask, the
-/// target and its mask, the editing pair (kept records only) and the record's JSON.
+/// target and its mask, the editing pair and the record's JSON (every record has all seven).
 pub mod member {
     pub const SUBJECT: &str = "subject.png";
     pub const SUBJECT_MASK: &str = "subject_mask.png";
@@ -31,6 +34,17 @@ pub mod member {
     pub const SOURCE: &str = "source.png";
     pub const EDIT_MASK: &str = "edit_mask.png";
     pub const JSON: &str = "json";
+
+    /// Every member, in tar order, with what it holds (the dataset card's table).
+    pub const ALL: [(&str, &str); 7] = [
+        (SUBJECT, "the subject image, as given (RGB)"),
+        (SUBJECT_MASK, "the subject's mask (L, white = subject)"),
+        (TARGET, "the subject in the new scene, refined (RGB, the job's resolution)"),
+        (TARGET_MASK, "where the subject is in the target (L)"),
+        (SOURCE, "the draft before refinement: the editing pair's source (RGB)"),
+        (EDIT_MASK, "the dilated target mask the Refiner changed (L)"),
+        (JSON, "the record: the index line's fields, the view, the placement, the settings, the models"),
+    ];
 }
 
 /// `pairs-%06d`, the stem of shard i's files.
@@ -66,9 +80,23 @@ pub struct Stats {
     pub skipped_records: usize,
     pub skipped_subjects: BTreeMap<String, usize>,
     pub thresholds: BTreeMap<String, f32>,
+    /// Summed per stage over the shards (work, like `work_seconds`).
     pub stage_seconds: Timings,
+    /// Elapsed wall time. A shard's: its build time. A run's: the time during which at least one
+    /// of its shards was being built (the union of their intervals), so processes working side
+    /// by side count once and the gap between a stop and its resumption not at all.
     pub seconds: f64,
+    /// Kept records per elapsed hour (`kept / seconds`): the run's real throughput.
     pub pairs_per_hour: f64,
+    /// The building time summed over the shards: `seconds` times the processes working at once.
+    #[serde(default)]
+    pub work_seconds: f64,
+    /// Unix time (s) when the shard's building started and finished; a run's first start and last
+    /// finish.
+    #[serde(default)]
+    pub started: f64,
+    #[serde(default)]
+    pub finished: f64,
     /// The device and its storage type: `cpu (f32)`, `cuda:0 (bf16)`.
     pub device: String,
     /// UNet evaluations (per sample: a CFG step counts 2) spent on these records.
@@ -83,7 +111,21 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn add(&mut self, o: &Stats) {
+    /// The totals of shards' stats: counts and work summed, elapsed time from their intervals.
+    pub fn total(shards: &[Stats]) -> Stats {
+        let mut t = Stats::default();
+        for s in shards {
+            t.add(s);
+        }
+        // Differences of Unix times carry their rounding (multiples of 2^-22 s): milliseconds.
+        t.seconds = (elapsed(shards.iter().map(|s| (s.started, s.finished))) * 1e3).round() / 1e3;
+        t.started = shards.iter().map(|s| s.started).reduce(f64::min).unwrap_or(0.0);
+        t.finished = shards.iter().map(|s| s.finished).fold(0.0, f64::max);
+        t.pairs_per_hour = per_hour(t.kept, t.seconds);
+        t
+    }
+
+    fn add(&mut self, o: &Stats) {
         self.records += o.records;
         self.kept += o.kept;
         self.rejected += o.rejected;
@@ -96,17 +138,47 @@ impl Stats {
         }
         self.stage_seconds.add(&o.stage_seconds);
         self.unet_evaluations += o.unet_evaluations;
-        self.seconds += o.seconds;
+        self.work_seconds += o.work_seconds;
         self.thresholds = o.thresholds.clone();
         if self.device.is_empty() {
             self.device = o.device.clone();
         }
-        self.pairs_per_hour = if self.seconds > 0.0 {
-            self.kept as f64 / self.seconds * 3600.0
-        } else {
-            0.0
+    }
+}
+
+/// `kept` per hour of `seconds` (0 for no time).
+pub fn per_hour(kept: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        kept as f64 / seconds * 3600.0
+    } else {
+        0.0
+    }
+}
+
+/// The length of the union of time intervals `[start, end]`.
+pub fn elapsed(intervals: impl Iterator<Item = (f64, f64)>) -> f64 {
+    let mut v: Vec<(f64, f64)> = intervals.filter(|(a, b)| b > a).collect();
+    v.sort_by(|x, y| x.0.total_cmp(&y.0));
+    let mut total = 0.0;
+    let mut cur: Option<(f64, f64)> = None;
+    for (a, b) in v {
+        cur = match cur {
+            Some((s, e)) if a <= e => Some((s, e.max(b))),
+            Some((s, e)) => {
+                total += e - s;
+                Some((a, b))
+            }
+            None => Some((a, b)),
         };
     }
+    total + cur.map_or(0.0, |(s, e)| e - s)
+}
+
+/// Now, in Unix seconds.
+pub fn unix_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 /// The version of the records' format and of their seeds and keys. 2: seeds below 2^53 (so keys
@@ -158,6 +230,22 @@ pub struct IndexLine {
     pub reason: String,
     pub edit: bool,
 }
+
+/// Every field of an index line with what it means (the dataset card's table; a test checks the
+/// list against `IndexLine`).
+pub const INDEX_FIELDS: [(&str, &str); 11] = [
+    ("key", "16 hex digits from (subject, prompt, seed): the record's name in its shard"),
+    ("shard", "the tar holding the record; \"\" when it was not written (rejected)"),
+    ("subject", "the subject's name"),
+    ("prompt", "the prompt the target was drawn from"),
+    ("template", "the prompt template"),
+    ("taxonomy", "the template's kind: background, style, colour or texture"),
+    ("seed", "the record's seed (an integer below 2^53)"),
+    ("scores", "dino, clip_i, clip_t: raw cosines in [-1, 1]"),
+    ("kept", "whether every filter threshold passed"),
+    ("reason", "the first threshold that failed; \"\" for a kept record"),
+    ("edit", "whether source.png and edit_mask.png are an editing pair to train on (kept records)"),
+];
 
 /// A record's `KEY.json` in its shard: the index line's fields (same names, same values) and how
 /// the record was made. Serialized from this struct, not through `serde_json::Value`, so f32s
@@ -221,24 +309,23 @@ pub fn jsonl<T: serde::Serialize>(values: &[T]) -> Result<String> {
 /// Rebuilds index.jsonl and stats.json from every finished shard in the folder (atomic writes;
 /// processes of a job array may all do it, the last one sees the most).
 pub fn write_totals(out: &Path, shards: usize) -> Result<Stats> {
-    let mut stats = Stats::default();
+    let mut done = Vec::new();
     let mut index = String::new();
-    let mut finished = 0;
     for i in 0..shards {
         let f = ShardFiles::new(out, i);
         if !f.stats.is_file() {
             continue;
         }
-        finished += 1;
         let s: Stats = serde_json::from_str(&std::fs::read_to_string(&f.stats)?)
             .with_context(|| format!("{}: bad stats", f.stats.display()))?;
-        stats.add(&s);
+        done.push(s);
         index.push_str(
             &std::fs::read_to_string(&f.index)
                 .with_context(|| format!("{}: cannot read", f.index.display()))?,
         );
     }
-    stats.shards_finished = Some(finished);
+    let mut stats = Stats::total(&done);
+    stats.shards_finished = Some(done.len());
     stats.shards_expected = Some(shards);
     write_text(&out.join(INDEX_FILE), &index)?;
     write_text(

@@ -1,8 +1,8 @@
 //! `toffee pairs merge DIR`: checks a finished multi-process run (every shard of the plan done,
 //! every record indexed once, no key twice, every kept record in its shard) and writes the
-//! combined index.jsonl and stats.json.
+//! combined index.jsonl, stats.json, dataset card and report.
 
-use super::format::{read_job, write_totals, IndexLine, ShardFiles, Stats};
+use super::format::{read_job, IndexLine, ShardFiles, Stats};
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -64,7 +64,7 @@ pub fn merge(dir: &Path) -> Result<MergeReport> {
             lines += 1;
         }
     }
-    let stats = write_totals(dir, job.shards)?;
+    let stats = super::write_summaries(dir, &job)?;
     if lines + stats.skipped_records != job.records {
         bail!(
             "{}: the shards hold {} records (+{} skipped) but the plan has {}",

@@ -9,6 +9,7 @@
 //! skips the finished shards and redoes the rest, so nothing is lost and nothing is written twice.
 
 pub mod builtin;
+pub mod card;
 pub mod config;
 pub mod format;
 pub mod merge;
@@ -20,6 +21,17 @@ pub mod stages;
 pub mod writer;
 
 pub use run::{run, Options, Summary};
+
+/// Rebuilds what a run folder says about itself from its finished shards: index.jsonl and
+/// stats.json, the dataset card and the report page. The page never fails the run (a warning).
+pub fn write_summaries(out: &std::path::Path, job: &format::JobFile) -> anyhow::Result<format::Stats> {
+    let stats = format::write_totals(out, job.shards)?;
+    card::write_card(out, job, &stats)?;
+    if let Err(e) = report::write_report(out, &out.join(format::REPORT_FILE)) {
+        eprintln!("toffee: warning: {} not written: {e:#}", format::REPORT_FILE);
+    }
+    Ok(stats)
+}
 
 /// A pairs run that failed before any work: the config, subjects, slice, output folder, devices or
 /// models (`toffee pairs` exits 2: rerunning will not help). Other failures are a shard's (exit 1:

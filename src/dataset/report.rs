@@ -577,6 +577,13 @@ fn render_header(h: &mut String, run: &Run) {
                 .map(duration_text)
                 .unwrap_or_else(|| "—".into()),
         ),
+        // Summed over the shards: more than the wall time when processes worked side by side.
+        (
+            "work time",
+            run.stat("work_seconds")
+                .map(duration_text)
+                .unwrap_or_else(|| "—".into()),
+        ),
         ("shards", shards),
     ];
     for (label, value) in tiles {

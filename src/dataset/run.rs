@@ -464,6 +464,7 @@ fn build_shard(
     let device = dev.name();
     let device = device.as_str();
     let clock = Instant::now();
+    let started = super::format::unix_now();
     // Shards of one device share its models sequentially, so the counter's growth over this
     // call is this shard's.
     let evaluations_before = models.evaluations();
@@ -630,7 +631,8 @@ fn build_shard(
     write_text(&files.index, &jsonl(&written.index)?)?;
     t.load = read.seconds;
     t.write = written.seconds;
-    let mut stats = Stats {
+    let seconds = clock.elapsed().as_secs_f64();
+    let stats = Stats {
         records: written.records,
         kept: written.kept,
         rejected: written.records - written.kept,
@@ -646,14 +648,16 @@ fn build_shard(
         .map(|(k, v)| (k.to_string(), v))
         .collect(),
         stage_seconds: t,
-        seconds: clock.elapsed().as_secs_f64(),
-        pairs_per_hour: 0.0,
+        seconds,
+        pairs_per_hour: super::format::per_hour(written.kept, seconds),
+        work_seconds: seconds,
+        started,
+        finished: started + seconds,
         device: format!("{device} ({})", dev.storage()),
         unet_evaluations: models.evaluations() - evaluations_before,
         shards_finished: None,
         shards_expected: None,
     };
-    stats.pairs_per_hour = stats.kept as f64 / stats.seconds.max(1e-9) * 3600.0;
     write_text(&files.stats, &serde_json::to_string_pretty(&stats)?)?;
     Ok(Some(stats))
 }
@@ -861,11 +865,7 @@ pub fn run(o: &Options) -> Result<Summary> {
             .collect()
     });
     progress.finish();
-    let stats = write_totals(&o.out, plan.shards)?;
-    // The page about the run so far (a failure here never fails the run).
-    if let Err(e) = super::report::write_report(&o.out, &o.out.join(format::REPORT_FILE)) {
-        eprintln!("toffee: warning: report.html not written: {e:#}");
-    }
+    let stats = super::write_summaries(&o.out, &plan.job)?;
     let mut done = 0;
     let mut stopped = false;
     for r in results {

@@ -162,6 +162,26 @@ fn demo_run_writes_webdataset_shards() {
         html.contains("data:image/png;base64"),
         "the run writes its report page"
     );
+    // The dataset card: a Hugging Face card header naming the shards, and a row for every
+    // member and every index field (each index line has exactly the fields the card lists).
+    let card = std::fs::read_to_string(out.join("README.md")).unwrap();
+    assert!(card.starts_with("---\nconfigs:\n"), "{card}");
+    assert!(card.contains("path: \"pairs-*.tar\""), "{card}");
+    assert!(!card.contains("Partial"), "{card}");
+    use toffee::dataset::format::{member, INDEX_FIELDS};
+    for (m, _) in member::ALL {
+        assert!(card.contains(&format!("| `{m}` |")), "{m}");
+    }
+    let fields: std::collections::BTreeSet<&str> = INDEX_FIELDS.iter().map(|f| f.0).collect();
+    for line in idx.values() {
+        let keys: std::collections::BTreeSet<&str> =
+            line.as_object().unwrap().keys().map(|k| k.as_str()).collect();
+        assert_eq!(keys, fields);
+    }
+    for f in &fields {
+        assert!(card.contains(&format!("| `{f}` |")), "{f}");
+    }
+    assert!(card.contains("[filter]\ndino = 0.0"), "the config in full: {card}");
     let files = shard_files(&out);
     for (k, line) in &idx {
         assert_eq!(k.len(), 16);
@@ -264,6 +284,8 @@ fn sharded_processes_cover_every_record_once_and_merge() {
         html.contains("Partial: 1 of 2 shards finished"),
         "no partial warning"
     );
+    let card = |d: &Path| std::fs::read_to_string(d.join("README.md")).unwrap();
+    assert!(card(&out).contains("**Partial: 1 of 2 shards finished.**"));
     // Not finished: merge refuses and says which shard is missing.
     let e = expect_error(&toffee(&["pairs", "merge", out.to_str().unwrap()]));
     assert!(e.contains("pairs-000000"), "{e}");
@@ -276,10 +298,52 @@ fn sharded_processes_cover_every_record_once_and_merge() {
         .unwrap();
     assert!(o.status.success(), "{}", stderr(&o));
     ok(toffee(&["pairs", "merge", out.to_str().unwrap()]));
-    assert_eq!(stats(&out)["shards_finished"], 2);
+    let s = stats(&out);
+    assert_eq!(s["shards_finished"], 2);
+    assert!(!card(&out).contains("Partial"), "merge rewrites the card");
+    // Two processes one after the other: elapsed time is the union of the shards' intervals,
+    // so at most their summed work and at least the longer shard.
+    let f = |k: &str| s[k].as_f64().unwrap();
+    let shard = |i: usize| -> f64 {
+        let p = out.join(format!("pairs-{i:06}.stats.json"));
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        v["seconds"].as_f64().unwrap()
+    };
+    assert!((f("work_seconds") - (shard(0) + shard(1))).abs() < 1e-9);
+    assert!(f("seconds") <= f("work_seconds") + 1e-6 && f("seconds") >= shard(0).max(shard(1)));
+    assert!((f("pairs_per_hour") - f("kept") / f("seconds") * 3600.0).abs() < 1e-6);
     let whole = dir.path().join("whole");
     ok(pairs(&whole, &[]));
     assert_same_records(&out, &whole);
+}
+
+/// The run's elapsed time counts processes working side by side once and the gap between a
+/// stop and its resumption not at all; the work is summed separately.
+#[test]
+fn run_totals_are_elapsed_time_and_real_throughput() {
+    use toffee::dataset::format::{elapsed, Stats};
+    assert_eq!(elapsed([(0.0, 10.0), (5.0, 12.0), (20.0, 21.0)].into_iter()), 13.0);
+    assert_eq!(elapsed([(3.0, 4.0), (0.0, 10.0)].into_iter()), 10.0);
+    assert_eq!(elapsed(std::iter::empty()), 0.0);
+    let shard = |started: f64, seconds: f64, kept: usize| Stats {
+        records: kept,
+        kept,
+        seconds,
+        work_seconds: seconds,
+        started,
+        finished: started + seconds,
+        ..Stats::default()
+    };
+    // Two processes side by side for an hour, then one resumed a day later for half an hour.
+    let t = Stats::total(&[
+        shard(1000.0, 3600.0, 10),
+        shard(1000.0, 3600.0, 10),
+        shard(90_000.0, 1800.0, 10),
+    ]);
+    assert_eq!((t.seconds, t.work_seconds), (5400.0, 9000.0));
+    assert_eq!((t.started, t.finished), (1000.0, 91_800.0));
+    assert_eq!(t.pairs_per_hour, 20.0);
 }
 
 /// kill -9 at several points, then rerun: the result equals an uninterrupted run.

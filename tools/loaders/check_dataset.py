@@ -10,7 +10,8 @@ Checks (one PASS/FAIL line each, then the problems found, each naming file, key 
                 for every sample, PNGs decode with PIL (masks 'L', images 'RGB', expected sizes),
                 KEY.json parses and names its KEY
   hf-datasets   datasets.load_dataset("webdataset") over all shards, and over each shard alone:
-                loads, iterates every row, one feature schema, no null-typed features
+                loads, iterates every row, one feature schema, no null-typed features; and
+                datasets.load_dataset(DIR), the folder read through its dataset card (README.md)
   pyarrow-json  pyarrow.json.read_json of index.jsonl and of every pairs-*.jsonl: seed is int64
                 with exact values, no null-typed column, one schema across files
   index-types   index.jsonl: same keys in every record, one JSON type per field (null counts as a
@@ -429,6 +430,14 @@ def check_hf(run):
                 for m in MEMBERS:
                     if m in whole.features and row.get(m) is None:
                         p.append(f"{os.path.basename(row.get('__url__', '?'))}: {row.get('__key__')}: column {m} is None")
+        # the folder itself, through its dataset card (README.md's `configs` header)
+        try:
+            ds = load_dataset(run.dir, split="train", cache_dir=cache)
+            rows = sum(1 for _ in ds)
+            if rows != len(run.members):
+                p.append(f"load_dataset(DIR) by the card gave {rows} rows; the tars hold {len(run.members)} samples")
+        except Exception as e:
+            p.append(f"load_dataset(DIR) by the dataset card failed: {_err(e)}{_hf_hint(_err(e))}")
         # each shard alone: what a job that splits shards across nodes/workers loads
         flat_whole = _hf_flat(whole.features) if whole is not None else None
         schemas = {}
