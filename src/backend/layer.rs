@@ -51,6 +51,32 @@ impl Conv2dW {
         Conv2dW::relaid(w, bias, stride, padding, true)
     }
 
+    /// Zeros in the layout `relaid` makes, for a model built from shapes only
+    /// (`weights::shapes_only`): nothing to reorder, and the pages are never touched.
+    pub fn unread(
+        o: usize,
+        i: usize,
+        k: usize,
+        bias: Option<Tensor>,
+        stride: usize,
+        padding: usize,
+        krsc: bool,
+    ) -> Conv2dW {
+        let shape = if krsc {
+            vec![o, k, k, i]
+        } else {
+            vec![k, k, i, o]
+        };
+        Conv2dW {
+            weight: Tensor::zeros(shape),
+            bias,
+            kernel: k,
+            stride,
+            pad: [padding; 4],
+            krsc,
+        }
+    }
+
     fn relaid(
         w: &Tensor,
         bias: Option<Tensor>,

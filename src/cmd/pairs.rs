@@ -44,6 +44,11 @@ pub struct Args {
     /// Print the default configuration and exit.
     #[arg(long)]
     pub print_config: bool,
+    /// Check the config, the subjects, the output folder, the devices and every model folder
+    /// (classes, tensor names and shapes, the fit between stages) without generating or writing
+    /// anything; exit 0 when a run would start, 2 when it would not.
+    #[arg(long)]
+    pub check: bool,
     /// Print per-stage seconds and pairs per hour as JSON when done.
     #[arg(long)]
     pub bench: bool,
@@ -70,7 +75,8 @@ pub fn run(action: Option<Action>, a: Args) -> Result<()> {
         eprintln!("toffee: stopping after the batch in flight (signal again to abort)");
     });
     let out = a.out.expect("clap requires --out");
-    let s = crate::dataset::run(&crate::dataset::Options {
+    let check = a.check;
+    let o = crate::dataset::Options {
         config: a.config,
         subjects: a.subjects,
         templates: a.templates,
@@ -83,7 +89,11 @@ pub fn run(action: Option<Action>, a: Args) -> Result<()> {
         progress: true,
         stop,
         on_shard: None,
-    })?;
+    };
+    if check {
+        return print_check(&o);
+    }
+    let s = crate::dataset::run(&o)?;
     eprintln!(
         "{}: {} shard(s) built, {} already done; {} records in the folder, {} kept, {} rejected",
         out.display(),
@@ -107,5 +117,29 @@ pub fn run(action: Option<Action>, a: Args) -> Result<()> {
         eprintln!("toffee: stopped; rerun the same command to continue");
         std::process::exit(3);
     }
+    Ok(())
+}
+
+/// `--check`: the report on stdout; a failure is a setup error (exit 2).
+fn print_check(o: &crate::dataset::Options) -> Result<()> {
+    let r = crate::dataset::check::check(o)
+        .map_err(|e| anyhow::Error::new(crate::dataset::SetupError(e)))?;
+    match &o.config {
+        Some(c) => println!("config {}: ok", c.display()),
+        None => println!("config: none (the built-in demo models)"),
+    }
+    for (stage, path) in &r.models {
+        println!("  {stage:<24} {}: ok", path.display());
+    }
+    println!("devices: {}", r.devices.join(", "));
+    println!(
+        "plan: {} subjects, {} records in {} shards ({} for this process)",
+        r.subjects, r.records, r.shards, r.mine
+    );
+    println!("output {}: writable", o.out.display());
+    println!(
+        "check passed in {:.1} s; nothing was generated or written",
+        r.seconds
+    );
     Ok(())
 }

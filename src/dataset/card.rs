@@ -119,7 +119,12 @@ fn write_made(s: &mut String, job: &JobFile, stats: &Stats) {
         model(&c.models.controlnet),
         c.draft.steps,
         c.draft.guidance,
-        model(c.models.refiner.as_ref().map_or(&c.models.draft, |_| &c.models.refiner)),
+        model(
+            c.models
+                .refiner
+                .as_ref()
+                .map_or(&c.models.draft, |_| &c.models.refiner)
+        ),
         model(&c.models.refiner_adapter),
         c.refine.strength,
         c.refine.scale,
@@ -140,5 +145,8 @@ fn write_made(s: &mut String, job: &JobFile, stats: &Stats) {
         },
     );
     let toml = toml::to_string(c).unwrap_or_else(|e| format!("# not printable: {e}\n"));
-    let _ = writeln!(s, "The config in full (`job.json` has it too):\n\n```toml\n{toml}```\n");
+    let _ = writeln!(
+        s,
+        "The config in full (`job.json` has it too):\n\n```toml\n{toml}```\n"
+    );
 }

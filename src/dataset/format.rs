@@ -119,7 +119,11 @@ impl Stats {
         }
         // Differences of Unix times carry their rounding (multiples of 2^-22 s): milliseconds.
         t.seconds = (elapsed(shards.iter().map(|s| (s.started, s.finished))) * 1e3).round() / 1e3;
-        t.started = shards.iter().map(|s| s.started).reduce(f64::min).unwrap_or(0.0);
+        t.started = shards
+            .iter()
+            .map(|s| s.started)
+            .reduce(f64::min)
+            .unwrap_or(0.0);
         t.finished = shards.iter().map(|s| s.finished).fold(0.0, f64::max);
         t.pairs_per_hour = per_hour(t.kept, t.seconds);
         t
@@ -234,17 +238,32 @@ pub struct IndexLine {
 /// Every field of an index line with what it means (the dataset card's table; a test checks the
 /// list against `IndexLine`).
 pub const INDEX_FIELDS: [(&str, &str); 11] = [
-    ("key", "16 hex digits from (subject, prompt, seed): the record's name in its shard"),
-    ("shard", "the tar holding the record; \"\" when it was not written (rejected)"),
+    (
+        "key",
+        "16 hex digits from (subject, prompt, seed): the record's name in its shard",
+    ),
+    (
+        "shard",
+        "the tar holding the record; \"\" when it was not written (rejected)",
+    ),
     ("subject", "the subject's name"),
     ("prompt", "the prompt the target was drawn from"),
     ("template", "the prompt template"),
-    ("taxonomy", "the template's kind: background, style, colour or texture"),
+    (
+        "taxonomy",
+        "the template's kind: background, style, colour or texture",
+    ),
     ("seed", "the record's seed (an integer below 2^53)"),
     ("scores", "dino, clip_i, clip_t: raw cosines in [-1, 1]"),
     ("kept", "whether every filter threshold passed"),
-    ("reason", "the first threshold that failed; \"\" for a kept record"),
-    ("edit", "whether source.png and edit_mask.png are an editing pair to train on (kept records)"),
+    (
+        "reason",
+        "the first threshold that failed; \"\" for a kept record",
+    ),
+    (
+        "edit",
+        "whether source.png and edit_mask.png are an editing pair to train on (kept records)",
+    ),
 ];
 
 /// A record's `KEY.json` in its shard: the index line's fields (same names, same values) and how

@@ -10,6 +10,7 @@
 
 pub mod builtin;
 pub mod card;
+pub mod check;
 pub mod config;
 pub mod format;
 pub mod merge;
@@ -24,11 +25,17 @@ pub use run::{run, Options, Summary};
 
 /// Rebuilds what a run folder says about itself from its finished shards: index.jsonl and
 /// stats.json, the dataset card and the report page. The page never fails the run (a warning).
-pub fn write_summaries(out: &std::path::Path, job: &format::JobFile) -> anyhow::Result<format::Stats> {
+pub fn write_summaries(
+    out: &std::path::Path,
+    job: &format::JobFile,
+) -> anyhow::Result<format::Stats> {
     let stats = format::write_totals(out, job.shards)?;
     card::write_card(out, job, &stats)?;
     if let Err(e) = report::write_report(out, &out.join(format::REPORT_FILE)) {
-        eprintln!("toffee: warning: {} not written: {e:#}", format::REPORT_FILE);
+        eprintln!(
+            "toffee: warning: {} not written: {e:#}",
+            format::REPORT_FILE
+        );
     }
     Ok(stats)
 }

@@ -85,79 +85,11 @@ pub struct Plan {
     pub job: JobFile,
 }
 
-/// Checks the options, the config, the model folders and the output folder; reads the subject
-/// list; computes the records and this process's shards.
+/// Checks the options, the config, the model paths and the output folder (without creating it);
+/// reads the subject list; computes the records and this process's shards.
 pub fn resolve(o: &Options) -> Result<Plan> {
-    let mut cfg = match &o.config {
-        Some(p) => PairsConfig::read(p)?,
-        None => demo_config(),
-    };
-    if let Some(b) = o.batch {
-        if b == 0 {
-            bail!("--batch must be at least 1");
-        }
-        cfg.job.batch = b;
-    }
-    let m = &cfg.models;
-    let given: Vec<(&str, &Option<PathBuf>)> = vec![
-        ("draft", &m.draft),
-        ("controlnet", &m.controlnet),
-        ("refiner_adapter", &m.refiner_adapter),
-        ("dino", &m.dino),
-        ("clip", &m.clip),
-    ];
-    let any = given.iter().any(|(_, p)| p.is_some()) || m.view.is_some() || m.refiner.is_some();
-    if any {
-        let missing: Vec<&str> = given
-            .iter()
-            .filter(|(_, p)| p.is_none())
-            .map(|(n, _)| *n)
-            .collect();
-        if !missing.is_empty() {
-            bail!(
-                "{}: [models] needs {} (or no model paths at all for the built-in demo models)",
-                o.config
-                    .as_ref()
-                    .map(|p| p.display().to_string())
-                    .unwrap_or_default(),
-                missing.join(", ")
-            );
-        }
-        for p in [
-            &m.draft,
-            &m.controlnet,
-            &m.refiner,
-            &m.refiner_adapter,
-            &m.refiner_adapter_encoder,
-            &m.view,
-            &m.dino,
-            &m.clip,
-        ]
-        .into_iter()
-        .flatten()
-        {
-            if !p.exists() {
-                bail!(
-                    "{}: no such model file or folder (named in the config's [models])",
-                    p.display()
-                );
-            }
-        }
-    }
-    for p in [&m.segmenter, &m.sam].into_iter().flatten() {
-        if !p.is_dir() {
-            bail!(
-                "{}: no such model folder (named in the config's [models])",
-                p.display()
-            );
-        }
-    }
-    if cfg.view.probability > 0.0 && any && m.view.is_none() {
-        bail!(
-            "view.probability is {} but [models] names no view model",
-            cfg.view.probability
-        );
-    }
+    let cfg = read_config(o)?;
+    check_model_paths(&cfg, o.config.as_deref())?;
     let subjects = match &o.subjects {
         Some(p) => plan::read_subjects(p)?,
         None => builtin_subjects(),
@@ -182,25 +114,8 @@ pub fn resolve(o: &Options) -> Result<Plan> {
         bail!("shard index {index} is not below the shard count {count}");
     }
     let mine = plan::my_shards(shards, index, count);
-    std::fs::create_dir_all(&o.out)
-        .with_context(|| format!("{}: cannot create the output folder", o.out.display()))?;
-    let names: Vec<&str> = subjects.iter().map(|s| s.name.as_str()).collect();
-    let job = JobFile {
-        format: format::FORMAT_VERSION,
-        toffee_version: env!("CARGO_PKG_VERSION").into(),
-        config: cfg.clone(),
-        subjects: o
-            .subjects
-            .as_ref()
-            .map_or("<built-in>".into(), |p| p.display().to_string()),
-        subject_names_digest: format!(
-            "{:016x}",
-            plan::fnv64(&names.iter().map(|n| n.as_bytes()).collect::<Vec<_>>())
-        ),
-        records: records.len(),
-        shards,
-        keep_rejected: o.keep_rejected,
-    };
+    let job = job_file(o, &cfg, &subjects, records.len(), shards);
+    check_output_place(&o.out)?;
     check_job_file(&o.out, &job)?;
     if o.devices.is_empty() {
         bail!("--devices: give at least one device");
@@ -213,6 +128,142 @@ pub fn resolve(o: &Options) -> Result<Plan> {
         mine,
         job,
     })
+}
+
+/// The config file (or the demo's) with `--batch` applied.
+fn read_config(o: &Options) -> Result<PairsConfig> {
+    let mut cfg = match &o.config {
+        Some(p) => PairsConfig::read(p)?,
+        None => demo_config(),
+    };
+    if let Some(b) = o.batch {
+        if b == 0 {
+            bail!("--batch must be at least 1");
+        }
+        cfg.job.batch = b;
+    }
+    Ok(cfg)
+}
+
+/// Real models need every stage's folder; each named path must exist.
+fn check_model_paths(cfg: &PairsConfig, config: Option<&Path>) -> Result<()> {
+    let m = &cfg.models;
+    let given: Vec<(&str, &Option<PathBuf>)> = vec![
+        ("draft", &m.draft),
+        ("controlnet", &m.controlnet),
+        ("refiner_adapter", &m.refiner_adapter),
+        ("dino", &m.dino),
+        ("clip", &m.clip),
+    ];
+    let any = given.iter().any(|(_, p)| p.is_some()) || m.view.is_some() || m.refiner.is_some();
+    if any {
+        let missing: Vec<&str> = given
+            .iter()
+            .filter(|(_, p)| p.is_none())
+            .map(|(n, _)| *n)
+            .collect();
+        if !missing.is_empty() {
+            bail!(
+                "{}: [models] needs {} (or no model paths at all for the built-in demo models)",
+                config.map(|p| p.display().to_string()).unwrap_or_default(),
+                missing.join(", ")
+            );
+        }
+        let files = [
+            &m.draft,
+            &m.controlnet,
+            &m.refiner,
+            &m.refiner_adapter,
+            &m.refiner_adapter_encoder,
+            &m.view,
+            &m.dino,
+            &m.clip,
+        ];
+        for p in files.into_iter().flatten() {
+            if !p.exists() {
+                bail!(
+                    "{}: no such model file or folder (named in the config's [models])",
+                    p.display()
+                );
+            }
+        }
+    }
+    for p in [&m.segmenter, &m.sam].into_iter().flatten() {
+        if !p.is_dir() {
+            bail!(
+                "{}: no such model folder (named in the config's [models])",
+                p.display()
+            );
+        }
+    }
+    if cfg.view.probability > 0.0 && any && m.view.is_none() {
+        bail!(
+            "view.probability is {} but [models] names no view model",
+            cfg.view.probability
+        );
+    }
+    Ok(())
+}
+
+fn job_file(
+    o: &Options,
+    cfg: &PairsConfig,
+    subjects: &[Subject],
+    records: usize,
+    shards: usize,
+) -> JobFile {
+    let names: Vec<&[u8]> = subjects.iter().map(|s| s.name.as_bytes()).collect();
+    JobFile {
+        format: format::FORMAT_VERSION,
+        toffee_version: env!("CARGO_PKG_VERSION").into(),
+        config: cfg.clone(),
+        subjects: o
+            .subjects
+            .as_ref()
+            .map_or("<built-in>".into(), |p| p.display().to_string()),
+        subject_names_digest: format!("{:016x}", plan::fnv64(&names)),
+        records,
+        shards,
+        keep_rejected: o.keep_rejected,
+    }
+}
+
+/// The output folder can be made and written: an existing one takes a probe file, else the
+/// nearest existing parent must be a writable folder. Nothing is created here (`--check` writes
+/// nothing); the run creates the folder once every check has passed.
+fn check_output_place(out: &Path) -> Result<()> {
+    if out.exists() {
+        if !out.is_dir() {
+            bail!("{}: the output place is not a folder", out.display());
+        }
+        let probe = out.join(format!(".toffee-probe-{}", std::process::id()));
+        std::fs::write(&probe, b"")
+            .with_context(|| format!("{}: the output folder is not writable", out.display()))?;
+        let _ = std::fs::remove_file(&probe);
+        return Ok(());
+    }
+    let mut parent = out.parent();
+    while let Some(p) = parent {
+        let p = if p.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            p
+        };
+        if p.exists() {
+            let meta =
+                std::fs::metadata(p).with_context(|| format!("{}: cannot read", p.display()))?;
+            if !meta.is_dir() || meta.permissions().readonly() {
+                bail!(
+                    "{}: cannot create the output folder: {} is not a writable folder",
+                    out.display(),
+                    p.display()
+                );
+            }
+            return Ok(());
+        }
+        parent = p.parent();
+    }
+    Ok(())
 }
 
 /// Checks that a resumed run asks for the job its folder's job.json records (naming what
@@ -815,6 +866,8 @@ fn setup(o: &Options) -> Result<(Plan, Vec<usize>, Workers)> {
             .collect()
     });
     let models = loaded.into_iter().collect::<Result<Vec<_>>>()?;
+    std::fs::create_dir_all(&o.out)
+        .with_context(|| format!("{}: cannot create the output folder", o.out.display()))?;
     write_job_file(&o.out, &plan.job)?;
     Ok((plan, todo, devices.into_iter().zip(models).collect()))
 }

@@ -12,6 +12,8 @@ use anyhow::{bail, Result};
 
 pub struct ControlNet {
     pub config: UnetConfig,
+    /// The file or folder it came from (messages).
+    pub origin: std::path::PathBuf,
     enc: Encoder,
     cond_in: Conv2dW,
     cond_blocks: Vec<Conv2dW>,
@@ -93,6 +95,7 @@ impl ControlNet {
         let mid_conv = vb.pp("controlnet_mid_block").conv2d(last, last, 1, 1, 0)?;
         Ok(ControlNet {
             config: c,
+            origin: store.origin.clone(),
             enc,
             cond_in,
             cond_blocks,

@@ -30,6 +30,14 @@ pub fn encoder_dir(adapter: &Adapter, given: Option<&Path>) -> Result<PathBuf> {
     if let (Some(e), Some(dir)) = (&adapter.image_encoder, src.parent()) {
         candidates.push(dir.join(e));
     }
+    // h94/IP-Adapter's SDXL `*_vit-h` files read the ViT-H encoder of the SD 1.5 files
+    // (`models/image_encoder`), not the ViT-bigG beside them in `sdxl_models/`.
+    let vit_h = src
+        .file_stem()
+        .is_some_and(|s| s.to_string_lossy().ends_with("_vit-h"));
+    if let (true, Some(root)) = (vit_h, src.parent().and_then(Path::parent)) {
+        candidates.push(root.join("models").join("image_encoder"));
+    }
     for up in src.ancestors().skip(1).take(2) {
         candidates.push(up.join("image_encoder"));
     }

@@ -281,7 +281,14 @@ impl Generator {
             if cn.config.cross_attention_dim[0] != want
                 || cn.config.text_time.is_some() != self.unet.config.text_time.is_some()
             {
-                bail!("{}: the ControlNet was made for a different UNet (cross_attention_dim or SDXL conditioning differ)", self.name);
+                bail!(
+                    "{}: the ControlNet was made for another UNet: cross_attention_dim {}, SDXL conditioning {}; the UNet of {}: cross_attention_dim {want}, SDXL conditioning {}",
+                    cn.origin.display(),
+                    cn.config.cross_attention_dim[0],
+                    cn.config.text_time.is_some(),
+                    self.name,
+                    self.unet.config.text_time.is_some(),
+                );
             }
         }
         Ok(())

@@ -103,6 +103,31 @@ pub struct WeightStore {
     deltas: BTreeMap<String, Vec<lora::Delta>>,
     /// What a `view` stripped: synthesised weights are drawn under the full name.
     random_prefix: String,
+    /// Opened under `shapes_only`: tensors are checked against the headers and come back as
+    /// zeros (untouched pages), nothing is read or converted.
+    shapes_only: bool,
+}
+
+thread_local! {
+    static SHAPES_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every weight store it opens on this thread reading shapes only: each model is
+/// built as a run builds it — configs parsed, every tensor it asks for checked by name and shape
+/// against the file headers, the stages fitted together — but the weights are zeros that are
+/// never read from disk or converted, so checking a multi-gigabyte recipe takes seconds and
+/// little memory (`toffee pairs --check`). A scope rather than a flag on every loader: the check
+/// must take exactly the loaders' paths, and a thread-local cannot leak into other work.
+pub fn shapes_only<T>(f: impl FnOnce() -> T) -> T {
+    let was = SHAPES_ONLY.replace(true);
+    struct Restore(bool);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            SHAPES_ONLY.set(self.0);
+        }
+    }
+    let _restore = Restore(was);
+    f()
 }
 
 impl WeightStore {
@@ -114,14 +139,7 @@ impl WeightStore {
             .keys()
             .map(|k| (k.clone(), (0, k.clone(), Op::Whole)))
             .collect();
-        Ok(WeightStore {
-            origin: path.to_path_buf(),
-            files: std::sync::Arc::new(vec![f]),
-            names,
-            random: None,
-            deltas: BTreeMap::new(),
-            random_prefix: String::new(),
-        })
+        Ok(WeightStore::from_files(path.to_path_buf(), vec![f], names))
     }
 
     /// A sharded checkpoint: `*.safetensors.index.json` with a `weight_map` of name -> shard file.
@@ -170,19 +188,9 @@ impl WeightStore {
             }
             names.insert(name.clone(), (id, name.clone(), Op::Whole));
         }
-        Ok(WeightStore {
-            origin: index.to_path_buf(),
-            files: std::sync::Arc::new(files),
-            names,
-            random: None,
-            deltas: BTreeMap::new(),
-            random_prefix: String::new(),
-        })
+        Ok(WeightStore::from_files(index.to_path_buf(), files, names))
     }
 
-    /// Random weights for any configuration (benchmarks, the built-in demo model): each tensor is
-    /// drawn from `seed` and its name, scaled like a trained network's (norm scales near 1, small
-    /// biases, weights ~ 1/sqrt(fan_in)) so activations stay in a realistic range.
     /// Selected tensors of one file under new names (a single-file checkpoint's component):
     /// `map` is (name the model reads, name in the file, op).
     pub fn open_mapped(
@@ -198,16 +206,32 @@ impl WeightStore {
             }
             names.insert(name, (0, stored, op));
         }
-        Ok(WeightStore {
-            origin: PathBuf::from(origin),
-            files: std::sync::Arc::new(vec![f]),
+        Ok(WeightStore::from_files(
+            PathBuf::from(origin),
+            vec![f],
+            names,
+        ))
+    }
+
+    fn from_files(
+        origin: PathBuf,
+        files: Vec<SafetensorsFile>,
+        names: BTreeMap<String, (usize, String, Op)>,
+    ) -> Self {
+        WeightStore {
+            origin,
+            files: std::sync::Arc::new(files),
             names,
             random: None,
             deltas: BTreeMap::new(),
             random_prefix: String::new(),
-        })
+            shapes_only: SHAPES_ONLY.get(),
+        }
     }
 
+    /// Random weights for any configuration (benchmarks, the built-in demo model): each tensor is
+    /// drawn from `seed` and its name, scaled like a trained network's (norm scales near 1, small
+    /// biases, weights ~ 1/sqrt(fan_in)) so activations stay in a realistic range.
     pub fn random(seed: u64) -> Self {
         WeightStore {
             origin: PathBuf::from("<random weights>"),
@@ -216,7 +240,13 @@ impl WeightStore {
             random: Some(seed),
             deltas: BTreeMap::new(),
             random_prefix: String::new(),
+            shapes_only: SHAPES_ONLY.get(),
         }
+    }
+
+    /// Whether this store reads shapes only (`shapes_only`): its tensors are zeros.
+    pub fn is_shapes_only(&self) -> bool {
+        self.shapes_only
     }
 
     pub fn is_random(&self) -> bool {
@@ -260,6 +290,7 @@ impl WeightStore {
             random: self.random,
             deltas,
             random_prefix: format!("{}{prefix}", self.random_prefix),
+            shapes_only: self.shapes_only,
         }
     }
 
@@ -306,6 +337,12 @@ impl WeightStore {
 
     /// A tensor as f32, any shape.
     pub fn get_any(&self, name: &str) -> Result<Tensor> {
+        if self.shapes_only {
+            let shape = self
+                .shape(name)
+                .ok_or_else(|| anyhow!("{}: missing tensor `{name}`", self.origin.display()))?;
+            return Ok(Tensor::zeros(shape));
+        }
         let (fi, stored, op) = self
             .names
             .get(name)
@@ -415,17 +452,18 @@ impl WeightStore {
                 shapes[0],
             ));
         }
-        let t = self.get_any(name)?;
-        if !shapes.contains(&t.shape()) {
-            let shape = shapes[0];
+        let stored = self
+            .shape(name)
+            .ok_or_else(|| anyhow!("{}: missing tensor `{name}`", self.origin.display()))?;
+        if !shapes.contains(&stored.as_slice()) {
             bail!(
                 "{}: tensor `{name}` has shape {:?}, the config implies {:?}",
                 self.file_of(name).display(),
-                t.shape(),
-                shape
+                stored,
+                shapes[0]
             );
         }
-        Ok(t)
+        self.get_any(name)
     }
 
     /// Total parameter count (elements over all tensors).
@@ -582,7 +620,9 @@ impl<'a> Vb<'a> {
         } else {
             None
         };
-        let mut c = if self.device.is_cpu() {
+        let mut c = if self.store.is_shapes_only() {
+            Conv2dW::unread(out, inp, k, b, stride, pad, !self.device.is_cpu())
+        } else if self.device.is_cpu() {
             Conv2dW::from_oihw(&w, b, stride, pad)
         } else {
             Conv2dW::krsc_from_oihw(&w, b, stride, pad)

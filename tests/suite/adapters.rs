@@ -391,6 +391,33 @@ fn adapter_encoder_is_found_beside_the_file() {
     let a = Adapter::load(&file, &Device::Cpu).unwrap();
     let found = toffee::pipeline::image_prompt::encoder_dir(&a, None).unwrap();
     assert_eq!(found, models.join("image_encoder"));
+    // The SDXL `*_vit-h` files in sdxl_models/ read models/image_encoder (ViT-H), not the
+    // ViT-bigG encoder beside them.
+    let sdxl = dir.path().join("sdxl_models");
+    crate::common::copy_tree(
+        &fixtures().join("vision/clip-vision"),
+        &sdxl.join("image_encoder"),
+    );
+    for (name, want) in [
+        (
+            "ip-adapter-plus_sdxl_vit-h.safetensors",
+            models.join("image_encoder"),
+        ),
+        (
+            "ip-adapter-plus_sdxl.safetensors",
+            sdxl.join("image_encoder"),
+        ),
+    ] {
+        let file = sdxl.join(name);
+        std::fs::copy(
+            fixtures().join("adapters/ip-adapter-plus-sdxl.safetensors"),
+            &file,
+        )
+        .unwrap();
+        let a = Adapter::load(&file, &Device::Cpu).unwrap();
+        let found = toffee::pipeline::image_prompt::encoder_dir(&a, None).unwrap();
+        assert_eq!(found, want, "{name}");
+    }
     let out = dir.path().join("o.png");
     let img = fixtures().join("vision/images/img1_64x40.png");
     let o = crate::common::toffee(&gen_args(

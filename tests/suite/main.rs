@@ -22,6 +22,7 @@ mod lora;
 mod mask;
 mod nn_ops;
 mod pairs;
+mod pairs_check;
 mod parity;
 mod pipelines;
 mod precision;
