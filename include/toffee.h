@@ -40,6 +40,12 @@ typedef enum toffee_status {
    * A bug inside the engine was caught at the boundary; the engine should be closed.
    */
   TOFFEE_PANIC = 5,
+  /**
+   * `toffee_pairs_run` could not start: the config, subjects, slice, output folder, device or
+   * models are wrong (nothing was built; fix them first). TOFFEE_ERROR from it means a shard
+   * failed after the work started (finished shards are intact; run again to resume).
+   */
+  TOFFEE_SETUP_ERROR = 6,
 } toffee_status;
 
 /**
@@ -335,7 +341,9 @@ enum toffee_status toffee_score(const struct toffee_engine *e,
                                 struct toffee_scores *out);
 
 /**
- * Runs (or resumes) a pairs job to completion, cancellation or error.
+ * Runs (or resumes) a pairs job to completion, cancellation or error: TOFFEE_SETUP_ERROR when
+ * it could not start, TOFFEE_ERROR when a shard failed, TOFFEE_CANCELLED when stopped (the
+ * distinctions of `toffee pairs`' exit codes 2, 1 and 3).
  *
  * # Safety
  * `opts` is valid; `cancel`, when non-null, stays readable during the call; `summary` is

@@ -41,6 +41,10 @@ pub enum toffee_status {
     TOFFEE_CANCELLED = 4,
     /// A bug inside the engine was caught at the boundary; the engine should be closed.
     TOFFEE_PANIC = 5,
+    /// `toffee_pairs_run` could not start: the config, subjects, slice, output folder, device or
+    /// models are wrong (nothing was built; fix them first). TOFFEE_ERROR from it means a shard
+    /// failed after the work started (finished shards are intact; run again to resume).
+    TOFFEE_SETUP_ERROR = 6,
 }
 
 use toffee_status::*;
@@ -845,7 +849,9 @@ pub unsafe extern "C" fn toffee_score(
     })
 }
 
-/// Runs (or resumes) a pairs job to completion, cancellation or error.
+/// Runs (or resumes) a pairs job to completion, cancellation or error: TOFFEE_SETUP_ERROR when
+/// it could not start, TOFFEE_ERROR when a shard failed, TOFFEE_CANCELLED when stopped (the
+/// distinctions of `toffee pairs`' exit codes 2, 1 and 3).
 ///
 /// # Safety
 /// `opts` is valid; `cancel`, when non-null, stays readable during the call; `summary` is
@@ -902,7 +908,14 @@ pub unsafe extern "C" fn toffee_pairs_run(
         if let Some(w) = watcher {
             let _ = w.join();
         }
-        let s = r?;
+        let s = r.map_err(|e| {
+            let status = if dataset::is_setup_error(&e) {
+                TOFFEE_SETUP_ERROR
+            } else {
+                TOFFEE_ERROR
+            };
+            Fail(status, format!("{e:#}"))
+        })?;
         if !summary.is_null() {
             // Safety: writable when non-null.
             unsafe {

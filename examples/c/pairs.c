@@ -27,7 +27,8 @@ int main(int argc, char **argv) {
     toffee_status st = toffee_pairs_run(&o, &s);
     if (st != TOFFEE_OK) {
         fprintf(stderr, "pairs: %s\n", toffee_last_error());
-        return 1;
+        /* The exit codes of `toffee pairs`: 2 fix the setup, 3 stopped (resumable), 1 a shard failed. */
+        return st == TOFFEE_SETUP_ERROR ? 2 : st == TOFFEE_CANCELLED ? 3 : 1;
     }
     printf("%llu records, %llu kept, %llu shards\n", (unsigned long long)s.records, (unsigned long long)s.kept,
            (unsigned long long)s.shards_built);

@@ -501,6 +501,38 @@ fn pairs_progress_and_cancel() {
     assert_eq!(s.records, 6);
 }
 
+/// A job that cannot start and a job whose shard fails return different statuses (as
+/// `toffee pairs` exits 2 and 1): a host can tell "fix the setup" from "run again to resume".
+#[test]
+fn pairs_setup_and_shard_failures_are_distinct() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = CString::new(dir.path().join("run").to_str().unwrap()).unwrap();
+    let missing = CString::new(dir.path().join("no-such.toml").to_str().unwrap()).unwrap();
+    let mut o = toffee_pairs_options {
+        size: std::mem::size_of::<toffee_pairs_options>() as u32,
+        config: missing.as_ptr(),
+        subjects: std::ptr::null(),
+        out_dir: out.as_ptr(),
+        devices: std::ptr::null(),
+        shard_index: 0,
+        num_shards: 0,
+        keep_rejected: false,
+        progress: None,
+        user: std::ptr::null_mut(),
+        cancel: std::ptr::null(),
+    };
+    let mut s = toffee_pairs_summary::default();
+    let st = unsafe { toffee_pairs_run(&o, &mut s) };
+    assert_eq!(st, toffee_status::TOFFEE_SETUP_ERROR, "{}", last_error());
+    assert!(last_error().contains("no-such.toml"), "{}", last_error());
+    // A folder where the first shard's tar must go: the job starts, then that shard fails.
+    std::fs::create_dir_all(dir.path().join("run/pairs-000000.tar")).unwrap();
+    o.config = std::ptr::null();
+    let st = unsafe { toffee_pairs_run(&o, &mut s) };
+    assert_eq!(st, toffee_status::TOFFEE_ERROR, "{}", last_error());
+    assert!(dir.path().join("run/job.json").is_file(), "the job had started");
+}
+
 /// An engine opened on a single-file checkpoint generates what the folder it was made from does.
 #[test]
 fn engine_on_a_single_file_equals_the_folder() {
