@@ -29,6 +29,7 @@
 #   TOFFEE_LOG_DIR      where pairs-<job>_<task>.out and pairs-merge-<job>.out go [$PWD]
 #   TOFFEE_ARGS         more toffee arguments, split on spaces [none]
 #   TOFFEE              the toffee binary as the nodes see it [toffee]
+#   TOFFEE_SKIP_CHECK   1: submit without `toffee pairs --check` on this node first [0]
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -81,6 +82,24 @@ mkdir -p "$LOGS"
 
 export TOFFEE_NUM_SHARDS="$N" TOFFEE_OUT="$OUT" TOFFEE_DEVICES
 export TOFFEE_CONFIG="${TOFFEE_CONFIG:-}" TOFFEE_ARGS="${TOFFEE_ARGS:-}" TOFFEE="${TOFFEE:-toffee}"
+
+# Check the run on this (login) node before anything queues: the config, the subjects, every model
+# folder (built from the file headers: seconds, little memory) and the output folder. The devices
+# are the nodes' business, so the check runs on the CPU. TOFFEE_SKIP_CHECK=1 skips it.
+if [[ "${TOFFEE_SKIP_CHECK:-0}" != 1 ]]; then
+    if command -v "$TOFFEE" >/dev/null 2>&1; then
+        check=("$TOFFEE" pairs --check --out "$OUT" --devices cpu)
+        [[ -n "$TOFFEE_CONFIG" ]] && check+=(--config "$TOFFEE_CONFIG")
+        # shellcheck disable=SC2206  # TOFFEE_ARGS is split on spaces, as pairs.sbatch does
+        check+=($TOFFEE_ARGS)
+        if ! "${check[@]}" >/dev/null; then
+            echo "submit.sh: the run would fail to start (above); nothing submitted" >&2
+            exit 2
+        fi
+    else
+        echo "submit.sh: warning: no $TOFFEE here, so the run was not checked before submitting" >&2
+    fi
+fi
 
 array_opts=(
     --parsable

@@ -2,7 +2,9 @@
 # End-to-end test of deploy/slurm on a real, single-node Slurm (Debian's slurm-wlm) started here:
 #
 #   1. a reference run without Slurm: `toffee pairs --out REF` (one process, every shard);
-#   2. the same run as a 3-task array through deploy/slurm/submit.sh with TOFFEE_GPUS=0
+#   2. a config naming a missing model folder is refused by submit.sh's `toffee pairs --check`
+#      (exit 2, nothing queued); then the same run as a 3-task array through
+#      deploy/slurm/submit.sh with TOFFEE_GPUS=0
 #      (tasks one at a time: --array=0-2%1), with the merge as a dependent job;
 #   3. task 1 is cancelled mid-run (scancel JOB_1): toffee gets SIGTERM, stops after the batch in
 #      flight, the task ends CANCELLED and Slurm cancels the merge (its dependency can no longer
@@ -196,6 +198,17 @@ committed_in() {
 }
 has_committed() { (($(committed_in "$1") >= $2)); }
 
+say "a config that cannot run is refused before anything is queued"
+printf '[models]\ndraft = "/nonexistent/sd15"\n' >"$work/bad.toml"
+set +e
+TOFFEE_CONFIG="$work/bad.toml" "$repo/deploy/slurm/submit.sh" >"$work/submit0.out" 2>&1
+rc=$?
+set -e
+cat "$work/submit0.out"
+[[ $rc == 2 ]] || fail "submit.sh with a bad config exited $rc, not 2"
+grep -q "nothing submitted" "$work/submit0.out" || fail "submit.sh did not say nothing was submitted"
+[[ -z "$(squeue -h -o %i)" ]] || fail "submit.sh queued a job for a bad config"
+
 say "submitting the 3-task array (one task at a time) and the merge"
 TOFFEE_MAX_RUNNING=1 "$repo/deploy/slurm/submit.sh" >"$work/submit1.out"
 cat "$work/submit1.out"
@@ -271,8 +284,9 @@ done
 diff <(sort "$work/ref/index.jsonl") <(sort "$TOFFEE_OUT/index.jsonl") || fail "index.jsonl: the records differ"
 if cmp -s "$work/ref/index.jsonl" "$TOFFEE_OUT/index.jsonl"; then order="in the same order"; else order="same records, another order"; fi
 cmp "$work/ref/job.json" "$TOFFEE_OUT/job.json" || fail "job.json differs"
-untimed() { jq -S 'del(.stage_seconds, .seconds, .pairs_per_hour)' "$1"; }
+cmp "$work/ref/README.md" "$TOFFEE_OUT/README.md" || fail "the dataset card README.md differs"
+untimed() { jq -S 'del(.stage_seconds, .seconds, .work_seconds, .pairs_per_hour, .started, .finished)' "$1"; }
 diff <(untimed "$work/ref/stats.json") <(untimed "$TOFFEE_OUT/stats.json") || fail "stats.json differs (timings aside)"
 
-say "PASS: $ntar shards ($members tar members) identical byte for byte, $(wc -l <"$TOFFEE_OUT/index.jsonl") index records identical ($order), job.json identical, stats.json identical but for timings"
+say "PASS: $ntar shards ($members tar members) identical byte for byte, $(wc -l <"$TOFFEE_OUT/index.jsonl") index records identical ($order), job.json and the dataset card identical, stats.json identical but for timings"
 echo "pass: slurm-test in $(($(date +%s) - start_time)) s"
