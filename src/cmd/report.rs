@@ -22,6 +22,11 @@ pub fn run(a: Args) -> Result<()> {
         r.shown,
         r.images
     );
+    if let Some((done, all)) = r.shards.filter(|(d, a)| d < a) {
+        eprintln!(
+            "toffee: warning: partial: {done} of {all} shards finished (rerun the job, or merge once every process is done)"
+        );
+    }
     if !r.missing_shards.is_empty() {
         eprintln!(
             "toffee: warning: {} shard(s) named by the index but not in the folder: {}",

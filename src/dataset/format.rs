@@ -1,6 +1,7 @@
 //! The pairs job's output format, in one place: the file names of a run folder and of a shard,
 //! the record members of a shard's tar, and the JSON written beside them (`job.json`, index lines,
-//! stats). The job (`run`), `merge` and `report` name files through here.
+//! stats), and the readers and writers of each: the job (`run`), `merge`, the dataset card and
+//! `report` read and write the folder only through here.
 //!
 //! A run folder holds, per shard i, `pairs-%06d.tar` (WebDataset: the members of one record share
 //! its KEY), `pairs-%06d.jsonl` (its index lines) and `pairs-%06d.stats.json` (written last: it
@@ -266,6 +267,56 @@ pub const INDEX_FIELDS: [(&str, &str); 11] = [
     ),
 ];
 
+/// The lines of an index file (`index.jsonl` or a shard's); errors name the file and line.
+pub fn read_index(path: &Path) -> Result<Vec<IndexLine>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            serde_json::from_str(l)
+                .with_context(|| format!("{}: line {}: not a valid record", path.display(), i + 1))
+        })
+        .collect()
+}
+
+/// A stats file (a shard's or the run's).
+pub fn read_stats(path: &Path) -> Result<Stats> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a stats file", path.display()))
+}
+
+/// Calls `f(key, member, entry)` for every file in a shard's tar, in order, with WebDataset's
+/// split of a name: KEY is the base name up to its first dot. Errors name the shard.
+pub fn for_each_member(
+    tar_path: &Path,
+    mut f: impl FnMut(&str, &str, &mut tar::Entry<'_, std::io::BufReader<std::fs::File>>) -> Result<()>,
+) -> Result<()> {
+    let corrupt = || format!("{}: corrupt shard", tar_path.display());
+    let file = std::fs::File::open(tar_path)
+        .with_context(|| format!("{}: cannot read", tar_path.display()))?;
+    let mut archive = tar::Archive::new(std::io::BufReader::new(file));
+    for entry in archive.entries().with_context(corrupt)? {
+        let mut entry = entry.with_context(corrupt)?;
+        if !entry.header().entry_type().is_file() {
+            continue;
+        }
+        let name = entry
+            .path()
+            .with_context(corrupt)?
+            .to_string_lossy()
+            .into_owned();
+        let base = name.rsplit('/').next().unwrap_or_default();
+        if let Some((key, member)) = base.split_once('.') {
+            let (key, member) = (key.to_string(), member.to_string());
+            f(&key, &member, &mut entry)?;
+        }
+    }
+    Ok(())
+}
+
 /// A record's `KEY.json` in its shard: the index line's fields (same names, same values) and how
 /// the record was made. Serialized from this struct, not through `serde_json::Value`, so f32s
 /// print as in index.jsonl (0.8, not 0.800000011920929).
@@ -335,9 +386,7 @@ pub fn write_totals(out: &Path, shards: usize) -> Result<Stats> {
         if !f.stats.is_file() {
             continue;
         }
-        let s: Stats = serde_json::from_str(&std::fs::read_to_string(&f.stats)?)
-            .with_context(|| format!("{}: bad stats", f.stats.display()))?;
-        done.push(s);
+        done.push(read_stats(&f.stats)?);
         index.push_str(
             &std::fs::read_to_string(&f.index)
                 .with_context(|| format!("{}: cannot read", f.index.display()))?,

@@ -2,8 +2,8 @@
 //! every record indexed once, no key twice, every kept record in its shard) and writes the
 //! combined index.jsonl, stats.json, dataset card and report.
 
-use super::format::{read_job, IndexLine, ShardFiles, Stats};
-use anyhow::{bail, Context, Result};
+use super::format::{for_each_member, read_index, read_job, ShardFiles, Stats};
+use anyhow::{bail, Result};
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -35,17 +35,13 @@ pub fn merge(dir: &Path) -> Result<MergeReport> {
         let ShardFiles {
             tar: tp, index: ip, ..
         } = ShardFiles::new(dir, i);
-        let text = std::fs::read_to_string(&ip)
-            .with_context(|| format!("{}: cannot read", ip.display()))?;
         // A shard that wrote no record has no tar; then no index line may place one in it.
         let in_tar = if tp.exists() {
             tar_keys(&tp)?
         } else {
             BTreeSet::new()
         };
-        for (n, l) in text.lines().enumerate() {
-            let line: IndexLine = serde_json::from_str(l)
-                .with_context(|| format!("{}:{}: bad index line", ip.display(), n + 1))?;
+        for (n, line) in read_index(&ip)?.into_iter().enumerate() {
             if !keys.insert(line.key.clone()) {
                 bail!(
                     "{}:{}: key {} appears twice in the run",
@@ -84,18 +80,11 @@ pub fn merge(dir: &Path) -> Result<MergeReport> {
 /// The record keys of a shard's tar (its `KEY.json` members).
 fn tar_keys(tp: &Path) -> Result<BTreeSet<String>> {
     let mut keys = BTreeSet::new();
-    let mut ar = tar::Archive::new(
-        std::fs::File::open(tp).with_context(|| format!("{}: cannot open", tp.display()))?,
-    );
-    for e in ar
-        .entries()
-        .with_context(|| format!("{}: not a tar file", tp.display()))?
-    {
-        let e = e.with_context(|| format!("{}: corrupt", tp.display()))?;
-        let p = e.path()?.to_string_lossy().into_owned();
-        if let Some(k) = p.strip_suffix(".json") {
-            keys.insert(k.to_string());
+    for_each_member(tp, |key, member, _| {
+        if member == super::format::member::JSON {
+            keys.insert(key.to_string());
         }
-    }
+        Ok(())
+    })?;
     Ok(keys)
 }

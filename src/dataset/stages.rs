@@ -208,6 +208,18 @@ pub struct Timings {
 }
 
 impl Timings {
+    /// (stage, seconds) in pipeline order.
+    pub fn named(&self) -> [(&'static str, f64); 6] {
+        [
+            ("load", self.load),
+            ("view", self.view),
+            ("draft", self.draft),
+            ("refine", self.refine),
+            ("score", self.score),
+            ("write", self.write),
+        ]
+    }
+
     pub fn add(&mut self, o: &Timings) {
         self.load += o.load;
         self.view += o.view;

@@ -530,7 +530,10 @@ fn pairs_setup_and_shard_failures_are_distinct() {
     o.config = std::ptr::null();
     let st = unsafe { toffee_pairs_run(&o, &mut s) };
     assert_eq!(st, toffee_status::TOFFEE_ERROR, "{}", last_error());
-    assert!(dir.path().join("run/job.json").is_file(), "the job had started");
+    assert!(
+        dir.path().join("run/job.json").is_file(),
+        "the job had started"
+    );
 }
 
 /// An engine opened on a single-file checkpoint generates what the folder it was made from does.

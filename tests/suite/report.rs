@@ -150,27 +150,46 @@ fn write_shard(path: &Path, recs: &[&Rec]) {
     builder.into_inner().unwrap();
 }
 
-fn write_json(path: &Path, value: serde_json::Value) {
+fn write_json(path: &Path, value: impl serde::Serialize) {
     std::fs::write(path, serde_json::to_string_pretty(&value).unwrap()).unwrap();
 }
 
-/// A finished `toffee pairs --keep-rejected` folder: 6 records, 5 of them in 2 shards.
+/// A finished `toffee pairs --keep-rejected` folder: 6 records, 5 of them in 2 shards, its files
+/// written through the format's own types (`dataset::format`).
 fn make_run() -> tempfile::TempDir {
+    use toffee::dataset::format::{IndexLine, JobFile, Stats};
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let recs = records();
     let mut index = String::new();
     for r in &recs {
-        let line = json!({
-            "key": r.key, "shard": r.shard, "subject": "toy_robot", "prompt": r.prompt,
-            "template": "a {} in a forest", "taxonomy": r.taxonomy, "seed": 1234,
-            "scores": {"dino": r.scores[0], "clip_i": r.scores[1], "clip_t": r.scores[2]},
-            "kept": r.kept, "reason": r.reason, "edit": r.edit,
-        });
-        index.push_str(&line.to_string());
+        let line = IndexLine {
+            key: r.key.into(),
+            shard: r.shard.unwrap_or_default().into(),
+            subject: "toy_robot".into(),
+            prompt: r.prompt.into(),
+            template: "a {} in a forest".into(),
+            taxonomy: r.taxonomy.into(),
+            seed: 1234,
+            scores: toffee::pipeline::score::Scores {
+                dino: r.scores[0] as f32,
+                clip_i: r.scores[1] as f32,
+                clip_t: r.scores[2] as f32,
+            },
+            kept: r.kept,
+            reason: r.reason.unwrap_or_default().into(),
+            edit: r.edit,
+        };
+        index.push_str(&serde_json::to_string(&line).unwrap());
         index.push('\n');
     }
     std::fs::write(dir.join("index.jsonl"), index).unwrap();
+    let counts = |records: usize, kept: usize| Stats {
+        records,
+        kept,
+        rejected: records - kept,
+        ..Stats::default()
+    };
     for (i, shard) in ["pairs-000000.tar", "pairs-000001.tar"]
         .into_iter()
         .enumerate()
@@ -180,23 +199,39 @@ fn make_run() -> tempfile::TempDir {
         let kept = in_shard.iter().filter(|r| r.kept).count();
         write_json(
             &dir.join(format!("pairs-{i:06}.stats.json")),
-            json!({"records": 3, "kept": kept, "rejected": 3 - kept}),
+            counts(3, kept),
         );
     }
-    write_json(
-        &dir.join("stats.json"),
-        json!({
-            "records": 6, "kept": 3, "rejected": 3,
-            "rejections": {"dino": 1, "clip_i": 1, "clip_t": 1},
-            "skipped_subjects": {"unreadable": 2, "mask_size": 1},
-            "thresholds": {"dino": 0.6, "clip_i": 0.7, "clip_t": 0.25},
-            "stage_seconds": {"load": 1.5, "view": 0.0, "draft": 40.0, "refine": 35.0, "score": 8.0, "write": 2.5},
-            "seconds": 90.0, "pairs_per_hour": 120.0, "device": "cuda:0",
-        }),
-    );
+    let map = |kv: &[(&str, usize)]| kv.iter().map(|(k, v)| (k.to_string(), *v)).collect();
+    let mut stats = Stats {
+        rejections: map(&[("dino", 1), ("clip_i", 1), ("clip_t", 1)]),
+        skipped_subjects: map(&[("unreadable", 2), ("mask_size", 1)]),
+        thresholds: [("dino", 0.6), ("clip_i", 0.7), ("clip_t", 0.25)]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        seconds: 90.0,
+        pairs_per_hour: 120.0,
+        device: "cuda:0".into(),
+        shards_finished: Some(2),
+        shards_expected: Some(2),
+        ..counts(6, 3)
+    };
+    let t = &mut stats.stage_seconds;
+    (t.load, t.draft, t.refine, t.score, t.write) = (1.5, 40.0, 35.0, 8.0, 2.5);
+    write_json(&dir.join("stats.json"), &stats);
     write_json(
         &dir.join("job.json"),
-        json!({"toffee_version": "0.1.0-test", "num_shards": 2}),
+        JobFile {
+            format: toffee::dataset::format::FORMAT_VERSION,
+            toffee_version: "0.1.0-test".into(),
+            config: Default::default(),
+            subjects: "subjects/".into(),
+            subject_names_digest: "0".into(),
+            records: 6,
+            shards: 2,
+            keep_rejected: true,
+        },
     );
     tmp
 }
@@ -367,6 +402,26 @@ fn the_command_prints_a_human_summary() {
         !e.contains("ReportSummary") && !e.contains("missing_shards"),
         "{e}"
     );
+    assert!(!e.contains("partial"), "{e}");
+    // One of two shards finished: the command says the folder is partial.
+    let stats = run.path().join("stats.json");
+    let text = std::fs::read_to_string(&stats).unwrap();
+    std::fs::write(
+        &stats,
+        text.replace("\"shards_finished\": 2", "\"shards_finished\": 1"),
+    )
+    .unwrap();
+    let o = crate::common::toffee(&[
+        "report",
+        run.path().to_str().unwrap(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        e.contains("warning: partial: 1 of 2 shards finished"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -396,12 +451,14 @@ fn errors_name_the_file() {
     let e = error_of(run.path());
     assert!(e.contains("index.jsonl: line 3:"), "{e}");
 
+    // A well-formed line whose shard leaves the folder.
     let run = make_run();
-    std::fs::write(
-        run.path().join("index.jsonl"),
-        "{\"key\": \"k\", \"kept\": true, \"shard\": \"../x.tar\"}\n",
-    )
-    .unwrap();
+    let index = run.path().join("index.jsonl");
+    let first = std::fs::read_to_string(&index).unwrap();
+    let first = first.lines().next().unwrap();
+    assert!(first.contains("\"shard\":\"pairs-000000.tar\""), "{first}");
+    let escape = first.replace("pairs-000000.tar", "../x.tar");
+    std::fs::write(&index, escape + "\n").unwrap();
     let e = error_of(run.path());
     assert!(
         e.contains("index.jsonl: line 1:") && e.contains("not a file name"),
