@@ -13,9 +13,10 @@ use crate::dataset;
 use crate::models::adapter::Adapter;
 use crate::pipeline::image_prompt::{image_prompt, load_encoder};
 use crate::pipeline::noise::NoiseSource;
+use crate::pipeline::request::{self, Mode, Naming, Spec};
 use crate::pipeline::score::{ImageEncoder, Mask, ScoreInput, Scorer};
 use crate::pipeline::view::{Pose, View, ViewGenerator, ViewRequest};
-use crate::pipeline::{Control, Generator, ImagePrompt, Init, Request};
+use crate::pipeline::{Generator, ImagePrompt};
 use crate::tensor::Tensor;
 use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr, CString};
@@ -414,7 +415,8 @@ unsafe fn engine<'a>(e: *const toffee_engine) -> Result<&'a toffee_engine, Fail>
     Ok(unsafe { &*e })
 }
 
-/// Runs a generation request; returns the images [N, H, W, 3] in [0, 1].
+/// Runs a generation request; returns the images [N, H, W, 3] in [0, 1]. The C struct becomes a
+/// `request::Spec`; `request::build` checks it as it checks the CLI's flags.
 unsafe fn run_generate(e: &Engine, o: &toffee_generate_options) -> Result<Tensor, Fail> {
     let prompt = unsafe { text(o.prompt, "prompt")? };
     let negative = unsafe { opt_text(o.negative_prompt, "negative_prompt")? };
@@ -425,115 +427,69 @@ unsafe fn run_generate(e: &Engine, o: &toffee_generate_options) -> Result<Tensor
         ),
         None => None,
     };
-    if o.num_images == 0 || o.steps == 0 || !o.guidance.is_finite() {
-        return Err(invalid(
-            "num_images and steps must be at least 1, guidance finite",
-        ));
-    }
+    let mode = match o.mode {
+        0 => Mode::Txt2Img,
+        1 => Mode::Img2Img,
+        2 => Mode::Inpaint,
+        m => return Err(invalid(format!("mode {m} is not 0, 1 or 2"))),
+    };
     let gen = &e.gen;
-    let f = gen.vae.downscale();
-    let init_image = unsafe { image_tensor(o.init_image, "init_image", 3)? };
-    let mask = unsafe { image_tensor(o.mask, "mask", 1)? };
-    let (w, h) = match (o.width, o.height, &init_image) {
-        (0, 0, Some(i)) => (i.shape()[2], i.shape()[1]),
-        (0, 0, None) => (gen.default_size, gen.default_size),
-        (w, h, _) => (w as usize, h as usize),
-    };
-    if w == 0 || h == 0 || w % f != 0 || h % f != 0 {
-        return Err(invalid(format!(
-            "width and height must be positive multiples of {f} (got {w}x{h})"
-        )));
-    }
-    let fit = |t: Tensor| crate::image_io::fit(&t, w, h);
-    let strength = |default: f64| {
-        if o.strength > 0.0 {
-            o.strength as f64
-        } else {
-            default
-        }
-    };
-    let init = match (o.mode, init_image, mask) {
-        (0, None, None) => Init::Noise,
-        (0, _, _) => {
-            return Err(invalid(
-                "text-to-image (mode 0) takes no init_image or mask",
-            ))
-        }
-        (1, Some(i), None) => Init::Image {
-            image: fit(i),
-            strength: strength(0.8),
+    let n = o.num_images as usize;
+    let side = |v: u32| (v > 0).then_some(v as usize);
+    let spec = Spec {
+        mode,
+        negative,
+        images_per_prompt: n,
+        scheduler,
+        batch: n.max(1),
+        width: side(o.width),
+        height: side(o.height),
+        // ≤ 0: the mode's default; a NaN is passed on to be refused.
+        strength: match o.strength {
+            s if !s.is_finite() => Some(s as f64),
+            s if s <= 0.0 || mode == Mode::Txt2Img => None,
+            s => Some(s as f64),
         },
-        (1, Some(i), Some(m)) | (2, Some(i), Some(m)) => Init::Inpaint {
-            image: fit(i),
-            mask: fit(m),
-            strength: strength(if o.mode == 1 { 0.8 } else { 1.0 }),
-        },
-        (1 | 2, _, _) => {
-            return Err(invalid(
-                "img2img needs init_image; inpainting needs init_image and mask",
-            ))
-        }
-        (m, _, _) => return Err(invalid(format!("mode {m} is not 0, 1 or 2"))),
+        image: unsafe { image_tensor(o.init_image, "init_image", 3)? },
+        mask: unsafe { image_tensor(o.mask, "mask", 1)? },
+        control: unsafe { image_tensor(o.control_image, "control_image", 3)? },
+        control_scale: o.control_scale,
+        image_prompts: unsafe { adapter_prompts(e, o)? },
+        naming: Naming::Fields,
+        ..Spec::txt2img(vec![prompt], o.steps as usize, o.guidance, o.seed)
     };
-    let control = match (
-        unsafe { image_tensor(o.control_image, "control_image", 3)? },
-        gen.controlnet.is_some(),
-    ) {
-        (Some(c), true) => Some(Control {
-            image: fit(c),
-            scale: o.control_scale,
-        }),
-        (None, false) => None,
-        (Some(_), false) => {
-            return Err(invalid(
-                "control_image given but the engine has no ControlNet",
-            ))
-        }
-        (None, true) => return Err(invalid("the engine has a ControlNet: give control_image")),
-    };
-    let image_prompts: Vec<ImagePrompt> = match (&e.adapter_encoder, unsafe {
-        image_tensor(o.adapter_image, "adapter_image", 3)?
-    }) {
+    let req = request::build(gen, spec).map_err(|err| invalid(format!("{err:#}")))?;
+    Ok(gen.run(&req, &mut |_, _| {})?.images)
+}
+
+/// The engine's adapter prompt for `adapter_image` (the engine holds at most one adapter).
+unsafe fn adapter_prompts(
+    e: &Engine,
+    o: &toffee_generate_options,
+) -> Result<Vec<ImagePrompt>, Fail> {
+    let image = unsafe { image_tensor(o.adapter_image, "adapter_image", 3)? };
+    match (&e.adapter_encoder, image) {
         (Some(enc), Some(img)) => {
-            let a = &gen.adapters[0];
+            let a = &e.gen.adapters[0];
+            if !o.adapter_scale.is_finite() {
+                return Err(invalid(format!(
+                    "adapter_scale {} is not a finite number",
+                    o.adapter_scale
+                )));
+            }
             let scale = if o.adapter_scale >= 0.0 {
                 o.adapter_scale
             } else {
                 a.default_scale
             };
             let rgb = crate::image_io::to_rgb8(&img);
-            vec![image_prompt(
-                a,
-                enc,
-                &rgb,
-                scale,
-                gen.unet.cross_attention_layers(),
-            )?]
+            let layers = e.gen.unet.cross_attention_layers();
+            Ok(vec![image_prompt(a, enc, &rgb, scale, layers)?])
         }
-        (None, None) => Vec::new(),
-        (Some(_), None) => return Err(invalid("the engine has an adapter: give adapter_image")),
-        (None, Some(_)) => {
-            return Err(invalid("adapter_image given but the engine has no adapter"))
-        }
-    };
-    let n = o.num_images as usize;
-    let req = Request {
-        prompts: vec![prompt],
-        negative: negative.map(|n| vec![n]),
-        images_per_prompt: n,
-        steps: o.steps as usize,
-        guidance: o.guidance,
-        width: w,
-        height: h,
-        scheduler,
-        seed: o.seed,
-        batch: n,
-        init,
-        control,
-        init_latents: None,
-        image_prompts,
-    };
-    Ok(gen.run(&req, &mut |_, _| {})?.images)
+        (None, None) => Ok(Vec::new()),
+        (Some(_), None) => Err(invalid("the engine has an adapter: give adapter_image")),
+        (None, Some(_)) => Err(invalid("adapter_image given but the engine has no adapter")),
+    }
 }
 
 /// Generates `opts->num_images` images into `out[0..num_images]` (the engine allocates each

@@ -1,10 +1,10 @@
 //! The generation commands (`txt2img`, `img2img`, `inpaint`) as the CLI and the C ABI use them:
-//! files in, files out. Argument parsing lives in main.rs; all behaviour lives here.
+//! files in, files out. The flags are parsed in `cmd::generate`; the request is checked and
+//! built by `pipeline::request`, as for the C ABI and the pairs job.
 
-use crate::canny;
 use crate::image_io;
 use crate::models::adapter::Adapter;
-use crate::pipeline::{image_prompt, Control, Generator, ImagePrompt, Init, Request};
+use crate::pipeline::{image_prompt, request, Generator, ImagePrompt};
 use crate::sched::SchedulerKind;
 use crate::tensor::Tensor;
 use crate::weights::safetensors::{read_all, write_f32};
@@ -13,12 +13,7 @@ use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Mode {
-    Txt2Img,
-    Img2Img,
-    Inpaint,
-}
+pub use crate::pipeline::request::Mode;
 
 /// Everything a generation command was asked for.
 pub struct Options {
@@ -173,20 +168,6 @@ pub fn written_report(paths: &[PathBuf]) -> String {
     )
 }
 
-fn load_image_fit(
-    path: &Path,
-    size: Option<(usize, usize)>,
-    multiple: usize,
-) -> Result<(image_io::LoadedImage, usize, usize)> {
-    let img = image_io::load(path)?;
-    let (_, h, w, _) = img.rgb.dims4();
-    image_io::check_size(path, w, h, multiple)?;
-    let (tw, th) = size.unwrap_or_else(|| image_io::target_size(w, h, multiple));
-    let rgb = image_io::fit(&img.rgb, tw, th);
-    let alpha = img.alpha.map(|a| image_io::fit(&a, tw, th));
-    Ok((image_io::LoadedImage { rgb, alpha }, tw, th))
-}
-
 /// Loads each `--adapter` and its image encoder, encodes its `--adapter-image` once, and attaches
 /// it to the generator's UNet. Adapters pair with images, scales and encoders by position.
 fn attach_adapters(o: &Options, gen: &mut Generator) -> Result<Vec<ImagePrompt>> {
@@ -243,54 +224,25 @@ pub struct Summary {
     pub seconds: f64,
 }
 
-pub fn run(o: &Options) -> Result<Summary> {
-    let prompts = read_prompts(o)?;
-    if o.images_per_prompt == 0 || o.batch == 0 || o.steps == 0 {
-        bail!("--images-per-prompt, --batch and --steps must be at least 1");
+/// The request as the flags give it; the images are loaded later (`load_inputs`).
+fn spec(o: &Options, prompts: Vec<String>) -> request::Spec {
+    request::Spec {
+        mode: o.mode,
+        negative: o.negative.clone(),
+        images_per_prompt: o.images_per_prompt,
+        scheduler: o.scheduler,
+        batch: o.batch,
+        width: o.width,
+        height: o.height,
+        strength: o.strength,
+        control_scale: o.control_scale,
+        canny: o.canny,
+        ..request::Spec::txt2img(prompts, o.steps, o.guidance, o.seed)
     }
-    for (flag, v) in [
-        ("--guidance", Some(o.guidance)),
-        ("--control-scale", Some(o.control_scale)),
-        ("--strength", o.strength.map(|s| s as f32)),
-    ]
-    .into_iter()
-    .chain(
-        o.adapter_scale
-            .iter()
-            .map(|&s| ("--adapter-scale", Some(s))),
-    ) {
-        if let Some(v) = v.filter(|v| !v.is_finite()) {
-            bail!("{flag} {v} is not a finite number");
-        }
-    }
-    for (flag, v, max) in [
-        ("--width", o.width.unwrap_or(0), 16_384),
-        ("--height", o.height.unwrap_or(0), 16_384),
-        ("--steps", o.steps, 10_000),
-        ("--batch", o.batch, 4_096),
-        ("--images-per-prompt", o.images_per_prompt, 100_000),
-    ] {
-        if v > max {
-            bail!("{flag} {v} is larger than {max}");
-        }
-    }
-    let total = prompts
-        .len()
-        .checked_mul(o.images_per_prompt)
-        .filter(|&t| t <= 1_000_000)
-        .ok_or_else(|| {
-            anyhow::anyhow!(
-                "{} prompts × {} images per prompt is too many images",
-                prompts.len(),
-                o.images_per_prompt
-            )
-        })?;
-    if o.seed.checked_add(total as u64 - 1).is_none() {
-        bail!(
-            "--seed {}: image i uses seed + i, which overflows for {total} images",
-            o.seed
-        );
-    }
+}
+
+/// The output file names, checked writable (a `dir/` target is created), before any model loads.
+fn prepare_outputs(o: &Options, total: usize) -> Result<Vec<PathBuf>> {
     if is_dir_target(&o.out) && !o.out.is_dir() {
         std::fs::create_dir_all(&o.out)
             .with_context(|| format!("{}: cannot create the output folder", o.out.display()))?;
@@ -305,10 +257,15 @@ pub fn run(o: &Options) -> Result<Summary> {
     if let Some(p) = &o.save_latents {
         check_writable(std::slice::from_ref(p))?;
     }
-    let mut gen = match &o.model {
+    Ok(paths)
+}
+
+/// `--model` on the device the checkpoint asks for (`open_device`), or the built-in demo model.
+fn load_generator(o: &Options) -> Result<Generator> {
+    match &o.model {
         Some(m) => {
             let device = crate::models::load::open_device(&o.device, Some(m), "unet")?;
-            Generator::load_with_loras(m, o.controlnet.as_deref(), &o.loras, &device)?
+            Generator::load_with_loras(m, o.controlnet.as_deref(), &o.loras, &device)
         }
         None => {
             if !o.loras.is_empty() {
@@ -317,155 +274,64 @@ pub fn run(o: &Options) -> Result<Summary> {
             if o.controlnet.is_some() {
                 bail!("--controlnet needs --model (the built-in demo model has no ControlNet)");
             }
-            crate::builtin::generator(&crate::models::load::open_device(&o.device, None, "")?)?
-        }
-    };
-    let f = gen.vae.downscale();
-    for (name, v) in [("--width", o.width), ("--height", o.height)] {
-        if let Some(v) = v {
-            if v == 0 || v % f != 0 {
-                bail!("{name} {v} is not a positive multiple of {f}");
-            }
+            crate::builtin::generator(&crate::models::load::open_device(&o.device, None, "")?)
         }
     }
-    let user_size = match (o.width, o.height) {
-        (None, None) => None,
-        (w, h) => Some((w.unwrap_or(gen.default_size), h.unwrap_or(gen.default_size))),
-    };
-    if o.canny && gen.controlnet.is_none() {
-        bail!("--canny prepares a ControlNet image: it needs a ControlNet (--controlnet) and --control-image");
+}
+
+/// The image files the flags name, read and checked (sizes, the pixel limit) into the spec.
+fn load_inputs(o: &Options, spec: &mut request::Spec, multiple: usize) -> Result<()> {
+    if let Some(path) = &o.image {
+        let img = image_io::load(path)?;
+        let (_, h, w, _) = img.rgb.dims4();
+        image_io::check_size(path, w, h, multiple)?;
+        spec.image = Some(img.rgb);
+        spec.alpha = img.alpha;
     }
-    let image_prompts = attach_adapters(o, &mut gen)?;
-    let (init, width, height) = match o.mode {
-        Mode::Txt2Img => {
-            if o.image.is_some() || o.mask.is_some() {
-                bail!("txt2img takes no --image or --mask (use img2img or inpaint)");
-            }
-            let (w, h) = user_size.unwrap_or((gen.default_size, gen.default_size));
-            let c = gen.vae.latent_channels;
-            if gen.unet.config.in_channels == 2 * c + 1 {
-                // An inpainting-style UNet (ToffeeNet) generating from nothing: the whole image is
-                // the mask and the source is empty, diffusers' inpainting with an all-white mask.
-                (
-                    Init::Inpaint {
-                        image: Tensor::zeros(vec![1, h, w, 3]),
-                        mask: Tensor::new(vec![1, h, w, 1], vec![1.0; h * w]),
-                        strength: 1.0,
-                    },
-                    w,
-                    h,
-                )
-            } else {
-                (Init::Noise, w, h)
-            }
+    if let Some(m) = &o.mask {
+        spec.mask = Some(image_io::load_mask(m)?);
+    }
+    if let Some(p) = &o.control_image {
+        let img = image_io::load(p)?;
+        let (_, ih, iw, _) = img.rgb.dims4();
+        image_io::check_size(p, iw, ih, 1)?;
+        spec.control = Some(img.rgb);
+    }
+    if let Some(p) = &o.init_latents {
+        let mut t = read_all(p)?;
+        let l = t
+            .remove("latents")
+            .with_context(|| format!("{}: no tensor named `latents`", p.display()))?;
+        if l.rank() != 4 {
+            bail!(
+                "{}: `latents` has shape {:?}; expected [N, C, H, W]",
+                p.display(),
+                l.shape()
+            );
         }
-        Mode::Img2Img => {
-            let path = o.image.as_ref().context("img2img needs --image")?;
-            let (img, w, h) = load_image_fit(path, user_size, f)?;
-            let strength = o.strength.unwrap_or(0.8);
-            match &o.mask {
-                // Change only inside the mask: diffusers' inpainting on this UNet (latent blending
-                // for 4-channel UNets) at the img2img strength.
-                Some(m) => (
-                    Init::Inpaint {
-                        image: img.rgb,
-                        mask: image_io::fit(&image_io::load_mask(m)?, w, h),
-                        strength,
-                    },
-                    w,
-                    h,
-                ),
-                None => (
-                    Init::Image {
-                        image: img.rgb,
-                        strength,
-                    },
-                    w,
-                    h,
-                ),
-            }
-        }
-        Mode::Inpaint => {
-            let path = o.image.as_ref().context("inpaint needs --image")?;
-            let (img, w, h) = load_image_fit(path, user_size, f)?;
-            let mask = match (&o.mask, img.alpha) {
-                (Some(m), _) => {
-                    let m_img = image_io::load_mask(m)?;
-                    image_io::fit(&m_img, w, h)
-                }
-                // An RGBA image's alpha is the subject: keep it, repaint the rest.
-                (None, Some(a)) => Tensor::new(a.shape().to_vec(), a.data().iter().map(|v| 1.0 - v).collect()),
-                (None, None) => bail!("inpaint needs --mask (white = repaint) or an RGBA --image whose alpha marks what to keep"),
-            };
-            (
-                Init::Inpaint {
-                    image: img.rgb,
-                    mask,
-                    strength: o.strength.unwrap_or(1.0),
-                },
-                w,
-                h,
-            )
-        }
-    };
-    if let Some(s) = o.strength {
-        if o.mode == Mode::Txt2Img {
-            bail!("--strength applies to img2img and inpaint");
-        }
-        if !(0.0..=1.0).contains(&s) {
-            bail!("--strength {s} is not in [0, 1]");
+        spec.init_latents = Some(l.to_nhwc());
+    }
+    Ok(())
+}
+
+pub fn run(o: &Options) -> Result<Summary> {
+    let mut spec = spec(o, read_prompts(o)?);
+    for &v in &o.adapter_scale {
+        if !v.is_finite() {
+            bail!("--adapter-scale {v} is not a finite number");
         }
     }
-    let control = match (&o.control_image, gen.controlnet.is_some()) {
-        (Some(p), true) => {
-            let img = image_io::load(p)?;
-            let (_, ih, iw, _) = img.rgb.dims4();
-            image_io::check_size(p, iw, ih, 1)?;
-            let fitted = image_io::fit(&img.rgb, width, height);
-            let image = if o.canny { canny::canny(&fitted, 100.0, 200.0) } else { fitted };
-            Some(Control { image, scale: o.control_scale })
-        }
-        (Some(_), false) => bail!("--control-image needs --controlnet (or a pipeline folder with a controlnet/ component)"),
-        (None, true) => bail!("a ControlNet is loaded: give --control-image"),
-        (None, false) => None,
-    };
-    let init_latents = match &o.init_latents {
-        None => None,
-        Some(p) => {
-            let mut t = read_all(p)?;
-            let l = t
-                .remove("latents")
-                .with_context(|| format!("{}: no tensor named `latents`", p.display()))?;
-            if l.rank() != 4 {
-                bail!(
-                    "{}: `latents` has shape {:?}; expected [N, C, H, W]",
-                    p.display(),
-                    l.shape()
-                );
-            }
-            Some(l.to_nhwc())
-        }
-    };
-    let req = Request {
-        negative: o.negative.as_ref().map(|n| vec![n.clone(); prompts.len()]),
-        prompts,
-        images_per_prompt: o.images_per_prompt,
-        steps: o.steps,
-        guidance: o.guidance,
-        width,
-        height,
-        scheduler: o.scheduler,
-        seed: o.seed,
-        batch: o.batch,
-        init,
-        control,
-        init_latents,
-        image_prompts,
-    };
+    let total = spec.check()?;
+    let paths = prepare_outputs(o, total)?;
+    let mut gen = load_generator(o)?;
+    spec.image_prompts = attach_adapters(o, &mut gen)?;
+    request::check_control(&gen, o.control_image.is_some(), request::Naming::Flags)?;
+    load_inputs(o, &mut spec, gen.vae.downscale())?;
+    let req = request::build(&gen, spec)?;
     let start = Instant::now();
     let show = o.progress && std::io::stderr().is_terminal();
     let mut done_batches = 0;
-    let batches = total.div_ceil(o.batch);
+    let batches = paths.len().div_ceil(o.batch);
     let mut progress = |step: usize, steps: usize| {
         if show {
             let width = 30;

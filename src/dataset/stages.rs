@@ -455,20 +455,6 @@ fn views(
     Ok(poses)
 }
 
-/// Text-to-image from noise; for an inpainting-style (9-channel) draft UNet such as ToffeeNet, the
-/// full-mask convention (everything repainted, empty source), as `toffee txt2img` does.
-fn draft_init(g: &Generator, n: usize, r: usize) -> Init {
-    if g.unet.config.in_channels == 2 * g.vae.latent_channels + 1 {
-        Init::Inpaint {
-            image: Tensor::zeros(vec![n, r, r, 3]),
-            mask: Tensor::new(vec![n, r, r, 1], vec![1.0; n * r * r]),
-            strength: 1.0,
-        }
-    } else {
-        Init::Noise
-    }
-}
-
 /// Runs every stage for a batch of records whose subjects loaded.
 pub fn run_batch(
     models: &StageModels,
@@ -524,7 +510,7 @@ pub fn run_batch(
         scheduler: scheduler(&cfg.draft.scheduler),
         seed: 0,
         batch: n,
-        init: draft_init(&models.draft, n, r),
+        init: crate::pipeline::request::txt2img_init(&models.draft, n, r, r),
         control,
         init_latents: None,
         image_prompts: models

@@ -9,6 +9,7 @@ pub mod image_prompt;
 pub mod mask;
 pub mod noise;
 pub mod prompt;
+pub mod request;
 pub mod score;
 pub mod view;
 

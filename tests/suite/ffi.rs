@@ -554,3 +554,74 @@ fn engine_on_a_single_file_equals_the_folder() {
         "single-file and folder engines differ"
     );
 }
+
+/// The C ABI builds its request with the CLI's rules (`pipeline::request`): text-to-image on an
+/// inpainting-style UNet (ToffeeNet, 9 channels) uses the full-mask convention and gives the
+/// CLI's image (before the shared path, the C ABI sent such a UNet plain noise); a NaN strength
+/// and a size that is not a multiple of 8 are refused naming the field.
+#[test]
+fn the_c_abi_builds_requests_as_the_cli_does() {
+    use toffee_status::*;
+    let dir = tempfile::tempdir().unwrap();
+    let net = crate::common::fixtures().join("toffee/toffeenet");
+    let model = CString::new(net.to_str().unwrap()).unwrap();
+    let mut eo = engine_options();
+    eo.model = model.as_ptr();
+    let e = open(&eo);
+    let prompt = CString::new("a cat").unwrap();
+    let mut buf = vec![0u8; 64 * 64 * 3];
+    let g = gen_options(&prompt, 4);
+    assert_eq!(
+        unsafe { toffee_generate_into(e, &g, buf.as_mut_ptr(), buf.len()) },
+        TOFFEE_OK,
+        "{}",
+        last_error()
+    );
+    let out = dir.path().join("cli.png");
+    let o = crate::common::toffee(&[
+        "txt2img",
+        "--model",
+        net.to_str().unwrap(),
+        "--prompt",
+        "a cat",
+        "--steps",
+        "2",
+        "--seed",
+        "4",
+        "--width",
+        "64",
+        "--height",
+        "64",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{}", crate::common::stderr(&o));
+    assert!(
+        image::open(&out).unwrap().to_rgb8().into_raw() == buf,
+        "the C ABI and the CLI differ on ToffeeNet txt2img"
+    );
+    let mut g = gen_options(&prompt, 4);
+    g.strength = f32::NAN;
+    assert_eq!(
+        unsafe { toffee_generate_into(e, &g, buf.as_mut_ptr(), buf.len()) },
+        TOFFEE_INVALID_ARGUMENT
+    );
+    assert!(
+        last_error().contains("strength NaN is not a finite number"),
+        "{}",
+        last_error()
+    );
+    let mut g = gen_options(&prompt, 4);
+    g.width = 60;
+    let mut small = vec![0u8; 60 * 64 * 3];
+    assert_eq!(
+        unsafe { toffee_generate_into(e, &g, small.as_mut_ptr(), small.len()) },
+        TOFFEE_INVALID_ARGUMENT
+    );
+    assert!(
+        last_error().contains("width 60 is not a positive multiple of 8"),
+        "{}",
+        last_error()
+    );
+    unsafe { toffee_engine_close(e) };
+}
