@@ -146,6 +146,21 @@ pub struct Filter {
     pub clip_t: f32,
 }
 
+impl Filter {
+    /// The first threshold `s` fails, in the order dino, clip_i, clip_t; None: kept.
+    pub fn rejects(&self, s: &crate::pipeline::score::Scores) -> Option<&'static str> {
+        if s.dino < self.dino {
+            Some("dino")
+        } else if s.clip_i < self.clip_i {
+            Some("clip_i")
+        } else if s.clip_t < self.clip_t {
+            Some("clip_t")
+        } else {
+            None
+        }
+    }
+}
+
 impl Default for Filter {
     fn default() -> Self {
         Filter {

@@ -463,44 +463,85 @@ pub fn run_batch(
     subjects: &[SubjectData],
     t: &mut Timings,
 ) -> Result<Vec<Outcome>> {
-    let n = records.len();
-    let r = cfg.job.resolution;
-    let clock = Instant::now();
-    let stage = tracing::info_span!("view").entered();
     let mut placed_from = subjects.to_vec();
-    let poses = views(models, cfg, records, &mut placed_from)?;
-    t.view += clock.elapsed().as_secs_f64();
-    drop(stage);
+    let poses = timed(&mut t.view, tracing::info_span!("view"), || {
+        views(models, cfg, records, &mut placed_from)
+    })?;
+    let drafted = timed(&mut t.draft, tracing::info_span!("draft"), || {
+        draft(models, cfg, records, &placed_from)
+    })?;
+    let (targets, edit_masks) = timed(&mut t.refine, tracing::info_span!("refine"), || {
+        refine(models, cfg, records, subjects, &drafted)
+    })?;
+    let scores = timed(&mut t.score, tracing::info_span!("score"), || {
+        score(models, records, subjects, &targets, &drafted.masks)
+    })?;
+    Ok((0..records.len())
+        .map(|i| {
+            let reason = cfg.filter.rejects(&scores[i]);
+            Outcome {
+                record: records[i].clone(),
+                subject: subjects[i].clone(),
+                target_mask: drafted.masks[i].clone(),
+                edit_mask: edit_masks[i].clone(),
+                draft: drafted.images.narrow0(i, 1),
+                target: targets.narrow0(i, 1),
+                scores: scores[i],
+                kept: reason.is_none(),
+                reason,
+                view: poses[i],
+                placement: drafted.placements[i],
+            }
+        })
+        .collect())
+}
 
+/// `f` inside the stage's tracing span (`--profile`), its time added to `seconds`.
+fn timed<T>(seconds: &mut f64, span: tracing::Span, f: impl FnOnce() -> T) -> T {
     let clock = Instant::now();
-    let stage = tracing::info_span!("draft").entered();
+    let _span = span.entered();
+    let out = f();
+    *seconds += clock.elapsed().as_secs_f64();
+    out
+}
+
+/// The draft stage's output: the images, and where each subject was placed.
+struct Drafted {
+    images: Tensor,
+    masks: Vec<Tensor>,
+    placements: Vec<Placement>,
+}
+
+/// Places each subject on its canvas and drafts the scene around its Canny edges.
+fn draft(
+    models: &StageModels,
+    cfg: &PairsConfig,
+    records: &[Record],
+    placed_from: &[SubjectData],
+) -> Result<Drafted> {
+    let (n, r) = (records.len(), cfg.job.resolution);
     let mut canvases = Vec::new();
     let mut masks = Vec::new();
     let mut placements = Vec::new();
-    for (rec, s) in records.iter().zip(&placed_from) {
+    for (rec, s) in records.iter().zip(placed_from) {
         let (c, m, p) = place(s, r, stream(rec.seed, "place"), cfg)?;
         canvases.push(canny::canny(&c, cfg.draft.canny_low, cfg.draft.canny_high));
         masks.push(m);
         placements.push(p);
     }
-    let prompts: Vec<String> = records.iter().map(|r| r.prompt.clone()).collect();
-    let guided = cfg.draft.guidance > 1.0;
     let edges = Tensor::cat0(&canvases.iter().collect::<Vec<_>>());
-    let control = if models.draft.controlnet.is_some() {
-        Some(Control {
-            image: if guided {
-                Tensor::cat0(&[&edges, &edges])
-            } else {
-                edges
-            },
-            scale: cfg.draft.controlnet_scale,
-        })
-    } else {
-        None
-    };
+    // One control image per record, doubled for the unconditional half under guidance.
+    let control = models.draft.controlnet.as_ref().map(|_| Control {
+        image: if cfg.draft.guidance > 1.0 {
+            Tensor::cat0(&[&edges, &edges])
+        } else {
+            edges
+        },
+        scale: cfg.draft.controlnet_scale,
+    });
     let layers = models.draft.unet.cross_attention_layers();
-    let draft_req = Request {
-        prompts: prompts.clone(),
+    let req = Request {
+        prompts: records.iter().map(|r| r.prompt.clone()).collect(),
         negative: None,
         images_per_prompt: 1,
         steps: cfg.draft.steps,
@@ -521,40 +562,46 @@ pub fn run_batch(
             .collect(),
     };
     let seeds = records.iter().map(|r| stream(r.seed, "draft")).collect();
-    let drafts = models
+    let images = models
         .draft
-        .run_chunk(
-            &draft_req,
-            0,
-            n,
-            &mut NoiseSource::seeded(seeds),
-            &mut |_, _| {},
-        )?
+        .run_chunk(&req, 0, n, &mut NoiseSource::seeded(seeds), &mut |_, _| {})?
         .images;
-    t.draft += clock.elapsed().as_secs_f64();
-    drop(stage);
+    Ok(Drafted {
+        images,
+        masks,
+        placements,
+    })
+}
 
-    let clock = Instant::now();
-    let stage = tracing::info_span!("refine").entered();
+/// Refines each draft inside its dilated subject mask with the subject as the adapter's image.
+/// Returns the targets and the masks the Refiner changed.
+fn refine(
+    models: &StageModels,
+    cfg: &PairsConfig,
+    records: &[Record],
+    subjects: &[SubjectData],
+    drafted: &Drafted,
+) -> Result<(Tensor, Vec<Tensor>)> {
+    let (n, r) = (records.len(), cfg.job.resolution);
     let refiner = models.refiner();
-    let adapter = &refiner.adapters[0];
     let subject_images: Vec<image::RgbImage> = subjects
         .iter()
         .map(|s| image_io::to_rgb8(&on_white(s)))
         .collect();
     let prompt = image_prompts(
-        adapter,
+        &refiner.adapters[0],
         models.adapter_encoder(),
         &subject_images,
         cfg.refine.scale,
         refiner.unet.cross_attention_layers(),
     )?;
-    let edit_masks: Vec<Tensor> = masks
+    let edit_masks: Vec<Tensor> = drafted
+        .masks
         .iter()
         .map(|m| dilate(m, cfg.refine.mask_dilation))
         .collect();
-    let refine_req = Request {
-        prompts,
+    let req = Request {
+        prompts: records.iter().map(|r| r.prompt.clone()).collect(),
         negative: None,
         images_per_prompt: 1,
         steps: cfg.refine.steps,
@@ -565,7 +612,7 @@ pub fn run_batch(
         seed: 0,
         batch: n,
         init: Init::Inpaint {
-            image: drafts.clone(),
+            image: drafted.images.clone(),
             mask: Tensor::cat0(&edit_masks.iter().collect::<Vec<_>>()),
             strength: cfg.refine.strength,
         },
@@ -575,20 +622,20 @@ pub fn run_batch(
     };
     let seeds = records.iter().map(|r| stream(r.seed, "refine")).collect();
     let targets = refiner
-        .run_chunk(
-            &refine_req,
-            0,
-            n,
-            &mut NoiseSource::seeded(seeds),
-            &mut |_, _| {},
-        )?
+        .run_chunk(&req, 0, n, &mut NoiseSource::seeded(seeds), &mut |_, _| {})?
         .images;
-    t.refine += clock.elapsed().as_secs_f64();
-    drop(stage);
+    Ok((targets, edit_masks))
+}
 
-    let clock = Instant::now();
-    let stage = tracing::info_span!("score").entered();
-    let inputs: Vec<ScoreInput> = (0..n)
+/// DINO, CLIP-I and CLIP-T of each target against its subject (inside the masks) and prompt.
+fn score(
+    models: &StageModels,
+    records: &[Record],
+    subjects: &[SubjectData],
+    targets: &Tensor,
+    masks: &[Tensor],
+) -> Result<Vec<Scores>> {
+    let inputs: Vec<ScoreInput> = (0..records.len())
         .map(|i| ScoreInput {
             subject: image_io::to_rgb8(&subjects[i].rgb),
             subject_mask: Some(Mask::from_tensor(&subjects[i].mask)),
@@ -598,36 +645,5 @@ pub fn run_batch(
             name: records[i].key.clone(),
         })
         .collect();
-    let scores = models.scorer.score(&inputs)?;
-    t.score += clock.elapsed().as_secs_f64();
-    drop(stage);
-
-    let f = &cfg.filter;
-    Ok((0..n)
-        .map(|i| {
-            let s = scores[i];
-            let reason = if s.dino < f.dino {
-                Some("dino")
-            } else if s.clip_i < f.clip_i {
-                Some("clip_i")
-            } else if s.clip_t < f.clip_t {
-                Some("clip_t")
-            } else {
-                None
-            };
-            Outcome {
-                record: records[i].clone(),
-                subject: subjects[i].clone(),
-                target_mask: masks[i].clone(),
-                edit_mask: edit_masks[i].clone(),
-                draft: drafts.narrow0(i, 1),
-                target: targets.narrow0(i, 1),
-                scores: s,
-                kept: reason.is_none(),
-                reason,
-                view: poses[i],
-                placement: placements[i],
-            }
-        })
-        .collect())
+    models.scorer.score(&inputs)
 }
