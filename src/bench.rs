@@ -163,102 +163,79 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
     }
     let (cfg, store, name) = model_source(&o.source, o.component)?;
     let b = o.batch;
+    let res = resolution(o, &cfg)?;
+    let (inputs, call) = model_call(o, &cfg, &store, dev, res)?;
+    let ms = time_calls(o, dev, &inputs, &call)?;
+    Ok(Report {
+        component: o.component.name().into(),
+        config: name,
+        batch: b,
+        resolution: res,
+        ms_per_call: ms,
+        calls_per_s: 1000.0 / ms,
+        device: dev.name(),
+    })
+}
+
+/// The image side: `--resolution`, else the configuration's own.
+fn resolution(o: &Options, cfg: &Config) -> Result<usize> {
     let image_encoder = o.component == Component::ImageEncoder;
     let res = match (o.resolution, &o.source) {
         (Some(r), _) => r,
         (None, Source::Known(k)) => k.resolution(),
         (None, Source::KnownVision(k)) => k.resolution(),
         (None, Source::Dir(_)) if image_encoder => {
-            crate::models::vit::VitConfig::parse(&cfg)?.image_size
+            crate::models::vit::VitConfig::parse(cfg)?.image_size
         }
         (None, Source::Dir(_)) => 512,
     };
     if res == 0 || (!image_encoder && res % 8 != 0) {
         bail!("--resolution {res} is not a positive multiple of 8");
     }
-    let l = res / 8;
-    // Every variant returns (inputs, call) where call(inputs) is one model call.
-    type Call<'a> = Box<dyn Fn(&[Tensor]) -> Result<Tensor> + 'a>;
-    let vae;
-    let te;
-    let vit;
-    let (inputs, call): (Vec<Tensor>, Call) = match o.component {
-        Component::Unet | Component::Controlnet => {
-            let model = if o.component == Component::Unet {
-                UnetLike::Unet(Box::new(Unet::load(&cfg, &store, dev)?))
-            } else {
-                UnetLike::Control(Box::new(ControlNet::load(&cfg, &store, dev)?))
-            };
-            let c = match &model {
-                UnetLike::Unet(u) => &u.config,
-                UnetLike::Control(n) => &n.config,
-            };
-            let (ctx_dim, text_time) = (c.cross_attention_dim[0], c.text_time);
-            let cin = cfg.usize_or("in_channels", 4)?;
-            let mut inputs = vec![
-                dev.put(rand(vec![b, l, l, cin], 1, 1.0)),
-                dev.put_f32(Tensor::new(vec![b], vec![500.0; b])),
-                dev.put(rand(vec![b, 77, ctx_dim], 2, 1.0)),
-            ];
-            if let Some((td, proj)) = text_time {
-                inputs.push(dev.put(rand(vec![b, proj - 6 * td], 3, 1.0)));
-                let ids = [res as f32, res as f32, 0.0, 0.0, res as f32, res as f32];
-                inputs.push(dev.put_f32(Tensor::new(vec![b, 6], ids.repeat(b))));
-            }
-            if o.component == Component::Controlnet {
-                inputs.push(dev.put(rand(vec![b, res, res, 3], 4, 0.5)));
-            }
-            (
-                inputs,
-                Box::new(move |v: &[Tensor]| {
-                    let tt = if v.len() >= 5 {
-                        Some((&v[3], &v[4]))
-                    } else {
-                        None
-                    };
-                    let cond = Cond {
-                        timesteps: &v[1],
-                        context: &v[2],
-                        text_time: tt,
-                        ip: &[],
-                        timestep_cond: None,
-                    };
-                    match &model {
-                        UnetLike::Unet(u) => u.forward(&v[0], &cond, None, None),
-                        UnetLike::Control(n) => {
-                            Ok(n.forward(&v[0], &cond, v.last().expect("image"), 1.0)?.mid)
-                        }
-                    }
-                }),
-            )
-        }
+    Ok(res)
+}
+
+/// Every variant returns (inputs, call) where call(inputs) is one model call.
+type Call = Box<dyn Fn(&[Tensor]) -> Result<Tensor>>;
+
+/// The loaded model and random inputs for one call of it.
+fn model_call(
+    o: &Options,
+    cfg: &Config,
+    store: &WeightStore,
+    dev: &Device,
+    res: usize,
+) -> Result<(Vec<Tensor>, Call)> {
+    let (b, l) = (o.batch, res / 8);
+    Ok(match o.component {
+        Component::Unet | Component::Controlnet => unet_call(o, cfg, store, dev, res)?,
         Component::VaeEncode => {
-            vae = Vae::load(&cfg, &store, dev)?;
+            let vae = Vae::load(cfg, store, dev)?;
             (
                 vec![dev.put(rand(vec![b, res, res, 3], 5, 0.5))],
-                Box::new(|v: &[Tensor]| Ok(vae.encode(&v[0])?.0)),
+                Box::new(move |v: &[Tensor]| Ok(vae.encode(&v[0])?.0)),
             )
         }
         Component::VaeDecode => {
-            vae = Vae::load(&cfg, &store, dev)?;
+            let vae = Vae::load(cfg, store, dev)?;
             (
                 vec![dev.put(rand(vec![b, l, l, 4], 6, 1.0))],
-                Box::new(|v: &[Tensor]| vae.decode(&v[0])),
+                Box::new(move |v: &[Tensor]| vae.decode(&v[0])),
             )
         }
         Component::ImageEncoder => {
-            vit = Vit::load(&cfg, &store, dev)?;
+            let vit = Vit::load(cfg, store, dev)?;
             vit.check_input(res, res)?;
             (
                 vec![dev.put(rand(vec![b, res, res, vit.config.channels], 8, 1.0))],
-                Box::new(|v: &[Tensor]| Ok(vit.forward(&v[0]).last_hidden_state)),
+                Box::new(move |v: &[Tensor]| Ok(vit.forward(&v[0]).last_hidden_state)),
             )
         }
         Component::Depth | Component::Sam | Component::Clipseg => {
             return Err(no_benchmark(o.component))
         }
         Component::TextEncoder | Component::TextEncoder2 => {
-            te = ClipText::load(&cfg, &store, dev)?;
+            let te = ClipText::load(cfg, store, dev)?;
             let ids: Vec<Vec<u32>> = (0..b)
                 .map(|i| {
                     (0..77)
@@ -274,30 +251,80 @@ pub fn run(o: &Options, dev: &Device) -> Result<Report> {
                 }),
             )
         }
+    })
+}
+
+/// A UNet or ControlNet call: sample, timesteps, context, SDXL's text embeds and time ids, and
+/// the ControlNet's conditioning image.
+fn unet_call(
+    o: &Options,
+    cfg: &Config,
+    store: &WeightStore,
+    dev: &Device,
+    res: usize,
+) -> Result<(Vec<Tensor>, Call)> {
+    let (b, l) = (o.batch, res / 8);
+    let model = if o.component == Component::Unet {
+        UnetLike::Unet(Box::new(Unet::load(cfg, store, dev)?))
+    } else {
+        UnetLike::Control(Box::new(ControlNet::load(cfg, store, dev)?))
     };
+    let c = match &model {
+        UnetLike::Unet(u) => &u.config,
+        UnetLike::Control(n) => &n.config,
+    };
+    let (ctx_dim, text_time) = (c.cross_attention_dim[0], c.text_time);
+    let cin = cfg.usize_or("in_channels", 4)?;
+    let mut inputs = vec![
+        dev.put(rand(vec![b, l, l, cin], 1, 1.0)),
+        dev.put_f32(Tensor::new(vec![b], vec![500.0; b])),
+        dev.put(rand(vec![b, 77, ctx_dim], 2, 1.0)),
+    ];
+    if let Some((td, proj)) = text_time {
+        inputs.push(dev.put(rand(vec![b, proj - 6 * td], 3, 1.0)));
+        let ids = [res as f32, res as f32, 0.0, 0.0, res as f32, res as f32];
+        inputs.push(dev.put_f32(Tensor::new(vec![b, 6], ids.repeat(b))));
+    }
+    if o.component == Component::Controlnet {
+        inputs.push(dev.put(rand(vec![b, res, res, 3], 4, 0.5)));
+    }
+    let call: Call = Box::new(move |v: &[Tensor]| {
+        let tt = if v.len() >= 5 {
+            Some((&v[3], &v[4]))
+        } else {
+            None
+        };
+        let cond = Cond {
+            timesteps: &v[1],
+            context: &v[2],
+            text_time: tt,
+            ip: &[],
+            timestep_cond: None,
+        };
+        match &model {
+            UnetLike::Unet(u) => u.forward(&v[0], &cond, None, None),
+            UnetLike::Control(n) => Ok(n.forward(&v[0], &cond, v.last().expect("image"), 1.0)?.mid),
+        }
+    });
+    Ok((inputs, call))
+}
+
+/// Milliseconds per call over `--iters` calls, after the warm-up calls.
+fn time_calls(o: &Options, dev: &Device, inputs: &[Tensor], call: &Call) -> Result<f64> {
     let graphable = !matches!(
         o.component,
         Component::TextEncoder | Component::TextEncoder2
     );
     let mut graph = StepGraph::new(if graphable { dev } else { &Device::Cpu });
     for _ in 0..o.warmup.max(2) {
-        let _ = graph.run("bench", &inputs, |v| call(v).map(|t| vec![t]))?;
+        let _ = graph.run("bench", inputs, |v| call(v).map(|t| vec![t]))?;
     }
     dev.synchronize()?;
     let start = Instant::now();
     for _ in 0..o.iters {
-        let _ = graph.run("bench", &inputs, |v| call(v).map(|t| vec![t]))?;
+        let _ = graph.run("bench", inputs, |v| call(v).map(|t| vec![t]))?;
     }
     dev.synchronize()?;
     let secs = start.elapsed().as_secs_f64();
-    let ms = secs * 1000.0 / o.iters as f64;
-    Ok(Report {
-        component: o.component.name().into(),
-        config: name,
-        batch: b,
-        resolution: res,
-        ms_per_call: ms,
-        calls_per_s: 1000.0 / ms,
-        device: dev.name(),
-    })
+    Ok(secs * 1000.0 / o.iters as f64)
 }

@@ -233,97 +233,9 @@ fn run_on(
         map: inputs,
         file: inputs_file,
     };
-    let put_tt = |tt: Option<(Tensor, Tensor)>| tt.map(|(a, b)| (dev.put(a), dev.put_f32(b)));
     match component {
-        Component::Unet => {
-            inp.require(&["sample", "timestep", "encoder_hidden_states"])?;
-            let sample = dev.put(inp.image("sample")?);
-            let b = sample.shape()[0];
-            let ts = dev.put_f32(Tensor::new(vec![b], inp.timesteps(b)?));
-            let ctx = dev.put(
-                inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?
-                    .clone(),
-            );
-            let tt = put_tt(inp.text_time()?);
-            let unet = load::load_unet(model, dev)?;
-            let mut down = Vec::new();
-            while let Some(t) = inp.get(&format!("down_res.{}", down.len())) {
-                if t.rank() != 4 {
-                    bail!(
-                        "{}: tensor `down_res.{}` has shape {:?}; expected rank 4",
-                        inputs_file.display(),
-                        down.len(),
-                        t.shape()
-                    );
-                }
-                down.push(dev.put(t.to_nhwc()));
-            }
-            let mid = inp
-                .get("mid_res")
-                .map(|_| inp.image("mid_res"))
-                .transpose()?
-                .map(|m| dev.put(m));
-            let residuals = match (&mid, down.is_empty()) {
-                (None, true) => None,
-                (Some(m), false) => Some((down.as_slice(), m)),
-                _ => bail!(
-                    "{}: ControlNet residuals need both down_res.0… and mid_res",
-                    inputs_file.display()
-                ),
-            };
-            let cond = Cond {
-                timesteps: &ts,
-                context: &ctx,
-                text_time: tt.as_ref().map(|(a, b)| (a, b)),
-                ip: &[],
-                timestep_cond: None,
-            };
-            let out = unet.forward(&sample, &cond, residuals, None)?;
-            Ok(vec![("out".into(), out)])
-        }
-        Component::Controlnet => {
-            inp.require(&[
-                "sample",
-                "timestep",
-                "encoder_hidden_states",
-                "controlnet_cond",
-            ])?;
-            let sample = dev.put(inp.image("sample")?);
-            let b = sample.shape()[0];
-            let ts = dev.put_f32(Tensor::new(vec![b], inp.timesteps(b)?));
-            let ctx = dev.put(
-                inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?
-                    .clone(),
-            );
-            let image = dev.put(inp.image("controlnet_cond")?);
-            let scale = match inp.get("conditioning_scale") {
-                None => 1.0,
-                Some(t) if t.numel() == 1 => t.data()[0],
-                Some(t) => bail!(
-                    "{}: `conditioning_scale` has shape {:?}; expected a scalar",
-                    inputs_file.display(),
-                    t.shape()
-                ),
-            };
-            let tt = put_tt(inp.text_time()?);
-            let cn = load::load_controlnet(model, dev)?;
-            let cond = Cond {
-                timesteps: &ts,
-                context: &ctx,
-                text_time: tt.as_ref().map(|(a, b)| (a, b)),
-                ip: &[],
-                timestep_cond: None,
-            };
-            let out = cn.forward(&sample, &cond, &image, scale)?;
-            let mut v: Vec<(String, Tensor)> = out
-                .down
-                .into_iter()
-                .enumerate()
-                .map(|(i, t)| (format!("down_res.{i}"), t))
-                .collect();
-            v.push(("mid_res".into(), out.mid));
-            Ok(v)
-        }
+        Component::Unet => run_unet(model, &inp, dev),
+        Component::Controlnet => run_controlnet(model, &inp, dev),
         Component::VaeEncode => {
             let image = dev.put(inp.image("image")?);
             let vae = load::load_vae(model, dev)?;
@@ -338,89 +250,213 @@ fn run_on(
             let vae = load::load_vae(model, dev)?;
             Ok(vec![("image".into(), vae.decode(&latent)?)])
         }
-        Component::ImageEncoder => {
-            let pixels = inp.image("pixel_values")?;
-            let mut enc = load::load_image_encoder(model, dev)?;
-            match inp.get("interpolate_pos_encoding") {
-                None => {}
-                Some(t) if t.numel() == 1 => enc.set_interpolate_pos_encoding(t.data()[0] != 0.0),
-                Some(t) => bail!(
-                    "{}: `interpolate_pos_encoding` has shape {:?}; expected a scalar",
-                    inputs_file.display(),
-                    t.shape()
-                ),
-            }
-            let (_, h, w, c) = pixels.dims4();
-            if c != enc.config.channels {
-                bail!(
-                    "{}: `pixel_values` has {c} channels; the model takes {}",
-                    inputs_file.display(),
-                    enc.config.channels
-                );
-            }
-            enc.check_input(h, w)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", inputs_file.display()))?;
-            Ok(vit_outputs(enc.forward(&dev.put(pixels))))
-        }
-        Component::Depth => {
-            let pixels = inp.image("pixel_values")?;
-            let (_, h, w, c) = pixels.dims4();
-            let model = crate::models::depth_anything::DepthAnything::load_dir(
-                &crate::weights::layout::component_dir(model, "depth")?,
-                dev,
-            )?;
-            model
-                .check_input(h, w, c)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", inputs_file.display()))?;
-            Ok(vec![(
-                "predicted_depth".into(),
-                model.forward(&dev.put(pixels)),
-            )])
-        }
+        Component::ImageEncoder => run_image_encoder(model, &inp, dev),
+        Component::Depth => run_depth(model, &inp, dev),
         Component::Sam => run_sam(model, &inp, dev),
         Component::TextEncoder | Component::TextEncoder2 => {
-            let ids = inp.ids()?;
-            let sub = if component == Component::TextEncoder {
-                "text_encoder"
-            } else {
-                "text_encoder_2"
-            };
-            let te = load::load_text_encoder(model, sub, dev)?;
-            let o = te.forward(&ids)?;
-            let mut v = vec![
-                ("last_hidden_state".to_string(), o.last_hidden_state),
-                (
-                    "penultimate_hidden_state".to_string(),
-                    o.penultimate_hidden_state,
-                ),
-                ("pooler_output".to_string(), o.pooler_output),
-            ];
-            if let Some(t) = o.text_embeds {
-                v.push(("text_embeds".into(), t));
-            }
-            Ok(v)
+            run_text_encoder(model, component, &inp, dev)
         }
-        Component::Clipseg => {
-            let ids = inp.ids()?;
-            let pixels = inp.rank("pixel_values", 4, "[N, 3, H, W]")?;
-            let model = ClipSeg::load_dir(model, dev)?;
-            let o = model
-                .forward(&ids, pixels)
-                .map_err(|e| anyhow::anyhow!("{}: {e:#}", inputs_file.display()))?;
-            let mut v = vec![
-                ("logits".to_string(), o.logits),
-                (
-                    "conditional_embeddings".to_string(),
-                    o.conditional_embeddings,
-                ),
-                ("pooled_output".to_string(), o.pooled_output),
-            ];
-            for (j, a) in o.activations.into_iter().enumerate() {
-                v.push((format!("activations.{j}"), a));
-            }
-            Ok(v)
-        }
+        Component::Clipseg => run_clipseg(model, &inp, dev),
     }
+}
+
+/// SDXL's (text_embeds, time_ids) on the device; the time ids stay f32.
+fn put_tt(dev: &Device, tt: Option<(Tensor, Tensor)>) -> Option<(Tensor, Tensor)> {
+    tt.map(|(a, b)| (dev.put(a), dev.put_f32(b)))
+}
+
+/// `UNet2DConditionModel.forward`, with ControlNet residuals when the inputs hold them.
+fn run_unet(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    inp.require(&["sample", "timestep", "encoder_hidden_states"])?;
+    let sample = dev.put(inp.image("sample")?);
+    let b = sample.shape()[0];
+    let ts = dev.put_f32(Tensor::new(vec![b], inp.timesteps(b)?));
+    let ctx = dev.put(
+        inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?
+            .clone(),
+    );
+    let tt = put_tt(dev, inp.text_time()?);
+    let unet = load::load_unet(model, dev)?;
+    let residuals = controlnet_residuals(inp, dev)?;
+    let cond = Cond {
+        timesteps: &ts,
+        context: &ctx,
+        text_time: tt.as_ref().map(|(a, b)| (a, b)),
+        ip: &[],
+        timestep_cond: None,
+    };
+    let residuals = residuals.as_ref().map(|(d, m)| (d.as_slice(), m));
+    let out = unet.forward(&sample, &cond, residuals, None)?;
+    Ok(vec![("out".into(), out)])
+}
+
+/// `down_res.0`, `down_res.1`, … and `mid_res` on the device (NHWC): both or neither.
+fn controlnet_residuals(inp: &Inputs, dev: &Device) -> Result<Option<(Vec<Tensor>, Tensor)>> {
+    let mut down = Vec::new();
+    while let Some(t) = inp.get(&format!("down_res.{}", down.len())) {
+        if t.rank() != 4 {
+            bail!(
+                "{}: tensor `down_res.{}` has shape {:?}; expected rank 4",
+                inp.file.display(),
+                down.len(),
+                t.shape()
+            );
+        }
+        down.push(dev.put(t.to_nhwc()));
+    }
+    let mid = inp
+        .get("mid_res")
+        .map(|_| inp.image("mid_res"))
+        .transpose()?
+        .map(|m| dev.put(m));
+    match (mid, down.is_empty()) {
+        (None, true) => Ok(None),
+        (Some(m), false) => Ok(Some((down, m))),
+        _ => bail!(
+            "{}: ControlNet residuals need both down_res.0… and mid_res",
+            inp.file.display()
+        ),
+    }
+}
+
+/// `ControlNetModel.forward`: outputs `down_res.{i}` and `mid_res`.
+fn run_controlnet(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    inp.require(&[
+        "sample",
+        "timestep",
+        "encoder_hidden_states",
+        "controlnet_cond",
+    ])?;
+    let sample = dev.put(inp.image("sample")?);
+    let b = sample.shape()[0];
+    let ts = dev.put_f32(Tensor::new(vec![b], inp.timesteps(b)?));
+    let ctx = dev.put(
+        inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?
+            .clone(),
+    );
+    let image = dev.put(inp.image("controlnet_cond")?);
+    let scale = match inp.get("conditioning_scale") {
+        None => 1.0,
+        Some(t) if t.numel() == 1 => t.data()[0],
+        Some(t) => bail!(
+            "{}: `conditioning_scale` has shape {:?}; expected a scalar",
+            inp.file.display(),
+            t.shape()
+        ),
+    };
+    let tt = put_tt(dev, inp.text_time()?);
+    let cn = load::load_controlnet(model, dev)?;
+    let cond = Cond {
+        timesteps: &ts,
+        context: &ctx,
+        text_time: tt.as_ref().map(|(a, b)| (a, b)),
+        ip: &[],
+        timestep_cond: None,
+    };
+    let out = cn.forward(&sample, &cond, &image, scale)?;
+    let mut v: Vec<(String, Tensor)> = out
+        .down
+        .into_iter()
+        .enumerate()
+        .map(|(i, t)| (format!("down_res.{i}"), t))
+        .collect();
+    v.push(("mid_res".into(), out.mid));
+    Ok(v)
+}
+
+/// A ViT / DINOv2 / CLIP vision model on `pixel_values`, with an optional
+/// `interpolate_pos_encoding` scalar.
+fn run_image_encoder(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    let pixels = inp.image("pixel_values")?;
+    let mut enc = load::load_image_encoder(model, dev)?;
+    match inp.get("interpolate_pos_encoding") {
+        None => {}
+        Some(t) if t.numel() == 1 => enc.set_interpolate_pos_encoding(t.data()[0] != 0.0),
+        Some(t) => bail!(
+            "{}: `interpolate_pos_encoding` has shape {:?}; expected a scalar",
+            inp.file.display(),
+            t.shape()
+        ),
+    }
+    let (_, h, w, c) = pixels.dims4();
+    if c != enc.config.channels {
+        bail!(
+            "{}: `pixel_values` has {c} channels; the model takes {}",
+            inp.file.display(),
+            enc.config.channels
+        );
+    }
+    enc.check_input(h, w)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", inp.file.display()))?;
+    Ok(vit_outputs(enc.forward(&dev.put(pixels))))
+}
+
+/// `DepthAnythingForDepthEstimation`: pixel_values -> predicted_depth.
+fn run_depth(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    let pixels = inp.image("pixel_values")?;
+    let (_, h, w, c) = pixels.dims4();
+    let model = crate::models::depth_anything::DepthAnything::load_dir(
+        &crate::weights::layout::component_dir(model, "depth")?,
+        dev,
+    )?;
+    model
+        .check_input(h, w, c)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", inp.file.display()))?;
+    Ok(vec![(
+        "predicted_depth".into(),
+        model.forward(&dev.put(pixels)),
+    )])
+}
+
+/// The first or (SDXL) second text encoder on `input_ids`.
+fn run_text_encoder(
+    model: &Path,
+    component: Component,
+    inp: &Inputs,
+    dev: &Device,
+) -> Result<Vec<(String, Tensor)>> {
+    let ids = inp.ids()?;
+    let sub = if component == Component::TextEncoder {
+        "text_encoder"
+    } else {
+        "text_encoder_2"
+    };
+    let te = load::load_text_encoder(model, sub, dev)?;
+    let o = te.forward(&ids)?;
+    let mut v = vec![
+        ("last_hidden_state".to_string(), o.last_hidden_state),
+        (
+            "penultimate_hidden_state".to_string(),
+            o.penultimate_hidden_state,
+        ),
+        ("pooler_output".to_string(), o.pooler_output),
+    ];
+    if let Some(t) = o.text_embeds {
+        v.push(("text_embeds".into(), t));
+    }
+    Ok(v)
+}
+
+/// `CLIPSegForImageSegmentation`: input_ids + pixel_values -> logits and the intermediates.
+fn run_clipseg(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    let ids = inp.ids()?;
+    let pixels = inp.rank("pixel_values", 4, "[N, 3, H, W]")?;
+    let model = ClipSeg::load_dir(model, dev)?;
+    let o = model
+        .forward(&ids, pixels)
+        .map_err(|e| anyhow::anyhow!("{}: {e:#}", inp.file.display()))?;
+    let mut v = vec![
+        ("logits".to_string(), o.logits),
+        (
+            "conditional_embeddings".to_string(),
+            o.conditional_embeddings,
+        ),
+        ("pooled_output".to_string(), o.pooled_output),
+    ];
+    for (j, a) in o.activations.into_iter().enumerate() {
+        v.push((format!("activations.{j}"), a));
+    }
+    Ok(v)
 }
 
 /// `SamModel.forward`: `pixel_values` [B, 3, S, S], `input_boxes` [B, n, 4] and / or `input_points`

@@ -18,6 +18,7 @@ pub mod plan;
 pub mod progress;
 pub mod report;
 pub mod run;
+pub mod shard;
 pub mod stages;
 pub mod writer;
 

@@ -312,6 +312,44 @@ impl ImageProcessor {
 
     fn from_map(path: &Path, map: &Map<String, Value>) -> Result<ImageProcessor> {
         let f = Fields { path, map };
+        let kind = Self::processor_kind(&f)?;
+        let d = kind.defaults();
+        Self::reject_unsupported(&f, kind)?;
+        let (do_resize, size, resample) = Self::resize_settings(&f, &d)?;
+        let crop = Self::crop_settings(&f, &d)?;
+        let do_rescale = f.bool_or("do_rescale", true)?;
+        let rescale_factor = match f.get("rescale_factor") {
+            None => 1.0 / 255.0,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| f.err("rescale_factor", format!("expected a number, found {v}")))?,
+        };
+        let do_normalize = f.bool_or("do_normalize", true)?;
+        let mean = f.triple("image_mean", d.mean)?;
+        let std = f.triple("image_std", d.std)?;
+        if do_normalize && std.contains(&0.0) {
+            return Err(f.err("image_std", "a standard deviation of 0"));
+        }
+        // Validate the type even though the input is RGB already.
+        f.bool_or("do_convert_rgb", true)?;
+        let out = Self::fixed_output_size(&f, crop, do_resize, size)?;
+        // transformers casts mean and std to the image dtype (f32) before normalising.
+        let to_f32 = |v: [f64; 3]| v.map(|x| x as f32);
+        Ok(ImageProcessor {
+            kind,
+            resize: do_resize.then_some(size),
+            resample,
+            crop,
+            rescale_factor: do_rescale.then_some(rescale_factor),
+            do_normalize,
+            mean: to_f32(mean),
+            std: to_f32(std),
+            out,
+        })
+    }
+
+    /// The class named by `image_processor_type` (or `feature_extractor_type`).
+    fn processor_kind(f: &Fields) -> Result<ProcessorKind> {
         let (class_key, class) = ["image_processor_type", "feature_extractor_type"]
             .into_iter()
             .find_map(|k| f.get(k).map(|v| (k, v)))
@@ -319,10 +357,10 @@ impl ImageProcessor {
                 anyhow!(
                     "{}: no `image_processor_type` (or `feature_extractor_type`) field naming the \
                      image processor class",
-                    path.display()
+                    f.path.display()
                 )
             })?;
-        let kind = class
+        class
             .as_str()
             .and_then(ProcessorKind::from_name)
             .ok_or_else(|| {
@@ -333,10 +371,11 @@ impl ImageProcessor {
                          BitImageProcessor or ViTImageProcessor"
                     ),
                 )
-            })?;
-        let d = kind.defaults();
+            })
+    }
 
-        // Settings that would change the output in ways not reproduced here.
+    /// Settings that would change the output in ways not reproduced here.
+    fn reject_unsupported(f: &Fields, kind: ProcessorKind) -> Result<()> {
         if f.bool_or("do_pad", false)? {
             return Err(f.err("do_pad", "padding to a batch size is not supported"));
         }
@@ -354,7 +393,11 @@ impl ImageProcessor {
                 "KOSMOS-2's square resize is not supported",
             ));
         }
+        Ok(())
+    }
 
+    /// (do_resize, size, resample).
+    fn resize_settings(f: &Fields, d: &Defaults) -> Result<(bool, Size, Resample)> {
         let default_to_square = f.bool_or("default_to_square", d.default_to_square)?;
         let do_resize = f.bool_or("do_resize", true)?;
         let size = f.size("size", default_to_square)?.unwrap_or(d.size);
@@ -367,6 +410,11 @@ impl ImageProcessor {
                 )
             })?,
         };
+        Ok((do_resize, size, resample))
+    }
+
+    /// The centre crop (height, width), None when `do_center_crop` is off.
+    fn crop_settings(f: &Fields, d: &Defaults) -> Result<Option<(usize, usize)>> {
         let do_center_crop = f.bool_or("do_center_crop", d.do_center_crop)?;
         // `crop_size` as an int is always a square (`get_size_dict` with its default).
         let crop_size = match f.size("crop_size", true)? {
@@ -376,58 +424,33 @@ impl ImageProcessor {
                 return Err(f.err("crop_size", "expected {\"height\", \"width\"}"))
             }
         };
-        let crop = match (do_center_crop, crop_size) {
-            (false, _) => None,
-            (true, Some(c)) => Some(c),
-            (true, None) => {
-                return Err(f.err("crop_size", "missing, but `do_center_crop` is true"));
-            }
-        };
-        let do_rescale = f.bool_or("do_rescale", true)?;
-        let rescale_factor = match f.get("rescale_factor") {
-            None => 1.0 / 255.0,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| f.err("rescale_factor", format!("expected a number, found {v}")))?,
-        };
-        let do_normalize = f.bool_or("do_normalize", true)?;
-        let mean = f.triple("image_mean", d.mean)?;
-        let std = f.triple("image_std", d.std)?;
-        if do_normalize && std.contains(&0.0) {
-            return Err(f.err("image_std", "a standard deviation of 0"));
+        match (do_center_crop, crop_size) {
+            (false, _) => Ok(None),
+            (true, Some(c)) => Ok(Some(c)),
+            (true, None) => Err(f.err("crop_size", "missing, but `do_center_crop` is true")),
         }
-        // Validate the type even though the input is RGB already.
-        f.bool_or("do_convert_rgb", true)?;
+    }
 
-        // The engine batches images into one tensor, so every output must have the same size.
+    /// The engine batches images into one tensor, so every output must have the same size.
+    fn fixed_output_size(
+        f: &Fields,
+        crop: Option<(usize, usize)>,
+        do_resize: bool,
+        size: Size,
+    ) -> Result<(usize, usize)> {
         const VARIABLE: &str = "gives every image its own output size; a fixed size is needed \
                                 (a centre crop, or a {\"height\", \"width\"} resize)";
-        let out = match (crop, do_resize, size) {
-            (Some(c), _, _) => c,
-            (None, true, Size::Exact { height, width }) => (height, width),
-            (None, true, Size::ShortestEdge { .. }) => {
-                return Err(f.err(
-                    "size",
-                    format!("a shortest-edge resize without a crop {VARIABLE}"),
-                ))
-            }
+        match (crop, do_resize, size) {
+            (Some(c), _, _) => Ok(c),
+            (None, true, Size::Exact { height, width }) => Ok((height, width)),
+            (None, true, Size::ShortestEdge { .. }) => Err(f.err(
+                "size",
+                format!("a shortest-edge resize without a crop {VARIABLE}"),
+            )),
             (None, false, _) => {
-                return Err(f.err("do_resize", format!("no resize and no crop {VARIABLE}")))
+                Err(f.err("do_resize", format!("no resize and no crop {VARIABLE}")))
             }
-        };
-        // transformers casts mean and std to the image dtype (f32) before normalising.
-        let to_f32 = |v: [f64; 3]| v.map(|x| x as f32);
-        Ok(ImageProcessor {
-            kind,
-            resize: do_resize.then_some(size),
-            resample,
-            crop,
-            rescale_factor: do_rescale.then_some(rescale_factor),
-            do_normalize,
-            mean: to_f32(mean),
-            std: to_f32(std),
-            out,
-        })
+        }
     }
 
     /// The processor class the config named.

@@ -213,6 +213,9 @@ pub struct Adapter {
     pub image_encoder: Option<String>,
 }
 
+/// (kind, projection, image_embed_dim, cross_dim, tokens) of an adapter's image projection.
+type ProjectionParts = (AdapterKind, Projection, usize, usize, Option<usize>);
+
 /// The `ip_adapter.{1,3,5,…}` layer weights of an adapter file, in order.
 fn load_layers(vb: &Vb, file: &Path) -> Result<Vec<(LinearW, LinearW)>> {
     let store = vb.store();
@@ -279,86 +282,9 @@ impl Adapter {
         let vb = Vb::root_on(store, device);
         let layers = load_layers(&vb, path)?;
         let p = vb.pp("image_proj");
-        let shape = |n: &str| {
-            store
-                .info(&format!("image_proj.{n}"))
-                .map(|(i, _)| i.shape.clone())
-        };
         let (kind, projection, image_embed_dim, cross, tokens) = match toffee {
-            Some((tc, cfg)) => {
-                let d = tc.image_embed_dim;
-                let cross = tc.cross_attention_dim;
-                match tc.projection.as_str() {
-                    "linear" => (
-                        AdapterKind::Toffee,
-                        Projection::PerToken {
-                            proj: p.pp("proj").linear(d, cross, true)?,
-                            norm: LayerNorm::load(&p.pp("norm"), cross, 1e-5)?,
-                        },
-                        d,
-                        cross,
-                        None,
-                    ),
-                    "resampler" => {
-                        let r = Resampler::load(&p, tc.heads)?;
-                        let (q, out) = (r.queries, r.norm_out.gamma.numel());
-                        if out != cross {
-                            bail!(
-                                "{}: the Resampler makes {out}-wide tokens, cross_attention_dim is {cross}",
-                                cfg.path.display()
-                            );
-                        }
-                        (
-                            AdapterKind::Toffee,
-                            Projection::Resampler(r),
-                            d,
-                            cross,
-                            Some(q),
-                        )
-                    }
-                    other => return Err(cfg.unsupported("projection", other, "linear, resampler")),
-                }
-            }
-            None => {
-                if let Some(s) = shape("proj.weight") {
-                    // IP-Adapter: diffusers hard-codes 4 tokens.
-                    let (rows_, d) = (s[0], s[1]);
-                    if !rows_.is_multiple_of(4) {
-                        bail!("`image_proj.proj.weight` has {rows_} rows, not 4 tokens × width");
-                    }
-                    let cross = rows_ / 4;
-                    (
-                        AdapterKind::Plain,
-                        Projection::Plain {
-                            proj: p.pp("proj").linear(d, rows_, true)?,
-                            norm: LayerNorm::load(&p.pp("norm"), cross, 1e-5)?,
-                            tokens: 4,
-                            cross,
-                        },
-                        d,
-                        cross,
-                        Some(4),
-                    )
-                } else if shape("latents").is_some() {
-                    let r = Resampler::load(&p, None)?;
-                    let d = r.proj_in.in_features();
-                    let (q, cross) = (r.queries, r.norm_out.gamma.numel());
-                    (
-                        AdapterKind::Plus,
-                        Projection::Resampler(r),
-                        d,
-                        cross,
-                        Some(q),
-                    )
-                } else {
-                    bail!(
-                        "{}: unknown image projection (expected `image_proj.proj.weight` of IP-Adapter \
-                         or `image_proj.latents` of IP-Adapter-Plus; Full-face and FaceID variants are \
-                         not supported)",
-                        path.display()
-                    );
-                }
-            }
+            Some((tc, cfg)) => Self::toffee_projection(&p, tc, cfg)?,
+            None => Self::public_projection(store, &p, path)?,
         };
         for (i, (k, _)) in layers.iter().enumerate() {
             if k.in_features() != cross {
@@ -382,6 +308,89 @@ impl Adapter {
             selection: toffee.map(|(t, _)| t.selection.clone()),
             image_encoder: toffee.and_then(|(t, _)| t.image_encoder.clone()),
         })
+    }
+
+    /// The projection adapter_config.json names, under `image_proj`.
+    fn toffee_projection(p: &Vb, tc: &ToffeeConfig, cfg: &Config) -> Result<ProjectionParts> {
+        let d = tc.image_embed_dim;
+        let cross = tc.cross_attention_dim;
+        match tc.projection.as_str() {
+            "linear" => Ok((
+                AdapterKind::Toffee,
+                Projection::PerToken {
+                    proj: p.pp("proj").linear(d, cross, true)?,
+                    norm: LayerNorm::load(&p.pp("norm"), cross, 1e-5)?,
+                },
+                d,
+                cross,
+                None,
+            )),
+            "resampler" => {
+                let r = Resampler::load(p, tc.heads)?;
+                let (q, out) = (r.queries, r.norm_out.gamma.numel());
+                if out != cross {
+                    bail!(
+                        "{}: the Resampler makes {out}-wide tokens, cross_attention_dim is {cross}",
+                        cfg.path.display()
+                    );
+                }
+                Ok((
+                    AdapterKind::Toffee,
+                    Projection::Resampler(r),
+                    d,
+                    cross,
+                    Some(q),
+                ))
+            }
+            other => Err(cfg.unsupported("projection", other, "linear, resampler")),
+        }
+    }
+
+    /// A public IP-Adapter file's projection, told apart by its `image_proj` weight names.
+    fn public_projection(store: &WeightStore, p: &Vb, path: &Path) -> Result<ProjectionParts> {
+        let shape = |n: &str| {
+            store
+                .info(&format!("image_proj.{n}"))
+                .map(|(i, _)| i.shape.clone())
+        };
+        if let Some(s) = shape("proj.weight") {
+            // IP-Adapter: diffusers hard-codes 4 tokens.
+            let (rows_, d) = (s[0], s[1]);
+            if !rows_.is_multiple_of(4) {
+                bail!("`image_proj.proj.weight` has {rows_} rows, not 4 tokens × width");
+            }
+            let cross = rows_ / 4;
+            Ok((
+                AdapterKind::Plain,
+                Projection::Plain {
+                    proj: p.pp("proj").linear(d, rows_, true)?,
+                    norm: LayerNorm::load(&p.pp("norm"), cross, 1e-5)?,
+                    tokens: 4,
+                    cross,
+                },
+                d,
+                cross,
+                Some(4),
+            ))
+        } else if shape("latents").is_some() {
+            let r = Resampler::load(p, None)?;
+            let d = r.proj_in.in_features();
+            let (q, cross) = (r.queries, r.norm_out.gamma.numel());
+            Ok((
+                AdapterKind::Plus,
+                Projection::Resampler(r),
+                d,
+                cross,
+                Some(q),
+            ))
+        } else {
+            bail!(
+                "{}: unknown image projection (expected `image_proj.proj.weight` of IP-Adapter \
+                 or `image_proj.latents` of IP-Adapter-Plus; Full-face and FaceID variants are \
+                 not supported)",
+                path.display()
+            );
+        }
     }
 
     fn load_toffee(dir: &Path, device: &Device) -> Result<Adapter> {

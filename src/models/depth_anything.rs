@@ -76,71 +76,12 @@ impl DepthAnythingConfig {
     /// The config and the backbone's sub-config (what `Vit::load` reads).
     pub fn parse(cfg: &Config) -> Result<(DepthAnythingConfig, Config)> {
         let path = cfg.path.display();
-        let model_type = cfg.str_or("model_type", "depth_anything")?;
-        if model_type != "depth_anything" {
-            return Err(cfg.unsupported("model_type", model_type, "depth_anything"));
-        }
-        cfg.check_sizes(&[
-            ("neck_hidden_sizes", 65536),
-            ("reassemble_hidden_size", 65536),
-            ("fusion_hidden_size", 65536),
-            ("head_hidden_size", 65536),
-            ("patch_size", 1024),
-        ])?;
-        if cfg.bool_or("use_timm_backbone", false)? {
-            return Err(cfg.unsupported(
-                "use_timm_backbone",
-                true,
-                "false (a DINOv2 backbone_config)",
-            ));
-        }
-        let Some(bj) = cfg.get("backbone_config").cloned() else {
-            bail!(
-                "{path}: no `backbone_config` (Depth Anything needs its DINOv2 backbone's config)"
-            );
-        };
-        let sub = Config::from_json(&format!("{path} (backbone_config)"), bj)?;
-        let bt = sub.str_or("model_type", "")?;
-        if bt != "dinov2" {
-            return Err(sub.unsupported("model_type", bt, "dinov2"));
-        }
-        let backbone = VitConfig::parse(&sub)?;
-        debug_assert_eq!(backbone.kind, VitKind::Dinov2);
+        check_supported(cfg)?;
+        let (backbone, sub) = parse_backbone(cfg)?;
         let out_indices = parse_out_indices(&sub, backbone.layers)?;
-        let n = out_indices.len();
-        let neck_hidden_sizes = cfg.usize_list("neck_hidden_sizes")?;
-        if neck_hidden_sizes.len() != n || neck_hidden_sizes.contains(&0) {
-            bail!(
-                "{path}: field `neck_hidden_sizes` = {neck_hidden_sizes:?}: expected {n} positive \
-                 sizes, one per backbone output (out_indices {out_indices:?})"
-            );
-        }
-        let reassemble_factors = parse_factors(cfg, n)?;
-        let reassemble = cfg.usize_or("reassemble_hidden_size", backbone.hidden)?;
-        if reassemble != backbone.hidden {
-            bail!(
-                "{path}: field `reassemble_hidden_size` = {reassemble}, but the backbone's \
-                 hidden_size is {}",
-                backbone.hidden
-            );
-        }
-        let fusion_hidden_size = cfg.usize_or("fusion_hidden_size", 64)?;
-        if fusion_hidden_size < 2 {
-            bail!("{path}: field `fusion_hidden_size` = {fusion_hidden_size}: the head halves it, so at least 2");
-        }
-        let head_hidden_size = cfg.usize_or("head_hidden_size", 32)?;
-        if head_hidden_size == 0 {
-            bail!("{path}: field `head_hidden_size` must be positive");
-        }
-        let head_in = match cfg.get("head_in_index") {
-            None => -1,
-            Some(v) => v.as_i64().ok_or_else(|| {
-                anyhow::anyhow!("{path}: field `head_in_index` must be an integer, got {v}")
-            })?,
-        };
-        let Some(head_in_index) = py_index(head_in, n) else {
-            bail!("{path}: field `head_in_index` = {head_in} is outside the {n} fused maps");
-        };
+        let (neck_hidden_sizes, reassemble_factors, fusion_hidden_size) =
+            parse_neck(cfg, &backbone, &out_indices)?;
+        let (head_hidden_size, head_in_index) = parse_head(cfg, out_indices.len())?;
         let patch_size = cfg.usize_or("patch_size", 14)?;
         if patch_size != backbone.patch {
             bail!(
@@ -148,18 +89,7 @@ impl DepthAnythingConfig {
                 backbone.patch
             );
         }
-        let kind_name = cfg.str_or("depth_estimation_type", "relative")?;
-        let kind = match kind_name {
-            "relative" => DepthKind::Relative,
-            "metric" => DepthKind::Metric,
-            other => {
-                return Err(cfg.unsupported("depth_estimation_type", other, "relative, metric"))
-            }
-        };
-        let max_depth = cfg.f64_or("max_depth", 1.0)?;
-        if !(max_depth.is_finite() && max_depth > 0.0) {
-            bail!("{path}: field `max_depth` = {max_depth}: expected a positive number");
-        }
+        let (kind, max_depth) = parse_depth_kind(cfg)?;
         let c = DepthAnythingConfig {
             apply_layernorm: sub.bool_or("apply_layernorm", true)?,
             backbone,
@@ -175,6 +105,112 @@ impl DepthAnythingConfig {
         };
         Ok((c, sub))
     }
+}
+
+/// The model type, size limits and backbone kind this module reproduces.
+fn check_supported(cfg: &Config) -> Result<()> {
+    let model_type = cfg.str_or("model_type", "depth_anything")?;
+    if model_type != "depth_anything" {
+        return Err(cfg.unsupported("model_type", model_type, "depth_anything"));
+    }
+    cfg.check_sizes(&[
+        ("neck_hidden_sizes", 65536),
+        ("reassemble_hidden_size", 65536),
+        ("fusion_hidden_size", 65536),
+        ("head_hidden_size", 65536),
+        ("patch_size", 1024),
+    ])?;
+    if cfg.bool_or("use_timm_backbone", false)? {
+        return Err(cfg.unsupported(
+            "use_timm_backbone",
+            true,
+            "false (a DINOv2 backbone_config)",
+        ));
+    }
+    Ok(())
+}
+
+/// The DINOv2 backbone's config and the `backbone_config` sub-config it came from.
+fn parse_backbone(cfg: &Config) -> Result<(VitConfig, Config)> {
+    let path = cfg.path.display();
+    let Some(bj) = cfg.get("backbone_config").cloned() else {
+        bail!("{path}: no `backbone_config` (Depth Anything needs its DINOv2 backbone's config)");
+    };
+    let sub = Config::from_json(&format!("{path} (backbone_config)"), bj)?;
+    let bt = sub.str_or("model_type", "")?;
+    if bt != "dinov2" {
+        return Err(sub.unsupported("model_type", bt, "dinov2"));
+    }
+    let backbone = VitConfig::parse(&sub)?;
+    debug_assert_eq!(backbone.kind, VitKind::Dinov2);
+    Ok((backbone, sub))
+}
+
+/// (neck_hidden_sizes, reassemble_factors, fusion_hidden_size), one size and factor per backbone
+/// output.
+fn parse_neck(
+    cfg: &Config,
+    backbone: &VitConfig,
+    out_indices: &[usize],
+) -> Result<(Vec<usize>, Vec<Factor>, usize)> {
+    let path = cfg.path.display();
+    let n = out_indices.len();
+    let neck_hidden_sizes = cfg.usize_list("neck_hidden_sizes")?;
+    if neck_hidden_sizes.len() != n || neck_hidden_sizes.contains(&0) {
+        bail!(
+            "{path}: field `neck_hidden_sizes` = {neck_hidden_sizes:?}: expected {n} positive \
+             sizes, one per backbone output (out_indices {out_indices:?})"
+        );
+    }
+    let reassemble_factors = parse_factors(cfg, n)?;
+    let reassemble = cfg.usize_or("reassemble_hidden_size", backbone.hidden)?;
+    if reassemble != backbone.hidden {
+        bail!(
+            "{path}: field `reassemble_hidden_size` = {reassemble}, but the backbone's \
+             hidden_size is {}",
+            backbone.hidden
+        );
+    }
+    let fusion_hidden_size = cfg.usize_or("fusion_hidden_size", 64)?;
+    if fusion_hidden_size < 2 {
+        bail!("{path}: field `fusion_hidden_size` = {fusion_hidden_size}: the head halves it, so at least 2");
+    }
+    Ok((neck_hidden_sizes, reassemble_factors, fusion_hidden_size))
+}
+
+/// (head_hidden_size, head_in_index) for `n` fused maps.
+fn parse_head(cfg: &Config, n: usize) -> Result<(usize, usize)> {
+    let path = cfg.path.display();
+    let head_hidden_size = cfg.usize_or("head_hidden_size", 32)?;
+    if head_hidden_size == 0 {
+        bail!("{path}: field `head_hidden_size` must be positive");
+    }
+    let head_in = match cfg.get("head_in_index") {
+        None => -1,
+        Some(v) => v.as_i64().ok_or_else(|| {
+            anyhow::anyhow!("{path}: field `head_in_index` must be an integer, got {v}")
+        })?,
+    };
+    let Some(head_in_index) = py_index(head_in, n) else {
+        bail!("{path}: field `head_in_index` = {head_in} is outside the {n} fused maps");
+    };
+    Ok((head_hidden_size, head_in_index))
+}
+
+/// (depth_estimation_type, max_depth).
+fn parse_depth_kind(cfg: &Config) -> Result<(DepthKind, f64)> {
+    let path = cfg.path.display();
+    let kind_name = cfg.str_or("depth_estimation_type", "relative")?;
+    let kind = match kind_name {
+        "relative" => DepthKind::Relative,
+        "metric" => DepthKind::Metric,
+        other => return Err(cfg.unsupported("depth_estimation_type", other, "relative, metric")),
+    };
+    let max_depth = cfg.f64_or("max_depth", 1.0)?;
+    if !(max_depth.is_finite() && max_depth > 0.0) {
+        bail!("{path}: field `max_depth` = {max_depth}: expected a positive number");
+    }
+    Ok((kind, max_depth))
 }
 
 /// The backbone's `out_indices` / `out_features` (stage names "stem", "stage1", …), as transformers

@@ -51,190 +51,19 @@ impl UnetConfig {
 
     /// Parses and validates; `controlnet` skips the decoder (up blocks) fields.
     pub fn parse(cfg: &Config, controlnet: bool) -> Result<Self> {
-        cfg.check_sizes(&[
-            ("block_out_channels", 16384),
-            ("in_channels", 1024),
-            ("out_channels", 1024),
-            ("layers_per_block", 64),
-            ("transformer_layers_per_block", 128),
-            ("cross_attention_dim", 16384),
-            ("attention_head_dim", 4096),
-            ("num_attention_heads", 4096),
-            ("norm_num_groups", 16384),
-            ("addition_time_embed_dim", 16384),
-            ("projection_class_embeddings_input_dim", 65536),
-            ("conditioning_channels", 1024),
-            ("conditioning_embedding_out_channels", 16384),
-        ])?;
+        check_field_sizes(cfg)?;
         let block_out_channels = cfg.usize_list("block_out_channels")?;
         let nb = block_out_channels.len();
         if nb == 0 {
             return Err(cfg.unsupported("block_out_channels", "[]", "a non-empty list"));
         }
-        let down_types = cfg.str_list("down_block_types")?;
-        if down_types.len() != nb {
-            bail!(
-                "{}: `down_block_types` has {} entries but `block_out_channels` has {nb}",
-                cfg.path.display(),
-                down_types.len()
-            );
-        }
-        let down_attn = down_types
-            .iter()
-            .map(|t| match t.as_str() {
-                "CrossAttnDownBlock2D" => Ok(true),
-                "DownBlock2D" => Ok(false),
-                other => Err(cfg.unsupported(
-                    "down_block_types",
-                    other,
-                    "CrossAttnDownBlock2D, DownBlock2D",
-                )),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let up_attn = if controlnet {
-            Vec::new()
-        } else {
-            let up_types = cfg.str_list("up_block_types")?;
-            if up_types.len() != nb {
-                bail!(
-                    "{}: `up_block_types` has {} entries but `block_out_channels` has {nb}",
-                    cfg.path.display(),
-                    up_types.len()
-                );
-            }
-            up_types
-                .iter()
-                .map(|t| match t.as_str() {
-                    "CrossAttnUpBlock2D" => Ok(true),
-                    "UpBlock2D" => Ok(false),
-                    other => Err(cfg.unsupported(
-                        "up_block_types",
-                        other,
-                        "CrossAttnUpBlock2D, UpBlock2D",
-                    )),
-                })
-                .collect::<Result<Vec<_>>>()?
-        };
-        let mid_attn = match cfg
-            .opt_str("mid_block_type")?
-            .unwrap_or("UNetMidBlock2DCrossAttn")
-        {
-            "UNetMidBlock2DCrossAttn" => true,
-            other => {
-                return Err(cfg.unsupported("mid_block_type", other, "UNetMidBlock2DCrossAttn"))
-            }
-        };
-        // diffusers names the head count `attention_head_dim` for historical reasons; `num_attention_heads`
-        // wins when both are present.
-        let heads = if cfg.get("num_attention_heads").is_some() {
-            cfg.usize_per_block("num_attention_heads", nb)?
-        } else {
-            cfg.usize_per_block("attention_head_dim", nb)?
-        };
-        for (i, (&h, &c)) in heads.iter().zip(&block_out_channels).enumerate() {
-            if h == 0 || c % h != 0 {
-                bail!(
-                    "{}: block {i} has {c} channels, not divisible into {h} attention heads",
-                    cfg.path.display()
-                );
-            }
-        }
-        let transformer_layers = match cfg.get("transformer_layers_per_block") {
-            None => vec![1; nb],
-            Some(_) => cfg.usize_per_block("transformer_layers_per_block", nb)?,
-        };
-        let reverse_transformer_layers = match cfg.get("reverse_transformer_layers_per_block") {
-            None => transformer_layers.iter().rev().copied().collect(),
-            Some(_) => cfg.usize_per_block("reverse_transformer_layers_per_block", nb)?,
-        };
-        let text_time = match cfg.opt_str("addition_embed_type")? {
-            None => None,
-            Some("text_time") => Some((
-                cfg.usize("addition_time_embed_dim")?,
-                cfg.usize("projection_class_embeddings_input_dim")?,
-            )),
-            Some(other) => {
-                return Err(cfg.unsupported("addition_embed_type", other, "null, \"text_time\""))
-            }
-        };
-        for (field, ok) in [
-            ("class_embed_type", None::<&str>),
-            ("encoder_hid_dim_type", None),
-            ("timestep_post_act", None),
-            ("cross_attention_norm", None),
-        ] {
-            if let Some(v) = cfg.get(field) {
-                if ok.is_none() {
-                    return Err(cfg.unsupported(field, v, "null"));
-                }
-            }
-        }
-        let expect_str = |field: &str, want: &str| -> Result<()> {
-            match cfg.opt_str(field)? {
-                None => Ok(()),
-                Some(v) if v == want => Ok(()),
-                Some(v) => Err(cfg.unsupported(field, v, want)),
-            }
-        };
-        expect_str("act_fn", "silu")?;
-        expect_str("time_embedding_type", "positional")?;
-        expect_str("resnet_time_scale_shift", "default")?;
-        expect_str("attention_type", "default")?;
-        if !controlnet {
-            expect_str("resnet_time_scale_shift", "default")?;
-        }
-        for field in [
-            "dual_cross_attention",
-            "center_input_sample",
-            "class_embeddings_concat",
-            "resnet_skip_time_act",
-            "global_pool_conditions",
-        ] {
-            if cfg.bool_or(field, false)? {
-                return Err(cfg.unsupported(field, true, "false"));
-            }
-        }
-        match cfg.get("only_cross_attention") {
-            None => {}
-            Some(serde_json::Value::Bool(false)) => {}
-            Some(serde_json::Value::Array(a))
-                if a.iter().all(|v| v == &serde_json::Value::Bool(false)) => {}
-            Some(v) => return Err(cfg.unsupported("only_cross_attention", v, "false")),
-        }
-        if cfg.get("time_embedding_dim").is_some() {
-            let d = cfg.usize("time_embedding_dim")?;
-            if d != block_out_channels[0] * 4 {
-                return Err(cfg.unsupported(
-                    "time_embedding_dim",
-                    d,
-                    "null (4 × block_out_channels[0])",
-                ));
-            }
-        }
-        if cfg.get("encoder_hid_dim").is_some() {
-            return Err(cfg.unsupported(
-                "encoder_hid_dim",
-                cfg.get("encoder_hid_dim").unwrap(),
-                "null",
-            ));
-        }
-        if (cfg.f64_or("resnet_out_scale_factor", 1.0)? - 1.0).abs() > 0.0 {
-            return Err(cfg.unsupported(
-                "resnet_out_scale_factor",
-                cfg.get("resnet_out_scale_factor").unwrap(),
-                "1.0",
-            ));
-        }
-        let conv_in_kernel = cfg.usize_or("conv_in_kernel", 3)?;
-        let conv_out_kernel = cfg.usize_or("conv_out_kernel", 3)?;
-        for (f, k) in [
-            ("conv_in_kernel", conv_in_kernel),
-            ("conv_out_kernel", conv_out_kernel),
-        ] {
-            if k % 2 == 0 {
-                return Err(cfg.unsupported(f, k, "an odd kernel size"));
-            }
-        }
+        let (down_attn, up_attn, mid_attn) = parse_block_types(cfg, nb, controlnet)?;
+        let heads = parse_heads(cfg, &block_out_channels)?;
+        let (transformer_layers, reverse_transformer_layers) = parse_transformer_layers(cfg, nb)?;
+        let text_time = parse_text_time(cfg)?;
+        reject_unsupported_options(cfg, controlnet)?;
+        check_embedding_options(cfg, &block_out_channels)?;
+        let (conv_in_kernel, conv_out_kernel) = parse_conv_kernels(cfg)?;
         Ok(UnetConfig {
             in_channels: cfg.usize_or("in_channels", 4)?,
             out_channels: if controlnet {
@@ -261,16 +90,227 @@ impl UnetConfig {
             text_time,
             use_linear_projection: cfg.bool_or("use_linear_projection", false)?,
             upcast_attention: cfg.bool_or("upcast_attention", false)?,
-            time_cond_proj_dim: match cfg.get("time_cond_proj_dim") {
-                None | Some(serde_json::Value::Null) => None,
-                // ControlNetModel has the same option; no distilled ControlNet is supported yet.
-                Some(v) if controlnet => {
-                    return Err(cfg.unsupported("time_cond_proj_dim", v, "null"))
-                }
-                Some(_) => Some(cfg.usize("time_cond_proj_dim")?),
-            },
+            time_cond_proj_dim: parse_time_cond_proj_dim(cfg, controlnet)?,
             block_out_channels,
         })
+    }
+}
+
+fn check_field_sizes(cfg: &Config) -> Result<()> {
+    cfg.check_sizes(&[
+        ("block_out_channels", 16384),
+        ("in_channels", 1024),
+        ("out_channels", 1024),
+        ("layers_per_block", 64),
+        ("transformer_layers_per_block", 128),
+        ("cross_attention_dim", 16384),
+        ("attention_head_dim", 4096),
+        ("num_attention_heads", 4096),
+        ("norm_num_groups", 16384),
+        ("addition_time_embed_dim", 16384),
+        ("projection_class_embeddings_input_dim", 65536),
+        ("conditioning_channels", 1024),
+        ("conditioning_embedding_out_channels", 16384),
+    ])
+}
+
+/// (down_attn, up_attn, mid_attn): which blocks have cross-attention; no up blocks for a ControlNet.
+fn parse_block_types(
+    cfg: &Config,
+    nb: usize,
+    controlnet: bool,
+) -> Result<(Vec<bool>, Vec<bool>, bool)> {
+    let down_attn = parse_block_attn(
+        cfg,
+        "down_block_types",
+        nb,
+        "CrossAttnDownBlock2D",
+        "DownBlock2D",
+    )?;
+    let up_attn = if controlnet {
+        Vec::new()
+    } else {
+        parse_block_attn(cfg, "up_block_types", nb, "CrossAttnUpBlock2D", "UpBlock2D")?
+    };
+    let mid_attn = match cfg
+        .opt_str("mid_block_type")?
+        .unwrap_or("UNetMidBlock2DCrossAttn")
+    {
+        "UNetMidBlock2DCrossAttn" => true,
+        other => return Err(cfg.unsupported("mid_block_type", other, "UNetMidBlock2DCrossAttn")),
+    };
+    Ok((down_attn, up_attn, mid_attn))
+}
+
+/// One flag per block of `field`: true for `attn_type`, false for `plain_type`.
+fn parse_block_attn(
+    cfg: &Config,
+    field: &str,
+    nb: usize,
+    attn_type: &str,
+    plain_type: &str,
+) -> Result<Vec<bool>> {
+    let types = cfg.str_list(field)?;
+    if types.len() != nb {
+        bail!(
+            "{}: `{field}` has {} entries but `block_out_channels` has {nb}",
+            cfg.path.display(),
+            types.len()
+        );
+    }
+    types
+        .iter()
+        .map(|t| match t.as_str() {
+            t if t == attn_type => Ok(true),
+            t if t == plain_type => Ok(false),
+            other => Err(cfg.unsupported(field, other, &format!("{attn_type}, {plain_type}"))),
+        })
+        .collect::<Result<Vec<_>>>()
+}
+
+fn parse_heads(cfg: &Config, block_out_channels: &[usize]) -> Result<Vec<usize>> {
+    let nb = block_out_channels.len();
+    // diffusers names the head count `attention_head_dim` for historical reasons; `num_attention_heads`
+    // wins when both are present.
+    let heads = if cfg.get("num_attention_heads").is_some() {
+        cfg.usize_per_block("num_attention_heads", nb)?
+    } else {
+        cfg.usize_per_block("attention_head_dim", nb)?
+    };
+    for (i, (&h, &c)) in heads.iter().zip(block_out_channels).enumerate() {
+        if h == 0 || c % h != 0 {
+            bail!(
+                "{}: block {i} has {c} channels, not divisible into {h} attention heads",
+                cfg.path.display()
+            );
+        }
+    }
+    Ok(heads)
+}
+
+/// (transformer_layers, reverse_transformer_layers), one count per block.
+fn parse_transformer_layers(cfg: &Config, nb: usize) -> Result<(Vec<usize>, Vec<usize>)> {
+    let transformer_layers = match cfg.get("transformer_layers_per_block") {
+        None => vec![1; nb],
+        Some(_) => cfg.usize_per_block("transformer_layers_per_block", nb)?,
+    };
+    let reverse_transformer_layers = match cfg.get("reverse_transformer_layers_per_block") {
+        None => transformer_layers.iter().rev().copied().collect(),
+        Some(_) => cfg.usize_per_block("reverse_transformer_layers_per_block", nb)?,
+    };
+    Ok((transformer_layers, reverse_transformer_layers))
+}
+
+fn parse_text_time(cfg: &Config) -> Result<Option<(usize, usize)>> {
+    match cfg.opt_str("addition_embed_type")? {
+        None => Ok(None),
+        Some("text_time") => Ok(Some((
+            cfg.usize("addition_time_embed_dim")?,
+            cfg.usize("projection_class_embeddings_input_dim")?,
+        ))),
+        Some(other) => Err(cfg.unsupported("addition_embed_type", other, "null, \"text_time\"")),
+    }
+}
+
+/// Options whose non-default values the engine does not implement.
+fn reject_unsupported_options(cfg: &Config, controlnet: bool) -> Result<()> {
+    for (field, ok) in [
+        ("class_embed_type", None::<&str>),
+        ("encoder_hid_dim_type", None),
+        ("timestep_post_act", None),
+        ("cross_attention_norm", None),
+    ] {
+        if let Some(v) = cfg.get(field) {
+            if ok.is_none() {
+                return Err(cfg.unsupported(field, v, "null"));
+            }
+        }
+    }
+    let expect_str = |field: &str, want: &str| -> Result<()> {
+        match cfg.opt_str(field)? {
+            None => Ok(()),
+            Some(v) if v == want => Ok(()),
+            Some(v) => Err(cfg.unsupported(field, v, want)),
+        }
+    };
+    expect_str("act_fn", "silu")?;
+    expect_str("time_embedding_type", "positional")?;
+    expect_str("resnet_time_scale_shift", "default")?;
+    expect_str("attention_type", "default")?;
+    if !controlnet {
+        expect_str("resnet_time_scale_shift", "default")?;
+    }
+    for field in [
+        "dual_cross_attention",
+        "center_input_sample",
+        "class_embeddings_concat",
+        "resnet_skip_time_act",
+        "global_pool_conditions",
+    ] {
+        if cfg.bool_or(field, false)? {
+            return Err(cfg.unsupported(field, true, "false"));
+        }
+    }
+    Ok(())
+}
+
+/// Options that may only take the values the embeddings and resnets are built for.
+fn check_embedding_options(cfg: &Config, block_out_channels: &[usize]) -> Result<()> {
+    match cfg.get("only_cross_attention") {
+        None => {}
+        Some(serde_json::Value::Bool(false)) => {}
+        Some(serde_json::Value::Array(a))
+            if a.iter().all(|v| v == &serde_json::Value::Bool(false)) => {}
+        Some(v) => return Err(cfg.unsupported("only_cross_attention", v, "false")),
+    }
+    if cfg.get("time_embedding_dim").is_some() {
+        let d = cfg.usize("time_embedding_dim")?;
+        if d != block_out_channels[0] * 4 {
+            return Err(cfg.unsupported(
+                "time_embedding_dim",
+                d,
+                "null (4 × block_out_channels[0])",
+            ));
+        }
+    }
+    if cfg.get("encoder_hid_dim").is_some() {
+        return Err(cfg.unsupported(
+            "encoder_hid_dim",
+            cfg.get("encoder_hid_dim").unwrap(),
+            "null",
+        ));
+    }
+    if (cfg.f64_or("resnet_out_scale_factor", 1.0)? - 1.0).abs() > 0.0 {
+        return Err(cfg.unsupported(
+            "resnet_out_scale_factor",
+            cfg.get("resnet_out_scale_factor").unwrap(),
+            "1.0",
+        ));
+    }
+    Ok(())
+}
+
+/// (conv_in_kernel, conv_out_kernel).
+fn parse_conv_kernels(cfg: &Config) -> Result<(usize, usize)> {
+    let conv_in_kernel = cfg.usize_or("conv_in_kernel", 3)?;
+    let conv_out_kernel = cfg.usize_or("conv_out_kernel", 3)?;
+    for (f, k) in [
+        ("conv_in_kernel", conv_in_kernel),
+        ("conv_out_kernel", conv_out_kernel),
+    ] {
+        if k % 2 == 0 {
+            return Err(cfg.unsupported(f, k, "an odd kernel size"));
+        }
+    }
+    Ok((conv_in_kernel, conv_out_kernel))
+}
+
+fn parse_time_cond_proj_dim(cfg: &Config, controlnet: bool) -> Result<Option<usize>> {
+    match cfg.get("time_cond_proj_dim") {
+        None | Some(serde_json::Value::Null) => Ok(None),
+        // ControlNetModel has the same option; no distilled ControlNet is supported yet.
+        Some(v) if controlnet => Err(cfg.unsupported("time_cond_proj_dim", v, "null")),
+        Some(_) => Ok(Some(cfg.usize("time_cond_proj_dim")?)),
     }
 }
 
@@ -735,6 +775,46 @@ impl Unet {
         residuals: Option<(&[Tensor], &Tensor)>,
         mut trace: Option<&mut Trace>,
     ) -> Result<Tensor> {
+        let b = self.check_inputs(x, cond)?;
+        let mut rec = |name: &str, t: &Tensor| {
+            if let Some(tr) = trace.as_deref_mut() {
+                tr.push((name.to_string(), t.clone()));
+            }
+        };
+        let _unet = tracing::info_span!("unet", batch = b).entered();
+        let temb = self.embed(cond, &mut rec)?;
+        let mut h = ops::conv2d(x, &self.enc.conv_in);
+        rec("conv_in", &h);
+        let mut skips = vec![h.clone()];
+        for (i, d) in self.enc.down.iter().enumerate() {
+            let _s = tracing::info_span!("down_block", i).entered();
+            h = d.forward(&h, &temb, cond.context(), &mut skips);
+            rec(&format!("down.{i}"), &h);
+        }
+        if let Some((down_res, _)) = residuals {
+            add_down_residuals(&mut skips, down_res)?;
+        }
+        h = tracing::info_span!("mid_block")
+            .in_scope(|| self.enc.mid.forward(&h, &temb, cond.context()));
+        if let Some((_, mid)) = residuals {
+            if mid.shape() != h.shape() {
+                bail!(
+                    "mid_res has shape {:?} (NHWC), the mid block output has {:?}",
+                    mid.shape(),
+                    h.shape()
+                );
+            }
+            h = ops::add(&h, mid);
+        }
+        rec("mid", &h);
+        let h = self.up_blocks(h, &temb, cond, skips, &mut rec);
+        let h = self.norm_out.forward_silu(&h);
+        rec("conv_norm_out", &h);
+        Ok(ops::conv2d(&h, &self.conv_out))
+    }
+
+    /// Checks the sample and the conditioning against the model; returns the batch size.
+    fn check_inputs(&self, x: &Tensor, cond: &Cond) -> Result<usize> {
         let c = &self.config;
         let (b, _, _, cin) = x.dims4();
         if cin != c.in_channels {
@@ -764,12 +844,11 @@ impl Unet {
                 );
             }
         }
-        let mut rec = |name: &str, t: &Tensor| {
-            if let Some(tr) = trace.as_deref_mut() {
-                tr.push((name.to_string(), t.clone()));
-            }
-        };
-        let _unet = tracing::info_span!("unet", batch = b).entered();
+        Ok(b)
+    }
+
+    /// The embedding the resnets see: silu(time_emb + aug_emb).
+    fn embed(&self, cond: &Cond, rec: &mut impl FnMut(&str, &Tensor)) -> Result<Tensor> {
         let (emb, aug) = self.enc.emb.forward(cond)?;
         rec("time_emb", &emb);
         let emb = match aug {
@@ -780,52 +859,23 @@ impl Unet {
             None => emb,
         };
         rec("emb", &emb);
-        let temb = ops::silu(&emb);
-        let mut h = ops::conv2d(x, &self.enc.conv_in);
-        rec("conv_in", &h);
-        let mut skips = vec![h.clone()];
-        for (i, d) in self.enc.down.iter().enumerate() {
-            let _s = tracing::info_span!("down_block", i).entered();
-            h = d.forward(&h, &temb, cond.context(), &mut skips);
-            rec(&format!("down.{i}"), &h);
-        }
-        if let Some((down_res, _)) = residuals {
-            if down_res.len() != skips.len() {
-                bail!(
-                    "{} ControlNet down residuals given, the UNet has {} skip connections",
-                    down_res.len(),
-                    skips.len()
-                );
-            }
-            for (i, (s, r)) in skips.iter_mut().zip(down_res).enumerate() {
-                if s.shape() != r.shape() {
-                    bail!(
-                        "down_res.{i} has shape {:?} (NHWC), the UNet's skip has {:?}",
-                        r.shape(),
-                        s.shape()
-                    );
-                }
-                *s = ops::add(s, r);
-            }
-        }
-        h = tracing::info_span!("mid_block")
-            .in_scope(|| self.enc.mid.forward(&h, &temb, cond.context()));
-        if let Some((_, mid)) = residuals {
-            if mid.shape() != h.shape() {
-                bail!(
-                    "mid_res has shape {:?} (NHWC), the mid block output has {:?}",
-                    mid.shape(),
-                    h.shape()
-                );
-            }
-            h = ops::add(&h, mid);
-        }
-        rec("mid", &h);
+        Ok(ops::silu(&emb))
+    }
+
+    /// The decoder: each up block consumes the encoder's skips from the last one back.
+    fn up_blocks(
+        &self,
+        mut h: Tensor,
+        temb: &Tensor,
+        cond: &Cond,
+        mut skips: Vec<Tensor>,
+        rec: &mut impl FnMut(&str, &Tensor),
+    ) -> Tensor {
         for (i, u) in self.up.iter().enumerate() {
             let _s = tracing::info_span!("up_block", i).entered();
             for (r, a) in &u.layers {
                 let s = skips.pop().expect("skip count matches the block layout");
-                h = r.forward(&ops::concat_channels(&[&h, &s]), Some(&temb));
+                h = r.forward(&ops::concat_channels(&[&h, &s]), Some(temb));
                 if let Some(a) = a {
                     h = a.forward(&h, cond.context());
                 }
@@ -839,10 +889,30 @@ impl Unet {
             }
             rec(&format!("up.{i}"), &h);
         }
-        let h = self.norm_out.forward_silu(&h);
-        rec("conv_norm_out", &h);
-        Ok(ops::conv2d(&h, &self.conv_out))
+        h
     }
+}
+
+/// Adds ControlNet's down residuals to the encoder's skips, one for one.
+fn add_down_residuals(skips: &mut [Tensor], down_res: &[Tensor]) -> Result<()> {
+    if down_res.len() != skips.len() {
+        bail!(
+            "{} ControlNet down residuals given, the UNet has {} skip connections",
+            down_res.len(),
+            skips.len()
+        );
+    }
+    for (i, (s, r)) in skips.iter_mut().zip(down_res).enumerate() {
+        if s.shape() != r.shape() {
+            bail!(
+                "down_res.{i} has shape {:?} (NHWC), the UNet's skip has {:?}",
+                r.shape(),
+                s.shape()
+            );
+        }
+        *s = ops::add(s, r);
+    }
+    Ok(())
 }
 
 pub(crate) fn check_cond(cond: &Cond, b: usize, ctx_dims: &[usize]) -> Result<()> {

@@ -81,6 +81,56 @@ struct Block {
     resample: Option<Conv2dW>,
 }
 
+/// The encoder's down blocks (`e` = the `encoder` prefix), a downsampler after all but the last.
+fn load_down_blocks(e: &Vb, ch: &[usize], layers: usize, groups: usize) -> Result<Vec<Block>> {
+    let nb = ch.len();
+    let mut enc_down = Vec::new();
+    let mut out_ch = ch[0];
+    for (i, &c) in ch.iter().enumerate() {
+        let in_ch = out_ch;
+        out_ch = c;
+        let b = e.pp(format!("down_blocks.{i}"));
+        let resnets = load_resnets(&b, layers, in_ch, out_ch, groups)?;
+        let resample = if i + 1 < nb {
+            Some(load_downsample(&b.pp("downsamplers.0"), out_ch, 0)?)
+        } else {
+            None
+        };
+        enc_down.push(Block { resnets, resample });
+    }
+    Ok(enc_down)
+}
+
+/// The decoder's up blocks (`d` = the `decoder` prefix) over the reversed channel list, an
+/// upsampler after all but the last.
+fn load_up_blocks(d: &Vb, ch: &[usize], layers: usize, groups: usize) -> Result<Vec<Block>> {
+    let nb = ch.len();
+    let rev: Vec<usize> = ch.iter().rev().copied().collect();
+    let mut dec_up = Vec::new();
+    let mut out_ch = rev[0];
+    for (i, &c) in rev.iter().enumerate() {
+        let prev = out_ch;
+        out_ch = c;
+        let b = d.pp(format!("up_blocks.{i}"));
+        let resnets = load_resnets(&b, layers + 1, prev, out_ch, groups)?;
+        let resample = if i + 1 < nb {
+            Some(b.pp("upsamplers.0.conv").conv2d(out_ch, out_ch, 3, 1, 1)?)
+        } else {
+            None
+        };
+        dec_up.push(Block { resnets, resample });
+    }
+    Ok(dec_up)
+}
+
+fn scaling_factor(cfg: &Config) -> Result<f64> {
+    let f = cfg.f64_or("scaling_factor", 0.18215)?;
+    if !(f.is_finite() && f > 0.0) {
+        return Err(cfg.unsupported("scaling_factor", f, "a positive number"));
+    }
+    Ok(f)
+}
+
 /// Whether the VAE must not run in fp16 (`force_upcast`: SDXL's overflows there). Old SD1/SD2
 /// configs lack the field and their pipelines never upcast, so absent means false.
 pub fn force_upcast(cfg: &Config) -> Result<bool> {
@@ -112,6 +162,57 @@ pub struct Vae {
 
 impl Vae {
     pub fn load(cfg: &Config, store: &WeightStore, device: &Device) -> Result<Self> {
+        let ch = Self::check_config(cfg)?;
+        let nb = ch.len();
+        let layers = cfg.usize_or("layers_per_block", 1)?;
+        let groups = cfg.usize_or("norm_num_groups", 32)?;
+        let lat = cfg.usize_or("latent_channels", 4)?;
+        let cin = cfg.usize_or("in_channels", 3)?;
+        let cout = cfg.usize_or("out_channels", 3)?;
+        let attention = cfg.bool_or("mid_block_add_attention", true)?;
+        let io = device.clone();
+        let device = device.upcast(force_upcast(cfg)?);
+        let vb = Vb::root_on(store, &device);
+        let e = vb.pp("encoder");
+        let enc_down = load_down_blocks(&e, &ch, layers, groups)?;
+        let d = vb.pp("decoder");
+        let dec_up = load_up_blocks(&d, &ch, layers, groups)?;
+        let last = ch[nb - 1];
+        Ok(Vae {
+            device,
+            io,
+            latent_channels: lat,
+            scaling_factor: scaling_factor(cfg)?,
+            shift_factor: cfg
+                .get("shift_factor")
+                .map(|_| cfg.f64_or("shift_factor", 0.0))
+                .transpose()?,
+            in_channels: cin,
+            enc_conv_in: e.pp("conv_in").conv2d(cin, ch[0], 3, 1, 1)?,
+            enc_down,
+            enc_mid: Mid::load(&e.pp("mid_block"), last, groups, attention)?,
+            enc_norm: GroupNorm::load(&e.pp("conv_norm_out"), groups, last, EPS)?,
+            enc_conv_out: e.pp("conv_out").conv2d(last, 2 * lat, 3, 1, 1)?,
+            quant_conv: if cfg.bool_or("use_quant_conv", true)? {
+                Some(vb.pp("quant_conv").conv2d(2 * lat, 2 * lat, 1, 1, 0)?)
+            } else {
+                None
+            },
+            post_quant_conv: if cfg.bool_or("use_post_quant_conv", true)? {
+                Some(vb.pp("post_quant_conv").conv2d(lat, lat, 1, 1, 0)?)
+            } else {
+                None
+            },
+            dec_conv_in: d.pp("conv_in").conv2d(lat, last, 3, 1, 1)?,
+            dec_mid: Mid::load(&d.pp("mid_block"), last, groups, attention)?,
+            dec_up,
+            dec_norm: GroupNorm::load(&d.pp("conv_norm_out"), groups, ch[0], EPS)?,
+            dec_conv_out: d.pp("conv_out").conv2d(ch[0], cout, 3, 1, 1)?,
+        })
+    }
+
+    /// Validates the block layout and activation; returns `block_out_channels` (never empty).
+    fn check_config(cfg: &Config) -> Result<Vec<usize>> {
         cfg.check_sizes(&[
             ("block_out_channels", 16384),
             ("in_channels", 1024),
@@ -144,84 +245,7 @@ impl Vae {
         if cfg.str_or("act_fn", "silu")? != "silu" {
             return Err(cfg.unsupported("act_fn", cfg.str("act_fn")?, "silu"));
         }
-        let layers = cfg.usize_or("layers_per_block", 1)?;
-        let groups = cfg.usize_or("norm_num_groups", 32)?;
-        let lat = cfg.usize_or("latent_channels", 4)?;
-        let cin = cfg.usize_or("in_channels", 3)?;
-        let cout = cfg.usize_or("out_channels", 3)?;
-        let attention = cfg.bool_or("mid_block_add_attention", true)?;
-        let io = device.clone();
-        let device = device.upcast(force_upcast(cfg)?);
-        let vb = Vb::root_on(store, &device);
-        let e = vb.pp("encoder");
-        let mut enc_down = Vec::new();
-        let mut out_ch = ch[0];
-        for (i, &c) in ch.iter().enumerate() {
-            let in_ch = out_ch;
-            out_ch = c;
-            let b = e.pp(format!("down_blocks.{i}"));
-            let resnets = load_resnets(&b, layers, in_ch, out_ch, groups)?;
-            let resample = if i + 1 < nb {
-                Some(load_downsample(&b.pp("downsamplers.0"), out_ch, 0)?)
-            } else {
-                None
-            };
-            enc_down.push(Block { resnets, resample });
-        }
-        let d = vb.pp("decoder");
-        let rev: Vec<usize> = ch.iter().rev().copied().collect();
-        let mut dec_up = Vec::new();
-        let mut out_ch = rev[0];
-        for (i, &c) in rev.iter().enumerate() {
-            let prev = out_ch;
-            out_ch = c;
-            let b = d.pp(format!("up_blocks.{i}"));
-            let resnets = load_resnets(&b, layers + 1, prev, out_ch, groups)?;
-            let resample = if i + 1 < nb {
-                Some(b.pp("upsamplers.0.conv").conv2d(out_ch, out_ch, 3, 1, 1)?)
-            } else {
-                None
-            };
-            dec_up.push(Block { resnets, resample });
-        }
-        let last = ch[nb - 1];
-        Ok(Vae {
-            device,
-            io,
-            latent_channels: lat,
-            scaling_factor: {
-                let f = cfg.f64_or("scaling_factor", 0.18215)?;
-                if !(f.is_finite() && f > 0.0) {
-                    return Err(cfg.unsupported("scaling_factor", f, "a positive number"));
-                }
-                f
-            },
-            shift_factor: cfg
-                .get("shift_factor")
-                .map(|_| cfg.f64_or("shift_factor", 0.0))
-                .transpose()?,
-            in_channels: cin,
-            enc_conv_in: e.pp("conv_in").conv2d(cin, ch[0], 3, 1, 1)?,
-            enc_down,
-            enc_mid: Mid::load(&e.pp("mid_block"), last, groups, attention)?,
-            enc_norm: GroupNorm::load(&e.pp("conv_norm_out"), groups, last, EPS)?,
-            enc_conv_out: e.pp("conv_out").conv2d(last, 2 * lat, 3, 1, 1)?,
-            quant_conv: if cfg.bool_or("use_quant_conv", true)? {
-                Some(vb.pp("quant_conv").conv2d(2 * lat, 2 * lat, 1, 1, 0)?)
-            } else {
-                None
-            },
-            post_quant_conv: if cfg.bool_or("use_post_quant_conv", true)? {
-                Some(vb.pp("post_quant_conv").conv2d(lat, lat, 1, 1, 0)?)
-            } else {
-                None
-            },
-            dec_conv_in: d.pp("conv_in").conv2d(lat, last, 3, 1, 1)?,
-            dec_mid: Mid::load(&d.pp("mid_block"), last, groups, attention)?,
-            dec_up,
-            dec_norm: GroupNorm::load(&d.pp("conv_norm_out"), groups, ch[0], EPS)?,
-            dec_conv_out: d.pp("conv_out").conv2d(ch[0], cout, 3, 1, 1)?,
-        })
+        Ok(ch)
     }
 
     /// The storage type the VAE computes in (`f32` on the CPU; `f16` or `bf16` on a GPU).

@@ -452,46 +452,8 @@ impl Vit {
         let c = VitConfig::parse(cfg)?;
         let vb = Vb::root_on(store, device);
         let d = c.hidden;
-        let n = c.grid() * c.grid();
-        let (patch_embed, cls, pos_host, pre_norm) = match c.kind {
-            VitKind::Vit | VitKind::Dinov2 => {
-                let e = vb.pp("embeddings");
-                (
-                    e.pp("patch_embeddings.projection")
-                        .conv2d(c.channels, d, c.patch, c.patch, 0)?,
-                    store
-                        .get("embeddings.cls_token", &[1, 1, d])?
-                        .reshape(vec![1, d]),
-                    store
-                        .get("embeddings.position_embeddings", &[1, 1 + n, d])?
-                        .reshape(vec![1 + n, d]),
-                    None,
-                )
-            }
-            VitKind::ClipVision => {
-                let e = vb.pp("embeddings");
-                (
-                    e.pp("patch_embedding")
-                        .conv2d_bias(c.channels, d, c.patch, c.patch, 0, false)?,
-                    store
-                        .get("embeddings.class_embedding", &[d])?
-                        .reshape(vec![1, d]),
-                    store.get("embeddings.position_embedding.weight", &[1 + n, d])?,
-                    Some(LayerNorm::load(&vb.pp("pre_layrnorm"), d, c.eps)?),
-                )
-            }
-        };
-        let registers = if c.registers > 0 {
-            Some(
-                device.put(
-                    store
-                        .get("embeddings.register_tokens", &[1, c.registers, d])?
-                        .reshape(vec![c.registers, d]),
-                ),
-            )
-        } else {
-            None
-        };
+        let (patch_embed, cls, pos_host, pre_norm) = Self::load_embeddings(&c, &vb, store)?;
+        let registers = Self::load_registers(&c, store, device)?;
         let layer_prefix = match c.kind {
             VitKind::ClipVision => "encoder.layers",
             _ => "encoder.layer",
@@ -525,16 +487,7 @@ impl Vit {
                 },
             },
         };
-        let mut config = c;
-        if let Head::Clip {
-            projection: Some(p),
-            ..
-        } = &head
-        {
-            config.projection_dim = Some(p.out_features());
-        } else if config.kind == VitKind::ClipVision {
-            config.projection_dim = None;
-        }
+        let config = Self::config_for_head(c, &head);
         Ok(Vit {
             patch_embed,
             cls: device.put(cls),
@@ -548,6 +501,78 @@ impl Vit {
             interpolate: config.kind == VitKind::Dinov2,
             config,
         })
+    }
+
+    /// (patch_embed, cls [1, D], position embeddings [1 + N, D] on the host, CLIP's pre-norm).
+    fn load_embeddings(
+        c: &VitConfig,
+        vb: &Vb,
+        store: &WeightStore,
+    ) -> Result<(Conv2dW, Tensor, Tensor, Option<LayerNorm>)> {
+        let d = c.hidden;
+        let n = c.grid() * c.grid();
+        match c.kind {
+            VitKind::Vit | VitKind::Dinov2 => {
+                let e = vb.pp("embeddings");
+                Ok((
+                    e.pp("patch_embeddings.projection")
+                        .conv2d(c.channels, d, c.patch, c.patch, 0)?,
+                    store
+                        .get("embeddings.cls_token", &[1, 1, d])?
+                        .reshape(vec![1, d]),
+                    store
+                        .get("embeddings.position_embeddings", &[1, 1 + n, d])?
+                        .reshape(vec![1 + n, d]),
+                    None,
+                ))
+            }
+            VitKind::ClipVision => {
+                let e = vb.pp("embeddings");
+                Ok((
+                    e.pp("patch_embedding")
+                        .conv2d_bias(c.channels, d, c.patch, c.patch, 0, false)?,
+                    store
+                        .get("embeddings.class_embedding", &[d])?
+                        .reshape(vec![1, d]),
+                    store.get("embeddings.position_embedding.weight", &[1 + n, d])?,
+                    Some(LayerNorm::load(&vb.pp("pre_layrnorm"), d, c.eps)?),
+                ))
+            }
+        }
+    }
+
+    /// DINOv2's register tokens [R, D] on the device, when the config has any.
+    fn load_registers(
+        c: &VitConfig,
+        store: &WeightStore,
+        device: &Device,
+    ) -> Result<Option<Tensor>> {
+        let d = c.hidden;
+        if c.registers > 0 {
+            Ok(Some(
+                device.put(
+                    store
+                        .get("embeddings.register_tokens", &[1, c.registers, d])?
+                        .reshape(vec![c.registers, d]),
+                ),
+            ))
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// The config as loaded: a CLIP model's `projection_dim` is that of the projection it has.
+    fn config_for_head(mut config: VitConfig, head: &Head) -> VitConfig {
+        if let Head::Clip {
+            projection: Some(p),
+            ..
+        } = head
+        {
+            config.projection_dim = Some(p.out_features());
+        } else if config.kind == VitKind::ClipVision {
+            config.projection_dim = None;
+        }
+        config
     }
 
     /// transformers' `interpolate_pos_encoding` forward flag (DINOv2 always interpolates).

@@ -437,13 +437,43 @@ impl Scheduler {
 
     /// As `from_config`, for a config already read with `read_config`.
     pub fn from_config_json(cfg: &Config, override_kind: Option<SchedulerKind>) -> Result<Self> {
-        use SchedulerKind::*;
         let kind = match override_kind {
             // The CLI name fixes the DPM variant (diffusers users pass these as from_config kwargs).
             Some(k) => k,
             None => SchedulerKind::from_class(cfg)?,
         };
+        let (num_train, beta_schedule, alphas_cumprod, train_sigmas) =
+            Self::train_schedule(cfg, kind)?;
+        let (prediction, spacing) = Self::parse_prediction_spacing(cfg, kind)?;
+        let steps_offset = cfg.usize_or("steps_offset", 0)?;
 
+        let c = Common {
+            path: cfg.path.clone(),
+            prediction,
+            spacing,
+            steps_offset,
+            num_train,
+            beta_schedule,
+            alphas_cumprod,
+            train_sigmas,
+            eta: 0.0,
+            num_inference_steps: 0,
+            timesteps: Vec::new(),
+            sigmas: Vec::new(),
+            begin: 0,
+            begin_index_set: false,
+            steps_done: 0,
+        };
+        let algo = Algo::new(kind, cfg, &c, override_kind.is_some())?;
+        Ok(Scheduler { kind, c, algo })
+    }
+
+    /// The training noise schedule: (num_train_timesteps, beta_schedule, ᾱ_t, σ_t), one ᾱ and σ
+    /// per training timestep.
+    fn train_schedule(
+        cfg: &Config,
+        kind: SchedulerKind,
+    ) -> Result<(usize, BetaSchedule, Vec<f32>, Vec<f32>)> {
         let num_train = cfg.usize_or("num_train_timesteps", 1000)?;
         // A schedule is num_train floats per table: bound it before allocating.
         if !(2..=100_000).contains(&num_train) {
@@ -475,13 +505,13 @@ impl Scheduler {
         require_null(cfg, "trained_betas")?;
         let mut betas = schedule::betas(beta_schedule, beta_start, beta_end, num_train);
         // PNDMScheduler has no `rescale_betas_zero_snr`; from_config drops it.
-        let zero_snr = kind != Pndm && cfg.bool_or("rescale_betas_zero_snr", false)?;
+        let zero_snr =
+            kind != SchedulerKind::Pndm && cfg.bool_or("rescale_betas_zero_snr", false)?;
         if zero_snr {
             betas = schedule::rescale_zero_terminal_snr(&betas);
         }
         let mut alphas_cumprod = schedule::alphas_cumprod(&betas);
-        let indexes_alphas = kind.indexes_alphas();
-        if zero_snr && !indexes_alphas {
+        if zero_snr && !kind.indexes_alphas() {
             // Sigma-based kinds avoid an infinite last sigma; DDIM keeps ᾱ = 0.
             *alphas_cumprod.last_mut().unwrap() = 2f32.powi(-24);
         }
@@ -489,7 +519,15 @@ impl Scheduler {
             .iter()
             .map(|a| ((1.0 - a) / a).sqrt())
             .collect();
+        Ok((num_train, beta_schedule, alphas_cumprod, train_sigmas))
+    }
 
+    /// (prediction_type, timestep_spacing), each limited to what `kind` supports.
+    fn parse_prediction_spacing(
+        cfg: &Config,
+        kind: SchedulerKind,
+    ) -> Result<(Prediction, Spacing)> {
+        use SchedulerKind::*;
         let predictions: &[(&str, Prediction)] = match kind {
             // diffusers raises NotImplementedError (PNDM: ValueError) for "sample" here.
             EulerAncestral | Pndm => &[
@@ -506,7 +544,7 @@ impl Scheduler {
         let spacing = choice(
             cfg,
             "timestep_spacing",
-            if indexes_alphas {
+            if kind.indexes_alphas() {
                 "leading"
             } else {
                 "linspace"
@@ -517,27 +555,7 @@ impl Scheduler {
                 ("trailing", Spacing::Trailing),
             ],
         )?;
-        let steps_offset = cfg.usize_or("steps_offset", 0)?;
-
-        let c = Common {
-            path: cfg.path.clone(),
-            prediction,
-            spacing,
-            steps_offset,
-            num_train,
-            beta_schedule,
-            alphas_cumprod,
-            train_sigmas,
-            eta: 0.0,
-            num_inference_steps: 0,
-            timesteps: Vec::new(),
-            sigmas: Vec::new(),
-            begin: 0,
-            begin_index_set: false,
-            steps_done: 0,
-        };
-        let algo = Algo::new(kind, cfg, &c, override_kind.is_some())?;
-        Ok(Scheduler { kind, c, algo })
+        Ok((prediction, spacing))
     }
 
     pub fn kind(&self) -> SchedulerKind {

@@ -201,54 +201,61 @@ fn parse_header(buf: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
         if name == "__metadata__" {
             continue;
         }
-        let dtype_s = v
-            .get("dtype")
-            .and_then(|d| d.as_str())
-            .ok_or_else(|| anyhow!("tensor `{name}`: missing dtype"))?;
-        let dtype = Dtype::parse(dtype_s)
-            .ok_or_else(|| anyhow!("tensor `{name}`: unsupported dtype {dtype_s}"))?;
-        let shape: Vec<usize> = v
-            .get("shape")
-            .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-            .ok_or_else(|| anyhow!("tensor `{name}`: missing or invalid shape"))?;
-        let offs: Vec<usize> = v
-            .get("data_offsets")
-            .and_then(|s| s.as_array())
-            .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
-            .ok_or_else(|| anyhow!("tensor `{name}`: missing data_offsets"))?;
-        if offs.len() != 2 || offs[0] > offs[1] {
-            bail!("tensor `{name}`: invalid data_offsets {offs:?}");
-        }
-        if offs[1] > data_len {
-            bail!("tensor `{name}` needs bytes {}..{} of the data section but the file holds only {data_len} (truncated)", offs[0], offs[1]);
-        }
-        let bytes = shape
-            .iter()
-            .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
-            .ok_or_else(|| {
-                anyhow!("tensor `{name}`: shape {shape:?} overflows the element count")
-            })?;
-        if bytes != offs[1] - offs[0] {
-            bail!(
-                "tensor `{name}`: shape {shape:?} of {} does not fit its {} bytes",
-                dtype.name(),
-                offs[1] - offs[0]
-            );
-        }
-        out.insert(
-            name,
-            TensorInfo {
-                dtype,
-                shape,
-                start: 8 + n + offs[0],
-                end: 8 + n + offs[1],
-            },
+        let info = parse_entry(&name, &v, n, data_len)?;
+        out.insert(name, info);
+    }
+    check_tiling(&out, n, buf.len())?;
+    Ok(out)
+}
+
+/// One header entry; `n` is the header length, `data_len` the size of the data section.
+fn parse_entry(name: &str, v: &serde_json::Value, n: usize, data_len: usize) -> Result<TensorInfo> {
+    let dtype_s = v
+        .get("dtype")
+        .and_then(|d| d.as_str())
+        .ok_or_else(|| anyhow!("tensor `{name}`: missing dtype"))?;
+    let dtype = Dtype::parse(dtype_s)
+        .ok_or_else(|| anyhow!("tensor `{name}`: unsupported dtype {dtype_s}"))?;
+    let shape: Vec<usize> = v
+        .get("shape")
+        .and_then(|s| s.as_array())
+        .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+        .ok_or_else(|| anyhow!("tensor `{name}`: missing or invalid shape"))?;
+    let offs: Vec<usize> = v
+        .get("data_offsets")
+        .and_then(|s| s.as_array())
+        .and_then(|a| a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect())
+        .ok_or_else(|| anyhow!("tensor `{name}`: missing data_offsets"))?;
+    if offs.len() != 2 || offs[0] > offs[1] {
+        bail!("tensor `{name}`: invalid data_offsets {offs:?}");
+    }
+    if offs[1] > data_len {
+        bail!("tensor `{name}` needs bytes {}..{} of the data section but the file holds only {data_len} (truncated)", offs[0], offs[1]);
+    }
+    let bytes = shape
+        .iter()
+        .try_fold(dtype.size(), |a, &d| a.checked_mul(d))
+        .ok_or_else(|| anyhow!("tensor `{name}`: shape {shape:?} overflows the element count"))?;
+    if bytes != offs[1] - offs[0] {
+        bail!(
+            "tensor `{name}`: shape {shape:?} of {} does not fit its {} bytes",
+            dtype.name(),
+            offs[1] - offs[0]
         );
     }
-    // The data section is the tensors back to back: an overlap would alias two tensors, a gap
-    // hides bytes (the safetensors format forbids both).
-    let mut spans: Vec<(usize, usize, &str)> = out
+    Ok(TensorInfo {
+        dtype,
+        shape,
+        start: 8 + n + offs[0],
+        end: 8 + n + offs[1],
+    })
+}
+
+/// The data section is the tensors back to back: an overlap would alias two tensors, a gap
+/// hides bytes (the safetensors format forbids both). `n` is the header length, `file_len` the
+/// size of the whole file.
+fn check_tiling(tensors: &BTreeMap<String, TensorInfo>, n: usize, file_len: usize) -> Result<()> {
+    let mut spans: Vec<(usize, usize, &str)> = tensors
         .iter()
         .map(|(k, i)| (i.start, i.end, k.as_str()))
         .collect();
@@ -269,13 +276,13 @@ fn parse_header(buf: &[u8]) -> Result<BTreeMap<String, TensorInfo>> {
         }
         at = end;
     }
-    if at != buf.len() {
+    if at != file_len {
         bail!(
             "{} bytes after the last tensor are not covered by the header",
-            buf.len() - at
+            file_len - at
         );
     }
-    Ok(out)
+    Ok(())
 }
 
 /// The header's entries, refusing a name that appears twice (JSON parsers keep the last one
