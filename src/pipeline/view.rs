@@ -240,6 +240,26 @@ impl ViewGenerator {
         progress: &mut dyn FnMut(usize, usize),
     ) -> Result<(Tensor, Tensor)> {
         let views = &req.views[first..first + n];
+        let (h, w) = self.subject_size(req, views)?;
+        let images = Tensor::cat0(
+            &views
+                .iter()
+                .map(|v| &req.subjects[v.subject])
+                .collect::<Vec<_>>(),
+        );
+        let poses: Vec<Pose> = views.iter().map(|v| v.pose).collect();
+        let (context, img_lat) = self.conditioning(&images, &poses, req.guidance > 1.0)?;
+        let mut sched = Scheduler::from_config_json(&self.scheduler_config, req.scheduler)?;
+        sched.set_timesteps(req.steps)?;
+        let f = self.vae.downscale();
+        let shape = (n, self.vae.latent_channels, h / f, w / f);
+        let latents = self.denoise(req, &mut sched, shape, noise, &context, &img_lat, progress)?;
+        self.decode(latents)
+    }
+
+    /// The one size of the batch's subjects (each an RGB image with sides that are multiples of
+    /// the VAE's factor).
+    fn subject_size(&self, req: &ViewRequest, views: &[View]) -> Result<(usize, usize)> {
         let f = self.vae.downscale();
         let mut size = None;
         for v in views {
@@ -259,30 +279,45 @@ impl ViewGenerator {
             }
             size = Some((h, w));
         }
-        let (h, w) = size.expect("n ≥ 1");
+        size.context("no view to make")
+    }
+
+    /// The cross-attention context (CLIP ⊕ pose through cc_projection) and the subject's latents
+    /// concatenated to the UNet input; under guidance, zeros for both first.
+    fn conditioning(
+        &self,
+        images: &Tensor,
+        poses: &[Pose],
+        guided: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let dev = &self.device;
-        let images = Tensor::cat0(
-            &views
-                .iter()
-                .map(|v| &req.subjects[v.subject])
-                .collect::<Vec<_>>(),
-        );
-        let poses: Vec<Pose> = views.iter().map(|v| v.pose).collect();
-        let guided = req.guidance > 1.0;
-        let cond = self.condition(&images, &poses)?;
-        let img_lat = self.image_latents(&images)?;
-        let (lh, lw, c) = (h / f, w / f, self.vae.latent_channels);
-        let (context, img_lat) = if guided {
+        let cond = self.condition(images, poses)?;
+        let img_lat = self.image_latents(images)?;
+        Ok(if guided {
             let zc = dev.put(Tensor::zeros(cond.shape().to_vec()));
             let zl = dev.put(Tensor::zeros(img_lat.shape().to_vec()));
             (Tensor::cat0(&[&zc, &cond]), Tensor::cat0(&[&zl, &img_lat]))
         } else {
             (cond, img_lat)
-        };
+        })
+    }
+
+    /// The sampling loop from noise: returns the final latents, host NHWC, checked finite.
+    #[allow(clippy::too_many_arguments)]
+    fn denoise(
+        &self,
+        req: &ViewRequest,
+        sched: &mut Scheduler,
+        (n, c, lh, lw): (usize, usize, usize, usize),
+        noise: &mut NoiseSource,
+        context: &Tensor,
+        img_lat: &Tensor,
+        progress: &mut dyn FnMut(usize, usize),
+    ) -> Result<Tensor> {
+        let dev = &self.device;
+        let guided = req.guidance > 1.0;
         let rows = if guided { 2 * n } else { n };
         let on_dev = !dev.is_cpu() || self.tensor_scheduler;
-        let mut sched = Scheduler::from_config_json(&self.scheduler_config, req.scheduler)?;
-        sched.set_timesteps(req.steps)?;
         let mut latents = ops::scale(
             &dev.put_f32(noise.draw(n, c, lh, lw)?),
             sched.init_noise_sigma(),
@@ -308,11 +343,11 @@ impl ViewGenerator {
             } else {
                 sched.scale_model_input(&x2, i)?
             };
-            let x_in = ops::concat_channels(&[&x_in, &img_lat]);
+            let x_in = ops::concat_channels(&[&x_in, img_lat]);
             let ts = dev.put_f32(Tensor::new(vec![rows], vec![t; rows]));
             let cond = Cond {
                 timesteps: &ts,
-                context: &context,
+                context,
                 text_time: None,
                 ip: &no_ip,
                 timestep_cond: None,
@@ -336,6 +371,12 @@ impl ViewGenerator {
         dev.check()?;
         let latents = latents.to_host()?;
         super::check_finite(&latents, "the view latents", timesteps.len())?;
+        Ok(latents)
+    }
+
+    /// (latents, images in [0, 1]), host NHWC.
+    fn decode(&self, latents: Tensor) -> Result<(Tensor, Tensor)> {
+        let dev = &self.device;
         let x = ops::scale(
             &dev.put(latents.clone()),
             1.0 / self.vae.scaling_factor as f32,

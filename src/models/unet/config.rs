@@ -306,4 +306,3 @@ fn parse_time_cond_proj_dim(cfg: &Config, controlnet: bool) -> Result<Option<usi
         Some(_) => Ok(Some(cfg.usize("time_cond_proj_dim")?)),
     }
 }
-
