@@ -1,7 +1,9 @@
 //! The built-in demo model: a tiny SD1-style pipeline (text encoder, UNet, VAE, DDIM) with
 //! random weights made deterministically in code and a byte-level tokenizer. It needs no files,
 //! runs end to end on a CPU in seconds, and draws noise-like pictures: it exists to show that the
-//! whole path works on a fresh machine, not to make meaningful images.
+//! whole path works on a fresh machine, not to make meaningful images. Also the other built-in
+//! demo models (CLIPSeg, SAM, Depth Anything): their tiny configs live here, not in the model
+//! files, so the models know nothing of the demo.
 
 use crate::backend::Device;
 use crate::config::Config;
@@ -79,12 +81,12 @@ pub fn generator(device: &Device) -> Result<Generator> {
     Ok(g)
 }
 
-/// The built-in CLIPSeg segmenter: `clipseg::builtin_config()` with random weights, the
+/// The built-in CLIPSeg segmenter: `clipseg_config()` with random weights, the
 /// byte-level tokenizer of the built-in generator, and ViTImageProcessor's defaults at the
 /// config's image size.
 pub fn clipseg_segmenter(device: &Device) -> Result<crate::models::clipseg::ClipSegSegmenter> {
-    use crate::models::clipseg::{builtin_config, ClipSeg, ClipSegSegmenter};
-    let cfg = Config::from_json("<built-in CLIPSeg>/config.json", builtin_config())?;
+    use crate::models::clipseg::{ClipSeg, ClipSegSegmenter};
+    let cfg = Config::from_json("<built-in CLIPSeg>/config.json", clipseg_config())?;
     let model = ClipSeg::load(&cfg, &WeightStore::random(SEED + 16), device)?;
     let s = model.image_size();
     let processor = crate::image_proc::ImageProcessor::from_json(
@@ -99,4 +101,119 @@ pub fn clipseg_segmenter(device: &Device) -> Result<crate::models::clipseg::Clip
         ClipTokenizer::byte_level()?,
         processor,
     ))
+}
+
+/// A tiny CLIPSeg config for the built-in demo (random weights, `WeightStore::random`): the
+/// byte-level built-in tokenizer's 514 ids, 64×64 inputs, patch 16 (a 4×4 grid), two
+/// decoder steps and the complex transposed convolution (as CIDAS/clipseg-rd64-refined).
+pub fn clipseg_config() -> serde_json::Value {
+    json!({
+        "architectures": ["CLIPSegForImageSegmentation"],
+        "model_type": "clipseg",
+        "projection_dim": 16,
+        "extract_layers": [0, 1],
+        "reduce_dim": 16,
+        "decoder_num_attention_heads": 2,
+        "decoder_intermediate_size": 32,
+        "conditional_layer": 0,
+        "use_complex_transposed_convolution": true,
+        "text_config": {
+            "vocab_size": 514, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
+            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+            "bos_token_id": 512, "eos_token_id": 513
+        },
+        "vision_config": {
+            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "num_channels": 3, "image_size": 64, "patch_size": 16,
+            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5
+        }
+    })
+}
+
+/// The built-in tiny SAM (random weights) and a processor for its size.
+pub fn sam(device: &Device) -> Result<(crate::models::sam::Sam, crate::image_proc::sam::SamProcessor)> {
+    let name = "<built-in SAM>";
+    let cfg = Config::from_json(name, sam_config())?;
+    let size = cfg.json["vision_config"]["image_size"].clone();
+    let model = crate::models::sam::Sam::load(&cfg, &WeightStore::random(16), device)?;
+    let proc = crate::image_proc::sam::SamProcessor::from_json(
+        name,
+        &json!({
+            "size": {"longest_edge": size},
+            "pad_size": {"height": size, "width": size},
+        }),
+    )?;
+    Ok((model, proc))
+}
+
+/// A tiny random-weight config in the fixture's shape (built-in demo models, tests).
+pub fn sam_config() -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["SamModel"],
+        "model_type": "sam",
+        "vision_config": {
+            "hidden_size": 32, "output_channels": 16, "num_hidden_layers": 3,
+            "num_attention_heads": 2, "num_channels": 3, "image_size": 64, "patch_size": 16,
+            "hidden_act": "gelu", "layer_norm_eps": 1e-6, "qkv_bias": true, "mlp_ratio": 2.0,
+            "mlp_dim": 64, "use_abs_pos": true, "use_rel_pos": true, "window_size": 3,
+            "global_attn_indexes": [1], "num_pos_feats": 8
+        },
+        "prompt_encoder_config": {
+            "hidden_size": 16, "image_size": 64, "patch_size": 16, "image_embedding_size": 4,
+            "mask_input_channels": 4, "num_point_embeddings": 4, "hidden_act": "gelu",
+            "layer_norm_eps": 1e-6
+        },
+        "mask_decoder_config": {
+            "hidden_size": 16, "hidden_act": "relu", "mlp_dim": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 2, "attention_downsample_rate": 2, "num_multimask_outputs": 3,
+            "iou_head_depth": 3, "iou_head_hidden_dim": 16, "layer_norm_eps": 1e-6
+        }
+    })
+}
+
+/// The built-in tiny relative Depth Anything (random weights) and a processor for its 28-pixel
+/// size.
+pub fn depth_anything(
+    dev: &Device,
+) -> Result<(
+    crate::models::depth_anything::DepthAnything,
+    crate::image_proc::dpt::DptProcessor,
+)> {
+    let name = "<built-in Depth Anything>";
+    let cfg = Config::from_json(name, depth_anything_config())?;
+    let model = crate::models::depth_anything::DepthAnything::load(&cfg, &WeightStore::random(14), dev)?;
+    let proc = crate::image_proc::dpt::DptProcessor::from_json(
+        name,
+        &json!({
+            "size": {"height": 28, "width": 28}, "keep_aspect_ratio": true,
+            "ensure_multiple_of": 14, "resample": 3,
+            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]
+        }),
+    )?;
+    Ok((model, proc))
+}
+
+/// A tiny relative-depth configuration for the built-in demo (random weights,
+/// `WeightStore::random`): DINOv2 hidden 32, 4 layers, 28-pixel training size, the real
+/// checkpoints' neck layout (factors 4, 2, 1, 0.5).
+pub fn depth_anything_config() -> serde_json::Value {
+    json!({
+        "architectures": ["DepthAnythingForDepthEstimation"],
+        "model_type": "depth_anything",
+        "backbone_config": {
+            "model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 4,
+            "num_attention_heads": 2, "mlp_ratio": 2, "patch_size": 14, "image_size": 28,
+            "layer_norm_eps": 1e-6, "out_indices": [1, 2, 3, 4], "apply_layernorm": true,
+            "reshape_hidden_states": false
+        },
+        "neck_hidden_sizes": [8, 12, 16, 24],
+        "reassemble_factors": [4, 2, 1, 0.5],
+        "reassemble_hidden_size": 32,
+        "fusion_hidden_size": 12,
+        "head_hidden_size": 8,
+        "patch_size": 14,
+        "depth_estimation_type": "relative",
+        "max_depth": 1
+    })
 }

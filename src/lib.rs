@@ -22,6 +22,7 @@ pub mod pipeline;
 pub mod profile;
 pub mod rng;
 pub mod sched;
-pub mod tensor;
+/// The tensor type, defined by the backend that stores it (`backend::tensor`).
+pub use backend::tensor;
 pub mod tokenizer;
 pub mod weights;

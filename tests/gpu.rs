@@ -1150,7 +1150,7 @@ fn sam_matches_the_cpu_backend() {
     }
     let cfg = toffee::config::Config::from_json(
         "<builtin sam>/config.json",
-        toffee::models::sam::builtin_config(),
+        toffee::builtin::sam_config(),
     )
     .unwrap();
     let store = toffee::weights::WeightStore::random(5);

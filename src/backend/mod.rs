@@ -11,6 +11,7 @@ pub mod fault;
 pub mod layer;
 pub mod libs;
 pub mod pool;
+pub mod tensor;
 
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};

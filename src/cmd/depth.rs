@@ -13,7 +13,6 @@
 //! white, as transformers' processors do with an RGBA image).
 
 use super::{expand_images, png_outputs};
-use crate::backend::Device;
 use crate::image_proc::dpt::DptProcessor;
 use crate::image_proc::load_rgb8_on_white;
 use crate::models::depth_anything::DepthAnything;
@@ -113,7 +112,7 @@ pub fn estimate_files(o: &Options) -> Result<Vec<PathBuf>> {
             DepthAnything::load_dir(dir, &dev)?,
             DptProcessor::from_dir(dir)?,
         ),
-        None => builtin(&dev)?,
+        None => crate::builtin::depth_anything(&dev)?,
     };
     // Decode and run a few batches' worth at a time, so a long list is not all in memory.
     for (paths, outs) in images.chunks(4 * MAX_BATCH).zip(outs.chunks(4 * MAX_BATCH)) {
@@ -135,22 +134,6 @@ pub fn estimate_files(o: &Options) -> Result<Vec<PathBuf>> {
     Ok(outs.into_iter().map(|(d, _)| d).collect())
 }
 
-/// The built-in tiny relative model (random weights) and a processor for its 28-pixel size.
-pub fn builtin(dev: &Device) -> Result<(DepthAnything, DptProcessor)> {
-    let name = "<built-in Depth Anything>";
-    let cfg =
-        crate::config::Config::from_json(name, crate::models::depth_anything::builtin_config())?;
-    let model = DepthAnything::load(&cfg, &crate::weights::WeightStore::random(14), dev)?;
-    let proc = DptProcessor::from_json(
-        name,
-        &serde_json::json!({
-            "size": {"height": 28, "width": 28}, "keep_aspect_ratio": true,
-            "ensure_multiple_of": 14, "resample": 3,
-            "image_mean": [0.485, 0.456, 0.406], "image_std": [0.229, 0.224, 0.225]
-        }),
-    )?;
-    Ok((model, proc))
-}
 
 /// Writes one map: millimetres for metric models, normalised for relative ones.
 pub fn save(model: &DepthAnything, map: &DepthMap, depth: &Path, preview: &Path) -> Result<()> {

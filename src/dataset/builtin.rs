@@ -70,7 +70,8 @@ fn clip_vision(device: &Device) -> Result<Vit> {
     Vit::load(
         &cfg(
             "clip/vision",
-            json!({"model_type": "clip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+            json!({"model_type": "clip_vision_model", "architectures": ["CLIPVisionModelWithProjection"],
+                   "hidden_size": 32, "intermediate_size": 64,
                    "num_hidden_layers": 2, "num_attention_heads": 2, "patch_size": 8, "image_size": 32,
                    "projection_dim": 16}),
         )?,

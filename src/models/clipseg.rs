@@ -231,7 +231,12 @@ impl ClipSeg {
                 "num_attention_heads": 12, "num_channels": 3, "image_size": 224, "patch_size": 32,
                 "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5
             }),
-            json!({ "model_type": "clip_vision_model", "projection_dim": projection }),
+            // CLIPSeg's CLIP always has its projections.
+            json!({
+                "model_type": "clip_vision_model",
+                "architectures": ["CLIPVisionModelWithProjection"],
+                "projection_dim": projection
+            }),
         )?;
         let text_cfg = sub_config(
             cfg,
@@ -407,34 +412,6 @@ impl ClipSeg {
         let (_, oh, ow, _) = y.dims4();
         y.reshape(vec![b, oh, ow])
     }
-}
-
-/// A tiny CLIPSeg config for the built-in demo (random weights, `WeightStore::random`): the
-/// byte-level built-in tokenizer's 514 ids, 64×64 inputs, patch 16 (a 4×4 grid), two
-/// decoder steps and the complex transposed convolution (as CIDAS/clipseg-rd64-refined).
-pub fn builtin_config() -> Value {
-    json!({
-        "architectures": ["CLIPSegForImageSegmentation"],
-        "model_type": "clipseg",
-        "projection_dim": 16,
-        "extract_layers": [0, 1],
-        "reduce_dim": 16,
-        "decoder_num_attention_heads": 2,
-        "decoder_intermediate_size": 32,
-        "conditional_layer": 0,
-        "use_complex_transposed_convolution": true,
-        "text_config": {
-            "vocab_size": 514, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 2, "max_position_embeddings": 77,
-            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
-            "bos_token_id": 512, "eos_token_id": 513
-        },
-        "vision_config": {
-            "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "num_channels": 3, "image_size": 64, "patch_size": 16,
-            "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5
-        }
-    })
 }
 
 /// Text-prompted segmentation: the model with the folder's tokenizer and image processor

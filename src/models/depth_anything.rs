@@ -26,7 +26,7 @@ use crate::config::Config;
 use crate::tensor::Tensor;
 use crate::weights::{Vb, WeightStore};
 use anyhow::{bail, Context, Result};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::path::Path;
 
 /// What the head's last activation makes of the output.
@@ -309,30 +309,6 @@ fn parse_factors(cfg: &Config, n: usize) -> Result<Vec<Factor>> {
 /// and `head.*` keep theirs.
 pub fn normalise_name(name: &str) -> Option<String> {
     name.strip_prefix("backbone.").map(String::from)
-}
-
-/// A tiny relative-depth configuration for the built-in demo (random weights,
-/// `WeightStore::random`): DINOv2 hidden 32, 4 layers, 28-pixel training size, the real
-/// checkpoints' neck layout (factors 4, 2, 1, 0.5).
-pub fn builtin_config() -> Value {
-    json!({
-        "architectures": ["DepthAnythingForDepthEstimation"],
-        "model_type": "depth_anything",
-        "backbone_config": {
-            "model_type": "dinov2", "hidden_size": 32, "num_hidden_layers": 4,
-            "num_attention_heads": 2, "mlp_ratio": 2, "patch_size": 14, "image_size": 28,
-            "layer_norm_eps": 1e-6, "out_indices": [1, 2, 3, 4], "apply_layernorm": true,
-            "reshape_hidden_states": false
-        },
-        "neck_hidden_sizes": [8, 12, 16, 24],
-        "reassemble_factors": [4, 2, 1, 0.5],
-        "reassemble_hidden_size": 32,
-        "fusion_hidden_size": 12,
-        "head_hidden_size": 8,
-        "patch_size": 14,
-        "depth_estimation_type": "relative",
-        "max_depth": 1
-    })
 }
 
 /// One reassemble layer's resize.

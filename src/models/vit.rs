@@ -476,9 +476,10 @@ impl Vit {
             },
             VitKind::ClipVision => Head::Clip {
                 post_norm: LayerNorm::load(&vb.pp("post_layernorm"), d, c.eps)?,
-                // Random weights (benchmarks, built-in models) follow the config's projection_dim.
+                // As transformers builds it: the WithProjection class has one (so synthesised
+                // weights get one too); other configs have one when the checkpoint holds it.
                 projection: if store.contains("visual_projection.weight")
-                    || (store.is_random() && c.projection_dim.is_some())
+                    || names_class(cfg, "CLIPVisionModelWithProjection")
                 {
                     let p = c.projection_dim.unwrap_or(d);
                     Some(vb.pp("visual_projection").linear(d, p, false)?)
@@ -754,4 +755,11 @@ pub fn interpolate_positions(
         }
     }
     Tensor::new(vec![1 + gh * gw, d], out)
+}
+
+/// Whether the config's `architectures` names `class`.
+fn names_class(cfg: &Config, class: &str) -> bool {
+    cfg.get("architectures")
+        .and_then(|a| a.as_array())
+        .is_some_and(|a| a.iter().any(|v| v.as_str() == Some(class)))
 }

@@ -196,18 +196,7 @@ impl Segmenter {
     pub fn builtin(with_sam: bool, settings: MaskSettings, device: &Device) -> Result<Segmenter> {
         let clipseg = crate::builtin::clipseg_segmenter(device)?;
         let sam = if with_sam {
-            let name = "<built-in SAM>";
-            let cfg = crate::config::Config::from_json(name, crate::models::sam::builtin_config())?;
-            let size = cfg.json["vision_config"]["image_size"].clone();
-            let model = Sam::load(&cfg, &crate::weights::WeightStore::random(16), device)?;
-            let proc = SamProcessor::from_json(
-                name,
-                &serde_json::json!({
-                    "size": {"longest_edge": size},
-                    "pad_size": {"height": size, "width": size},
-                }),
-            )?;
-            Some((model, proc))
+            Some(crate::builtin::sam(device)?)
         } else {
             None
         };

@@ -346,7 +346,7 @@ fn forward_rejects_sizes_not_a_multiple_of_14() {
 #[test]
 fn builtin_config_runs_with_random_weights() {
     let cfg =
-        toffee::config::Config::from_json("<built-in depth>", depth_anything::builtin_config())
+        toffee::config::Config::from_json("<built-in depth>", toffee::builtin::depth_anything_config())
             .unwrap();
     let store = toffee::weights::WeightStore::random(5);
     let model = DepthAnything::load(&cfg, &store, &Device::Cpu).unwrap();

@@ -287,27 +287,3 @@ impl SamConfig {
     }
 }
 
-/// A tiny random-weight config in the fixture's shape (built-in demo models, tests).
-pub fn builtin_config() -> serde_json::Value {
-    serde_json::json!({
-        "architectures": ["SamModel"],
-        "model_type": "sam",
-        "vision_config": {
-            "hidden_size": 32, "output_channels": 16, "num_hidden_layers": 3,
-            "num_attention_heads": 2, "num_channels": 3, "image_size": 64, "patch_size": 16,
-            "hidden_act": "gelu", "layer_norm_eps": 1e-6, "qkv_bias": true, "mlp_ratio": 2.0,
-            "mlp_dim": 64, "use_abs_pos": true, "use_rel_pos": true, "window_size": 3,
-            "global_attn_indexes": [1], "num_pos_feats": 8
-        },
-        "prompt_encoder_config": {
-            "hidden_size": 16, "image_size": 64, "patch_size": 16, "image_embedding_size": 4,
-            "mask_input_channels": 4, "num_point_embeddings": 4, "hidden_act": "gelu",
-            "layer_norm_eps": 1e-6
-        },
-        "mask_decoder_config": {
-            "hidden_size": 16, "hidden_act": "relu", "mlp_dim": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 2, "attention_downsample_rate": 2, "num_multimask_outputs": 3,
-            "iou_head_depth": 3, "iou_head_hidden_dim": 16, "layer_norm_eps": 1e-6
-        }
-    })
-}

@@ -15,7 +15,7 @@ mod prompt;
 mod vision;
 
 pub use config::{
-    builtin_config, Act, SamConfig, SamDecoderConfig, SamPromptConfig, SamVisionConfig,
+    Act, SamConfig, SamDecoderConfig, SamPromptConfig, SamVisionConfig,
 };
 pub use prompt::Prompts;
 pub use vision::resize_rel_pos;

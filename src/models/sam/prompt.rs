@@ -20,12 +20,13 @@ impl PromptEncoder {
     pub(super) fn load(store: &WeightStore, c: &SamConfig) -> Result<PromptEncoder> {
         let f = c.vision.num_pos_feats;
         let h = c.prompt.hidden;
-        let fourier_name =
-            if store.contains("shared_image_embedding.positional_embedding") || store.is_random() {
-                "shared_image_embedding.positional_embedding"
-            } else {
-                "prompt_encoder.shared_embedding.positional_embedding"
-            };
+        // transformers' current name, unless the checkpoint has the older one.
+        let fourier_name = if store.contains("prompt_encoder.shared_embedding.positional_embedding")
+        {
+            "prompt_encoder.shared_embedding.positional_embedding"
+        } else {
+            "shared_image_embedding.positional_embedding"
+        };
         let row = |name: &str| -> Result<Vec<f32>> { Ok(store.get(name, &[1, h])?.into_vec()) };
         Ok(PromptEncoder {
             fourier: store.get(fourier_name, &[2, f])?.into_vec(),

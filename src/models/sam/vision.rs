@@ -56,14 +56,12 @@ impl VisionLayer {
             let a = vb.pp("attn");
             let table = |name: &str| -> Result<Tensor> {
                 let full = format!("{}.{name}", a.prefix());
-                // The stored table may have any length (resized below); random weights have
-                // the length the layer uses.
-                let shape = match a.store().shape(&full) {
-                    Some(s) => s,
-                    None if a.store().is_random() => vec![2 * side - 1, hd],
-                    // get_any's error names the checkpoint and the tensor.
-                    None => return Err(a.store().get_any(&full).unwrap_err()),
-                };
+                // The stored table may have any length (resized below); without one (get's
+                // error names it, synthesised weights are drawn) the length the layer uses.
+                let shape = a
+                    .store()
+                    .shape(&full)
+                    .unwrap_or_else(|| vec![2 * side - 1, hd]);
                 if shape.len() != 2 || shape[1] != hd || shape[0] == 0 {
                     bail!("`{full}` has shape {shape:?}; expected [rows, {hd}]");
                 }

@@ -1,4 +1,6 @@
-//! A dense tensor: f32 on the host, or fp16/bf16/f32 on a GPU (`cuda` or `emu` feature).
+//! A dense tensor: f32 on the host, or fp16/bf16/f32 on a GPU (`cuda` or `emu` feature). Its
+//! storage is the backend's business, so the type lives in the backend layer (`crate::tensor`
+//! re-exports it for everything above).
 //! Activations inside the engine are NHWC; the NCHW layout of diffusers exists only at the edges
 //! (`forward` inputs and outputs, on the host), converted by `to_nhwc`/`to_nchw`.
 
@@ -10,7 +12,7 @@ pub struct Tensor {
     data: Arc<Vec<f32>>,
     /// Some: the values live on a GPU and `data` is empty.
     #[cfg(feature = "gpu")]
-    dev: Option<crate::backend::cuda::DevBuf>,
+    dev: Option<super::cuda::DevBuf>,
 }
 
 impl Tensor {
@@ -95,7 +97,7 @@ impl Tensor {
 
     /// A tensor of `shape` whose values live on a device.
     #[cfg(feature = "gpu")]
-    pub fn from_device(shape: Vec<usize>, buf: crate::backend::cuda::DevBuf) -> Tensor {
+    pub fn from_device(shape: Vec<usize>, buf: super::cuda::DevBuf) -> Tensor {
         Tensor {
             shape,
             data: Arc::new(Vec::new()),
@@ -104,7 +106,7 @@ impl Tensor {
     }
 
     #[cfg(feature = "gpu")]
-    pub fn dev(&self) -> Option<&crate::backend::cuda::DevBuf> {
+    pub fn dev(&self) -> Option<&super::cuda::DevBuf> {
         self.dev.as_ref()
     }
 
@@ -202,11 +204,11 @@ impl Tensor {
         }
         #[cfg(feature = "gpu")]
         if parts[0].dev.is_some() {
-            let bufs: Vec<&crate::backend::cuda::DevBuf> = parts
+            let bufs: Vec<&super::cuda::DevBuf> = parts
                 .iter()
                 .map(|p| p.dev.as_ref().expect("cat0 of host and device tensors"))
                 .collect();
-            return Tensor::from_device(shape, crate::backend::cuda::DevBuf::concat(&bufs));
+            return Tensor::from_device(shape, super::cuda::DevBuf::concat(&bufs));
         }
         let mut data = Vec::with_capacity(shape.iter().product());
         for p in parts {
