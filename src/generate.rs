@@ -314,6 +314,28 @@ fn load_inputs(o: &Options, spec: &mut request::Spec, multiple: usize) -> Result
     Ok(())
 }
 
+/// A one-line progress bar on stderr (`show`): batch k of `batches`, step i of n.
+fn progress_bar(show: bool, batches: usize) -> impl FnMut(usize, usize) {
+    let mut done_batches = 0;
+    move |step: usize, steps: usize| {
+        if show {
+            let width = 30;
+            let filled = width * step / steps.max(1);
+            eprint!(
+                "\rbatch {}/{batches} [{}{}] step {step}/{steps}",
+                done_batches + 1,
+                "=".repeat(filled),
+                " ".repeat(width - filled)
+            );
+            if step == steps {
+                done_batches += 1;
+                eprintln!();
+            }
+            let _ = std::io::stderr().flush();
+        }
+    }
+}
+
 pub fn run(o: &Options) -> Result<Summary> {
     let mut spec = spec(o, read_prompts(o)?);
     for &v in &o.adapter_scale {
@@ -330,25 +352,7 @@ pub fn run(o: &Options) -> Result<Summary> {
     let req = request::build(&gen, spec)?;
     let start = Instant::now();
     let show = o.progress && std::io::stderr().is_terminal();
-    let mut done_batches = 0;
-    let batches = paths.len().div_ceil(o.batch);
-    let mut progress = |step: usize, steps: usize| {
-        if show {
-            let width = 30;
-            let filled = width * step / steps.max(1);
-            eprint!(
-                "\rbatch {}/{batches} [{}{}] step {step}/{steps}",
-                done_batches + 1,
-                "=".repeat(filled),
-                " ".repeat(width - filled)
-            );
-            if step == steps {
-                done_batches += 1;
-                eprintln!();
-            }
-            let _ = std::io::stderr().flush();
-        }
-    };
+    let mut progress = progress_bar(show, paths.len().div_ceil(o.batch));
     // Each batch's PNGs are written as soon as it is done; the latents (small) are kept for
     // --save-latents, written at the end.
     let mut latents = Vec::new();

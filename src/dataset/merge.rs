@@ -15,20 +15,7 @@ pub struct MergeReport {
 
 pub fn merge(dir: &Path) -> Result<MergeReport> {
     let job = read_job(dir)?;
-    let missing: Vec<String> = (0..job.shards)
-        .filter(|&i| !ShardFiles::new(dir, i).stats.is_file())
-        .map(super::format::shard_name)
-        .collect();
-    if !missing.is_empty() {
-        bail!(
-            "{}: {} of {} shards are not finished ({}{}); rerun the job (it resumes) before merging",
-            dir.display(),
-            missing.len(),
-            job.shards,
-            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
-            if missing.len() > 5 { ", …" } else { "" }
-        );
-    }
+    check_finished(dir, job.shards)?;
     let mut keys = BTreeSet::new();
     let mut lines = 0;
     for i in 0..job.shards {
@@ -75,6 +62,25 @@ pub fn merge(dir: &Path) -> Result<MergeReport> {
         records: lines,
         stats,
     })
+}
+
+/// Every shard of the plan has its stats file (is finished).
+fn check_finished(dir: &Path, shards: usize) -> Result<()> {
+    let missing: Vec<String> = (0..shards)
+        .filter(|&i| !ShardFiles::new(dir, i).stats.is_file())
+        .map(super::format::shard_name)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "{}: {} of {} shards are not finished ({}{}); rerun the job (it resumes) before merging",
+            dir.display(),
+            missing.len(),
+            shards,
+            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            if missing.len() > 5 { ", …" } else { "" }
+        );
+    }
+    Ok(())
 }
 
 /// The record keys of a shard's tar (its `KEY.json` members).

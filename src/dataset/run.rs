@@ -388,19 +388,7 @@ pub fn load_models(cfg: &PairsConfig, device: &Device) -> Result<StageModels> {
                 "draft.lora / refine.lora need [models] draft: a LoRA is made for one base model"
             );
         }
-        let mut draft = crate::builtin::generator(device)?;
-        draft.controlnet = Some(super::builtin::controlnet(device)?);
-        let adapter = super::builtin::refiner_adapter(&mut draft.unet, device)?;
-        draft.attach_adapter(adapter)?;
-        return Ok(StageModels {
-            draft,
-            refiner: None,
-            // The built-in adapter reads the built-in DINO's tokens: one model for both stages.
-            adapter_encoder: None,
-            view: Some(super::builtin::view_generator(device)?),
-            scorer: super::builtin::scorer(device)?,
-            segmenter,
-        });
+        return builtin_models(segmenter, device);
     };
     let mut draft =
         Generator::load_with_loras(draft_dir, m.controlnet.as_deref(), &draft_loras, device)?;
@@ -438,6 +426,23 @@ pub fn load_models(cfg: &PairsConfig, device: &Device) -> Result<StageModels> {
         adapter_encoder,
         view,
         scorer,
+        segmenter,
+    })
+}
+
+/// The demo's stage models: every stage built in (tiny, random weights).
+fn builtin_models(segmenter: Option<Segmenter>, device: &Device) -> Result<StageModels> {
+    let mut draft = crate::builtin::generator(device)?;
+    draft.controlnet = Some(super::builtin::controlnet(device)?);
+    let adapter = super::builtin::refiner_adapter(&mut draft.unet, device)?;
+    draft.attach_adapter(adapter)?;
+    Ok(StageModels {
+        draft,
+        refiner: None,
+        // The built-in adapter reads the built-in DINO's tokens: one model for both stages.
+        adapter_encoder: None,
+        view: Some(super::builtin::view_generator(device)?),
+        scorer: super::builtin::scorer(device)?,
         segmenter,
     })
 }

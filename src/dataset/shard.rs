@@ -29,14 +29,36 @@ type Loaded = BTreeMap<usize, stages::LoadedSubject>;
 /// A batch on its way to the device: records and their subjects.
 type Batch = (Vec<Record>, Vec<SubjectData>);
 
-/// What the writer thread of a shard collected.
+/// What the writer thread of a shard collected: the tar, and the tally.
 struct Written {
     writer: ShardWriter,
+    tally: Tally,
+}
+
+#[derive(Default)]
+struct Tally {
     index: Vec<IndexLine>,
     records: usize,
     kept: usize,
     rejections: BTreeMap<String, usize>,
     seconds: f64,
+}
+
+impl Tally {
+    /// The shard's counts and times as the writer saw them.
+    fn stats(&self, cfg: &PairsConfig, seconds: f64) -> Stats {
+        Stats {
+            records: self.records,
+            kept: self.kept,
+            rejected: self.records - self.kept,
+            rejections: self.rejections.clone(),
+            thresholds: thresholds(cfg),
+            seconds,
+            pairs_per_hour: format::per_hour(self.kept, seconds),
+            work_seconds: seconds,
+            ..Stats::default()
+        }
+    }
 }
 
 /// What the reader thread of a shard saw.
@@ -99,32 +121,23 @@ pub fn build_shard(
     }
     // A shard that wrote no record (all rejected, without --keep-rejected) has no tar: an empty
     // tar breaks loaders (webdataset, Hugging Face datasets); its stats still mark it done.
-    if written.index.iter().any(|l| !l.shard.is_empty()) {
+    if written.tally.index.iter().any(|l| !l.shard.is_empty()) {
         written.writer.commit()?;
     } else {
         written.writer.abandon();
     }
-    write_text(&files.index, &jsonl(&written.index)?)?;
-    (t.load, t.write) = (read.seconds, written.seconds);
+    write_text(&files.index, &jsonl(&written.tally.index)?)?;
+    (t.load, t.write) = (read.seconds, written.tally.seconds);
     let seconds = clock.elapsed().as_secs_f64();
     let stats = Stats {
-        records: written.records,
-        kept: written.kept,
-        rejected: written.records - written.kept,
-        rejections: written.rejections,
         skipped_records: read.skipped_records,
         skipped_subjects: read.skipped_subjects,
-        thresholds: thresholds(&plan.cfg),
         stage_seconds: t,
-        seconds,
-        pairs_per_hour: format::per_hour(written.kept, seconds),
-        work_seconds: seconds,
         started,
         finished: started + seconds,
         device: format!("{} ({})", dev.name(), dev.storage()),
         unet_evaluations: models.evaluations() - evaluations_before,
-        shards_finished: None,
-        shards_expected: None,
+        ..written.tally.stats(&plan.cfg, seconds)
     };
     write_text(&files.stats, &serde_json::to_string_pretty(&stats)?)?;
     Ok(Some(stats))
@@ -223,11 +236,7 @@ fn write_outcomes(
     let ids = super::run::model_ids(&plan.cfg);
     let mut w = Written {
         writer,
-        index: Vec::new(),
-        records: 0,
-        kept: 0,
-        rejections: BTreeMap::new(),
-        seconds: 0.0,
+        tally: Tally::default(),
     };
     for outcomes in rx {
         let clock = Instant::now();
@@ -240,17 +249,18 @@ fn write_outcomes(
                     return Err(e);
                 }
             }
-            w.records += 1;
+            let t = &mut w.tally;
+            t.records += 1;
             if out.kept {
-                w.kept += 1;
+                t.kept += 1;
             } else {
                 let reason = out.reason.unwrap_or("?").to_string();
-                *w.rejections.entry(reason).or_default() += 1;
+                *t.rejections.entry(reason).or_default() += 1;
             }
-            w.index
+            t.index
                 .push(index_line(out, subject, in_tar.then_some(tar_name)));
         }
-        w.seconds += clock.elapsed().as_secs_f64();
+        w.tally.seconds += clock.elapsed().as_secs_f64();
     }
     Ok(w)
 }

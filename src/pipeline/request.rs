@@ -101,6 +101,22 @@ impl Spec {
         }
     }
 
+    /// Upper bounds, checked before anything is allocated.
+    fn check_bounds(&self) -> Result<()> {
+        for (f, v, max) in [
+            ("width", self.width.unwrap_or(0), 16_384),
+            ("height", self.height.unwrap_or(0), 16_384),
+            ("steps", self.steps, 10_000),
+            ("batch", self.batch, 4_096),
+            ("images_per_prompt", self.images_per_prompt, 100_000),
+        ] {
+            if v > max {
+                bail!("{} {v} is larger than {max}", self.naming.name(f));
+            }
+        }
+        Ok(())
+    }
+
     /// The checks that need no model (done before one loads): counts, bounds, finiteness, the
     /// seeds of every image. Returns the number of images.
     pub fn check(&self) -> Result<usize> {
@@ -127,17 +143,7 @@ impl Spec {
                 bail!("{} {v} is not a finite number", name(f));
             }
         }
-        for (f, v, max) in [
-            ("width", self.width.unwrap_or(0), 16_384),
-            ("height", self.height.unwrap_or(0), 16_384),
-            ("steps", self.steps, 10_000),
-            ("batch", self.batch, 4_096),
-            ("images_per_prompt", self.images_per_prompt, 100_000),
-        ] {
-            if v > max {
-                bail!("{} {v} is larger than {max}", name(f));
-            }
-        }
+        self.check_bounds()?;
         if let Some(s) = self.strength {
             if self.mode == Mode::Txt2Img {
                 bail!("{} applies to img2img and inpaint", name("strength"));
