@@ -19,7 +19,8 @@ use serde_json::json;
 
 pub const SEED: u64 = 0x70FF_EE00;
 
-pub fn generator(device: &Device) -> Result<Generator> {
+/// The tiny pipeline's configs: text encoder, UNet, VAE, scheduler.
+fn generator_configs() -> Result<(Config, Config, Config, Config)> {
     let text_cfg = Config::from_json(
         "<built-in>/text_encoder/config.json",
         json!({
@@ -55,6 +56,11 @@ pub fn generator(device: &Device) -> Result<Generator> {
             "prediction_type": "epsilon"
         }),
     )?;
+    Ok((text_cfg, unet_cfg, vae_cfg, scheduler_config))
+}
+
+pub fn generator(device: &Device) -> Result<Generator> {
+    let (text_cfg, unet_cfg, vae_cfg, scheduler_config) = generator_configs()?;
     let weights = |part: u64| WeightStore::random(SEED + part);
     let unet = Unet::load(&unet_cfg, &weights(1), device)?;
     let vae = Vae::load(&vae_cfg, &weights(2), device)?;
@@ -132,7 +138,12 @@ pub fn clipseg_config() -> serde_json::Value {
 }
 
 /// The built-in tiny SAM (random weights) and a processor for its size.
-pub fn sam(device: &Device) -> Result<(crate::models::sam::Sam, crate::image_proc::sam::SamProcessor)> {
+pub fn sam(
+    device: &Device,
+) -> Result<(
+    crate::models::sam::Sam,
+    crate::image_proc::sam::SamProcessor,
+)> {
     let name = "<built-in SAM>";
     let cfg = Config::from_json(name, sam_config())?;
     let size = cfg.json["vision_config"]["image_size"].clone();
@@ -182,7 +193,8 @@ pub fn depth_anything(
 )> {
     let name = "<built-in Depth Anything>";
     let cfg = Config::from_json(name, depth_anything_config())?;
-    let model = crate::models::depth_anything::DepthAnything::load(&cfg, &WeightStore::random(14), dev)?;
+    let model =
+        crate::models::depth_anything::DepthAnything::load(&cfg, &WeightStore::random(14), dev)?;
     let proc = crate::image_proc::dpt::DptProcessor::from_json(
         name,
         &json!({

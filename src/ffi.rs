@@ -805,6 +805,57 @@ pub unsafe extern "C" fn toffee_score(
     })
 }
 
+/// The caller's progress callback after every shard; a non-zero return asks for a stop.
+fn progress_callback(
+    o: &toffee_pairs_options,
+    stop: Arc<AtomicBool>,
+) -> dataset::run::ShardCallback {
+    let (progress, user) = (o.progress, o.user as usize);
+    Arc::new(move |done, total| {
+        if let Some(f) = progress {
+            // Safety: the caller's callback with its own user pointer.
+            if unsafe { f(user as *mut c_void, done as u64, total as u64) } != 0 {
+                stop.store(true, Ordering::SeqCst);
+            }
+        }
+    })
+}
+
+/// Polls the caller's cancellation flag into `stop` until dropped (then joined).
+struct CancelWatcher {
+    finished: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl CancelWatcher {
+    fn spawn(cancel: usize, stop: Arc<AtomicBool>) -> CancelWatcher {
+        let finished = Arc::new(AtomicBool::new(false));
+        let done = finished.clone();
+        let thread = std::thread::spawn(move || {
+            while !done.load(Ordering::SeqCst) {
+                // Safety: readable for the duration of the call (the contract).
+                if unsafe { std::ptr::read_volatile(cancel as *const i32) } != 0 {
+                    stop.store(true, Ordering::SeqCst);
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+        });
+        CancelWatcher {
+            finished,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for CancelWatcher {
+    fn drop(&mut self) {
+        self.finished.store(true, Ordering::SeqCst);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Runs (or resumes) a pairs job to completion, cancellation or error: TOFFEE_SETUP_ERROR when
 /// it could not start, TOFFEE_ERROR when a shard failed, TOFFEE_CANCELLED when stopped (the
 /// distinctions of `toffee pairs`' exit codes 2, 1 and 3).
@@ -822,31 +873,9 @@ pub unsafe extern "C" fn toffee_pairs_run(
         let out = unsafe { text(o.out_dir, "out_dir")? };
         let devices = unsafe { opt_text(o.devices, "devices")? }.unwrap_or_else(|| "cpu".into());
         let stop = Arc::new(AtomicBool::new(false));
-        let (progress, user, cancel) = (o.progress, o.user as usize, o.cancel as usize);
-        let stop_cb = stop.clone();
-        let callback: dataset::run::ShardCallback = Arc::new(move |done, total| {
-            if let Some(f) = progress {
-                // Safety: the caller's callback with its own user pointer.
-                if unsafe { f(user as *mut c_void, done as u64, total as u64) } != 0 {
-                    stop_cb.store(true, Ordering::SeqCst);
-                }
-            }
-        });
-        // The cancellation flag is polled by a watcher until the run returns.
-        let finished = Arc::new(AtomicBool::new(false));
-        let watcher = (cancel != 0).then(|| {
-            let (stop, finished) = (stop.clone(), finished.clone());
-            std::thread::spawn(move || {
-                while !finished.load(Ordering::SeqCst) {
-                    // Safety: readable for the duration of the call (the contract).
-                    if unsafe { std::ptr::read_volatile(cancel as *const i32) } != 0 {
-                        stop.store(true, Ordering::SeqCst);
-                    }
-                    std::thread::sleep(std::time::Duration::from_millis(10));
-                }
-            })
-        });
-        let r = dataset::run(&dataset::Options {
+        let callback = progress_callback(o, stop.clone());
+        let cancel = o.cancel as usize;
+        let options = dataset::Options {
             config: unsafe { opt_path(o.config, "config")? },
             subjects: unsafe { opt_path(o.subjects, "subjects")? },
             templates: None,
@@ -857,13 +886,14 @@ pub unsafe extern "C" fn toffee_pairs_run(
             batch: None,
             keep_rejected: o.keep_rejected,
             progress: false,
-            stop,
+            stop: stop.clone(),
             on_shard: Some(callback),
-        });
-        finished.store(true, Ordering::SeqCst);
-        if let Some(w) = watcher {
-            let _ = w.join();
-        }
+        };
+        // Every argument is read before the watcher starts, and the guard stops and joins it on
+        // every way out: a failed call leaves no thread behind.
+        let watcher = (cancel != 0).then(|| CancelWatcher::spawn(cancel, stop));
+        let r = dataset::run(&options);
+        drop(watcher);
         let s = r.map_err(|e| {
             let status = if dataset::is_setup_error(&e) {
                 TOFFEE_SETUP_ERROR

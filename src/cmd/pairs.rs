@@ -104,14 +104,7 @@ pub fn run(action: Option<Action>, a: Args) -> Result<()> {
         s.stats.rejected
     );
     if a.bench {
-        println!(
-            "{}",
-            serde_json::json!({"stage_seconds": s.stats.stage_seconds, "seconds": s.stats.seconds, "work_seconds": s.stats.work_seconds,
-                               "records": s.stats.records, "kept": s.stats.kept,
-                               "pairs_per_hour": s.stats.pairs_per_hour, "device": s.stats.device,
-                               "unet_evaluations": s.stats.unet_evaluations,
-                               "unet_evaluations_per_record": s.stats.unet_evaluations as f64 / s.stats.records.max(1) as f64})
-        );
+        print_bench(&s.stats);
     }
     if s.stopped {
         eprintln!("toffee: stopped; rerun the same command to continue");
@@ -142,4 +135,17 @@ fn print_check(o: &crate::dataset::Options) -> Result<()> {
         r.seconds
     );
     Ok(())
+}
+
+/// `--bench`: the run's times and throughput as one JSON line.
+fn print_bench(s: &crate::dataset::format::Stats) {
+    let per_record = s.unet_evaluations as f64 / s.records.max(1) as f64;
+    println!(
+        "{}",
+        serde_json::json!({"stage_seconds": s.stage_seconds, "seconds": s.seconds,
+                           "work_seconds": s.work_seconds, "records": s.records, "kept": s.kept,
+                           "pairs_per_hour": s.pairs_per_hour, "device": s.device,
+                           "unet_evaluations": s.unet_evaluations,
+                           "unet_evaluations_per_record": per_record})
+    );
 }

@@ -283,13 +283,33 @@ impl PairsConfig {
 
     /// Checks values that would only fail later (before any work starts).
     pub fn check(&self, origin: &str) -> Result<()> {
-        let j = &self.job;
-        if j.resolution == 0 || !j.resolution.is_multiple_of(8) {
-            bail!(
-                "{origin}: job.resolution {} is not a positive multiple of 8",
-                j.resolution
-            );
+        self.check_numbers(origin)?;
+        self.check_ranges(origin)?;
+        for l in self.draft.lora.iter().chain(&self.refine.lora) {
+            let spec: crate::weights::lora::LoraSpec = l
+                .parse()
+                .map_err(|e| anyhow::anyhow!("{origin}: lora `{l}`: {e}"))?;
+            if !spec.path.is_file() {
+                bail!("{origin}: lora `{}`: no such file", spec.path.display());
+            }
         }
+        self.mask.check(&format!("{origin}: [mask]"))?;
+        if self.models.sam.is_some() && self.models.segmenter.is_none() {
+            bail!("{origin}: models.sam refines the segmenter's masks: it needs models.segmenter");
+        }
+        for s in [&self.draft.scheduler, &self.refine.scheduler] {
+            if !s.is_empty() {
+                s.parse::<crate::sched::SchedulerKind>()
+                    .map_err(|e| anyhow::anyhow!("{origin}: scheduler `{s}`: {e}"))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Counts of at least one, and every real number finite: a NaN would slip through the
+    /// comparisons below it (a NaN guidance turns guidance off, a NaN threshold keeps nothing).
+    fn check_numbers(&self, origin: &str) -> Result<()> {
+        let j = &self.job;
         for (name, v) in [
             ("job.prompts_per_subject", j.prompts_per_subject),
             ("job.shard_size", j.shard_size),
@@ -300,6 +320,41 @@ impl PairsConfig {
             if v == 0 {
                 bail!("{origin}: {name} must be at least 1");
             }
+        }
+        let (d, r, v, f) = (&self.draft, &self.refine, &self.view, &self.filter);
+        let reals = [
+            ("draft.guidance", d.guidance as f64),
+            ("draft.controlnet_scale", d.controlnet_scale as f64),
+            ("draft.canny_low", d.canny_low as f64),
+            ("draft.canny_high", d.canny_high as f64),
+            ("refine.guidance", r.guidance as f64),
+            ("refine.strength", r.strength),
+            ("refine.scale", r.scale as f64),
+            ("view.probability", v.probability),
+            ("view.guidance", v.guidance as f64),
+            ("place.scale_min", self.place.scale_min),
+            ("place.scale_max", self.place.scale_max),
+            ("filter.dino", f.dino as f64),
+            ("filter.clip_i", f.clip_i as f64),
+            ("filter.clip_t", f.clip_t as f64),
+        ];
+        let angles = v.elevations.iter().map(|&a| ("view.elevations", a as f64));
+        let angles = angles.chain(v.azimuths.iter().map(|&a| ("view.azimuths", a as f64)));
+        for (name, x) in reals.into_iter().chain(angles) {
+            if !x.is_finite() {
+                bail!("{origin}: {name} = {x} is not a finite number");
+            }
+        }
+        Ok(())
+    }
+
+    fn check_ranges(&self, origin: &str) -> Result<()> {
+        let j = &self.job;
+        if j.resolution == 0 || !j.resolution.is_multiple_of(8) {
+            bail!(
+                "{origin}: job.resolution {} is not a positive multiple of 8",
+                j.resolution
+            );
         }
         if !(0.0..=1.0).contains(&self.refine.strength) || self.refine.strength == 0.0 {
             bail!(
@@ -325,24 +380,6 @@ impl PairsConfig {
             && (self.view.elevations.is_empty() || self.view.azimuths.is_empty())
         {
             bail!("{origin}: view.elevations and view.azimuths need at least one angle each");
-        }
-        for l in self.draft.lora.iter().chain(&self.refine.lora) {
-            let spec: crate::weights::lora::LoraSpec = l
-                .parse()
-                .map_err(|e| anyhow::anyhow!("{origin}: lora `{l}`: {e}"))?;
-            if !spec.path.is_file() {
-                bail!("{origin}: lora `{}`: no such file", spec.path.display());
-            }
-        }
-        self.mask.check(&format!("{origin}: [mask]"))?;
-        if self.models.sam.is_some() && self.models.segmenter.is_none() {
-            bail!("{origin}: models.sam refines the segmenter's masks: it needs models.segmenter");
-        }
-        for s in [&self.draft.scheduler, &self.refine.scheduler] {
-            if !s.is_empty() {
-                s.parse::<crate::sched::SchedulerKind>()
-                    .map_err(|e| anyhow::anyhow!("{origin}: scheduler `{s}`: {e}"))?;
-            }
         }
         Ok(())
     }

@@ -625,3 +625,49 @@ fn the_c_abi_builds_requests_as_the_cli_does() {
     );
     unsafe { toffee_engine_close(e) };
 }
+
+/// A failed `toffee_pairs_run` with a cancellation flag leaves no thread behind: the options are
+/// read before the flag's watcher starts, and the watcher is joined on every way out.
+#[test]
+fn failed_pairs_runs_leave_no_threads() {
+    fn threads() -> usize {
+        std::fs::read_to_string("/proc/self/status")
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find_map(|l| l.strip_prefix("Threads:").map(|n| n.trim().parse().ok()))
+            })
+            .flatten()
+            .unwrap_or(0)
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out = CString::new(dir.path().join("run").to_str().unwrap()).unwrap();
+    let bad_utf8 = b"\xff\xfe.toml\0";
+    let missing = CString::new(dir.path().join("none.toml").to_str().unwrap()).unwrap();
+    let cancel = 0i32;
+    let before = threads();
+    for i in 0..200 {
+        let o = toffee_pairs_options {
+            size: std::mem::size_of::<toffee_pairs_options>() as u32,
+            config: if i % 2 == 0 {
+                bad_utf8.as_ptr() as *const std::ffi::c_char
+            } else {
+                missing.as_ptr()
+            },
+            subjects: std::ptr::null(),
+            out_dir: out.as_ptr(),
+            devices: std::ptr::null(),
+            shard_index: 0,
+            num_shards: 0,
+            keep_rejected: false,
+            progress: None,
+            user: std::ptr::null_mut(),
+            cancel: &cancel,
+        };
+        let mut s = toffee_pairs_summary::default();
+        assert_ne!(unsafe { toffee_pairs_run(&o, &mut s) }, toffee_status::TOFFEE_OK);
+    }
+    // Other tests run beside this one and start threads of their own: allow some, not 200.
+    let after = threads();
+    assert!(after < before + 40, "threads {before} -> {after} over 200 failed calls");
+}

@@ -183,3 +183,37 @@ fn the_example_recipes_parse() {
         }
     }
 }
+
+/// NaN and infinities in the config are refused before any work, naming the field (a NaN
+/// guidance would turn guidance off, a NaN threshold would keep nothing; issue 27).
+#[test]
+fn non_finite_config_numbers_are_refused_naming_the_field() {
+    let dir = tempfile::tempdir().unwrap();
+    for (section, line, field) in [
+        ("draft", "guidance = nan", "draft.guidance"),
+        ("refine", "guidance = inf", "refine.guidance"),
+        ("view", "guidance = -inf", "view.guidance"),
+        ("draft", "canny_low = nan", "draft.canny_low"),
+        ("filter", "dino = nan", "filter.dino"),
+        ("filter", "clip_t = inf", "filter.clip_t"),
+        ("view", "elevations = [0.0, nan]", "view.elevations"),
+        ("refine", "scale = nan", "refine.scale"),
+    ] {
+        let cfg = dir.path().join("bad.toml");
+        std::fs::write(&cfg, format!("[{section}]\n{line}\n")).unwrap();
+        let out = dir.path().join("out");
+        for check in [true, false] {
+            let mut args = vec!["pairs", "--config", cfg.to_str().unwrap()];
+            args.extend(["--out", out.to_str().unwrap()]);
+            if check {
+                args.push("--check");
+            }
+            let e = expect_setup_error(&toffee(&args));
+            assert!(
+                e.contains(field) && e.contains("not a finite number"),
+                "{line}: {e}"
+            );
+        }
+        assert!(!out.exists(), "{line}: the run started");
+    }
+}
