@@ -42,6 +42,18 @@ const TG22: i64 = 13573;
 
 /// Canny edges of one `w`x`h` gray image as 0/1 per pixel.
 fn canny_gray(g: &[u8], w: usize, h: usize, low: i32, high: i32) -> Vec<f32> {
+    let pw = w + 2;
+    let (dxy, mag) = sobel(g, w, h);
+    let (mut map, stack) = suppress(&dxy, &mag, w, h, low, high);
+    hysteresis(&mut map, stack, pw);
+    (0..h)
+        .flat_map(|y| (0..w).map(move |x| (y + 1) * pw + x + 1))
+        .map(|i| if map[i] == 2 { 1.0 } else { 0.0 })
+        .collect()
+}
+
+/// The per-pixel Sobel gradient `(dx, dy)` (`w * h`) and its magnitude (`(w + 2) * (h + 2)`).
+fn sobel(g: &[u8], w: usize, h: usize) -> (Vec<(i32, i32)>, Vec<i32>) {
     // 3x3 Sobel with OpenCV's BORDER_REPLICATE; magnitude |dx| + |dy| in a buffer with a zero
     // border, which is how OpenCV's NMS sees the outside of the image.
     let (pw, ph) = (w + 2, h + 2);
@@ -68,7 +80,19 @@ fn canny_gray(g: &[u8], w: usize, h: usize, low: i32, high: i32) -> Vec<f32> {
             mag[(y as usize + 1) * pw + x as usize + 1] = dx.abs() + dy.abs();
         }
     }
+    (dxy, mag)
+}
 
+/// Non-maximum suppression with the thresholds: the edge map and the strong edges' indices.
+fn suppress(
+    dxy: &[(i32, i32)],
+    mag: &[i32],
+    w: usize,
+    h: usize,
+    low: i32,
+    high: i32,
+) -> (Vec<u8>, Vec<usize>) {
+    let (pw, ph) = (w + 2, h + 2);
     // Non-maximum suppression along the gradient's quantised direction (horizontal, vertical or one
     // of the diagonals), with OpenCV's asymmetric `>` / `>=` so plateaus keep exactly one pixel.
     // Map: 0 = weak candidate, 1 = not an edge (also the border), 2 = edge.
@@ -106,8 +130,11 @@ fn canny_gray(g: &[u8], w: usize, h: usize, low: i32, high: i32) -> Vec<f32> {
             }
         }
     }
+    (map, stack)
+}
 
-    // Hysteresis: weak candidates 8-connected to an edge become edges.
+/// Hysteresis: weak candidates 8-connected to an edge become edges.
+fn hysteresis(map: &mut [u8], mut stack: Vec<usize>, pw: usize) {
     while let Some(i) = stack.pop() {
         for n in [
             i - pw - 1,
@@ -125,10 +152,6 @@ fn canny_gray(g: &[u8], w: usize, h: usize, low: i32, high: i32) -> Vec<f32> {
             }
         }
     }
-    (0..h)
-        .flat_map(|y| (0..w).map(move |x| (y + 1) * pw + x + 1))
-        .map(|i| if map[i] == 2 { 1.0 } else { 0.0 })
-        .collect()
 }
 
 /// Canny edges of each image of an `[N, H, W, 3]` batch in [0,1] (or `[N, H, W, 1]` gray), like

@@ -541,7 +541,6 @@ fn run_unet_adapters(
         map: inputs,
         file: inputs_file,
     };
-    let file = inputs_file.display();
     inp.require(&["sample", "timestep", "encoder_hidden_states"])?;
     let sample = dev.put(inp.image("sample")?);
     let b = sample.shape()[0];
@@ -559,43 +558,7 @@ fn run_unet_adapters(
     for (i, path) in adapter_paths.iter().enumerate() {
         let mut a = Adapter::load(path, dev)?;
         a.attach(&mut unet)?;
-        let name = |base: &str| -> Option<String> {
-            let indexed = format!("{base}.{i}");
-            if inputs.contains_key(&indexed) {
-                Some(indexed)
-            } else if single && inputs.contains_key(base) {
-                Some(base.to_string())
-            } else {
-                None
-            }
-        };
-        let Some(en) = name("ip_image_embeds") else {
-            bail!(
-                "{file}: missing input tensor `ip_image_embeds.{i}` for adapter {}",
-                path.display()
-            );
-        };
-        let embeds = &inputs[&en];
-        let tokens = a
-            .project(&dev.put(embeds.clone()))
-            .map_err(|e| anyhow::anyhow!("{file}: `{en}`: {e}"))?;
-        let scales = match (name("ip_layer_scales"), name("ip_scale")) {
-            (Some(n), _) => {
-                let t = &inputs[&n];
-                if t.numel() != n_layers {
-                    bail!("{file}: `{n}` has {} values, the UNet has {n_layers} cross-attention layers", t.numel());
-                }
-                t.data().to_vec()
-            }
-            (None, Some(n)) => {
-                let t = &inputs[&n];
-                if t.numel() != 1 {
-                    bail!("{file}: `{n}` has shape {:?}; expected a scalar", t.shape());
-                }
-                vec![t.data()[0]; n_layers]
-            }
-            (None, None) => vec![a.default_scale; n_layers],
-        };
+        let IpInput { tokens, scales } = ip_input(&a, &inp, dev, path, i, single, n_layers)?;
         // diffusers' [B, images, tokens, dim] view of the projected tokens.
         let per_image = a.tokens.unwrap_or(tokens.shape()[1]);
         let images = tokens.shape()[1] / per_image.max(1);
@@ -615,4 +578,78 @@ fn run_unet_adapters(
     let out = unet.forward(&sample, &cond, None, None)?;
     outputs.insert(0, ("out".into(), out));
     Ok(outputs)
+}
+
+/// Adapter `i`'s image tokens (its `ip_image_embeds` projected) and per-layer scales. With one
+/// adapter, the inputs may also be named without the index.
+fn ip_input(
+    a: &crate::models::adapter::Adapter,
+    inp: &Inputs,
+    dev: &Device,
+    path: &Path,
+    i: usize,
+    single: bool,
+    n_layers: usize,
+) -> Result<crate::models::blocks::IpInput> {
+    let (inputs, file) = (inp.map, inp.file.display());
+    let name = |base: &str| -> Option<String> {
+        let indexed = format!("{base}.{i}");
+        if inputs.contains_key(&indexed) {
+            Some(indexed)
+        } else if single && inputs.contains_key(base) {
+            Some(base.to_string())
+        } else {
+            None
+        }
+    };
+    let Some(en) = name("ip_image_embeds") else {
+        bail!(
+            "{file}: missing input tensor `ip_image_embeds.{i}` for adapter {}",
+            path.display()
+        );
+    };
+    let embeds = &inputs[&en];
+    let tokens = a
+        .project(&dev.put(embeds.clone()))
+        .map_err(|e| anyhow::anyhow!("{file}: `{en}`: {e}"))?;
+    let scales = ip_scales(
+        inp,
+        name("ip_layer_scales"),
+        name("ip_scale"),
+        n_layers,
+        a.default_scale,
+    )?;
+    Ok(crate::models::blocks::IpInput { tokens, scales })
+}
+
+/// An adapter's scale for each cross-attention layer: from the `layer_scales` input, else the
+/// scalar `scale` input, else the adapter's default.
+fn ip_scales(
+    inp: &Inputs,
+    layer_scales: Option<String>,
+    scale: Option<String>,
+    n_layers: usize,
+    default_scale: f32,
+) -> Result<Vec<f32>> {
+    let (inputs, file) = (inp.map, inp.file.display());
+    Ok(match (layer_scales, scale) {
+        (Some(n), _) => {
+            let t = &inputs[&n];
+            if t.numel() != n_layers {
+                bail!(
+                    "{file}: `{n}` has {} values, the UNet has {n_layers} cross-attention layers",
+                    t.numel()
+                );
+            }
+            t.data().to_vec()
+        }
+        (None, Some(n)) => {
+            let t = &inputs[&n];
+            if t.numel() != 1 {
+                bail!("{file}: `{n}` has shape {:?}; expected a scalar", t.shape());
+            }
+            vec![t.data()[0]; n_layers]
+        }
+        (None, None) => vec![default_scale; n_layers],
+    })
 }

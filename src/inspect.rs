@@ -83,28 +83,9 @@ pub fn family_of(cfg: &Config) -> Result<Family> {
 
 /// A one-line variant description for the family.
 pub fn variant(family: Family, cfg: &Config) -> Result<String> {
-    Ok(match family {
-        Family::Unet | Family::ControlNet => {
-            let base = if cfg.opt_str("addition_embed_type")? == Some("text_time") {
-                "SDXL-style (text_time added embeddings)"
-            } else if cfg.bool_or("use_linear_projection", false)? {
-                "SD2.x-style (linear projection)"
-            } else {
-                "SD1.x-style"
-            };
-            let inc = cfg.usize_or("in_channels", 4)?;
-            let extra = match inc {
-                4 => String::new(),
-                9 => ", inpainting (9 input channels)".into(),
-                n => format!(", {n} input channels"),
-            };
-            let ctx = cfg
-                .get("cross_attention_dim")
-                .map(|v| v.to_string())
-                .unwrap_or_default();
-            format!("{base}{extra}, cross_attention_dim {ctx}")
-        }
-        Family::Vae => format!(
+    match family {
+        Family::Unet | Family::ControlNet => unet_variant(cfg),
+        Family::Vae => Ok(format!(
             "latent_channels {}, scaling_factor {}, {}",
             cfg.usize_or("latent_channels", 4)?,
             cfg.f64_or("scaling_factor", 0.18215)?,
@@ -113,53 +94,78 @@ pub fn variant(family: Family, cfg: &Config) -> Result<String> {
             } else {
                 "runs in the pipeline's fp16/bf16 on GPUs"
             }
-        ),
-        Family::Vision => {
-            let c = crate::models::vit::VitConfig::parse(cfg)?;
-            let class = cfg
-                .get("architectures")
-                .and_then(|a| a.as_array())
-                .and_then(|a| a.first())
-                .and_then(|v| v.as_str())
-                .unwrap_or(c.kind.class_name())
-                .to_string();
-            let mut s = format!(
-                "{class}: image size {}, patch size {}, hidden_size {}, {} layers, {} heads, {}",
-                c.image_size,
-                c.patch,
-                c.hidden,
-                c.layers,
-                c.heads,
-                format!("{:?}", c.act).to_lowercase()
-            );
-            if c.swiglu {
-                s += ", SwiGLU MLP";
-            }
-            if c.registers > 0 {
-                s += &format!(", {} register tokens", c.registers);
-            }
-            if let Some(p) = c.projection_dim {
-                s += &format!(", projection_dim {p}");
-            }
-            if cfg.get("text_config").is_some() {
-                s += ", with the CLIP text tower";
-            }
-            s
-        }
+        )),
+        Family::Vision => vision_variant(cfg),
         Family::ClipText => {
             let proj = cfg
                 .get("architectures")
                 .map(|a| a.to_string().contains("WithProjection"))
                 .unwrap_or(false);
-            format!(
+            Ok(format!(
                 "{}hidden_size {}, {} layers, {}",
                 if proj { "with projection, " } else { "" },
                 cfg.usize("hidden_size")?,
                 cfg.usize("num_hidden_layers")?,
                 cfg.str_or("hidden_act", "quick_gelu")?
-            )
+            ))
         }
-    })
+    }
+}
+
+/// [`variant`] of a UNet or ControlNet.
+fn unet_variant(cfg: &Config) -> Result<String> {
+    let base = if cfg.opt_str("addition_embed_type")? == Some("text_time") {
+        "SDXL-style (text_time added embeddings)"
+    } else if cfg.bool_or("use_linear_projection", false)? {
+        "SD2.x-style (linear projection)"
+    } else {
+        "SD1.x-style"
+    };
+    let inc = cfg.usize_or("in_channels", 4)?;
+    let extra = match inc {
+        4 => String::new(),
+        9 => ", inpainting (9 input channels)".into(),
+        n => format!(", {n} input channels"),
+    };
+    let ctx = cfg
+        .get("cross_attention_dim")
+        .map(|v| v.to_string())
+        .unwrap_or_default();
+    Ok(format!("{base}{extra}, cross_attention_dim {ctx}"))
+}
+
+/// [`variant`] of a vision transformer.
+fn vision_variant(cfg: &Config) -> Result<String> {
+    let c = crate::models::vit::VitConfig::parse(cfg)?;
+    let class = cfg
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .and_then(|a| a.first())
+        .and_then(|v| v.as_str())
+        .unwrap_or(c.kind.class_name())
+        .to_string();
+    let mut s = format!(
+        "{class}: image size {}, patch size {}, hidden_size {}, {} layers, {} heads, {}",
+        c.image_size,
+        c.patch,
+        c.hidden,
+        c.layers,
+        c.heads,
+        format!("{:?}", c.act).to_lowercase()
+    );
+    if c.swiglu {
+        s += ", SwiGLU MLP";
+    }
+    if c.registers > 0 {
+        s += &format!(", {} register tokens", c.registers);
+    }
+    if let Some(p) = c.projection_dim {
+        s += &format!(", projection_dim {p}");
+    }
+    if cfg.get("text_config").is_some() {
+        s += ", with the CLIP text tower";
+    }
+    Ok(s)
 }
 
 fn human_bytes(n: usize) -> String {
@@ -247,26 +253,7 @@ pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
     if path.join("adapter_config.json").is_file()
         || (path.is_file() && WeightStore::open_file(path)?.contains("ip_adapter.1.to_k_ip.weight"))
     {
-        let a = crate::models::adapter::Adapter::load(path, &Device::Cpu)?;
-        writeln!(out, "{}: {}", path.display(), a.describe()).unwrap();
-        if let Some(sel) = &a.selection {
-            writeln!(
-                out,
-                "  tokens: {} of `{}`{}",
-                if sel.patch_only {
-                    "patch tokens"
-                } else {
-                    "all tokens"
-                },
-                sel.output,
-                a.image_encoder
-                    .as_ref()
-                    .map(|e| format!(", image encoder {e}"))
-                    .unwrap_or_default()
-            )
-            .unwrap();
-        }
-        return Ok(out);
+        return describe_adapter(path);
     }
     if path.is_file() && looks_original(&WeightStore::open_file(path)?) {
         return describe_single_file(path, load_model);
@@ -280,31 +267,7 @@ pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
     }
     let index = path.join("model_index.json");
     if index.is_file() {
-        let cfg = Config::read(&index)?;
-        let class = cfg.str_or("_class_name", "unknown pipeline")?.to_string();
-        writeln!(out, "{}: diffusers pipeline ({class})", path.display()).unwrap();
-        let mut total = 0;
-        for sub in [
-            "unet",
-            "controlnet",
-            "vae",
-            "text_encoder",
-            "text_encoder_2",
-            "image_encoder",
-        ] {
-            let d = path.join(sub);
-            if d.join("config.json").is_file() {
-                total += describe_model(&d, sub, load_model, &mut out)
-                    .with_context(|| format!("{}: component `{sub}`", path.display()))?;
-            }
-        }
-        for sub in ["tokenizer", "tokenizer_2", "scheduler", "feature_extractor"] {
-            if path.join(sub).is_dir() {
-                writeln!(out, "{sub}: present").unwrap();
-            }
-        }
-        writeln!(out, "total: {} parameters", grouped(total)).unwrap();
-        return Ok(out);
+        return describe_pipeline(path, &index, load_model);
     }
     if path.join("config.json").is_file() {
         let sub = path
@@ -315,6 +278,61 @@ pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
         return Ok(out);
     }
     bail!("{}: cannot recognise: neither a diffusers pipeline (model_index.json), a model folder (config.json), nor a safetensors file", path.display())
+}
+
+/// An IP-Adapter: what it is and, for toffee adapters, which image-encoder tokens it takes.
+fn describe_adapter(path: &Path) -> Result<String> {
+    let mut out = String::new();
+    let a = crate::models::adapter::Adapter::load(path, &Device::Cpu)?;
+    writeln!(out, "{}: {}", path.display(), a.describe()).unwrap();
+    if let Some(sel) = &a.selection {
+        writeln!(
+            out,
+            "  tokens: {} of `{}`{}",
+            if sel.patch_only {
+                "patch tokens"
+            } else {
+                "all tokens"
+            },
+            sel.output,
+            a.image_encoder
+                .as_ref()
+                .map(|e| format!(", image encoder {e}"))
+                .unwrap_or_default()
+        )
+        .unwrap();
+    }
+    Ok(out)
+}
+
+/// A diffusers pipeline folder: each model component, then the other components present.
+fn describe_pipeline(path: &Path, index: &Path, load_model: bool) -> Result<String> {
+    let mut out = String::new();
+    let cfg = Config::read(index)?;
+    let class = cfg.str_or("_class_name", "unknown pipeline")?.to_string();
+    writeln!(out, "{}: diffusers pipeline ({class})", path.display()).unwrap();
+    let mut total = 0;
+    for sub in [
+        "unet",
+        "controlnet",
+        "vae",
+        "text_encoder",
+        "text_encoder_2",
+        "image_encoder",
+    ] {
+        let d = path.join(sub);
+        if d.join("config.json").is_file() {
+            total += describe_model(&d, sub, load_model, &mut out)
+                .with_context(|| format!("{}: component `{sub}`", path.display()))?;
+        }
+    }
+    for sub in ["tokenizer", "tokenizer_2", "scheduler", "feature_extractor"] {
+        if path.join(sub).is_dir() {
+            writeln!(out, "{sub}: present").unwrap();
+        }
+    }
+    writeln!(out, "total: {} parameters", grouped(total)).unwrap();
+    Ok(out)
 }
 
 /// Tensor names of the original (LDM / SGM) layouts.
@@ -357,58 +375,10 @@ fn describe_single_file(path: &Path, load_model: bool) -> Result<String> {
     }
     let mut total = 0;
     for sub in sf.components() {
-        let ck = Checkpoint::open(path, sub)?;
-        let n = ck.weights.param_count();
-        total += n;
-        writeln!(
-            out,
-            "{sub}: {} parameters — {}",
-            grouped(n),
-            weights_summary(&ck.weights)
-        )
-        .unwrap();
-        let public: serde_json::Map<String, serde_json::Value> = ck
-            .config
-            .json
-            .iter()
-            .filter(|(k, _)| !k.starts_with('_'))
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        writeln!(out, "  config: {}", serde_json::Value::Object(public)).unwrap();
-        if load_model {
-            match sub {
-                "unet" => drop(load::load_unet(path, &Device::Cpu)?),
-                "controlnet" => drop(load::load_controlnet(path, &Device::Cpu)?),
-                "vae" => drop(load::load_vae(path, &Device::Cpu)?),
-                _ => drop(load::load_text_encoder(path, sub, &Device::Cpu)?),
-            }
-            writeln!(out, "  loaded: ok").unwrap();
-        }
+        total += describe_single_file_component(path, sub, load_model, &mut out)?;
     }
     if sf.components().contains(&"unet") {
-        let sched = sf.scheduler_config()?;
-        writeln!(
-            out,
-            "scheduler: {} ({}), prediction_type {}",
-            sched.str_or("_class_name", "?")?,
-            if sf.config_dir().is_some() {
-                "config folder"
-            } else {
-                "built-in default for the family"
-            },
-            sched.str_or("prediction_type", "epsilon")?
-        )
-        .unwrap();
-        writeln!(
-            out,
-            "tokenizer: {}",
-            if sf.config_dir().is_some() {
-                "config folder"
-            } else {
-                "built-in CLIP vocabulary"
-            }
-        )
-        .unwrap();
+        describe_single_file_pipeline(&sf, &mut out)?;
     }
     let unused = sf.unused_tensors();
     if unused > 0 {
@@ -420,6 +390,70 @@ fn describe_single_file(path: &Path, load_model: bool) -> Result<String> {
     }
     writeln!(out, "total: {} parameters", grouped(total)).unwrap();
     Ok(out)
+}
+
+/// One component of a single-file checkpoint (appended to `out`); returns its parameter count.
+fn describe_single_file_component(
+    path: &Path,
+    sub: &str,
+    load_model: bool,
+    out: &mut String,
+) -> Result<usize> {
+    let ck = Checkpoint::open(path, sub)?;
+    let n = ck.weights.param_count();
+    writeln!(
+        out,
+        "{sub}: {} parameters — {}",
+        grouped(n),
+        weights_summary(&ck.weights)
+    )
+    .unwrap();
+    let public: serde_json::Map<String, serde_json::Value> = ck
+        .config
+        .json
+        .iter()
+        .filter(|(k, _)| !k.starts_with('_'))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    writeln!(out, "  config: {}", serde_json::Value::Object(public)).unwrap();
+    if load_model {
+        match sub {
+            "unet" => drop(load::load_unet(path, &Device::Cpu)?),
+            "controlnet" => drop(load::load_controlnet(path, &Device::Cpu)?),
+            "vae" => drop(load::load_vae(path, &Device::Cpu)?),
+            _ => drop(load::load_text_encoder(path, sub, &Device::Cpu)?),
+        }
+        writeln!(out, "  loaded: ok").unwrap();
+    }
+    Ok(n)
+}
+
+/// Where a single-file checkpoint's scheduler and tokenizer come from.
+fn describe_single_file_pipeline(sf: &SingleFile, out: &mut String) -> Result<()> {
+    let sched = sf.scheduler_config()?;
+    writeln!(
+        out,
+        "scheduler: {} ({}), prediction_type {}",
+        sched.str_or("_class_name", "?")?,
+        if sf.config_dir().is_some() {
+            "config folder"
+        } else {
+            "built-in default for the family"
+        },
+        sched.str_or("prediction_type", "epsilon")?
+    )
+    .unwrap();
+    writeln!(
+        out,
+        "tokenizer: {}",
+        if sf.config_dir().is_some() {
+            "config folder"
+        } else {
+            "built-in CLIP vocabulary"
+        }
+    )
+    .unwrap();
+    Ok(())
 }
 
 fn guess_from_names(w: &WeightStore) -> &'static str {

@@ -216,6 +216,29 @@ fn resolve_specials(
     special_map: Option<Map<String, Value>>,
     json_added: AddedById,
 ) -> Specials {
+    let decoder = added_decoder(&mut config, special_map, json_added);
+    let added = register_specials(decoder, special_tokens(&config));
+    let content_of = |key: &str| {
+        token_of(&config, key)
+            .map(|t| t.content)
+            .unwrap_or_default()
+    };
+    Specials {
+        bos: content_of("bos_token"),
+        eos: content_of("eos_token"),
+        unk: content_of("unk_token"),
+        pad: content_of("pad_token"),
+        added,
+    }
+}
+
+/// The added tokens by id, sorted: `added_tokens_decoder`, or in the legacy layout (where
+/// special_tokens_map.json is merged into `config`) tokenizer.json's `added_tokens`.
+fn added_decoder(
+    config: &mut Map<String, Value>,
+    special_map: Option<Map<String, Value>>,
+    json_added: AddedById,
+) -> AddedById {
     let mut decoder: AddedById = match config.get("added_tokens_decoder") {
         Some(Value::Object(entries)) => entries
             .iter()
@@ -233,7 +256,11 @@ fn resolve_specials(
         }
     };
     decoder.sort_by_key(|(id, _)| *id);
+    decoder
+}
 
+/// The config's token for `key` (e.g. `bos_token`), else CLIPTokenizer's default.
+fn token_of(config: &Map<String, Value>, key: &str) -> Option<AddedToken> {
     // CLIPTokenizer's defaults for the tokens a config leaves out.
     let defaults = [
         ("bos_token", BOS),
@@ -241,13 +268,17 @@ fn resolve_specials(
         ("unk_token", EOS),
         ("pad_token", EOS),
     ];
-    let token_of = |key: &str| match config.get(key).and_then(added_token) {
+    match config.get(key).and_then(added_token) {
         Some(token) => Some(token),
         None => defaults
             .iter()
             .find(|(k, _)| *k == key)
             .map(|(_, content)| AddedToken::from(*content, true)),
-    };
+    }
+}
+
+/// Every special token of the config, in the order transformers registers them.
+fn special_tokens(config: &Map<String, Value>) -> Vec<AddedToken> {
     // Other "*_token" keys become model-specific special tokens in transformers 5.
     let model_specific = config
         .iter()
@@ -258,13 +289,17 @@ fn resolve_specials(
         .filter_map(|key| config.get(*key)?.as_array())
         .flatten()
         .filter_map(added_token);
-    let specials: Vec<AddedToken> = SPECIAL_KEYS
+    SPECIAL_KEYS
         .iter()
-        .filter_map(|key| token_of(key))
+        .filter_map(|key| token_of(config, key))
         .chain(model_specific)
         .chain(extras)
-        .collect();
+        .collect()
+}
 
+/// The decoder's tokens, then each special token not among them: one registered again keeps its
+/// last flags.
+fn register_specials(decoder: AddedById, specials: Vec<AddedToken>) -> Vec<AddedToken> {
     let mut added: Vec<AddedToken> = decoder.into_iter().map(|(_, t)| t).collect();
     let in_decoder = added.len();
     for token in specials {
@@ -279,14 +314,7 @@ fn resolve_specials(
             None => added.push(token),
         }
     }
-    let content_of = |key: &str| token_of(key).map(|t| t.content).unwrap_or_default();
-    Specials {
-        bos: content_of("bos_token"),
-        eos: content_of("eos_token"),
-        unk: content_of("unk_token"),
-        pad: content_of("pad_token"),
-        added,
-    }
+    added
 }
 
 /// A special-token entry as Python's `AddedToken` reads it: a bare string is a special token

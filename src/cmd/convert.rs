@@ -109,61 +109,73 @@ pub fn convert(file: &Path, out: &Path) -> Result<Converted> {
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
     let mut tensors = 0;
     for sub in &comps {
-        let ck = Checkpoint::open(file, sub)?;
         let dir: PathBuf = if pipeline {
             out.join(sub)
         } else {
             out.to_path_buf()
         };
-        std::fs::create_dir_all(&dir)
-            .with_context(|| format!("{}: cannot create", dir.display()))?;
-        let raw = ck
-            .weights
-            .names()
-            .map(|n| ck.weights.get_raw(n))
-            .collect::<Result<Vec<_>>>()?;
-        tensors += raw.len();
-        write_raw(&dir.join(weights_file(sub)), &raw)?;
-        write_json(&dir.join("config.json"), &config_json(&ck.config))?;
+        tensors += write_component(file, sub, &dir)?;
     }
     if pipeline {
-        let sdxl = sf.family == Family::Sdxl;
-        let class = match (sdxl, sf.is_inpaint()) {
-            (true, true) => "StableDiffusionXLInpaintPipeline",
-            (true, false) => "StableDiffusionXLPipeline",
-            (false, true) => "StableDiffusionInpaintPipeline",
-            (false, false) => "StableDiffusionPipeline",
-        };
-        let sched = sf.scheduler_config()?;
-        let sched_class = sched.str_or("_class_name", "PNDMScheduler")?.to_string();
-        let mut index = json!({
-            "_class_name": class,
-            "scheduler": ["diffusers", sched_class],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "unet": ["diffusers", "UNet2DConditionModel"],
-            "vae": ["diffusers", "AutoencoderKL"],
-        });
-        if sdxl {
-            index["text_encoder_2"] = json!(["transformers", "CLIPTextModelWithProjection"]);
-            index["tokenizer_2"] = json!(["transformers", "CLIPTokenizer"]);
-            index["force_zeros_for_empty_prompt"] = json!(sf
-                .model_index()?
-                .bool_or("force_zeros_for_empty_prompt", true)?);
-        }
-        write_json(&out.join("model_index.json"), &index)?;
-        std::fs::create_dir_all(out.join("scheduler"))?;
-        write_json(
-            &out.join("scheduler/scheduler_config.json"),
-            &Value::Object(sched.json),
-        )?;
-        write_tokenizer(&sf, "tokenizer", &out.join("tokenizer"))?;
-        if sdxl {
-            write_tokenizer(&sf, "tokenizer_2", &out.join("tokenizer_2"))?;
-        }
+        write_pipeline_files(&sf, out)?;
     }
     Ok(Converted {
         components: comps.iter().map(|s| s.to_string()).collect(),
         tensors,
     })
+}
+
+/// Component `sub` of the single file: its weights and config.json, into `dir`; returns the
+/// number of tensors written.
+fn write_component(file: &Path, sub: &str, dir: &Path) -> Result<usize> {
+    let ck = Checkpoint::open(file, sub)?;
+    std::fs::create_dir_all(dir).with_context(|| format!("{}: cannot create", dir.display()))?;
+    let raw = ck
+        .weights
+        .names()
+        .map(|n| ck.weights.get_raw(n))
+        .collect::<Result<Vec<_>>>()?;
+    write_raw(&dir.join(weights_file(sub)), &raw)?;
+    write_json(&dir.join("config.json"), &config_json(&ck.config))?;
+    Ok(raw.len())
+}
+
+/// What a pipeline folder holds besides its models: model_index.json, the scheduler config and
+/// the tokenizers.
+fn write_pipeline_files(sf: &SingleFile, out: &Path) -> Result<()> {
+    let sdxl = sf.family == Family::Sdxl;
+    let class = match (sdxl, sf.is_inpaint()) {
+        (true, true) => "StableDiffusionXLInpaintPipeline",
+        (true, false) => "StableDiffusionXLPipeline",
+        (false, true) => "StableDiffusionInpaintPipeline",
+        (false, false) => "StableDiffusionPipeline",
+    };
+    let sched = sf.scheduler_config()?;
+    let sched_class = sched.str_or("_class_name", "PNDMScheduler")?.to_string();
+    let mut index = json!({
+        "_class_name": class,
+        "scheduler": ["diffusers", sched_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    });
+    if sdxl {
+        index["text_encoder_2"] = json!(["transformers", "CLIPTextModelWithProjection"]);
+        index["tokenizer_2"] = json!(["transformers", "CLIPTokenizer"]);
+        index["force_zeros_for_empty_prompt"] = json!(sf
+            .model_index()?
+            .bool_or("force_zeros_for_empty_prompt", true)?);
+    }
+    write_json(&out.join("model_index.json"), &index)?;
+    std::fs::create_dir_all(out.join("scheduler"))?;
+    write_json(
+        &out.join("scheduler/scheduler_config.json"),
+        &Value::Object(sched.json),
+    )?;
+    write_tokenizer(sf, "tokenizer", &out.join("tokenizer"))?;
+    if sdxl {
+        write_tokenizer(sf, "tokenizer_2", &out.join("tokenizer_2"))?;
+    }
+    Ok(())
 }

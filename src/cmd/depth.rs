@@ -134,7 +134,6 @@ pub fn estimate_files(o: &Options) -> Result<Vec<PathBuf>> {
     Ok(outs.into_iter().map(|(d, _)| d).collect())
 }
 
-
 /// Writes one map: millimetres for metric models, normalised for relative ones.
 pub fn save(model: &DepthAnything, map: &DepthMap, depth: &Path, preview: &Path) -> Result<()> {
     if model.is_metric() {

@@ -65,7 +65,7 @@ pub fn read_subjects(path: &Path) -> Result<Vec<Subject>> {
         if files.is_empty() {
             bail!("{}: no PNG or JPEG subject images", path.display());
         }
-        return Ok(files
+        let subjects: Vec<Subject> = files
             .into_iter()
             .map(|f| {
                 let stem = f
@@ -82,7 +82,9 @@ pub fn read_subjects(path: &Path) -> Result<Vec<Subject>> {
                     },
                 }
             })
-            .collect());
+            .collect();
+        check_unique_names(path, &subjects)?;
+        return Ok(subjects);
     }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read the subjects", path.display()))?;
@@ -117,16 +119,40 @@ pub fn read_subjects(path: &Path) -> Result<Vec<Subject>> {
     if out.is_empty() {
         bail!("{}: no subjects", path.display());
     }
-    let mut names: Vec<&str> = out.iter().map(|s| s.name.as_str()).collect();
-    names.sort();
-    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
-        bail!(
-            "{}: subject name `{}` appears twice (names key the records)",
-            path.display(),
-            w[0]
-        );
-    }
+    check_unique_names(path, &out)?;
     Ok(out)
+}
+
+/// Subject names key the records and name their files, so two subjects may not share one, also
+/// not in another case (`Cup.png` and `cup.jpg` would collide on a case-insensitive disk) or
+/// after decoding (two non-UTF-8 file names that read as the same text).
+fn check_unique_names(origin: &Path, subjects: &[Subject]) -> Result<()> {
+    let mut seen: std::collections::HashMap<String, &Subject> = std::collections::HashMap::new();
+    for s in subjects {
+        if s.name.trim().is_empty() {
+            bail!("{}: a subject has an empty name", origin.display());
+        }
+        if s.category.trim().is_empty() {
+            bail!(
+                "{}: subject `{}` has an empty category (its prompts would name nothing)",
+                origin.display(),
+                s.name
+            );
+        }
+        if let Some(first) = seen.insert(s.name.to_lowercase(), s) {
+            let what = |s: &Subject| match &s.source {
+                SubjectSource::File { image, .. } => format!("`{}` ({})", s.name, image.display()),
+                SubjectSource::Builtin(_) => format!("`{}`", s.name),
+            };
+            bail!(
+                "{}: subjects {} and {} have the same name (names key the records; rename one)",
+                origin.display(),
+                what(first),
+                what(s)
+            );
+        }
+    }
+    Ok(())
 }
 
 /// A prompt template and its place in Toffee-5M's taxonomy.

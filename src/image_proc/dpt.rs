@@ -47,6 +47,14 @@ pub struct DptProcessor {
     pad_to: Option<usize>,
 }
 
+/// The resize fields of a [`DptProcessor`], as its config gives them.
+struct ResizeSettings {
+    size: Option<(usize, usize)>,
+    keep_aspect_ratio: bool,
+    ensure_multiple_of: usize,
+    resample: Resample,
+}
+
 impl DptProcessor {
     /// Reads `dir/preprocessor_config.json` (or, failing that, the `image_processor` object of
     /// transformers 5's `processor_config.json`).
@@ -86,6 +94,50 @@ impl DptProcessor {
 
     fn from_map(path: &Path, map: &Map<String, Value>) -> Result<DptProcessor> {
         let f = Fields { path, map };
+        Self::check_kind(&f)?;
+        let ResizeSettings {
+            size,
+            keep_aspect_ratio,
+            ensure_multiple_of,
+            resample,
+        } = Self::resize_settings(&f)?;
+        let do_rescale = f.bool_or("do_rescale", true)?;
+        let rescale_factor = match f.get("rescale_factor") {
+            None => 1.0 / 255.0,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| f.err("rescale_factor", format!("expected a number, found {v}")))?,
+        };
+        let do_normalize = f.bool_or("do_normalize", true)?;
+        let mean = f.triple("image_mean", STANDARD_MEAN)?;
+        let std = f.triple("image_std", STANDARD_STD)?;
+        if do_normalize && std.contains(&0.0) {
+            return Err(f.err("image_std", "a standard deviation of 0"));
+        }
+        let do_pad = f.bool_or("do_pad", false)?;
+        let size_divisor = match f.get("size_divisor") {
+            None => None,
+            Some(v) => Some(f.positive_int("size_divisor", v)?),
+        };
+        // Only segmentation maps are ever label-reduced; validate the type and move on.
+        f.bool_or("do_reduce_labels", false)?;
+        f.bool_or("do_convert_rgb", true)?;
+        let to_f32 = |v: [f64; 3]| v.map(|x| x as f32);
+        Ok(DptProcessor {
+            size,
+            keep_aspect_ratio,
+            ensure_multiple_of,
+            resample,
+            rescale_factor: do_rescale.then_some(rescale_factor),
+            do_normalize,
+            mean: to_f32(mean),
+            std: to_f32(std),
+            pad_to: if do_pad { size_divisor } else { None },
+        })
+    }
+
+    /// Rejects a config of another image processor or of an unsupported data format.
+    fn check_kind(f: &Fields) -> Result<()> {
         if let Some((key, class)) = ["image_processor_type", "feature_extractor_type"]
             .into_iter()
             .find_map(|k| f.get(k).map(|v| (k, v)))
@@ -113,6 +165,12 @@ impl DptProcessor {
                 ));
             }
         }
+        Ok(())
+    }
+
+    /// `size` (`None` when `do_resize` is false), `keep_aspect_ratio`, `ensure_multiple_of` and
+    /// `resample`.
+    fn resize_settings(f: &Fields) -> Result<ResizeSettings> {
         let do_resize = f.bool_or("do_resize", true)?;
         let size = match f.size("size", true)? {
             None => (384, 384),
@@ -138,38 +196,11 @@ impl DptProcessor {
                 )
             })?,
         };
-        let do_rescale = f.bool_or("do_rescale", true)?;
-        let rescale_factor = match f.get("rescale_factor") {
-            None => 1.0 / 255.0,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| f.err("rescale_factor", format!("expected a number, found {v}")))?,
-        };
-        let do_normalize = f.bool_or("do_normalize", true)?;
-        let mean = f.triple("image_mean", STANDARD_MEAN)?;
-        let std = f.triple("image_std", STANDARD_STD)?;
-        if do_normalize && std.contains(&0.0) {
-            return Err(f.err("image_std", "a standard deviation of 0"));
-        }
-        let do_pad = f.bool_or("do_pad", false)?;
-        let size_divisor = match f.get("size_divisor") {
-            None => None,
-            Some(v) => Some(f.positive_int("size_divisor", v)?),
-        };
-        // Only segmentation maps are ever label-reduced; validate the type and move on.
-        f.bool_or("do_reduce_labels", false)?;
-        f.bool_or("do_convert_rgb", true)?;
-        let to_f32 = |v: [f64; 3]| v.map(|x| x as f32);
-        Ok(DptProcessor {
+        Ok(ResizeSettings {
             size: do_resize.then_some(size),
             keep_aspect_ratio,
             ensure_multiple_of,
             resample,
-            rescale_factor: do_rescale.then_some(rescale_factor),
-            do_normalize,
-            mean: to_f32(mean),
-            std: to_f32(std),
-            pad_to: if do_pad { size_divisor } else { None },
         })
     }
 

@@ -221,41 +221,7 @@ impl Fields<'_> {
                 height: self.positive_int(key, &a[0])?,
                 width: self.positive_int(key, &a[1])?,
             },
-            Value::Object(m) => {
-                let keys: Vec<&str> = {
-                    let mut k: Vec<&str> = m
-                        .iter()
-                        .filter(|(_, v)| !v.is_null())
-                        .map(|(k, _)| k.as_str())
-                        .collect();
-                    k.sort_unstable();
-                    k
-                };
-                let int = |k: &str| self.positive_int(&format!("{key}.{k}"), &m[k]);
-                match keys.as_slice() {
-                    ["height", "width"] => Size::Exact {
-                        height: int("height")?,
-                        width: int("width")?,
-                    },
-                    ["shortest_edge"] => Size::ShortestEdge {
-                        shortest: int("shortest_edge")?,
-                        longest: None,
-                    },
-                    ["longest_edge", "shortest_edge"] => Size::ShortestEdge {
-                        shortest: int("shortest_edge")?,
-                        longest: Some(int("longest_edge")?),
-                    },
-                    _ => {
-                        return Err(self.err(
-                            key,
-                            format!(
-                                "unsupported keys {keys:?}: expected {{\"height\", \"width\"}}, \
-                                 {{\"shortest_edge\"}} or {{\"shortest_edge\", \"longest_edge\"}}"
-                            ),
-                        ))
-                    }
-                }
-            }
+            Value::Object(m) => self.size_dict(key, m)?,
             _ => {
                 return Err(self.err(
                     key,
@@ -264,6 +230,43 @@ impl Fields<'_> {
             }
         };
         Ok(Some(size))
+    }
+
+    /// A `size` / `crop_size` dict: its non-null keys must be exactly one of the supported sets.
+    fn size_dict(&self, key: &str, m: &Map<String, Value>) -> Result<Size> {
+        let keys: Vec<&str> = {
+            let mut k: Vec<&str> = m
+                .iter()
+                .filter(|(_, v)| !v.is_null())
+                .map(|(k, _)| k.as_str())
+                .collect();
+            k.sort_unstable();
+            k
+        };
+        let int = |k: &str| self.positive_int(&format!("{key}.{k}"), &m[k]);
+        Ok(match keys.as_slice() {
+            ["height", "width"] => Size::Exact {
+                height: int("height")?,
+                width: int("width")?,
+            },
+            ["shortest_edge"] => Size::ShortestEdge {
+                shortest: int("shortest_edge")?,
+                longest: None,
+            },
+            ["longest_edge", "shortest_edge"] => Size::ShortestEdge {
+                shortest: int("shortest_edge")?,
+                longest: Some(int("longest_edge")?),
+            },
+            _ => {
+                return Err(self.err(
+                    key,
+                    format!(
+                        "unsupported keys {keys:?}: expected {{\"height\", \"width\"}}, \
+                         {{\"shortest_edge\"}} or {{\"shortest_edge\", \"longest_edge\"}}"
+                    ),
+                ))
+            }
+        })
     }
 }
 

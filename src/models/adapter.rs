@@ -525,34 +525,7 @@ pub struct ToffeeConfig {
 
 impl ToffeeConfig {
     pub fn parse(cfg: &Config) -> Result<ToffeeConfig> {
-        let t = cfg.str("adapter_type")?;
-        if t != "toffee" {
-            return Err(cfg.unsupported("adapter_type", t, "toffee"));
-        }
-        const KNOWN: [&str; 11] = [
-            "adapter_type",
-            "image_encoder",
-            "image_encoder_output",
-            "tokens",
-            "num_prefix_tokens",
-            "projection",
-            "image_embed_dim",
-            "cross_attention_dim",
-            "num_tokens",
-            "resampler",
-            "scale",
-        ];
-        if let Some(k) = cfg
-            .json
-            .keys()
-            .find(|k| !k.starts_with('_') && !KNOWN.contains(&k.as_str()))
-        {
-            bail!(
-                "{}: unknown field `{k}` (known: {})",
-                cfg.path.display(),
-                KNOWN.join(", ")
-            );
-        }
+        Self::check_fields(cfg)?;
         let output = cfg.str("image_encoder_output")?.to_string();
         if !matches!(
             output.as_str(),
@@ -591,5 +564,38 @@ impl ToffeeConfig {
             heads,
             scale: cfg.f64_or("scale", 1.0)? as f32,
         })
+    }
+
+    /// Errors unless `cfg` is a Toffee adapter's, with no field this version does not know.
+    fn check_fields(cfg: &Config) -> Result<()> {
+        let t = cfg.str("adapter_type")?;
+        if t != "toffee" {
+            return Err(cfg.unsupported("adapter_type", t, "toffee"));
+        }
+        const KNOWN: [&str; 11] = [
+            "adapter_type",
+            "image_encoder",
+            "image_encoder_output",
+            "tokens",
+            "num_prefix_tokens",
+            "projection",
+            "image_embed_dim",
+            "cross_attention_dim",
+            "num_tokens",
+            "resampler",
+            "scale",
+        ];
+        if let Some(k) = cfg
+            .json
+            .keys()
+            .find(|k| !k.starts_with('_') && !KNOWN.contains(&k.as_str()))
+        {
+            bail!(
+                "{}: unknown field `{k}` (known: {})",
+                cfg.path.display(),
+                KNOWN.join(", ")
+            );
+        }
+        Ok(())
     }
 }

@@ -19,6 +19,22 @@ struct Layer {
     fc2: LinearW,
 }
 
+impl Layer {
+    fn load(l: &Vb, hidden: usize, inter: usize, eps: f64) -> Result<Layer> {
+        let a = l.pp("self_attn");
+        Ok(Layer {
+            ln1: LayerNorm::load(&l.pp("layer_norm1"), hidden, eps)?,
+            q: a.pp("q_proj").linear(hidden, hidden, true)?,
+            k: a.pp("k_proj").linear(hidden, hidden, true)?,
+            v: a.pp("v_proj").linear(hidden, hidden, true)?,
+            o: a.pp("out_proj").linear(hidden, hidden, true)?,
+            ln2: LayerNorm::load(&l.pp("layer_norm2"), hidden, eps)?,
+            fc1: l.pp("mlp.fc1").linear(hidden, inter, true)?,
+            fc2: l.pp("mlp.fc2").linear(inter, hidden, true)?,
+        })
+    }
+}
+
 pub struct ClipText {
     pub vocab_size: usize,
     pub hidden: usize,
@@ -51,6 +67,28 @@ pub fn normalise_name(name: &str) -> Option<String> {
     name.strip_prefix("text_model.").map(String::from)
 }
 
+/// `hidden_act`: CLIP's text encoders use quick_gelu or gelu.
+fn activation(cfg: &Config) -> Result<Activation> {
+    let act_name = cfg.str_or("hidden_act", "quick_gelu")?;
+    match Activation::parse(act_name) {
+        Some(a @ (Activation::Gelu | Activation::QuickGelu)) => Ok(a),
+        _ => Err(cfg.unsupported("hidden_act", act_name, "quick_gelu, gelu")),
+    }
+}
+
+/// Whether the model has a text projection: by its architecture, or by its weights.
+fn with_projection(cfg: &Config, store: &WeightStore) -> bool {
+    let archs = cfg
+        .get("architectures")
+        .and_then(|a| a.as_array())
+        .cloned()
+        .unwrap_or_default();
+    archs
+        .iter()
+        .any(|a| a.as_str() == Some("CLIPTextModelWithProjection"))
+        || store.contains("text_projection.weight")
+}
+
 impl ClipText {
     pub fn load(cfg: &Config, store: &WeightStore, device: &Device) -> Result<Self> {
         // A full CLIPConfig nests the text part under text_config; SD checkpoints use the flat form.
@@ -70,11 +108,7 @@ impl ClipText {
         let heads = cfg.usize("num_attention_heads")?;
         let max_positions = cfg.usize_or("max_position_embeddings", 77)?;
         let eps = cfg.eps_or("layer_norm_eps", 1e-5)?;
-        let act_name = cfg.str_or("hidden_act", "quick_gelu")?;
-        let act = match Activation::parse(act_name) {
-            Some(a @ (Activation::Gelu | Activation::QuickGelu)) => a,
-            _ => return Err(cfg.unsupported("hidden_act", act_name, "quick_gelu, gelu")),
-        };
+        let act = activation(cfg)?;
         if heads == 0 || hidden % heads != 0 {
             bail!(
                 "{}: hidden_size {hidden} is not divisible by num_attention_heads {heads}",
@@ -82,31 +116,13 @@ impl ClipText {
             );
         }
         let eos_token_id = cfg.usize_or("eos_token_id", 2)? as u32;
-        let archs = cfg
-            .get("architectures")
-            .and_then(|a| a.as_array())
-            .cloned()
-            .unwrap_or_default();
-        let with_projection = archs
-            .iter()
-            .any(|a| a.as_str() == Some("CLIPTextModelWithProjection"))
-            || store.contains("text_projection.weight");
+        let with_projection = with_projection(cfg, store);
         let vb = Vb::root_on(store, device);
         let e = vb.pp("embeddings");
         let mut layers = Vec::new();
         for i in 0..layers_n {
             let l = vb.pp(format!("encoder.layers.{i}"));
-            let a = l.pp("self_attn");
-            layers.push(Layer {
-                ln1: LayerNorm::load(&l.pp("layer_norm1"), hidden, eps)?,
-                q: a.pp("q_proj").linear(hidden, hidden, true)?,
-                k: a.pp("k_proj").linear(hidden, hidden, true)?,
-                v: a.pp("v_proj").linear(hidden, hidden, true)?,
-                o: a.pp("out_proj").linear(hidden, hidden, true)?,
-                ln2: LayerNorm::load(&l.pp("layer_norm2"), hidden, eps)?,
-                fc1: l.pp("mlp.fc1").linear(hidden, inter, true)?,
-                fc2: l.pp("mlp.fc2").linear(inter, hidden, true)?,
-            });
+            layers.push(Layer::load(&l, hidden, inter, eps)?);
         }
         let projection = if with_projection {
             let p = cfg.usize_or("projection_dim", hidden)?;

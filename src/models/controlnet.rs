@@ -34,63 +34,17 @@ impl ControlNet {
     pub fn load(cfg: &Config, store: &WeightStore, device: &Device) -> Result<Self> {
         let c = UnetConfig::parse(cfg, true)?;
         let vb = Vb::root_on(store, device);
-        let bgr = match cfg.str_or("controlnet_conditioning_channel_order", "rgb")? {
-            "rgb" => false,
-            "bgr" => true,
-            other => {
-                return Err(cfg.unsupported(
-                    "controlnet_conditioning_channel_order",
-                    other,
-                    "rgb, bgr",
-                ))
-            }
-        };
+        let bgr = is_bgr(cfg)?;
         let conditioning_channels = cfg.usize_or("conditioning_channels", 3)?;
-        let emb_ch = match cfg.get("conditioning_embedding_out_channels") {
-            None => vec![16, 32, 96, 256],
-            Some(_) => cfg.usize_list("conditioning_embedding_out_channels")?,
-        };
-        if emb_ch.is_empty() {
-            return Err(cfg.unsupported(
-                "conditioning_embedding_out_channels",
-                "[]",
-                "a non-empty list",
-            ));
-        }
-        let cvb = vb.pp("controlnet_cond_embedding");
-        let cond_in = cvb
-            .pp("conv_in")
-            .conv2d(conditioning_channels, emb_ch[0], 3, 1, 1)?;
-        let mut cond_blocks = Vec::new();
-        for i in 0..emb_ch.len() - 1 {
-            let (a, b) = (emb_ch[i], emb_ch[i + 1]);
-            cond_blocks.push(cvb.pp(format!("blocks.{}", 2 * i)).conv2d(a, a, 3, 1, 1)?);
-            cond_blocks.push(
-                cvb.pp(format!("blocks.{}", 2 * i + 1))
-                    .conv2d(a, b, 3, 2, 1)?,
-            );
-        }
-        let ch0 = c.block_out_channels[0];
-        let cond_out = cvb
-            .pp("conv_out")
-            .conv2d(*emb_ch.last().unwrap(), ch0, 3, 1, 1)?;
+        let emb_ch = embedding_channels(cfg)?;
+        let (cond_in, cond_blocks, cond_out) = load_cond_embedding(
+            &vb.pp("controlnet_cond_embedding"),
+            conditioning_channels,
+            &emb_ch,
+            c.block_out_channels[0],
+        )?;
         let enc = Encoder::load(&vb, &c)?;
-        let mut zc_channels = vec![ch0];
-        for (i, d) in enc.down.iter().enumerate() {
-            let ch = c.block_out_channels[i];
-            zc_channels.extend(std::iter::repeat_n(
-                ch,
-                d.resnets() + d.has_downsampler() as usize,
-            ));
-        }
-        let zero_convs = zc_channels
-            .iter()
-            .enumerate()
-            .map(|(i, &ch)| {
-                vb.pp(format!("controlnet_down_blocks.{i}"))
-                    .conv2d(ch, ch, 1, 1, 0)
-            })
-            .collect::<Result<_>>()?;
+        let zero_convs = load_zero_convs(&vb, &c, &enc)?;
         let last = *c.block_out_channels.last().unwrap();
         let mid_conv = vb.pp("controlnet_mid_block").conv2d(last, last, 1, 1, 0)?;
         Ok(ControlNet {
@@ -133,16 +87,7 @@ impl ControlNet {
                 self.conditioning_channels
             );
         }
-        let image = if self.bgr {
-            flip_channels(image)
-        } else {
-            image.clone()
-        };
-        let mut e = ops::silu(&ops::conv2d(&image, &self.cond_in));
-        for conv in &self.cond_blocks {
-            e = ops::silu(&ops::conv2d(&e, conv));
-        }
-        let e = ops::conv2d(&e, &self.cond_out);
+        let e = self.embed_cond(image);
         let (emb, aug) = self.enc.emb.forward(cond)?;
         let emb = match aug {
             Some(a) => ops::add(&emb, &a),
@@ -174,6 +119,92 @@ impl ControlNet {
         let mid = ops::scale(&ops::conv2d(&hcur, &self.mid_conv), conditioning_scale);
         Ok(ControlOutput { down, mid })
     }
+
+    /// The conditioning image (NHWC, in the model's channel order) embedded to the size of the
+    /// UNet's first feature map.
+    fn embed_cond(&self, image: &Tensor) -> Tensor {
+        let image = if self.bgr {
+            flip_channels(image)
+        } else {
+            image.clone()
+        };
+        let mut e = ops::silu(&ops::conv2d(&image, &self.cond_in));
+        for conv in &self.cond_blocks {
+            e = ops::silu(&ops::conv2d(&e, conv));
+        }
+        ops::conv2d(&e, &self.cond_out)
+    }
+}
+
+/// `controlnet_conditioning_channel_order`: whether the model takes BGR images.
+fn is_bgr(cfg: &Config) -> Result<bool> {
+    match cfg.str_or("controlnet_conditioning_channel_order", "rgb")? {
+        "rgb" => Ok(false),
+        "bgr" => Ok(true),
+        other => Err(cfg.unsupported("controlnet_conditioning_channel_order", other, "rgb, bgr")),
+    }
+}
+
+/// `conditioning_embedding_out_channels`, which must not be empty.
+fn embedding_channels(cfg: &Config) -> Result<Vec<usize>> {
+    let emb_ch = match cfg.get("conditioning_embedding_out_channels") {
+        None => vec![16, 32, 96, 256],
+        Some(_) => cfg.usize_list("conditioning_embedding_out_channels")?,
+    };
+    if emb_ch.is_empty() {
+        return Err(cfg.unsupported(
+            "conditioning_embedding_out_channels",
+            "[]",
+            "a non-empty list",
+        ));
+    }
+    Ok(emb_ch)
+}
+
+/// The conditioning embedding's conv_in, its blocks (a conv, then a strided conv, per step of
+/// `emb_ch`) and conv_out to `ch0` channels.
+fn load_cond_embedding(
+    cvb: &Vb,
+    conditioning_channels: usize,
+    emb_ch: &[usize],
+    ch0: usize,
+) -> Result<(Conv2dW, Vec<Conv2dW>, Conv2dW)> {
+    let cond_in = cvb
+        .pp("conv_in")
+        .conv2d(conditioning_channels, emb_ch[0], 3, 1, 1)?;
+    let mut cond_blocks = Vec::new();
+    for i in 0..emb_ch.len() - 1 {
+        let (a, b) = (emb_ch[i], emb_ch[i + 1]);
+        cond_blocks.push(cvb.pp(format!("blocks.{}", 2 * i)).conv2d(a, a, 3, 1, 1)?);
+        cond_blocks.push(
+            cvb.pp(format!("blocks.{}", 2 * i + 1))
+                .conv2d(a, b, 3, 2, 1)?,
+        );
+    }
+    let cond_out = cvb
+        .pp("conv_out")
+        .conv2d(*emb_ch.last().unwrap(), ch0, 3, 1, 1)?;
+    Ok((cond_in, cond_blocks, cond_out))
+}
+
+/// One zero convolution per UNet skip: conv_in's, then each down block's resnets and downsampler.
+fn load_zero_convs(vb: &Vb, c: &UnetConfig, enc: &Encoder) -> Result<Vec<Conv2dW>> {
+    let mut zc_channels = vec![c.block_out_channels[0]];
+    for (i, d) in enc.down.iter().enumerate() {
+        let ch = c.block_out_channels[i];
+        zc_channels.extend(std::iter::repeat_n(
+            ch,
+            d.resnets() + d.has_downsampler() as usize,
+        ));
+    }
+    zc_channels
+        .iter()
+        .enumerate()
+        .map(|(i, &ch)| {
+            vb.pp(format!("controlnet_down_blocks.{i}"))
+                .conv2d(ch, ch, 1, 1, 0)
+        })
+        .collect()
 }
 
 /// RGB <-> BGR.

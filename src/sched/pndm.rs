@@ -21,6 +21,11 @@ pub(super) struct Pndm {
     cur_model_output: Option<Tensor>,
 }
 
+/// 1/k of a Python float constant, rounded to float32 as torch does.
+fn recip(k: f64) -> f32 {
+    (1.0 / k) as f32
+}
+
 impl Pndm {
     pub(super) fn new(cfg: &Config, c: &Common) -> Result<Self> {
         // Unlike DDIM, set_alpha_to_one defaults to false.
@@ -58,34 +63,66 @@ impl Pndm {
     where
         F: Fn(&[(&Tensor, f32)], f32, f32) -> Tensor,
     {
+        if c.steps_done < self.prk_steps {
+            self.plan_prk(c, i, m, x, mix)
+        } else {
+            self.plan_plms(c, i, m, x, mix)
+        }
+    }
+
+    /// [`Self::plan`] for a Runge-Kutta warm-up step.
+    fn plan_prk<F>(
+        &mut self,
+        c: &Common,
+        i: usize,
+        m: &Tensor,
+        x: &Tensor,
+        mix: F,
+    ) -> (usize, i64, Tensor, Tensor)
+    where
+        F: Fn(&[(&Tensor, f32)], f32, f32) -> Tensor,
+    {
         let counter = c.steps_done;
         let r = (c.num_train / c.num_inference_steps) as i64;
         let t = c.timesteps[i] as i64;
-        // Python float constants, rounded to float32 as torch does.
-        let recip = |k: f64| (1.0 / k) as f32;
-        if counter < self.prk_steps {
-            // Four evaluations per step, all from the group's first sample and timestep (taken
-            // by `counter` from the full list, also in img2img), to the passed timestep or half
-            // a step below it; the last uses the weighted sum of the four outputs.
-            let prev = t - if counter.is_multiple_of(2) { r / 2 } else { 0 };
-            let e = match (counter % 4, self.cur_model_output.take()) {
-                (0, _) => {
-                    self.cur_model_output = Some(mix(&[(m, recip(6.0))], 1.0, 1.0));
-                    self.ets.push(m.clone());
-                    self.cur_sample = Some(x.clone());
-                    m.clone()
-                }
-                (3, Some(acc)) => mix(&[(&acc, 1.0), (m, recip(6.0))], 1.0, 1.0),
-                (_, Some(acc)) => {
-                    self.cur_model_output = Some(mix(&[(&acc, 1.0), (m, recip(3.0))], 1.0, 1.0));
-                    m.clone()
-                }
-                (_, None) => unreachable!("the sum starts at counter % 4 == 0"),
-            };
-            let start = c.timesteps[counter / 4 * 4] as usize;
-            let sample = self.cur_sample.clone().expect("set at counter % 4 == 0");
-            return (start, prev, sample, e);
-        }
+        // Four evaluations per step, all from the group's first sample and timestep (taken
+        // by `counter` from the full list, also in img2img), to the passed timestep or half
+        // a step below it; the last uses the weighted sum of the four outputs.
+        let prev = t - if counter.is_multiple_of(2) { r / 2 } else { 0 };
+        let e = match (counter % 4, self.cur_model_output.take()) {
+            (0, _) => {
+                self.cur_model_output = Some(mix(&[(m, recip(6.0))], 1.0, 1.0));
+                self.ets.push(m.clone());
+                self.cur_sample = Some(x.clone());
+                m.clone()
+            }
+            (3, Some(acc)) => mix(&[(&acc, 1.0), (m, recip(6.0))], 1.0, 1.0),
+            (_, Some(acc)) => {
+                self.cur_model_output = Some(mix(&[(&acc, 1.0), (m, recip(3.0))], 1.0, 1.0));
+                m.clone()
+            }
+            (_, None) => unreachable!("the sum starts at counter % 4 == 0"),
+        };
+        let start = c.timesteps[counter / 4 * 4] as usize;
+        let sample = self.cur_sample.clone().expect("set at counter % 4 == 0");
+        (start, prev, sample, e)
+    }
+
+    /// [`Self::plan`] for a PLMS step.
+    fn plan_plms<F>(
+        &mut self,
+        c: &Common,
+        i: usize,
+        m: &Tensor,
+        x: &Tensor,
+        mix: F,
+    ) -> (usize, i64, Tensor, Tensor)
+    where
+        F: Fn(&[(&Tensor, f32)], f32, f32) -> Tensor,
+    {
+        let counter = c.steps_done;
+        let r = (c.num_train / c.num_inference_steps) as i64;
+        let t = c.timesteps[i] as i64;
         // PLMS: Adams-Bashforth over the last four model outputs. The second step redoes the
         // first from its sample with the two outputs averaged, keeping no history; it starts
         // N/n above the passed (repeated) timestep, which under linspace / trailing spacing is

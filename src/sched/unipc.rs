@@ -31,6 +31,30 @@ pub(super) struct UniPc {
     lower_order_nums: usize,
 }
 
+/// Rejects the settings this UniPC does not implement: noise predictions, a disabled corrector,
+/// a solver_p, thresholding and the other sigma schedules.
+fn reject_unsupported(cfg: &Config) -> Result<()> {
+    if !cfg.bool_or("predict_x0", true)? {
+        return Err(cfg.unsupported("predict_x0", false, "true"));
+    }
+    match cfg.get("disable_corrector") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) if a.is_empty() => {}
+        Some(v) => return Err(cfg.unsupported("disable_corrector", v, "[]")),
+    }
+    require_null(cfg, "solver_p")?;
+    require_false(cfg, "thresholding")?;
+    for field in [
+        "use_exponential_sigmas",
+        "use_beta_sigmas",
+        "use_flow_sigmas",
+        "use_dynamic_shifting",
+    ] {
+        require_false(cfg, field)?;
+    }
+    Ok(())
+}
+
 impl UniPc {
     pub(super) fn new(cfg: &Config) -> Result<Self> {
         let solver_order = cfg.usize_or("solver_order", 2)?;
@@ -45,24 +69,7 @@ impl UniPc {
             ("logrho", false),
         ];
         let bh1 = choice(cfg, "solver_type", "bh2", &solvers)?;
-        if !cfg.bool_or("predict_x0", true)? {
-            return Err(cfg.unsupported("predict_x0", false, "true"));
-        }
-        match cfg.get("disable_corrector") {
-            None | Some(Value::Null) => {}
-            Some(Value::Array(a)) if a.is_empty() => {}
-            Some(v) => return Err(cfg.unsupported("disable_corrector", v, "[]")),
-        }
-        require_null(cfg, "solver_p")?;
-        require_false(cfg, "thresholding")?;
-        for field in [
-            "use_exponential_sigmas",
-            "use_beta_sigmas",
-            "use_flow_sigmas",
-            "use_dynamic_shifting",
-        ] {
-            require_false(cfg, field)?;
-        }
+        reject_unsupported(cfg)?;
         let final_sigmas = [("zero", false), ("sigma_min", true)];
         let final_sigma_min = choice(cfg, "final_sigmas_type", "zero", &final_sigmas)?;
         let lower_order_final = cfg.bool_or("lower_order_final", true)?;

@@ -158,59 +158,7 @@ impl Lora {
     pub fn open(spec: &LoraSpec) -> Result<Lora> {
         let path = &spec.path;
         let file = SafetensorsFile::open(path)?;
-        let mut modules: BTreeMap<(&'static str, String), Factors> = BTreeMap::new();
-        let mut unknown = Vec::new();
-        for name in file.tensors.keys() {
-            if name.ends_with("dora_scale") || name.contains(".lora_magnitude_vector") {
-                bail!("{}: `{name}`: DoRA LoRAs are not supported", path.display());
-            }
-            match split_key(name) {
-                Some((c, m, part)) => {
-                    let f = modules.entry((c, m)).or_default();
-                    let slot = match part {
-                        "up" => &mut f.up,
-                        "down" => &mut f.down,
-                        _ => &mut f.alpha,
-                    };
-                    *slot = Some(name.clone());
-                }
-                None => unknown.push(name.clone()),
-            }
-        }
-        if !unknown.is_empty() {
-            bail!(
-                "{}: {} tensor(s) are not LoRA factors of a UNet or text encoder (e.g. {})",
-                path.display(),
-                unknown.len(),
-                unknown
-                    .iter()
-                    .take(3)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        if modules.is_empty() {
-            bail!("{}: no LoRA tensors", path.display());
-        }
-        for ((c, m), f) in &modules {
-            if f.up.is_none() || f.down.is_none() {
-                bail!(
-                    "{}: {c} module `{m}` has {} but not {}",
-                    path.display(),
-                    if f.up.is_some() {
-                        "an up factor"
-                    } else {
-                        "a down factor"
-                    },
-                    if f.up.is_some() {
-                        "its down factor"
-                    } else {
-                        "its up factor"
-                    }
-                );
-            }
-        }
+        let modules = group_modules(path, &file)?;
         let peft_alpha = peft_metadata(path)?;
         Ok(Lora {
             path: path.clone(),
@@ -235,21 +183,7 @@ impl Lora {
         store: &WeightStore,
         ldm: &dyn Fn(&str) -> Option<String>,
     ) -> Result<Vec<(String, Delta)>> {
-        // Every way a module may be written, → the store's weight name.
-        let mut lookup: HashMap<String, String> = HashMap::new();
-        for w in store.names() {
-            let Some(module) = w.strip_suffix(".weight") else {
-                continue;
-            };
-            let mut forms = vec![module.to_string(), format!("text_model.{module}")];
-            if let Some(l) = ldm(module) {
-                forms.push(l);
-            }
-            for f in forms {
-                lookup.insert(f.replace('.', "_"), w.to_string());
-                lookup.insert(f, w.to_string());
-            }
-        }
+        let lookup = module_lookup(store, ldm);
         let mut out = Vec::new();
         let mut missing = Vec::new();
         for ((c, m), f) in &self.modules {
@@ -260,53 +194,7 @@ impl Lora {
                 missing.push(m.clone());
                 continue;
             };
-            let read = |n: &Option<String>| -> Result<Tensor> {
-                self.file.read_f32(n.as_deref().unwrap())
-            };
-            let (up, down) = (read(&f.up)?, read(&f.down)?);
-            let rank = down.shape()[0];
-            if rank == 0 {
-                bail!("{}: `{m}` has rank 0", self.path.display());
-            }
-            let (alpha, rs) = match (&f.alpha, self.peft_alpha.get(component)) {
-                (Some(a), _) => {
-                    let t = self.file.read_f32(a)?;
-                    let v = *t
-                        .data()
-                        .first()
-                        .ok_or_else(|| anyhow!("{}: `{a}` is empty", self.path.display()))?;
-                    (v, false)
-                }
-                (None, Some(p)) => (
-                    p.pattern
-                        .iter()
-                        .find(|(k, _)| m == k.as_str() || m.ends_with(&format!(".{k}")))
-                        .map(|(_, v)| *v)
-                        .unwrap_or(p.alpha),
-                    p.rslora,
-                ),
-                (None, None) => (rank as f32, false),
-            };
-            // rsLoRA scales by α/√r instead of α/r.
-            let denom = if rs {
-                (rank as f32).sqrt()
-            } else {
-                rank as f32
-            };
-            if !alpha.is_finite() {
-                bail!(
-                    "{}: `{m}`: alpha {alpha} is not finite",
-                    self.path.display()
-                );
-            }
-            out.push((
-                weight.clone(),
-                Delta {
-                    up,
-                    down,
-                    scale: self.scale * alpha / denom,
-                },
-            ));
+            out.push((weight.clone(), self.delta(component, m, f)?));
         }
         if !missing.is_empty() {
             bail!(
@@ -318,6 +206,148 @@ impl Lora {
         }
         Ok(out)
     }
+
+    /// The delta of module `m` of `component`, read from its factors.
+    fn delta(&self, component: &str, m: &str, f: &Factors) -> Result<Delta> {
+        let read =
+            |n: &Option<String>| -> Result<Tensor> { self.file.read_f32(n.as_deref().unwrap()) };
+        let (up, down) = (read(&f.up)?, read(&f.down)?);
+        let rank = down.shape()[0];
+        if rank == 0 {
+            bail!("{}: `{m}` has rank 0", self.path.display());
+        }
+        let (alpha, rs) = self.alpha(component, m, f, rank)?;
+        // rsLoRA scales by α/√r instead of α/r.
+        let denom = if rs {
+            (rank as f32).sqrt()
+        } else {
+            rank as f32
+        };
+        if !alpha.is_finite() {
+            bail!(
+                "{}: `{m}`: alpha {alpha} is not finite",
+                self.path.display()
+            );
+        }
+        Ok(Delta {
+            up,
+            down,
+            scale: self.scale * alpha / denom,
+        })
+    }
+
+    /// Module `m`'s α and whether it is rsLoRA: the file's `.alpha` tensor, else the PEFT
+    /// metadata of `component`, else α = r.
+    fn alpha(&self, component: &str, m: &str, f: &Factors, rank: usize) -> Result<(f32, bool)> {
+        Ok(match (&f.alpha, self.peft_alpha.get(component)) {
+            (Some(a), _) => {
+                let t = self.file.read_f32(a)?;
+                let v = *t
+                    .data()
+                    .first()
+                    .ok_or_else(|| anyhow!("{}: `{a}` is empty", self.path.display()))?;
+                (v, false)
+            }
+            (None, Some(p)) => (
+                p.pattern
+                    .iter()
+                    .find(|(k, _)| m == k.as_str() || m.ends_with(&format!(".{k}")))
+                    .map(|(_, v)| *v)
+                    .unwrap_or(p.alpha),
+                p.rslora,
+            ),
+            (None, None) => (rank as f32, false),
+        })
+    }
+}
+
+/// Every way a module of `store` may be written, → the store's weight name.
+fn module_lookup(
+    store: &WeightStore,
+    ldm: &dyn Fn(&str) -> Option<String>,
+) -> HashMap<String, String> {
+    let mut lookup: HashMap<String, String> = HashMap::new();
+    for w in store.names() {
+        let Some(module) = w.strip_suffix(".weight") else {
+            continue;
+        };
+        let mut forms = vec![module.to_string(), format!("text_model.{module}")];
+        if let Some(l) = ldm(module) {
+            forms.push(l);
+        }
+        for f in forms {
+            lookup.insert(f.replace('.', "_"), w.to_string());
+            lookup.insert(f, w.to_string());
+        }
+    }
+    lookup
+}
+
+/// The file's tensors grouped by (component, module); every tensor must be a LoRA factor.
+fn group_modules(
+    path: &Path,
+    file: &SafetensorsFile,
+) -> Result<BTreeMap<(&'static str, String), Factors>> {
+    let mut modules: BTreeMap<(&'static str, String), Factors> = BTreeMap::new();
+    let mut unknown = Vec::new();
+    for name in file.tensors.keys() {
+        if name.ends_with("dora_scale") || name.contains(".lora_magnitude_vector") {
+            bail!("{}: `{name}`: DoRA LoRAs are not supported", path.display());
+        }
+        match split_key(name) {
+            Some((c, m, part)) => {
+                let f = modules.entry((c, m)).or_default();
+                let slot = match part {
+                    "up" => &mut f.up,
+                    "down" => &mut f.down,
+                    _ => &mut f.alpha,
+                };
+                *slot = Some(name.clone());
+            }
+            None => unknown.push(name.clone()),
+        }
+    }
+    if !unknown.is_empty() {
+        bail!(
+            "{}: {} tensor(s) are not LoRA factors of a UNet or text encoder (e.g. {})",
+            path.display(),
+            unknown.len(),
+            unknown
+                .iter()
+                .take(3)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    if modules.is_empty() {
+        bail!("{}: no LoRA tensors", path.display());
+    }
+    check_pairs(path, &modules)?;
+    Ok(modules)
+}
+
+/// Every module must have both its up and its down factor.
+fn check_pairs(path: &Path, modules: &BTreeMap<(&'static str, String), Factors>) -> Result<()> {
+    for ((c, m), f) in modules {
+        if f.up.is_none() || f.down.is_none() {
+            bail!(
+                "{}: {c} module `{m}` has {} but not {}",
+                path.display(),
+                if f.up.is_some() {
+                    "an up factor"
+                } else {
+                    "a down factor"
+                },
+                if f.up.is_some() {
+                    "its down factor"
+                } else {
+                    "its up factor"
+                }
+            );
+        }
+    }
+    Ok(())
 }
 
 /// PEFT's α settings of one component.

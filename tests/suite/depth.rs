@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use toffee::backend::Device;
 use toffee::forward::{self, Component};
 use toffee::image_proc::dpt::{post_process_depth_estimation, DptProcessor};
-use toffee::models::depth_anything::{self, DepthAnything};
+use toffee::models::depth_anything::DepthAnything;
 use toffee::pipeline::depth::{estimate_depth, DepthMap};
 use toffee::tensor::Tensor;
 use toffee::weights::safetensors::read_all;
@@ -345,9 +345,11 @@ fn forward_rejects_sizes_not_a_multiple_of_14() {
 
 #[test]
 fn builtin_config_runs_with_random_weights() {
-    let cfg =
-        toffee::config::Config::from_json("<built-in depth>", toffee::builtin::depth_anything_config())
-            .unwrap();
+    let cfg = toffee::config::Config::from_json(
+        "<built-in depth>",
+        toffee::builtin::depth_anything_config(),
+    )
+    .unwrap();
     let store = toffee::weights::WeightStore::random(5);
     let model = DepthAnything::load(&cfg, &store, &Device::Cpu).unwrap();
     model.check_input(42, 28, 3).unwrap();

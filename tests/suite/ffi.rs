@@ -665,9 +665,15 @@ fn failed_pairs_runs_leave_no_threads() {
             cancel: &cancel,
         };
         let mut s = toffee_pairs_summary::default();
-        assert_ne!(unsafe { toffee_pairs_run(&o, &mut s) }, toffee_status::TOFFEE_OK);
+        assert_ne!(
+            unsafe { toffee_pairs_run(&o, &mut s) },
+            toffee_status::TOFFEE_OK
+        );
     }
     // Other tests run beside this one and start threads of their own: allow some, not 200.
     let after = threads();
-    assert!(after < before + 40, "threads {before} -> {after} over 200 failed calls");
+    assert!(
+        after < before + 40,
+        "threads {before} -> {after} over 200 failed calls"
+    );
 }

@@ -217,3 +217,52 @@ fn non_finite_config_numbers_are_refused_naming_the_field() {
         assert!(!out.exists(), "{line}: the run started");
     }
 }
+
+/// Subject names key the records: two subjects with one name (another extension, another case)
+/// are an error naming both files, as are empty names and categories (issue 27 item 1).
+#[test]
+fn colliding_or_empty_subject_names_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let png = crate::common::fixtures().join("zero123/subject.png");
+    let check = |subjects: &Path| {
+        let out = dir.path().join("out");
+        expect_setup_error(&toffee(&[
+            "pairs",
+            "--check",
+            "--subjects",
+            subjects.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ]))
+    };
+    for (i, (a, b)) in [("cup.png", "cup.jpg"), ("Cup.png", "cup.png")]
+        .iter()
+        .enumerate()
+    {
+        let folder = dir.path().join(format!("s{i}"));
+        std::fs::create_dir(&folder).unwrap();
+        std::fs::copy(&png, folder.join(a)).unwrap();
+        std::fs::copy(&png, folder.join(b)).unwrap();
+        let e = check(&folder);
+        assert!(
+            e.contains(a) && e.contains(b) && e.contains("same name"),
+            "{e}"
+        );
+    }
+    let img = png.to_str().unwrap();
+    for (line, want) in [
+        (
+            format!("{{\"image\": \"{img}\", \"name\": \"\"}}"),
+            "empty name",
+        ),
+        (
+            format!("{{\"image\": \"{img}\", \"category\": \" \"}}"),
+            "empty category",
+        ),
+    ] {
+        let jsonl = dir.path().join("subjects.jsonl");
+        std::fs::write(&jsonl, line + "\n").unwrap();
+        let e = check(&jsonl);
+        assert!(e.contains(want), "{e}");
+    }
+}

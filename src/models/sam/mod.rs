@@ -14,9 +14,7 @@ mod decoder;
 mod prompt;
 mod vision;
 
-pub use config::{
-    Act, SamConfig, SamDecoderConfig, SamPromptConfig, SamVisionConfig,
-};
+pub use config::{Act, SamConfig, SamDecoderConfig, SamPromptConfig, SamVisionConfig};
 pub use prompt::Prompts;
 pub use vision::resize_rel_pos;
 

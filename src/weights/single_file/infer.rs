@@ -44,46 +44,12 @@ pub struct UnetShape {
 }
 
 pub fn unet_shape(s: &Shapes, with_up: bool) -> Result<UnetShape> {
-    let ib: Vec<usize> = indices(s, "input_blocks.").into_iter().collect();
-    if ib.first() != Some(&0) || ib.len() < 2 {
-        bail!("no input_blocks.0 / input_blocks.1: not a UNet");
-    }
-    // A downsampler (input_blocks.i.0.op) ends each level but the last.
-    let mut levels: Vec<Vec<usize>> = vec![Vec::new()];
-    for &i in &ib[1..] {
-        levels.last_mut().unwrap().push(i);
-        if s.contains_key(&format!("input_blocks.{i}.0.op.weight")) {
-            levels.push(Vec::new());
-        }
-    }
-    let res = |lv: &[usize]| -> Vec<usize> {
-        lv.iter()
-            .copied()
-            .filter(|i| s.contains_key(&format!("input_blocks.{i}.0.in_layers.2.weight")))
-            .collect()
-    };
-    let layers = res(&levels[0]).len();
+    let levels = input_levels(s)?;
+    let layers = resblocks(s, &levels[0]).len();
     if layers == 0 {
         bail!("input_blocks.1 is not a ResBlock");
     }
-    let (mut channels, mut down_attn, mut depth) = (Vec::new(), Vec::new(), Vec::new());
-    for (b, lv) in levels.iter().enumerate() {
-        let r = res(lv);
-        if r.len() != layers {
-            bail!(
-                "level {b} has {} ResBlocks, level 0 has {layers}: not a layout diffusers can build",
-                r.len()
-            );
-        }
-        channels.push(dim(
-            s,
-            &format!("input_blocks.{}.0.in_layers.2.weight", r[0]),
-            0,
-        )?);
-        let d = indices(s, &format!("input_blocks.{}.1.transformer_blocks.", r[0])).len();
-        down_attn.push(d > 0);
-        depth.push(d);
-    }
+    let (channels, down_attn, depth) = level_shapes(s, &levels, layers)?;
     let per = layers + 1;
     let up_attn = if with_up {
         (0..levels.len())
@@ -112,6 +78,59 @@ pub fn unet_shape(s: &Shapes, with_up: bool) -> Result<UnetShape> {
         context,
         linear: shape(s, proj)?.len() == 2,
     })
+}
+
+/// The input block indices after input_blocks.0, grouped by resolution level.
+fn input_levels(s: &Shapes) -> Result<Vec<Vec<usize>>> {
+    let ib: Vec<usize> = indices(s, "input_blocks.").into_iter().collect();
+    if ib.first() != Some(&0) || ib.len() < 2 {
+        bail!("no input_blocks.0 / input_blocks.1: not a UNet");
+    }
+    // A downsampler (input_blocks.i.0.op) ends each level but the last.
+    let mut levels: Vec<Vec<usize>> = vec![Vec::new()];
+    for &i in &ib[1..] {
+        levels.last_mut().unwrap().push(i);
+        if s.contains_key(&format!("input_blocks.{i}.0.op.weight")) {
+            levels.push(Vec::new());
+        }
+    }
+    Ok(levels)
+}
+
+/// The input blocks of level `lv` that are ResBlocks.
+fn resblocks(s: &Shapes, lv: &[usize]) -> Vec<usize> {
+    lv.iter()
+        .copied()
+        .filter(|i| s.contains_key(&format!("input_blocks.{i}.0.in_layers.2.weight")))
+        .collect()
+}
+
+/// Per level: its channels, whether it has attentions, and their transformer depth. Every level
+/// must have `layers` ResBlocks.
+fn level_shapes(
+    s: &Shapes,
+    levels: &[Vec<usize>],
+    layers: usize,
+) -> Result<(Vec<usize>, Vec<bool>, Vec<usize>)> {
+    let (mut channels, mut down_attn, mut depth) = (Vec::new(), Vec::new(), Vec::new());
+    for (b, lv) in levels.iter().enumerate() {
+        let r = resblocks(s, lv);
+        if r.len() != layers {
+            bail!(
+                "level {b} has {} ResBlocks, level 0 has {layers}: not a layout diffusers can build",
+                r.len()
+            );
+        }
+        channels.push(dim(
+            s,
+            &format!("input_blocks.{}.0.in_layers.2.weight", r[0]),
+            0,
+        )?);
+        let d = indices(s, &format!("input_blocks.{}.1.transformer_blocks.", r[0])).len();
+        down_attn.push(d > 0);
+        depth.push(d);
+    }
+    Ok((channels, down_attn, depth))
 }
 
 /// SD1 (OpenAI CLIP-L context) uses 8 heads everywhere; SD2 / SDXL 64-wide heads.

@@ -411,40 +411,7 @@ fn detect(s: &Shapes) -> Result<Family> {
     ];
     let present: Vec<&(&str, Family)> = conds.iter().filter(|(p, _)| has(p)).collect();
     if unet {
-        let fams: std::collections::BTreeSet<&str> =
-            present.iter().map(|(_, f)| f.name()).collect();
-        if fams.len() > 1 {
-            bail!(
-                "mixes text encoders of different families ({}): not one checkpoint",
-                present
-                    .iter()
-                    .map(|(p, _)| format!("`{p}*`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            );
-        }
-        let Some(&&(_, fam)) = present.first() else {
-            bail!(
-                "holds a UNet (`{UNET}*`) but no text encoder: looked for `{CLIP_SD1}*` (SD 1.x), \
-                 `{OPENCLIP_SD2}*` (SD 2.x) and `{CLIP_SDXL}*` + `{OPENCLIP_SDXL}*` (SDXL)"
-            );
-        };
-        if fam == Family::Sdxl && !(has(CLIP_SDXL) && has(OPENCLIP_SDXL)) {
-            bail!(
-                "has one SDXL text encoder of two: needs `{CLIP_SDXL}*` and `{OPENCLIP_SDXL}*` \
-                 (SDXL refiner files, with only the OpenCLIP encoder, are not supported)"
-            );
-        }
-        let uses_time_ids = s.contains_key(&format!("{UNET}label_emb.0.0.weight"));
-        if (fam == Family::Sdxl) != uses_time_ids {
-            bail!(
-                "the UNet {} SDXL's size conditioning (`{UNET}label_emb.*`) but the text encoder is {}: \
-                 mixed families",
-                if uses_time_ids { "has" } else { "lacks" },
-                fam.describe()
-            );
-        }
-        return Ok(fam);
+        return pipeline_family(s, &present);
     }
     if !present.is_empty() {
         bail!(
@@ -464,4 +431,43 @@ fn detect(s: &Shapes) -> Result<Family> {
         "not a recognised single-file checkpoint: looked for `{UNET}*` (SD 1.x / 2.x / XL), \
          `{CONTROL}input_hint_block.*` (ControlNet) and `encoder.down.*` (VAE)"
     )
+}
+
+/// The family of a file with a UNet, from its text encoders (`present`, by prefix): exactly one
+/// family's, complete, and matching whether the UNet takes SDXL's size conditioning.
+fn pipeline_family(s: &Shapes, present: &[&(&str, Family)]) -> Result<Family> {
+    let has = |p: &str| s.keys().any(|k| k.starts_with(p));
+    let fams: std::collections::BTreeSet<&str> = present.iter().map(|(_, f)| f.name()).collect();
+    if fams.len() > 1 {
+        bail!(
+            "mixes text encoders of different families ({}): not one checkpoint",
+            present
+                .iter()
+                .map(|(p, _)| format!("`{p}*`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+    let Some(&&(_, fam)) = present.first() else {
+        bail!(
+            "holds a UNet (`{UNET}*`) but no text encoder: looked for `{CLIP_SD1}*` (SD 1.x), \
+             `{OPENCLIP_SD2}*` (SD 2.x) and `{CLIP_SDXL}*` + `{OPENCLIP_SDXL}*` (SDXL)"
+        );
+    };
+    if fam == Family::Sdxl && !(has(CLIP_SDXL) && has(OPENCLIP_SDXL)) {
+        bail!(
+            "has one SDXL text encoder of two: needs `{CLIP_SDXL}*` and `{OPENCLIP_SDXL}*` \
+             (SDXL refiner files, with only the OpenCLIP encoder, are not supported)"
+        );
+    }
+    let uses_time_ids = s.contains_key(&format!("{UNET}label_emb.0.0.weight"));
+    if (fam == Family::Sdxl) != uses_time_ids {
+        bail!(
+            "the UNet {} SDXL's size conditioning (`{UNET}label_emb.*`) but the text encoder is {}: \
+             mixed families",
+            if uses_time_ids { "has" } else { "lacks" },
+            fam.describe()
+        );
+    }
+    Ok(fam)
 }
