@@ -6,15 +6,19 @@ use std::path::PathBuf;
 #[derive(clap::Args)]
 pub struct Args {
     pub dir: PathBuf,
-    #[arg(long, default_value = "report.html")]
-    pub out: PathBuf,
+    /// Where the page goes (default: DIR/report.html, beside the data it shows).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
 }
 
 pub fn run(a: Args) -> Result<()> {
-    let r = crate::dataset::report::write_report(&a.dir, &a.out)?;
+    let out = a
+        .out
+        .unwrap_or_else(|| a.dir.join(crate::dataset::format::REPORT_FILE));
+    let r = crate::dataset::report::write_report(&a.dir, &out)?;
     eprintln!(
         "wrote {} ({} KiB): {} records, {} kept, {} rejected; {} shown with {} thumbnails",
-        a.out.display(),
+        out.display(),
         r.bytes.div_ceil(1024),
         r.records,
         r.kept,

@@ -20,6 +20,7 @@ mod image_proc;
 mod intermediates;
 mod lora;
 mod mask;
+mod merge;
 mod nn_ops;
 mod pairs;
 mod pairs_check;

@@ -422,6 +422,12 @@ fn the_command_prints_a_human_summary() {
         e.contains("warning: partial: 1 of 2 shards finished"),
         "{e}"
     );
+    // Without --out the page goes into the folder, not the current directory.
+    let inside = run.path().join("report.html");
+    let _ = std::fs::remove_file(&inside);
+    let o = crate::common::toffee(&["report", run.path().to_str().unwrap()]);
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success() && inside.is_file(), "{e}");
 }
 
 #[test]
