@@ -13,17 +13,17 @@ pub struct Args {
     pub config: Source,
     #[arg(long, value_enum)]
     pub component: Component,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub batch: usize,
     /// Image side in pixels (default: the configuration's native size).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub resolution: Option<usize>,
     /// cpu, cuda, cuda:N or emu.
     #[arg(long, default_value = "cpu")]
     pub device: String,
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, default_value_t = 10, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub iters: usize,
-    #[arg(long, default_value_t = 3)]
+    #[arg(long, default_value_t = 3, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub warmup: usize,
     /// One JSON object instead of a line of text.
     #[arg(long)]

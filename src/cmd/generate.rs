@@ -21,9 +21,9 @@ pub struct Args {
     #[arg(long)]
     pub negative: Option<String>,
     /// Images per prompt.
-    #[arg(long, short = 'n', default_value_t = 1)]
+    #[arg(long, short = 'n', default_value_t = 1, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub images_per_prompt: usize,
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub steps: usize,
     /// Classifier-free guidance scale (≤ 1 turns guidance off).
     #[arg(long, default_value_t = 7.5)]
@@ -32,14 +32,14 @@ pub struct Args {
     #[arg(long)]
     pub scheduler: Option<SchedulerKind>,
     /// Image i uses seed + i, so an image does not depend on the batch it ran in.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = super::count::<u64>)]
     pub seed: u64,
     /// Images per denoising batch.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = 1, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub batch: usize,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub width: Option<usize>,
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub height: Option<usize>,
     /// Output PNG; several images become NAME-0000.png, NAME-0001.png, ….
     #[arg(long, default_value = "out.png")]

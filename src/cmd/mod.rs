@@ -106,3 +106,13 @@ pub fn png_outputs(
         (None, None) => bail!("give --out (one image) or --out-dir (several)"),
     }
 }
+
+/// The value parser of count, size, index and seed flags: a non-negative whole number. A negative
+/// one is taken as the flag's value (not as an unknown flag) and explained.
+pub fn count<T: std::str::FromStr>(s: &str) -> Result<T, String> {
+    if s.trim_start().starts_with('-') {
+        return Err("must be 0 or more: a count, size, index or seed is never negative".into());
+    }
+    s.parse::<T>()
+        .map_err(|_| format!("`{s}` is not a whole number"))
+}

@@ -28,15 +28,15 @@ pub struct Args {
     pub out: Option<PathBuf>,
     /// This process's slice; default from SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT or
     /// JOB_COMPLETION_INDEX/TOFFEE_NUM_SHARDS, else 0 of 1.
-    #[arg(long, requires = "num_shards")]
+    #[arg(long, requires = "num_shards", allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub shard_index: Option<usize>,
-    #[arg(long, requires = "shard_index")]
+    #[arg(long, requires = "shard_index", allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub num_shards: Option<usize>,
     /// One worker per device: cpu, cuda:0,cuda:1, …
     #[arg(long, value_delimiter = ',', default_value = "cpu")]
     pub devices: Vec<String>,
     /// Records per model batch (overrides job.batch).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub batch: Option<usize>,
     /// Also write rejected records (with their scores) into the shards.
     #[arg(long)]

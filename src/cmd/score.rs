@@ -133,7 +133,7 @@ pub struct Args {
     #[arg(long, requires = "pairs")]
     pub out: Option<PathBuf>,
     /// Records per encoder batch.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub batch: usize,
     /// One JSON object instead of a line of text.
     #[arg(long)]

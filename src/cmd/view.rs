@@ -44,7 +44,7 @@ pub struct Args {
         default_value = "0"
     )]
     pub radius: Vec<f32>,
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = 50, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub steps: usize,
     #[arg(long, default_value_t = 3.0)]
     pub guidance: f32,
@@ -52,10 +52,10 @@ pub struct Args {
     #[arg(long)]
     pub scheduler: Option<SchedulerKind>,
     /// View i uses seed + i.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, default_value_t = 0, allow_negative_numbers = true, value_parser = super::count::<u64>)]
     pub seed: u64,
     /// Views per UNet batch.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = 4, allow_negative_numbers = true, value_parser = super::count::<usize>)]
     pub batch: usize,
     /// Output PNG; several views become NAME-0000.png, ….
     #[arg(long, default_value = "view.png")]

@@ -309,3 +309,42 @@ fn bench_runs_on_the_cpu_with_json() {
     ]));
     assert!(e.contains(dir.path().to_str().unwrap()), "{e}");
 }
+
+/// A negative count, index or size is explained as such, not reported as an unknown flag
+/// (issue 27 item 8).
+#[test]
+fn negative_numbers_for_unsigned_flags_are_explained() {
+    for args in [
+        &[
+            "pairs",
+            "--shard-index",
+            "-1",
+            "--num-shards",
+            "2",
+            "--out",
+            "x",
+        ][..],
+        &[
+            "txt2img", "--prompt", "a", "--steps", "-3", "--out", "x.png",
+        ][..],
+        &[
+            "view",
+            "--image",
+            "a.png",
+            "--elevation",
+            "0",
+            "--azimuth",
+            "0",
+            "--seed",
+            "-1",
+        ][..],
+    ] {
+        let o = crate::common::toffee(args);
+        let e = crate::common::stderr(&o);
+        assert!(!o.status.success(), "{args:?}");
+        assert!(
+            e.contains("must be 0 or more") && !e.contains("unexpected argument"),
+            "{args:?}: {e}"
+        );
+    }
+}
