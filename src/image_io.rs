@@ -28,11 +28,19 @@ pub struct LoadedImage {
 /// image is 1 Mpx) with headroom for large photographs; `TOFFEE_MAX_IMAGE_PIXELS` overrides it.
 pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 64 * 1024 * 1024;
 
-fn max_image_pixels() -> u64 {
-    std::env::var("TOFFEE_MAX_IMAGE_PIXELS")
-        .ok()
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(DEFAULT_MAX_IMAGE_PIXELS)
+/// The limit, or an error when `TOFFEE_MAX_IMAGE_PIXELS` is set to something that is not a
+/// positive whole number (ignoring it would leave a user who set it unprotected, or blocked,
+/// without a word).
+fn max_image_pixels() -> Result<u64> {
+    match std::env::var("TOFFEE_MAX_IMAGE_PIXELS") {
+        Err(_) => Ok(DEFAULT_MAX_IMAGE_PIXELS),
+        Ok(v) => match v.trim().parse::<u64>() {
+            Ok(n) if n > 0 => Ok(n),
+            _ => {
+                bail!("TOFFEE_MAX_IMAGE_PIXELS = `{v}`: expected a positive whole number of pixels")
+            }
+        },
+    }
 }
 
 #[derive(Debug)]
@@ -62,7 +70,7 @@ pub(crate) fn decode(path: &Path) -> Result<DynamicImage> {
     if reader.format().is_none() {
         bail!("cannot load image {p}: not a PNG or JPEG file");
     }
-    let max_pixels = max_image_pixels();
+    let max_pixels = max_image_pixels()?;
     let mut reader = reader;
     let mut limits = image::Limits::default();
     // The decoder's own allocation cap backs up the header check below (e.g. for huge ICC or EXIF

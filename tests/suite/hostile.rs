@@ -497,3 +497,29 @@ fn init_latents_must_match_the_image_count() {
         "{e}"
     );
 }
+
+/// `TOFFEE_MAX_IMAGE_PIXELS` set to something that is not a positive whole number is an error
+/// naming it, not silently the default (issue 27).
+#[test]
+fn a_bad_image_pixel_limit_is_an_error() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o.png");
+    let img = fixtures().join("zero123/subject.png");
+    for v in ["abc", "0", "-5"] {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_toffee"))
+            .args(["img2img", "--prompt", "x", "--steps", "1", "--image"])
+            .arg(&img)
+            .arg("--out")
+            .arg(&out)
+            .env("TOFFEE_MAX_IMAGE_PIXELS", v)
+            .output()
+            .unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{v}: {e}");
+        assert!(
+            e.contains("TOFFEE_MAX_IMAGE_PIXELS") && e.contains(v),
+            "{v}: {e}"
+        );
+        assert!(!out.exists());
+    }
+}
