@@ -11,20 +11,19 @@ use std::path::Path;
 
 /// Writes `README.md` into the run folder `out`.
 pub fn write_card(out: &Path, job: &JobFile, stats: &Stats) -> Result<()> {
-    write_text(&out.join(README_FILE), &card(out, job, stats))
+    write_text(&out.join(README_FILE), &card(job, stats))
 }
 
-fn card(out: &Path, job: &JobFile, stats: &Stats) -> String {
-    let name = out
-        .file_name()
-        .map_or_else(|| "pairs".into(), |n| n.to_string_lossy().into_owned());
+fn card(job: &JobFile, stats: &Stats) -> String {
     let mut s = String::new();
     // The header's `configs` is how the Hub and `load_dataset(DIR)` find the shards.
     s.push_str(
         "---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n    \
          path: \"pairs-*.tar\"\ntags:\n- toffee\n- subject-driven\n- image-editing\n---\n\n",
     );
-    let _ = writeln!(s, "# {name}: subject-driven image pairs\n");
+    // No folder name: the same records give the same card wherever they are (merged shards of
+    // an array equal an unsharded run's, byte for byte).
+    let _ = writeln!(s, "# Subject-driven image pairs (toffee)\n");
     let (done, all) = (stats.shards_finished.unwrap_or(0), job.shards);
     if done < all {
         let _ = writeln!(
