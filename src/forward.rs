@@ -260,13 +260,11 @@ fn run_on(
     }
 }
 
-/// SDXL's (text_embeds, time_ids) on the device; the time ids stay f32.
-fn put_tt(dev: &Device, tt: Option<(Tensor, Tensor)>) -> Option<(Tensor, Tensor)> {
-    tt.map(|(a, b)| (dev.put(a), dev.put_f32(b)))
-}
+/// The UNet's inputs on the device: sample, timesteps (f32), encoder_hidden_states and SDXL's
+/// (text_embeds, time_ids).
+type UnetInputs = (Tensor, Tensor, Tensor, Option<(Tensor, Tensor)>);
 
-/// `UNet2DConditionModel.forward`, with ControlNet residuals when the inputs hold them.
-fn run_unet(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+fn unet_inputs(inp: &Inputs, dev: &Device) -> Result<UnetInputs> {
     inp.require(&["sample", "timestep", "encoder_hidden_states"])?;
     let sample = dev.put(inp.image("sample")?);
     let b = sample.shape()[0];
@@ -275,7 +273,17 @@ fn run_unet(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Ten
         inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?
             .clone(),
     );
-    let tt = put_tt(dev, inp.text_time()?);
+    Ok((sample, ts, ctx, put_tt(dev, inp.text_time()?)))
+}
+
+/// SDXL's (text_embeds, time_ids) on the device; the time ids stay f32.
+fn put_tt(dev: &Device, tt: Option<(Tensor, Tensor)>) -> Option<(Tensor, Tensor)> {
+    tt.map(|(a, b)| (dev.put(a), dev.put_f32(b)))
+}
+
+/// `UNet2DConditionModel.forward`, with ControlNet residuals when the inputs hold them.
+fn run_unet(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Tensor)>> {
+    let (sample, ts, ctx, tt) = unet_inputs(inp, dev)?;
     let unet = load::load_unet(model, dev)?;
     let residuals = controlnet_residuals(inp, dev)?;
     let cond = Cond {
@@ -541,15 +549,8 @@ fn run_unet_adapters(
         map: inputs,
         file: inputs_file,
     };
-    inp.require(&["sample", "timestep", "encoder_hidden_states"])?;
-    let sample = dev.put(inp.image("sample")?);
+    let (sample, ts, ctx, tt) = unet_inputs(&inp, dev)?;
     let b = sample.shape()[0];
-    let ts = dev.put_f32(Tensor::new(vec![b], inp.timesteps(b)?));
-    let ctx = dev.put(
-        inp.rank("encoder_hidden_states", 3, "[N, tokens, dim]")?
-            .clone(),
-    );
-    let tt = inp.text_time()?.map(|(a, c)| (dev.put(a), dev.put_f32(c)));
     let mut unet = load::load_unet(model, dev)?;
     let n_layers = unet.cross_attention_layers();
     let single = adapter_paths.len() == 1;

@@ -249,10 +249,6 @@ impl WeightStore {
         self.shapes_only
     }
 
-    pub fn is_random(&self) -> bool {
-        self.random.is_some()
-    }
-
     fn synthesise(seed: u64, name: &str, shape: &[usize]) -> Tensor {
         let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
             (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
