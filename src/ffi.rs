@@ -13,7 +13,7 @@ use crate::dataset;
 use crate::models::adapter::Adapter;
 use crate::pipeline::image_prompt::{image_prompt, load_encoder};
 use crate::pipeline::noise::NoiseSource;
-use crate::pipeline::request::{self, Mode, Naming, Spec};
+use crate::pipeline::request::{self, Mode, Naming, Settings, Spec};
 use crate::pipeline::score::{ImageEncoder, Mask, ScoreInput, Scorer};
 use crate::pipeline::view::{Pose, View, ViewGenerator, ViewRequest};
 use crate::pipeline::{Generator, ImagePrompt};
@@ -436,9 +436,8 @@ unsafe fn run_generate(e: &Engine, o: &toffee_generate_options) -> Result<Tensor
     let gen = &e.gen;
     let n = o.num_images as usize;
     let side = |v: u32| (v > 0).then_some(v as usize);
-    let spec = Spec {
+    let settings = Settings {
         mode,
-        negative,
         images_per_prompt: n,
         scheduler,
         batch: n.max(1),
@@ -450,13 +449,16 @@ unsafe fn run_generate(e: &Engine, o: &toffee_generate_options) -> Result<Tensor
             s if s <= 0.0 || mode == Mode::Txt2Img => None,
             s => Some(s as f64),
         },
+        control_scale: o.control_scale,
+        ..Settings::txt2img(o.steps as usize, o.guidance, o.seed)
+    };
+    let spec = Spec {
+        negative,
         image: unsafe { image_tensor(o.init_image, "init_image", 3)? },
         mask: unsafe { image_tensor(o.mask, "mask", 1)? },
         control: unsafe { image_tensor(o.control_image, "control_image", 3)? },
-        control_scale: o.control_scale,
         image_prompts: unsafe { adapter_prompts(e, o)? },
-        naming: Naming::Fields,
-        ..Spec::txt2img(vec![prompt], o.steps as usize, o.guidance, o.seed)
+        ..Spec::new(settings, vec![prompt], Naming::Fields)
     };
     let req = request::build(gen, spec).map_err(|err| invalid(format!("{err:#}")))?;
     Ok(gen.run(&req, &mut |_, _| {})?.images)

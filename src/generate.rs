@@ -5,7 +5,6 @@
 use crate::image_io;
 use crate::models::adapter::Adapter;
 use crate::pipeline::{image_prompt, request, Generator, ImagePrompt};
-use crate::sched::SchedulerKind;
 use crate::tensor::Tensor;
 use crate::weights::safetensors::{read_all, write_f32};
 use anyhow::{bail, Context, Result};
@@ -17,26 +16,16 @@ pub use crate::pipeline::request::Mode;
 
 /// Everything a generation command was asked for.
 pub struct Options {
-    pub mode: Mode,
+    /// The numbers and switches, with the rules every entry point shares.
+    pub settings: request::Settings,
     /// None: the built-in demo model.
     pub model: Option<PathBuf>,
     pub prompts: Vec<String>,
     pub prompts_file: Option<PathBuf>,
     pub negative: Option<String>,
-    pub images_per_prompt: usize,
-    pub steps: usize,
-    pub guidance: f32,
-    pub scheduler: Option<SchedulerKind>,
-    pub seed: u64,
-    pub batch: usize,
-    pub width: Option<usize>,
-    pub height: Option<usize>,
     pub out: PathBuf,
     pub controlnet: Option<PathBuf>,
     pub control_image: Option<PathBuf>,
-    pub control_scale: f32,
-    pub canny: bool,
-    pub strength: Option<f64>,
     pub image: Option<PathBuf>,
     pub mask: Option<PathBuf>,
     pub init_latents: Option<PathBuf>,
@@ -227,17 +216,8 @@ pub struct Summary {
 /// The request as the flags give it; the images are loaded later (`load_inputs`).
 fn spec(o: &Options, prompts: Vec<String>) -> request::Spec {
     request::Spec {
-        mode: o.mode,
         negative: o.negative.clone(),
-        images_per_prompt: o.images_per_prompt,
-        scheduler: o.scheduler,
-        batch: o.batch,
-        width: o.width,
-        height: o.height,
-        strength: o.strength,
-        control_scale: o.control_scale,
-        canny: o.canny,
-        ..request::Spec::txt2img(prompts, o.steps, o.guidance, o.seed)
+        ..request::Spec::new(o.settings.clone(), prompts, request::Naming::Flags)
     }
 }
 
@@ -352,7 +332,7 @@ pub fn run(o: &Options) -> Result<Summary> {
     let req = request::build(&gen, spec)?;
     let start = Instant::now();
     let show = o.progress && std::io::stderr().is_terminal();
-    let mut progress = progress_bar(show, paths.len().div_ceil(o.batch));
+    let mut progress = progress_bar(show, paths.len().div_ceil(o.settings.batch));
     // Each batch's PNGs are written as soon as it is done; the latents (small) are kept for
     // --save-latents, written at the end.
     let mut latents = Vec::new();

@@ -1,7 +1,9 @@
-//! `toffee txt2img`, `img2img` and `inpaint`: the flags of one generation request (the library's
-//! `generate::Options`, which the C ABI fills from its structs).
+//! `toffee txt2img`, `img2img` and `inpaint`: the flags of one generation request, turned into
+//! the library's `generate::Options` (files to read) and `request::Settings` (the numbers, whose
+//! rules the C ABI and the pairs config share).
 
 use crate::generate::{self, Mode};
+use crate::pipeline::request::Settings;
 use crate::sched::SchedulerKind;
 use anyhow::Result;
 use std::path::PathBuf;
@@ -96,12 +98,8 @@ pub struct Args {
 
 impl Args {
     pub fn into_options(self, mode: Mode) -> generate::Options {
-        generate::Options {
+        let settings = Settings {
             mode,
-            model: self.model,
-            prompts: self.prompt,
-            prompts_file: self.prompts_file,
-            negative: self.negative,
             images_per_prompt: self.images_per_prompt,
             steps: self.steps,
             guidance: self.guidance,
@@ -110,12 +108,19 @@ impl Args {
             batch: self.batch,
             width: self.width,
             height: self.height,
+            strength: self.strength,
+            control_scale: self.control_scale,
+            canny: self.canny,
+        };
+        generate::Options {
+            settings,
+            model: self.model,
+            prompts: self.prompt,
+            prompts_file: self.prompts_file,
+            negative: self.negative,
             out: self.out,
             controlnet: self.controlnet,
             control_image: self.control_image,
-            control_scale: self.control_scale,
-            canny: self.canny,
-            strength: self.strength,
             image: self.image,
             mask: self.mask,
             init_latents: self.init_latents,

@@ -1,6 +1,7 @@
 //! `pairs.toml`: which model each stage uses and its settings. Every field has a default
 //! (`toffee pairs --print-config` writes them); unknown fields are errors naming the file.
 
+use crate::pipeline::request::{Mode, Naming, Settings};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -284,6 +285,7 @@ impl PairsConfig {
     /// Checks values that would only fail later (before any work starts).
     pub fn check(&self, origin: &str) -> Result<()> {
         self.check_numbers(origin)?;
+        self.check_stages(origin)?;
         self.check_ranges(origin)?;
         for l in self.draft.lora.iter().chain(&self.refine.lora) {
             let spec: crate::weights::lora::LoraSpec = l
@@ -314,21 +316,24 @@ impl PairsConfig {
             ("job.prompts_per_subject", j.prompts_per_subject),
             ("job.shard_size", j.shard_size),
             ("job.batch", j.batch),
-            ("draft.steps", self.draft.steps),
-            ("refine.steps", self.refine.steps),
         ] {
             if v == 0 {
                 bail!("{origin}: {name} must be at least 1");
             }
         }
+        // The plan lists every record before the first one is drafted.
+        for (name, v, max) in [
+            ("job.prompts_per_subject", j.prompts_per_subject, 100_000),
+            ("job.shard_size", j.shard_size, 1_000_000),
+        ] {
+            if v > max {
+                bail!("{origin}: {name} {v} is larger than {max}");
+            }
+        }
         let (d, r, v, f) = (&self.draft, &self.refine, &self.view, &self.filter);
         let reals = [
-            ("draft.guidance", d.guidance as f64),
-            ("draft.controlnet_scale", d.controlnet_scale as f64),
             ("draft.canny_low", d.canny_low as f64),
             ("draft.canny_high", d.canny_high as f64),
-            ("refine.guidance", r.guidance as f64),
-            ("refine.strength", r.strength),
             ("refine.scale", r.scale as f64),
             ("view.probability", v.probability),
             ("view.guidance", v.guidance as f64),
@@ -344,6 +349,34 @@ impl PairsConfig {
             if !x.is_finite() {
                 bail!("{origin}: {name} = {x} is not a finite number");
             }
+        }
+        Ok(())
+    }
+
+    /// The draft's and the Refiner's generation settings, by the rules the CLI and the C ABI use
+    /// (`request::Settings::check`): counts, finiteness, the size and batch bounds.
+    fn check_stages(&self, origin: &str) -> Result<()> {
+        let side = Some(self.job.resolution);
+        let (d, r) = (&self.draft, &self.refine);
+        let draft = Settings {
+            control_scale: d.controlnet_scale,
+            batch: self.job.batch,
+            width: side,
+            height: side,
+            ..Settings::txt2img(d.steps, d.guidance, 0)
+        };
+        let refine = Settings {
+            mode: Mode::Inpaint,
+            strength: Some(r.strength),
+            batch: self.job.batch,
+            width: side,
+            height: side,
+            ..Settings::txt2img(r.steps, r.guidance, 0)
+        };
+        for (settings, section) in [(draft, "draft"), (refine, "refine")] {
+            settings
+                .check(Naming::Config(section))
+                .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;
         }
         Ok(())
     }

@@ -1,9 +1,11 @@
 //! A generation request resolved and checked once, for every entry point: the CLI's txt2img /
-//! img2img / inpaint (`generate`), the C ABI's `toffee_generate` (`ffi`) and the pairs job's
-//! draft and Refiner (`dataset::stages`). Callers turn files, flags or C structs into a `Spec`
-//! (host images, no model needed); `build` checks it against the loaded generator and makes the
-//! `Request` the sampler runs. The rules live here only: sizes, bounds, finiteness, which inputs
-//! each mode takes, the default strengths, fitting the images to the output size, Canny.
+//! img2img / inpaint (`generate`), the C ABI's `toffee_generate` (`ffi`) and the pairs job
+//! (`dataset::config` checks its draft and Refiner settings here; `dataset::stages` starts the
+//! draft with `txt2img_init`). Callers turn files, flags, C structs or config keys into
+//! `Settings` (the numbers, with their rules) and a `Spec` (prompts and host images, no model
+//! needed); `build` checks it against the loaded generator and makes the `Request` the sampler
+//! runs. The rules live here only: sizes, bounds, finiteness, which inputs each mode takes, the
+//! default strengths, fitting the images to the output size, Canny.
 
 use super::{Control, Generator, ImagePrompt, Init, Request};
 use crate::canny;
@@ -22,12 +24,15 @@ pub enum Mode {
     Inpaint,
 }
 
-/// How messages name a setting: as the CLI's flag (`--control-scale`) or as the C struct's field
-/// (`control_scale`), so each caller's user reads the name they typed.
+/// How messages name a setting: as the CLI's flag (`--control-scale`), as the C struct's field
+/// (`control_scale`) or as the pairs config's key (`draft.controlnet_scale`), so each caller's
+/// user reads the name they typed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Naming {
     Flags,
     Fields,
+    /// A section of the pairs config (`draft`, `refine`).
+    Config(&'static str),
 }
 
 impl Naming {
@@ -35,16 +40,21 @@ impl Naming {
         match self {
             Naming::Flags => format!("--{}", field.replace('_', "-")),
             Naming::Fields => field.to_string(),
+            Naming::Config(section) => match field {
+                "control_scale" => format!("{section}.controlnet_scale"),
+                "batch" => "job.batch".into(),
+                "width" | "height" => "job.resolution".into(),
+                _ => format!("{section}.{field}"),
+            },
         }
     }
 }
 
-/// What a caller asks for, before the model is consulted.
-pub struct Spec {
+/// The numbers and switches of a request, as every entry point takes them (flags, C fields,
+/// config keys); one set of rules (`check`) for all of them.
+#[derive(Clone, Debug)]
+pub struct Settings {
     pub mode: Mode,
-    pub prompts: Vec<String>,
-    /// One negative prompt for every prompt.
-    pub negative: Option<String>,
     pub images_per_prompt: usize,
     pub steps: usize,
     pub guidance: f32,
@@ -55,75 +65,37 @@ pub struct Spec {
     /// default.
     pub width: Option<usize>,
     pub height: Option<usize>,
-    /// img2img / inpaint source, [1, H, W, 3] in [0, 1], and its alpha [1, H, W, 1].
-    pub image: Option<Tensor>,
-    pub alpha: Option<Tensor>,
-    /// [1, H, W, 1], white = change.
-    pub mask: Option<Tensor>,
     /// None: 0.8 for img2img, 1 for inpainting.
     pub strength: Option<f64>,
-    /// The ControlNet's image, [1, H, W, 3] in [0, 1]; `canny` turns it into edges first.
-    pub control: Option<Tensor>,
     pub control_scale: f32,
+    /// Turn the control image into Canny edges first.
     pub canny: bool,
-    pub image_prompts: Vec<ImagePrompt>,
-    /// Initial latents, NHWC.
-    pub init_latents: Option<Tensor>,
-    pub naming: Naming,
 }
 
-impl Spec {
-    /// A text-to-image spec with the usual defaults (one image per prompt, one batch).
-    pub fn txt2img(prompts: Vec<String>, steps: usize, guidance: f32, seed: u64) -> Spec {
-        let n = prompts.len();
-        Spec {
+impl Settings {
+    /// Text-to-image with the usual defaults (one image per prompt, a batch of one).
+    pub fn txt2img(steps: usize, guidance: f32, seed: u64) -> Settings {
+        Settings {
             mode: Mode::Txt2Img,
-            prompts,
-            negative: None,
             images_per_prompt: 1,
             steps,
             guidance,
             scheduler: None,
             seed,
-            batch: n.max(1),
+            batch: 1,
             width: None,
             height: None,
-            image: None,
-            alpha: None,
-            mask: None,
             strength: None,
-            control: None,
             control_scale: 1.0,
             canny: false,
-            image_prompts: Vec::new(),
-            init_latents: None,
-            naming: Naming::Flags,
         }
     }
 
-    /// Upper bounds, checked before anything is allocated.
-    fn check_bounds(&self) -> Result<()> {
-        for (f, v, max) in [
-            ("width", self.width.unwrap_or(0), 16_384),
-            ("height", self.height.unwrap_or(0), 16_384),
-            ("steps", self.steps, 10_000),
-            ("batch", self.batch, 4_096),
-            ("images_per_prompt", self.images_per_prompt, 100_000),
-        ] {
-            if v > max {
-                bail!("{} {v} is larger than {max}", self.naming.name(f));
-            }
-        }
-        Ok(())
-    }
-
-    /// The checks that need no model (done before one loads): counts, bounds, finiteness, the
-    /// seeds of every image. Returns the number of images.
-    pub fn check(&self) -> Result<usize> {
-        let name = |f: &str| self.naming.name(f);
-        if self.prompts.is_empty() {
-            bail!("no prompt");
-        }
+    /// The rules that need no model: counts of at least one, every real finite (a NaN slips
+    /// through comparisons: a NaN guidance turns guidance off), sizes and counts under the bounds
+    /// checked before anything is allocated, the strength in [0, 1] and only where it applies.
+    pub fn check(&self, naming: Naming) -> Result<()> {
+        let name = |f: &str| naming.name(f);
         for (f, v) in [
             ("images_per_prompt", self.images_per_prompt),
             ("batch", self.batch),
@@ -143,7 +115,17 @@ impl Spec {
                 bail!("{} {v} is not a finite number", name(f));
             }
         }
-        self.check_bounds()?;
+        for (f, v, max) in [
+            ("width", self.width.unwrap_or(0), MAX_SIDE),
+            ("height", self.height.unwrap_or(0), MAX_SIDE),
+            ("steps", self.steps, 10_000),
+            ("batch", self.batch, 4_096),
+            ("images_per_prompt", self.images_per_prompt, 100_000),
+        ] {
+            if v > max {
+                bail!("{} {v} is larger than {max}", name(f));
+            }
+        }
         if let Some(s) = self.strength {
             if self.mode == Mode::Txt2Img {
                 bail!("{} applies to img2img and inpaint", name("strength"));
@@ -152,23 +134,75 @@ impl Spec {
                 bail!("{} {s} is not in [0, 1]", name("strength"));
             }
         }
+        Ok(())
+    }
+}
+
+/// The largest output side: 16384² RGB in f32 is 3 GiB before a single latent; anything larger
+/// is a typo, refused before allocation.
+pub const MAX_SIDE: usize = 16_384;
+
+/// What a caller asks for, before the model is consulted.
+pub struct Spec {
+    pub settings: Settings,
+    pub prompts: Vec<String>,
+    /// One negative prompt for every prompt.
+    pub negative: Option<String>,
+    /// img2img / inpaint source, [1, H, W, 3] in [0, 1], and its alpha [1, H, W, 1].
+    pub image: Option<Tensor>,
+    pub alpha: Option<Tensor>,
+    /// [1, H, W, 1], white = change.
+    pub mask: Option<Tensor>,
+    /// The ControlNet's image, [1, H, W, 3] in [0, 1]; `settings.canny` turns it into edges first.
+    pub control: Option<Tensor>,
+    pub image_prompts: Vec<ImagePrompt>,
+    /// Initial latents, NHWC.
+    pub init_latents: Option<Tensor>,
+    pub naming: Naming,
+}
+
+impl Spec {
+    /// `settings` for `prompts`, with no images.
+    pub fn new(settings: Settings, prompts: Vec<String>, naming: Naming) -> Spec {
+        Spec {
+            settings,
+            prompts,
+            negative: None,
+            image: None,
+            alpha: None,
+            mask: None,
+            control: None,
+            image_prompts: Vec::new(),
+            init_latents: None,
+            naming,
+        }
+    }
+
+    /// The checks that need no model (done before one loads): the settings' rules, the prompt
+    /// count, the seeds of every image. Returns the number of images.
+    pub fn check(&self) -> Result<usize> {
+        let st = &self.settings;
+        if self.prompts.is_empty() {
+            bail!("no prompt");
+        }
+        st.check(self.naming)?;
         let total = self
             .prompts
             .len()
-            .checked_mul(self.images_per_prompt)
+            .checked_mul(st.images_per_prompt)
             .filter(|&t| t <= 1_000_000)
             .ok_or_else(|| {
                 anyhow::anyhow!(
                     "{} prompts × {} images per prompt is too many images",
                     self.prompts.len(),
-                    self.images_per_prompt
+                    st.images_per_prompt
                 )
             })?;
-        if self.seed.checked_add(total as u64 - 1).is_none() {
+        if st.seed.checked_add(total as u64 - 1).is_none() {
             bail!(
                 "{} {}: image i uses seed + i, which overflows for {total} images",
-                name("seed"),
-                self.seed
+                self.naming.name("seed"),
+                st.seed
             );
         }
         Ok(total)
@@ -180,8 +214,9 @@ impl Spec {
 pub fn build(gen: &Generator, s: Spec) -> Result<Request> {
     s.check()?;
     let name = |f: &str| s.naming.name(f);
+    let st = &s.settings;
     let (width, height) = output_size(gen, &s)?;
-    if s.canny && gen.controlnet.is_none() {
+    if st.canny && gen.controlnet.is_none() {
         bail!(
             "{} prepares a ControlNet image: it needs a ControlNet and a control image",
             name("canny")
@@ -192,13 +227,13 @@ pub fn build(gen: &Generator, s: Spec) -> Result<Request> {
     let control = match s.control {
         Some(c) => {
             let fitted = image_io::fit(&c, width, height);
-            let image = match s.canny {
+            let image = match st.canny {
                 true => canny::canny(&fitted, 100.0, 200.0),
                 false => fitted,
             };
             Some(Control {
                 image,
-                scale: s.control_scale,
+                scale: st.control_scale,
             })
         }
         None => None,
@@ -207,14 +242,14 @@ pub fn build(gen: &Generator, s: Spec) -> Result<Request> {
     Ok(Request {
         negative: s.negative.map(|neg| vec![neg; n]),
         prompts: s.prompts,
-        images_per_prompt: s.images_per_prompt,
-        steps: s.steps,
-        guidance: s.guidance,
+        images_per_prompt: st.images_per_prompt,
+        steps: st.steps,
+        guidance: st.guidance,
         width,
         height,
-        scheduler: s.scheduler,
-        seed: s.seed,
-        batch: s.batch,
+        scheduler: st.scheduler,
+        seed: st.seed,
+        batch: st.batch,
         init,
         control,
         init_latents: s.init_latents,
@@ -239,7 +274,8 @@ pub fn check_control(gen: &Generator, given: bool, naming: Naming) -> Result<()>
 /// The size asked for, else the source image's rounded to the VAE's factor, else the model's.
 fn output_size(gen: &Generator, s: &Spec) -> Result<(usize, usize)> {
     let f = gen.vae.downscale();
-    for (field, v) in [("width", s.width), ("height", s.height)] {
+    let st = &s.settings;
+    for (field, v) in [("width", st.width), ("height", st.height)] {
         if let Some(v) = v.filter(|&v| v == 0 || v % f != 0) {
             bail!(
                 "{} {v} is not a positive multiple of {f}",
@@ -248,7 +284,7 @@ fn output_size(gen: &Generator, s: &Spec) -> Result<(usize, usize)> {
         }
     }
     let d = gen.default_size;
-    Ok(match (s.width, s.height, &s.image) {
+    Ok(match (st.width, st.height, &s.image) {
         (None, None, Some(img)) => {
             let (_, h, w, _) = img.dims4();
             if w < f || h < f {
@@ -282,7 +318,7 @@ pub fn txt2img_init(gen: &Generator, n: usize, w: usize, h: usize) -> Init {
 fn initial_state(gen: &Generator, s: &Spec, w: usize, h: usize) -> Result<Init> {
     let name = |f: &str| s.naming.name(f);
     let fit = |t: &Tensor| image_io::fit(t, w, h);
-    match s.mode {
+    match s.settings.mode {
         Mode::Txt2Img => {
             if s.image.is_some() || s.mask.is_some() {
                 bail!(
@@ -297,7 +333,7 @@ fn initial_state(gen: &Generator, s: &Spec, w: usize, h: usize) -> Result<Init> 
             let Some(image) = &s.image else {
                 bail!("img2img needs {}", name("image"));
             };
-            let strength = s.strength.unwrap_or(0.8);
+            let strength = s.settings.strength.unwrap_or(0.8);
             Ok(match &s.mask {
                 Some(m) => Init::Inpaint {
                     image: fit(image),
@@ -331,7 +367,7 @@ fn initial_state(gen: &Generator, s: &Spec, w: usize, h: usize) -> Result<Init> 
             Ok(Init::Inpaint {
                 image: fit(image),
                 mask,
-                strength: s.strength.unwrap_or(1.0),
+                strength: s.settings.strength.unwrap_or(1.0),
             })
         }
     }

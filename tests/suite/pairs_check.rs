@@ -218,6 +218,52 @@ fn non_finite_config_numbers_are_refused_naming_the_field() {
     }
 }
 
+/// Sizes and counts that would make the job allocate more than any real run needs are refused
+/// before any work, by the rules txt2img and the C ABI use, naming the key (issue 27 item 4).
+#[test]
+fn oversized_config_values_are_refused_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (section, line, want) in [
+        (
+            "job",
+            "resolution = 1048576",
+            "job.resolution 1048576 is larger than 16384",
+        ),
+        (
+            "job",
+            "batch = 100000",
+            "job.batch 100000 is larger than 4096",
+        ),
+        (
+            "job",
+            "prompts_per_subject = 1000000000",
+            "job.prompts_per_subject",
+        ),
+        ("job", "shard_size = 1000000000", "job.shard_size"),
+        (
+            "draft",
+            "steps = 1000000",
+            "draft.steps 1000000 is larger than 10000",
+        ),
+        ("refine", "steps = 0", "refine.steps must be at least 1"),
+        (
+            "draft",
+            "controlnet_scale = nan",
+            "draft.controlnet_scale NaN is not a finite",
+        ),
+    ] {
+        let cfg = dir.path().join("big.toml");
+        std::fs::write(&cfg, format!("[{section}]\n{line}\n")).unwrap();
+        let out = dir.path().join("out");
+        let args = ["pairs", "--check", "--config", cfg.to_str().unwrap()];
+        let e = expect_setup_error(&toffee(
+            &[&args[..], &["--out", out.to_str().unwrap()]].concat(),
+        ));
+        assert!(e.contains(want), "{line}: {e}");
+        assert!(!out.exists(), "{line}: the run started");
+    }
+}
+
 /// Subject names key the records: two subjects with one name (another extension, another case)
 /// are an error naming both files, as are empty names and categories (issue 27 item 1).
 #[test]
