@@ -9,6 +9,7 @@ use std::fs::{self, File};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Mutex;
 
 /// Distinguishes concurrent writes of one process into one folder.
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -24,6 +25,44 @@ pub fn tmp_path(path: &Path) -> PathBuf {
         std::process::id(),
         COUNTER.fetch_add(1, Ordering::Relaxed)
     ))
+}
+
+/// The temporary files being written now, for `remove_live_temporaries`.
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+/// A temporary name in use: listed while it lives, so a process that must exit at once (a second
+/// Ctrl-C) can remove the files its writers cannot. The owner renames or removes the file.
+pub struct LiveTemp(PathBuf);
+
+impl LiveTemp {
+    /// A fresh temporary name for `path` (`tmp_path`), listed.
+    pub fn new(path: &Path) -> LiveTemp {
+        let tmp = tmp_path(path);
+        LIVE.lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(tmp.clone());
+        LiveTemp(tmp)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for LiveTemp {
+    fn drop(&mut self) {
+        let mut live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = live.iter().position(|p| *p == self.0) {
+            live.swap_remove(i);
+        }
+    }
+}
+
+/// Removes every temporary file being written now (before an immediate exit); returns how many
+/// existed.
+pub fn remove_live_temporaries() -> usize {
+    let live = LIVE.lock().unwrap_or_else(|p| p.into_inner());
+    live.iter().filter(|p| fs::remove_file(p).is_ok()).count()
 }
 
 /// Whether the file name `name` is a temporary file of a write of `final_name` (this scheme's).
@@ -46,22 +85,36 @@ pub fn write_with(
     if path.file_name().is_none() {
         return Err(anyhow!("not a file path"));
     }
-    let tmp = tmp_path(path);
+    let live = LiveTemp::new(path);
+    let tmp = live.path();
     let write = || -> Result<()> {
         let file = fs::OpenOptions::new()
             .write(true)
             .create_new(true)
-            .open(&tmp)?;
+            .open(tmp)?;
         let mut out = BufWriter::new(file);
         fill(&mut out)?;
         out.flush()?;
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        fs::rename(&tmp, path)?;
+        fs::rename(tmp, path)?;
         Ok(())
     };
     write().inspect_err(|_| {
-        let _ = fs::remove_file(&tmp);
+        let _ = fs::remove_file(tmp);
     })
+}
+
+/// Writes `bytes` to `path` atomically unless `path` exists: false when it does (another
+/// writer got there first; a hard link, unlike a rename, never replaces a file).
+pub fn create_new(path: &Path, bytes: &[u8]) -> Result<bool> {
+    let tmp = tmp_path(path);
+    let claimed = write(&tmp, bytes).and_then(|()| match fs::hard_link(&tmp, path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e).with_context(|| format!("{}: cannot create", path.display())),
+    });
+    let _ = fs::remove_file(&tmp);
+    claimed
 }
 
 /// Writes `bytes` to `path` atomically.

@@ -62,7 +62,8 @@ enum Cmd {
     /// not failures); 1 when a shard failed (rerun the same command: it resumes); 2 for a setup
     /// error — config, subjects, slice, output folder, device or models — found before any work
     /// (fix it first: a rerun fails the same way); 3 when stopped by SIGINT, SIGTERM or SIGHUP
-    /// (finished shards are intact; rerun to continue).
+    /// after the batch in flight, 130 when a second signal stopped it at once (either way the
+    /// finished shards are intact and no temporary file is left; rerun to continue).
     #[command(args_conflicts_with_subcommands = true)]
     Pairs {
         #[command(subcommand)]

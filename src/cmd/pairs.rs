@@ -67,9 +67,12 @@ pub fn run(action: Option<Action>, a: Args) -> Result<()> {
     let stop = std::sync::Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     // SIGINT, SIGTERM and SIGHUP (Slurm's time limit and scancel, Kubernetes evictions) stop
-    // after the batch in flight; a second one kills the process the usual way.
+    // after the batch in flight; a second one exits at once, removing the unfinished shards'
+    // temporary files first (the folder stays resumable).
     let _ = ctrlc::set_handler(move || {
         if flag.swap(true, Ordering::SeqCst) {
+            crate::atomic_file::remove_live_temporaries();
+            eprintln!("toffee: stopped at once; rerun the same command to continue");
             std::process::exit(130);
         }
         eprintln!("toffee: stopping after the batch in flight (signal again to abort)");

@@ -22,6 +22,8 @@ pub const JOB_FILE: &str = "job.json";
 pub const INDEX_FILE: &str = "index.jsonl";
 pub const STATS_FILE: &str = "stats.json";
 pub const REPORT_FILE: &str = "report.html";
+/// Byte i locked while a run builds shard i (`lock`); empty, hidden, left in place.
+pub const LOCK_FILE: &str = ".toffee.lock";
 /// The dataset card (`card`).
 pub const README_FILE: &str = "README.md";
 

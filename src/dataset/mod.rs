@@ -7,12 +7,14 @@
 //! complete, then its index lines (`pairs-%06d.jsonl`), then its stats (`pairs-%06d.stats.json`),
 //! whose presence marks the shard done. A killed run leaves at most temporary files; a rerun
 //! skips the finished shards and redoes the rest, so nothing is lost and nothing is written twice.
+//! A run claims its unfinished shards first (`lock`), so two runs never build one shard.
 
 pub mod builtin;
 pub mod card;
 pub mod check;
 pub mod config;
 pub mod format;
+pub mod lock;
 pub mod merge;
 pub mod plan;
 pub mod progress;

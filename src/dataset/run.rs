@@ -6,7 +6,6 @@ use super::format::{self, JobFile, ShardFiles, Stats};
 use super::plan::{self, Record, Subject, SubjectSource};
 use super::shard::{build_shard, shard_records};
 use super::stages::StageModels;
-use super::writer::write_text;
 use crate::backend::Device;
 use crate::models::adapter::Adapter;
 use crate::models::load::open_device;
@@ -293,13 +292,15 @@ fn check_job_file(out: &Path, job: &JobFile) -> Result<()> {
     Ok(())
 }
 
-/// Claims the folder for `job` (job.json), once every setup check has passed.
+/// Claims the folder for `job` (job.json), once every setup check has passed. Created only where
+/// none exists, so of two jobs started into one folder at once one finds the other's file and is
+/// refused by the comparison, instead of both running and one job.json naming the wrong job.
 fn write_job_file(out: &Path, job: &JobFile) -> Result<()> {
     let path = out.join(format::JOB_FILE);
-    if path.is_file() {
-        return Ok(());
+    if !crate::atomic_file::create_new(&path, serde_json::to_string_pretty(job)?.as_bytes())? {
+        check_job_file(out, job)?;
     }
-    write_text(&path, &serde_json::to_string_pretty(job)?)
+    Ok(())
 }
 
 /// The first leaf where two JSON values differ: (dotted path, old, new).
@@ -478,7 +479,8 @@ pub struct Summary {
     pub stopped: bool,
 }
 
-/// Removes temporary files a killed run left for `shards`.
+/// Removes temporary files a killed run left for `shards` (claimed by this run, so no other
+/// live run is writing them).
 fn clean_leftovers(out: &Path, shards: &[usize]) {
     let Ok(entries) = std::fs::read_dir(out) else {
         return;
@@ -495,21 +497,26 @@ fn clean_leftovers(out: &Path, shards: &[usize]) {
     }
 }
 
+/// The shards of `shards` whose stats file (the mark of a finished shard) is missing.
+fn unfinished(out: &Path, shards: &[usize]) -> Vec<usize> {
+    shards
+        .iter()
+        .copied()
+        .filter(|&i| !ShardFiles::new(out, i).stats.is_file())
+        .collect()
+}
+
 /// One device and its models per worker.
 type Workers = Vec<(Device, StageModels)>;
 
 /// Everything that must succeed before any work and before job.json claims the folder: the plan
 /// (config, subjects, slice, output folder, an earlier job's file compared), the devices, and
-/// every worker's models (loaded in parallel). Returns the plan, the unfinished shards and the
-/// workers; nothing to do loads no models.
-fn setup(o: &Options) -> Result<(Plan, Vec<usize>, Workers)> {
+/// every worker's models (loaded in parallel), the claim on the unfinished shards (`lock`).
+/// Returns the plan, the unfinished shards, the workers and the claim; nothing to do loads no
+/// models.
+fn setup(o: &Options) -> Result<(Plan, Vec<usize>, Workers, super::lock::Claim)> {
     let plan = resolve(o)?;
-    let todo: Vec<usize> = plan
-        .mine
-        .iter()
-        .copied()
-        .filter(|&i| !ShardFiles::new(&o.out, i).stats.is_file())
-        .collect();
+    let todo = unfinished(&o.out, &plan.mine);
     let devices = open_devices(&o.devices, &plan.cfg)?;
     let n = if todo.is_empty() {
         0
@@ -532,14 +539,19 @@ fn setup(o: &Options) -> Result<(Plan, Vec<usize>, Workers)> {
     let models = loaded.into_iter().collect::<Result<Vec<_>>>()?;
     std::fs::create_dir_all(&o.out)
         .with_context(|| format!("{}: cannot create the output folder", o.out.display()))?;
+    let claim = super::lock::claim(&o.out, &todo)?;
+    // A run that held these shards may have finished some while this one loaded its models.
+    let todo = unfinished(&o.out, &todo);
     write_job_file(&o.out, &plan.job)?;
-    Ok((plan, todo, devices.into_iter().zip(models).collect()))
+    let workers = devices.into_iter().zip(models).collect();
+    Ok((plan, todo, workers, claim))
 }
 
 /// Builds this process's unfinished shards, one worker per device (shard k of the remaining ones
 /// goes to worker k mod workers). A failure before the work starts is a `SetupError`.
 pub fn run(o: &Options) -> Result<Summary> {
-    let (plan, todo, workers) = setup(o).map_err(|e| anyhow::Error::new(super::SetupError(e)))?;
+    let (plan, todo, workers, _claim) =
+        setup(o).map_err(|e| anyhow::Error::new(super::SetupError(e)))?;
     let skipped = plan.mine.len() - todo.len();
     clean_leftovers(&o.out, &todo);
     let progress = super::progress::Progress::new(
@@ -589,6 +601,20 @@ pub fn run(o: &Options) -> Result<Summary> {
         let (d, s) = r?;
         done += d;
         stopped |= s;
+    }
+    if !stopped && stats.records == 0 && stats.skipped_records > 0 {
+        bail!(
+            "{}: no usable subject: all {} records of the finished shards were skipped ({}); \
+             fix the subjects (the warnings above say why) and start again in a new folder",
+            o.out.display(),
+            stats.skipped_records,
+            stats
+                .skipped_subjects
+                .iter()
+                .map(|(why, n)| format!("{why}: {n}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
     }
     Ok(Summary {
         stats,

@@ -32,15 +32,16 @@ pub fn png_bytes(img: &Tensor) -> Result<Vec<u8>> {
 /// A shard being written.
 pub struct ShardWriter {
     final_path: PathBuf,
-    tmp: PathBuf,
+    tmp: crate::atomic_file::LiveTemp,
     tar: tar::Builder<BufWriter<File>>,
 }
 
 impl ShardWriter {
     pub fn create(final_path: &Path) -> Result<ShardWriter> {
         let final_path = final_path.to_path_buf();
-        let tmp = crate::atomic_file::tmp_path(&final_path);
-        let f = File::create(&tmp).with_context(|| format!("{}: cannot create", tmp.display()))?;
+        let tmp = crate::atomic_file::LiveTemp::new(&final_path);
+        let f = File::create(tmp.path())
+            .with_context(|| format!("{}: cannot create", tmp.path().display()))?;
         let mut tar = tar::Builder::new(BufWriter::new(f));
         tar.mode(tar::HeaderMode::Deterministic);
         Ok(ShardWriter {
@@ -59,7 +60,7 @@ impl ShardWriter {
         h.set_cksum();
         self.tar
             .append_data(&mut h, format!("{key}.{ext}"), bytes)
-            .with_context(|| format!("{}: cannot write (disk full?)", self.tmp.display()))
+            .with_context(|| format!("{}: cannot write (disk full?)", self.tmp.path().display()))
     }
 
     /// Finishes the tar, fsyncs it and renames it into place.
@@ -75,7 +76,7 @@ impl ShardWriter {
             f.sync_all()
         };
         if let Err(e) = finish() {
-            let _ = std::fs::remove_file(&tmp);
+            let _ = std::fs::remove_file(tmp.path());
             return Err(e).with_context(|| {
                 format!(
                     "{}: cannot finish the shard (disk full?)",
@@ -83,7 +84,7 @@ impl ShardWriter {
                 )
             });
         }
-        std::fs::rename(&tmp, &final_path).with_context(|| {
+        std::fs::rename(tmp.path(), &final_path).with_context(|| {
             format!(
                 "{}: cannot rename the finished shard into place",
                 final_path.display()
@@ -94,7 +95,7 @@ impl ShardWriter {
 
     /// Drops the unfinished shard (Ctrl-C, an error).
     pub fn abandon(self) {
-        let _ = std::fs::remove_file(&self.tmp);
+        let _ = std::fs::remove_file(self.tmp.path());
     }
 }
 

@@ -546,22 +546,134 @@ fn disk_full_stops_cleanly() {
     );
 }
 
+/// Every subject unusable is a failure (exit 1, naming why), not a successful run of nothing.
+#[test]
+fn a_job_with_no_usable_subject_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let subjects = dir.path().join("subjects");
+    std::fs::create_dir(&subjects).unwrap();
+    std::fs::write(subjects.join("broken.png"), b"not a png").unwrap();
+    std::fs::write(subjects.join("empty.jpg"), b"").unwrap();
+    let out = dir.path().join("out");
+    let o = pairs(&out, &["--subjects", subjects.to_str().unwrap()]);
+    let e = stderr(&o);
+    assert_eq!(o.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("toffee: error:")
+            && e.contains("no usable subject")
+            && e.contains("unreadable: 2"),
+        "{e}"
+    );
+}
+
+/// A run claims its shards: while another holds them (here this test process, through the
+/// library), `toffee pairs` into the folder is refused before it touches it (issue 27 item 2).
+#[test]
+fn shards_being_built_by_another_run_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    let held = toffee::dataset::lock::claim(&out, &[1]).unwrap();
+    let e = expect_setup_error(&pairs(&out, &[]));
+    assert!(
+        e.contains("shard 1") && e.contains("another run into this folder"),
+        "{e}"
+    );
+    assert!(
+        !out.join("job.json").exists(),
+        "the refused run claimed the folder"
+    );
+    // Array tasks: a slice without shard 1 runs beside the holder.
+    ok(pairs(&out, &["--shard-index", "0", "--num-shards", "2"]));
+    drop(held);
+    ok(pairs(&out, &[]));
+    let whole = dir.path().join("whole");
+    ok(pairs(&whole, &[]));
+    assert_same_records(&out, &whole);
+}
+
+/// Two runs started at once into one folder: of the same job, each shard is built once and the
+/// folder equals a single run's; of two jobs, one is refused and job.json names the other.
+#[test]
+fn two_runs_started_at_once_never_mix() {
+    let dir = tempfile::tempdir().unwrap();
+    let subjects = dir.path().join("subjects");
+    std::fs::create_dir(&subjects).unwrap();
+    let png = crate::common::fixtures().join("zero123/subject.png");
+    std::fs::copy(png, subjects.join("robot.png")).unwrap();
+    let start = |out: &Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_toffee"))
+            .args(["pairs", "--batch", "1", "--out", out.to_str().unwrap()])
+            .args(extra)
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let same = dir.path().join("same");
+    let (a, b) = (start(&same, &[]), start(&same, &[]));
+    let outs = [a.wait_with_output().unwrap(), b.wait_with_output().unwrap()];
+    for o in &outs {
+        let e = stderr(o);
+        match o.status.code() {
+            Some(0) => {}
+            Some(2) => assert!(e.contains("another run into this folder"), "{e}"),
+            c => panic!("{c:?}: {e}"),
+        }
+    }
+    assert!(outs.iter().any(|o| o.status.success()));
+    ok(pairs(&same, &[]));
+    let whole = dir.path().join("whole");
+    ok(pairs(&whole, &[]));
+    assert_same_records(&same, &whole);
+
+    let mixed = dir.path().join("mixed");
+    let other = ["--subjects", subjects.to_str().unwrap()];
+    let (a, b) = (start(&mixed, &[]), start(&mixed, &other));
+    let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+    assert!(
+        a.status.success() != b.status.success(),
+        "exactly one job runs: {}\n{}",
+        stderr(&a),
+        stderr(&b)
+    );
+    let loser = if a.status.success() { &b } else { &a };
+    let e = expect_setup_error(loser);
+    assert!(
+        e.contains("another job") || e.contains("another run into this folder"),
+        "{e}"
+    );
+    // job.json names the job that ran: its command resumes, the other's is refused.
+    let (won, lost): (&[&str], &[&str]) = match a.status.success() {
+        true => (&[], &other),
+        false => (&other, &[]),
+    };
+    ok(pairs(&mixed, won));
+    let e = expect_setup_error(&pairs(&mixed, lost));
+    assert!(e.contains("another job"), "{e}");
+}
+
 /// Ctrl-C: the batch in flight finishes, the unfinished shard is dropped (no temporary file),
 /// exit status 3; a rerun completes the job.
 #[test]
 fn ctrl_c_stops_cleanly_and_the_rerun_completes() {
-    signal_stops_cleanly_and_the_rerun_completes(libc::SIGINT);
+    signal_stops_cleanly_and_the_rerun_completes(libc::SIGINT, false);
+}
+
+/// Ctrl-C twice: the second exits at once (130), removing the unfinished shard's temporary file.
+#[test]
+fn a_second_ctrl_c_exits_at_once_and_leaves_no_temporary() {
+    signal_stops_cleanly_and_the_rerun_completes(libc::SIGINT, true);
 }
 
 /// SIGTERM (Slurm's time limit, scancel, preemption; Kubernetes evictions) and SIGHUP take the
 /// same clean path as Ctrl-C.
 #[test]
 fn sigterm_and_sighup_stop_cleanly_and_the_rerun_completes() {
-    signal_stops_cleanly_and_the_rerun_completes(libc::SIGTERM);
-    signal_stops_cleanly_and_the_rerun_completes(libc::SIGHUP);
+    signal_stops_cleanly_and_the_rerun_completes(libc::SIGTERM, false);
+    signal_stops_cleanly_and_the_rerun_completes(libc::SIGHUP, false);
 }
 
-fn signal_stops_cleanly_and_the_rerun_completes(signal: i32) {
+fn signal_stops_cleanly_and_the_rerun_completes(signal: i32, twice: bool) {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("out");
     let child = Command::new(env!("CARGO_BIN_EXE_toffee"))
@@ -577,14 +689,20 @@ fn signal_stops_cleanly_and_the_rerun_completes(signal: i32) {
     std::thread::sleep(std::time::Duration::from_millis(300));
     // Safety: sending a signal to our own child process.
     unsafe { libc::kill(child.id() as i32, signal) };
+    if twice {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        // Safety: as above (the child may have exited: then the signal goes nowhere).
+        unsafe { libc::kill(child.id() as i32, signal) };
+    }
     let o = child.wait_with_output().unwrap();
     let e = String::from_utf8_lossy(&o.stderr).into_owned();
+    let codes: &[i32] = if twice { &[130, 3, 0] } else { &[3, 0] };
     assert!(
-        matches!(o.status.code(), Some(3) | Some(0)),
+        o.status.code().is_some_and(|c| codes.contains(&c)),
         "{:?}: {e}",
         o.status
     );
-    if o.status.code() == Some(3) {
+    if o.status.code() != Some(0) {
         assert!(e.contains("rerun"), "{e}");
     }
     let tmp: Vec<String> = std::fs::read_dir(&out)
