@@ -11,7 +11,7 @@ pub struct Config {
 
 impl Config {
     pub fn read(path: &Path) -> Result<Config> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::input::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
         let json: Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: not valid JSON", path.display()))?;

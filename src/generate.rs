@@ -79,7 +79,7 @@ pub fn output_paths(out: &Path, n: usize) -> Vec<PathBuf> {
 fn read_prompts(o: &Options) -> Result<Vec<String>> {
     let mut prompts = o.prompts.clone();
     if let Some(f) = &o.prompts_file {
-        let text = std::fs::read_to_string(f)
+        let text = crate::input::read_to_string(f)
             .with_context(|| format!("{}: cannot read the prompts file", f.display()))?;
         // Editors on Windows start UTF-8 files with a byte-order mark; it is not part of a prompt.
         let text = text.strip_prefix('\u{feff}').unwrap_or(&text);

@@ -60,7 +60,7 @@ impl std::fmt::Display for TooLarge {
 /// like diffusers' `load_image` (`ImageOps.exif_transpose`). 16-bit PNGs keep their precision.
 pub(crate) fn decode(path: &Path) -> Result<DynamicImage> {
     let p = path.display();
-    let bytes = fs::read(path).map_err(|e| anyhow!("cannot read image {p}: {e}"))?;
+    let bytes = crate::input::read(path).map_err(|e| anyhow!("cannot read image {p}: {e}"))?;
     if bytes.is_empty() {
         bail!("cannot load image {p}: the file is empty");
     }

@@ -258,7 +258,8 @@ pub fn inspect(path: &Path, load_model: bool) -> Result<String> {
     if path.is_file() && looks_original(&WeightStore::open_file(path)?) {
         return describe_single_file(path, load_model);
     }
-    if path.is_file() {
+    // Not a folder: a weights file, or the error that says what else it is (a FIFO, a device).
+    if !path.is_dir() {
         let w = WeightStore::open_file(path)?;
         let kind = guess_from_names(&w);
         writeln!(out, "{}: safetensors file — {kind}", path.display()).unwrap();

@@ -16,6 +16,7 @@ pub mod forward;
 pub mod generate;
 pub mod image_io;
 pub mod image_proc;
+pub mod input;
 pub mod inspect;
 pub mod models;
 pub mod pipeline;

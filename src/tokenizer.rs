@@ -338,7 +338,7 @@ fn added_token(value: &Value) -> Option<AddedToken> {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::input::read_to_string(path)
         .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
     serde_json::from_str(&text).map_err(|e| anyhow!("{} is not valid JSON: {e}", path.display()))
 }
@@ -462,7 +462,7 @@ fn read_vocab(path: &Path) -> Result<Vocab> {
 
 /// Same rules as the `tokenizers` merges reader: "#version" lines skipped, every other line "a b".
 fn read_merges(path: &Path) -> Result<Merges> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::input::read_to_string(path)
         .map_err(|e| anyhow!("cannot read {}: {e}", path.display()))?;
     text.lines()
         .enumerate()

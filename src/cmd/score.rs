@@ -7,7 +7,7 @@ use crate::models::load::open_device;
 use crate::pipeline::score::{Mask, ScoreInput, Scorer, Scores};
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
-use std::io::{BufRead, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::{Path, PathBuf};
 
 /// One record of a `--pairs` file; relative paths are relative to the file's folder.
@@ -56,11 +56,29 @@ pub fn score_one(scorer: &Scorer, p: &PairLine) -> Result<Scores> {
 
 /// Reads a `--pairs` file: one JSON object per non-empty line.
 pub fn read_pairs(path: &Path) -> Result<Vec<PairLine>> {
-    let f =
-        std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    // A record is two paths and a prompt: a longer line is not one (and is not held in memory).
+    const MAX_LINE: u64 = 1 << 20;
+    let f = crate::input::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut reader = std::io::BufReader::new(f);
     let mut v = Vec::new();
-    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("{}: cannot read", path.display()))?;
+    for i in 0.. {
+        let mut bytes = Vec::new();
+        (&mut reader)
+            .take(MAX_LINE + 1)
+            .read_until(b'\n', &mut bytes)
+            .with_context(|| format!("{}: cannot read", path.display()))?;
+        if bytes.is_empty() {
+            break;
+        }
+        if bytes.len() as u64 > MAX_LINE {
+            bail!(
+                "{}:{}: a line longer than {MAX_LINE} bytes",
+                path.display(),
+                i + 1
+            );
+        }
+        let line = String::from_utf8(bytes)
+            .map_err(|_| anyhow::anyhow!("{}:{}: not UTF-8 text", path.display(), i + 1))?;
         if line.trim().is_empty() {
             continue;
         }

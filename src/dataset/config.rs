@@ -219,7 +219,7 @@ pub struct PairsConfig {
 impl PairsConfig {
     /// Reads a TOML file; relative model paths are relative to the file's folder.
     pub fn read(path: &Path) -> Result<PairsConfig> {
-        let text = std::fs::read_to_string(path)
+        let text = crate::input::read_to_string(path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
         let mut c: PairsConfig =
             toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;

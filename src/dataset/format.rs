@@ -215,7 +215,7 @@ fn format_v1() -> u32 {
 /// The job file of a run folder.
 pub fn read_job(dir: &Path) -> Result<JobFile> {
     let p = dir.join(JOB_FILE);
-    let text = std::fs::read_to_string(&p)
+    let text = crate::input::read_to_string(&p)
         .with_context(|| format!("{}: cannot read (not a pairs output folder?)", p.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: not a job file", p.display()))
 }
@@ -271,7 +271,7 @@ pub const INDEX_FIELDS: [(&str, &str); 11] = [
 
 /// The lines of an index file (`index.jsonl` or a shard's); errors name the file and line.
 pub fn read_index(path: &Path) -> Result<Vec<IndexLine>> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::input::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
     text.lines()
         .enumerate()
@@ -285,7 +285,7 @@ pub fn read_index(path: &Path) -> Result<Vec<IndexLine>> {
 
 /// A stats file (a shard's or the run's).
 pub fn read_stats(path: &Path) -> Result<Stats> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::input::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: not a stats file", path.display()))
 }
@@ -297,7 +297,7 @@ pub fn for_each_member(
     mut f: impl FnMut(&str, &str, &mut tar::Entry<'_, std::io::BufReader<std::fs::File>>) -> Result<()>,
 ) -> Result<()> {
     let corrupt = || format!("{}: corrupt shard", tar_path.display());
-    let file = std::fs::File::open(tar_path)
+    let file = crate::input::open(tar_path)
         .with_context(|| format!("{}: cannot read", tar_path.display()))?;
     let mut archive = tar::Archive::new(std::io::BufReader::new(file));
     for entry in archive.entries().with_context(corrupt)? {
@@ -390,7 +390,7 @@ pub fn write_totals(out: &Path, shards: usize) -> Result<Stats> {
         }
         done.push(read_stats(&f.stats)?);
         index.push_str(
-            &std::fs::read_to_string(&f.index)
+            &crate::input::read_to_string(&f.index)
                 .with_context(|| format!("{}: cannot read", f.index.display()))?,
         );
     }

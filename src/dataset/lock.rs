@@ -2,10 +2,11 @@
 //! builds anything: one byte per shard of the folder's lock file (`format::LOCK_FILE`), locked
 //! with Linux's open-file-description record locks. The kernel drops them when the run ends,
 //! however it ends (no stale lock to clean up after a kill), they conflict between two claims of
-//! one process too (the C ABI may run two jobs at once), and NFS passes them to the server. Array
-//! tasks of one job claim disjoint shards and run side by side; a second run of shards that are
-//! being built is refused before it touches the folder. Byte ranges rather than one lock per
-//! folder because a Slurm array's tasks share their folder by design.
+//! one process too (the C ABI may run two jobs at once), and NFS clients pass them to the server
+//! (not tested here: CI has no NFS). Array tasks of one job claim disjoint shards and run side by
+//! side; a second run of shards that are being built is refused before it touches the folder.
+//! Byte ranges rather than one lock per folder because a Slurm array's tasks share their folder
+//! by design.
 
 use super::format;
 use anyhow::{bail, Context, Result};

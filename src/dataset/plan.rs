@@ -86,7 +86,7 @@ pub fn read_subjects(path: &Path) -> Result<Vec<Subject>> {
         check_unique_names(path, &subjects)?;
         return Ok(subjects);
     }
-    let text = std::fs::read_to_string(path)
+    let text = crate::input::read_to_string(path)
         .with_context(|| format!("{}: cannot read the subjects", path.display()))?;
     let base = path.parent().unwrap_or(Path::new(""));
     let mut out = Vec::new();
@@ -193,7 +193,7 @@ pub fn builtin_templates() -> Vec<Template> {
 /// A template file: one template per line with `{subject}`, optionally `taxonomy<TAB>template`;
 /// blank lines and `#` comments are skipped.
 pub fn read_templates(path: &Path) -> Result<Vec<Template>> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::input::read_to_string(path)
         .with_context(|| format!("{}: cannot read the templates", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {

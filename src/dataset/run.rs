@@ -276,7 +276,7 @@ fn check_job_file(out: &Path, job: &JobFile) -> Result<()> {
         Ok(serde_json::to_value(j)?)
     };
     if path.is_file() {
-        let text = std::fs::read_to_string(&path)
+        let text = crate::input::read_to_string(&path)
             .with_context(|| format!("{}: cannot read", path.display()))?;
         let old: JobFile = serde_json::from_str(&text)
             .with_context(|| format!("{}: not the job file of a pairs run", path.display()))?;

@@ -308,7 +308,7 @@ impl DptProcessor {
 }
 
 fn read_json(path: &Path) -> Result<Value> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::input::read_to_string(path)
         .with_context(|| format!("cannot read image processor config {}", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
 }

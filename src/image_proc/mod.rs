@@ -17,7 +17,6 @@ pub mod sam;
 
 pub use resample::{resize_rgb8, Resample};
 
-use std::fs;
 use std::path::Path;
 
 use anyhow::{anyhow, Context, Result};
@@ -282,7 +281,7 @@ impl ImageProcessor {
     /// module cannot reproduce is an error naming the file and the field.
     pub fn from_file(path: &Path) -> Result<ImageProcessor> {
         let p = path.display();
-        let text = fs::read_to_string(path)
+        let text = crate::input::read_to_string(path)
             .with_context(|| format!("cannot read image processor config {p}"))?;
         let value: Value =
             serde_json::from_str(&text).with_context(|| format!("{p}: not valid JSON"))?;

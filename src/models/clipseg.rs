@@ -479,7 +479,8 @@ fn processor_from_dir(dir: &Path) -> Result<ImageProcessor> {
         );
     }
     let p = proc_path.display();
-    let text = std::fs::read_to_string(&proc_path).with_context(|| format!("{p}: cannot read"))?;
+    let text =
+        crate::input::read_to_string(&proc_path).with_context(|| format!("{p}: cannot read"))?;
     let value: Value =
         serde_json::from_str(&text).with_context(|| format!("{p}: not valid JSON"))?;
     let Some(ip) = value.get("image_processor") else {

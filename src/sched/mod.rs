@@ -413,7 +413,7 @@ fn quote_non_finite(text: &str) -> String {
 /// Reads a scheduler config like `Config::read`, but also accepts the bare `-Infinity` that
 /// diffusers writes for DPM's `lambda_min_clipped` (`Config::read` rejects such files).
 pub fn read_config(path: &Path) -> Result<Config> {
-    let text = std::fs::read_to_string(path)
+    let text = crate::input::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
     let json: Value = serde_json::from_str(&quote_non_finite(&text))
         .with_context(|| format!("{}: not valid JSON", path.display()))?;

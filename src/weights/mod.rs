@@ -144,7 +144,7 @@ impl WeightStore {
 
     /// A sharded checkpoint: `*.safetensors.index.json` with a `weight_map` of name -> shard file.
     pub fn open_index(index: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(index)
+        let text = crate::input::read_to_string(index)
             .with_context(|| format!("{}: cannot read", index.display()))?;
         let v: serde_json::Value = serde_json::from_str(&text)
             .with_context(|| format!("{}: not valid JSON", index.display()))?;

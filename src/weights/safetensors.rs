@@ -7,7 +7,6 @@ use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, Context, Result};
 use memmap2::Mmap;
 use std::collections::BTreeMap;
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -97,7 +96,8 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+        let file =
+            crate::input::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
         // Safety: the file is mapped read-only; modifying a checkpoint while it is loaded is outside
         // what this engine supports (as for every mmap-based loader).
         let mmap = unsafe { Mmap::map(&file) }
@@ -151,7 +151,8 @@ impl SafetensorsFile {
 /// The header's `__metadata__` string map (empty when absent).
 pub fn metadata(path: &Path) -> Result<BTreeMap<String, String>> {
     use std::io::Read;
-    let mut f = File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut f =
+        crate::input::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let mut len = [0u8; 8];
     f.read_exact(&mut len)
         .with_context(|| format!("{}: shorter than a safetensors header", path.display()))?;

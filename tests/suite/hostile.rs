@@ -523,3 +523,98 @@ fn a_bad_image_pixel_limit_is_an_error() {
         assert!(!out.exists());
     }
 }
+
+/// Runs toffee with `args`, failing the test if it has not ended within a minute (a hang).
+fn toffee_within_a_minute(args: &[&str]) -> std::process::Output {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_toffee"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed().as_secs() > 60 {
+            let _ = child.kill();
+            panic!("{args:?}: still running after a minute (waiting on a special file?)");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+/// A FIFO or a device where a file is expected (an image, a prompt or subject list, weights, a
+/// pairs file) is an error naming what it is, not a hang or a read without end (issue 27 item 5).
+#[test]
+fn special_files_are_refused_not_read() {
+    let d = tempfile::tempdir().unwrap();
+    // Named as weights so that `inspect` opens them.
+    let fifo = d.path().join("fifo.safetensors");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // Safety: a valid C string; mkfifo only creates the node.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let zero = d.path().join("zero.safetensors");
+    std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+    let (f, z) = (fifo.to_str().unwrap(), zero.to_str().unwrap());
+    let out = d.path().join("o.png");
+    let o = out.to_str().unwrap();
+    let (dino, clip) = (
+        fixtures().join("vision/dinov2"),
+        fixtures().join("vision/clip"),
+    );
+    let (dino, clip) = (dino.to_str().unwrap(), clip.to_str().unwrap());
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (
+            vec!["img2img", "--prompt", "x", "--image", f, "--out", o],
+            "a FIFO",
+        ),
+        (
+            vec!["img2img", "--prompt", "x", "--image", z, "--out", o],
+            "a device",
+        ),
+        (vec!["txt2img", "--prompts-file", f, "--out", o], "a FIFO"),
+        (vec!["inspect", f], "a FIFO"),
+        (vec!["inspect", z], "a device"),
+        (
+            vec![
+                "score", "--dino", dino, "--clip", clip, "--pairs", f, "--out", o,
+            ],
+            "a FIFO",
+        ),
+    ];
+    for (args, needle) in cases {
+        let r = toffee_within_a_minute(&args);
+        let e = stderr(&r);
+        assert_eq!(r.status.code(), Some(1), "{args:?}: {e}");
+        assert!(e.contains(needle), "{args:?}: {e}");
+        assert!(!out.exists(), "{args:?}: wrote an output");
+    }
+    // The pairs job: a subject list that is a FIFO is a setup error; a subject image that is a
+    // device is a skipped subject (here the only one: the job fails).
+    let pairs_out = d.path().join("pairs");
+    let r = toffee_within_a_minute(&[
+        "pairs",
+        "--subjects",
+        f,
+        "--out",
+        pairs_out.to_str().unwrap(),
+    ]);
+    assert_eq!(r.status.code(), Some(2), "{}", stderr(&r));
+    assert!(stderr(&r).contains("a FIFO"), "{}", stderr(&r));
+    let subjects = d.path().join("subjects");
+    std::fs::create_dir(&subjects).unwrap();
+    std::os::unix::fs::symlink("/dev/urandom", subjects.join("noise.png")).unwrap();
+    let r = toffee_within_a_minute(&[
+        "pairs",
+        "--subjects",
+        subjects.to_str().unwrap(),
+        "--out",
+        pairs_out.to_str().unwrap(),
+    ]);
+    let e = stderr(&r);
+    assert_eq!(r.status.code(), Some(1), "{e}");
+    assert!(
+        e.contains("a device") && e.contains("no usable subject"),
+        "{e}"
+    );
+}

@@ -112,7 +112,7 @@ impl SingleFile {
         let family = detect(&shapes).with_context(|| format!("{}", path.display()))?;
         let sc = sidecar_path(path);
         let sidecar = if sc.is_file() {
-            let text = std::fs::read_to_string(&sc)
+            let text = crate::input::read_to_string(&sc)
                 .with_context(|| format!("{}: cannot read", sc.display()))?;
             let s: Sidecar = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not a valid sidecar", sc.display()))?;
