@@ -3,6 +3,7 @@
 use crate::generate::{check_writable, output_paths};
 use crate::image_io;
 use crate::models::load::open_device;
+use crate::pipeline::request::{Naming, Settings};
 use crate::pipeline::view::{Pose, View, ViewGenerator, ViewRequest};
 use crate::sched::SchedulerKind;
 use crate::tensor::Tensor;
@@ -150,9 +151,12 @@ pub fn prepare_subject(image: &Path, mask: Option<&Path>, size: usize) -> Result
 /// Renders every pose; returns the files written.
 pub fn write_views(o: &Args) -> Result<Vec<PathBuf>> {
     let poses = poses(&o.elevation, &o.azimuth, &o.radius)?;
-    if o.steps == 0 || o.batch == 0 {
-        bail!("--steps and --batch must be at least 1");
+    Settings {
+        batch: o.batch,
+        scheduler: o.scheduler,
+        ..Settings::txt2img(o.steps, o.guidance, o.seed)
     }
+    .check(Naming::Flags)?;
     let paths = output_paths(&o.out, poses.len());
     check_writable(&paths)?;
     image_io::check_output_format(&o.out)?;

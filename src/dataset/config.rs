@@ -336,7 +336,6 @@ impl PairsConfig {
             ("draft.canny_high", d.canny_high as f64),
             ("refine.scale", r.scale as f64),
             ("view.probability", v.probability),
-            ("view.guidance", v.guidance as f64),
             ("place.scale_min", self.place.scale_min),
             ("place.scale_max", self.place.scale_max),
             ("filter.dino", f.dino as f64),
@@ -353,7 +352,7 @@ impl PairsConfig {
         Ok(())
     }
 
-    /// The draft's and the Refiner's generation settings, by the rules the CLI and the C ABI use
+    /// The draft's, the Refiner's and the views' settings, by the rules the CLI and the C ABI use
     /// (`request::Settings::check`): counts, finiteness, the size and batch bounds.
     fn check_stages(&self, origin: &str) -> Result<()> {
         let side = Some(self.job.resolution);
@@ -373,7 +372,11 @@ impl PairsConfig {
             height: side,
             ..Settings::txt2img(r.steps, r.guidance, 0)
         };
-        for (settings, section) in [(draft, "draft"), (refine, "refine")] {
+        let view = Settings {
+            batch: self.job.batch,
+            ..Settings::txt2img(self.view.steps, self.view.guidance, 0)
+        };
+        for (settings, section) in [(draft, "draft"), (refine, "refine"), (view, "view")] {
             settings
                 .check(Naming::Config(section))
                 .map_err(|e| anyhow::anyhow!("{origin}: {e}"))?;

@@ -13,6 +13,7 @@
 //!   results.
 
 use super::noise::NoiseSource;
+use super::request::{Naming, Settings};
 use crate::backend::{self as ops, Device, LinearW};
 use crate::config::Config;
 use crate::models::blocks::IpInput;
@@ -87,6 +88,19 @@ pub struct ViewRequest {
     pub seed: u64,
     /// Views per UNet batch (before the ×2 of guidance).
     pub batch: usize,
+}
+
+impl ViewRequest {
+    /// The numbers by the rules every generation request follows (`request::Settings`: counts,
+    /// finiteness, bounds), named as `naming` says.
+    pub fn check(&self, naming: Naming) -> Result<()> {
+        Settings {
+            batch: self.batch,
+            scheduler: self.scheduler,
+            ..Settings::txt2img(self.steps, self.guidance, self.seed)
+        }
+        .check(naming)
+    }
 }
 
 impl ViewGenerator {
@@ -214,7 +228,8 @@ impl ViewGenerator {
         progress: &mut dyn FnMut(usize, usize),
         done: &mut dyn FnMut(usize, Tensor, Tensor) -> Result<()>,
     ) -> Result<()> {
-        let batch = req.batch.max(1);
+        req.check(Naming::Fields)?;
+        let batch = req.batch;
         let mut start = 0;
         while start < req.views.len() {
             let n = batch.min(req.views.len() - start);

@@ -251,6 +251,7 @@ fn oversized_config_values_are_refused_naming_the_key() {
             "controlnet_scale = nan",
             "draft.controlnet_scale NaN is not a finite",
         ),
+        ("view", "steps = 0", "view.steps must be at least 1"),
     ] {
         let cfg = dir.path().join("big.toml");
         std::fs::write(&cfg, format!("[{section}]\n{line}\n")).unwrap();

@@ -311,4 +311,30 @@ fn view_bad_input() {
         out.to_str().unwrap(),
     ]));
     assert!(e.contains("--elevation"), "{e}");
+    // Numbers by the rules of every generation request: a NaN guidance would turn guidance off
+    // and still write an image (issue 27).
+    let out = dir.path().join("never.png");
+    for (flag, v, want) in [
+        ("--guidance", "nan", "--guidance NaN is not a finite number"),
+        ("--steps", "0", "--steps must be at least 1"),
+        ("--batch", "100000", "--batch 100000 is larger than 4096"),
+    ] {
+        let e = expect_error(&toffee(&[
+            "view",
+            "--model",
+            m.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+            "--elevation",
+            "0",
+            "--azimuth",
+            "0",
+            flag,
+            v,
+            "--out",
+            out.to_str().unwrap(),
+        ]));
+        assert!(e.contains(want), "{flag} {v}: {e}");
+        assert!(!out.exists(), "{flag} {v}: wrote a view");
+    }
 }
