@@ -1025,95 +1025,98 @@ impl FailedCalls {
         }
     }
 
-    /// Makes failed call number `i` (the kinds in turn) and checks its status.
+    /// Makes failed call number `i` (twelve kinds in turn) and checks its status.
     fn fail(&mut self, i: usize) {
+        match i % 12 {
+            k @ 0..=2 => self.failed_open(k),
+            k @ 3..=9 => self.failed_generate(k, i as u64),
+            10 => self.failed_view(),
+            _ => {
+                unsafe { toffee_engine_close(self.closed) };
+                assert!(last_error().contains("closed"), "{}", last_error());
+            }
+        }
+    }
+
+    /// toffee_engine_open: null options, a missing model folder, or (after the built-in model
+    /// has loaded) missing scorer folders.
+    fn failed_open(&self, kind: usize) {
         use toffee_status::*;
-        let mut g = gen_options(&self.prompt, i as u64);
-        let mut buf = [0u8; 16];
-        let mut eo = engine_options();
-        let init = toffee_image {
-            width: 64,
-            height: 64,
-            channels: 3,
-            data: self.image.as_mut_ptr(),
-        };
-        let mut fake = [0u64; 8];
-        let (e, want) = match i % 12 {
-            0 => return self.open_fails(std::ptr::null(), TOFFEE_INVALID_ARGUMENT),
+        let mut o = engine_options();
+        let (opts, want) = match kind {
+            0 => (std::ptr::null(), TOFFEE_INVALID_ARGUMENT),
             1 => {
-                eo.model = self.missing.as_ptr();
-                return self.open_fails(&eo, TOFFEE_ERROR);
+                o.model = self.missing.as_ptr();
+                (&o as *const _, TOFFEE_ERROR)
             }
-            // The built-in model loads, then the scorer's folders are missing.
-            2 => {
-                (eo.dino, eo.clip) = (self.missing.as_ptr(), self.missing.as_ptr());
-                return self.open_fails(&eo, TOFFEE_ERROR);
+            _ => {
+                (o.dino, o.clip) = (self.missing.as_ptr(), self.missing.as_ptr());
+                (&o as *const _, TOFFEE_ERROR)
             }
+        };
+        let mut e = std::ptr::null_mut();
+        let s = unsafe { toffee_engine_open(opts, &mut e) };
+        assert_eq!(s, want, "open kind {kind}: {}", last_error());
+        assert!(e.is_null());
+    }
+
+    /// toffee_generate_into on a closed or made-up handle, or refused: a bad mode, a small
+    /// buffer, too many images, an inpainting without mask (after its image was read), a NaN
+    /// strength.
+    fn failed_generate(&mut self, kind: usize, seed: u64) {
+        use toffee_status::*;
+        let mut g = gen_options(&self.prompt, seed);
+        let init = self.init_image();
+        let mut fake = [0u64; 8];
+        let (e, want) = match kind {
             3 => (self.closed, TOFFEE_INVALID_ARGUMENT),
-            4 => (
-                fake.as_mut_ptr() as *mut toffee_engine,
-                TOFFEE_INVALID_ARGUMENT,
-            ),
-            5 => {
+            4 => (fake.as_mut_ptr().cast(), TOFFEE_INVALID_ARGUMENT),
+            5 => (self.engine, TOFFEE_BUFFER_TOO_SMALL),
+            6 => {
                 g.mode = 9;
                 (self.engine, TOFFEE_INVALID_ARGUMENT)
             }
-            6 => (self.engine, TOFFEE_BUFFER_TOO_SMALL),
             7 => {
                 g.num_images = u32::MAX;
                 (self.engine, TOFFEE_INVALID_ARGUMENT)
             }
-            // The init image is read into a tensor, then the request is refused (no mask).
             8 => {
                 (g.mode, g.init_image) = (2, &init);
                 (self.engine, TOFFEE_INVALID_ARGUMENT)
             }
-            9 => {
+            _ => {
                 (g.mode, g.init_image, g.strength) = (1, &init, f32::NAN);
                 (self.engine, TOFFEE_INVALID_ARGUMENT)
             }
-            10 => {
-                let mut out = toffee_image { ..init };
-                let s = unsafe {
-                    toffee_view(
-                        self.engine,
-                        &init,
-                        std::ptr::null(),
-                        0.0,
-                        0.0,
-                        0.0,
-                        2,
-                        3.0,
-                        0,
-                        &mut out,
-                    )
-                };
-                assert_eq!(s, TOFFEE_INVALID_ARGUMENT, "call {i}: {}", last_error());
-                return;
-            }
-            _ => {
-                unsafe { toffee_engine_close(self.closed) };
-                assert!(
-                    last_error().contains("closed"),
-                    "call {i}: {}",
-                    last_error()
-                );
-                return;
-            }
         };
+        let mut buf = [0u8; 16];
         let s = unsafe { toffee_generate_into(e, &g, buf.as_mut_ptr(), buf.len()) };
-        assert_eq!(s, want, "call {i}: {}", last_error());
+        assert_eq!(s, want, "generate kind {kind}: {}", last_error());
     }
 
-    fn open_fails(&self, o: *const toffee_engine_options, want: toffee_status) {
-        let mut e = std::ptr::null_mut();
+    /// toffee_view on an engine opened without a View Generator.
+    fn failed_view(&mut self) {
+        let init = self.init_image();
+        let mut out = toffee_image { ..init };
+        let null = std::ptr::null();
+        let s =
+            unsafe { toffee_view(self.engine, &init, null, 0.0, 0.0, 0.0, 2, 3.0, 0, &mut out) };
         assert_eq!(
-            unsafe { toffee_engine_open(o, &mut e) },
-            want,
+            s,
+            toffee_status::TOFFEE_INVALID_ARGUMENT,
             "{}",
             last_error()
         );
-        assert!(e.is_null());
+    }
+
+    /// A 64² RGB image over `self.image`.
+    fn init_image(&mut self) -> toffee_image {
+        toffee_image {
+            width: 64,
+            height: 64,
+            channels: 3,
+            data: self.image.as_mut_ptr(),
+        }
     }
 }
 
