@@ -7,22 +7,34 @@
 //! `TOFFEE_BUFFER_TOO_SMALL` with a message in `toffee_last_error()`. Option structs start with a
 //! `size` field (the caller's `sizeof`); later ABI versions only append fields and read them when
 //! `size` covers them.
+//!
+//! The host survives its own mistakes: an engine handle is a token the library looks up, never
+//! an address it follows, so a closed, never-opened or made-up handle is
+//! `TOFFEE_INVALID_ARGUMENT` ("engine is closed or not an engine"), closing twice is harmless,
+//! and a call running while another thread closes its engine finishes first (the engine is freed
+//! when the call returns). Sizes are checked before anything is allocated (Rust aborts the
+//! process when an allocation fails): image sides at most 16384, num_images at most 4096, one
+//! call's images at most 16384² pixels, steps at most 10000, a model's default size at most
+//! 16384; a bigger number is a status naming the field. A failed call leaves no thread and no
+//! memory behind.
 #![allow(non_camel_case_types)]
 
 use crate::dataset;
 use crate::models::adapter::Adapter;
+use crate::models::load::Checkpoint;
 use crate::pipeline::image_prompt::{image_prompt, load_encoder};
 use crate::pipeline::noise::NoiseSource;
-use crate::pipeline::request::{self, Mode, Naming, Settings, Spec};
+use crate::pipeline::request::{self, Mode, Naming, Settings, Spec, MAX_SIDE};
 use crate::pipeline::score::{ImageEncoder, Mask, ScoreInput, Scorer};
 use crate::pipeline::view::{Pose, View, ViewGenerator, ViewRequest};
-use crate::pipeline::{Generator, ImagePrompt};
+use crate::pipeline::{Generator, ImagePrompt, Request};
 use crate::tensor::Tensor;
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 /// Incremented on every incompatible change of this header.
 pub const TOFFEE_ABI_VERSION: u32 = 1;
@@ -52,7 +64,7 @@ use toffee_status::*;
 
 /// An 8-bit image, row-major, `channels` interleaved (3: RGB, 1: a mask, white = inside).
 /// Images the engine returns own `data` until `toffee_image_free`; images the caller passes in
-/// stay the caller's.
+/// stay the caller's, and their sides must be 1 to 16384.
 #[repr(C)]
 pub struct toffee_image {
     pub width: u32,
@@ -84,7 +96,8 @@ pub struct toffee_engine_options {
 }
 
 /// An open engine: models loaded on one device. Calls on one engine are serialised (it may be
-/// used from several threads); several engines may run at once.
+/// used from several threads); several engines may run at once. A `toffee_engine *` is an opaque
+/// handle (not the engine's address): a closed or unknown one is TOFFEE_INVALID_ARGUMENT.
 pub struct toffee_engine {
     inner: Mutex<Engine>,
 }
@@ -106,12 +119,15 @@ pub struct toffee_generate_options {
     pub prompt: *const c_char,
     /// Null: none.
     pub negative_prompt: *const c_char,
-    /// Images to make; image i uses seed + i (as the CLI does).
+    /// Images to make, 1 to 4096 (at most 16384² pixels together); image i uses seed + i (as the
+    /// CLI does).
     pub num_images: u32,
+    /// 1 to 10000.
     pub steps: u32,
     pub guidance: f32,
     pub seed: u64,
-    /// 0: the model's default size (img2img/inpainting: the init image's size).
+    /// 0: the model's default size (img2img/inpainting: the init image's size); else a multiple
+    /// of the VAE's factor (8 for Stable Diffusion) up to 16384.
     pub width: u32,
     pub height: u32,
     /// ddim, euler, euler-a, dpmpp-2m, dpmpp-2m-karras, pndm; null: the model's own.
@@ -198,6 +214,70 @@ fn invalid(msg: impl Into<String>) -> Fail {
     Fail(TOFFEE_INVALID_ARGUMENT, msg.into())
 }
 
+/// The message of every call given a handle that is not an open engine.
+const NOT_AN_ENGINE: &str = "engine is closed or not an engine";
+
+/// The open engines by handle. The `toffee_engine *` a caller holds is only a key here, never
+/// dereferenced: a closed, never-opened or made-up handle is found missing instead of read as
+/// freed or foreign memory. Each call clones the `Arc`, so a close on another thread frees the
+/// engine only when that call returns.
+static ENGINES: Mutex<BTreeMap<usize, Arc<toffee_engine>>> = Mutex::new(BTreeMap::new());
+
+/// The next handle. Handles are never reused (a stale one cannot reach a newer engine, as a
+/// reused address could); they start at 1, as null is "no engine".
+static NEXT_HANDLE: AtomicUsize = AtomicUsize::new(1);
+
+/// The data of every image the engine handed out (address → length): `toffee_image_free` frees
+/// only these, with the length allocated, whatever the caller's struct says by then.
+static IMAGES: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
+
+/// A registry's map; nothing panics while holding one, but a poisoned lock must not turn every
+/// later call into a panic.
+fn registry<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers an engine and returns its new handle.
+fn register_engine(engine: toffee_engine) -> Result<*mut toffee_engine, Fail> {
+    let id = NEXT_HANDLE
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_add(1))
+        .map_err(|_| {
+            Fail(
+                TOFFEE_ERROR,
+                "no engine handles are left in this process".into(),
+            )
+        })?;
+    registry(&ENGINES).insert(id, Arc::new(engine));
+    Ok(std::ptr::without_provenance_mut(id))
+}
+
+/// The engine of a handle, kept alive for the caller's call even if another thread closes it.
+fn engine(e: *const toffee_engine) -> Result<Arc<toffee_engine>, Fail> {
+    if e.is_null() {
+        return Err(invalid("engine is null"));
+    }
+    let found = registry(&ENGINES).get(&e.addr()).cloned();
+    found.ok_or_else(|| invalid(NOT_AN_ENGINE))
+}
+
+/// Takes an engine out of the registry; the engine is dropped when the last call using it ends.
+fn unregister_engine(e: *const toffee_engine) -> Result<Arc<toffee_engine>, Fail> {
+    let removed = registry(&ENGINES).remove(&e.addr());
+    removed.ok_or_else(|| invalid(NOT_AN_ENGINE))
+}
+
+/// An RGB8 image for the caller; its data is registered for `toffee_image_free`.
+fn engine_image(width: usize, height: usize, bytes: Vec<u8>) -> toffee_image {
+    let data = Box::into_raw(bytes.into_boxed_slice());
+    registry(&IMAGES).insert(data.addr(), data.len());
+    toffee_image {
+        width: width as u32,
+        height: height as u32,
+        channels: 3,
+        data: data as *mut u8,
+    }
+}
+
 /// Runs an entry point: catches panics, records the error message of this thread.
 fn guard(f: impl FnOnce() -> Result<(), Fail>) -> toffee_status {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
@@ -260,6 +340,21 @@ unsafe fn options<'a, T>(p: *const T, size: impl Fn(&T) -> u32, what: &str) -> R
     Ok(o)
 }
 
+/// The bytes of a caller image, refused before anything is read or allocated when a side is 0 or
+/// over `MAX_SIDE` (as the output's sides: 16384² RGB is 3 GiB as floats, and a larger claim is
+/// a mistake that would abort the process when its tensor could not be allocated).
+fn image_len(img: &toffee_image, what: &str) -> Result<usize, Fail> {
+    let (w, h) = (img.width as usize, img.height as usize);
+    if !(1..=MAX_SIDE).contains(&w) || !(1..=MAX_SIDE).contains(&h) {
+        return Err(invalid(format!(
+            "{what} is {w}x{h} pixels: each side must be 1 to {MAX_SIDE}"
+        )));
+    }
+    w.checked_mul(h)
+        .and_then(|p| p.checked_mul(img.channels as usize))
+        .ok_or_else(|| invalid(format!("{what} is {w}x{h} pixels: too large")))
+}
+
 /// A caller image as a [1, H, W, C] tensor in [0, 1].
 unsafe fn image_tensor(
     p: *const toffee_image,
@@ -277,11 +372,7 @@ unsafe fn image_tensor(
             img.channels
         )));
     }
-    let n = (img.width as usize)
-        .checked_mul(img.height as usize)
-        .and_then(|x| x.checked_mul(channels as usize))
-        .filter(|&n| n > 0)
-        .ok_or_else(|| invalid(format!("{what} is {}x{}", img.width, img.height)))?;
+    let n = image_len(img, what)?;
     if img.data.is_null() {
         return Err(invalid(format!("{what}.data is null")));
     }
@@ -325,7 +416,7 @@ pub extern "C" fn toffee_last_error() -> *const c_char {
     LAST_ERROR.with(|l| l.borrow().as_ref().map_or(std::ptr::null(), |c| c.as_ptr()))
 }
 
-/// Opens an engine; `*out` receives it (close it with toffee_engine_close).
+/// Opens an engine; `*out` receives its handle (close it with toffee_engine_close).
 ///
 /// # Safety
 /// `opts` points to a valid toffee_engine_options whose strings are NUL-terminated; `out` is
@@ -341,106 +432,183 @@ pub unsafe extern "C" fn toffee_engine_open(
         }
         // Safety: see the function's contract.
         let o = unsafe { options(opts, |o| o.size, "toffee_engine_options")? };
-        let dev_name = unsafe { opt_text(o.device, "device")? }.unwrap_or_else(|| "cpu".into());
-        let model = unsafe { opt_path(o.model, "model")? };
-        let controlnet = unsafe { opt_path(o.controlnet, "controlnet")? };
-        let adapter = unsafe { opt_path(o.adapter, "adapter")? };
-        let adapter_encoder = unsafe { opt_path(o.adapter_encoder, "adapter_encoder")? };
-        let view = unsafe { opt_path(o.view_model, "view_model")? };
-        let dino = unsafe { opt_path(o.dino, "dino")? };
-        let clip = unsafe { opt_path(o.clip, "clip")? };
-        let dev = crate::models::load::open_device(&dev_name, model.as_deref(), "unet")?;
-        let mut gen = match &model {
-            Some(m) => Generator::load(m, controlnet.as_deref(), &dev)?,
-            None => {
-                if controlnet.is_some() || adapter.is_some() {
-                    return Err(invalid("controlnet and adapter need a model folder"));
-                }
-                crate::builtin::generator(&dev)?
-            }
-        };
-        let adapter_encoder = match &adapter {
-            Some(a) => {
-                let ad = Adapter::load(a, &dev)?;
-                let enc = load_encoder(&ad, adapter_encoder.as_deref(), &dev)?;
-                gen.attach_adapter(ad)?;
-                Some(enc)
-            }
-            None => None,
-        };
-        let scorer = match (&dino, &clip) {
-            (Some(d), Some(c)) => Some(Scorer::load(d, c, &dev)?),
-            (None, None) => None,
-            _ => return Err(invalid("dino and clip go together")),
-        };
-        let view = view.map(|v| ViewGenerator::load(&v, &dev)).transpose()?;
-        let engine = Box::new(toffee_engine {
-            inner: Mutex::new(Engine {
-                gen,
-                adapter_encoder,
-                view,
-                scorer,
-            }),
-        });
+        let paths = unsafe { EnginePaths::read(o)? };
+        let handle = register_engine(open_engine(&paths)?)?;
         // Safety: `out` is writable (checked non-null).
-        unsafe { *out = Box::into_raw(engine) };
+        unsafe { *out = handle };
         Ok(())
     })
 }
 
-/// Closes an engine and frees its memory (host and device); null is allowed.
-///
-/// # Safety
-/// `e` comes from toffee_engine_open and is not used afterwards.
-#[no_mangle]
-pub unsafe extern "C" fn toffee_engine_close(e: *mut toffee_engine) {
-    if !e.is_null() {
-        // Safety: allocated by Box::into_raw in toffee_engine_open; dropping it cannot unwind
-        // into C because drop of the models does not panic.
-        let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            drop(unsafe { Box::from_raw(e) })
-        }));
+/// The strings of toffee_engine_options, read and checked before anything loads.
+struct EnginePaths {
+    device: String,
+    model: Option<PathBuf>,
+    controlnet: Option<PathBuf>,
+    adapter: Option<PathBuf>,
+    adapter_encoder: Option<PathBuf>,
+    view: Option<PathBuf>,
+    dino: Option<PathBuf>,
+    clip: Option<PathBuf>,
+}
+
+impl EnginePaths {
+    /// # Safety
+    /// The strings of `o` are null or NUL-terminated.
+    unsafe fn read(o: &toffee_engine_options) -> Result<EnginePaths, Fail> {
+        let p = unsafe {
+            EnginePaths {
+                device: opt_text(o.device, "device")?.unwrap_or_else(|| "cpu".into()),
+                model: opt_path(o.model, "model")?,
+                controlnet: opt_path(o.controlnet, "controlnet")?,
+                adapter: opt_path(o.adapter, "adapter")?,
+                adapter_encoder: opt_path(o.adapter_encoder, "adapter_encoder")?,
+                view: opt_path(o.view_model, "view_model")?,
+                dino: opt_path(o.dino, "dino")?,
+                clip: opt_path(o.clip, "clip")?,
+            }
+        };
+        if p.model.is_none() && (p.controlnet.is_some() || p.adapter.is_some()) {
+            return Err(invalid("controlnet and adapter need a model folder"));
+        }
+        if p.dino.is_some() != p.clip.is_some() {
+            return Err(invalid("dino and clip go together"));
+        }
+        Ok(p)
     }
 }
 
-fn lock(e: &toffee_engine) -> std::sync::MutexGuard<'_, Engine> {
+/// Loads the models of `p` on their device.
+fn open_engine(p: &EnginePaths) -> Result<toffee_engine, Fail> {
+    // The UNets' sizes first: a config claiming a huge one is refused before anything loads.
+    if let Some(m) = &p.model {
+        check_sample_size(m, "model", 64)?;
+    }
+    if let Some(v) = &p.view {
+        check_sample_size(v, "view_model", 32)?;
+    }
+    let dev = crate::models::load::open_device(&p.device, p.model.as_deref(), "unet")?;
+    let mut gen = match &p.model {
+        Some(m) => Generator::load(m, p.controlnet.as_deref(), &dev)?,
+        None => crate::builtin::generator(&dev)?,
+    };
+    check_default_size(gen.default_size, "model")?;
+    let adapter_encoder = match &p.adapter {
+        Some(a) => {
+            let ad = Adapter::load(a, &dev)?;
+            let enc = load_encoder(&ad, p.adapter_encoder.as_deref(), &dev)?;
+            gen.attach_adapter(ad)?;
+            Some(enc)
+        }
+        None => None,
+    };
+    let scorer = match (&p.dino, &p.clip) {
+        (Some(d), Some(c)) => Some(Scorer::load(d, c, &dev)?),
+        _ => None,
+    };
+    let view = p
+        .view
+        .as_ref()
+        .map(|v| ViewGenerator::load(v, &dev))
+        .transpose()?;
+    if let Some(v) = &view {
+        check_default_size(v.default_size, "view_model")?;
+    }
+    Ok(toffee_engine {
+        inner: Mutex::new(Engine {
+            gen,
+            adapter_encoder,
+            view,
+            scorer,
+        }),
+    })
+}
+
+/// A UNet's `sample_size` (in latents) makes the default image side of every call that gives no
+/// size; read before the model loads so that an absurd one is refused before anything is
+/// allocated (and before `sample_size × the VAE's factor` could overflow).
+fn check_sample_size(model: &Path, what: &str, default: usize) -> Result<(), Fail> {
+    let side = Checkpoint::open(model, "unet")?
+        .config
+        .usize_or("sample_size", default)?;
+    if side == 0 || side > MAX_SIDE {
+        return Err(Fail(
+            TOFFEE_ERROR,
+            format!("{what}: the unet's sample_size {side} is not 1 to {MAX_SIDE}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The default image side (`sample_size × the VAE's factor`) within the bound of a requested
+/// side: a call that gives no size makes images of this side.
+fn check_default_size(side: usize, what: &str) -> Result<(), Fail> {
+    if side == 0 || side > MAX_SIDE {
+        return Err(Fail(
+            TOFFEE_ERROR,
+            format!(
+                "{what}: the unet's sample_size × the VAE's factor is {side} pixels, not 1 to {MAX_SIDE}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Closes an engine: it is freed (host and device memory) now, or when a call another thread is
+/// making on it returns. Null, an engine closed already and a handle that never was one are
+/// ignored (a double close is harmless; toffee_last_error() then names the mistake).
+///
+/// # Safety
+/// Any value of `e` is safe: the handle is looked up, never dereferenced (the Rust declaration
+/// stays `unsafe` so that existing Rust callers compile unchanged).
+#[no_mangle]
+pub unsafe extern "C" fn toffee_engine_close(e: *mut toffee_engine) {
+    guard(|| {
+        if e.is_null() {
+            return Ok(());
+        }
+        // Dropped here unless a running call holds the engine; models do not panic in drop, and
+        // `guard` catches it if one ever does.
+        drop(unregister_engine(e)?);
+        Ok(())
+    });
+}
+
+fn lock(e: &toffee_engine) -> MutexGuard<'_, Engine> {
     e.inner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-unsafe fn engine<'a>(e: *const toffee_engine) -> Result<&'a toffee_engine, Fail> {
-    if e.is_null() {
-        return Err(invalid("engine is null"));
-    }
-    // Safety: a live engine from toffee_engine_open (the caller's contract).
-    Ok(unsafe { &*e })
-}
+/// The most images one call makes: the C ABI runs a call's images as one batch, and this is
+/// `request::Settings`' bound on a batch (refused here naming the field the caller set).
+const MAX_IMAGES_PER_CALL: u32 = 4_096;
 
-/// Runs a generation request; returns the images [N, H, W, 3] in [0, 1]. The C struct becomes a
-/// `request::Spec`; `request::build` checks it as it checks the CLI's flags.
-unsafe fn run_generate(e: &Engine, o: &toffee_generate_options) -> Result<Tensor, Fail> {
-    let prompt = unsafe { text(o.prompt, "prompt")? };
-    let negative = unsafe { opt_text(o.negative_prompt, "negative_prompt")? };
-    let scheduler = match unsafe { opt_text(o.scheduler, "scheduler")? } {
-        Some(s) => Some(
-            s.parse()
-                .map_err(|err: anyhow::Error| invalid(format!("{err:#}")))?,
-        ),
-        None => None,
-    };
+/// The most pixels of one call's images together: they are held at once as floats, and one
+/// 16384² image (3 GiB) is the most a call may hold, as `request::MAX_SIDE` bounds one side.
+const MAX_PIXELS_PER_CALL: usize = MAX_SIDE * MAX_SIDE;
+
+/// The numbers of a generation request, checked (sizes and counts bounded) before any image of
+/// the request is read or allocated.
+fn generate_settings(o: &toffee_generate_options) -> Result<Settings, Fail> {
     let mode = match o.mode {
         0 => Mode::Txt2Img,
         1 => Mode::Img2Img,
         2 => Mode::Inpaint,
         m => return Err(invalid(format!("mode {m} is not 0, 1 or 2"))),
     };
-    let gen = &e.gen;
-    let n = o.num_images as usize;
+    let n = match o.num_images {
+        0 => return Err(invalid("num_images must be at least 1")),
+        n if n > MAX_IMAGES_PER_CALL => {
+            return Err(invalid(format!(
+                "num_images {n} is larger than {MAX_IMAGES_PER_CALL} (one call makes its images as one batch)"
+            )))
+        }
+        n => n as usize,
+    };
     let side = |v: u32| (v > 0).then_some(v as usize);
     let settings = Settings {
         mode,
         images_per_prompt: n,
-        scheduler,
-        batch: n.max(1),
+        batch: n,
         width: side(o.width),
         height: side(o.height),
         // ≤ 0: the mode's default; a NaN is passed on to be refused.
@@ -452,6 +620,28 @@ unsafe fn run_generate(e: &Engine, o: &toffee_generate_options) -> Result<Tensor
         control_scale: o.control_scale,
         ..Settings::txt2img(o.steps as usize, o.guidance, o.seed)
     };
+    settings
+        .check(Naming::Fields)
+        .map_err(|err| invalid(format!("{err:#}")))?;
+    Ok(settings)
+}
+
+/// The request of a toffee_generate_options: the C struct becomes a `request::Spec`, which
+/// `request::build` checks as it checks the CLI's flags.
+///
+/// # Safety
+/// The strings and images of `o` are null or valid (the header's contract).
+unsafe fn generate_request(e: &Engine, o: &toffee_generate_options) -> Result<Request, Fail> {
+    let mut settings = generate_settings(o)?;
+    let prompt = unsafe { text(o.prompt, "prompt")? };
+    let negative = unsafe { opt_text(o.negative_prompt, "negative_prompt")? };
+    settings.scheduler = match unsafe { opt_text(o.scheduler, "scheduler")? } {
+        Some(s) => Some(
+            s.parse()
+                .map_err(|err: anyhow::Error| invalid(format!("{err:#}")))?,
+        ),
+        None => None,
+    };
     let spec = Spec {
         negative,
         image: unsafe { image_tensor(o.init_image, "init_image", 3)? },
@@ -460,8 +650,28 @@ unsafe fn run_generate(e: &Engine, o: &toffee_generate_options) -> Result<Tensor
         image_prompts: unsafe { adapter_prompts(e, o)? },
         ..Spec::new(settings, vec![prompt], Naming::Fields)
     };
-    let req = request::build(gen, spec).map_err(|err| invalid(format!("{err:#}")))?;
-    Ok(gen.run(&req, &mut |_, _| {})?.images)
+    request::build(&e.gen, spec).map_err(|err| invalid(format!("{err:#}")))
+}
+
+/// The bytes of a request's RGB8 images, refused over `MAX_PIXELS_PER_CALL` before sampling
+/// allocates anything of that size (width and height may be the model's or the image's).
+fn output_bytes(req: &Request) -> Result<usize, Fail> {
+    let n = req.prompts.len() * req.images_per_prompt;
+    let (w, h) = (req.width, req.height);
+    n.checked_mul(w)
+        .and_then(|p| p.checked_mul(h))
+        .filter(|&p| p <= MAX_PIXELS_PER_CALL)
+        .and_then(|p| p.checked_mul(3))
+        .ok_or_else(|| {
+            invalid(format!(
+                "num_images {n} × width {w} × height {h} is more than the {MAX_PIXELS_PER_CALL} pixels one call makes"
+            ))
+        })
+}
+
+/// Samples a checked request: the images [N, H, W, 3] in [0, 1].
+fn sample(e: &Engine, req: &Request) -> Result<Tensor, Fail> {
+    Ok(e.gen.run(req, &mut |_, _| {})?.images)
 }
 
 /// The engine's adapter prompt for `adapter_image` (the engine holds at most one adapter).
@@ -507,21 +717,18 @@ pub unsafe extern "C" fn toffee_generate(
     out: *mut toffee_image,
 ) -> toffee_status {
     guard(|| {
-        let eng = unsafe { engine(e)? };
+        let eng = engine(e)?;
         let o = unsafe { options(opts, |o| o.size, "toffee_generate_options")? };
         if out.is_null() {
             return Err(invalid("out is null"));
         }
-        let images = unsafe { run_generate(&lock(eng), o)? };
+        let e = lock(&eng);
+        let req = unsafe { generate_request(&e, o)? };
+        output_bytes(&req)?;
+        let images = sample(&e, &req)?;
         let (n, h, w, _) = images.dims4();
         for i in 0..n {
-            let data = to_bytes(&images.narrow0(i, 1)).into_boxed_slice();
-            let img = toffee_image {
-                width: w as u32,
-                height: h as u32,
-                channels: 3,
-                data: Box::into_raw(data) as *mut u8,
-            };
+            let img = engine_image(w, h, to_bytes(&images.narrow0(i, 1)));
             // Safety: out holds num_images entries (the caller's contract).
             unsafe { out.add(i).write(img) };
         }
@@ -541,44 +748,58 @@ pub unsafe extern "C" fn toffee_generate_into(
     len: usize,
 ) -> toffee_status {
     guard(|| {
-        let eng = unsafe { engine(e)? };
+        let eng = engine(e)?;
         let o = unsafe { options(opts, |o| o.size, "toffee_generate_options")? };
         if buf.is_null() {
             return Err(invalid("buf is null"));
         }
-        let images = unsafe { run_generate(&lock(eng), o)? };
-        let bytes = to_bytes(&images);
-        if bytes.len() > len {
+        let e = lock(&eng);
+        let req = unsafe { generate_request(&e, o)? };
+        // Before sampling: a small buffer costs no generation.
+        let need = output_bytes(&req)?;
+        if need > len {
             return Err(Fail(
                 TOFFEE_BUFFER_TOO_SMALL,
-                format!(
-                    "the images need {} bytes, the buffer has {len}",
-                    bytes.len()
-                ),
+                format!("the images need {need} bytes, the buffer has {len}"),
             ));
         }
-        // Safety: buf is writable for len ≥ bytes.len() bytes.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, bytes.len()) };
+        let bytes = to_bytes(&sample(&e, &req)?);
+        debug_assert_eq!(bytes.len(), need);
+        // Safety: buf is writable for len bytes, and never more are written (len ≥ need, which
+        // is bytes.len()).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), buf, bytes.len().min(len)) };
         Ok(())
     })
 }
 
-/// Frees the data of an image the engine returned (sets it to null); null is allowed.
+/// Frees the data of an image the engine returned and sets `data` to null. Null, a null `data`
+/// and a `data` the engine did not allocate (or freed already) are ignored: freeing twice is
+/// harmless, even through a copy of the struct, unless the engine has since returned a new image
+/// at the same address (so do not keep copies after freeing). The length freed is the one
+/// allocated, whatever `width`, `height` or `channels` say by then.
 ///
 /// # Safety
-/// `img` was filled by toffee_generate or toffee_view, or its data is null.
+/// `img` is null or points to a readable and writable toffee_image.
 #[no_mangle]
 pub unsafe extern "C" fn toffee_image_free(img: *mut toffee_image) {
-    if img.is_null() {
-        return;
-    }
-    // Safety: see the contract; the length is what toffee allocated.
-    let i = unsafe { &mut *img };
-    if !i.data.is_null() {
-        let n = i.width as usize * i.height as usize * i.channels as usize;
-        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(i.data, n)) });
+    guard(|| {
+        if img.is_null() {
+            return Ok(());
+        }
+        // Safety: see the contract.
+        let i = unsafe { &mut *img };
+        if i.data.is_null() {
+            return Ok(());
+        }
+        let len = registry(&IMAGES).remove(&i.data.addr()).ok_or_else(|| {
+            invalid("image data was not allocated by toffee, or is freed already")
+        })?;
+        // Safety: registered by engine_image as a boxed slice of `len` bytes, and removed from
+        // the registry above, so it is freed once.
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(i.data, len)) });
         i.data = std::ptr::null_mut();
-    }
+        Ok(())
+    });
 }
 
 /// A novel view of `subject` (RGB; `mask` optional, 1 channel) with the engine's View Generator:
@@ -600,45 +821,25 @@ pub unsafe extern "C" fn toffee_view(
     out: *mut toffee_image,
 ) -> toffee_status {
     guard(|| {
-        let eng = unsafe { engine(e)? };
+        let eng = engine(e)?;
         if out.is_null() {
             return Err(invalid("out is null"));
         }
-        if !(polar.is_finite() && azimuth.is_finite() && radius.is_finite() && guidance.is_finite())
-            || steps == 0
-        {
-            return Err(invalid(
-                "angles and guidance must be finite numbers, steps at least 1",
-            ));
+        if !(polar.is_finite() && azimuth.is_finite() && radius.is_finite()) {
+            return Err(invalid("polar, azimuth and radius must be finite numbers"));
         }
-        let e = lock(eng);
+        // The rules of a generation's steps and guidance (at least 1 step, at most 10000: the
+        // schedule is allocated per step).
+        Settings::txt2img(steps as usize, guidance, seed)
+            .check(Naming::Fields)
+            .map_err(|err| invalid(format!("{err:#}")))?;
+        let e = lock(&eng);
         let Some(vg) = &e.view else {
             return Err(invalid("the engine was opened without view_model"));
         };
-        let rgb = unsafe { image_tensor(subject, "subject", 3)? }
-            .ok_or_else(|| invalid("subject is null"))?;
-        let m = unsafe { image_tensor(mask, "mask", 1)? };
-        let on_white = match m {
-            Some(m) => {
-                if m.shape()[1..3] != rgb.shape()[1..3] {
-                    return Err(invalid("mask and subject sizes differ"));
-                }
-                crate::image_io::on_white(&rgb, &m)
-            }
-            None => rgb,
-        };
         let s = vg.default_size;
-        let fitted = crate::image_io::fit(&on_white, s, s);
-        let subject = Tensor::new(
-            fitted.shape().to_vec(),
-            fitted
-                .data()
-                .iter()
-                .map(|v| (v * 255.0).round() / 255.0)
-                .collect(),
-        );
         let req = ViewRequest {
-            subjects: vec![subject],
+            subjects: vec![unsafe { view_subject(subject, mask, s)? }],
             views: vec![View {
                 subject: 0,
                 pose: Pose {
@@ -653,25 +854,36 @@ pub unsafe extern "C" fn toffee_view(
             seed,
             batch: 1,
         };
-        let (_, img) = vg.run_chunk(
-            &req,
-            0,
-            1,
-            &mut NoiseSource::seeded(vec![seed]),
-            &mut |_, _| {},
-        )?;
-        let data = to_bytes(&img).into_boxed_slice();
+        let mut noise = NoiseSource::seeded(vec![seed]);
+        let (_, img) = vg.run_chunk(&req, 0, 1, &mut noise, &mut |_, _| {})?;
         // Safety: out is writable (checked non-null).
-        unsafe {
-            out.write(toffee_image {
-                width: s as u32,
-                height: s as u32,
-                channels: 3,
-                data: Box::into_raw(data) as *mut u8,
-            })
-        };
+        unsafe { out.write(engine_image(s, s, to_bytes(&img))) };
         Ok(())
     })
+}
+
+/// The View Generator's subject: the caller's image (on white outside its mask) fitted to
+/// `side`², on the 8-bit grid as a subject read from a file is.
+///
+/// # Safety
+/// `subject` and `mask` are null or valid images.
+unsafe fn view_subject(
+    subject: *const toffee_image,
+    mask: *const toffee_image,
+    side: usize,
+) -> Result<Tensor, Fail> {
+    let rgb = unsafe { image_tensor(subject, "subject", 3)? }
+        .ok_or_else(|| invalid("subject is null"))?;
+    let on_white = match unsafe { image_tensor(mask, "mask", 1)? } {
+        Some(m) if m.shape()[1..3] != rgb.shape()[1..3] => {
+            return Err(invalid("mask and subject sizes differ"))
+        }
+        Some(m) => crate::image_io::on_white(&rgb, &m),
+        None => rgb,
+    };
+    let fitted = crate::image_io::fit(&on_white, side, side);
+    let on_grid = fitted.data().iter().map(|v| (v * 255.0).round() / 255.0);
+    Ok(Tensor::new(fitted.shape().to_vec(), on_grid.collect()))
 }
 
 fn write_vec(v: &[f32], out: *mut f32, len: usize, dim: *mut usize) -> Result<(), Fail> {
@@ -705,8 +917,8 @@ pub unsafe extern "C" fn toffee_embed_image(
     dim: *mut usize,
 ) -> toffee_status {
     guard(|| {
-        let eng = unsafe { engine(e)? };
-        let e = lock(eng);
+        let eng = engine(e)?;
+        let e = lock(&eng);
         let s = e
             .scorer
             .as_ref()
@@ -740,9 +952,9 @@ pub unsafe extern "C" fn toffee_embed_text(
     dim: *mut usize,
 ) -> toffee_status {
     guard(|| {
-        let eng = unsafe { engine(e)? };
+        let eng = engine(e)?;
         let t = unsafe { text(text_, "text")? };
-        let e = lock(eng);
+        let e = lock(&eng);
         let s = e
             .scorer
             .as_ref()
@@ -768,7 +980,7 @@ pub unsafe extern "C" fn toffee_score(
     out: *mut toffee_scores,
 ) -> toffee_status {
     guard(|| {
-        let eng = unsafe { engine(e)? };
+        let eng = engine(e)?;
         if out.is_null() {
             return Err(invalid("out is null"));
         }
@@ -789,7 +1001,7 @@ pub unsafe extern "C" fn toffee_score(
             prompt: p,
             name: "toffee_score".into(),
         };
-        let e = lock(eng);
+        let e = lock(&eng);
         let s = e
             .scorer
             .as_ref()
