@@ -17,7 +17,22 @@
 //! call's images at most 16384² pixels, steps at most 10000, a model's default size at most
 //! 16384; a bigger number is a status naming the field. A failed call leaves no thread and no
 //! memory behind.
+//!
+//! This file holds everything C sees (cbindgen reads only it); `handles`, `convert`, `open`,
+//! `requests` and `pairs` hold the work behind the entry points.
 #![allow(non_camel_case_types)]
+
+mod convert;
+mod handles;
+mod open;
+mod pairs;
+mod requests;
+
+use convert::*;
+use handles::*;
+use open::*;
+use pairs::*;
+use requests::*;
 
 use crate::dataset;
 use crate::models::adapter::Adapter;
@@ -214,70 +229,6 @@ fn invalid(msg: impl Into<String>) -> Fail {
     Fail(TOFFEE_INVALID_ARGUMENT, msg.into())
 }
 
-/// The message of every call given a handle that is not an open engine.
-const NOT_AN_ENGINE: &str = "engine is closed or not an engine";
-
-/// The open engines by handle. The `toffee_engine *` a caller holds is only a key here, never
-/// dereferenced: a closed, never-opened or made-up handle is found missing instead of read as
-/// freed or foreign memory. Each call clones the `Arc`, so a close on another thread frees the
-/// engine only when that call returns.
-static ENGINES: Mutex<BTreeMap<usize, Arc<toffee_engine>>> = Mutex::new(BTreeMap::new());
-
-/// The next handle. Handles are never reused (a stale one cannot reach a newer engine, as a
-/// reused address could); they start at 1, as null is "no engine".
-static NEXT_HANDLE: AtomicUsize = AtomicUsize::new(1);
-
-/// The data of every image the engine handed out (address → length): `toffee_image_free` frees
-/// only these, with the length allocated, whatever the caller's struct says by then.
-static IMAGES: Mutex<BTreeMap<usize, usize>> = Mutex::new(BTreeMap::new());
-
-/// A registry's map; nothing panics while holding one, but a poisoned lock must not turn every
-/// later call into a panic.
-fn registry<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Registers an engine and returns its new handle.
-fn register_engine(engine: toffee_engine) -> Result<*mut toffee_engine, Fail> {
-    let id = NEXT_HANDLE
-        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_add(1))
-        .map_err(|_| {
-            Fail(
-                TOFFEE_ERROR,
-                "no engine handles are left in this process".into(),
-            )
-        })?;
-    registry(&ENGINES).insert(id, Arc::new(engine));
-    Ok(std::ptr::without_provenance_mut(id))
-}
-
-/// The engine of a handle, kept alive for the caller's call even if another thread closes it.
-fn engine(e: *const toffee_engine) -> Result<Arc<toffee_engine>, Fail> {
-    if e.is_null() {
-        return Err(invalid("engine is null"));
-    }
-    let found = registry(&ENGINES).get(&e.addr()).cloned();
-    found.ok_or_else(|| invalid(NOT_AN_ENGINE))
-}
-
-/// Takes an engine out of the registry; the engine is dropped when the last call using it ends.
-fn unregister_engine(e: *const toffee_engine) -> Result<Arc<toffee_engine>, Fail> {
-    let removed = registry(&ENGINES).remove(&e.addr());
-    removed.ok_or_else(|| invalid(NOT_AN_ENGINE))
-}
-
-/// An RGB8 image for the caller; its data is registered for `toffee_image_free`.
-fn engine_image(width: usize, height: usize, bytes: Vec<u8>) -> toffee_image {
-    let data = Box::into_raw(bytes.into_boxed_slice());
-    registry(&IMAGES).insert(data.addr(), data.len());
-    toffee_image {
-        width: width as u32,
-        height: height as u32,
-        channels: 3,
-        data: data as *mut u8,
-    }
-}
-
 /// Runs an entry point: catches panics, records the error message of this thread.
 fn guard(f: impl FnOnce() -> Result<(), Fail>) -> toffee_status {
     let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
@@ -300,101 +251,6 @@ fn guard(f: impl FnOnce() -> Result<(), Fail>) -> toffee_status {
         *l.borrow_mut() = msg.map(|m| CString::new(m.replace('\0', " ")).expect("no NUL"));
     });
     status
-}
-
-/// A required string argument.
-unsafe fn text(p: *const c_char, what: &str) -> Result<String, Fail> {
-    opt_text(p, what)?.ok_or_else(|| invalid(format!("{what} is null")))
-}
-
-/// An optional string argument (null: None).
-unsafe fn opt_text(p: *const c_char, what: &str) -> Result<Option<String>, Fail> {
-    if p.is_null() {
-        return Ok(None);
-    }
-    // Safety: the caller passes a NUL-terminated string (the header's contract).
-    let s = unsafe { CStr::from_ptr(p) };
-    s.to_str()
-        .map(|s| Some(s.to_string()))
-        .map_err(|_| invalid(format!("{what} is not valid UTF-8")))
-}
-
-unsafe fn opt_path(p: *const c_char, what: &str) -> Result<Option<PathBuf>, Fail> {
-    Ok(opt_text(p, what)?.map(PathBuf::from))
-}
-
-/// A struct pointer whose `size` covers this version's fields.
-unsafe fn options<'a, T>(p: *const T, size: impl Fn(&T) -> u32, what: &str) -> Result<&'a T, Fail> {
-    if p.is_null() {
-        return Err(invalid(format!("{what} is null")));
-    }
-    // Safety: non-null, and the caller passes a valid struct (the header's contract).
-    let o = unsafe { &*p };
-    let need = std::mem::size_of::<T>() as u32;
-    if size(o) < need {
-        return Err(invalid(format!(
-            "{what}.size is {} but this library needs {need} (set it to sizeof({what}))",
-            size(o)
-        )));
-    }
-    Ok(o)
-}
-
-/// The bytes of a caller image, refused before anything is read or allocated when a side is 0 or
-/// over `MAX_SIDE` (as the output's sides: 16384² RGB is 3 GiB as floats, and a larger claim is
-/// a mistake that would abort the process when its tensor could not be allocated).
-fn image_len(img: &toffee_image, what: &str) -> Result<usize, Fail> {
-    let (w, h) = (img.width as usize, img.height as usize);
-    if !(1..=MAX_SIDE).contains(&w) || !(1..=MAX_SIDE).contains(&h) {
-        return Err(invalid(format!(
-            "{what} is {w}x{h} pixels: each side must be 1 to {MAX_SIDE}"
-        )));
-    }
-    w.checked_mul(h)
-        .and_then(|p| p.checked_mul(img.channels as usize))
-        .ok_or_else(|| invalid(format!("{what} is {w}x{h} pixels: too large")))
-}
-
-/// A caller image as a [1, H, W, C] tensor in [0, 1].
-unsafe fn image_tensor(
-    p: *const toffee_image,
-    what: &str,
-    channels: u32,
-) -> Result<Option<Tensor>, Fail> {
-    if p.is_null() {
-        return Ok(None);
-    }
-    // Safety: non-null; the header requires data to hold width·height·channels bytes.
-    let img = unsafe { &*p };
-    if img.channels != channels {
-        return Err(invalid(format!(
-            "{what} has {} channels, expected {channels}",
-            img.channels
-        )));
-    }
-    let n = image_len(img, what)?;
-    if img.data.is_null() {
-        return Err(invalid(format!("{what}.data is null")));
-    }
-    // Safety: data holds n bytes (checked above against the declared size; the caller's contract).
-    let bytes = unsafe { std::slice::from_raw_parts(img.data, n) };
-    Ok(Some(Tensor::new(
-        vec![
-            1,
-            img.height as usize,
-            img.width as usize,
-            channels as usize,
-        ],
-        bytes.iter().map(|&b| b as f32 / 255.0).collect(),
-    )))
-}
-
-/// The same 8-bit conversion as the CLI's image files (ties to even, as numpy).
-fn to_bytes(t: &Tensor) -> Vec<u8> {
-    t.data()
-        .iter()
-        .map(|&v| crate::image_io::quantize(v))
-        .collect()
 }
 
 /// The ABI version this library implements (TOFFEE_ABI_VERSION of its header).
@@ -440,120 +296,6 @@ pub unsafe extern "C" fn toffee_engine_open(
     })
 }
 
-/// The strings of toffee_engine_options, read and checked before anything loads.
-struct EnginePaths {
-    device: String,
-    model: Option<PathBuf>,
-    controlnet: Option<PathBuf>,
-    adapter: Option<PathBuf>,
-    adapter_encoder: Option<PathBuf>,
-    view: Option<PathBuf>,
-    dino: Option<PathBuf>,
-    clip: Option<PathBuf>,
-}
-
-impl EnginePaths {
-    /// # Safety
-    /// The strings of `o` are null or NUL-terminated.
-    unsafe fn read(o: &toffee_engine_options) -> Result<EnginePaths, Fail> {
-        let p = unsafe {
-            EnginePaths {
-                device: opt_text(o.device, "device")?.unwrap_or_else(|| "cpu".into()),
-                model: opt_path(o.model, "model")?,
-                controlnet: opt_path(o.controlnet, "controlnet")?,
-                adapter: opt_path(o.adapter, "adapter")?,
-                adapter_encoder: opt_path(o.adapter_encoder, "adapter_encoder")?,
-                view: opt_path(o.view_model, "view_model")?,
-                dino: opt_path(o.dino, "dino")?,
-                clip: opt_path(o.clip, "clip")?,
-            }
-        };
-        if p.model.is_none() && (p.controlnet.is_some() || p.adapter.is_some()) {
-            return Err(invalid("controlnet and adapter need a model folder"));
-        }
-        if p.dino.is_some() != p.clip.is_some() {
-            return Err(invalid("dino and clip go together"));
-        }
-        Ok(p)
-    }
-}
-
-/// Loads the models of `p` on their device.
-fn open_engine(p: &EnginePaths) -> Result<toffee_engine, Fail> {
-    // The UNets' sizes first: a config claiming a huge one is refused before anything loads.
-    if let Some(m) = &p.model {
-        check_sample_size(m, "model", 64)?;
-    }
-    if let Some(v) = &p.view {
-        check_sample_size(v, "view_model", 32)?;
-    }
-    let dev = crate::models::load::open_device(&p.device, p.model.as_deref(), "unet")?;
-    let mut gen = match &p.model {
-        Some(m) => Generator::load(m, p.controlnet.as_deref(), &dev)?,
-        None => crate::builtin::generator(&dev)?,
-    };
-    check_default_size(gen.default_size, "model")?;
-    let adapter_encoder = match &p.adapter {
-        Some(a) => {
-            let ad = Adapter::load(a, &dev)?;
-            let enc = load_encoder(&ad, p.adapter_encoder.as_deref(), &dev)?;
-            gen.attach_adapter(ad)?;
-            Some(enc)
-        }
-        None => None,
-    };
-    let scorer = match (&p.dino, &p.clip) {
-        (Some(d), Some(c)) => Some(Scorer::load(d, c, &dev)?),
-        _ => None,
-    };
-    let view = p
-        .view
-        .as_ref()
-        .map(|v| ViewGenerator::load(v, &dev))
-        .transpose()?;
-    if let Some(v) = &view {
-        check_default_size(v.default_size, "view_model")?;
-    }
-    Ok(toffee_engine {
-        inner: Mutex::new(Engine {
-            gen,
-            adapter_encoder,
-            view,
-            scorer,
-        }),
-    })
-}
-
-/// A UNet's `sample_size` (in latents) makes the default image side of every call that gives no
-/// size; read before the model loads so that an absurd one is refused before anything is
-/// allocated (and before `sample_size × the VAE's factor` could overflow).
-fn check_sample_size(model: &Path, what: &str, default: usize) -> Result<(), Fail> {
-    let side = Checkpoint::open(model, "unet")?
-        .config
-        .usize_or("sample_size", default)?;
-    if side == 0 || side > MAX_SIDE {
-        return Err(Fail(
-            TOFFEE_ERROR,
-            format!("{what}: the unet's sample_size {side} is not 1 to {MAX_SIDE}"),
-        ));
-    }
-    Ok(())
-}
-
-/// The default image side (`sample_size × the VAE's factor`) within the bound of a requested
-/// side: a call that gives no size makes images of this side.
-fn check_default_size(side: usize, what: &str) -> Result<(), Fail> {
-    if side == 0 || side > MAX_SIDE {
-        return Err(Fail(
-            TOFFEE_ERROR,
-            format!(
-                "{what}: the unet's sample_size × the VAE's factor is {side} pixels, not 1 to {MAX_SIDE}"
-            ),
-        ));
-    }
-    Ok(())
-}
-
 /// Closes an engine: it is freed (host and device memory) now, or when a call another thread is
 /// making on it returns. Null, an engine closed already and a handle that never was one are
 /// ignored (a double close is harmless; toffee_last_error() then names the mistake).
@@ -576,132 +318,6 @@ pub unsafe extern "C" fn toffee_engine_close(e: *mut toffee_engine) {
 
 fn lock(e: &toffee_engine) -> MutexGuard<'_, Engine> {
     e.inner.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// The most images one call makes: the C ABI runs a call's images as one batch, and this is
-/// `request::Settings`' bound on a batch (refused here naming the field the caller set).
-const MAX_IMAGES_PER_CALL: u32 = 4_096;
-
-/// The most pixels of one call's images together: they are held at once as floats, and one
-/// 16384² image (3 GiB) is the most a call may hold, as `request::MAX_SIDE` bounds one side.
-const MAX_PIXELS_PER_CALL: usize = MAX_SIDE * MAX_SIDE;
-
-/// The numbers of a generation request, checked (sizes and counts bounded) before any image of
-/// the request is read or allocated.
-fn generate_settings(o: &toffee_generate_options) -> Result<Settings, Fail> {
-    let mode = match o.mode {
-        0 => Mode::Txt2Img,
-        1 => Mode::Img2Img,
-        2 => Mode::Inpaint,
-        m => return Err(invalid(format!("mode {m} is not 0, 1 or 2"))),
-    };
-    let n = match o.num_images {
-        0 => return Err(invalid("num_images must be at least 1")),
-        n if n > MAX_IMAGES_PER_CALL => {
-            return Err(invalid(format!(
-                "num_images {n} is larger than {MAX_IMAGES_PER_CALL} (one call makes its images as one batch)"
-            )))
-        }
-        n => n as usize,
-    };
-    let side = |v: u32| (v > 0).then_some(v as usize);
-    let settings = Settings {
-        mode,
-        images_per_prompt: n,
-        batch: n,
-        width: side(o.width),
-        height: side(o.height),
-        // ≤ 0: the mode's default; a NaN is passed on to be refused.
-        strength: match o.strength {
-            s if !s.is_finite() => Some(s as f64),
-            s if s <= 0.0 || mode == Mode::Txt2Img => None,
-            s => Some(s as f64),
-        },
-        control_scale: o.control_scale,
-        ..Settings::txt2img(o.steps as usize, o.guidance, o.seed)
-    };
-    settings
-        .check(Naming::Fields)
-        .map_err(|err| invalid(format!("{err:#}")))?;
-    Ok(settings)
-}
-
-/// The request of a toffee_generate_options: the C struct becomes a `request::Spec`, which
-/// `request::build` checks as it checks the CLI's flags.
-///
-/// # Safety
-/// The strings and images of `o` are null or valid (the header's contract).
-unsafe fn generate_request(e: &Engine, o: &toffee_generate_options) -> Result<Request, Fail> {
-    let mut settings = generate_settings(o)?;
-    let prompt = unsafe { text(o.prompt, "prompt")? };
-    let negative = unsafe { opt_text(o.negative_prompt, "negative_prompt")? };
-    settings.scheduler = match unsafe { opt_text(o.scheduler, "scheduler")? } {
-        Some(s) => Some(
-            s.parse()
-                .map_err(|err: anyhow::Error| invalid(format!("{err:#}")))?,
-        ),
-        None => None,
-    };
-    let spec = Spec {
-        negative,
-        image: unsafe { image_tensor(o.init_image, "init_image", 3)? },
-        mask: unsafe { image_tensor(o.mask, "mask", 1)? },
-        control: unsafe { image_tensor(o.control_image, "control_image", 3)? },
-        image_prompts: unsafe { adapter_prompts(e, o)? },
-        ..Spec::new(settings, vec![prompt], Naming::Fields)
-    };
-    request::build(&e.gen, spec).map_err(|err| invalid(format!("{err:#}")))
-}
-
-/// The bytes of a request's RGB8 images, refused over `MAX_PIXELS_PER_CALL` before sampling
-/// allocates anything of that size (width and height may be the model's or the image's).
-fn output_bytes(req: &Request) -> Result<usize, Fail> {
-    let n = req.prompts.len() * req.images_per_prompt;
-    let (w, h) = (req.width, req.height);
-    n.checked_mul(w)
-        .and_then(|p| p.checked_mul(h))
-        .filter(|&p| p <= MAX_PIXELS_PER_CALL)
-        .and_then(|p| p.checked_mul(3))
-        .ok_or_else(|| {
-            invalid(format!(
-                "num_images {n} × width {w} × height {h} is more than the {MAX_PIXELS_PER_CALL} pixels one call makes"
-            ))
-        })
-}
-
-/// Samples a checked request: the images [N, H, W, 3] in [0, 1].
-fn sample(e: &Engine, req: &Request) -> Result<Tensor, Fail> {
-    Ok(e.gen.run(req, &mut |_, _| {})?.images)
-}
-
-/// The engine's adapter prompt for `adapter_image` (the engine holds at most one adapter).
-unsafe fn adapter_prompts(
-    e: &Engine,
-    o: &toffee_generate_options,
-) -> Result<Vec<ImagePrompt>, Fail> {
-    let image = unsafe { image_tensor(o.adapter_image, "adapter_image", 3)? };
-    match (&e.adapter_encoder, image) {
-        (Some(enc), Some(img)) => {
-            let a = &e.gen.adapters[0];
-            if !o.adapter_scale.is_finite() {
-                return Err(invalid(format!(
-                    "adapter_scale {} is not a finite number",
-                    o.adapter_scale
-                )));
-            }
-            let scale = if o.adapter_scale >= 0.0 {
-                o.adapter_scale
-            } else {
-                a.default_scale
-            };
-            let rgb = crate::image_io::to_rgb8(&img);
-            let layers = e.gen.unet.cross_attention_layers();
-            Ok(vec![image_prompt(a, enc, &rgb, scale, layers)?])
-        }
-        (None, None) => Ok(Vec::new()),
-        (Some(_), None) => Err(invalid("the engine has an adapter: give adapter_image")),
-        (None, Some(_)) => Err(invalid("adapter_image given but the engine has no adapter")),
-    }
 }
 
 /// Generates `opts->num_images` images into `out[0..num_images]` (the engine allocates each
@@ -1017,57 +633,6 @@ pub unsafe extern "C" fn toffee_score(
         };
         Ok(())
     })
-}
-
-/// The caller's progress callback after every shard; a non-zero return asks for a stop.
-fn progress_callback(
-    o: &toffee_pairs_options,
-    stop: Arc<AtomicBool>,
-) -> dataset::run::ShardCallback {
-    let (progress, user) = (o.progress, o.user as usize);
-    Arc::new(move |done, total| {
-        if let Some(f) = progress {
-            // Safety: the caller's callback with its own user pointer.
-            if unsafe { f(user as *mut c_void, done as u64, total as u64) } != 0 {
-                stop.store(true, Ordering::SeqCst);
-            }
-        }
-    })
-}
-
-/// Polls the caller's cancellation flag into `stop` until dropped (then joined).
-struct CancelWatcher {
-    finished: Arc<AtomicBool>,
-    thread: Option<std::thread::JoinHandle<()>>,
-}
-
-impl CancelWatcher {
-    fn spawn(cancel: usize, stop: Arc<AtomicBool>) -> CancelWatcher {
-        let finished = Arc::new(AtomicBool::new(false));
-        let done = finished.clone();
-        let thread = std::thread::spawn(move || {
-            while !done.load(Ordering::SeqCst) {
-                // Safety: readable for the duration of the call (the contract).
-                if unsafe { std::ptr::read_volatile(cancel as *const i32) } != 0 {
-                    stop.store(true, Ordering::SeqCst);
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-        });
-        CancelWatcher {
-            finished,
-            thread: Some(thread),
-        }
-    }
-}
-
-impl Drop for CancelWatcher {
-    fn drop(&mut self) {
-        self.finished.store(true, Ordering::SeqCst);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
 }
 
 /// Runs (or resumes) a pairs job to completion, cancellation or error: TOFFEE_SETUP_ERROR when
