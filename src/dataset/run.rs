@@ -547,6 +547,49 @@ fn setup(o: &Options) -> Result<(Plan, Vec<usize>, Workers, super::lock::Claim)>
     Ok((plan, todo, workers, claim))
 }
 
+/// One worker: builds `shards` in turn on its device. Returns the shards built and whether a
+/// stop was asked for.
+fn work(
+    plan: &Plan,
+    o: &Options,
+    (dev, models): (&Device, &StageModels),
+    shards: impl Iterator<Item = usize>,
+    progress: &super::progress::Progress,
+) -> Result<(usize, bool)> {
+    let mut done = 0;
+    for shard in shards {
+        let Some(s) = build_shard(plan, o, models, shard, dev)? else {
+            return Ok((done, true));
+        };
+        let (records, total) = progress.shard_done(&s);
+        if let Some(cb) = &o.on_shard {
+            cb(records, total);
+        }
+        done += 1;
+    }
+    Ok((done, false))
+}
+
+/// A job whose finished shards hold no record because every subject was skipped has failed,
+/// however cleanly it ran.
+fn check_some_records(out: &Path, stats: &Stats) -> Result<()> {
+    if stats.records > 0 || stats.skipped_records == 0 {
+        return Ok(());
+    }
+    let reasons: Vec<String> = stats
+        .skipped_subjects
+        .iter()
+        .map(|(why, n)| format!("{why}: {n}"))
+        .collect();
+    bail!(
+        "{}: no usable subject: all {} records of the finished shards were skipped ({}); fix \
+         the subjects (the warnings above say why) and start again in a new folder",
+        out.display(),
+        stats.skipped_records,
+        reasons.join(", ")
+    )
+}
+
 /// Builds this process's unfinished shards, one worker per device (shard k of the remaining ones
 /// goes to worker k mod workers). A failure before the work starts is a `SetupError`.
 pub fn run(o: &Options) -> Result<Summary> {
@@ -564,25 +607,9 @@ pub fn run(o: &Options) -> Result<Summary> {
             .iter()
             .enumerate()
             .map(|(w, (dev, models))| {
-                let plan = &plan;
-                let todo = &todo;
-                let progress = &progress;
-                scope.spawn(move || -> Result<(usize, bool)> {
-                    let mut done = 0;
-                    for &shard in todo.iter().skip(w).step_by(n) {
-                        match build_shard(plan, o, models, shard, dev)? {
-                            Some(s) => {
-                                let (records, total) = progress.shard_done(&s);
-                                if let Some(cb) = &o.on_shard {
-                                    cb(records, total);
-                                }
-                                done += 1;
-                            }
-                            None => return Ok((done, true)),
-                        }
-                    }
-                    Ok((done, false))
-                })
+                let (plan, progress) = (&plan, &progress);
+                let mine = todo.iter().copied().skip(w).step_by(n);
+                scope.spawn(move || work(plan, o, (dev, models), mine, progress))
             })
             .collect();
         handles
@@ -602,19 +629,8 @@ pub fn run(o: &Options) -> Result<Summary> {
         done += d;
         stopped |= s;
     }
-    if !stopped && stats.records == 0 && stats.skipped_records > 0 {
-        bail!(
-            "{}: no usable subject: all {} records of the finished shards were skipped ({}); \
-             fix the subjects (the warnings above say why) and start again in a new folder",
-            o.out.display(),
-            stats.skipped_records,
-            stats
-                .skipped_subjects
-                .iter()
-                .map(|(why, n)| format!("{why}: {n}"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
+    if !stopped {
+        check_some_records(&o.out, &stats)?;
     }
     Ok(Summary {
         stats,
