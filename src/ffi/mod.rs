@@ -36,7 +36,7 @@ use requests::*;
 
 use crate::dataset;
 use crate::models::adapter::Adapter;
-use crate::models::load::Checkpoint;
+
 use crate::pipeline::image_prompt::{image_prompt, load_encoder};
 use crate::pipeline::noise::NoiseSource;
 use crate::pipeline::request::{self, Mode, Naming, Settings, Spec, MAX_SIDE};
@@ -47,7 +47,7 @@ use crate::tensor::Tensor;
 use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ffi::{c_char, c_void, CStr, CString};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 

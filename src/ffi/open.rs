@@ -43,19 +43,11 @@ impl EnginePaths {
 
 /// Loads the models of `p` on their device.
 pub(super) fn open_engine(p: &EnginePaths) -> Result<toffee_engine, Fail> {
-    // The UNets' sizes first: a config claiming a huge one is refused before anything loads.
-    if let Some(m) = &p.model {
-        check_sample_size(m, "model", 64)?;
-    }
-    if let Some(v) = &p.view {
-        check_sample_size(v, "view_model", 32)?;
-    }
     let dev = crate::models::load::open_device(&p.device, p.model.as_deref(), "unet")?;
     let mut gen = match &p.model {
         Some(m) => Generator::load(m, p.controlnet.as_deref(), &dev)?,
         None => crate::builtin::generator(&dev)?,
     };
-    check_default_size(gen.default_size, "model")?;
     let adapter_encoder = match &p.adapter {
         Some(a) => {
             let ad = Adapter::load(a, &dev)?;
@@ -74,9 +66,6 @@ pub(super) fn open_engine(p: &EnginePaths) -> Result<toffee_engine, Fail> {
         .as_ref()
         .map(|v| ViewGenerator::load(v, &dev))
         .transpose()?;
-    if let Some(v) = &view {
-        check_default_size(v.default_size, "view_model")?;
-    }
     Ok(toffee_engine {
         inner: Mutex::new(Engine {
             gen,
@@ -85,34 +74,4 @@ pub(super) fn open_engine(p: &EnginePaths) -> Result<toffee_engine, Fail> {
             scorer,
         }),
     })
-}
-
-/// A UNet's `sample_size` (in latents) makes the default image side of every call that gives no
-/// size; read before the model loads so that an absurd one is refused before anything is
-/// allocated (and before `sample_size × the VAE's factor` could overflow).
-pub(super) fn check_sample_size(model: &Path, what: &str, default: usize) -> Result<(), Fail> {
-    let side = Checkpoint::open(model, "unet")?
-        .config
-        .usize_or("sample_size", default)?;
-    if side == 0 || side > MAX_SIDE {
-        return Err(Fail(
-            TOFFEE_ERROR,
-            format!("{what}: the unet's sample_size {side} is not 1 to {MAX_SIDE}"),
-        ));
-    }
-    Ok(())
-}
-
-/// The default image side (`sample_size × the VAE's factor`) within the bound of a requested
-/// side: a call that gives no size makes images of this side.
-pub(super) fn check_default_size(side: usize, what: &str) -> Result<(), Fail> {
-    if side == 0 || side > MAX_SIDE {
-        return Err(Fail(
-            TOFFEE_ERROR,
-            format!(
-                "{what}: the unet's sample_size × the VAE's factor is {side} pixels, not 1 to {MAX_SIDE}"
-            ),
-        ));
-    }
-    Ok(())
 }

@@ -201,6 +201,39 @@ impl PipelineParts {
     }
 }
 
+/// The UNet's `sample_size` (in latents) of the pipeline at `path`, read before any weight
+/// loads: it makes the default image side of every request without a size, so a config claiming
+/// an absurd one (2^40) is an error here, naming it, instead of an abort when the images are
+/// allocated. Returns it and the config's path.
+pub(crate) fn sample_size(path: &Path, fallback: usize) -> Result<(usize, PathBuf)> {
+    let ckpt = Checkpoint::open(path, "unet")?;
+    let side = ckpt.config.usize_or("sample_size", fallback)?;
+    if side == 0 || side > request::MAX_SIDE {
+        bail!(
+            "{}: the unet's sample_size {side} is not 1 to {}",
+            ckpt.config.path.display(),
+            request::MAX_SIDE
+        );
+    }
+    Ok((side, ckpt.config.path))
+}
+
+/// `sample` latents (from `config`) × the VAE's `factor`: the default image side, bounded like a
+/// requested one.
+pub(crate) fn default_side(config: &Path, sample: usize, factor: usize) -> Result<usize> {
+    sample
+        .checked_mul(factor)
+        .filter(|&s| s <= request::MAX_SIDE)
+        .ok_or_else(|| {
+            anyhow::anyhow!(
+                "{}: the unet's sample_size × the VAE's factor is {sample} × {factor} pixels, \
+                 over {}",
+                config.display(),
+                request::MAX_SIDE
+            )
+        })
+}
+
 impl Generator {
     /// A diffusers pipeline folder or a single-file checkpoint, optionally with a ControlNet folder (or the pipeline's own).
     pub fn load(path: &Path, controlnet: Option<&Path>, device: &Device) -> Result<Generator> {
@@ -216,6 +249,7 @@ impl Generator {
         device: &Device,
     ) -> Result<Generator> {
         let parts = PipelineParts::open(path)?;
+        let (sample, unet_config) = sample_size(path, 64)?;
         let loras = loras.iter().map(Lora::open).collect::<Result<Vec<_>>>()?;
         if !parts.has_second_encoder() {
             if let Some(l) = loras.iter().find(|l| l.touches("text_encoder_2")) {
@@ -244,15 +278,13 @@ impl Generator {
             None => None,
         };
         let scheduler_config = parts.scheduler_config()?;
-        let sample = Checkpoint::open(path, "unet")?
-            .config
-            .usize_or("sample_size", 64)?;
+        let default_size = default_side(&unet_config, sample, vae.downscale())?;
         let g = Generator {
             name: path.display().to_string(),
             force_zeros_for_empty_prompt: parts
                 .model_index
                 .bool_or("force_zeros_for_empty_prompt", true)?,
-            default_size: sample * vae.downscale(),
+            default_size,
             text: TextEncoders { tok, te, second },
             unet,
             vae,

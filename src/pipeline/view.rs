@@ -18,7 +18,7 @@ use crate::backend::{self as ops, Device, LinearW};
 use crate::config::Config;
 use crate::models::blocks::IpInput;
 use crate::models::interp;
-use crate::models::load::{self, Checkpoint};
+use crate::models::load;
 use crate::models::unet::{Cond, Unet};
 use crate::models::vae::Vae;
 use crate::models::vit::{Vit, VitKind};
@@ -112,6 +112,7 @@ impl ViewGenerator {
                 dir.display()
             )
         })?;
+        let (sample, unet_config) = super::sample_size(dir, 32)?;
         let unet = load::load_unet(dir, device)?;
         let vae = load::load_vae(dir, device)?;
         let image_encoder = load::load_image_encoder(&dir.join("image_encoder"), device)?;
@@ -147,12 +148,9 @@ impl ViewGenerator {
         }
         let scheduler_config =
             crate::sched::read_config(&dir.join("scheduler/scheduler_config.json"))?;
-        let sample = Checkpoint::open(dir, "unet")?
-            .config
-            .usize_or("sample_size", 32)?;
         Ok(ViewGenerator {
             dir: dir.to_path_buf(),
-            default_size: sample * vae.downscale(),
+            default_size: super::default_side(&unet_config, sample, vae.downscale())?,
             unet,
             vae,
             image_encoder,

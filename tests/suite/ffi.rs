@@ -923,8 +923,8 @@ fn huge_sizes_are_refused_naming_the_field() {
 }
 
 /// A model folder whose UNet claims a huge `sample_size` (the default image side of every call
-/// without a size) is refused when the engine opens, naming the setting: before the model loads
-/// when sample_size itself is out of bounds, after it when sample_size × the VAE's factor is.
+/// without a size) is refused when the engine opens, naming the file and the setting (the
+/// library's check, which the CLI and the pairs job share: `pipeline::sample_size`).
 #[test]
 fn a_model_claiming_a_huge_size_is_refused_at_open() {
     use toffee_status::*;
@@ -934,19 +934,19 @@ fn a_model_claiming_a_huge_size_is_refused_at_open() {
             "sd1",
             "model",
             1u64 << 40,
-            "model: the unet's sample_size 1099511627776 is not 1 to 16384",
+            "unet/config.json: the unet's sample_size 1099511627776 is not 1 to 16384",
         ),
         (
             "sd1",
             "model",
             16384,
-            "model: the unet's sample_size × the VAE's factor is",
+            "the unet's sample_size × the VAE's factor is 16384 × 8 pixels, over 16384",
         ),
         (
             "zero123",
             "view_model",
             1 << 40,
-            "view_model: the unet's sample_size 1099511627776",
+            "unet/config.json: the unet's sample_size 1099511627776",
         ),
     ];
     for (fixture, field, size, want) in cases {

@@ -394,3 +394,68 @@ fn prompts_file_and_batches() {
         assert!(dir.path().join(format!("img-000{i}.png")).exists());
     }
 }
+
+/// A UNet config claiming an absurd `sample_size` (the default side of every image without a
+/// size) is an error naming the file, from txt2img and view as from the C ABI, not an abort when
+/// the image is allocated (issue 27).
+#[test]
+fn a_model_claiming_a_huge_default_size_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("o.png");
+    let img = fixtures().join("zero123/subject.png");
+    for (fixture, size, want) in [
+        (
+            "sd1",
+            1u64 << 40,
+            "sample_size 1099511627776 is not 1 to 16384",
+        ),
+        (
+            "sd1",
+            4096,
+            "sample_size × the VAE's factor is 4096 × 8 pixels, over 16384",
+        ),
+        (
+            "zero123",
+            1 << 40,
+            "sample_size 1099511627776 is not 1 to 16384",
+        ),
+    ] {
+        let copy = dir.path().join(format!("{fixture}-{size}"));
+        copy_tree(&fixtures().join(fixture), &copy);
+        let config = copy.join("unet/config.json");
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+        c["sample_size"] = size.into();
+        std::fs::write(&config, c.to_string()).unwrap();
+        let args: Vec<&str> = match fixture {
+            "sd1" => vec![
+                "txt2img",
+                "--model",
+                s(&copy),
+                "--prompt",
+                "x",
+                "--out",
+                s(&out),
+            ],
+            _ => vec![
+                "view",
+                "--model",
+                s(&copy),
+                "--image",
+                s(&img),
+                "--elevation",
+                "0",
+                "--azimuth",
+                "0",
+                "--out",
+                s(&out),
+            ],
+        };
+        let e = expect_error(&toffee(&args));
+        assert!(
+            e.contains(want) && e.contains("unet/config.json"),
+            "{fixture} {size}: {e}"
+        );
+        assert!(!out.exists());
+    }
+}
