@@ -207,10 +207,18 @@ fn model_call(
     res: usize,
 ) -> Result<(Vec<Tensor>, Call)> {
     let (b, l) = (o.batch, res / 8);
+    // The random inputs themselves, before any model-specific bound below.
+    crate::budget::check(crate::budget::f32_bytes(&[b, res, res, 4]), || {
+        format!("--batch {b} at --resolution {res}")
+    })?;
     Ok(match o.component {
         Component::Unet | Component::Controlnet => unet_call(o, cfg, store, dev, res)?,
         Component::VaeEncode => {
             let vae = Vae::load(cfg, store, dev)?;
+            // The encoder's first level and mid attention match the decoder's last ones.
+            crate::budget::check(vae.decode_floor(b, res, res), || {
+                format!("encoding --batch {b} at --resolution {res}")
+            })?;
             (
                 vec![dev.put(rand(vec![b, res, res, 3], 5, 0.5))],
                 Box::new(move |v: &[Tensor]| Ok(vae.encode(&v[0])?.0)),
@@ -218,6 +226,9 @@ fn model_call(
         }
         Component::VaeDecode => {
             let vae = Vae::load(cfg, store, dev)?;
+            crate::budget::check(vae.decode_floor(b, res, res), || {
+                format!("decoding --batch {b} at --resolution {res}")
+            })?;
             (
                 vec![dev.put(rand(vec![b, l, l, 4], 6, 1.0))],
                 Box::new(move |v: &[Tensor]| vae.decode(&v[0])),
@@ -226,6 +237,7 @@ fn model_call(
         Component::ImageEncoder => {
             let vit = Vit::load(cfg, store, dev)?;
             vit.check_input(res, res)?;
+            vit.check_memory(b, res, res)?;
             (
                 vec![dev.put(rand(vec![b, res, res, vit.config.channels], 8, 1.0))],
                 Box::new(move |v: &[Tensor]| Ok(vit.forward(&v[0]).last_hidden_state)),
@@ -273,6 +285,9 @@ fn unet_call(
         UnetLike::Unet(u) => &u.config,
         UnetLike::Control(n) => &n.config,
     };
+    crate::budget::check(crate::pipeline::unet_floor(c, dev, b, (l, l)), || {
+        format!("--batch {b} at --resolution {res}")
+    })?;
     let (ctx_dim, text_time) = (c.cross_attention_dim[0], c.text_time);
     let cin = cfg.usize_or("in_channels", 4)?;
     let mut inputs = vec![

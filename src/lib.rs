@@ -4,6 +4,7 @@
 pub mod atomic_file;
 pub mod backend;
 pub mod bench;
+pub mod budget;
 pub mod builtin;
 pub mod canny;
 pub mod cmd;

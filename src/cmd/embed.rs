@@ -51,6 +51,8 @@ pub fn embed_files(o: &Args) -> Result<Vec<String>> {
 
 /// pixel_values (NCHW) and the encoder's outputs for `imgs`, on the host.
 pub fn embed(enc: &ImageEncoder, imgs: &[image::RgbImage]) -> Result<Vec<(String, Tensor)>> {
+    let (h, w) = enc.processor.output_size();
+    enc.model.check_memory(imgs.len(), h, w)?;
     let pixels = enc.pixel_values(imgs);
     let out = enc.encode_pixels(&pixels);
     enc.model.device().check()?;

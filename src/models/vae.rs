@@ -254,6 +254,21 @@ impl Vae {
     }
 
     /// How much the encoder shrinks an image side.
+    /// A lower bound of the bytes decoding `n` images of h×w holds at once on the CPU (`budget`):
+    /// the decoder's last level, or the mid-block attention's score matrices.
+    pub fn decode_floor(&self, n: usize, h: usize, w: usize) -> u64 {
+        if !self.device.is_cpu() {
+            return 0;
+        }
+        let last = crate::budget::f32_bytes(&[n, h, w, self.dec_conv_out.in_channels()]);
+        let t = (h / self.downscale()) * (w / self.downscale());
+        let scores = match self.dec_mid.attn {
+            Some(_) => crate::budget::attention_scores(n, t, t),
+            None => 0,
+        };
+        last.max(scores)
+    }
+
     pub fn downscale(&self) -> usize {
         1 << (self.enc_down.len() - 1)
     }

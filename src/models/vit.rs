@@ -591,7 +591,7 @@ impl Vit {
         let c = &self.config;
         let s = c.image_size;
         if h == s && w == s {
-            return Ok(());
+            return self.check_memory(1, h, w);
         }
         if !self.interpolate {
             bail!(
@@ -606,7 +606,26 @@ impl Vit {
                 c.patch
             );
         }
-        Ok(())
+        self.check_memory(1, h, w)
+    }
+
+    /// Refuses `n` images of h×w whose pixels, or on the CPU whose hidden states and attention
+    /// scores, would exceed the memory budget (`budget`: a lower bound, checked before any of
+    /// it is allocated).
+    pub fn check_memory(&self, n: usize, h: usize, w: usize) -> Result<()> {
+        use crate::budget::{attention_scores, check, f32_bytes};
+        let c = &self.config;
+        let pixels = f32_bytes(&[n, h, w, c.channels]);
+        let floor = if self.device().is_cpu() {
+            let t = (h / c.patch) * (w / c.patch) + 1 + c.registers;
+            let hidden = f32_bytes(&[n, t, c.hidden]);
+            pixels.max(hidden.saturating_add(attention_scores(n.saturating_mul(c.heads), t, t)))
+        } else {
+            pixels
+        };
+        check(floor, || {
+            format!("{} on {n} image(s) of {w}×{h}", c.kind.class_name())
+        })
     }
 
     /// pixel_values as NHWC [B, H, W, C] on the model's device (`check_input` first).

@@ -234,6 +234,44 @@ pub(crate) fn default_side(config: &Path, sample: usize, factor: usize) -> Resul
         })
 }
 
+/// A lower bound of the bytes a batch of `n` images at w×h holds at once (`budget`): the
+/// decoded images on the host; on the CPU also the UNet's first-level skip activation while its
+/// first attention layer holds score matrices, and the VAE's decoding.
+pub(crate) fn generation_floor(
+    unet: &crate::models::unet::UnetConfig,
+    vae: &Vae,
+    device: &Device,
+    (n, w, h): (usize, usize, usize),
+    guided: bool,
+) -> u64 {
+    let images = crate::budget::f32_bytes(&[n, h, w, 3]);
+    let f = vae.downscale();
+    let samples = if guided { 2 * n } else { n };
+    images
+        .max(unet_floor(unet, device, samples, (h / f, w / f)))
+        .max(vae.decode_floor(n, h, w))
+}
+
+/// A lower bound of the bytes one UNet call on `samples` latents of lh×lw holds at once on the
+/// CPU: its first-level skip activation while its first attention layer holds score matrices.
+pub fn unet_floor(
+    unet: &crate::models::unet::UnetConfig,
+    device: &Device,
+    samples: usize,
+    (lh, lw): (usize, usize),
+) -> u64 {
+    if !device.is_cpu() {
+        return 0;
+    }
+    let skip = crate::budget::f32_bytes(&[samples, lh, lw, unet.block_out_channels[0]]);
+    let scores = unet.down_attn.iter().position(|&a| a).map_or(0, |i| {
+        let t = (lh >> i) * (lw >> i);
+        let heads = unet.heads.get(i).copied().unwrap_or(1);
+        crate::budget::attention_scores(samples.saturating_mul(heads), t, t)
+    });
+    skip.saturating_add(scores)
+}
+
 impl Generator {
     /// A diffusers pipeline folder or a single-file checkpoint, optionally with a ControlNet folder (or the pipeline's own).
     pub fn load(path: &Path, controlnet: Option<&Path>, device: &Device) -> Result<Generator> {
@@ -476,6 +514,9 @@ impl Generator {
         // LCM-distilled UNets take the guidance scale as an embedding instead, in one batch
         // (LatentConsistencyModelPipeline): no classifier-free guidance whatever its value.
         let cfg = req.guidance > 1.0 && self.unet.config.time_cond_proj_dim.is_none();
+        let (w, h) = (req.width, req.height);
+        let floor = generation_floor(&self.unet.config, &self.vae, &self.device, (n, w, h), cfg);
+        crate::budget::check(floor, || format!("a batch of {n} image(s) of {w}×{h}"))?;
         let (embeds, time_ids) = self.conditioning(req, first, n, cfg)?;
         let mut sched = self.make_scheduler(req.scheduler)?;
         let start = self.initial_latents(req, first, n, shape, cfg, &mut sched, noise)?;

@@ -118,6 +118,8 @@ impl ImageEncoder {
         if images.is_empty() {
             return Ok(Vec::new());
         }
+        let (h, w) = self.processor.output_size();
+        self.model.check_memory(images.len(), h, w)?;
         let out = self.encode_pixels(&self.pixel_values(images));
         rows(&out.embedding(self.kind()), self.model.device())
     }

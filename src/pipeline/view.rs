@@ -254,6 +254,10 @@ impl ViewGenerator {
     ) -> Result<(Tensor, Tensor)> {
         let views = &req.views[first..first + n];
         let (h, w) = self.subject_size(req, views)?;
+        let c = &self.unet.config;
+        let floor =
+            super::generation_floor(c, &self.vae, &self.device, (n, w, h), req.guidance > 1.0);
+        crate::budget::check(floor, || format!("a batch of {n} view(s) of {w}×{h}"))?;
         let images = Tensor::cat0(
             &views
                 .iter()

@@ -7,6 +7,7 @@ mod common;
 
 mod adapters;
 mod bad_input;
+mod budget;
 mod canny;
 mod cli;
 mod clipseg;

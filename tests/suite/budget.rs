@@ -1,0 +1,134 @@
+//! The memory budget (issue 27 items 4 and 5): sizes that flags or configs claim are compared
+//! with a lower bound of what the run would allocate, before it allocates, under `ulimit -v`
+//! as a shared node would set it — a clean error naming the request, never an abort.
+
+use crate::common::{copy_tree, fixtures, stderr};
+use std::path::Path;
+use std::process::{Command, Output};
+
+/// toffee under `ulimit -v 8G` with `env`; also returns the child's peak RSS in bytes.
+fn bounded(args: &[&str], env: &[(&str, &str)]) -> (Output, u64) {
+    let mut cmd = Command::new("bash");
+    cmd.arg("-c")
+        .arg("ulimit -v 8388608 && exec \"$0\" \"$@\"")
+        .arg(env!("CARGO_BIN_EXE_toffee"))
+        .args(args)
+        .env_remove("TOFFEE_MEMORY_BUDGET");
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let o = cmd.output().unwrap();
+    // Safety: getrusage fills one struct; RUSAGE_CHILDREN covers every child reaped so far, so
+    // its peak bounds this one's.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
+    (o, ru.ru_maxrss as u64 * 1024)
+}
+
+fn refused(args: &[&str], env: &[(&str, &str)], names: &str) {
+    let (o, rss) = bounded(args, env);
+    let e = stderr(&o);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{args:?}: not a clean failure: {e}"
+    );
+    assert!(
+        e.contains("over the memory budget") && e.contains(names),
+        "{args:?}: {e}"
+    );
+    assert!(rss < 4 << 30, "{args:?}: peak RSS {} MB", rss >> 20);
+}
+
+#[test]
+fn requests_over_the_memory_budget_are_refused_before_allocating() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o.png");
+    let o = out.to_str().unwrap();
+    let sd1 = fixtures().join("sd1");
+    let sd1 = sd1.to_str().unwrap();
+    // Within every flag's bound, but 1M latent tokens of attention.
+    let big = ["--width", "8192", "--height", "8192"];
+    refused(
+        &[
+            &["txt2img", "--model", sd1, "--prompt", "x", "--out", o][..],
+            &big,
+        ]
+        .concat(),
+        &[],
+        "a batch of 1 image(s) of 8192×8192",
+    );
+    for component in ["unet", "vae-decode", "vae-encode"] {
+        refused(
+            &[
+                "bench",
+                "--config",
+                sd1,
+                "--component",
+                component,
+                "--resolution",
+                "8192",
+            ],
+            &[],
+            "at --resolution 8192",
+        );
+    }
+    refused(
+        &[
+            "bench",
+            "--config",
+            sd1,
+            "--component",
+            "unet",
+            "--batch",
+            "100000000",
+        ],
+        &[],
+        "--batch 100000000",
+    );
+    // An image processor claiming a 16384² crop.
+    let dino = d.path().join("dinov2");
+    copy_tree(&fixtures().join("vision/dinov2"), &dino);
+    let pp = dino.join("preprocessor_config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&pp).unwrap()).unwrap();
+    c["crop_size"] = serde_json::json!({"height": 16384, "width": 16384});
+    c["size"] = serde_json::json!({"shortest_edge": 16384});
+    std::fs::write(&pp, c.to_string()).unwrap();
+    let img = fixtures().join("images/photo.jpg");
+    let args = [
+        "embed",
+        "--model",
+        dino.to_str().unwrap(),
+        "--images",
+        img.to_str().unwrap(),
+        "--out",
+        o,
+    ];
+    refused(&args, &[], "image(s) of 16384×16384");
+    assert!(!out.exists());
+}
+
+/// TOFFEE_MEMORY_BUDGET sets the budget (a small one refuses even the demo); a bad value is an
+/// error naming it.
+#[test]
+fn the_memory_budget_is_configurable() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o.png");
+    let o = out.to_str().unwrap();
+    let demo = ["txt2img", "--prompt", "x", "--steps", "1", "--out", o];
+    refused(
+        &demo,
+        &[("TOFFEE_MEMORY_BUDGET", "16K")],
+        "memory budget of 16.0 KiB",
+    );
+    let (r, _) = bounded(&demo, &[("TOFFEE_MEMORY_BUDGET", "lots")]);
+    assert!(
+        stderr(&r).contains("TOFFEE_MEMORY_BUDGET=lots"),
+        "{}",
+        stderr(&r)
+    );
+    let (r, _) = bounded(&demo, &[("TOFFEE_MEMORY_BUDGET", "8G")]);
+    assert!(r.status.success(), "{}", stderr(&r));
+    assert!(Path::new(o).exists());
+}
