@@ -217,7 +217,33 @@ pub fn read_job(dir: &Path) -> Result<JobFile> {
     let p = dir.join(JOB_FILE);
     let text = crate::input::read_to_string(&p)
         .with_context(|| format!("{}: cannot read (not a pairs output folder?)", p.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a job file", p.display()))
+    let job: JobFile =
+        serde_json::from_str(&text).with_context(|| format!("{}: not a job file", p.display()))?;
+    job.check()
+        .with_context(|| format!("{}: a damaged job file", p.display()))?;
+    Ok(job)
+}
+
+/// The most shards a job may have: a run lists its shards' files one by one, so a damaged
+/// job.json claiming 10^12 must not make a merge or a report walk them.
+pub const MAX_SHARDS: usize = 10_000_000;
+
+impl JobFile {
+    /// The counts agree with each other (as a run writes them) and are bounded.
+    fn check(&self) -> Result<()> {
+        let size = self.config.job.shard_size;
+        if size == 0 || self.records.div_ceil(size) != self.shards {
+            anyhow::bail!(
+                "{} records in shards of {size} are not {} shards",
+                self.records,
+                self.shards
+            );
+        }
+        if self.shards > MAX_SHARDS {
+            anyhow::bail!("{} shards, more than {MAX_SHARDS}", self.shards);
+        }
+        Ok(())
+    }
 }
 
 /// One line of index.jsonl. Every line has every field, one JSON type each (loaders infer one

@@ -54,17 +54,21 @@ pub fn merge(dir: &Path) -> Result<MergeReport> {
 
 /// Every shard of the plan has its stats file (is finished).
 fn check_finished(dir: &Path, shards: usize) -> Result<()> {
-    let missing: Vec<String> = (0..shards)
+    let missing: Vec<usize> = (0..shards)
         .filter(|&i| !ShardFiles::new(dir, i).stats.is_file())
-        .map(super::format::shard_name)
         .collect();
     if !missing.is_empty() {
+        let named: Vec<String> = missing
+            .iter()
+            .take(5)
+            .map(|&i| super::format::shard_name(i))
+            .collect();
         bail!(
             "{}: {} of {} shards are not finished ({}{}); rerun the job (it resumes) before merging",
             dir.display(),
             missing.len(),
             shards,
-            missing.iter().take(5).cloned().collect::<Vec<_>>().join(", "),
+            named.join(", "),
             if missing.len() > 5 { ", …" } else { "" }
         );
     }

@@ -14,6 +14,7 @@ mod clipseg;
 mod depth;
 mod ffi;
 mod fuzz;
+mod fuzz_pairs;
 mod generate_cli;
 mod hostile;
 mod image_io;
