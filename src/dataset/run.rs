@@ -48,8 +48,10 @@ pub struct Options {
 pub type ShardCallback = Arc<dyn Fn(usize, usize) + Send + Sync>;
 
 /// This process's slice from the schedulers' environment: Slurm job arrays
-/// (SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN of SLURM_ARRAY_TASK_COUNT) or Kubernetes indexed
-/// Jobs (JOB_COMPLETION_INDEX of TOFFEE_NUM_SHARDS).
+/// ((SLURM_ARRAY_TASK_ID − SLURM_ARRAY_TASK_MIN) / SLURM_ARRAY_TASK_STEP of
+/// SLURM_ARRAY_TASK_COUNT: `--array=4-10:2` is tasks 0..4 of 4) or Kubernetes indexed Jobs
+/// (JOB_COMPLETION_INDEX of TOFFEE_NUM_SHARDS). An id that is not one of the array's is an error:
+/// clamping it would build another task's shards twice and leave its own unbuilt.
 pub fn slice_from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<(usize, usize)>> {
     let num = |name: &str| -> Result<Option<usize>> {
         get(name)
@@ -62,7 +64,14 @@ pub fn slice_from_env(get: impl Fn(&str) -> Option<String>) -> Result<Option<(us
     };
     if let (Some(id), Some(count)) = (num("SLURM_ARRAY_TASK_ID")?, num("SLURM_ARRAY_TASK_COUNT")?) {
         let min = num("SLURM_ARRAY_TASK_MIN")?.unwrap_or(0);
-        return Ok(Some((id.saturating_sub(min), count)));
+        let step = num("SLURM_ARRAY_TASK_STEP")?.unwrap_or(1).max(1);
+        let Some(offset) = id.checked_sub(min).filter(|o| o % step == 0) else {
+            bail!(
+                "$SLURM_ARRAY_TASK_ID {id} is not a task of an array starting at \
+                 $SLURM_ARRAY_TASK_MIN {min} in steps of {step}"
+            );
+        };
+        return Ok(Some((offset / step, count)));
     }
     if let Some(id) = num("JOB_COMPLETION_INDEX")? {
         let Some(count) = num("TOFFEE_NUM_SHARDS")? else {
@@ -638,4 +647,36 @@ pub fn run(o: &Options) -> Result<Summary> {
         shards_skipped: skipped,
         stopped,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::slice_from_env;
+
+    fn slice(vars: &[(&str, &str)]) -> anyhow::Result<Option<(usize, usize)>> {
+        slice_from_env(|k| {
+            vars.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        })
+    }
+
+    #[test]
+    fn slurm_array_ids_map_to_slices_or_are_refused() {
+        let id = |id: &'static str, min: &'static str, step: &'static str| {
+            slice(&[
+                ("SLURM_ARRAY_TASK_ID", id),
+                ("SLURM_ARRAY_TASK_MIN", min),
+                ("SLURM_ARRAY_TASK_STEP", step),
+                ("SLURM_ARRAY_TASK_COUNT", "4"),
+            ])
+        };
+        assert_eq!(id("5", "2", "1").unwrap(), Some((3, 4)));
+        assert_eq!(id("10", "4", "2").unwrap(), Some((3, 4)));
+        for (i, m, s) in [("1", "2", "1"), ("5", "4", "2")] {
+            let e = id(i, m, s).unwrap_err().to_string();
+            assert!(e.contains("is not a task of an array"), "{e}");
+        }
+        assert_eq!(slice(&[]).unwrap(), None);
+    }
 }
