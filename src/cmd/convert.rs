@@ -104,6 +104,26 @@ pub fn convert(file: &Path, out: &Path) -> Result<Converted> {
             out.display()
         );
     }
+    // Written beside `out` and renamed when complete: a failure (a full disk) leaves no partial
+    // folder for the rerun to refuse as "not empty".
+    let stage = crate::atomic_file::tmp_path(out);
+    let written = write_folder(&sf, file, &stage).and_then(|c| {
+        if out.exists() {
+            std::fs::remove_dir(out)
+                .with_context(|| format!("{}: cannot replace", out.display()))?;
+        }
+        std::fs::rename(&stage, out)
+            .with_context(|| format!("{}: cannot rename into place", out.display()))?;
+        Ok(c)
+    });
+    if written.is_err() {
+        let _ = std::fs::remove_dir_all(&stage);
+    }
+    written
+}
+
+/// Every component of `sf` (and a pipeline's other files) into the new folder `out`.
+fn write_folder(sf: &SingleFile, file: &Path, out: &Path) -> Result<Converted> {
     let comps = sf.components();
     let pipeline = comps.contains(&"unet");
     std::fs::create_dir_all(out).with_context(|| format!("{}: cannot create", out.display()))?;
@@ -117,7 +137,7 @@ pub fn convert(file: &Path, out: &Path) -> Result<Converted> {
         tensors += write_component(file, sub, &dir)?;
     }
     if pipeline {
-        write_pipeline_files(&sf, out)?;
+        write_pipeline_files(sf, out)?;
     }
     Ok(Converted {
         components: comps.iter().map(|s| s.to_string()).collect(),
