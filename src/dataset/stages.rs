@@ -478,7 +478,10 @@ pub fn run_batch(
     })?;
     Ok((0..records.len())
         .map(|i| {
-            let reason = cfg.filter.rejects(&scores[i]);
+            let reason = match &scores[i] {
+                Some(s) => cfg.filter.rejects(s),
+                None => Some(EMPTY_TARGET),
+            };
             Outcome {
                 record: records[i].clone(),
                 subject: subjects[i].clone(),
@@ -486,7 +489,11 @@ pub fn run_batch(
                 edit_mask: edit_masks[i].clone(),
                 draft: drafted.images.narrow0(i, 1),
                 target: targets.narrow0(i, 1),
-                scores: scores[i],
+                scores: scores[i].unwrap_or(Scores {
+                    dino: 0.0,
+                    clip_i: 0.0,
+                    clip_t: 0.0,
+                }),
                 kept: reason.is_none(),
                 reason,
                 view: poses[i],
@@ -627,16 +634,25 @@ fn refine(
     Ok((targets, edit_masks))
 }
 
-/// DINO, CLIP-I and CLIP-T of each target against its subject (inside the masks) and prompt.
+/// The rejection of a record whose placed subject covers no pixel (a tiny `place.scale` at a
+/// small resolution): there is nothing to score, and it is one record's failure, not the run's.
+pub const EMPTY_TARGET: &str = "empty_target_mask";
+
+/// DINO, CLIP-I and CLIP-T of each target against its subject (inside the masks) and prompt;
+/// None where the target mask is empty (`EMPTY_TARGET`).
 fn score(
     models: &StageModels,
     records: &[Record],
     subjects: &[SubjectData],
     targets: &Tensor,
     masks: &[Tensor],
-) -> Result<Vec<Scores>> {
-    let inputs: Vec<ScoreInput> = (0..records.len())
-        .map(|i| ScoreInput {
+) -> Result<Vec<Option<Scores>>> {
+    let scored: Vec<usize> = (0..records.len())
+        .filter(|&i| Mask::from_tensor(&masks[i]).bbox().is_some())
+        .collect();
+    let inputs: Vec<ScoreInput> = scored
+        .iter()
+        .map(|&i| ScoreInput {
             subject: image_io::to_rgb8(&subjects[i].rgb),
             subject_mask: Some(Mask::from_tensor(&subjects[i].mask)),
             target: image_io::to_rgb8(&targets.narrow0(i, 1)),
@@ -645,5 +661,9 @@ fn score(
             name: records[i].key.clone(),
         })
         .collect();
-    models.scorer.score(&inputs)
+    let mut out = vec![None; records.len()];
+    for (i, s) in scored.into_iter().zip(models.scorer.score(&inputs)?) {
+        out[i] = Some(s);
+    }
+    Ok(out)
 }

@@ -1015,3 +1015,39 @@ fn profile_writes_a_chrome_trace_of_stages_models_and_blocks() {
         "{e}"
     );
 }
+
+/// A legitimately tiny placement (`place.scale` 0.01 at 64²) can leave a target mask with no
+/// pixel: that record is rejected (`empty_target_mask`), not the whole shard failed (issue 27).
+#[test]
+fn an_empty_target_mask_rejects_its_record_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("tiny.toml");
+    std::fs::write(
+        &cfg,
+        "[job]\nresolution = 64\nprompts_per_subject = 1\nshard_size = 4\nbatch = 2\n\
+         [draft]\nsteps = 2\n[refine]\nsteps = 2\n[view]\nprobability = 0.0\n\
+         [place]\nscale_min = 0.01\nscale_max = 0.01\n\
+         [filter]\ndino = -1.0\nclip_i = -1.0\nclip_t = -1.0\n",
+    )
+    .unwrap();
+    let out = dir.path().join("out");
+    ok(pairs(
+        &out,
+        &["--config", cfg.to_str().unwrap(), "--keep-rejected"],
+    ));
+    let stats: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("stats.json")).unwrap()).unwrap();
+    assert!(
+        stats["rejections"]["empty_target_mask"].as_u64() >= Some(1),
+        "{stats}"
+    );
+    let empty: Vec<_> = index(&out)
+        .into_values()
+        .filter(|l| l["reason"] == "empty_target_mask")
+        .collect();
+    assert!(!empty.is_empty() && empty.iter().all(|l| l["kept"] == false));
+    assert_eq!(
+        stats["records"],
+        stats["kept"].as_u64().unwrap() + stats["rejected"].as_u64().unwrap()
+    );
+}
