@@ -222,7 +222,7 @@ impl SingleFile {
                 );
                 let v = self.infer(sub, &s).with_context(|| {
                     format!(
-                        "{}: cannot infer the `{sub}` config of this {} file",
+                        "{}: cannot infer the `{sub}` config of this {} file (tensors under `{prefix}`)",
                         self.path.display(),
                         self.family.name()
                     )
@@ -460,7 +460,13 @@ fn pipeline_family(s: &Shapes, present: &[&(&str, Family)]) -> Result<Family> {
              (SDXL refiner files, with only the OpenCLIP encoder, are not supported)"
         );
     }
-    let uses_time_ids = s.contains_key(&format!("{UNET}label_emb.0.0.weight"));
+    // Any label_emb tensor means SDXL's size conditioning: one without its first weight is a
+    // missing tensor, not a family mix-up.
+    let uses_time_ids = has(&format!("{UNET}label_emb."));
+    let first = format!("{UNET}label_emb.0.0.weight");
+    if uses_time_ids && !s.contains_key(&first) {
+        bail!("missing tensor `{first}`");
+    }
     if (fam == Family::Sdxl) != uses_time_ids {
         bail!(
             "the UNet {} SDXL's size conditioning (`{UNET}label_emb.*`) but the text encoder is {}: \
