@@ -746,3 +746,30 @@ fn huge_forward_inputs_are_refused_before_allocating() {
         assert!(!out.exists(), "{component}: wrote an output");
     }
 }
+
+/// A NaN in an --init-latents file is named with the file and flag up front, not reported after
+/// the run as the model producing NaN (issue 27, item 8).
+#[test]
+fn non_finite_init_latents_name_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let mut t = filled(vec![1, 4, 8, 8], 0.1);
+    t.data_mut()[3] = f32::NAN;
+    let l = forward_inputs(d.path(), "nan-latents.safetensors", vec![("latents", t)]);
+    let out = d.path().join("x.png");
+    let e = expect_error(&txt2img(
+        &out,
+        &[
+            "--model",
+            fixtures().join("sd1").to_str().unwrap(),
+            "--init-latents",
+            l.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        e.contains("nan-latents.safetensors")
+            && e.contains("--init-latents")
+            && e.contains("non-finite"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
