@@ -733,4 +733,39 @@ fn a_missing_tensor_is_named() {
         );
         assert!(!d.path().join("x.png").exists());
     }
+    // With a config folder (nothing inferred) a lost tensor is named by the loader in diffusers'
+    // naming: the error says so and where the file keeps the component.
+    let p = d.path().join("lost-emb.safetensors");
+    let w = toffee::weights::WeightStore::open_file(&sf("sd1.safetensors")).unwrap();
+    let missing = "model.diffusion_model.input_blocks.1.0.emb_layers.1.weight";
+    let raw: Vec<_> = w
+        .names()
+        .filter(|n| *n != missing)
+        .map(|n| w.get_raw(n).unwrap())
+        .collect();
+    toffee::weights::safetensors::write_raw(&p, &raw).unwrap();
+    let config = sf("configs/sd1");
+    std::fs::write(
+        d.path().join("lost-emb.toffee.json"),
+        serde_json::json!({ "config": config }).to_string(),
+    )
+    .unwrap();
+    let o = toffee(&[
+        "txt2img",
+        "--model",
+        p.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--out",
+        d.path().join("x.png").to_str().unwrap(),
+    ]);
+    let e = expect_error(&o);
+    assert!(
+        e.contains("lost-emb.safetensors")
+            && e.contains("missing tensor `down_blocks.0.resnets.0.time_emb_proj.weight`")
+            && e.contains("under `model.diffusion_model.` read by their diffusers names"),
+        "{e}"
+    );
 }

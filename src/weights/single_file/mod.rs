@@ -273,7 +273,11 @@ impl SingleFile {
             }
         }
         .map_err(|e| anyhow!("{}: `{sub}` under `{prefix}`: {e}", self.path.display()))?;
-        let origin = format!("{} ({sub})", self.path.display());
+        // Errors about a tensor use diffusers' name for it: say so, and where the file keeps them.
+        let origin = format!(
+            "{} ({sub}, tensors under `{prefix}` read by their diffusers names)",
+            self.path.display()
+        );
         WeightStore::open_mapped(
             &self.path,
             &origin,
