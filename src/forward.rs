@@ -65,6 +65,151 @@ impl Component {
 
 pub type Named = BTreeMap<String, Tensor>;
 
+/// The largest image side in pixels, as the pipeline allows (`request::MAX_SIDE`).
+const MAX_SIDE: usize = crate::pipeline::request::MAX_SIDE;
+/// The largest latent side: the pipeline's largest image over the VAE's factor 8.
+const MAX_LATENT_SIDE: usize = MAX_SIDE / 8;
+/// The largest batch, as the pipeline allows for `batch`.
+const MAX_BATCH: usize = 4096;
+/// The most tokens one sample may carry into attention (text or image-prompt sequences, image
+/// encoder patches): attention holds a tokens² score matrix per head, 1 GiB at this length.
+const MAX_TOKENS: usize = 16_384;
+
+impl Component {
+    /// The inputs the component reads (`.{i}` marks an indexed family), for `adapters`
+    /// image-prompt adapters on the UNet: anything else would be silently ignored.
+    fn accepted(self, adapters: usize) -> Vec<String> {
+        let names: &[&str] = match self {
+            Component::Unet if adapters > 0 => &[
+                "sample",
+                "timestep",
+                "encoder_hidden_states",
+                "text_embeds",
+                "time_ids",
+            ],
+            Component::Unet => &[
+                "sample",
+                "timestep",
+                "encoder_hidden_states",
+                "text_embeds",
+                "time_ids",
+                "down_res.{i}",
+                "mid_res",
+            ],
+            Component::Controlnet => &[
+                "sample",
+                "timestep",
+                "encoder_hidden_states",
+                "controlnet_cond",
+                "conditioning_scale",
+                "text_embeds",
+                "time_ids",
+            ],
+            Component::VaeEncode => &["image"],
+            Component::VaeDecode => &["latent"],
+            Component::TextEncoder | Component::TextEncoder2 => &["input_ids"],
+            Component::ImageEncoder => &["pixel_values", "interpolate_pos_encoding"],
+            Component::Depth => &["pixel_values"],
+            Component::Sam => &[
+                "pixel_values",
+                "input_boxes",
+                "input_points",
+                "input_labels",
+                "multimask_output",
+            ],
+            Component::Clipseg => &["input_ids", "pixel_values"],
+        };
+        let mut v: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        for base in ["ip_image_embeds", "ip_scale", "ip_layer_scales"] {
+            v.extend((0..adapters).map(|i| format!("{base}.{i}")));
+            if adapters == 1 {
+                v.push(base.to_string());
+            }
+        }
+        v
+    }
+}
+
+/// Whether `name` is one of `accepted` (where `base.{i}` stands for `base.0`, `base.1`, …).
+fn is_accepted(name: &str, accepted: &[String]) -> bool {
+    accepted.iter().any(|a| match a.strip_suffix(".{i}") {
+        Some(base) => name
+            .strip_prefix(base)
+            .and_then(|r| r.strip_prefix('.'))
+            .is_some_and(|i| !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit())),
+        None => a == name,
+    })
+}
+
+/// An input the component does not read is an error: a misspelt name would otherwise run the
+/// model without it and compare wrong outputs.
+fn check_names(component: Component, adapters: usize, inputs: &Named, file: &Path) -> Result<()> {
+    let accepted = component.accepted(adapters);
+    if let Some(name) = inputs.keys().find(|n| !is_accepted(n, &accepted)) {
+        let with = match adapters {
+            0 => String::new(),
+            n => format!(" with {n} --adapter"),
+        };
+        bail!(
+            "{}: input `{name}` is not an input of --component {}{with} (it takes: {})",
+            file.display(),
+            component.name(),
+            accepted.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Sizes no model run can take, refused before anything is allocated (a failed allocation
+/// aborts the process): batches past `MAX_BATCH`, image and latent sides past the pipeline's
+/// limits, token sequences past `MAX_TOKENS`.
+fn check_sizes(inputs: &Named, file: &Path) -> Result<()> {
+    for (name, t) in inputs {
+        let s = t.shape();
+        let too_big = |what: &str, v: usize, max: usize| {
+            anyhow::anyhow!(
+                "{}: input `{name}` (shape {s:?}) has {what} {v}, more than the {max} allowed",
+                file.display()
+            )
+        };
+        if s.len() >= 2 && s[0] > MAX_BATCH {
+            return Err(too_big("a batch of", s[0], MAX_BATCH));
+        }
+        let side = match name.as_str() {
+            "image" | "controlnet_cond" | "pixel_values" => Some(MAX_SIDE),
+            "sample" | "latent" | "mid_res" => Some(MAX_LATENT_SIDE),
+            n if n.starts_with("down_res.") => Some(MAX_LATENT_SIDE),
+            _ => None,
+        };
+        if let (Some(max), 4) = (side, s.len()) {
+            if let Some(&v) = s[2..].iter().find(|&&v| v > max) {
+                return Err(too_big("a side of", v, max));
+            }
+        }
+        let sequence = name == "encoder_hidden_states" || name.starts_with("ip_image_embeds");
+        if sequence && s.len() >= 3 {
+            let tokens: usize = s[1..s.len() - 1].iter().product();
+            if tokens > MAX_TOKENS {
+                return Err(too_big("a sequence of", tokens, MAX_TOKENS));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Image-encoder inputs past `MAX_TOKENS` patches, refused before the encoder runs.
+fn check_patches(file: &Path, h: usize, w: usize, patch: usize) -> Result<()> {
+    let tokens = (h / patch.max(1)) * (w / patch.max(1));
+    if tokens > MAX_TOKENS {
+        bail!(
+            "{}: `pixel_values` {h}x{w} makes {tokens} {patch}-pixel patches, more than the \
+             {MAX_TOKENS} allowed",
+            file.display()
+        );
+    }
+    Ok(())
+}
+
 struct Inputs<'a> {
     map: &'a Named,
     file: &'a Path,
@@ -189,6 +334,8 @@ pub fn run_with_adapters(
     if !adapters.is_empty() && component != Component::Unet {
         bail!("--adapter works with --component unet only");
     }
+    check_names(component, adapters.len(), inputs, inputs_file)?;
+    check_sizes(inputs, inputs_file)?;
     // A NaN or infinity in an input only ever produces garbage downstream: refuse it by name.
     for (name, t) in inputs {
         if let Some(i) = t.data().iter().position(|v| !v.is_finite()) {
@@ -312,6 +459,20 @@ fn controlnet_residuals(inp: &Inputs, dev: &Device) -> Result<Option<(Vec<Tensor
         }
         down.push(dev.put(t.to_nhwc()));
     }
+    // `down_res.N` are read from 0 up to the first gap: one past a gap would be ignored.
+    if let Some(stray) = inp
+        .map
+        .keys()
+        .filter(|k| k.starts_with("down_res."))
+        .nth(down.len())
+    {
+        bail!(
+            "{}: input `{stray}` would be ignored: down_res.{} is missing (the residuals are \
+             read from down_res.0 up to the first gap)",
+            inp.file.display(),
+            down.len()
+        );
+    }
     let mid = inp
         .get("mid_res")
         .map(|_| inp.image("mid_res"))
@@ -396,6 +557,7 @@ fn run_image_encoder(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(St
     }
     enc.check_input(h, w)
         .map_err(|e| anyhow::anyhow!("{}: {e}", inp.file.display()))?;
+    check_patches(inp.file, h, w, enc.config.patch)?;
     Ok(vit_outputs(enc.forward(&dev.put(pixels))))
 }
 
@@ -410,6 +572,7 @@ fn run_depth(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Te
     model
         .check_input(h, w, c)
         .map_err(|e| anyhow::anyhow!("{}: {e}", inp.file.display()))?;
+    check_patches(inp.file, h, w, model.config.patch_size)?;
     Ok(vec![(
         "predicted_depth".into(),
         model.forward(&dev.put(pixels)),

@@ -289,6 +289,14 @@ fn load_inputs(o: &Options, spec: &mut request::Spec, multiple: usize) -> Result
                 l.shape()
             );
         }
+        // A NaN would only surface after the run as "the model produces NaN": name the file.
+        if let Some(i) = l.data().iter().position(|v| !v.is_finite()) {
+            bail!(
+                "{}: `latents` holds a non-finite value ({}) at element {i} (--init-latents)",
+                p.display(),
+                l.data()[i]
+            );
+        }
         spec.init_latents = Some(l.to_nhwc());
     }
     Ok(())

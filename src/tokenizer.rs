@@ -50,7 +50,8 @@ impl ClipTokenizer {
     /// A diffusers/transformers tokenizer folder: tokenizer.json if present, else
     /// vocab.json + merges.txt.
     /// Pad token from tokenizer_config.json or special_tokens_map.json; default "<|endoftext|>".
-    /// model_max_length from tokenizer_config.json if within 2..=77, else 77.
+    /// model_max_length from tokenizer_config.json, at most 77 (`max_length_of`); the start, end
+    /// and pad tokens must be in the vocabulary.
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if !dir.is_dir() {
             bail!("tokenizer folder {} does not exist", dir.display());
@@ -68,17 +69,19 @@ impl ClipTokenizer {
         let json_path = dir.join("tokenizer.json");
         let merges_path = dir.join("merges.txt");
         let ((vocab, merges, json_added), source) = if json_path.is_file() {
-            (read_tokenizer_json(&json_path)?, json_path)
+            (read_tokenizer_json(&json_path)?, json_path.clone())
         } else {
             let vocab = read_vocab(&dir.join("vocab.json"))?;
             ((vocab, read_merges(&merges_path)?, Vec::new()), merges_path)
         };
-        // Configs without a real limit store a huge sentinel; CLIP's text model has 77 positions.
-        let max_length = match config.get("model_max_length").and_then(Value::as_u64) {
-            Some(n) if (2..=DEFAULT_MAX_LENGTH as u64).contains(&n) => n as usize,
-            _ => DEFAULT_MAX_LENGTH,
-        };
+        let max_length = max_length_of(&config, &config_path)?;
         let specials = resolve_specials(config, special_map, json_added);
+        let vocab_file = match source == json_path {
+            true => json_path,
+            false => dir.join("vocab.json"),
+        };
+        let vocab_file = vocab_file.display().to_string();
+        check_specials_in_vocab(&vocab, &specials, &vocab_file, &special_sources(dir))?;
         Self::build(vocab, merges, specials, max_length)
             .map_err(|e| anyhow!("{}: {e}", source.display()))
     }
@@ -88,6 +91,13 @@ impl ClipTokenizer {
     pub fn from_vocab_merges(vocab: &Path, merges: &Path, pad_token: &str) -> Result<Self> {
         let (vocab_map, merge_list) = (read_vocab(vocab)?, read_merges(merges)?);
         let specials = resolve_specials(pad_config(pad_token), None, Vec::new());
+        let named_in = format!("the pad token {pad_token:?} and CLIP's defaults");
+        check_specials_in_vocab(
+            &vocab_map,
+            &specials,
+            &vocab.display().to_string(),
+            &named_in,
+        )?;
         Self::build(vocab_map, merge_list, specials, DEFAULT_MAX_LENGTH)
             .map_err(|e| anyhow!("{}: {e}", merges.display()))
     }
@@ -99,6 +109,8 @@ impl ClipTokenizer {
     pub fn builtin(pad_token: &str) -> Result<Self> {
         let (vocab, merges) = builtin_vocab_merges()?;
         let specials = resolve_specials(pad_config(pad_token), None, Vec::new());
+        let named_in = format!("the pad token {pad_token:?} and CLIP's defaults");
+        check_specials_in_vocab(&vocab, &specials, "the built-in CLIP vocabulary", &named_in)?;
         Self::build(vocab, merges, specials, DEFAULT_MAX_LENGTH)
             .map_err(|e| anyhow!("the built-in CLIP vocabulary: {e}"))
     }
@@ -107,6 +119,8 @@ impl ClipTokenizer {
     pub fn from_tokenizer_json(path: &Path, pad_token: &str) -> Result<Self> {
         let (vocab, merges, json_added) = read_tokenizer_json(path)?;
         let specials = resolve_specials(pad_config(pad_token), None, json_added);
+        let named_in = format!("the pad token {pad_token:?} and CLIP's defaults");
+        check_specials_in_vocab(&vocab, &specials, &path.display().to_string(), &named_in)?;
         Self::build(vocab, merges, specials, DEFAULT_MAX_LENGTH)
             .map_err(|e| anyhow!("{}: {e}", path.display()))
     }
@@ -190,6 +204,71 @@ impl ClipTokenizer {
     pub fn pad_id(&self) -> u32 {
         self.pad_id
     }
+}
+
+/// `model_max_length` of tokenizer_config.json: absent means CLIP's 77; a whole number of at least
+/// 2 (BOS and EOS) is used up to 77, the text model's positions. Larger values are kept working
+/// because released configs carry them: transformers' "no limit" sentinel VERY_LARGE_INTEGER
+/// (1000000000000000019884624838656, which JSON readers see as a float) means "as the model
+/// allows". Anything else (0, negative, fractional, not a number) is a broken file: an error
+/// rather than a silent 77.
+fn max_length_of(config: &Map<String, Value>, path: &Path) -> Result<usize> {
+    let Some(value) = config.get("model_max_length") else {
+        return Ok(DEFAULT_MAX_LENGTH);
+    };
+    let bad = |why: &str| anyhow!("{}: `model_max_length` {value} {why}", path.display());
+    let n = value.as_f64().ok_or_else(|| bad("is not a number"))?;
+    if !n.is_finite() || n.fract() != 0.0 {
+        return Err(bad("is not a whole number"));
+    }
+    if n < 2.0 {
+        return Err(bad(
+            "leaves no room for the start and end tokens (at least 2)",
+        ));
+    }
+    Ok((n.min(DEFAULT_MAX_LENGTH as f64)) as usize)
+}
+
+/// Where the special tokens of a folder were named (for errors): its configs, else CLIP's
+/// defaults.
+fn special_sources(dir: &Path) -> String {
+    let named: Vec<String> = ["tokenizer_config.json", "special_tokens_map.json"]
+        .iter()
+        .map(|f| dir.join(f))
+        .filter(|p| p.is_file())
+        .map(|p| p.display().to_string())
+        .collect();
+    match named.is_empty() {
+        true => "CLIP's defaults".to_string(),
+        false => named.join(" / "),
+    }
+}
+
+/// The start, end and pad tokens must be in the vocabulary itself: the tokenizer library would
+/// otherwise append them as new ids past the vocabulary, ids the text encoder has no embedding for
+/// (transformers does the same and fails later, or reads another row), so a prompt would end in
+/// the wrong token silently or crash the encoder. `vocab_file` holds the vocabulary, `named_in`
+/// says where the tokens came from.
+fn check_specials_in_vocab(
+    vocab: &Vocab,
+    specials: &Specials,
+    vocab_file: &str,
+    named_in: &str,
+) -> Result<()> {
+    for (key, token) in [
+        ("bos_token", &specials.bos),
+        ("eos_token", &specials.eos),
+        ("pad_token", &specials.pad),
+    ] {
+        if !vocab.contains_key(token.as_str()) {
+            bail!(
+                "{vocab_file}: the vocabulary ({} tokens) lacks the {key} {token:?} (named by \
+                 {named_in})",
+                vocab.len()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// The backend's added tokens, with the flags transformers ends up giving them, and the

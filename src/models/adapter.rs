@@ -283,9 +283,10 @@ impl Adapter {
         let layers = load_layers(&vb, path)?;
         let p = vb.pp("image_proj");
         let (kind, projection, image_embed_dim, cross, tokens) = match toffee {
-            Some((tc, cfg)) => Self::toffee_projection(&p, tc, cfg)?,
+            Some((tc, cfg)) => Self::toffee_projection(&p, tc, cfg, path)?,
             None => Self::public_projection(store, &p, path)?,
         };
+        check_no_extra_tensors(store, &expected_names(layers.len(), &projection), path)?;
         for (i, (k, _)) in layers.iter().enumerate() {
             if k.in_features() != cross {
                 bail!(
@@ -311,9 +312,15 @@ impl Adapter {
     }
 
     /// The projection adapter_config.json names, under `image_proj`.
-    fn toffee_projection(p: &Vb, tc: &ToffeeConfig, cfg: &Config) -> Result<ProjectionParts> {
+    fn toffee_projection(
+        p: &Vb,
+        tc: &ToffeeConfig,
+        cfg: &Config,
+        file: &Path,
+    ) -> Result<ProjectionParts> {
         let d = tc.image_embed_dim;
         let cross = tc.cross_attention_dim;
+        check_projection_kind(p.store(), &tc.projection, cfg, file)?;
         match tc.projection.as_str() {
             "linear" => Ok((
                 AdapterKind::Toffee,
@@ -326,7 +333,8 @@ impl Adapter {
                 None,
             )),
             "resampler" => {
-                let r = Resampler::load(p, tc.heads)?;
+                let r = Resampler::load(p, tc.resampler.as_ref().map(|rc| rc.heads))?;
+                check_resampler(&r, tc, cfg, file)?;
                 let (q, out) = (r.queries, r.norm_out.gamma.numel());
                 if out != cross {
                     bail!(
@@ -511,6 +519,133 @@ impl Adapter {
     }
 }
 
+/// Every tensor name an adapter with `layers` cross-attention layers and `projection` reads.
+fn expected_names(layers: usize, projection: &Projection) -> Vec<String> {
+    let mut names: Vec<String> = (0..layers)
+        .flat_map(|i| {
+            ["to_k_ip", "to_v_ip"].map(|kv| format!("ip_adapter.{}.{kv}.weight", 2 * i + 1))
+        })
+        .collect();
+    let both = |m: &str| [format!("{m}.weight"), format!("{m}.bias")];
+    let proj: Vec<String> = match projection {
+        Projection::Plain { .. } | Projection::PerToken { .. } => {
+            [both("proj"), both("norm")].concat()
+        }
+        Projection::Resampler(r) => {
+            let mut v = vec!["latents".to_string()];
+            v.extend([both("proj_in"), both("proj_out"), both("norm_out")].concat());
+            for i in 0..r.layers.len() {
+                let l = |m: &str| format!("layers.{i}.{m}");
+                v.extend([both(&l("0.norm1")), both(&l("0.norm2")), both(&l("1.0"))].concat());
+                v.extend(["0.to_q", "0.to_kv", "0.to_out", "1.1", "1.3"].map(|m| l(m) + ".weight"));
+            }
+            v
+        }
+    };
+    names.extend(proj.into_iter().map(|n| format!("image_proj.{n}")));
+    names
+}
+
+/// A tensor the adapter does not read is an error: it means a layout this loader does not know
+/// (a variant with more modules, a merged file), which would otherwise run without it.
+fn check_no_extra_tensors(store: &WeightStore, expected: &[String], file: &Path) -> Result<()> {
+    let expected: std::collections::HashSet<&str> = expected.iter().map(|s| s.as_str()).collect();
+    let mut extra: Vec<&str> = store.names().filter(|n| !expected.contains(n)).collect();
+    if extra.is_empty() {
+        return Ok(());
+    }
+    extra.sort_unstable();
+    bail!(
+        "{}: unknown tensor `{}` ({} not part of this adapter's layout: `image_proj.*` of one \
+         projection and `ip_adapter.N.to_k_ip` / `to_v_ip`)",
+        file.display(),
+        extra[0],
+        match extra.len() {
+            1 => "it is".to_string(),
+            n => format!("it and {} more are", n - 1),
+        }
+    );
+}
+
+/// The projection adapter_config.json names must be the one the file holds: the linear one's
+/// `image_proj.proj.weight` or the Resampler's `image_proj.latents`.
+fn check_projection_kind(
+    store: &WeightStore,
+    projection: &str,
+    cfg: &Config,
+    file: &Path,
+) -> Result<()> {
+    let (other, tensor) = match projection {
+        "linear" => ("a Resampler", "image_proj.latents"),
+        "resampler" => ("the linear projection", "image_proj.proj.weight"),
+        _ => return Ok(()),
+    };
+    if store.contains(tensor) {
+        bail!(
+            "{}: `projection` is {projection:?}, but {} holds {other} (`{tensor}`)",
+            cfg.path.display(),
+            file.display()
+        );
+    }
+    Ok(())
+}
+
+/// adapter_config.json's Resampler numbers against the tensors of `file`.
+fn check_resampler(r: &Resampler, tc: &ToffeeConfig, cfg: &Config, file: &Path) -> Result<()> {
+    let Some(rc) = &tc.resampler else {
+        return Ok(());
+    };
+    let ff_inner = r.layers[0].ff1.out_features();
+    let checks = [
+        (
+            "num_tokens",
+            tc.num_tokens,
+            r.queries,
+            "`image_proj.latents` queries",
+        ),
+        (
+            "resampler.depth",
+            rc.depth,
+            r.layers.len(),
+            "`image_proj.layers.N`",
+        ),
+        (
+            "resampler.hidden_dims",
+            rc.hidden_dims,
+            r.hidden,
+            "`image_proj.latents` width",
+        ),
+        (
+            "resampler.heads × resampler.dim_head",
+            rc.heads * rc.dim_head,
+            r.layers[0].to_q.out_features(),
+            "`image_proj.layers.0.0.to_q.weight` rows",
+        ),
+        (
+            "resampler.ff_mult × resampler.hidden_dims",
+            rc.ff_mult * rc.hidden_dims,
+            ff_inner,
+            "`image_proj.layers.0.1.1.weight` rows",
+        ),
+        (
+            "image_embed_dim",
+            tc.image_embed_dim,
+            r.proj_in.in_features(),
+            "`image_proj.proj_in.weight` columns",
+        ),
+    ];
+    for (field, config, tensors, what) in checks {
+        if config != tensors {
+            bail!(
+                "{}: `{field}` is {config}, but {} has {tensors} {what}",
+                cfg.path.display(),
+                file.display()
+            );
+        }
+    }
+    Ok(())
+}
+
 /// `adapter_config.json` of a Toffee adapter folder (docs/models.md).
 #[derive(Clone, Debug)]
 pub struct ToffeeConfig {
@@ -519,8 +654,50 @@ pub struct ToffeeConfig {
     pub projection: String,
     pub image_embed_dim: usize,
     pub cross_attention_dim: usize,
-    pub heads: Option<usize>,
+    /// Q for a Resampler; informational for the linear projection.
+    pub num_tokens: usize,
+    /// The `resampler` object, for projection "resampler".
+    pub resampler: Option<ResamplerConfig>,
     pub scale: f32,
+}
+
+/// `resampler` of adapter_config.json: all five fields required, each ≥ 1 (docs/models.md).
+#[derive(Clone, Debug, PartialEq)]
+pub struct ResamplerConfig {
+    pub depth: usize,
+    pub dim_head: usize,
+    pub heads: usize,
+    pub hidden_dims: usize,
+    pub ff_mult: usize,
+}
+
+impl ResamplerConfig {
+    /// The `resampler` field: required for projection "resampler", absent or null otherwise.
+    fn parse(cfg: &Config, projection: &str) -> Result<Option<ResamplerConfig>> {
+        let value = cfg.get("resampler").filter(|v| !v.is_null());
+        let path = cfg.path.display();
+        let r = match (projection, value) {
+            ("resampler", None) => bail!("{path}: field `resampler` is missing"),
+            ("resampler", Some(r)) => r,
+            (_, None) => return Ok(None),
+            (other, Some(_)) => {
+                bail!("{path}: field `resampler` is given, but `projection` is {other:?}")
+            }
+        };
+        let field = |k: &str| -> Result<usize> {
+            match r.get(k).and_then(|v| v.as_u64()) {
+                Some(n) if n >= 1 => Ok(n as usize),
+                _ => bail!("{path}: field `resampler.{k}` is missing or not a whole number ≥ 1"),
+            }
+        };
+        Ok(Some(ResamplerConfig {
+            depth: field("depth")?,
+            dim_head: field("dim_head")?,
+            heads: field("heads")?,
+            hidden_dims: field("hidden_dims")?,
+            ff_mult: field("ff_mult")?,
+        }))
+    }
 }
 
 impl ToffeeConfig {
@@ -544,13 +721,7 @@ impl ToffeeConfig {
             other => return Err(cfg.unsupported("tokens", other, "all, patch")),
         };
         let projection = cfg.str("projection")?.to_string();
-        let heads = match cfg.get("resampler") {
-            Some(r) => r.get("heads").and_then(|h| h.as_u64()).map(|h| h as usize),
-            None => None,
-        };
-        if projection == "resampler" && heads.is_none() {
-            bail!("{}: field `resampler.heads` is missing", cfg.path.display());
-        }
+        let resampler = ResamplerConfig::parse(cfg, &projection)?;
         Ok(ToffeeConfig {
             image_encoder: cfg.opt_str("image_encoder")?.map(String::from),
             selection: TokenSelection {
@@ -561,7 +732,8 @@ impl ToffeeConfig {
             projection,
             image_embed_dim: cfg.usize("image_embed_dim")?,
             cross_attention_dim: cfg.usize("cross_attention_dim")?,
-            heads,
+            num_tokens: cfg.usize("num_tokens")?,
+            resampler,
             scale: cfg.f64_or("scale", 1.0)? as f32,
         })
     }

@@ -31,16 +31,37 @@ impl FromStr for LoraSpec {
                 if !scale.is_finite() {
                     bail!("--lora {s}: the weight {w} is not a finite number");
                 }
+                if p.is_empty() {
+                    bail!("--lora {s}: no file before the weight (expected FILE:WEIGHT)");
+                }
                 return Ok(LoraSpec {
                     path: PathBuf::from(p),
                     scale,
                 });
             }
         }
+        if s.is_empty() {
+            bail!("--lora: an empty path (expected FILE or FILE:WEIGHT)");
+        }
         Ok(LoraSpec {
             path: PathBuf::from(s),
             scale: 1.0,
         })
+    }
+}
+
+/// A LoRA path that is not there is named as a path, before the safetensors reader's generic
+/// "cannot open" (which reads as a problem inside a file that exists).
+fn check_exists(path: &Path) -> Result<()> {
+    match std::fs::metadata(path) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            bail!(
+                "{}: no such file (a LoRA .safetensors file)",
+                path.display()
+            )
+        }
+        Ok(m) if m.is_dir() => bail!("{}: a folder, not a LoRA .safetensors file", path.display()),
+        _ => Ok(()),
     }
 }
 
@@ -157,6 +178,7 @@ pub struct Lora {
 impl Lora {
     pub fn open(spec: &LoraSpec) -> Result<Lora> {
         let path = &spec.path;
+        check_exists(path)?;
         let file = SafetensorsFile::open(path)?;
         let modules = group_modules(path, &file)?;
         let peft_alpha = peft_metadata(path)?;

@@ -70,8 +70,10 @@ fn forward_other_components_match_goldens() {
     }
 }
 
+/// An input the component does not read is an error naming it and the accepted inputs (it used
+/// to be ignored, so a misspelt name ran the model without it: issue 27); missing ones are named.
 #[test]
-fn forward_ignores_extra_inputs_and_names_missing_ones() {
+fn forward_refuses_extra_inputs_and_names_missing_ones() {
     let dir = tempfile::tempdir().unwrap();
     let mut inputs: Vec<(String, toffee::tensor::Tensor)> =
         read_all(&golden("sd1_vae_decode.in.safetensors"))
@@ -82,18 +84,42 @@ fn forward_ignores_extra_inputs_and_names_missing_ones() {
     let extra = dir.path().join("extra.safetensors");
     write_f32(&extra, &inputs).unwrap();
     let out = dir.path().join("out.safetensors");
-    let o = forward("sd1", "vae-decode", &extra, &out);
+    let e = expect_error(&forward("sd1", "vae-decode", &extra, &out));
+    assert!(
+        e.contains("extra.safetensors")
+            && e.contains("`unrelated`")
+            && e.contains("it takes: latent"),
+        "{e}"
+    );
+    assert!(!out.exists());
+    let o = forward(
+        "sd1",
+        "vae-decode",
+        &golden("sd1_vae_decode.in.safetensors"),
+        &out,
+    );
     assert!(o.status.success(), "{}", stderr(&o));
     assert_close(&out, "sd1_vae_decode.out.safetensors");
 
-    // The UNet needs sample, timestep and encoder_hidden_states: give it only the latent.
-    let o = forward("sd1", "unet", &extra, &dir.path().join("never.safetensors"));
+    // The UNet needs sample, timestep and encoder_hidden_states: give it only the timestep.
+    let partial = dir.path().join("partial.safetensors");
+    write_f32(
+        &partial,
+        &[("timestep".into(), toffee::tensor::Tensor::scalar(3.0))],
+    )
+    .unwrap();
+    let o = forward(
+        "sd1",
+        "unet",
+        &partial,
+        &dir.path().join("never.safetensors"),
+    );
     let e = expect_error(&o);
     assert!(
-        e.contains("missing input tensor(s): sample, timestep, encoder_hidden_states"),
+        e.contains("missing input tensor(s): sample, encoder_hidden_states"),
         "{e}"
     );
-    assert!(e.contains("extra.safetensors"), "{e}");
+    assert!(e.contains("partial.safetensors"), "{e}");
     assert!(!dir.path().join("never.safetensors").exists());
 }
 

@@ -618,3 +618,158 @@ fn special_files_are_refused_not_read() {
         "{e}"
     );
 }
+
+/// `src` tensors written as a `forward` inputs file `name` in `dir`.
+fn forward_inputs(
+    dir: &std::path::Path,
+    name: &str,
+    tensors: Vec<(&str, toffee::tensor::Tensor)>,
+) -> std::path::PathBuf {
+    let p = dir.join(name);
+    let t: Vec<(String, toffee::tensor::Tensor)> =
+        tensors.into_iter().map(|(n, t)| (n.into(), t)).collect();
+    toffee::weights::safetensors::write_f32(&p, &t).unwrap();
+    p
+}
+
+fn filled(shape: Vec<usize>, v: f32) -> toffee::tensor::Tensor {
+    let n = shape.iter().product();
+    toffee::tensor::Tensor::new(shape, vec![v; n])
+}
+
+/// A `forward` input the component does not read (a misspelt name would run the model without
+/// it) is an error naming it and listing the accepted names (issue 27).
+#[test]
+fn forward_inputs_the_component_does_not_take_are_errors() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o.safetensors");
+    let sd1 = fixtures().join("sd1");
+    let ids = || filled(vec![1, 77], 1.0);
+    let inp = forward_inputs(
+        d.path(),
+        "extra.safetensors",
+        vec![("input_ids", ids()), ("attention_mask", ids())],
+    );
+    let e = expect_error(&crate::common::forward_at(
+        &sd1,
+        "text-encoder",
+        &inp,
+        &out,
+        &[],
+    ));
+    assert!(
+        e.contains("extra.safetensors")
+            && e.contains("`attention_mask`")
+            && e.contains("text-encoder")
+            && e.contains("it takes: input_ids"),
+        "{e}"
+    );
+    // ControlNet residuals past a gap would be ignored.
+    let unet = vec![
+        ("sample", filled(vec![1, 4, 8, 8], 0.1)),
+        ("timestep", filled(vec![1], 10.0)),
+        ("encoder_hidden_states", filled(vec![1, 77, 16], 0.1)),
+        ("down_res.1", filled(vec![1, 4, 8, 8], 0.1)),
+        ("mid_res", filled(vec![1, 4, 8, 8], 0.1)),
+    ];
+    let inp = forward_inputs(d.path(), "gap.safetensors", unet);
+    let e = expect_error(&crate::common::forward_at(&sd1, "unet", &inp, &out, &[]));
+    assert!(
+        e.contains("`down_res.1`") && e.contains("down_res.0 is missing"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
+
+/// `forward` inputs larger than any model run can take (latent sides past 16384/8, batches past
+/// 4096, image-encoder patch counts past the token limit) are clean errors before anything is
+/// allocated, under `ulimit -v 8G` and below 4 GB of RSS (issue 27, item 5).
+#[test]
+fn huge_forward_inputs_are_refused_before_allocating() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("o.safetensors");
+    let sd1 = fixtures().join("sd1");
+    let dino = fixtures().join("vision/dinov2");
+    let cases = [
+        (
+            &sd1,
+            "vae-decode",
+            vec![("latent", filled(vec![1, 4, 4096, 8], 0.1))],
+            "`latent`",
+        ),
+        (
+            &sd1,
+            "unet",
+            vec![
+                ("sample", filled(vec![1, 4, 8, 3000], 0.1)),
+                ("timestep", filled(vec![1], 10.0)),
+                ("encoder_hidden_states", filled(vec![1, 77, 16], 0.1)),
+            ],
+            "`sample`",
+        ),
+        (
+            &sd1,
+            "text-encoder",
+            vec![("input_ids", filled(vec![5000, 77], 1.0))],
+            "`input_ids`",
+        ),
+        (
+            &dino,
+            "image-encoder",
+            vec![
+                ("pixel_values", filled(vec![1, 3, 1024, 1024], 0.1)),
+                ("interpolate_pos_encoding", filled(vec![1], 1.0)),
+            ],
+            "patches",
+        ),
+    ];
+    for (i, (model, component, tensors, needle)) in cases.into_iter().enumerate() {
+        let inp = forward_inputs(d.path(), &format!("in{i}.safetensors"), tensors);
+        let args = [
+            "forward",
+            "--model",
+            model.to_str().unwrap(),
+            "--component",
+            component,
+            "--inputs",
+            inp.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let (code, err, rss) = toffee_bounded(&args);
+        assert_eq!(code, Some(1), "{component}: not a clean failure: {err}");
+        assert!(
+            err.contains(needle) && err.contains(inp.to_str().unwrap()) && err.contains("allowed"),
+            "{component}: {err}"
+        );
+        assert!(rss < 4 << 30, "{component}: peak RSS {} MB", rss >> 20);
+        assert!(!out.exists(), "{component}: wrote an output");
+    }
+}
+
+/// A NaN in an --init-latents file is named with the file and flag up front, not reported after
+/// the run as the model producing NaN (issue 27, item 8).
+#[test]
+fn non_finite_init_latents_name_the_file() {
+    let d = tempfile::tempdir().unwrap();
+    let mut t = filled(vec![1, 4, 8, 8], 0.1);
+    t.data_mut()[3] = f32::NAN;
+    let l = forward_inputs(d.path(), "nan-latents.safetensors", vec![("latents", t)]);
+    let out = d.path().join("x.png");
+    let e = expect_error(&txt2img(
+        &out,
+        &[
+            "--model",
+            fixtures().join("sd1").to_str().unwrap(),
+            "--init-latents",
+            l.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        e.contains("nan-latents.safetensors")
+            && e.contains("--init-latents")
+            && e.contains("non-finite"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}

@@ -185,3 +185,41 @@ fn loras_for_another_model_are_errors() {
     let two = latents(&["--lora", &peft, "--lora", &b]);
     assert!(plain.max_abs_diff(&one) > 1e-3 && one.max_abs_diff(&two) > 1e-4);
 }
+
+/// A LoRA path that is not there is named as a path (not a "cannot open" of the reader), with or
+/// without a weight; a folder and an empty path are named too (issue 27).
+#[test]
+fn missing_lora_files_are_named_as_paths() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("x.png");
+    let model = fixtures().join("sd1");
+    let run = |lora: &str| {
+        expect_error(&toffee(&[
+            "txt2img",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--lora",
+            lora,
+            "--out",
+            out.to_str().unwrap(),
+        ]))
+    };
+    for lora in ["/no/such.safetensors", "/no/such.safetensors:0.5"] {
+        let e = run(lora);
+        assert!(
+            e.contains("/no/such.safetensors: no such file"),
+            "{lora}: {e}"
+        );
+    }
+    let e = run(d.path().to_str().unwrap());
+    assert!(e.contains("a folder, not a LoRA"), "{e}");
+    assert!(!out.exists());
+    for empty in ["", ":0.5"] {
+        let e = empty.parse::<LoraSpec>().unwrap_err().to_string();
+        assert!(e.contains("--lora"), "{empty:?}: {e}");
+    }
+}

@@ -731,3 +731,90 @@ fn convert_onto_a_full_disk_leaves_nothing() {
     ]);
     assert!(o.status.success(), "{}", crate::common::stderr(&o));
 }
+
+/// A single file that lost one tensor the layout is read from names that tensor and the file,
+/// not a layout puzzle ("level 1 has 1 ResBlocks", "mixed families") (issue 27, item 8).
+#[test]
+fn a_missing_tensor_is_named() {
+    let d = tempfile::tempdir().unwrap();
+    let cases = [
+        (
+            "sd1.safetensors",
+            "model.diffusion_model.input_blocks.4.0.in_layers.2.weight",
+        ),
+        (
+            "sd1.safetensors",
+            "model.diffusion_model.input_blocks.3.0.op.weight",
+        ),
+        (
+            "sdxl.safetensors",
+            "model.diffusion_model.label_emb.0.0.weight",
+        ),
+    ];
+    for (i, (file, missing)) in cases.into_iter().enumerate() {
+        let p = d.path().join(format!("lost{i}-{file}"));
+        let w = toffee::weights::WeightStore::open_file(&sf(file)).unwrap();
+        let raw: Vec<_> = w
+            .names()
+            .filter(|n| *n != missing)
+            .map(|n| w.get_raw(n).unwrap())
+            .collect();
+        assert_eq!(raw.len() + 1, w.names().count(), "{missing} not in {file}");
+        toffee::weights::safetensors::write_raw(&p, &raw).unwrap();
+        let o = toffee(&[
+            "txt2img",
+            "--model",
+            p.to_str().unwrap(),
+            "--prompt",
+            "x",
+            "--steps",
+            "1",
+            "--out",
+            d.path().join("x.png").to_str().unwrap(),
+        ]);
+        let e = expect_error(&o);
+        let short = missing.strip_prefix("model.diffusion_model.").unwrap();
+        assert!(
+            e.contains(&format!("lost{i}-{file}"))
+                && e.contains("missing tensor")
+                && e.contains(short),
+            "{missing}: {e}"
+        );
+        assert!(!d.path().join("x.png").exists());
+    }
+    // With a config folder (nothing inferred) a lost tensor is named by the loader in diffusers'
+    // naming: the error says so and where the file keeps the component.
+    let p = d.path().join("lost-emb.safetensors");
+    let w = toffee::weights::WeightStore::open_file(&sf("sd1.safetensors")).unwrap();
+    let missing = "model.diffusion_model.input_blocks.1.0.emb_layers.1.weight";
+    let raw: Vec<_> = w
+        .names()
+        .filter(|n| *n != missing)
+        .map(|n| w.get_raw(n).unwrap())
+        .collect();
+    toffee::weights::safetensors::write_raw(&p, &raw).unwrap();
+    let config = sf("configs/sd1");
+    std::fs::write(
+        d.path().join("lost-emb.toffee.json"),
+        serde_json::json!({ "config": config }).to_string(),
+    )
+    .unwrap();
+    let o = toffee(&[
+        "txt2img",
+        "--model",
+        p.to_str().unwrap(),
+        "--prompt",
+        "x",
+        "--steps",
+        "1",
+        "--out",
+        d.path().join("x.png").to_str().unwrap(),
+    ]);
+    let e = expect_error(&o);
+    assert!(
+        e.contains("lost-emb.safetensors")
+            && e.contains("missing tensor `down_blocks.0.resnets.0.time_emb_proj.weight`")
+            && e.contains("under `model.diffusion_model.` read by their diffusers names"),
+        "{e}"
+    );
+}

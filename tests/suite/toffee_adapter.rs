@@ -303,3 +303,109 @@ fn cli_toffeenet_with_depth_controlnet() {
     assert!(o.status.success(), "{}", crate::common::stderr(&o));
     assert_eq!(image::open(&out).unwrap().width(), 64);
 }
+
+/// The adapter error of `dir` (a Toffee adapter folder or an IP-Adapter file), as printed.
+fn load_error(dir: &std::path::Path) -> String {
+    format!("{:#}", Adapter::load(dir, &Device::Cpu).err().unwrap())
+}
+
+/// `src`'s tensors, plus `extra` (a tensor no adapter reads), written to `to`.
+fn with_extra_tensor(src: &std::path::Path, to: &std::path::Path, extra: &str) {
+    let mut t: Vec<(String, Tensor)> = read_all(src).unwrap().into_iter().collect();
+    t.push((extra.into(), Tensor::new(vec![2], vec![0.5, 0.5])));
+    toffee::weights::safetensors::write_f32(to, &t).unwrap();
+}
+
+/// Tensors that contradict adapter_config.json (the other projection, Resampler numbers that do
+/// not match) or that no part of the adapter reads are errors naming the file and the field or
+/// tensor, not silently ignored (issue 27).
+#[test]
+fn tensors_contradicting_the_config_are_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let linear = fixtures().join("toffee/adapter-linear");
+    let resampler = fixtures().join("toffee/adapter-resampler");
+    // config "linear", tensors of a Resampler, and the reverse
+    for (cfg_from, file_from, want) in [
+        (&linear, &resampler, "image_proj.latents"),
+        (&resampler, &linear, "image_proj.proj.weight"),
+    ] {
+        let d = dir.path().join(format!("swap-{want}"));
+        crate::common::copy_tree(cfg_from, &d);
+        std::fs::copy(
+            file_from.join("adapter.safetensors"),
+            d.join("adapter.safetensors"),
+        )
+        .unwrap();
+        let e = load_error(&d);
+        assert!(
+            e.contains("adapter_config.json") && e.contains("projection") && e.contains(want),
+            "{e}"
+        );
+    }
+    // Resampler numbers the tensors contradict, and a `resampler` on the linear projection
+    for (src, field, value, want) in [
+        (&resampler, "num_tokens", "6", "num_tokens"),
+        (
+            &resampler,
+            "resampler",
+            r#"{"depth": 3, "dim_head": 64, "heads": 2, "hidden_dims": 64, "ff_mult": 4}"#,
+            "resampler.depth",
+        ),
+        (
+            &resampler,
+            "resampler",
+            r#"{"depth": 4, "dim_head": 32, "heads": 2, "hidden_dims": 64, "ff_mult": 4}"#,
+            "resampler.heads",
+        ),
+        (
+            &resampler,
+            "resampler",
+            r#"{"depth": 4, "dim_head": 64, "heads": 2, "hidden_dims": 64}"#,
+            "resampler.ff_mult",
+        ),
+        (&resampler, "image_embed_dim", "48", "image_embed_dim"),
+        (
+            &linear,
+            "resampler",
+            r#"{"depth": 4, "dim_head": 64, "heads": 2, "hidden_dims": 64, "ff_mult": 4}"#,
+            "resampler",
+        ),
+    ] {
+        let d = dir.path().join(format!("field-{want}"));
+        crate::common::copy_tree(src, &d);
+        let p = d.join("adapter_config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v[field] = serde_json::from_str(value).unwrap();
+        std::fs::write(&p, v.to_string()).unwrap();
+        let e = load_error(&d);
+        assert!(
+            e.contains("adapter_config.json") && e.contains(want),
+            "{want}: {e}"
+        );
+    }
+    // an extra tensor, in a Toffee folder and in a public IP-Adapter file
+    let d = dir.path().join("extra");
+    crate::common::copy_tree(&linear, &d);
+    with_extra_tensor(
+        &linear.join("adapter.safetensors"),
+        &d.join("adapter.safetensors"),
+        "image_proj.extra.weight",
+    );
+    let e = load_error(&d);
+    assert!(
+        e.contains("adapter.safetensors") && e.contains("unknown tensor `image_proj.extra.weight`"),
+        "{e}"
+    );
+    let public = dir.path().join("ip-adapter.safetensors");
+    with_extra_tensor(
+        &fixtures().join("adapters/ip-adapter-sd1.safetensors"),
+        &public,
+        "image_proj.latents",
+    );
+    let e = load_error(&public);
+    assert!(
+        e.contains("ip-adapter.safetensors") && e.contains("unknown tensor `image_proj.latents`"),
+        "{e}"
+    );
+}

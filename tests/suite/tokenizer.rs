@@ -188,6 +188,88 @@ fn model_max_length_from_config() {
     );
 }
 
+/// model_max_length values that cannot work are errors naming the file and the field; values
+/// above CLIP's 77 positions (real files carry transformers' sentinel) still mean 77.
+#[test]
+fn bad_model_max_length_is_an_error() {
+    let tmp = copy_folder(EOS_PAD);
+    let config_path = tmp.path().join("tokenizer_config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
+    for bad in ["0", "-5", "1", "\"77\"", "null", "7.5"] {
+        config["model_max_length"] = serde_json::from_str(bad).unwrap();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let err = error_of(ClipTokenizer::from_dir(tmp.path()));
+        assert!(
+            err.contains("tokenizer_config.json") && err.contains("model_max_length"),
+            "{bad}: {err}"
+        );
+    }
+    for (fine, want) in [
+        ("77", 77),
+        ("77.0", 77),
+        ("512", 77),
+        ("1e30", 77),
+        ("2", 2),
+    ] {
+        config["model_max_length"] = serde_json::from_str(fine).unwrap();
+        std::fs::write(&config_path, config.to_string()).unwrap();
+        let tok = ClipTokenizer::from_dir(tmp.path()).unwrap();
+        assert_eq!(tok.max_length(), want, "{fine}");
+    }
+}
+
+/// A start, end or pad token missing from the vocabulary would get an id past it (one the text
+/// encoder has no row for): an error naming the token and where it was named.
+#[test]
+fn special_tokens_missing_from_the_vocabulary_are_errors() {
+    // The end token gone from vocab.json (CLIP's default names it).
+    let tmp = copy_folder(EOS_PAD);
+    let vocab_path = tmp.path().join("vocab.json");
+    let mut vocab: Value =
+        serde_json::from_str(&std::fs::read_to_string(&vocab_path).unwrap()).unwrap();
+    vocab.as_object_mut().unwrap().remove("<|endoftext|>");
+    std::fs::write(&vocab_path, vocab.to_string()).unwrap();
+    let err = error_of(ClipTokenizer::from_dir(tmp.path()));
+    assert!(
+        err.contains("<|endoftext|>") && err.contains("tokenizer_config.json"),
+        "{err}"
+    );
+    let err = error_of(ClipTokenizer::from_vocab_merges(
+        &vocab_path,
+        &tmp.path().join("merges.txt"),
+        "!",
+    ));
+    assert!(
+        err.contains("<|endoftext|>") && err.contains("vocab.json"),
+        "{err}"
+    );
+
+    // A pad token named in the configs that the vocabulary lacks.
+    let tmp = copy_folder(BANG_PAD_JSON);
+    for file in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let p = tmp.path().join(file);
+        let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+        v["pad_token"] = "<|pad|>".into();
+        std::fs::write(&p, v.to_string()).unwrap();
+    }
+    let err = error_of(ClipTokenizer::from_dir(tmp.path()));
+    assert!(
+        err.contains("pad_token")
+            && err.contains("<|pad|>")
+            && err.contains("tokenizer_config.json"),
+        "{err}"
+    );
+    let err = error_of(ClipTokenizer::from_tokenizer_json(
+        &tmp.path().join("tokenizer.json"),
+        "<|pad|>",
+    ));
+    assert!(
+        err.contains("<|pad|>") && err.contains("tokenizer.json"),
+        "{err}"
+    );
+}
+
 #[test]
 fn missing_folder_is_an_error() {
     let err = error_of(ClipTokenizer::from_dir(Path::new("/nonexistent/tokenizer")));

@@ -45,7 +45,7 @@ pub struct UnetShape {
 
 pub fn unet_shape(s: &Shapes, with_up: bool) -> Result<UnetShape> {
     let levels = input_levels(s)?;
-    let layers = resblocks(s, &levels[0]).len();
+    let layers = resblocks(s, &levels[0])?.len();
     if layers == 0 {
         bail!("input_blocks.1 is not a ResBlock");
     }
@@ -90,19 +90,39 @@ fn input_levels(s: &Shapes) -> Result<Vec<Vec<usize>>> {
     let mut levels: Vec<Vec<usize>> = vec![Vec::new()];
     for &i in &ib[1..] {
         levels.last_mut().unwrap().push(i);
-        if s.contains_key(&format!("input_blocks.{i}.0.op.weight")) {
+        // A downsampler with only its bias lost its weight: name it rather than merge two levels.
+        if has_prefix(s, &format!("input_blocks.{i}.0.op.")) {
+            shape(s, &format!("input_blocks.{i}.0.op.weight"))?;
             levels.push(Vec::new());
         }
     }
     Ok(levels)
 }
 
-/// The input blocks of level `lv` that are ResBlocks.
-fn resblocks(s: &Shapes, lv: &[usize]) -> Vec<usize> {
-    lv.iter()
-        .copied()
-        .filter(|i| s.contains_key(&format!("input_blocks.{i}.0.in_layers.2.weight")))
-        .collect()
+/// Whether any tensor name starts with `prefix`.
+fn has_prefix(s: &Shapes, prefix: &str) -> bool {
+    s.range(prefix.to_string()..)
+        .next()
+        .is_some_and(|(k, _)| k.starts_with(prefix))
+}
+
+/// The input blocks of level `lv` that are ResBlocks: any of a ResBlock's `in_layers`,
+/// `emb_layers` or `out_layers` tensors makes one, and its `in_layers.2.weight` (the conv the
+/// channels are read from) must be there: a file that lost it is missing that tensor, which would
+/// otherwise read as a level with fewer ResBlocks (a layout puzzle).
+fn resblocks(s: &Shapes, lv: &[usize]) -> Result<Vec<usize>> {
+    let mut found = Vec::new();
+    for &i in lv {
+        let p = format!("input_blocks.{i}.0.");
+        let is_res = ["in_layers.", "emb_layers.", "out_layers."]
+            .iter()
+            .any(|l| has_prefix(s, &format!("{p}{l}")));
+        if is_res {
+            shape(s, &format!("{p}in_layers.2.weight"))?;
+            found.push(i);
+        }
+    }
+    Ok(found)
 }
 
 /// Per level: its channels, whether it has attentions, and their transformer depth. Every level
@@ -114,7 +134,7 @@ fn level_shapes(
 ) -> Result<(Vec<usize>, Vec<bool>, Vec<usize>)> {
     let (mut channels, mut down_attn, mut depth) = (Vec::new(), Vec::new(), Vec::new());
     for (b, lv) in levels.iter().enumerate() {
-        let r = resblocks(s, lv);
+        let r = resblocks(s, lv)?;
         if r.len() != layers {
             bail!(
                 "level {b} has {} ResBlocks, level 0 has {layers}: not a layout diffusers can build",

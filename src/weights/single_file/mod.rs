@@ -222,7 +222,7 @@ impl SingleFile {
                 );
                 let v = self.infer(sub, &s).with_context(|| {
                     format!(
-                        "{}: cannot infer the `{sub}` config of this {} file",
+                        "{}: cannot infer the `{sub}` config of this {} file (tensors under `{prefix}`)",
                         self.path.display(),
                         self.family.name()
                     )
@@ -273,7 +273,11 @@ impl SingleFile {
             }
         }
         .map_err(|e| anyhow!("{}: `{sub}` under `{prefix}`: {e}", self.path.display()))?;
-        let origin = format!("{} ({sub})", self.path.display());
+        // Errors about a tensor use diffusers' name for it: say so, and where the file keeps them.
+        let origin = format!(
+            "{} ({sub}, tensors under `{prefix}` read by their diffusers names)",
+            self.path.display()
+        );
         WeightStore::open_mapped(
             &self.path,
             &origin,
@@ -460,7 +464,13 @@ fn pipeline_family(s: &Shapes, present: &[&(&str, Family)]) -> Result<Family> {
              (SDXL refiner files, with only the OpenCLIP encoder, are not supported)"
         );
     }
-    let uses_time_ids = s.contains_key(&format!("{UNET}label_emb.0.0.weight"));
+    // Any label_emb tensor means SDXL's size conditioning: one without its first weight is a
+    // missing tensor, not a family mix-up.
+    let uses_time_ids = has(&format!("{UNET}label_emb."));
+    let first = format!("{UNET}label_emb.0.0.weight");
+    if uses_time_ids && !s.contains_key(&first) {
+        bail!("missing tensor `{first}`");
+    }
     if (fam == Family::Sdxl) != uses_time_ids {
         bail!(
             "the UNet {} SDXL's size conditioning (`{UNET}label_emb.*`) but the text encoder is {}: \
