@@ -2,6 +2,7 @@
 //! checkpoint against their own PyTorch outputs.
 
 use crate::backend::Device;
+use crate::budget;
 use crate::models::clipseg::ClipSeg;
 use crate::models::load;
 use crate::models::unet::Cond;
@@ -386,6 +387,11 @@ fn run_on(
         Component::VaeEncode => {
             let image = dev.put(inp.image("image")?);
             let vae = load::load_vae(model, dev)?;
+            // The encoder's first level and mid attention match the decoder's last ones.
+            let (n, h, w, _) = image.dims4();
+            budget::check(vae.decode_floor(n, h, w), || {
+                format!("{}: `image`", inp.file.display())
+            })?;
             let (mean, logvar) = vae.encode(&image)?;
             Ok(vec![
                 ("latent_mean".into(), mean),
@@ -395,6 +401,10 @@ fn run_on(
         Component::VaeDecode => {
             let latent = dev.put(inp.image("latent")?);
             let vae = load::load_vae(model, dev)?;
+            let (n, lh, lw, _) = latent.dims4();
+            let f = vae.downscale();
+            let floor = vae.decode_floor(n, lh.saturating_mul(f), lw.saturating_mul(f));
+            budget::check(floor, || format!("{}: `latent`", inp.file.display()))?;
             Ok(vec![("image".into(), vae.decode(&latent)?)])
         }
         Component::ImageEncoder => run_image_encoder(model, &inp, dev),
@@ -432,6 +442,9 @@ fn put_tt(dev: &Device, tt: Option<(Tensor, Tensor)>) -> Option<(Tensor, Tensor)
 fn run_unet(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(String, Tensor)>> {
     let (sample, ts, ctx, tt) = unet_inputs(inp, dev)?;
     let unet = load::load_unet(model, dev)?;
+    let (n, lh, lw, _) = sample.dims4();
+    let floor = crate::pipeline::unet_floor(&unet.config, dev, n, (lh, lw));
+    budget::check(floor, || format!("{}: `sample`", inp.file.display()))?;
     let residuals = controlnet_residuals(inp, dev)?;
     let cond = Cond {
         timesteps: &ts,
@@ -515,6 +528,9 @@ fn run_controlnet(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(Strin
     };
     let tt = put_tt(dev, inp.text_time()?);
     let cn = load::load_controlnet(model, dev)?;
+    let (n, lh, lw, _) = sample.dims4();
+    let floor = crate::pipeline::unet_floor(&cn.config, dev, n, (lh, lw));
+    budget::check(floor, || format!("{}: `sample`", inp.file.display()))?;
     let cond = Cond {
         timesteps: &ts,
         context: &ctx,
@@ -556,6 +572,7 @@ fn run_image_encoder(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(St
         );
     }
     enc.check_input(h, w)
+        .and_then(|()| enc.check_memory(pixels.dims4().0, h, w))
         .map_err(|e| anyhow::anyhow!("{}: {e}", inp.file.display()))?;
     check_patches(inp.file, h, w, enc.config.patch)?;
     Ok(vit_outputs(enc.forward(&dev.put(pixels))))

@@ -132,3 +132,51 @@ fn the_memory_budget_is_configurable() {
     assert!(r.status.success(), "{}", stderr(&r));
     assert!(Path::new(o).exists());
 }
+
+/// `forward` inputs within the shape bounds whose run would still exceed the budget: a
+/// 1024² latent (an 8192² image) through the VAE decoder or the UNet.
+#[test]
+fn forward_inputs_over_the_memory_budget_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let sd1 = fixtures().join("sd1");
+    let out = d.path().join("o.safetensors");
+    let filled = |shape: Vec<usize>| {
+        let n = shape.iter().product();
+        toffee::tensor::Tensor::new(shape, vec![0.1; n])
+    };
+    let cases = [
+        (
+            "vae-decode",
+            vec![("latent", filled(vec![1, 4, 1024, 1024]))],
+            "`latent`",
+        ),
+        (
+            "unet",
+            vec![
+                ("sample", filled(vec![1, 4, 1024, 1024])),
+                ("timestep", filled(vec![1])),
+                ("encoder_hidden_states", filled(vec![1, 77, 16])),
+            ],
+            "`sample`",
+        ),
+    ];
+    for (i, (component, tensors, names)) in cases.into_iter().enumerate() {
+        let inp = d.path().join(format!("in{i}.safetensors"));
+        let t: Vec<(String, toffee::tensor::Tensor)> =
+            tensors.into_iter().map(|(n, t)| (n.into(), t)).collect();
+        toffee::weights::safetensors::write_f32(&inp, &t).unwrap();
+        let args = [
+            "forward",
+            "--model",
+            sd1.to_str().unwrap(),
+            "--component",
+            component,
+            "--inputs",
+            inp.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        refused(&args, &[], names);
+        assert!(!out.exists(), "{component}: wrote an output");
+    }
+}
