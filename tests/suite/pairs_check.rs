@@ -296,6 +296,17 @@ fn colliding_or_empty_subject_names_are_refused() {
             "{e}"
         );
     }
+    // Two non-UTF-8 file names that decode to the same text (`cup\u{FFFD}`).
+    {
+        use std::os::unix::ffi::OsStrExt;
+        let folder = dir.path().join("bytes");
+        std::fs::create_dir(&folder).unwrap();
+        for name in [&b"cup\xff.png"[..], &b"cup\xfe.png"[..]] {
+            std::fs::copy(&png, folder.join(std::ffi::OsStr::from_bytes(name))).unwrap();
+        }
+        let e = check(&folder);
+        assert!(e.contains("same name"), "{e}");
+    }
     let img = png.to_str().unwrap();
     for (line, want) in [
         (
