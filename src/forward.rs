@@ -571,10 +571,11 @@ fn run_image_encoder(model: &Path, inp: &Inputs, dev: &Device) -> Result<Vec<(St
             enc.config.channels
         );
     }
+    // The shape bound first: it names the input's limit, the memory floor only the budget.
+    check_patches(inp.file, h, w, enc.config.patch)?;
     enc.check_input(h, w)
         .and_then(|()| enc.check_memory(pixels.dims4().0, h, w))
         .map_err(|e| anyhow::anyhow!("{}: {e}", inp.file.display()))?;
-    check_patches(inp.file, h, w, enc.config.patch)?;
     Ok(vit_outputs(enc.forward(&dev.put(pixels))))
 }
 

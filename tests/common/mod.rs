@@ -288,3 +288,52 @@ pub fn engine_options() -> toffee::ffi::toffee_engine_options {
         clip: std::ptr::null(),
     }
 }
+
+/// A `forward --inputs` file at `dir/name` holding `tensors` (f32).
+pub fn forward_inputs(
+    dir: &Path,
+    name: &str,
+    tensors: Vec<(&str, toffee::tensor::Tensor)>,
+) -> PathBuf {
+    let p = dir.join(name);
+    let t: Vec<(String, toffee::tensor::Tensor)> =
+        tensors.into_iter().map(|(n, t)| (n.into(), t)).collect();
+    toffee::weights::safetensors::write_f32(&p, &t).unwrap();
+    p
+}
+
+/// A tensor of `shape` with every element `v`.
+pub fn filled(shape: Vec<usize>, v: f32) -> toffee::tensor::Tensor {
+    let n = shape.iter().product();
+    toffee::tensor::Tensor::new(shape, vec![v; n])
+}
+
+/// A tmpfs of `size` (`160k`, `1m`) mounted at a new folder `dir/small`, for full-disk tests;
+/// None (and a "skipped" line) where mounting needs a root this process is not.
+pub fn small_tmpfs(dir: &Path, size: &str) -> Option<PathBuf> {
+    let mnt = dir.join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let opt = format!("size={size}");
+    let mounted = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &opt, "tmpfs", mnt.to_str().unwrap()])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !mounted {
+        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+        return None;
+    }
+    Some(mnt)
+}
+
+/// proptest's settings: `default` cases, or `PROPTEST_CASES`; no failure files written.
+pub fn proptest_cases(default: u32) -> proptest::test_runner::Config {
+    let n = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default);
+    proptest::test_runner::Config {
+        cases: n,
+        failure_persistence: None,
+        ..proptest::test_runner::Config::default()
+    }
+}

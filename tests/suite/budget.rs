@@ -2,7 +2,7 @@
 //! with a lower bound of what the run would allocate, before it allocates, under `ulimit -v`
 //! as a shared node would set it — a clean error naming the request, never an abort.
 
-use crate::common::{copy_tree, fixtures, stderr};
+use crate::common::{copy_tree, filled, fixtures, forward_inputs, stderr};
 use std::path::Path;
 use std::process::{Command, Output};
 
@@ -140,31 +140,24 @@ fn forward_inputs_over_the_memory_budget_are_refused() {
     let d = tempfile::tempdir().unwrap();
     let sd1 = fixtures().join("sd1");
     let out = d.path().join("o.safetensors");
-    let filled = |shape: Vec<usize>| {
-        let n = shape.iter().product();
-        toffee::tensor::Tensor::new(shape, vec![0.1; n])
-    };
     let cases = [
         (
             "vae-decode",
-            vec![("latent", filled(vec![1, 4, 1024, 1024]))],
+            vec![("latent", filled(vec![1, 4, 1024, 1024], 0.1))],
             "`latent`",
         ),
         (
             "unet",
             vec![
-                ("sample", filled(vec![1, 4, 1024, 1024])),
-                ("timestep", filled(vec![1])),
-                ("encoder_hidden_states", filled(vec![1, 77, 16])),
+                ("sample", filled(vec![1, 4, 1024, 1024], 0.1)),
+                ("timestep", filled(vec![1], 0.1)),
+                ("encoder_hidden_states", filled(vec![1, 77, 16], 0.1)),
             ],
             "`sample`",
         ),
     ];
     for (i, (component, tensors, names)) in cases.into_iter().enumerate() {
-        let inp = d.path().join(format!("in{i}.safetensors"));
-        let t: Vec<(String, toffee::tensor::Tensor)> =
-            tensors.into_iter().map(|(n, t)| (n.into(), t)).collect();
-        toffee::weights::safetensors::write_f32(&inp, &t).unwrap();
+        let inp = forward_inputs(d.path(), &format!("in{i}.safetensors"), tensors);
         let args = [
             "forward",
             "--model",

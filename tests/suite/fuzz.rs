@@ -15,15 +15,7 @@ use toffee::weights::safetensors::SafetensorsFile;
 use toffee::weights::WeightStore;
 
 fn cases(default: u32) -> PtConfig {
-    let n = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    PtConfig {
-        cases: n,
-        failure_persistence: None,
-        ..PtConfig::default()
-    }
+    crate::common::proptest_cases(default)
 }
 
 fn temp_file(dir: &tempfile::TempDir, name: &str, bytes: &[u8]) -> PathBuf {

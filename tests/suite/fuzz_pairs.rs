@@ -10,15 +10,7 @@ use std::sync::OnceLock;
 use toffee::dataset::config::PairsConfig;
 
 fn cases(default: u32) -> PtConfig {
-    let n = std::env::var("PROPTEST_CASES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default);
-    PtConfig {
-        cases: n,
-        failure_persistence: None,
-        ..PtConfig::default()
-    }
+    crate::common::proptest_cases(default)
 }
 
 /// A TOML value meant to break a check: absurd, non-finite, negative, of the wrong type.

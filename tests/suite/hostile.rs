@@ -1,7 +1,7 @@
 //! Hostile input (part of the hardening issue): numbers that cannot make a picture are errors,
 //! output formats are what the name says, schedules and configs are checked before allocating.
 
-use crate::common::{expect_error, fixtures, stderr, toffee};
+use crate::common::{expect_error, filled, fixtures, forward_inputs, stderr, toffee};
 
 fn txt2img(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
     let mut a = vec![
@@ -617,24 +617,6 @@ fn special_files_are_refused_not_read() {
         e.contains("a device") && e.contains("no usable subject"),
         "{e}"
     );
-}
-
-/// `src` tensors written as a `forward` inputs file `name` in `dir`.
-fn forward_inputs(
-    dir: &std::path::Path,
-    name: &str,
-    tensors: Vec<(&str, toffee::tensor::Tensor)>,
-) -> std::path::PathBuf {
-    let p = dir.join(name);
-    let t: Vec<(String, toffee::tensor::Tensor)> =
-        tensors.into_iter().map(|(n, t)| (n.into(), t)).collect();
-    toffee::weights::safetensors::write_f32(&p, &t).unwrap();
-    p
-}
-
-fn filled(shape: Vec<usize>, v: f32) -> toffee::tensor::Tensor {
-    let n = shape.iter().product();
-    toffee::tensor::Tensor::new(shape, vec![v; n])
 }
 
 /// A `forward` input the component does not read (a misspelt name would run the model without

@@ -505,23 +505,9 @@ fn a_failed_setup_does_not_claim_the_folder() {
 #[test]
 fn disk_full_stops_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=160k",
-            "tmpfs",
-            mnt.to_str().unwrap(),
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
-        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+    let Some(mnt) = crate::common::small_tmpfs(dir.path(), "160k") else {
         return;
-    }
+    };
     let out = mnt.join("out");
     let o = pairs(&out, &["--keep-rejected"]);
     let e = stderr(&o);

@@ -688,23 +688,9 @@ fn sidecar_overrides_and_family_defaults() {
 #[test]
 fn convert_onto_a_full_disk_leaves_nothing() {
     let d = tempfile::tempdir().unwrap();
-    let mnt = d.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args([
-            "-t",
-            "tmpfs",
-            "-o",
-            "size=1m",
-            "tmpfs",
-            mnt.to_str().unwrap(),
-        ])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !mounted {
-        eprintln!("skipped: cannot mount a small tmpfs here (needs root)");
+    let Some(mnt) = crate::common::small_tmpfs(d.path(), "1m") else {
         return;
-    }
+    };
     let out = mnt.join("sd1");
     let o = toffee(&[
         "convert",

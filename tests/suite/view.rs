@@ -241,23 +241,19 @@ fn view_bad_input() {
     let out = dir.path().join("v.png");
     let img = fixtures().join("zero123/subject.png");
     let m = fixtures().join("zero123");
-    let args = |model: &str, azimuth: &str| {
-        toffee(&[
-            "view",
-            "--model",
-            model,
-            "--image",
-            img.to_str().unwrap(),
+    let run = |model: &str, azimuth: &str, extra: &[&str]| {
+        let mut a = vec!["view", "--model", model, "--image", img.to_str().unwrap()];
+        a.extend([
             "--elevation",
             "0",
             "--azimuth",
             azimuth,
-            "--steps",
-            "1",
             "--out",
             out.to_str().unwrap(),
-        ])
+        ]);
+        toffee(&[&a[..], extra].concat())
     };
+    let args = |model: &str, azimuth: &str| run(model, azimuth, &["--steps", "1"]);
     // A pose out of the usual range is allowed; a non-number is an error.
     let e = crate::common::stderr(&args(m.to_str().unwrap(), "north"));
     assert!(e.contains("north") && !e.contains("panicked"), "{e}");
@@ -313,28 +309,17 @@ fn view_bad_input() {
     assert!(e.contains("--elevation"), "{e}");
     // Numbers by the rules of every generation request: a NaN guidance would turn guidance off
     // and still write an image (issue 27).
-    let out = dir.path().join("never.png");
-    for (flag, v, want) in [
-        ("--guidance", "nan", "--guidance NaN is not a finite number"),
-        ("--steps", "0", "--steps must be at least 1"),
-        ("--batch", "100000", "--batch 100000 is larger than 4096"),
+    std::fs::remove_file(&out).unwrap();
+    for (extra, want) in [
+        (
+            ["--guidance", "nan"],
+            "--guidance NaN is not a finite number",
+        ),
+        (["--steps", "0"], "--steps must be at least 1"),
+        (["--batch", "100000"], "--batch 100000 is larger than 4096"),
     ] {
-        let e = expect_error(&toffee(&[
-            "view",
-            "--model",
-            m.to_str().unwrap(),
-            "--image",
-            img.to_str().unwrap(),
-            "--elevation",
-            "0",
-            "--azimuth",
-            "0",
-            flag,
-            v,
-            "--out",
-            out.to_str().unwrap(),
-        ]));
-        assert!(e.contains(want), "{flag} {v}: {e}");
-        assert!(!out.exists(), "{flag} {v}: wrote a view");
+        let e = expect_error(&run(m.to_str().unwrap(), "0", &extra));
+        assert!(e.contains(want), "{extra:?}: {e}");
+        assert!(!out.exists(), "{extra:?}: wrote a view");
     }
 }
