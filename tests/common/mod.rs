@@ -202,21 +202,40 @@ pub fn forward_at(
     out: &Path,
     extra: &[&str],
 ) -> Output {
-    let mut args = vec![
+    let mut args = forward_args(model, component, inputs, out);
+    args.extend_from_slice(extra);
+    toffee(&args)
+}
+
+/// `toffee txt2img --model MODEL --prompt x --out OUT EXTRA...`.
+pub fn txt2img_at(model: &str, out: &str, extra: &[&str]) -> Output {
+    toffee(
+        &[
+            &["txt2img", "--model", model, "--prompt", "x", "--out", out][..],
+            extra,
+        ]
+        .concat(),
+    )
+}
+
+/// The arguments of `toffee forward` on `model`'s `component` with `inputs`, writing `out`.
+pub fn forward_args<'a>(
+    model: &'a Path,
+    component: &'a str,
+    inputs: &'a Path,
+    out: &'a Path,
+) -> Vec<&'a str> {
+    vec![
         "forward",
         "--model",
         model.to_str().unwrap(),
         "--component",
         component,
-    ];
-    args.extend([
         "--inputs",
         inputs.to_str().unwrap(),
         "--out",
         out.to_str().unwrap(),
-    ]);
-    args.extend_from_slice(extra);
-    toffee(&args)
+    ]
 }
 
 /// Asserts `got` matches `want` within `tol` max abs error, and that the golden is not (near)
@@ -336,4 +355,43 @@ pub fn proptest_cases(default: u32) -> proptest::test_runner::Config {
         failure_persistence: None,
         ..proptest::test_runner::Config::default()
     }
+}
+
+/// Runs toffee under `ulimit -v 8G` (a shared node's limit) with `env` added and no inherited
+/// TOFFEE_MEMORY_BUDGET; returns (exit code, stderr, the child's own peak RSS in bytes).
+pub fn toffee_bounded(args: &[&str], env: &[(&str, &str)]) -> (Option<i32>, String, u64) {
+    use std::io::Read;
+    let bin = std::env::var_os("TOFFEE_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_toffee")));
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg("-c")
+        .arg("ulimit -v 8388608 && exec \"$0\" \"$@\"")
+        .arg(bin)
+        .args(args)
+        .env_remove("TOFFEE_MEMORY_BUDGET")
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped());
+    #[allow(clippy::zombie_processes)] // reaped by wait4 below
+    let mut child = cmd.spawn().unwrap();
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let mut status = 0;
+    // Safety: wait4 fills one int and one struct. wait4 (not Child::wait) gives this child's
+    // own peak RSS, not the maximum over every child of the test process; it reaps the child.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
+    assert_eq!(pid, child.id() as i32);
+    let code = if libc::WIFEXITED(status) {
+        Some(libc::WEXITSTATUS(status))
+    } else {
+        None
+    };
+    (code, err, ru.ru_maxrss as u64 * 1024)
 }

@@ -2,37 +2,12 @@
 //! with a lower bound of what the run would allocate, before it allocates, under `ulimit -v`
 //! as a shared node would set it — a clean error naming the request, never an abort.
 
-use crate::common::{copy_tree, filled, fixtures, forward_inputs, stderr};
+use crate::common::{copy_tree, filled, fixtures, forward_inputs, toffee_bounded};
 use std::path::Path;
-use std::process::{Command, Output};
-
-/// toffee under `ulimit -v 8G` with `env`; also returns the child's peak RSS in bytes.
-fn bounded(args: &[&str], env: &[(&str, &str)]) -> (Output, u64) {
-    let mut cmd = Command::new("bash");
-    cmd.arg("-c")
-        .arg("ulimit -v 8388608 && exec \"$0\" \"$@\"")
-        .arg(env!("CARGO_BIN_EXE_toffee"))
-        .args(args)
-        .env_remove("TOFFEE_MEMORY_BUDGET");
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let o = cmd.output().unwrap();
-    // Safety: getrusage fills one struct; RUSAGE_CHILDREN covers every child reaped so far, so
-    // its peak bounds this one's.
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    unsafe { libc::getrusage(libc::RUSAGE_CHILDREN, &mut ru) };
-    (o, ru.ru_maxrss as u64 * 1024)
-}
 
 fn refused(args: &[&str], env: &[(&str, &str)], names: &str) {
-    let (o, rss) = bounded(args, env);
-    let e = stderr(&o);
-    assert_eq!(
-        o.status.code(),
-        Some(1),
-        "{args:?}: not a clean failure: {e}"
-    );
+    let (code, e, rss) = crate::common::toffee_bounded(args, env);
+    assert_eq!(code, Some(1), "{args:?}: not a clean failure: {e}");
     assert!(
         e.contains("over the memory budget") && e.contains(names),
         "{args:?}: {e}"
@@ -122,14 +97,10 @@ fn the_memory_budget_is_configurable() {
         &[("TOFFEE_MEMORY_BUDGET", "16K")],
         "memory budget of 16.0 KiB",
     );
-    let (r, _) = bounded(&demo, &[("TOFFEE_MEMORY_BUDGET", "lots")]);
-    assert!(
-        stderr(&r).contains("TOFFEE_MEMORY_BUDGET=lots"),
-        "{}",
-        stderr(&r)
-    );
-    let (r, _) = bounded(&demo, &[("TOFFEE_MEMORY_BUDGET", "8G")]);
-    assert!(r.status.success(), "{}", stderr(&r));
+    let (_, e, _) = toffee_bounded(&demo, &[("TOFFEE_MEMORY_BUDGET", "lots")]);
+    assert!(e.contains("TOFFEE_MEMORY_BUDGET=lots"), "{e}");
+    let (code, e, _) = toffee_bounded(&demo, &[("TOFFEE_MEMORY_BUDGET", "8G")]);
+    assert_eq!(code, Some(0), "{e}");
     assert!(Path::new(o).exists());
 }
 
@@ -158,17 +129,7 @@ fn forward_inputs_over_the_memory_budget_are_refused() {
     ];
     for (i, (component, tensors, names)) in cases.into_iter().enumerate() {
         let inp = forward_inputs(d.path(), &format!("in{i}.safetensors"), tensors);
-        let args = [
-            "forward",
-            "--model",
-            sd1.to_str().unwrap(),
-            "--component",
-            component,
-            "--inputs",
-            inp.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
+        let args = crate::common::forward_args(&sd1, component, &inp, &out);
         refused(&args, &[], names);
         assert!(!out.exists(), "{component}: wrote an output");
     }

@@ -1,7 +1,7 @@
 //! Hostile input (part of the hardening issue): numbers that cannot make a picture are errors,
 //! output formats are what the name says, schedules and configs are checked before allocating.
 
-use crate::common::{expect_error, filled, fixtures, forward_inputs, stderr, toffee};
+use crate::common::{expect_error, filled, fixtures, forward_inputs, stderr, toffee, txt2img_at};
 
 fn txt2img(out: &std::path::Path, extra: &[&str]) -> std::process::Output {
     let mut a = vec![
@@ -103,17 +103,11 @@ fn config_values_that_cannot_work_are_errors() {
         let mut v: serde_json::Value = serde_json::from_str(&original).unwrap();
         v[field] = serde_json::from_str(value).unwrap();
         std::fs::write(&sched, v.to_string()).unwrap();
-        let e = expect_error(&toffee(&[
-            "txt2img",
-            "--model",
+        let e = expect_error(&txt2img_at(
             model.to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--steps",
-            "2",
-            "--out",
             out.to_str().unwrap(),
-        ]));
+            &["--steps", "2"],
+        ));
         assert!(
             e.contains("scheduler_config.json") && e.contains(want),
             "{field}: {e}"
@@ -125,17 +119,11 @@ fn config_values_that_cannot_work_are_errors() {
         serde_json::from_str(&std::fs::read_to_string(&vae).unwrap()).unwrap();
     v["scaling_factor"] = serde_json::json!(0.0);
     std::fs::write(&vae, v.to_string()).unwrap();
-    let e = expect_error(&toffee(&[
-        "txt2img",
-        "--model",
+    let e = expect_error(&txt2img_at(
         model.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--steps",
-        "2",
-        "--out",
         out.to_str().unwrap(),
-    ]));
+        &["--steps", "2"],
+    ));
     assert!(
         e.contains("vae/config.json") && e.contains("scaling_factor"),
         "{e}"
@@ -189,17 +177,11 @@ fn inputs_that_would_be_ignored_or_misplaced_are_errors() {
         model.join("unet/config.json"),
     )
     .unwrap();
-    let e = expect_error(&toffee(&[
-        "txt2img",
-        "--model",
+    let e = expect_error(&txt2img_at(
         model.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--steps",
-        "2",
-        "--out",
         out.to_str().unwrap(),
-    ]));
+        &["--steps", "2"],
+    ));
     assert!(
         e.contains("unet/config.json")
             && e.contains("AutoencoderKL")
@@ -220,17 +202,11 @@ fn inputs_that_would_be_ignored_or_misplaced_are_errors() {
         .unwrap()
         .to_string();
     std::fs::write(&idx, text.replace(&first, "../../../etc/passwd")).unwrap();
-    let e = expect_error(&toffee(&[
-        "txt2img",
-        "--model",
+    let e = expect_error(&txt2img_at(
         sd2.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--steps",
-        "2",
-        "--out",
         out.to_str().unwrap(),
-    ]));
+        &["--steps", "2"],
+    ));
     assert!(
         e.contains("../../../etc/passwd") && e.contains("inside the model folder"),
         "{e}"
@@ -331,42 +307,6 @@ fn seeds_do_not_wrap_and_stale_temporaries_are_cleaned() {
     assert!(!stale.exists() && unrelated.exists());
 }
 
-/// Runs toffee under `ulimit -v 8G` and returns (exit code, stderr, peak RSS in bytes).
-fn toffee_bounded(args: &[&str]) -> (Option<i32>, String, u64) {
-    use std::io::Read;
-    let bin = std::env::var_os("TOFFEE_BIN")
-        .map(std::path::PathBuf::from)
-        .unwrap_or_else(|| std::path::PathBuf::from(env!("CARGO_BIN_EXE_toffee")));
-    #[allow(clippy::zombie_processes)] // reaped by wait4 below
-    let mut child = std::process::Command::new("bash")
-        .arg("-c")
-        .arg("ulimit -v 8388608 && exec \"$0\" \"$@\"")
-        .arg(bin)
-        .args(args)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut err = String::new();
-    child
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
-    let mut status = 0;
-    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-    // wait4 (not Child::wait) to get the child's own peak RSS; it reaps the child.
-    let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut ru) };
-    assert_eq!(pid, child.id() as i32);
-    let code = if libc::WIFEXITED(status) {
-        Some(libc::WEXITSTATUS(status))
-    } else {
-        None
-    };
-    (code, err, ru.ru_maxrss as u64 * 1024)
-}
-
 /// A JPEG whose frame header claims 65500×65500 (a few KB on disk, 12 GB decoded).
 fn jpeg_bomb() -> Vec<u8> {
     let mut b = std::fs::read(fixtures().join("images/photo.jpg")).unwrap();
@@ -429,7 +369,7 @@ fn memory_bounded_runs_of_bombs_and_huge_sizes() {
         ),
     ];
     for (args, needle) in cases {
-        let (code, err, rss) = toffee_bounded(&args);
+        let (code, err, rss) = crate::common::toffee_bounded(&args, &[]);
         assert_eq!(code, Some(1), "{args:?}: not a clean failure: {err}");
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert!(
@@ -707,18 +647,8 @@ fn huge_forward_inputs_are_refused_before_allocating() {
     ];
     for (i, (model, component, tensors, needle)) in cases.into_iter().enumerate() {
         let inp = forward_inputs(d.path(), &format!("in{i}.safetensors"), tensors);
-        let args = [
-            "forward",
-            "--model",
-            model.to_str().unwrap(),
-            "--component",
-            component,
-            "--inputs",
-            inp.to_str().unwrap(),
-            "--out",
-            out.to_str().unwrap(),
-        ];
-        let (code, err, rss) = toffee_bounded(&args);
+        let args = crate::common::forward_args(model, component, &inp, &out);
+        let (code, err, rss) = crate::common::toffee_bounded(&args, &[]);
         assert_eq!(code, Some(1), "{component}: not a clean failure: {err}");
         assert!(
             err.contains(needle) && err.contains(inp.to_str().unwrap()) && err.contains("allowed"),

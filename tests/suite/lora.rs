@@ -4,7 +4,7 @@
 //! their own weights; and LoRAs that do not fit the model are errors naming what is wrong. The
 //! pipelines with LoRAs are in tests/pipelines.rs (`lora_cases!`).
 
-use crate::common::{expect_error, fixtures, toffee};
+use crate::common::{expect_error, fixtures, toffee, txt2img_at};
 use serde_json::Value;
 use std::collections::BTreeSet;
 use toffee::models::load::checkpoint_with_loras;
@@ -115,19 +115,11 @@ fn loras_for_another_model_are_errors() {
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("x.png");
     let run = |lora: &str| {
-        toffee(&[
-            "txt2img",
-            "--model",
+        txt2img_at(
             f.join("sd1").to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--steps",
-            "1",
-            "--lora",
-            lora,
-            "--out",
             out.to_str().unwrap(),
-        ])
+            &["--steps", "1", "--lora", lora],
+        )
     };
     let e = expect_error(&run(f
         .join("lora/bad-wrong-model.safetensors")
@@ -194,19 +186,11 @@ fn missing_lora_files_are_named_as_paths() {
     let out = d.path().join("x.png");
     let model = fixtures().join("sd1");
     let run = |lora: &str| {
-        expect_error(&toffee(&[
-            "txt2img",
-            "--model",
+        expect_error(&txt2img_at(
             model.to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--steps",
-            "1",
-            "--lora",
-            lora,
-            "--out",
             out.to_str().unwrap(),
-        ]))
+            &["--steps", "1", "--lora", lora],
+        ))
     };
     for lora in ["/no/such.safetensors", "/no/such.safetensors:0.5"] {
         let e = run(lora);

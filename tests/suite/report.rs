@@ -225,7 +225,12 @@ fn make_run() -> tempfile::TempDir {
         JobFile {
             format: toffee::dataset::format::FORMAT_VERSION,
             toffee_version: "0.1.0-test".into(),
-            config: Default::default(),
+            // 6 records in shards of 3: the 2 shards written above (job.json is checked on read).
+            config: {
+                let mut c = toffee::dataset::config::PairsConfig::default();
+                c.job.shard_size = 3;
+                c
+            },
             subjects: "subjects/".into(),
             subject_names_digest: "0".into(),
             records: 6,

@@ -2,7 +2,7 @@
 //! goldens and pipelines as the diffusers folders they were made from; configs inferred from
 //! shapes (also on real-size layouts); `inspect`, `convert`; bad files.
 
-use crate::common::{expect_error, fixtures, stdout, toffee};
+use crate::common::{expect_error, fixtures, stdout, toffee, txt2img_at};
 use std::path::{Path, PathBuf};
 use toffee::backend::Device;
 use toffee::forward::{self, Component};
@@ -586,15 +586,11 @@ fn bad_files_are_clear_errors() {
         .map(|n| w.get_raw(n).unwrap())
         .collect();
     toffee::weights::safetensors::write_raw(&p, &raw).unwrap();
-    let o = toffee(&[
-        "txt2img",
-        "--model",
+    let o = txt2img_at(
         p.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--out",
         d.path().join("x.png").to_str().unwrap(),
-    ]);
+        &[],
+    );
     let e = expect_error(&o);
     assert!(
         e.contains("no-vae.safetensors") && e.contains("first_stage_model."),
@@ -602,15 +598,11 @@ fn bad_files_are_clear_errors() {
     );
     assert!(!d.path().join("x.png").exists());
     // a VAE file given as a pipeline
-    let o = toffee(&[
-        "txt2img",
-        "--model",
+    let o = txt2img_at(
         sf("vae-sd1.safetensors").to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--out",
         d.path().join("y.png").to_str().unwrap(),
-    ]);
+        &[],
+    );
     let e = expect_error(&o);
     assert!(e.contains("not a full Stable Diffusion checkpoint"), "{e}");
     // an unknown sidecar field
@@ -747,17 +739,11 @@ fn a_missing_tensor_is_named() {
             .collect();
         assert_eq!(raw.len() + 1, w.names().count(), "{missing} not in {file}");
         toffee::weights::safetensors::write_raw(&p, &raw).unwrap();
-        let o = toffee(&[
-            "txt2img",
-            "--model",
+        let o = txt2img_at(
             p.to_str().unwrap(),
-            "--prompt",
-            "x",
-            "--steps",
-            "1",
-            "--out",
             d.path().join("x.png").to_str().unwrap(),
-        ]);
+            &["--steps", "1"],
+        );
         let e = expect_error(&o);
         let short = missing.strip_prefix("model.diffusion_model.").unwrap();
         assert!(
@@ -785,17 +771,11 @@ fn a_missing_tensor_is_named() {
         serde_json::json!({ "config": config }).to_string(),
     )
     .unwrap();
-    let o = toffee(&[
-        "txt2img",
-        "--model",
+    let o = txt2img_at(
         p.to_str().unwrap(),
-        "--prompt",
-        "x",
-        "--steps",
-        "1",
-        "--out",
         d.path().join("x.png").to_str().unwrap(),
-    ]);
+        &["--steps", "1"],
+    );
     let e = expect_error(&o);
     assert!(
         e.contains("lost-emb.safetensors")
