@@ -31,7 +31,12 @@ pub fn check(o: &Options) -> Result<CheckReport> {
     let devices = open_devices(&o.devices, &plan.cfg)?;
     // Built on the CPU: shapes and the fit between stages do not depend on the device, and the
     // zeros are never uploaded.
-    crate::weights::shapes_only(|| load_models(&plan.cfg, &crate::backend::Device::Cpu))?;
+    let models =
+        crate::weights::shapes_only(|| load_models(&plan.cfg, &crate::backend::Device::Cpu))?;
+    // The floors do depend on the device (the CPU holds attention scores a GPU streams).
+    for d in &devices {
+        models.check_budget(&plan.cfg, d)?;
+    }
     let m = &plan.cfg.models;
     let models = [
         ("draft", &m.draft),

@@ -546,6 +546,9 @@ fn setup(o: &Options) -> Result<(Plan, Vec<usize>, Workers, super::lock::Claim)>
             .collect()
     });
     let models = loaded.into_iter().collect::<Result<Vec<_>>>()?;
+    for (d, m) in devices.iter().zip(&models) {
+        m.check_budget(&plan.cfg, d)?;
+    }
     std::fs::create_dir_all(&o.out)
         .with_context(|| format!("{}: cannot create the output folder", o.out.display()))?;
     let claim = super::lock::claim(&o.out, &todo)?;

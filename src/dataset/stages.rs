@@ -8,6 +8,7 @@
 
 use super::config::PairsConfig;
 use super::plan::{fnv64, unit, Record, Subject, SubjectSource};
+use crate::backend::Device;
 use crate::canny;
 use crate::image_io;
 use crate::models::adapter::{Adapter, AdapterKind};
@@ -54,6 +55,26 @@ pub struct StageModels {
 }
 
 impl StageModels {
+    /// One batch of every generating stage against the memory budget on `device`, before any
+    /// work (the run's setup and `--check`): a job.batch × job.resolution that cannot fit is a
+    /// setup error naming those fields, not every shard failing on its first batch.
+    pub fn check_budget(&self, cfg: &PairsConfig, device: &Device) -> Result<()> {
+        let (n, r) = (cfg.job.batch, cfg.job.resolution);
+        let stage = |name: &str| format!("{name}: job.batch {n} at job.resolution {r}");
+        self.draft
+            .check_budget(device, n, (r, r), cfg.draft.guidance)
+            .with_context(|| stage("draft"))?;
+        self.refiner()
+            .check_budget(device, n, (r, r), cfg.refine.guidance)
+            .with_context(|| stage("refine"))?;
+        if let Some(v) = &self.view {
+            let s = v.default_size;
+            v.check_budget(device, n, (s, s), cfg.view.guidance)
+                .with_context(|| format!("view: job.batch {n} at the view model's size {s}"))?;
+        }
+        Ok(())
+    }
+
     fn refiner(&self) -> &Generator {
         self.refiner.as_ref().unwrap_or(&self.draft)
     }

@@ -234,6 +234,24 @@ pub(crate) fn default_side(config: &Path, sample: usize, factor: usize) -> Resul
         })
 }
 
+impl Generator {
+    /// Refuses a batch of `n` images of w×h at `guidance` whose lower bound (`generation_floor`
+    /// on `device`, where it will run: the pairs job's `--check` builds its models on the CPU
+    /// from shapes alone) is over the memory budget.
+    pub fn check_budget(
+        &self,
+        device: &Device,
+        n: usize,
+        (w, h): (usize, usize),
+        guidance: f32,
+    ) -> Result<()> {
+        // LCM UNets take guidance as an embedding: one batch whatever its value (see run_chunk).
+        let guided = guidance > 1.0 && self.unet.config.time_cond_proj_dim.is_none();
+        let floor = generation_floor(&self.unet.config, &self.vae, device, (n, w, h), guided);
+        crate::budget::check(floor, || format!("a batch of {n} image(s) of {w}×{h}"))
+    }
+}
+
 /// A lower bound of the bytes a batch of `n` images at w×h holds at once (`budget`): the
 /// decoded images on the host; on the CPU also the UNet's first-level skip activation while its
 /// first attention layer holds score matrices, and the VAE's decoding.
@@ -514,9 +532,7 @@ impl Generator {
         // LCM-distilled UNets take the guidance scale as an embedding instead, in one batch
         // (LatentConsistencyModelPipeline): no classifier-free guidance whatever its value.
         let cfg = req.guidance > 1.0 && self.unet.config.time_cond_proj_dim.is_none();
-        let (w, h) = (req.width, req.height);
-        let floor = generation_floor(&self.unet.config, &self.vae, &self.device, (n, w, h), cfg);
-        crate::budget::check(floor, || format!("a batch of {n} image(s) of {w}×{h}"))?;
+        self.check_budget(&self.device, n, (req.width, req.height), req.guidance)?;
         let (embeds, time_ids) = self.conditioning(req, first, n, cfg)?;
         let mut sched = self.make_scheduler(req.scheduler)?;
         let start = self.initial_latents(req, first, n, shape, cfg, &mut sched, noise)?;

@@ -242,6 +242,20 @@ impl ViewGenerator {
         Ok(())
     }
 
+    /// Refuses a batch of `n` views of w×h at `guidance` over the memory budget on `device`
+    /// (`Generator::check_budget`'s rule).
+    pub fn check_budget(
+        &self,
+        device: &Device,
+        n: usize,
+        (w, h): (usize, usize),
+        guidance: f32,
+    ) -> Result<()> {
+        let c = &self.unet.config;
+        let floor = super::generation_floor(c, &self.vae, device, (n, w, h), guidance > 1.0);
+        crate::budget::check(floor, || format!("a batch of {n} view(s) of {w}×{h}"))
+    }
+
     /// Views `first..first+n` with noise from `noise` (diffusers' order: the initial latents,
     /// then step noise for ancestral schedulers). Returns (latents, images), host NHWC.
     pub fn run_chunk(
@@ -254,10 +268,7 @@ impl ViewGenerator {
     ) -> Result<(Tensor, Tensor)> {
         let views = &req.views[first..first + n];
         let (h, w) = self.subject_size(req, views)?;
-        let c = &self.unet.config;
-        let floor =
-            super::generation_floor(c, &self.vae, &self.device, (n, w, h), req.guidance > 1.0);
-        crate::budget::check(floor, || format!("a batch of {n} view(s) of {w}×{h}"))?;
+        self.check_budget(&self.device, n, (w, h), req.guidance)?;
         let images = Tensor::cat0(
             &views
                 .iter()

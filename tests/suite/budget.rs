@@ -134,3 +134,43 @@ fn forward_inputs_over_the_memory_budget_are_refused() {
         assert!(!out.exists(), "{component}: wrote an output");
     }
 }
+
+/// A pairs job whose job.batch × job.resolution cannot fit the budget is a setup error (exit 2)
+/// naming the stage and those fields — from `--check` as from the run, which writes no job.json
+/// and no shard — not a failure of every shard on its first batch.
+#[test]
+fn a_pairs_job_over_the_budget_is_a_setup_error() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("out");
+    let cfg = d.path().join("big.toml");
+    std::fs::write(&cfg, "[job]\nbatch = 8\nresolution = 512\n").unwrap();
+    let env = [("TOFFEE_MEMORY_BUDGET", "64M")];
+    for check in [true, false] {
+        let mut args = vec!["pairs", "--config", cfg.to_str().unwrap()];
+        args.extend(["--out", out.to_str().unwrap()]);
+        if check {
+            args.push("--check");
+        }
+        let (code, e, _) = toffee_bounded(&args, &env);
+        assert_eq!(code, Some(2), "check {check}: {e}");
+        assert!(
+            e.contains("draft: job.batch 8 at job.resolution 512")
+                && e.contains("over the memory budget of 64.0 MiB"),
+            "check {check}: {e}"
+        );
+        assert!(!out.join("job.json").exists(), "check {check}");
+    }
+    // The same config within the budget passes the check.
+    let (code, e, _) = toffee_bounded(
+        &[
+            "pairs",
+            "--check",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ],
+        &[("TOFFEE_MEMORY_BUDGET", "8G")],
+    );
+    assert_eq!(code, Some(0), "{e}");
+}
