@@ -16,7 +16,7 @@
 //! torch's `F.interpolate(mode="bicubic", align_corners=False)` (a = −0.75, no antialiasing; values
 //! may overshoot the input range).
 
-use super::{resize_rgb8, Fields, Resample, Size};
+use super::{resize_rgb8, Fields, PixelScale, Resample, Size};
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, Context, Result};
 use image::RgbImage;
@@ -38,11 +38,7 @@ pub struct DptProcessor {
     keep_aspect_ratio: bool,
     ensure_multiple_of: usize,
     resample: Resample,
-    /// `None` when `do_rescale` is false.
-    rescale_factor: Option<f64>,
-    do_normalize: bool,
-    mean: [f32; 3],
-    std: [f32; 3],
+    scale: PixelScale,
     /// `size_divisor` when `do_pad` is true and it is set.
     pad_to: Option<usize>,
 }
@@ -93,7 +89,10 @@ impl DptProcessor {
     }
 
     fn from_map(path: &Path, map: &Map<String, Value>) -> Result<DptProcessor> {
-        let f = Fields { path, map };
+        let f = Fields {
+            name: path.display().to_string(),
+            map,
+        };
         Self::check_kind(&f)?;
         let ResizeSettings {
             size,
@@ -101,19 +100,7 @@ impl DptProcessor {
             ensure_multiple_of,
             resample,
         } = Self::resize_settings(&f)?;
-        let do_rescale = f.bool_or("do_rescale", true)?;
-        let rescale_factor = match f.get("rescale_factor") {
-            None => 1.0 / 255.0,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| f.err("rescale_factor", format!("expected a number, found {v}")))?,
-        };
-        let do_normalize = f.bool_or("do_normalize", true)?;
-        let mean = f.triple("image_mean", STANDARD_MEAN)?;
-        let std = f.triple("image_std", STANDARD_STD)?;
-        if do_normalize && std.contains(&0.0) {
-            return Err(f.err("image_std", "a standard deviation of 0"));
-        }
+        let scale = PixelScale::read(&f, STANDARD_MEAN, STANDARD_STD)?;
         let do_pad = f.bool_or("do_pad", false)?;
         let size_divisor = match f.get("size_divisor") {
             None => None,
@@ -122,16 +109,12 @@ impl DptProcessor {
         // Only segmentation maps are ever label-reduced; validate the type and move on.
         f.bool_or("do_reduce_labels", false)?;
         f.bool_or("do_convert_rgb", true)?;
-        let to_f32 = |v: [f64; 3]| v.map(|x| x as f32);
         Ok(DptProcessor {
             size,
             keep_aspect_ratio,
             ensure_multiple_of,
             resample,
-            rescale_factor: do_rescale.then_some(rescale_factor),
-            do_normalize,
-            mean: to_f32(mean),
-            std: to_f32(std),
+            scale,
             pad_to: if do_pad { size_divisor } else { None },
         })
     }
@@ -263,23 +246,12 @@ impl DptProcessor {
         let (oh, ow) = self.output_size(h, w)?;
         // transformers' pad_image: (pad - pad // 2) after, pad // 2 before.
         let (top, left) = ((oh - rh) / 2, (ow - rw) / 2);
-        let value = |v: u8, c: usize| -> f32 {
-            let x = match self.rescale_factor {
-                Some(s) => (v as f64 * s) as f32,
-                None => v as f32,
-            };
-            if self.do_normalize {
-                (x - self.mean[c]) / self.std[c]
-            } else {
-                x
-            }
-        };
         let mut chw = vec![0f32; 3 * oh * ow];
         for (c, plane) in chw.chunks_exact_mut(oh * ow).enumerate() {
             for (y, row) in src.as_raw().chunks_exact(rw * 3).enumerate() {
                 let o = (y + top) * ow + left;
                 for (x, px) in row.chunks_exact(3).enumerate() {
-                    plane[o + x] = value(px[c], c);
+                    plane[o + x] = self.scale.value(px[c], c);
                 }
             }
         }

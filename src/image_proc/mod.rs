@@ -129,18 +129,67 @@ pub struct ImageProcessor {
     resample: Resample,
     /// (height, width); `None` when `do_center_crop` is false.
     crop: Option<(usize, usize)>,
-    /// `None` when `do_rescale` is false.
-    rescale_factor: Option<f64>,
-    do_normalize: bool,
-    mean: [f32; 3],
-    std: [f32; 3],
+    scale: PixelScale,
     /// (height, width) of every output.
     out: (usize, usize),
 }
 
 /// Reads one config field, naming the file and the field in every error.
+/// transformers' `rescale` and `normalize`, the last step of every image processor here:
+/// `u8 as f64 * rescale_factor` cast to f32, then `(x - mean) / std` in f32 (transformers casts
+/// mean and std to the image's dtype first).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct PixelScale {
+    /// `None` when `do_rescale` is false.
+    rescale_factor: Option<f64>,
+    do_normalize: bool,
+    mean: [f32; 3],
+    std: [f32; 3],
+}
+
+impl PixelScale {
+    /// `do_rescale`, `rescale_factor` (1/255), `do_normalize`, `image_mean` and `image_std`
+    /// (the processor class's `mean` and `std` when absent) of `f`.
+    fn read(f: &Fields, mean: [f64; 3], std: [f64; 3]) -> Result<PixelScale> {
+        let do_rescale = f.bool_or("do_rescale", true)?;
+        let rescale_factor = match f.get("rescale_factor") {
+            None => 1.0 / 255.0,
+            Some(v) => v
+                .as_f64()
+                .ok_or_else(|| f.err("rescale_factor", format!("expected a number, found {v}")))?,
+        };
+        let do_normalize = f.bool_or("do_normalize", true)?;
+        let mean = f.triple("image_mean", mean)?;
+        let std = f.triple("image_std", std)?;
+        if do_normalize && std.contains(&0.0) {
+            return Err(f.err("image_std", "a standard deviation of 0"));
+        }
+        Ok(PixelScale {
+            rescale_factor: do_rescale.then_some(rescale_factor),
+            do_normalize,
+            mean: mean.map(|x| x as f32),
+            std: std.map(|x| x as f32),
+        })
+    }
+
+    /// Channel `c` of an 8-bit pixel as the model takes it.
+    fn value(&self, v: u8, c: usize) -> f32 {
+        let x = match self.rescale_factor {
+            Some(s) => (v as f64 * s) as f32,
+            None => v as f32,
+        };
+        if self.do_normalize {
+            (x - self.mean[c]) / self.std[c]
+        } else {
+            x
+        }
+    }
+}
+
+/// A processor config's fields, for reading with errors that name `name` (its file) and the
+/// field.
 struct Fields<'a> {
-    path: &'a Path,
+    name: String,
     map: &'a Map<String, Value>,
 }
 
@@ -152,7 +201,7 @@ impl Fields<'_> {
     }
 
     fn err(&self, key: &str, msg: impl std::fmt::Display) -> anyhow::Error {
-        anyhow!("{}: field `{key}`: {msg}", self.path.display())
+        anyhow!("{}: field `{key}`: {msg}", self.name)
     }
 
     fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
@@ -313,39 +362,25 @@ impl ImageProcessor {
     }
 
     fn from_map(path: &Path, map: &Map<String, Value>) -> Result<ImageProcessor> {
-        let f = Fields { path, map };
+        let f = Fields {
+            name: path.display().to_string(),
+            map,
+        };
         let kind = Self::processor_kind(&f)?;
         let d = kind.defaults();
         Self::reject_unsupported(&f, kind)?;
         let (do_resize, size, resample) = Self::resize_settings(&f, &d)?;
         let crop = Self::crop_settings(&f, &d)?;
-        let do_rescale = f.bool_or("do_rescale", true)?;
-        let rescale_factor = match f.get("rescale_factor") {
-            None => 1.0 / 255.0,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| f.err("rescale_factor", format!("expected a number, found {v}")))?,
-        };
-        let do_normalize = f.bool_or("do_normalize", true)?;
-        let mean = f.triple("image_mean", d.mean)?;
-        let std = f.triple("image_std", d.std)?;
-        if do_normalize && std.contains(&0.0) {
-            return Err(f.err("image_std", "a standard deviation of 0"));
-        }
+        let scale = PixelScale::read(&f, d.mean, d.std)?;
         // Validate the type even though the input is RGB already.
         f.bool_or("do_convert_rgb", true)?;
         let out = Self::fixed_output_size(&f, crop, do_resize, size)?;
-        // transformers casts mean and std to the image dtype (f32) before normalising.
-        let to_f32 = |v: [f64; 3]| v.map(|x| x as f32);
         Ok(ImageProcessor {
             kind,
             resize: do_resize.then_some(size),
             resample,
             crop,
-            rescale_factor: do_rescale.then_some(rescale_factor),
-            do_normalize,
-            mean: to_f32(mean),
-            std: to_f32(std),
+            scale,
             out,
         })
     }
@@ -359,7 +394,7 @@ impl ImageProcessor {
                 anyhow!(
                     "{}: no `image_processor_type` (or `feature_extractor_type`) field naming the \
                      image processor class",
-                    f.path.display()
+                    f.name
                 )
             })?;
         class
@@ -472,12 +507,12 @@ impl ImageProcessor {
 
     /// The per-channel mean the processor subtracts (in rescaled units), as f32.
     pub fn image_mean(&self) -> [f32; 3] {
-        self.mean
+        self.scale.mean
     }
 
     /// The per-channel standard deviation the processor divides by, as f32.
     pub fn image_std(&self) -> [f32; 3] {
-        self.std
+        self.scale.std
     }
 
     /// (height, width) an `h`x`w` image is resized to: transformers' `get_resize_output_image_size`
@@ -570,22 +605,10 @@ impl ImageProcessor {
                 }
             }
         }
-        // Rescale in f64 then cast to f32 (transformers' `rescale`), normalise in f32.
-        let value = |v: u8, c: usize| -> f32 {
-            let x = match self.rescale_factor {
-                Some(s) => (v as f64 * s) as f32,
-                None => v as f32,
-            };
-            if self.do_normalize {
-                (x - self.mean[c]) / self.std[c]
-            } else {
-                x
-            }
-        };
         let mut chw = vec![0f32; 3 * oh * ow];
         for (c, plane) in chw.chunks_exact_mut(oh * ow).enumerate() {
             for (o, px) in plane.iter_mut().zip(hwc.chunks_exact(3)) {
-                *o = value(px[c], c);
+                *o = self.scale.value(px[c], c);
             }
         }
         chw

@@ -6,10 +6,11 @@
 //! on the host.
 
 use super::resample::{resize_rgb8, Resample};
+use super::{Fields, PixelScale};
 use crate::tensor::Tensor;
 use anyhow::{anyhow, bail, Context, Result};
 use image::RgbImage;
-use serde_json::{Map, Value};
+use serde_json::Value;
 use std::path::Path;
 
 const IMAGENET_DEFAULT_MEAN: [f64; 3] = [0.485, 0.456, 0.406];
@@ -20,10 +21,7 @@ pub struct SamProcessor {
     /// `None` when `do_resize` is false.
     pub longest_edge: Option<usize>,
     pub resample: Resample,
-    pub rescale_factor: Option<f64>,
-    pub do_normalize: bool,
-    pub mean: [f32; 3],
-    pub std: [f32; 3],
+    scale: PixelScale,
     /// (height, width); `None` when `do_pad` is false.
     pub pad: Option<(usize, usize)>,
     /// `post_process_masks`' threshold (transformers' default 0.0).
@@ -73,7 +71,10 @@ impl SamProcessor {
         let m = v
             .as_object()
             .ok_or_else(|| anyhow!("{name}: expected a JSON object"))?;
-        let f = Fields { name, m };
+        let f = Fields {
+            name: name.to_string(),
+            map: m,
+        };
         let longest = f.size_field("size", "longest_edge", 1024)?;
         let resample = match f.get("resample") {
             None => Resample::Bilinear,
@@ -84,33 +85,10 @@ impl SamProcessor {
         };
         let pad_h = f.size_field("pad_size", "height", 1024)?;
         let pad_w = f.size_field("pad_size", "width", 1024)?;
-        let triple = |key: &str, def: [f64; 3]| -> Result<[f32; 3]> {
-            match f.get(key) {
-                None => Ok(def.map(|x| x as f32)),
-                Some(Value::Number(n)) => Ok([n.as_f64().unwrap_or(0.0) as f32; 3]),
-                Some(Value::Array(a)) if a.len() == 3 && a.iter().all(|x| x.is_number()) => {
-                    Ok([0, 1, 2].map(|i| a[i].as_f64().unwrap_or(0.0) as f32))
-                }
-                Some(v) => Err(f.err(key, format!("expected 3 numbers, found {v}"))),
-            }
-        };
-        let std = triple("image_std", IMAGENET_DEFAULT_STD)?;
-        if std.contains(&0.0) {
-            return Err(f.err("image_std", "a standard deviation is 0"));
-        }
-        let rescale_factor = match f.get("rescale_factor") {
-            None => 1.0 / 255.0,
-            Some(v) => v
-                .as_f64()
-                .ok_or_else(|| f.err("rescale_factor", format!("expected a number, found {v}")))?,
-        };
         Ok(SamProcessor {
             longest_edge: f.bool_or("do_resize", true)?.then_some(longest),
             resample,
-            rescale_factor: f.bool_or("do_rescale", true)?.then_some(rescale_factor),
-            do_normalize: f.bool_or("do_normalize", true)?,
-            mean: triple("image_mean", IMAGENET_DEFAULT_MEAN)?,
-            std,
+            scale: PixelScale::read(&f, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD)?,
             pad: f.bool_or("do_pad", true)?.then_some((pad_h, pad_w)),
             mask_threshold: 0.0,
         })
@@ -155,14 +133,7 @@ impl SamProcessor {
         for (y, row) in src.rows().enumerate() {
             for (x, px) in row.enumerate() {
                 for c in 0..3 {
-                    let mut v = match self.rescale_factor {
-                        Some(s) => (px[c] as f64 * s) as f32,
-                        None => px[c] as f32,
-                    };
-                    if self.do_normalize {
-                        v = (v - self.mean[c]) / self.std[c];
-                    }
-                    chw[(c * oh + y) * ow + x] = v;
+                    chw[(c * oh + y) * ow + x] = self.scale.value(px[c], c);
                 }
             }
         }
@@ -279,25 +250,8 @@ fn read_json(path: &Path) -> Result<Value> {
     serde_json::from_str(&text).with_context(|| format!("{}: not valid JSON", path.display()))
 }
 
-struct Fields<'a> {
-    name: &'a str,
-    m: &'a Map<String, Value>,
-}
-
+/// SAM's sizes: a bare number or a field of an object.
 impl Fields<'_> {
-    fn get(&self, key: &str) -> Option<&Value> {
-        self.m.get(key).filter(|v| !v.is_null())
-    }
-    fn err(&self, key: &str, msg: impl std::fmt::Display) -> anyhow::Error {
-        anyhow!("{}: field `{key}`: {msg}", self.name)
-    }
-    fn bool_or(&self, key: &str, default: bool) -> Result<bool> {
-        match self.get(key) {
-            None => Ok(default),
-            Some(Value::Bool(b)) => Ok(*b),
-            Some(v) => Err(self.err(key, format!("expected true or false, found {v}"))),
-        }
-    }
     /// `size.longest_edge`, `pad_size.height`, …: a positive pixel count (a bare int is the value
     /// itself).
     fn size_field(&self, key: &str, sub: &str, default: usize) -> Result<usize> {

@@ -447,3 +447,56 @@ fn resample_codes_round_trip() {
         assert_eq!(Resample::from_pil(code).unwrap().pil_code(), code);
     }
 }
+
+/// The rescale and normalise fields follow one rule in the CLIP/ViT, DPT and SAM processors: a
+/// zero `image_std` is refused only when normalising, a single number stands for all three
+/// channels, and a pixel becomes `(v * rescale_factor - mean) / std`.
+#[test]
+fn rescale_and_normalise_follow_one_rule_in_every_processor() {
+    use toffee::image_proc::dpt::DptProcessor;
+    use toffee::image_proc::sam::SamProcessor;
+    let json = |class: &str, extra: &str| -> serde_json::Value {
+        serde_json::from_str(&format!(
+            r#"{{"image_processor_type": "{class}", {resize} "do_center_crop": false,
+                 "do_pad": false, "rescale_factor": 0.5 {extra}}}"#,
+            // The CLIP/ViT processor needs one output size; the others keep the image's.
+            resize = match class {
+                "ViTImageProcessor" => r#""size": {"height": 2, "width": 2},"#,
+                _ => r#""do_resize": false,"#,
+            }
+        ))
+        .unwrap()
+    };
+    let img = RgbImage::from_pixel(2, 2, image::Rgb([10, 20, 30]));
+    // Channel values of `img` through each processor.
+    let values = |class: &str, extra: &str| -> Result<Vec<f32>, String> {
+        let v = json(class, extra);
+        let name = format!("{class}.json");
+        let t = match class {
+            "DPTImageProcessor" => DptProcessor::from_json(&name, &v)
+                .and_then(|p| p.pixel_values(std::slice::from_ref(&img)))
+                .map(|t| t.data().to_vec()),
+            "SamImageProcessor" => SamProcessor::from_json(&name, &v)
+                .and_then(|p| p.preprocess(&img))
+                .map(|s| s.pixel_values.data().to_vec()),
+            _ => ImageProcessor::from_json(&name, &v).map(|p| p.preprocess(&img)),
+        };
+        t.map_err(|e| format!("{e:#}"))
+            .map(|d| [0, 4, 8].map(|i| d[i]).to_vec())
+    };
+    for class in [
+        "ViTImageProcessor",
+        "DPTImageProcessor",
+        "SamImageProcessor",
+    ] {
+        let e = values(class, r#", "image_std": [1, 0, 1]"#).unwrap_err();
+        assert!(
+            e.contains(&format!("{class}.json")) && e.contains("`image_std`") && e.contains("0"),
+            "{class}: {e}"
+        );
+        let got = values(class, r#", "image_std": 0, "do_normalize": false"#).unwrap();
+        assert_eq!(got, [5.0, 10.0, 15.0], "{class}");
+        let got = values(class, r#", "image_mean": 1, "image_std": [1, 2, 4]"#).unwrap();
+        assert_eq!(got, [4.0, 4.5, 3.5], "{class}");
+    }
+}
