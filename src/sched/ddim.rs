@@ -1,7 +1,7 @@
 //! DDIMScheduler (Song et al. 2020): deterministic for η = 0, with fresh noise of std
 //! η·σ_t otherwise.
 
-use super::{require_false, trailing, Common, NoiseForm, Prediction, Sampler, Spacing};
+use super::{require_false, trailing, Common, NoiseForm, Sampler, Spacing};
 use crate::backend as ops;
 use crate::config::Config;
 use crate::tensor::Tensor;
@@ -95,11 +95,7 @@ impl Sampler for Ddim {
         (0..x.len())
             .map(|j| {
                 let (m, x) = (m[j], x[j]);
-                let (x0, eps) = match c.prediction {
-                    Prediction::Epsilon => ((x - sb * m) / sa, m),
-                    Prediction::Sample => (m, (x - sa * m) / sb),
-                    Prediction::V => (sa * x - sb * m, sa * m + sb * x),
-                };
+                let (x0, eps) = c.prediction.x0_eps(m, x, sa, sb);
                 let x0 = self.clip_range.map_or(x0, |r| x0.clamp(-r, r));
                 let prev = sa_prev * x0 + dir * eps;
                 match noise {
@@ -120,11 +116,7 @@ impl Sampler for Ddim {
     ) -> Tensor {
         let (sa, sb, sa_prev, dir, std) = self.coeffs(c, i);
         let (x0a, x0b) = c.x0_coeffs(sa, sb);
-        let (ea, eb) = match c.prediction {
-            Prediction::Epsilon => (0.0, 1.0),
-            Prediction::Sample => (1.0 / sb, -sa / sb),
-            Prediction::V => (sb, sa),
-        };
+        let (ea, eb) = c.prediction.eps_coeffs(sa, sb);
         let mut x0 = ops::lincomb(&[(x, x0a), (m, x0b)]);
         if let Some(r) = self.clip_range {
             x0 = ops::affine_clamp(&x0, 1.0, 0.0, -r, r);

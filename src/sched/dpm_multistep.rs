@@ -4,7 +4,7 @@
 
 use super::{
     alpha_sigma, choice, opt_f64, require_false, require_null, schedule, trailing, Common,
-    NoiseForm, Prediction, Sampler, Spacing,
+    NoiseForm, Sampler, Spacing,
 };
 use crate::backend as ops;
 use crate::config::Config;
@@ -160,11 +160,7 @@ impl Sampler for DpmMultistep {
         let (m, x) = (model_output.data(), x.data());
         let (alpha_s0, sigma_s0) = alpha_sigma(c.sigmas[i]);
         let x0: Vec<f32> = (0..x.len())
-            .map(|j| match c.prediction {
-                Prediction::Epsilon => (x[j] - sigma_s0 * m[j]) / alpha_s0,
-                Prediction::Sample => m[j],
-                Prediction::V => alpha_s0 * x[j] - sigma_s0 * m[j],
-            })
+            .map(|j| c.prediction.x0(m[j], x[j], alpha_s0, sigma_s0))
             .collect();
         let (c0, c1, lower_order_final, r0) = self.coeffs(c, i);
         let out = match self.prev_x0.take() {

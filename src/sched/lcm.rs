@@ -4,7 +4,7 @@
 //! The timesteps are a subset of the `original_inference_steps` schedule the model was
 //! distilled on; `TCDScheduler` shares them.
 
-use super::{require_false, Common, NoiseForm, Prediction, Sampler};
+use super::{require_false, Common, NoiseForm, Sampler};
 use crate::backend as ops;
 use crate::config::Config;
 use crate::tensor::Tensor;
@@ -112,11 +112,7 @@ impl Sampler for Lcm {
         let noise = noise.expect("checked by needs_step_noise").data();
         (0..x.len())
             .map(|j| {
-                let x0 = match c.prediction {
-                    Prediction::Epsilon => (x[j] - sb * m[j]) / sa,
-                    Prediction::Sample => m[j],
-                    Prediction::V => sa * x[j] - sb * m[j],
-                };
+                let x0 = c.prediction.x0(m[j], x[j], sa, sb);
                 let x0 = self.clip_range.map_or(x0, |r| x0.clamp(-r, r));
                 let denoised = c_out * x0 + c_skip * x[j];
                 if last {

@@ -5,7 +5,7 @@
 //! so the result is the sample at timestep 0, not x0.
 
 use super::lcm;
-use super::{Common, NoiseForm, Prediction, Sampler};
+use super::{Common, NoiseForm, Sampler};
 use crate::backend as ops;
 use crate::config::Config;
 use crate::tensor::Tensor;
@@ -87,11 +87,7 @@ impl Sampler for Tcd {
         (0..x.len())
             .map(|j| {
                 let (m, x) = (m[j], x[j]);
-                let (x0, eps) = match c.prediction {
-                    Prediction::Epsilon => ((x - sb * m) / sa, m),
-                    Prediction::Sample => (m, (x - sa * m) / sb),
-                    Prediction::V => (sa * x - sb * m, sa * m + sb * x),
-                };
+                let (x0, eps) = c.prediction.x0_eps(m, x, sa, sb);
                 let noised = sa_s * x0 + sb_s * eps;
                 match (renoise, noise) {
                     (Some((a, b)), Some(n)) => a * noised + b * n[j],
@@ -111,11 +107,7 @@ impl Sampler for Tcd {
     ) -> Tensor {
         let (sa, sb, sa_s, sb_s, renoise) = self.coeffs(c, i);
         let (x0a, x0b) = c.x0_coeffs(sa, sb);
-        let (ea, eb) = match c.prediction {
-            Prediction::Epsilon => (0.0, 1.0),
-            Prediction::Sample => (1.0 / sb, -sa / sb),
-            Prediction::V => (sb, sa),
-        };
+        let (ea, eb) = c.prediction.eps_coeffs(sa, sb);
         let x0 = ops::lincomb(&[(x, x0a), (m, x0b)]);
         let eps = ops::lincomb(&[(x, ea), (m, eb)]);
         match (renoise, noise) {

@@ -4,8 +4,8 @@
 //! model output at it before the next prediction. Timesteps and sigmas are DPM-Solver's.
 
 use super::dpm_multistep::dpm_schedule;
+use super::Sampler;
 use super::{alpha_sigma, choice, opt_f64, require_false, require_null, Common, NoiseForm};
-use super::{Prediction, Sampler};
 use crate::backend as ops;
 use crate::config::Config;
 use crate::tensor::Tensor;
@@ -180,11 +180,7 @@ impl UniPc {
     fn x0(c: &Common, i: usize, m: &[f32], x: &[f32]) -> Vec<f32> {
         let (alpha, sigma) = alpha_sigma(c.sigmas[i]);
         (0..x.len())
-            .map(|j| match c.prediction {
-                Prediction::Epsilon => (x[j] - sigma * m[j]) / alpha,
-                Prediction::Sample => m[j],
-                Prediction::V => alpha * x[j] - sigma * m[j],
-            })
+            .map(|j| c.prediction.x0(m[j], x[j], alpha, sigma))
             .collect()
     }
 
