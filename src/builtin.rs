@@ -87,6 +87,20 @@ pub fn generator(device: &Device) -> Result<Generator> {
     Ok(g)
 }
 
+/// The built-in tiny random-weight CLIPSeg (and SAM) segmenter: the `mask` command and the pairs
+/// demo run without downloads; their masks are arbitrary.
+pub fn segmenter(
+    with_sam: bool,
+    settings: crate::pipeline::mask::MaskSettings,
+    device: &Device,
+) -> Result<crate::pipeline::mask::Segmenter> {
+    Ok(crate::pipeline::mask::Segmenter {
+        clipseg: clipseg_segmenter(device)?,
+        sam: if with_sam { Some(sam(device)?) } else { None },
+        settings,
+    })
+}
+
 /// The built-in CLIPSeg segmenter: `clipseg_config()` with random weights, the
 /// byte-level tokenizer of the built-in generator, and ViTImageProcessor's defaults at the
 /// config's image size.

@@ -142,7 +142,7 @@ pub fn segmenter(o: &Options, dev: &Device) -> Result<Segmenter> {
             if o.sam.is_some() {
                 bail!("--sam needs --model: a SAM folder refines a CLIPSeg folder's masks");
             }
-            Segmenter::builtin(o.builtin_sam, o.settings, dev)
+            crate::builtin::segmenter(o.builtin_sam, o.settings, dev)
         }
     }
 }

@@ -6,7 +6,8 @@
 //! between stages (ControlNet and adapter against the UNet, encoders against the adapter).
 //! Nothing is written.
 
-use super::run::{load_models, open_devices, resolve, Options};
+use super::job::{resolve, Options};
+use super::run::{load_models, open_devices};
 use anyhow::Result;
 use std::path::PathBuf;
 use std::time::Instant;

@@ -14,6 +14,7 @@ pub mod card;
 pub mod check;
 pub mod config;
 pub mod format;
+pub mod job;
 pub mod lock;
 pub mod merge;
 pub mod plan;
@@ -24,7 +25,8 @@ pub mod shard;
 pub mod stages;
 pub mod writer;
 
-pub use run::{run, Options, Summary};
+pub use job::Options;
+pub use run::{run, Summary};
 
 /// Rebuilds what a run folder says about itself from its finished shards: index.jsonl and
 /// stats.json, the dataset card and the report page. The page never fails the run (a warning).

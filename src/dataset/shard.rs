@@ -5,8 +5,8 @@
 
 use super::config::PairsConfig;
 use super::format::{self, jsonl, member, IndexLine, ShardFiles, Stats};
+use super::job::{model_ids, Options, Plan};
 use super::plan::{Record, Subject};
-use super::run::{Options, Plan};
 use super::stages::{self, Outcome, StageModels, SubjectData, Timings};
 use super::writer::{png_bytes, write_text, ShardWriter};
 use crate::backend::Device;
@@ -233,7 +233,7 @@ fn write_outcomes(
     tar_name: &str,
     rx: Receiver<Vec<Outcome>>,
 ) -> Result<Written> {
-    let ids = super::run::model_ids(&plan.cfg);
+    let ids = model_ids(&plan.cfg);
     let mut w = Written {
         writer,
         tally: Tally::default(),

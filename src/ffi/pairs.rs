@@ -6,7 +6,7 @@ use super::*;
 pub(super) fn progress_callback(
     o: &toffee_pairs_options,
     stop: Arc<AtomicBool>,
-) -> dataset::run::ShardCallback {
+) -> dataset::job::ShardCallback {
     let (progress, user) = (o.progress, o.user as usize);
     Arc::new(move |done, total| {
         if let Some(f) = progress {

@@ -313,7 +313,7 @@ pub fn post_process_depth_estimation(
                 bail!("post_process_depth_estimation: empty target size {th}x{tw}");
             }
             let plane = &data[i * h * w..(i + 1) * h * w];
-            let out = crate::models::interp::bicubic(plane, h, w, th, tw, false);
+            let out = super::interp::bicubic(plane, h, w, th, tw, false);
             Ok(Tensor::new(vec![th, tw], out))
         })
         .collect()

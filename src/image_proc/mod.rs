@@ -12,6 +12,7 @@
 //! reproduces. Class names ending in `Fast` are accepted but processed the PIL way.
 
 pub mod dpt;
+pub mod interp;
 mod resample;
 pub mod sam;
 

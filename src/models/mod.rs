@@ -6,7 +6,6 @@ pub mod clip_text;
 pub mod clipseg;
 pub mod controlnet;
 pub mod depth_anything;
-pub mod interp;
 pub mod load;
 pub mod nn;
 pub mod sam;

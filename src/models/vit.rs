@@ -768,7 +768,7 @@ pub fn interpolate_positions(
     out[..d].copy_from_slice(&rows[..d]);
     for ch in 0..d {
         let plane: Vec<f32> = (0..g * g).map(|p| rows[(1 + p) * d + ch]).collect();
-        let r = super::interp::bicubic(&plane, g, g, gh, gw, antialias);
+        let r = crate::image_proc::interp::bicubic(&plane, g, g, gh, gw, antialias);
         for (p, v) in r.into_iter().enumerate() {
             out[(1 + p) * d + ch] = v;
         }

@@ -191,22 +191,6 @@ impl Segmenter {
         })
     }
 
-    /// Built-in tiny random-weight CLIPSeg (and SAM): the command and the pairs demo run without
-    /// downloads; their masks are arbitrary.
-    pub fn builtin(with_sam: bool, settings: MaskSettings, device: &Device) -> Result<Segmenter> {
-        let clipseg = crate::builtin::clipseg_segmenter(device)?;
-        let sam = if with_sam {
-            Some(crate::builtin::sam(device)?)
-        } else {
-            None
-        };
-        Ok(Segmenter {
-            clipseg,
-            sam,
-            settings,
-        })
-    }
-
     /// The subject named `text` in `img` (see the module docs for the recipe).
     pub fn segment(&self, img: &RgbImage, text: &str) -> Result<SubjectMask> {
         let _span = tracing::info_span!("mask").entered();
