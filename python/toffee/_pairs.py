@@ -28,8 +28,8 @@ def pairs(
     index.jsonl, stats.json, job.json), as ``toffee pairs --out OUT`` does.
 
     ``config``: a pairs.toml path, a dict with the same tables (``{"job": {"resolution": 64}}``;
-    relative paths in it are relative to the current folder), or None for the built-in demo
-    models. ``subjects``, ``templates``, ``devices`` (``"cpu"``, ``"cuda:0,cuda:1"`` or a list),
+    written for the run as a temporary TOML file in the current folder, so relative paths in it
+    are relative to the current folder), or None for the built-in demo. ``subjects``, ``templates``, ``devices`` (``"cpu"``, ``"cuda:0,cuda:1"`` or a list),
     ``batch``, ``keep_rejected``, ``shard_index`` / ``num_shards``: the CLI's flags.
     ``progress``: ``progress(done, total)`` (records) after every shard, on the calling thread;
     returning True stops the run after the batch in flight (the returned summary then has
@@ -37,7 +37,9 @@ def pairs(
 
     Ctrl-C (KeyboardInterrupt) stops like the CLI's first Ctrl-C: the batch in flight finishes,
     the unfinished shard is dropped (no temporary file stays), then KeyboardInterrupt is raised;
-    calling ``pairs`` again with the same arguments continues the job.
+    calling ``pairs`` again with the same arguments continues the job. Unlike the CLI, a second
+    Ctrl-C does not exit at once: the batch in flight still finishes (the second KeyboardInterrupt
+    is raised after the first).
 
     Returns stats.json's fields (``records``, ``kept``, ``rejected``, …) plus ``shards_built``,
     ``shards_skipped`` and ``stopped``. Errors raise ToffeeError.
