@@ -138,3 +138,19 @@ def test_an_adapter_engine_equals_the_cli(cli, tmp_path):
 def test_adapters_need_a_model():
     with pytest.raises(toffee.ToffeeError, match="adapter needs model"):
         toffee.Engine(adapter="ip-adapter.safetensors")
+
+
+def test_controlnet_and_loras_equal_the_cli(cli, tmp_path):
+    model = FIXTURES / "sd1"
+    controlnet = FIXTURES / "controlnet-sd1"
+    control = FIXTURES / "images" / "canny_shapes.png"
+    peft = FIXTURES / "lora" / "sd1-peft.safetensors"
+    only_b = FIXTURES / "lora" / "sd1-unet-only-b.safetensors"
+    out = tmp_path / "cn.png"
+    cli("txt2img", "--model", model, "--prompt", "shapes", "--steps", STEPS, "--seed", 2,
+        "--controlnet", controlnet, "--control-image", control, "--canny", "--control-scale",
+        0.5, "--lora", peft, "--lora", f"{only_b}:0.5", "--out", out)
+    eng = toffee.Engine(model=model, controlnet=controlnet, lora=[peft, (only_b, 0.5)])
+    [img] = eng.txt2img("shapes", steps=STEPS, seed=2, control_image=Image.open(control),
+                        canny=True, control_scale=0.5)
+    assert np.array_equal(img, png(out))
