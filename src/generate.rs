@@ -3,7 +3,6 @@
 //! built by `pipeline::request`, as for the C ABI and the pairs job.
 
 use crate::image_io;
-use crate::models::adapter::Adapter;
 use crate::pipeline::{image_prompt, request, Generator, ImagePrompt};
 use crate::tensor::Tensor;
 use crate::weights::safetensors::{read_all, write_f32};
@@ -173,39 +172,15 @@ fn attach_adapters(o: &Options, gen: &mut Generator) -> Result<Vec<ImagePrompt>>
     if o.model.is_none() {
         bail!("--adapter needs --model (the built-in demo model takes no adapter)");
     }
-    if o.adapter_image.len() != n {
-        bail!(
-            "{n} --adapter but {} --adapter-image: give each adapter its subject image (in the same order)",
-            o.adapter_image.len()
-        );
-    }
-    if o.adapter_scale.len() > 1 && o.adapter_scale.len() != n {
-        bail!("--adapter-scale: give one for all adapters or one per adapter ({n})");
-    }
-    if !o.adapter_encoder.is_empty() && o.adapter_encoder.len() != n {
-        bail!("--adapter-encoder: give none or one per adapter ({n})");
-    }
-    let layers = gen.unet.cross_attention_layers();
-    let mut prompts = Vec::new();
-    for (i, path) in o.adapter.iter().enumerate() {
-        let adapter = Adapter::load(path, &gen.device)?;
-        let enc = image_prompt::load_encoder(
-            &adapter,
-            o.adapter_encoder.get(i).map(|p| p.as_path()),
-            &gen.device,
-        )?;
-        let image = crate::image_proc::load_rgb8_on_white(&o.adapter_image[i])?;
-        let scale = match o.adapter_scale.len() {
-            0 => adapter.default_scale,
-            1 => o.adapter_scale[0],
-            _ => o.adapter_scale[i],
-        };
-        prompts.push(image_prompt::image_prompt(
-            &adapter, &enc, &image, scale, layers,
-        )?);
-        gen.attach_adapter(adapter)?;
-    }
-    Ok(prompts)
+    let naming = request::Naming::Flags;
+    image_prompt::check_adapter_inputs(n, o.adapter_image.len(), &o.adapter_scale, naming)?;
+    let encoders = image_prompt::attach_adapters(gen, &o.adapter, &o.adapter_encoder, naming)?;
+    let images = o
+        .adapter_image
+        .iter()
+        .map(|p| crate::image_proc::load_rgb8_on_white(p))
+        .collect::<Result<Vec<_>>>()?;
+    image_prompt::adapter_prompts(gen, &encoders, &images, &o.adapter_scale, naming)
 }
 
 pub struct Summary {
@@ -240,21 +215,38 @@ fn prepare_outputs(o: &Options, total: usize) -> Result<Vec<PathBuf>> {
     Ok(paths)
 }
 
-/// `--model` on the device the checkpoint asks for (`open_device`), or the built-in demo model.
-fn load_generator(o: &Options) -> Result<Generator> {
-    match &o.model {
+/// `model` (with its ControlNet and LoRAs) on the device the checkpoint asks for
+/// (`open_device`), or the built-in demo model: the CLI's and the Python engine's loading.
+pub fn load_generator(
+    model: Option<&Path>,
+    device: &str,
+    controlnet: Option<&Path>,
+    loras: &[crate::weights::lora::LoraSpec],
+    naming: request::Naming,
+) -> Result<Generator> {
+    let needs_model = |what: &str, why: &str| {
+        anyhow::anyhow!(
+            "{} needs {} ({why})",
+            naming.name(what),
+            naming.name("model")
+        )
+    };
+    match model {
         Some(m) => {
-            let device = crate::models::load::open_device(&o.device, Some(m), "unet")?;
-            Generator::load_with_loras(m, o.controlnet.as_deref(), &o.loras, &device)
+            let device = crate::models::load::open_device(device, Some(m), "unet")?;
+            Generator::load_with_loras(m, controlnet, loras, &device)
         }
         None => {
-            if !o.loras.is_empty() {
-                bail!("--lora needs --model (a LoRA is made for one base model)");
+            if !loras.is_empty() {
+                return Err(needs_model("lora", "a LoRA is made for one base model"));
             }
-            if o.controlnet.is_some() {
-                bail!("--controlnet needs --model (the built-in demo model has no ControlNet)");
+            if controlnet.is_some() {
+                return Err(needs_model(
+                    "controlnet",
+                    "the built-in demo model has no ControlNet",
+                ));
             }
-            crate::builtin::generator(&crate::models::load::open_device(&o.device, None, "")?)
+            crate::builtin::generator(&crate::models::load::open_device(device, None, "")?)
         }
     }
 }
@@ -333,7 +325,13 @@ pub fn run(o: &Options) -> Result<Summary> {
     }
     let total = spec.check()?;
     let paths = prepare_outputs(o, total)?;
-    let mut gen = load_generator(o)?;
+    let mut gen = load_generator(
+        o.model.as_deref(),
+        &o.device,
+        o.controlnet.as_deref(),
+        &o.loras,
+        request::Naming::Flags,
+    )?;
     spec.image_prompts = attach_adapters(o, &mut gen)?;
     request::check_control(&gen, o.control_image.is_some(), request::Naming::Flags)?;
     load_inputs(o, &mut spec, gen.vae.downscale())?;

@@ -1,6 +1,7 @@
 //! `toffee.Engine`: a generator loaded once (a diffusers folder, or the CLI's built-in demo model,
 //! with LoRAs, a ControlNet and image-prompt adapters) and its txt2img / img2img / inpaint calls.
-//! Loading mirrors `generate::load_generator` and `attach_adapters` (the CLI's), requests go
+//! Loading is the library's (`generate::load_generator`, `image_prompt::attach_adapters`: the
+//! CLI's, and the C ABI's for adapters), requests go
 //! through `pipeline::request::build` (the rules every entry point shares) and `Generator::run`,
 //! and the images come back with the CLI's 8-bit rule (`image_io::to_u8`), so an array holds the
 //! pixels `toffee txt2img` writes to its PNG.
@@ -11,10 +12,8 @@ use crate::source::{ImageArg, Source};
 use anyhow::{bail, Result};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
-use std::path::{Path, PathBuf};
-use toffee::models::adapter::Adapter;
-use toffee::models::load::open_device;
-use toffee::pipeline::image_prompt::{image_prompt, load_encoder};
+use std::path::PathBuf;
+use toffee::pipeline::image_prompt;
 use toffee::pipeline::request::{self, Mode, Naming, Settings, Spec, MAX_SIDE};
 use toffee::pipeline::score::ImageEncoder;
 use toffee::pipeline::Generator;
@@ -30,54 +29,6 @@ pub struct Engine {
     gen: Generator,
     /// The image encoder of each attached adapter (`gen.adapters`, same order).
     encoders: Vec<ImageEncoder>,
-}
-
-/// `model` on the device its checkpoint asks for, with LoRAs fused and an optional ControlNet;
-/// no model: the built-in demo model (which takes neither).
-fn load_generator(
-    model: Option<&Path>,
-    device: &str,
-    controlnet: Option<&Path>,
-    loras: &[LoraSpec],
-) -> Result<Generator> {
-    match model {
-        Some(m) => {
-            let dev = open_device(device, Some(m), "unet")?;
-            Generator::load_with_loras(m, controlnet, loras, &dev)
-        }
-        None => {
-            if !loras.is_empty() {
-                bail!("lora needs model (a LoRA is made for one base model)");
-            }
-            if controlnet.is_some() {
-                bail!("controlnet needs model (the built-in demo model has no ControlNet)");
-            }
-            toffee::builtin::generator(&open_device(device, None, "")?)
-        }
-    }
-}
-
-/// Attaches each adapter (an IP-Adapter file or a Toffee adapter folder) to the UNet, with its
-/// image encoder (`encoders[i]`, else found beside it), as `toffee txt2img --adapter` does.
-fn attach_adapters(
-    gen: &mut Generator,
-    adapters: &[PathBuf],
-    encoders: &[PathBuf],
-) -> Result<Vec<ImageEncoder>> {
-    if !encoders.is_empty() && encoders.len() != adapters.len() {
-        bail!(
-            "adapter_encoder: give none or one per adapter ({})",
-            adapters.len()
-        );
-    }
-    let mut loaded = Vec::new();
-    for (i, path) in adapters.iter().enumerate() {
-        let adapter = Adapter::load(path, &gen.device)?;
-        let given = encoders.get(i).map(PathBuf::as_path);
-        loaded.push(load_encoder(&adapter, given, &gen.device)?);
-        gen.attach_adapter(adapter)?;
-    }
-    Ok(loaded)
 }
 
 /// `FILE[:WEIGHT]` strings, parsed as the CLI parses `--lora`.
@@ -159,42 +110,21 @@ fn spec(
     Ok(spec)
 }
 
-/// Each adapter's condition for its subject image (`--adapter-image`, `--adapter-scale`): one
-/// image per adapter; one scale for all, one each, or none (the adapter's default).
+/// Each adapter's condition for its subject image, by the library's rules
+/// (`image_prompt::adapter_prompts`, the CLI's and the C ABI's).
 fn adapter_prompts(
     gen: &Generator,
     encoders: &[ImageEncoder],
     images: Vec<Source>,
     scales: &[f32],
 ) -> Result<Vec<ImagePrompt>> {
-    let n = encoders.len();
-    if images.len() != n {
-        bail!(
-            "the engine has {n} adapter(s) but {} adapter_image were given: one per adapter",
-            images.len()
-        );
-    }
-    if scales.len() > 1 && scales.len() != n {
-        bail!("adapter_scale: give one for all adapters or one per adapter ({n})");
-    }
-    if let Some(bad) = scales.iter().find(|v| !v.is_finite()) {
-        bail!("adapter_scale {bad} is not a finite number");
-    }
-    let layers = gen.unet.cross_attention_layers();
-    images
+    image_prompt::check_adapter_inputs(encoders.len(), images.len(), scales, Naming::Fields)?;
+    let rgb = images
         .into_iter()
         .enumerate()
-        .map(|(i, img)| {
-            let adapter = &gen.adapters[i];
-            let scale = match scales.len() {
-                0 => adapter.default_scale,
-                1 => scales[0],
-                _ => scales[i],
-            };
-            let rgb = img.rgb8(&format!("adapter_image[{i}]"))?;
-            image_prompt(adapter, &encoders[i], &rgb, scale, layers)
-        })
-        .collect()
+        .map(|(i, img)| img.rgb8(&format!("adapter_image[{i}]")))
+        .collect::<Result<Vec<_>>>()?;
+    image_prompt::adapter_prompts(gen, encoders, &rgb, scales, Naming::Fields)
 }
 
 /// Refuses a call whose images together would be more than `MAX_PIXELS_PER_CALL`, before
@@ -257,8 +187,19 @@ impl Engine {
             if adapter.is_empty() && !adapter_encoder.is_empty() {
                 bail!("adapter_encoder needs adapter");
             }
-            let mut gen = load_generator(model.as_deref(), &device, controlnet.as_deref(), &loras)?;
-            let encoders = attach_adapters(&mut gen, &adapter, &adapter_encoder)?;
+            let mut gen = toffee::generate::load_generator(
+                model.as_deref(),
+                &device,
+                controlnet.as_deref(),
+                &loras,
+                Naming::Fields,
+            )?;
+            let encoders = image_prompt::attach_adapters(
+                &mut gen,
+                &adapter,
+                &adapter_encoder,
+                Naming::Fields,
+            )?;
             Ok(Engine { gen, encoders })
         });
         py_result(loaded)

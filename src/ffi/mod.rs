@@ -35,9 +35,7 @@ use pairs::*;
 use requests::*;
 
 use crate::dataset;
-use crate::models::adapter::Adapter;
 
-use crate::pipeline::image_prompt::{image_prompt, load_encoder};
 use crate::pipeline::noise::NoiseSource;
 use crate::pipeline::request::{self, Mode, Naming, Settings, Spec, MAX_SIDE};
 use crate::pipeline::score::{ImageEncoder, Mask, ScoreInput, Scorer};

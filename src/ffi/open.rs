@@ -48,15 +48,12 @@ pub(super) fn open_engine(p: &EnginePaths) -> Result<toffee_engine, Fail> {
         Some(m) => Generator::load(m, p.controlnet.as_deref(), &dev)?,
         None => crate::builtin::generator(&dev)?,
     };
-    let adapter_encoder = match &p.adapter {
-        Some(a) => {
-            let ad = Adapter::load(a, &dev)?;
-            let enc = load_encoder(&ad, p.adapter_encoder.as_deref(), &dev)?;
-            gen.attach_adapter(ad)?;
-            Some(enc)
-        }
-        None => None,
-    };
+    let adapters: Vec<PathBuf> = p.adapter.iter().cloned().collect();
+    let encoders: Vec<PathBuf> = p.adapter_encoder.iter().cloned().collect();
+    let naming = crate::pipeline::request::Naming::Fields;
+    let adapter_encoder =
+        crate::pipeline::image_prompt::attach_adapters(&mut gen, &adapters, &encoders, naming)?
+            .pop();
     let scorer = match (&p.dino, &p.clip) {
         (Some(d), Some(c)) => Some(Scorer::load(d, c, &dev)?),
         _ => None,

@@ -110,21 +110,18 @@ pub(super) unsafe fn adapter_prompts(
     let image = unsafe { image_tensor(o.adapter_image, "adapter_image", 3)? };
     match (&e.adapter_encoder, image) {
         (Some(enc), Some(img)) => {
-            let a = &e.gen.adapters[0];
-            if !o.adapter_scale.is_finite() {
-                return Err(invalid(format!(
-                    "adapter_scale {} is not a finite number",
-                    o.adapter_scale
-                )));
-            }
-            let scale = if o.adapter_scale >= 0.0 {
-                o.adapter_scale
+            // < 0 asks for the adapter's default; NaN and inf go on to be refused by name.
+            let s = o.adapter_scale;
+            let scales = if s >= 0.0 || !s.is_finite() {
+                vec![s]
             } else {
-                a.default_scale
+                vec![]
             };
             let rgb = crate::image_io::to_rgb8(&img);
-            let layers = e.gen.unet.cross_attention_layers();
-            Ok(vec![image_prompt(a, enc, &rgb, scale, layers)?])
+            let one = std::slice::from_ref(enc);
+            let naming = crate::pipeline::request::Naming::Fields;
+            let prompts = crate::pipeline::image_prompt::adapter_prompts;
+            Ok(prompts(&e.gen, one, &[rgb], &scales, naming)?)
         }
         (None, None) => Ok(Vec::new()),
         (Some(_), None) => Err(invalid("the engine has an adapter: give adapter_image")),

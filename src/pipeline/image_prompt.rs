@@ -11,14 +11,88 @@
 //! adapter's `image_encoder` (a path, relative to its folder); or the `image_encoder/` folder
 //! beside an IP-Adapter file or one level up (h94/IP-Adapter's `models/` layout).
 
+use super::request::Naming;
 use super::score::ImageEncoder;
-use super::ImagePrompt;
+use super::{Generator, ImagePrompt};
 use crate::backend::Device;
 use crate::models::adapter::{Adapter, AdapterKind};
 use crate::tensor::Tensor;
 use anyhow::{bail, Result};
 use image::RgbImage;
 use std::path::{Path, PathBuf};
+
+/// Loads each adapter (an IP-Adapter file or a Toffee adapter folder) onto `gen`'s UNet with its
+/// image encoder (`encoders[i]`, else found beside it: none or one per adapter). Returns the
+/// encoders in `gen.adapters`' order. The CLI, the C ABI and the Python engine all attach
+/// adapters through this.
+pub fn attach_adapters(
+    gen: &mut Generator,
+    adapters: &[PathBuf],
+    encoders: &[PathBuf],
+    naming: Naming,
+) -> Result<Vec<ImageEncoder>> {
+    let n = adapters.len();
+    if !encoders.is_empty() && encoders.len() != n {
+        bail!(
+            "{}: give none or one per adapter ({n})",
+            naming.name("adapter_encoder")
+        );
+    }
+    let mut loaded = Vec::with_capacity(n);
+    for (i, path) in adapters.iter().enumerate() {
+        let adapter = Adapter::load(path, &gen.device)?;
+        let given = encoders.get(i).map(PathBuf::as_path);
+        loaded.push(load_encoder(&adapter, given, &gen.device)?);
+        gen.attach_adapter(adapter)?;
+    }
+    Ok(loaded)
+}
+
+/// `images` subject images and `scales` for `n` adapters: one image each, in the same order;
+/// one scale for all, one each, or none; finite. (Callers that read the images from files check
+/// this before loading anything.)
+pub fn check_adapter_inputs(n: usize, images: usize, scales: &[f32], naming: Naming) -> Result<()> {
+    if images != n {
+        bail!(
+            "{n} adapter(s) but {images} {}: give each adapter its subject image, in the same order",
+            naming.name("adapter_image")
+        );
+    }
+    let scale_name = naming.name("adapter_scale");
+    if scales.len() > 1 && scales.len() != n {
+        bail!("{scale_name}: give one for all adapters or one per adapter ({n})");
+    }
+    if let Some(bad) = scales.iter().find(|v| !v.is_finite()) {
+        bail!("{scale_name} {bad} is not a finite number");
+    }
+    Ok(())
+}
+
+/// The condition of each of `gen`'s adapters (`encoders` from `attach_adapters`) for its subject
+/// image: one image per adapter, in the same order; `scales` one for all, one each, or none
+/// (each adapter's own default), finite.
+pub fn adapter_prompts(
+    gen: &Generator,
+    encoders: &[ImageEncoder],
+    images: &[RgbImage],
+    scales: &[f32],
+    naming: Naming,
+) -> Result<Vec<ImagePrompt>> {
+    let n = encoders.len();
+    check_adapter_inputs(n, images.len(), scales, naming)?;
+    let layers = gen.unet.cross_attention_layers();
+    (0..n)
+        .map(|i| {
+            let adapter = &gen.adapters[i];
+            let scale = match scales.len() {
+                0 => adapter.default_scale,
+                1 => scales[0],
+                _ => scales[i],
+            };
+            image_prompt(adapter, &encoders[i], &images[i], scale, layers)
+        })
+        .collect()
+}
 
 /// Where the adapter's image encoder is (see the module comment).
 pub fn encoder_dir(adapter: &Adapter, given: Option<&Path>) -> Result<PathBuf> {

@@ -36,7 +36,8 @@ pub enum Naming {
 }
 
 impl Naming {
-    fn name(self, field: &str) -> String {
+    /// `field` (the C struct's spelling) as this caller's user typed it.
+    pub fn name(self, field: &str) -> String {
         match self {
             Naming::Flags => format!("--{}", field.replace('_', "-")),
             Naming::Fields => field.to_string(),
