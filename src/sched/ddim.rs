@@ -115,7 +115,7 @@ impl Sampler for Ddim {
         noise: Option<&Tensor>,
     ) -> Tensor {
         let (sa, sb, sa_prev, dir, std) = self.coeffs(c, i);
-        let (x0a, x0b) = c.x0_coeffs(sa, sb);
+        let (x0a, x0b) = c.prediction.x0_coeffs(sa, sb);
         let (ea, eb) = c.prediction.eps_coeffs(sa, sb);
         let mut x0 = ops::lincomb(&[(x, x0a), (m, x0b)]);
         if let Some(r) = self.clip_range {

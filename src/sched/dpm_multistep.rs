@@ -186,7 +186,7 @@ impl Sampler for DpmMultistep {
         _noise: Option<&Tensor>,
     ) -> Tensor {
         let (alpha_s0, sigma_s0) = alpha_sigma(c.sigmas[i]);
-        let (x0a, x0b) = c.x0_coeffs(alpha_s0, sigma_s0);
+        let (x0a, x0b) = c.prediction.x0_coeffs(alpha_s0, sigma_s0);
         let x0 = ops::lincomb(&[(x, x0a), (m, x0b)]);
         let (c0, c1, lower_order_final, r0) = self.coeffs(c, i);
         let out = match self.prev_x0.take() {

@@ -133,7 +133,7 @@ impl Sampler for Lcm {
         noise: Option<&Tensor>,
     ) -> Tensor {
         let (a_t, a_prev, c_skip, c_out, last) = self.coeffs(c, i);
-        let (x0a, x0b) = c.x0_coeffs(a_t.sqrt(), (1.0 - a_t).sqrt());
+        let (x0a, x0b) = c.prediction.x0_coeffs(a_t.sqrt(), (1.0 - a_t).sqrt());
         let mut x0 = ops::lincomb(&[(x, x0a), (m, x0b)]);
         if let Some(r) = self.clip_range {
             x0 = ops::affine_clamp(&x0, 1.0, 0.0, -r, r);

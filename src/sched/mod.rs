@@ -26,9 +26,12 @@ mod euler;
 mod euler_ancestral;
 mod lcm;
 mod pndm;
+mod prediction;
 mod schedule;
 mod tcd;
 mod unipc;
+
+use prediction::Prediction;
 
 use crate::backend as ops;
 use crate::config::Config;
@@ -163,45 +166,6 @@ impl FromStr for SchedulerKind {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Prediction {
-    Epsilon,
-    V,
-    Sample,
-}
-
-impl Prediction {
-    /// diffusers' `pred_original_sample` and `pred_epsilon` of model output `m` at sample
-    /// `x = a·x0 + s·ε` (a = √ᾱ or the flow's alpha, s = √(1-ᾱ) or sigma): one rule for every
-    /// scheduler that converts the output elementwise.
-    fn x0_eps(self, m: f32, x: f32, a: f32, s: f32) -> (f32, f32) {
-        match self {
-            Prediction::Epsilon => ((x - s * m) / a, m),
-            Prediction::Sample => (m, (x - a * m) / s),
-            Prediction::V => (a * x - s * m, a * m + s * x),
-        }
-    }
-
-    /// `pred_original_sample` alone (the first of `x0_eps`).
-    fn x0(self, m: f32, x: f32, a: f32, s: f32) -> f32 {
-        match self {
-            Prediction::Epsilon => (x - s * m) / a,
-            Prediction::Sample => m,
-            Prediction::V => a * x - s * m,
-        }
-    }
-
-    /// (ea, eb) with `pred_epsilon = ea·x + eb·m`: `x0_eps`'s second half as the coefficients
-    /// of a linear combination (the device path).
-    fn eps_coeffs(self, a: f32, s: f32) -> (f32, f32) {
-        match self {
-            Prediction::Epsilon => (0.0, 1.0),
-            Prediction::Sample => (1.0 / s, -a / s),
-            Prediction::V => (s, a),
-        }
-    }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Spacing {
     Leading,
     Linspace,
@@ -296,15 +260,6 @@ struct Common {
 }
 
 impl Common {
-    /// `x0 = a·x + b·m` for the model output `m` at sample `x`, with (α, σ)-style coefficients.
-    fn x0_coeffs(&self, sa: f32, sb: f32) -> (f32, f32) {
-        match self.prediction {
-            Prediction::Epsilon => (1.0 / sa, -sb / sa),
-            Prediction::Sample => (0.0, 1.0),
-            Prediction::V => (sa, -sb),
-        }
-    }
-
     fn log_sigmas(&self) -> Vec<f32> {
         self.train_sigmas.iter().map(|s| s.ln()).collect()
     }

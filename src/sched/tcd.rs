@@ -106,7 +106,7 @@ impl Sampler for Tcd {
         noise: Option<&Tensor>,
     ) -> Tensor {
         let (sa, sb, sa_s, sb_s, renoise) = self.coeffs(c, i);
-        let (x0a, x0b) = c.x0_coeffs(sa, sb);
+        let (x0a, x0b) = c.prediction.x0_coeffs(sa, sb);
         let (ea, eb) = c.prediction.eps_coeffs(sa, sb);
         let x0 = ops::lincomb(&[(x, x0a), (m, x0b)]);
         let eps = ops::lincomb(&[(x, ea), (m, eb)]);

@@ -328,7 +328,7 @@ impl Sampler for UniPc {
         _noise: Option<&Tensor>,
     ) -> Tensor {
         let (alpha, sigma) = alpha_sigma(c.sigmas[i]);
-        let (x0a, x0b) = c.x0_coeffs(alpha, sigma);
+        let (x0a, x0b) = c.prediction.x0_coeffs(alpha, sigma);
         let x0 = ops::lincomb(&[(x, x0a), (m, x0b)]);
         let mut sample = x.clone();
         if let (true, Some(last)) = (i > 0, self.last_sample.as_ref()) {
